@@ -1,0 +1,84 @@
+"""The `saecli` command line: a Typer app whose commands live in `saecli/commands/` (one file each).
+
+This is the only place that turns exceptions into messages and exit codes:
+usage/config errors → 2, runtime failures → 1, Ctrl-C → 130; a traceback only with `--verbose`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+import click
+import typer
+
+from saecli import __version__, ui
+from saecli.errors import SaecliError
+
+# Commands that work, in the order `--help` lists them. A module registers itself with `register(app)`.
+COMMAND_MODULES = ["generate", "check", "hooks", "train", "eval"]
+
+app = typer.Typer(
+    name="saecli",
+    help="Train and study sparse dictionaries on language-model activations.\n\n"
+    "Every command takes a TOML experiment file (or a run folder holding config.toml); "
+    "`--set section.key=value` overrides any key. Example:\n\n"
+    "    saecli generate experiments/tiny/generate.toml --set activations.total_tokens=20000",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"saecli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More logging; tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and final results."),
+) -> None:
+    ui.set_verbosity(verbose=verbose, quiet=quiet)
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"saecli.commands.{_name}").register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    verbose = any(a in ("-v", "--verbose") for a in args)
+    try:
+        app(args=args, prog_name="saecli", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        ui.error("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except SaecliError as exc:
+        if verbose:
+            ui.traceback()
+        ui.error(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        ui.error("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # a bug or an unexpected failure: one paragraph, traceback on -v
+        if verbose:
+            ui.traceback()
+        ui.error(f"{type(exc).__name__}: {exc}" + ("" if verbose else "\n(run with --verbose for the traceback)"))
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""One module per command; each defines `register(app)`. Shared argument types live here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+ExperimentArg = Annotated[
+    Path, typer.Argument(help="experiment TOML file (or a run folder holding config.toml)", show_default=False)
+]
+SetOption = Annotated[
+    Optional[List[str]],
+    typer.Option("--set", "-s", help="override a key, typed as in TOML: --set trainer.lr=1e-3 (repeatable)"),
+]
+
+
+def load(path: Path, overrides: list[str] | None):
+    from saecli.config.load import load_experiment
+
+    return load_experiment(path, overrides or [])

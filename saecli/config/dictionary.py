@@ -1,0 +1,110 @@
+"""[sae]: the dictionary to train. `kind` picks the config class (and the module) from a registry.
+
+Every kind shares the fields of `DictionaryConfig`; a kind adds its own by subclassing and
+registering with `@register_config("kind")`. The trainer never looks past this base class.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from saecli.config.base import bad, opt
+from saecli.errors import ConfigError
+
+Activation = Literal["relu", "topk", "batchtopk", "jumprelu"]
+NormActivation = Literal["token-wise", "batch-wise", "dataset-wise", "none"]
+
+DICTIONARY_CONFIGS: dict[str, type["DictionaryConfig"]] = {}
+
+
+def register_config(kind: str):
+    def deco(cls):
+        DICTIONARY_CONFIGS[kind] = cls
+        cls.kind_name = kind
+        return cls
+
+    return deco
+
+
+@dataclass
+class DictionaryConfig:
+    kind: str = opt("sae", help="dictionary kind: " + "sae, transcoder, crosscoder, clt, lorsa, molt")
+    d_sae: int | None = opt(None, help="number of latents (or give expansion_factor)")
+    expansion_factor: float | None = opt(None, help="d_sae = expansion_factor × d_model")
+    activation: Activation = opt("topk", help="relu (L1), topk, batchtopk or jumprelu")
+    k: int = opt(32, help="active latents per token (topk/batchtopk)")
+    norm_activation: NormActivation = opt("dataset-wise", help="input scaling so that E‖x‖ = √d_model")
+    use_decoder_bias: bool = opt(True)
+    apply_decoder_bias_to_pre_encoder: bool = opt(False, help="subtract b_dec from the input before encoding")
+    decoder_unit_norm: bool = opt(
+        False, help="keep decoder rows at unit norm after every step (default: free norms, weighted penalty)"
+    )
+    sparsity_include_decoder_norm: bool = opt(True, help="weight activations/penalties by decoder row norms")
+    jumprelu_threshold_init: float = opt(0.1, help="initial JumpReLU threshold (normalised units)")
+    jumprelu_bandwidth: float = opt(2.0, help="straight-through bandwidth ε of JumpReLU")
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = opt("float32", help="parameter dtype")
+    device: str = opt("auto", help="'auto' = the model's device (or cuda if present)")
+    fold_activation_scale: bool = opt(True, help="fold the dataset-wise scale into the saved weights")
+
+    kind_name = "sae"
+
+    @classmethod
+    def dispatch(cls, table: dict, key: str) -> type:
+        kind = table.get("kind", "sae")
+        _load_kinds()
+        if kind not in DICTIONARY_CONFIGS:
+            close = difflib.get_close_matches(str(kind), list(DICTIONARY_CONFIGS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown dictionary kind {kind!r}{hint} (known: {', '.join(sorted(DICTIONARY_CONFIGS))})",
+                key=f"{key}.kind" if key else "kind",
+            )
+        return DICTIONARY_CONFIGS[kind]
+
+    def validate(self) -> None:
+        if self.d_sae is None and self.expansion_factor is None:
+            raise bad("d_sae", "give d_sae or expansion_factor")
+        if self.d_sae is not None and self.d_sae <= 0:
+            raise bad("d_sae", f"must be > 0, found {self.d_sae}")
+        if self.expansion_factor is not None and self.expansion_factor <= 0:
+            raise bad("expansion_factor", f"must be > 0, found {self.expansion_factor}")
+        if self.k <= 0:
+            raise bad("k", f"must be > 0, found {self.k}")
+        if self.d_sae is not None and self.activation in ("topk", "batchtopk") and self.k > self.d_sae:
+            raise bad("k", f"must be <= d_sae ({self.d_sae}), found {self.k}")
+        if self.jumprelu_bandwidth <= 0:
+            raise bad("jumprelu_bandwidth", "must be > 0")
+
+    def resolved_d_sae(self, d_model: int) -> int:
+        return int(self.d_sae if self.d_sae is not None else round(self.expansion_factor * d_model))
+
+
+@register_config("sae")
+@dataclass
+class SAEConfig(DictionaryConfig):
+    hook_point: str | None = opt(None, help="hook point read and reconstructed (default: the first of activations.hook_points)")
+
+
+def _load_kinds() -> None:
+    """Import the modules that register further kinds' configs (kept lazy to avoid import cycles)."""
+    import importlib
+
+    for mod in ("saecli.config.kinds",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:  # the kinds module is optional while it is being written
+            if exc.name != mod:
+                raise
+
+
+def known_kinds() -> list[str]:
+    _load_kinds()
+    return sorted(DICTIONARY_CONFIGS)
+
+
+def as_plain(cfg: Any) -> dict:
+    from saecli.config.base import to_dict
+
+    return to_dict(cfg)

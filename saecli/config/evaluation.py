@@ -1,0 +1,25 @@
+"""[eval]: held-out evaluation of a trained dictionary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from saecli.config.base import bad, opt
+
+
+@dataclass
+class EvalConfig:
+    total_eval_tokens: int = opt(200_000, help="tokens of held-out activations to evaluate on")
+    ce_loss: bool = opt(True, help="splice the dictionary into the model: CE loss recovered and KL (needs [model])")
+    ce_contexts: int = opt(32, help="contexts used for the CE/KL splice evaluation")
+    dead_threshold: float = opt(1e-6, help="a latent firing less often than this is dead")
+    almost_dead_threshold: float = opt(1e-5)
+    dense_threshold: float = opt(0.1, help="a latent firing more often than this is dense")
+    skip_documents: int | None = opt(
+        None, help="documents to skip for held-out text (default: those the training run consumed)"
+    )
+    sae_path: str | None = opt(None, help="dictionary folder to evaluate (default: run.output_dir)")
+
+    def validate(self) -> None:
+        if self.total_eval_tokens <= 0:
+            raise bad("total_eval_tokens", "must be > 0")

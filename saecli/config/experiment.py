@@ -1,0 +1,39 @@
+"""The whole experiment file: one dataclass per TOML section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from saecli.config.activations import ActivationsConfig
+from saecli.config.base import opt
+from saecli.config.dataset import DatasetConfig
+from saecli.config.dictionary import DictionaryConfig
+from saecli.config.evaluation import EvalConfig
+from saecli.config.init import InitConfig
+from saecli.config.model import ModelConfig
+from saecli.config.run import RunConfig, StoreConfig, WandbConfig
+from saecli.config.trainer import TrainerConfig
+from saecli.errors import ConfigError
+
+
+@dataclass
+class Experiment:
+    run: RunConfig = opt(factory=RunConfig)
+    model: ModelConfig | None = opt(None, help="the language model (needed for live activations and generate)")
+    dataset: DatasetConfig = opt(factory=DatasetConfig)
+    activations: ActivationsConfig | None = opt(None)
+    sae: DictionaryConfig | None = opt(None, help="the dictionary to train")
+    init: InitConfig = opt(factory=InitConfig)
+    trainer: TrainerConfig = opt(factory=TrainerConfig)
+    eval: EvalConfig = opt(factory=EvalConfig)
+    wandb: WandbConfig = opt(factory=WandbConfig)
+    store: StoreConfig = opt(factory=StoreConfig)
+
+    source_file: str | None = None  # where it was read from (not a TOML key)
+
+    def require(self, *sections: str) -> None:
+        """Raise a ConfigError naming the first missing section a command needs."""
+        for name in sections:
+            if getattr(self, name) is None:
+                where = f" in {self.source_file}" if self.source_file else ""
+                raise ConfigError(f"this command needs a [{name}] section{where}", file=self.source_file)

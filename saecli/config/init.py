@@ -1,0 +1,28 @@
+"""[init]: how a fresh dictionary's weights are set before training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from saecli.config.base import bad, opt
+
+
+@dataclass
+class InitConfig:
+    decoder_uniform_bound: float | None = opt(
+        None, help="W_dec ~ U(±bound) before row normalisation (default 1/√d_sae)"
+    )
+    decoder_init_norm: float | None = opt(None, help="norm of each decoder row at init (default 0.1·√(d_model)/√d_model scale → 1)")
+    init_encoder_with_decoder_transpose: bool = opt(True)
+    init_encoder_with_decoder_transpose_factor: float = opt(1.0)
+    bias_init_method: Literal["zero", "geometric_median", "mean"] = opt(
+        "geometric_median", help="b_dec at init: zero, the mean, or the geometric median of a sample"
+    )
+    init_encoder_bias_with_mean_hidden_pre: bool = opt(False, help="b_enc -= mean pre-activation on a batch")
+    grid_search_init_norm: bool = opt(False, help="pick the decoder norm with the lowest initial loss on a batch")
+    init_batches: int = opt(4, help="batches drawn for data-dependent init and the dataset-wise norm")
+
+    def validate(self) -> None:
+        if self.init_batches <= 0:
+            raise bad("init_batches", "must be > 0")

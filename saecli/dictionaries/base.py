@@ -1,0 +1,199 @@
+"""The interface every dictionary kind implements. The trainer, eval, sweep and analysis know only this.
+
+A dictionary reads activations at `in_hooks` and reconstructs activations at `out_hooks` (equal for an
+SAE; MLP-in → MLP-out for a transcoder; several heads for a crosscoder; all layers for a CLT).
+
+Inputs/targets are `dict[hook, Tensor]`. Token dictionaries get [N, d]; dictionaries with
+`needs_context = True` (LORSA) get [B, T, d] plus a [B, T] mask.
+
+Normalisation: a dictionary owns one scale per hook point (`scale.<hook>` buffers). `normalize()`
+multiplies raw activations by it (dataset-wise: √d_model / E‖x‖; token-/batch-wise: computed on the
+fly). `fold_activation_scale()` folds the dataset-wise scales into the weights so that the saved
+dictionary maps raw activations to raw reconstructions (thresholds included).
+
+Weights are saved as `sae_weights.safetensors` + `cfg.json` in a folder; `load_dictionary(folder)`
+rebuilds the right kind through the registry.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepContext:
+    """Per-step hyper-parameters the trainer hands to `loss()`; schedules live in the trainer."""
+
+    k: int | None = None  # current k (topk/batchtopk), after the k schedule
+    l1_coefficient: float = 0.0  # current sparsity weight, after its warm-up
+    lp_coefficient: float = 0.0
+    auxk_coefficient: float = 0.0
+    k_aux: int = 0
+    dead_mask: torch.Tensor | None = None  # [d_sae] bool: latents counted dead (for AuxK)
+    sparsity_loss_type: str = "none"  # "power" | "tanh" | "tanh-quad" | "none"
+    p: float = 1.0
+    tanh_stretch_coefficient: float = 4.0
+    frequency_scale: float = 0.01
+    training: bool = True
+
+
+@dataclass
+class LossOutput:
+    """What one forward pass produced: the loss to minimise and everything metrics need."""
+
+    loss: torch.Tensor  # scalar
+    terms: dict[str, torch.Tensor]  # e.g. {"mse": ..., "sparsity": ..., "aux": ...}, scalars (detached ok)
+    feature_acts: torch.Tensor  # [N, d_sae] (or [B, T, d_sae]) latent activations (may be sparse-backed)
+    reconstruction: dict[str, torch.Tensor]  # normalised reconstruction per out hook
+    target: dict[str, torch.Tensor]  # normalised target per out hook
+    extra: dict[str, Any] = field(default_factory=dict)  # kind-specific metrics (per head, per layer)
+
+
+class Dictionary(nn.Module, abc.ABC):
+    """Base class of all kinds. Subclasses set `kind` and implement the abstract methods."""
+
+    kind: ClassVar[str] = ""
+    needs_context: ClassVar[bool] = False
+
+    def __init__(self, cfg: Any, d_model: int, in_hooks: list[str], out_hooks: list[str]):
+        super().__init__()
+        self.cfg = cfg
+        self.d_model = d_model
+        self.d_sae = cfg.resolved_d_sae(d_model) if hasattr(cfg, "resolved_d_sae") else cfg.d_sae
+        self.in_hooks = list(in_hooks)
+        self.out_hooks = list(out_hooks)
+        for hook in dict.fromkeys(self.in_hooks + self.out_hooks):
+            self.register_buffer(_scale_name(hook), torch.ones(()), persistent=True)
+        self.folded = False
+
+    # ------------------------------------------------------------------ normalisation
+    def scale(self, hook: str) -> torch.Tensor:
+        return getattr(self, _scale_name(hook))
+
+    def set_dataset_norm(self, hook: str, mean_norm: float) -> None:
+        """Dataset-wise normalisation: scale so that E‖x‖ = √d_model."""
+        self.scale(hook).fill_(float(self.d_model) ** 0.5 / max(float(mean_norm), 1e-12))
+
+    def normalize(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Raw activations → the units the dictionary trains in (per `cfg.norm_activation`)."""
+        mode = getattr(self.cfg, "norm_activation", "none")
+        if self.folded or mode == "none":
+            return acts
+        out = {}
+        for hook, x in acts.items():
+            if mode == "dataset-wise":
+                out[hook] = x * self.scale(hook).to(x.dtype)
+            elif mode == "token-wise":
+                out[hook] = x * (self.d_model**0.5 / x.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            elif mode == "batch-wise":
+                out[hook] = x * (self.d_model**0.5 / x.norm(dim=-1).mean().clamp_min(1e-12))
+            else:
+                raise ValueError(f"unknown norm_activation {mode!r}")
+        return out
+
+    def denormalize(self, hook: str, y: torch.Tensor, raw_input: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised reconstruction → raw units (token-/batch-wise need the raw input's norms)."""
+        mode = getattr(self.cfg, "norm_activation", "none")
+        if self.folded or mode == "none":
+            return y
+        if mode == "dataset-wise":
+            return y / self.scale(hook).to(y.dtype)
+        assert raw_input is not None, "token-/batch-wise denormalisation needs the raw input"
+        if mode == "token-wise":
+            return y * (raw_input.norm(dim=-1, keepdim=True).clamp_min(1e-12) / self.d_model**0.5)
+        return y * (raw_input.norm(dim=-1).mean().clamp_min(1e-12) / self.d_model**0.5)
+
+    # ------------------------------------------------------------------ the kind's math
+    @abc.abstractmethod
+    def encode(self, inputs: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
+        """Normalised inputs → latent activations [N, d_sae] (or [B, T, d_sae])."""
+
+    @abc.abstractmethod
+    def decode(self, feature_acts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Latent activations → normalised reconstruction per out hook."""
+
+    @abc.abstractmethod
+    def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
+             mask: torch.Tensor | None = None) -> LossOutput:
+        """Normalised inputs/targets → loss and terms. `mask` (context kinds) marks counted positions."""
+
+    def forward(self, raw: dict[str, torch.Tensor], ctx: StepContext | None = None,
+                mask: torch.Tensor | None = None) -> LossOutput:
+        """Raw activations (every hook the kind reads or writes) → LossOutput in normalised units."""
+        normed = self.normalize(raw)
+        inputs = {h: normed[h] for h in self.in_hooks}
+        targets = {h: normed[h] for h in self.out_hooks}
+        return self.loss(inputs, targets, ctx or StepContext(training=False), mask=mask)
+
+    def reconstruct(self, raw: dict[str, torch.Tensor], ctx: StepContext | None = None) -> dict[str, torch.Tensor]:
+        """Raw inputs → raw reconstructions of the out hooks (what splicing into a model needs)."""
+        normed = self.normalize({h: raw[h] for h in self.in_hooks})
+        recon = self.decode(self.encode(normed, ctx))
+        return {h: self.denormalize(h, y, raw.get(h, raw[self.in_hooks[0]])) for h, y in recon.items()}
+
+    # ------------------------------------------------------------------ training hooks
+    def post_step(self) -> None:
+        """Called after each optimizer step (e.g. project decoder rows back to unit norm)."""
+
+    def param_groups(self, lr: float, jumprelu_lr_factor: float = 1.0) -> list[dict]:
+        """Optimizer parameter groups (a kind may give thresholds their own lr)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr, "name": "default"}]
+
+    @torch.no_grad()
+    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:
+        """Data-dependent initialisation (bias at the data's centre, ...) on a few normalised batches."""
+
+    def decoder_norms(self) -> torch.Tensor:
+        """[d_sae] norm of each latent's decoder direction(s), for metrics and DLA."""
+        raise NotImplementedError
+
+    def decoder_directions(self, hook: str | None = None) -> torch.Tensor:
+        """[d_sae, d_model] decoder directions writing to `hook` (raw units after folding)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    @abc.abstractmethod
+    def fold_activation_scale(self) -> None:
+        """Fold the dataset-wise scales into the weights (then `folded = True`, normalize() = identity)."""
+
+    # ------------------------------------------------------------------ persistence
+    def config_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {
+            "kind": self.kind,
+            "d_model": self.d_model,
+            "d_sae": self.d_sae,
+            "in_hooks": self.in_hooks,
+            "out_hooks": self.out_hooks,
+            "folded": self.folded,
+            "cfg": asdict(self.cfg),
+        }
+
+    def save(self, folder: str | Path) -> Path:
+        """Write `sae_weights.safetensors` and `cfg.json` atomically into `folder`."""
+        from safetensors.torch import save_file
+
+        from saecli.fsio import write_json, write_with
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        write_with(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"kind": self.kind}))
+        write_json(folder / CONFIG_NAME, self.config_dict())
+        return folder
+
+
+WEIGHTS_NAME = "sae_weights.safetensors"
+CONFIG_NAME = "cfg.json"
+
+
+def _scale_name(hook: str) -> str:
+    return "scale__" + hook.replace(".", "__")

@@ -1,0 +1,184 @@
+"""Everything the terminal shows: progress bars, tables, histograms, messages. Only this module knows rich."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+_state = {"verbose": False, "quiet": False}
+
+
+def set_verbosity(*, verbose: bool = False, quiet: bool = False) -> None:
+    _state["verbose"] = verbose
+    _state["quiet"] = quiet
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def info(message: str) -> None:
+    if not _state["quiet"] and is_main_process():
+        console.print(message)
+
+
+def debug(message: str) -> None:
+    if _state["verbose"] and is_main_process():
+        console.print(f"[dim]{escape(message)}[/dim]")
+
+
+def warn(message: str) -> None:
+    if is_main_process():
+        console.print(f"[yellow]warning:[/yellow] {escape(message)}")
+
+
+def error(message: str) -> None:
+    console.print(Panel(escape(message), title="error", title_align="left", border_style="red", expand=False))
+
+
+def traceback() -> None:
+    console.print_exception(show_locals=False)
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second with a unit (tokens/s)."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            return Text(f"– {self.unit}/s", style="progress.data.speed")
+        return Text(f"{_si(speed)} {self.unit}/s", style="progress.data.speed")
+
+
+class _FieldsColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        fields = task.fields.get("metrics") or {}
+        return Text("  ".join(f"{k} {_fmt(v)}" for k, v in fields.items()), style="cyan")
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.1f}"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+class ProgressHandle:
+    """A started progress task: `advance(n, **metrics)` moves it and updates the metric fields."""
+
+    def __init__(self, progress: Progress | None, task_id: Any):
+        self._progress = progress
+        self._task = task_id
+
+    def advance(self, n: float = 1, **metrics: Any) -> None:
+        if self._progress is None:
+            return
+        if metrics:
+            self._progress.update(self._task, advance=n, metrics=metrics)
+        else:
+            self._progress.advance(self._task, n)
+
+    def update(self, *, completed: float | None = None, **metrics: Any) -> None:
+        if self._progress is None:
+            return
+        kwargs: dict[str, Any] = {}
+        if completed is not None:
+            kwargs["completed"] = completed
+        if metrics:
+            kwargs["metrics"] = metrics
+        self._progress.update(self._task, **kwargs)
+
+
+@contextmanager
+def progress(description: str, total: float | None, unit: str = "tokens", completed: float = 0) -> Iterator[ProgressHandle]:
+    """A rich progress bar with a rate in `unit`/s and live metrics; silent when quiet or not rank 0."""
+    if _state["quiet"] or not is_main_process():
+        yield ProgressHandle(None, None)
+        return
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        _FieldsColumn(),
+    ]
+    with Progress(*columns, console=console, transient=False, refresh_per_second=4) as prog:
+        task = prog.add_task(description, total=total, completed=completed, metrics={})
+        yield ProgressHandle(prog, task)
+
+
+def table(title: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Any], columns: Sequence[str] | None = None) -> None:
+    """Print a table to stdout: a list of row dicts, or one dict shown as key/value rows."""
+    if not is_main_process():
+        return
+    t = Table(title=title, title_justify="left", show_lines=False)
+    if isinstance(rows, Mapping):
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for k, v in rows.items():
+            t.add_row(str(k), _fmt(v))
+    else:
+        cols = list(columns or (rows[0].keys() if rows else []))
+        for c in cols:
+            t.add_column(str(c), justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
+        for r in rows:
+            t.add_row(*[_fmt(r.get(c, "")) for c in cols])
+    out.print(t)
+
+
+def histogram(title: str, counts: Sequence[float], edges: Sequence[float], width: int = 40) -> None:
+    """A horizontal bar histogram in the terminal (used for log-density plots)."""
+    if _state["quiet"] or not is_main_process():
+        return
+    peak = max(counts) if len(counts) else 0
+    t = Table(title=title, title_justify="left", show_header=True, box=None)
+    t.add_column("bin", justify="right")
+    t.add_column("count", justify="right")
+    t.add_column("")
+    for c, lo, hi in zip(counts, edges[:-1], edges[1:]):
+        bar = "█" * (int(round(width * c / peak)) if peak else 0)
+        t.add_row(f"[{lo:.1f}, {hi:.1f})", str(int(c)), f"[green]{bar}[/green]")
+    out.print(t)
+
+
+def result(message: str) -> None:
+    """A final line of output (printed even with --quiet)."""
+    if is_main_process():
+        out.print(message)

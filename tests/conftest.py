@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random models built on the fly (once per session), and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Folder of a tiny model per family: {'llama': path, 'gpt2': path, ...} (built lazily)."""
+    from saecli.lm.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+
+    class Lazy(dict):
+        def __missing__(self, family):
+            path = make_tiny_model(root / family, family)
+            self[family] = path
+            return path
+
+    return Lazy()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_models) -> Path:
+    return tiny_models["gpt2"]
+
+
+class CliResult:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.exit_code = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        self.output = proc.stdout + proc.stderr
+
+    def __repr__(self) -> str:
+        return f"CliResult(exit_code={self.exit_code}, output={self.output[-2000:]!r})"
+
+
+@pytest.fixture
+def cli():
+    """Run `python -m saecli ...` in a subprocess (real exit codes, real signals)."""
+
+    def run(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> CliResult:
+        full_env = dict(os.environ, COLUMNS="200", **(env or {}))
+        proc = subprocess.run(
+            [sys.executable, "-m", "saecli", *map(str, args)],
+            cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env,
+        )
+        return CliResult(proc)
+
+    return run
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
