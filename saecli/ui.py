@@ -182,3 +182,25 @@ def result(message: str) -> None:
     """A final line of output (printed even with --quiet)."""
     if is_main_process():
         out.print(message)
+
+
+_TOKEN_MARKS = {"\n": "↵", "\r": "␍", "\t": "⇥"}
+
+
+def token_contexts(title: str, contexts: Sequence[tuple[str, Sequence[str], Sequence[float]]], scale: float) -> None:
+    """Print contexts (label, tokens, activations): each firing token's background grows with act / scale."""
+    if not is_main_process():
+        return
+    out.print(Text(title, style="bold"))
+    for label, tokens, acts in contexts:
+        line = Text("  ")
+        line.append(f"{label}  ", style="dim")
+        for tok, a in zip(tokens, acts):
+            shown = "".join(_TOKEN_MARKS.get(c, c) for c in tok)
+            if a > 0:
+                level = min(1.0, a / scale) if scale > 0 else 1.0
+                g, b = int(235 - 115 * level), int(200 - 200 * level)
+                line.append(shown, style=f"black on rgb(255,{g},{b})")
+            else:
+                line.append(shown, style="dim" if shown != tok else "")
+        out.print(line, soft_wrap=False, overflow="fold")

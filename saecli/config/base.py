@@ -210,6 +210,9 @@ def stream_keys(cls: type, prefix: str = "") -> set[str]:
         if f.metadata.get("stream"):
             out.add(path)
         tp = hints[f.name]
+        if get_origin(tp) in (Union, types.UnionType):
+            arms = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
+            tp = arms[0] if arms else tp
         if dataclasses.is_dataclass(tp):
             out |= stream_keys(tp, path + ".")
     return out

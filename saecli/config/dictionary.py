@@ -47,6 +47,10 @@ class DictionaryConfig:
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = opt("float32", help="parameter dtype")
     device: str = opt("auto", help="'auto' = the model's device (or cuda if present)")
     fold_activation_scale: bool = opt(True, help="fold the dataset-wise scale into the saved weights")
+    batchtopk_threshold_decay: float = opt(
+        0.999, help="BatchTopK inference threshold: decay of the running average of each batch's smallest kept activation"
+    )
+    sparse_kernels: bool = opt(True, help="use the sparse TopK/ReLU train-step kernels when they apply")
 
     kind_name = "sae"
 
@@ -76,6 +80,10 @@ class DictionaryConfig:
             raise bad("k", f"must be <= d_sae ({self.d_sae}), found {self.k}")
         if self.jumprelu_bandwidth <= 0:
             raise bad("jumprelu_bandwidth", "must be > 0")
+        if self.jumprelu_threshold_init <= 0:
+            raise bad("jumprelu_threshold_init", "must be > 0 (the threshold is stored as its log)")
+        if not 0 <= self.batchtopk_threshold_decay < 1:
+            raise bad("batchtopk_threshold_decay", "must be in [0, 1)")
 
     def resolved_d_sae(self, d_model: int) -> int:
         return int(self.d_sae if self.d_sae is not None else round(self.expansion_factor * d_model))

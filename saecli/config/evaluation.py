@@ -19,7 +19,20 @@ class EvalConfig:
         None, help="documents to skip for held-out text (default: those the training run consumed)"
     )
     sae_path: str | None = opt(None, help="dictionary folder to evaluate (default: run.output_dir)")
+    cache_dir: str | None = opt(
+        None, help="activation cache of held-out text (from `generate` on other documents); default: the live "
+        "model on the documents after those training used"
+    )
+    bins_per_decade: int = opt(4, help="bins per power of ten in the log-density histogram")
 
     def validate(self) -> None:
         if self.total_eval_tokens <= 0:
             raise bad("total_eval_tokens", "must be > 0")
+        if self.ce_contexts <= 0:
+            raise bad("ce_contexts", "must be > 0")
+        if self.skip_documents is not None and self.skip_documents < 0:
+            raise bad("skip_documents", f"must be >= 0, found {self.skip_documents}")
+        if self.bins_per_decade <= 0:
+            raise bad("bins_per_decade", "must be > 0")
+        if not 0 <= self.dead_threshold <= self.almost_dead_threshold:
+            raise bad("almost_dead_threshold", "must be >= dead_threshold >= 0")

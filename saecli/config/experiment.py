@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from saecli.config.activations import ActivationsConfig
+from saecli.config.analyze import AnalyzeConfig, DashboardConfig
 from saecli.config.base import opt
 from saecli.config.dataset import DatasetConfig
 from saecli.config.dictionary import DictionaryConfig
@@ -28,6 +29,8 @@ class Experiment:
     eval: EvalConfig = opt(factory=EvalConfig)
     wandb: WandbConfig = opt(factory=WandbConfig)
     store: StoreConfig = opt(factory=StoreConfig)
+    analyze: AnalyzeConfig = opt(factory=AnalyzeConfig)
+    dashboard: DashboardConfig = opt(factory=DashboardConfig)
 
     source_file: str | None = None  # where it was read from (not a TOML key)
 

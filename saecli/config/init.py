@@ -13,7 +13,9 @@ class InitConfig:
     decoder_uniform_bound: float | None = opt(
         None, help="W_dec ~ U(±bound) before row normalisation (default 1/√d_sae)"
     )
-    decoder_init_norm: float | None = opt(None, help="norm of each decoder row at init (default 0.1·√(d_model)/√d_model scale → 1)")
+    decoder_init_norm: float | None = opt(
+        None, help="rescale each decoder row to this norm at init (default: keep the uniform draw's norms; 1 with decoder_unit_norm)"
+    )
     init_encoder_with_decoder_transpose: bool = opt(True)
     init_encoder_with_decoder_transpose_factor: float = opt(1.0)
     bias_init_method: Literal["zero", "geometric_median", "mean"] = opt(
@@ -26,3 +28,7 @@ class InitConfig:
     def validate(self) -> None:
         if self.init_batches <= 0:
             raise bad("init_batches", "must be > 0")
+        if self.decoder_uniform_bound is not None and self.decoder_uniform_bound <= 0:
+            raise bad("decoder_uniform_bound", "must be > 0")
+        if self.decoder_init_norm is not None and self.decoder_init_norm <= 0:
+            raise bad("decoder_init_norm", "must be > 0")

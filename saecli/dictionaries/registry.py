@@ -44,7 +44,8 @@ def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> D
     if not (folder / CONFIG_NAME).exists() or not (folder / WEIGHTS_NAME).exists():
         raise UsageError(f"{folder} holds no saved dictionary ({CONFIG_NAME} and {WEIGHTS_NAME} expected)")
     meta = json.loads((folder / CONFIG_NAME).read_text())
-    cfg = parse(DictionaryConfig, meta["cfg"], key="sae")
+    # saved configs hold None for unset optional fields; leaving them out restores the same defaults
+    cfg = parse(DictionaryConfig, {k: v for k, v in meta["cfg"].items() if v is not None}, key="sae")
     cls = dictionary_class(meta["kind"])
     model = cls.from_saved(cfg, meta)
     state = load_file(str(folder / WEIGHTS_NAME))

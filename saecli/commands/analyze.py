@@ -1,0 +1,213 @@
+"""`saecli analyze`: per-feature statistics and contexts of a trained dictionary; optional HTML dashboard."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from saecli.commands import ExperimentArg, SetOption, load
+
+SaeOption = Annotated[
+    Optional[Path], typer.Option("--sae", help="dictionary folder (default: analyze.sae_path, else run.output_dir)")
+]
+
+
+def sae_folder(exp: Any, sae: Path | None) -> Path:
+    return Path(sae or exp.analyze.sae_path or exp.run.output_dir)
+
+
+def open_results_store(exp: Any):
+    """The experiment's store, or None for backend "none" (opened first, so a bad store fails fast)."""
+    if exp.store.backend == "none":
+        return None
+    from saecli.store import open_store
+
+    return open_store(exp.store)
+
+
+def ensure_registered(store: Any, exp: Any, dictionary: Any, folder: Path) -> tuple[str, str]:
+    """(name, series) of the dictionary in the store, registering it when training did not."""
+    name, series = exp.analyze.sae_name or exp.run.name, exp.analyze.series
+    if store is not None and store.get_sae(name, series) is None:
+        store.put_sae(name, series, path=str(folder.resolve()), cfg=dictionary.config_dict(),
+                      model_name=exp.model.name if exp.model else None, dataset_name=exp.dataset.path)
+    return name, series
+
+
+def analyze(
+    experiment: ExperimentArg,
+    sae: SaeOption = None,
+    html: Annotated[bool, typer.Option("--html", help="also write the static HTML dashboard")] = False,
+    show: Annotated[Optional[int], typer.Option("--show", help="print this feature's contexts in the terminal")] = None,
+    reuse: Annotated[bool, typer.Option("--reuse", help="use the analysis already on disk (for --html/--show)")] = False,
+    overrides: SetOption = None,
+) -> None:
+    """Stream text through the model and the dictionary and record, for every feature: how often it fires,
+    its max activation, an activation histogram, its top-activating contexts, contexts at lower tiers
+    of its max and contexts where it does not fire.
+
+    The result goes to <dictionary>/analysis/<analyze.name>/features.safetensors (one file, replaced
+    atomically) and to the store; --html writes a dashboard beside it (index.html, open it from disk),
+    computing DLA first when `saecli dla` has not. An interrupted analysis leaves the previous one.
+
+    Examples:
+
+        saecli analyze runs/tiny-sae --html
+
+        saecli analyze exp.toml --set analyze.total_analyzing_tokens=200000 --show 12
+
+        saecli analyze exp.toml --reuse --show 7
+    """
+    from saecli import ui
+    from saecli.analysis.records import AnalysisResult, analysis_dir
+
+    exp = load(experiment, overrides)
+    cfg = exp.analyze
+    folder = sae_folder(exp, sae)
+    lm = dictionary = store = None
+    try:
+        if reuse:
+            result = AnalysisResult.load(analysis_dir(folder, cfg.name))
+        else:
+            exp.require("model")
+            store = open_results_store(exp)
+            lm, dictionary = _load(exp, folder)
+            result = _run(exp, lm, dictionary, folder)
+            if store is not None:
+                name, series = ensure_registered(store, exp, dictionary, folder)
+                n = store.replace_analysis(name, series, result.name, result.records(), result.store_meta())
+                ui.info(f"recorded {n:,} features of {name} in the {exp.store.backend} store")
+        if html or exp.dashboard.enabled:
+            index = _dashboard(exp, folder, result, lm, dictionary, store)
+            ui.result(f"dashboard: {index}")
+    finally:
+        if store is not None:
+            store.close()
+    _summary(result)
+    if show is not None:
+        show_feature(result, show)
+
+
+def _load(exp: Any, folder: Path):
+    from saecli.dictionaries.registry import load_dictionary
+    from saecli.lm import load_model, validate_hooks
+
+    lm = load_model(exp.model)
+    dictionary = load_dictionary(folder, device=lm.device)
+    dictionary.eval()
+    validate_hooks(lm, list(dictionary.in_hooks))
+    return lm, dictionary
+
+
+def _run(exp: Any, lm: Any, dictionary: Any, folder: Path):
+    from saecli import ui
+    from saecli.analysis.analyzer import FeatureAnalyzer, context_batches, decoder_for, run_analysis
+    from saecli.analysis.records import analysis_dir
+    from saecli.config.activations import ActivationsConfig
+    from saecli.lm import run_to_hooks
+
+    cfg, acts = exp.analyze, exp.activations
+    acts = acts or ActivationsConfig(hook_points=list(dictionary.in_hooks))
+    context_size = cfg.context_size or acts.context_size
+    batch_contexts = cfg.batch_contexts or acts.model_batch_size
+    dataset = exp.dataset if cfg.skip_documents is None else dataclasses.replace(exp.dataset, skip_documents=cfg.skip_documents)
+    analyzer = FeatureAnalyzer(dictionary, cfg, context_size)
+    mib = analyzer.book.memory_bytes() / 2**20
+    ui.info(f"analysing {dictionary.d_sae:,} features of {folder} on {cfg.total_analyzing_tokens:,} tokens "
+            f"of {dataset.path} ({context_size}-token contexts, {mib:,.0f} MiB of kept contexts)")
+    batches = context_batches(lm, dataset, acts, list(dictionary.in_hooks), context_size=context_size,
+                              batch_contexts=batch_contexts)
+    with ui.progress("analyze", total=cfg.total_analyzing_tokens, unit="tokens") as bar:
+        done = run_analysis(analyzer, batches, cfg.total_analyzing_tokens, progress=bar.advance)
+    if done < cfg.total_analyzing_tokens:
+        ui.warn(f"the text ran out after {done:,} of {cfg.total_analyzing_tokens:,} tokens")
+    forward = lambda tokens: run_to_hooks(lm, tokens.to(lm.device), list(dictionary.in_hooks))  # noqa: E731
+    result = analyzer.result(decode=decoder_for(lm.tokenizer), forward=forward, batch_contexts=batch_contexts,
+                             meta={"model": exp.model.name, "dataset": dataset.path, "sae_path": str(folder)})
+    path = result.save(analysis_dir(folder, cfg.name))
+    ui.info(f"wrote {path}")
+    return result
+
+
+def _dashboard(exp: Any, folder: Path, result: Any, lm: Any, dictionary: Any, store: Any) -> Path:
+    from saecli import ui
+    from saecli.analysis.dla import DLAResult
+    from saecli.analysis.records import analysis_dir
+    from saecli.dashboard.site import build_site
+
+    dla = DLAResult.load(folder)
+    if dla is None and lm is not None:
+        from saecli.commands.dla import compute_dla
+
+        dla = compute_dla(exp, lm, dictionary, folder, store, exp.analyze.dla_top)
+    explanations = _explanations(exp, store)
+    dash = exp.dashboard
+    out = Path(dash.output_dir) if dash.output_dir else analysis_dir(folder, result.name) / "html"
+    alive = int((result.act_times > 0).sum())
+    pages = min(alive, dash.max_features) if dash.max_features else alive
+    title = f"{exp.analyze.sae_name or exp.run.name} · {result.name}"
+    with ui.progress("dashboard", total=pages, unit="pages") as bar:
+        return build_site(result, out, dla=dla, explanations=explanations, title=title,
+                          window=(dash.window_before, dash.window_after), max_features=dash.max_features,
+                          progress=bar.advance)
+
+
+def _explanations(exp: Any, store: Any) -> dict[int, str]:
+    """Feature explanations recorded in the store (`put_interpretation`), when there are any."""
+    if store is None:
+        return {}
+    out = {}
+    name, series = exp.analyze.sae_name or exp.run.name, exp.analyze.series
+    for rec in store.iter_features(name, series, exp.analyze.name):
+        interp = rec.get("interpretation")
+        if isinstance(interp, dict):
+            text = interp.get("explanation") or interp.get("text") or interp.get("final_explanation")
+            if text:
+                out[int(rec["index"])] = str(text)
+    return out
+
+
+def _summary(result: Any) -> None:
+    import numpy as np
+
+    from saecli import ui
+
+    density = result.density()
+    alive = density[density > 0]
+    ui.table(f"analysis {result.name}", {
+        "tokens analysed": result.n_analyzed_tokens,
+        "features": result.d_sae,
+        "fired": int(len(alive)),
+        "never fired": int(result.d_sae - len(alive)),
+        "median density (fired)": float(np.median(alive)) if len(alive) else 0.0,
+        "tokens/s": result.meta.get("tokens_per_second") or "–",
+    })
+
+
+def show_feature(result: Any, index: int, per_sampling: int = 6, window: tuple[int, int] = (20, 6)) -> None:
+    """Print one feature's stats and contexts, each cut to a window around its peak token."""
+    import numpy as np
+
+    from saecli import ui
+
+    rec = result.feature(index)
+    vocab = result.vocab
+    ui.table(f"feature {index}", {"density": rec["density"], "fired on tokens": rec["act_times"],
+                                  "max activation": rec["max_act"]})
+    for s in rec["samplings"]:
+        rows = []
+        for j in range(min(per_sampling, len(s["tokens"]))):
+            acts = s["acts"][j].astype(np.float32)
+            peak = int(acts.argmax()) if acts.max() > 0 else 0
+            lo, hi = max(0, peak - window[0]), min(len(acts), peak + window[1] + 1)
+            toks = [vocab.get(int(t), f"<{int(t)}>") for t in s["tokens"][j, lo:hi]]
+            rows.append((f"{float(s['max'][j]):7.3g}", toks, acts[lo:hi].tolist()))
+        if rows:
+            ui.token_contexts(f"{s['name']} ({len(s['tokens'])} contexts)", rows, rec["max_act"])
+
+
+def register(app: typer.Typer) -> None:
+    app.command("analyze")(analyze)

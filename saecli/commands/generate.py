@@ -1,0 +1,60 @@
+"""`saecli generate`: write an activation cache (safetensors chunks + manifest) from a model and text."""
+
+from __future__ import annotations
+
+import typer
+
+from saecli.commands import ExperimentArg, SetOption, load
+
+
+def generate(experiment: ExperimentArg, overrides: SetOption = None) -> None:
+    """Run the model over the text and save the activations at the hook points to activations.cache_dir.
+
+    A killed run, started again with the same file, resumes after its last complete chunk and ends
+    with the same files as an uninterrupted one. Several processes each write one shard: set
+    activations.n_shards and start_shard, or start them with `accelerate launch`/torchrun (RANK and
+    WORLD_SIZE pick the shard).
+
+    Examples:
+
+        saecli generate experiments/tiny/generate.toml
+
+        saecli generate exp.toml --set activations.total_tokens=2000000 --set activations.override_dtype=bfloat16
+
+        accelerate launch --multi_gpu --num_processes 2 -m saecli generate exp.toml
+    """
+    from saecli import ui
+    from saecli.config.load import write_resolved
+    from saecli.data.cache import generate_shard, shard_plan, shard_target, tokens_written
+    from saecli.errors import ConfigError
+    from saecli.lm import load_model, run_to_hooks, validate_hooks
+
+    exp = load(experiment, overrides)
+    exp.require("model", "activations")
+    acts = exp.activations
+    if not acts.cache_dir:
+        raise ConfigError("generate needs activations.cache_dir (the folder to write the cache to)", file=exp.source_file,
+                          key="activations.cache_dir")
+    shard, n_shards = shard_plan(acts.n_shards, acts.start_shard)
+    lm = load_model(exp.model)
+    validate_hooks(lm, list(acts.hook_points))
+    write_resolved(exp, acts.cache_dir)
+    ui.info(f"generating {acts.total_tokens:,} tokens of {', '.join(acts.hook_points)} from {lm.name} "
+            f"into {acts.cache_dir} (shard {shard} of {n_shards})")
+
+    target = shard_target(acts.total_tokens, shard, n_shards)
+    done = min(tokens_written(acts.cache_dir, shard), target)
+    if done:
+        ui.info(f"resuming after {done:,} tokens already in the cache")
+    with ui.progress("generate", total=target, unit="tokens", completed=done) as handle:
+        manifest = generate_shard(exp, lm, run_to_hooks, shard, n_shards,
+                                  progress=lambda n, metrics: handle.advance(n, **metrics))
+    total, target = manifest["total_tokens"], manifest["target_tokens"]
+    if total < target:
+        ui.warn(f"the text ran out after {total:,} of {target:,} tokens")
+    norms = ", ".join(f"{h} {v:.4g}" for h, v in manifest["mean_norms"].items())
+    ui.result(f"shard {shard}: {total:,} tokens in {len(manifest['chunks'])} chunks at {acts.cache_dir} (mean ‖x‖: {norms})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)

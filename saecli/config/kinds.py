@@ -1,0 +1,105 @@
+"""[sae] sections of the kinds beyond the plain SAE: transcoder, crosscoder, clt (lorsa and molt later).
+
+Each class adds its own keys to the shared `DictionaryConfig` and registers itself under its `kind`
+name; `saecli/config/dictionary.py` imports this module lazily when it parses a `[sae]` table. The
+dictionary modules (`saecli/dictionaries/<kind>.py`) read these fields; the trainer never does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from saecli.config.base import bad, opt
+from saecli.config.dictionary import DictionaryConfig, register_config
+
+DecoderNormReduction = Literal["sum", "norm"]
+
+
+def _check_hooks(key: str, hooks: list[str] | None, *, at_least: int = 1) -> None:
+    if hooks is None:
+        return
+    if len(hooks) < at_least:
+        raise bad(key, f"must list at least {at_least} hook point(s), found {len(hooks)}")
+    dup = sorted({h for h in hooks if hooks.count(h) > 1})
+    if dup:
+        raise bad(key, f"lists {', '.join(dup)} more than once")
+
+
+@register_config("transcoder")
+@dataclass
+class TranscoderConfig(DictionaryConfig):
+    """Reads one hook point, reconstructs another (an MLP's input → its output)."""
+
+    hook_point_in: str | None = opt(
+        None, help="hook point read (default: the first of activations.hook_points), e.g. blocks.3.hook_mlp_in")
+    hook_point_out: str | None = opt(
+        None, help="hook point reconstructed (default: the second of activations.hook_points), e.g. blocks.3.hook_mlp_out")
+    skip_connection: bool = opt(False, help="add a learned linear skip x·W_skip (zero-initialised): a skip transcoder")
+    initialize_tc_with_mlp: bool = opt(
+        False, help="set decoder rows from the model's MLP probed along each encoder direction (needs [model])")
+    mlp_layer: int | None = opt(None, help="layer whose MLP initialises the decoder (default: hook_point_in's layer)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.apply_decoder_bias_to_pre_encoder:
+            raise bad("apply_decoder_bias_to_pre_encoder",
+                      "a transcoder's decoder bias lives in the output space; it cannot be subtracted from the input")
+        if self.hook_point_in is not None and self.hook_point_in == self.hook_point_out:
+            raise bad("hook_point_out", "equals hook_point_in: use kind = \"sae\" to reconstruct the input")
+        if self.mlp_layer is not None and self.mlp_layer < 0:
+            raise bad("mlp_layer", f"must be >= 0, found {self.mlp_layer}")
+
+
+@register_config("crosscoder")
+@dataclass
+class CrosscoderConfig(DictionaryConfig):
+    """Shared latents over several heads (layers of one model, or one layer of several models)."""
+
+    hook_points: list[str] | None = opt(
+        None, help="one head per hook point (default: every activations.hook_points entry)")
+    decoder_norm_reduction: DecoderNormReduction = opt(
+        "sum", help="a latent's decoder norm: sum of its per-head norms (Anthropic's crosscoders) or their L2 norm")
+
+    def validate(self) -> None:
+        super().validate()
+        _check_hooks("hook_points", self.hook_points, at_least=1)
+
+
+@register_config("clt")
+@dataclass
+class CLTConfig(DictionaryConfig):
+    """Cross-layer transcoder: an encoder per layer, decoders from layer i into every layer L >= i.
+
+    `d_sae` / `expansion_factor` count the latents of ONE layer (the CLT has n_layers·d_sae in all).
+    """
+
+    hook_points_in: list[str] | None = opt(
+        None, help="the input of each layer, in layer order (default: the first half of activations.hook_points)")
+    hook_points_out: list[str] | None = opt(
+        None, help="the output of each layer, same order (default: the second half of activations.hook_points)")
+    layer_k: list[int] | None = opt(
+        None, help="k of each layer (topk/batchtopk; default sae.k everywhere); the k schedule scales them all")
+    decoder_norm_reduction: DecoderNormReduction = opt(
+        "norm", help="a latent's decoder norm over its target layers: L2 norm of the concatenation, or sum")
+
+    def validate(self) -> None:
+        super().validate()
+        _check_hooks("hook_points_in", self.hook_points_in)
+        _check_hooks("hook_points_out", self.hook_points_out)
+        if (self.hook_points_in is None) != (self.hook_points_out is None):
+            raise bad("hook_points_out" if self.hook_points_out is None else "hook_points_in",
+                      "give both hook_points_in and hook_points_out, or neither")
+        if self.hook_points_in is not None and len(self.hook_points_in) != len(self.hook_points_out):
+            raise bad("hook_points_out", f"needs one hook per layer: {len(self.hook_points_in)} in, "
+                                         f"{len(self.hook_points_out)} out")
+        if self.apply_decoder_bias_to_pre_encoder:
+            raise bad("apply_decoder_bias_to_pre_encoder",
+                      "a CLT's decoder biases live in the output spaces; they cannot be subtracted from the inputs")
+        if self.layer_k is not None:
+            if any(k <= 0 for k in self.layer_k):
+                raise bad("layer_k", f"every k must be > 0, found {self.layer_k}")
+            if self.d_sae is not None and max(self.layer_k) > self.d_sae:
+                raise bad("layer_k", f"every k must be <= d_sae ({self.d_sae}), found {max(self.layer_k)}")
+            if self.hook_points_in is not None and len(self.layer_k) != len(self.hook_points_in):
+                raise bad("layer_k", f"needs one k per layer ({len(self.hook_points_in)}), found {len(self.layer_k)}")

@@ -1,0 +1,76 @@
+"""`open_stream`: the one function train/eval/analyze/sweep call to get activations.
+
+The cache when `activations.source` is "cache" (or "auto" and `activations.cache_dir` holds one),
+else a live stream from `[model]` (pass an already loaded `lm` to reuse it). Train streams loop over
+epochs; eval streams make one pass, so an evaluation never counts a token twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+from saecli.data.manifest import MANIFEST, SHARD_GLOB
+from saecli.data.stream import ActivationStream
+from saecli.errors import ConfigError, UsageError
+
+
+
+def cache_exists(cache_dir: str | Path | None) -> bool:
+    if not cache_dir:
+        return False
+    root = Path(cache_dir)
+    return root.is_dir() and any((p / MANIFEST).exists() for p in root.glob(SHARD_GLOB))
+
+
+def uses_cache(exp: Any) -> bool:
+    """Whether `open_stream` would read the cache for this experiment."""
+    acts = exp.activations
+    if acts is None:
+        return False
+    return acts.source == "cache" or (acts.source == "auto" and cache_exists(acts.cache_dir))
+
+
+def open_stream(exp: Any, *, purpose: Literal["train", "eval"] = "train", rank: int = 0, world_size: int = 1,
+                contexts: bool = False, hook_points: list[str] | None = None, skip_documents: int | None = None,
+                lm: Any = None) -> ActivationStream:
+    """The activation stream an experiment describes (see the module docstring)."""
+    if purpose not in ("train", "eval"):
+        raise ValueError(f"purpose must be 'train' or 'eval', found {purpose!r}")
+    acts = exp.activations
+    if acts is None:
+        raise ConfigError("this command needs an [activations] section", file=exp.source_file)
+    hooks = list(hook_points or acts.hook_points)
+    epochs = 1 if purpose == "eval" else None
+    if uses_cache(exp):
+        import torch
+
+        from saecli.data.reader import CacheStream
+
+        if contexts:
+            raise UsageError(
+                f"this dictionary needs whole contexts (e.g. LORSA), which a token cache ({acts.cache_dir}) cannot give: "
+                "set activations.source = 'live' to compute them from [model]"
+            )
+        dtype = getattr(torch, acts.override_dtype) if acts.override_dtype else None
+        return CacheStream(
+            acts.cache_dir, hook_points=hooks, batch_size=acts.batch_size, shuffle=acts.shuffle,
+            buffer_tokens=acts.shuffle_buffer_tokens, seed=acts.seed, rank=rank, world_size=world_size,
+            epochs=epochs, dtype=dtype,
+        )
+    from saecli.data.live import LiveStream
+
+    exp.require("model")
+    if lm is None:
+        from saecli.lm import load_model
+
+        lm = load_model(exp.model)
+    from saecli.lm import validate_hooks
+
+    validate_hooks(lm, hooks)
+    dataset = exp.dataset
+    if skip_documents is not None:
+        dataset = dataclasses.replace(dataset, skip_documents=skip_documents)
+    return LiveStream(lm, dataset, acts, hook_points=hooks, contexts=contexts, rank=rank, world_size=world_size,
+                      epochs=epochs, model_cfg=exp.model)

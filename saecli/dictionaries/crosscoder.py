@@ -1,0 +1,211 @@
+"""The crosscoder (kind = "crosscoder"): shared latents over several heads (Lindsey et al. 2024).
+
+A head is one hook point: several layers of one model, or the same layer of several models (base vs
+fine-tuned, for model diffing). With x_h the normalised activation of head h:
+
+    h = Σ_h x_h W_enc[h]ᵀ + b_enc        (pre-activations summed over heads)
+    f = act(h)                           (one set of latents, TopK/BatchTopK/JumpReLU/ReLU)
+    ŷ_h = f W_dec[h] + b_dec[h]          (a decoder per head)
+
+Storage: W_enc, W_dec as [d_sae, n_heads, d_model] (`W_enc`/`W_dec` properties give these views), i.e.
+a latent's encoder/decoder over all heads is one contiguous row of length n_heads·d_model. The sum over
+heads is then exactly one matmul of the concatenated heads [N, n_heads·d_model] with a [d_sae,
+n_heads·d_model] matrix, so the crosscoder runs on the SAE's machinery (`_HeadsSAE`, all of sae.py's
+training paths: sparse TopK kernels, sparse/fused ReLU, dense JumpReLU/BatchTopK, AuxK, init) with one
+difference: a latent's decoder norm is the `decoder_norm_reduction` of its per-head norms,
+    "sum":  Σ_h ‖W_dec[h]_i‖          (the crosscoder paper's L1-of-norms penalty; default)
+    "norm": (Σ_h ‖W_dec[h]_i‖²)^½     (the norm of the concatenated decoder)
+used for the gating of the activation and for the sparsity penalty.
+
+Model diffing: `decoder_norm_ratios()` [n_heads, d_sae] is each head's share of a latent's decoder norm
+(Σ over heads = 1); a latent exclusive to head h has share ≈ 1 there (for two heads, share[1] is the
+"relative decoder norm" ‖d_1‖/(‖d_0‖+‖d_1‖) of the paper).
+
+Folding (dataset-wise scales s_h, one per head): the latents keep their training units —
+W_enc[h] ← W_enc[h]·s_h, W_dec[h] ← W_dec[h]/s_h, b_dec[h] ← b_dec[h]/s_h, and the per-head norms
+used for gating/penalties are measured as ‖W_dec[h]‖·s_h (buffer `head_norm_weight`), so every
+activation — JumpReLU and BatchTopK thresholds included — is unchanged by folding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from saecli.config.base import to_dict
+from saecli.dictionaries import losses as L
+from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, _scale_name
+from saecli.dictionaries.sae import SparseAutoEncoder
+from saecli.errors import ConfigError
+
+_CONCAT = "heads"  # the internal hook name of the concatenated heads
+
+
+class _HeadsSAE(SparseAutoEncoder):
+    """The SAE over concatenated heads; only its decoder norms differ (reduced per head)."""
+
+    def __init__(self, cfg: Any, n_heads: int, d_head: int, reduction: str):
+        super().__init__(cfg, n_heads * d_head, _CONCAT)
+        del self._buffers[_scale_name(_CONCAT)]  # never normalises: the crosscoder does, per head
+        self.n_heads, self.d_head, self.reduction = n_heads, d_head, reduction
+        self.register_buffer("head_norm_weight", torch.ones(n_heads))
+
+    def head_norms(self) -> torch.Tensor:
+        """[d_sae, n_heads] ‖W_dec[h]_i‖ in training units (float32, differentiable)."""
+        w = self.W_dec.float().view(self.d_sae, self.n_heads, self.d_head)
+        return w.norm(dim=-1) * self.head_norm_weight
+
+    def decoder_norms(self) -> torch.Tensor:
+        norms = self.head_norms()
+        return norms.sum(-1) if self.reduction == "sum" else norms.norm(dim=-1)
+
+
+class Crosscoder(Dictionary):
+    kind = "crosscoder"
+
+    def __init__(self, cfg: Any, d_model: int, heads: list[str]):
+        super().__init__(cfg, d_model, heads, heads)
+        self.heads = list(heads)
+        core_cfg = replace(cfg, d_sae=self.d_sae, expansion_factor=None)  # d_sae counts per head's d_model
+        self.core = _HeadsSAE(core_cfg, len(heads), d_model, cfg.decoder_norm_reduction)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> "Crosscoder":
+        heads = list(cfg.hook_points or hook_points)
+        missing = [h for h in heads if h not in hook_points]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} not in activations.hook_points ({', '.join(hook_points)}): "
+                              "the stream must carry every head", key="sae.hook_points")
+        return cls(cfg, d_model, heads)
+
+    @classmethod
+    def from_saved(cls, cfg: Any, meta: dict) -> "Crosscoder":
+        return cls(cfg, int(meta["d_model"]), meta["in_hooks"])
+
+    def config_dict(self) -> dict:
+        out = super().config_dict()
+        out["cfg"] = to_dict(self.cfg)
+        return out
+
+    # ------------------------------------------------------------------ views
+    @property
+    def n_heads(self) -> int:
+        return len(self.heads)
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """[d_sae, n_heads, d_model]."""
+        return self.core.W_enc.view(self.d_sae, self.n_heads, self.d_model)
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        """[d_sae, n_heads, d_model]."""
+        return self.core.W_dec.view(self.d_sae, self.n_heads, self.d_model)
+
+    @property
+    def b_enc(self) -> torch.Tensor:
+        return self.core.b_enc
+
+    @property
+    def b_dec(self) -> torch.Tensor | None:
+        """[n_heads, d_model] or None."""
+        return None if self.core.b_dec is None else self.core.b_dec.view(self.n_heads, self.d_model)
+
+    @property
+    def activation(self):
+        return self.core.activation
+
+    def _cat(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([acts[h] for h in self.heads], dim=-1)
+
+    def _split(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.heads, y.split(self.d_model, dim=-1)))
+
+    # ------------------------------------------------------------------ interface
+    def encode(self, inputs: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
+        return self.core.encode({_CONCAT: self._cat(inputs)}, ctx)
+
+    def decode(self, feature_acts: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._split(self.core.decode(feature_acts)[_CONCAT])
+
+    def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
+             mask: torch.Tensor | None = None) -> LossOutput:
+        x, y = self._cat(inputs), self._cat(targets)
+        out = self.core.loss({_CONCAT: x}, {_CONCAT: y}, ctx, mask)
+        recon, target = self._split(out.reconstruction[_CONCAT]), self._split(out.target[_CONCAT])
+        extra = dict(out.extra)
+        extra.update(per_hook_metrics(recon, target, mask))
+        return LossOutput(loss=out.loss, terms=out.terms, feature_acts=out.feature_acts,
+                          reconstruction=recon, target=target, extra=extra)
+
+    # ------------------------------------------------------------------ decoder norms
+    def head_decoder_norms(self) -> torch.Tensor:
+        """[n_heads, d_sae] per-head decoder norms (training units)."""
+        return self.core.head_norms().t()
+
+    def decoder_norms(self) -> torch.Tensor:
+        return self.core.decoder_norms()
+
+    @torch.no_grad()
+    def decoder_norm_ratios(self) -> torch.Tensor:
+        """[n_heads, d_sae]: head h's share ‖W_dec[h]_i‖ / Σ_g ‖W_dec[g]_i‖ (columns sum to 1).
+
+        Model diffing: share ≈ 1 — latent exclusive to head h; ≈ 1/n_heads — shared.
+        """
+        norms = self.head_decoder_norms()
+        return norms / norms.sum(0, keepdim=True).clamp_min(1e-12)
+
+    def _raw_factor(self, head: int) -> float:
+        mode = getattr(self.cfg, "norm_activation", "none")
+        return 1.0 if self.folded or mode != "dataset-wise" else 1.0 / float(self.scale(self.heads[head]))
+
+    def decoder_directions(self, hook: str | None = None) -> torch.Tensor:
+        """[d_sae, d_model]: the decoder of head `hook` (default: the last head) in raw units per unit f."""
+        h = self.heads.index(hook) if hook is not None else self.n_heads - 1
+        return self.W_dec[:, h, :] * self._raw_factor(h)
+
+    # ------------------------------------------------------------------ training hooks
+    def post_step(self) -> None:
+        self.core.post_step()
+
+    def param_groups(self, lr: float, jumprelu_lr_factor: float = 1.0) -> list[dict]:
+        return self.core.param_groups(lr, jumprelu_lr_factor)
+
+    @torch.no_grad()
+    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:
+        """The SAE initialisation on the concatenated heads (b_dec at the median of the concatenation)."""
+        self.core.init_from_data([{_CONCAT: self._cat(b)} for b in batches], init_cfg)
+
+    @torch.no_grad()
+    def fold_activation_scale(self) -> None:
+        mode = getattr(self.cfg, "norm_activation", "none")
+        if self.folded or mode in ("token-wise", "batch-wise"):
+            return
+        if mode == "dataset-wise":
+            s = torch.stack([self.scale(h).float() for h in self.heads])  # [n_heads]
+            per_head = s.view(1, -1, 1)
+            self.W_enc.mul_(per_head.to(self.W_enc.dtype))
+            self.W_dec.div_(per_head.to(self.W_dec.dtype))
+            if self.b_dec is not None:
+                self.b_dec.div_(s.view(-1, 1).to(self.b_dec.dtype))
+            self.core.head_norm_weight.mul_(s)
+        self.folded = True
+
+
+def per_hook_metrics(recon: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                     mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Batch explained variance and mse (Σ_d, mean over tokens) per out hook, for LossOutput.extra."""
+    out: dict[str, torch.Tensor] = {}
+    for hook, y in target.items():
+        y_hat = recon[hook].detach()
+        if mask is not None:
+            y, y_hat = y[mask], y_hat[mask]
+        y2, y_hat2 = y.detach().float().reshape(-1, y.shape[-1]), y_hat.float().reshape(-1, y.shape[-1])
+        sse = (y_hat2 - y2).pow(2).sum()
+        sst = (y2 - y2.mean(0)).pow(2).sum()
+        out[f"explained_variance/{hook}"] = 1.0 - sse / sst.clamp_min(1e-12)
+        out[f"mse/{hook}"] = L.mse(y_hat2, y2)
+    return out

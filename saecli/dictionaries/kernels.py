@@ -1,0 +1,244 @@
+"""Fast train-step paths in plain torch: sparse TopK / sparse ReLU, and a fused dense ReLU-L1 step.
+
+Why: a dense SAE step is 5 matmuls of 2·N·d·s FLOP; when only k ≪ d_sae latents fire per token,
+everything after the encoder matmul can touch only the active latents (see shared/PERFORMANCE.md):
+- `SparsePattern`: which (token, latent) pairs are active, as CSR arrays (and, lazily, the transposed
+  CSR [d_sae, N] whose products give the weight gradients).
+- `gather_pre(x, W_enc, b_enc, values, pattern)`: the active pre-activations (already computed by
+  the dense encoder matmul, passed in) as a differentiable [nnz] tensor whose backward is sparse:
+  dW_enc = CSRᵀ(g)·x, db_enc = Σ per latent, dx = CSR(g)·W_enc (only when x needs a gradient).
+- `sparse_decode(values, pattern, W_dec)`: CSR(values) @ W_dec; backward: dvalues = the sampled
+  product (dŷ·W_decᵀ at the active pairs only), dW_dec = CSRᵀ(values)·dŷ.
+- `two_level_topk`: exact per-row top-k (max over groups of 8 columns → best k groups → top-k of their
+  8k members), equal to torch.topk's values (indices may differ only between tied values).
+- `DenseReluL1`: the dense-regime ReLU + decoder-norm-weighted L1 step with preallocated buffers
+  (no autograd temporaries of size [N, d_sae]).
+
+Sparse CSR products are float32/float64 only on CPU: bf16 parameters are computed in float32 there
+and their gradients cast back.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta" on every construction
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+_SPARSE_DTYPES = (torch.float32, torch.float64)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    if t.dtype in _SPARSE_DTYPES or (t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)):
+        return t.dtype
+    return torch.float32
+
+
+# ------------------------------------------------------------------------------------------ top-k
+def two_level_topk(x: torch.Tensor, k: int, group: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k along the last dim of a 2-D tensor: (values, indices) [N, k], unsorted.
+
+    Columns are split into `group` strided blocks (group j = columns j, j+S, j+2S, … with S = d/group,
+    so the group max is an elementwise max of contiguous blocks). The k largest values lie in the k
+    groups with the largest maxima: any element outside them is beaten by those k maxima. Falls back
+    to torch.topk when the shape does not split evenly or k·group would not shrink the search.
+    """
+    n, d = x.shape
+    if d % group or k * group * 2 > d or x.is_cuda:
+        return torch.topk(x, k, dim=-1, sorted=False)
+    stride = d // group
+    gmax = torch.amax(x.view(n, group, stride), dim=1)  # [N, S]
+    gidx = torch.topk(gmax, k, dim=-1, sorted=False).indices  # [N, k]
+    offsets = torch.arange(group, device=x.device, dtype=gidx.dtype) * stride
+    cand = (gidx.unsqueeze(2) + offsets).view(n, k * group)
+    vals, pos = torch.topk(torch.gather(x, 1, cand), k, dim=-1, sorted=False)
+    return vals, torch.gather(cand, 1, pos)
+
+
+# ---------------------------------------------------------------------------------------- pattern
+class SparsePattern:
+    """Active (row, col) pairs of an [n_rows, n_cols] matrix in CSR order (row-major).
+
+    `crow` [n_rows+1] and `col` [nnz] index the CSR; the transpose (CSR of [n_cols, n_rows], used for
+    the weight gradients) is built on first use: `t_order` permutes values into it.
+    """
+
+    def __init__(self, crow: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int):
+        self.crow, self.col, self.n_rows, self.n_cols = crow, col, n_rows, n_cols
+        self._t: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def nnz(self) -> int:
+        return self.col.numel()
+
+    @classmethod
+    def from_topk(cls, indices: torch.Tensor, n_cols: int) -> "SparsePattern":
+        """Rows with exactly k entries each (indices [N, k])."""
+        n, k = indices.shape
+        itype = torch.int32 if n * max(k, 1) < 2**31 - 1 and n_cols < 2**31 - 1 else torch.int64
+        crow = torch.arange(0, n * k + 1, k, device=indices.device, dtype=itype)
+        return cls(crow, indices.reshape(-1).to(itype), n, n_cols)
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor) -> tuple["SparsePattern", torch.Tensor]:
+        """Pattern of the non-zeros of a 2-D tensor, and their values [nnz]."""
+        n, d = dense.shape
+        rows, cols = torch.nonzero(dense, as_tuple=True)
+        values = dense[rows, cols]
+        counts = torch.bincount(rows, minlength=n)
+        itype = torch.int32 if rows.numel() < 2**31 - 1 else torch.int64
+        crow = torch.zeros(n + 1, dtype=itype, device=dense.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        return cls(crow, cols.to(itype), n, d), values
+
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        return _csr(self.crow, self.col, values, (self.n_rows, self.n_cols))
+
+    def _transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._t is None:
+            col = self.col.long()
+            order = torch.argsort(col, stable=True)
+            counts = torch.bincount(col, minlength=self.n_cols)
+            crow_t = torch.zeros(self.n_cols + 1, dtype=self.crow.dtype, device=col.device)
+            torch.cumsum(counts, 0, out=crow_t[1:])
+            row_of = torch.repeat_interleave(torch.arange(self.n_rows, device=col.device, dtype=self.crow.dtype),
+                                             torch.diff(self.crow.long()), output_size=self.nnz)
+            self._t = (order, crow_t, row_of[order])
+        return self._t
+
+    def csr_t(self, values: torch.Tensor) -> torch.Tensor:
+        """CSR of the transpose [n_cols, n_rows] with these (row-major ordered) values."""
+        order, crow_t, rows_t = self._transpose()
+        return _csr(crow_t, rows_t, values[order], (self.n_cols, self.n_rows))
+
+    def col_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Σ of values per column → [n_cols]."""
+        out = torch.zeros(self.n_cols, dtype=values.dtype, device=values.device)
+        return out.index_add_(0, self.col.long(), values)
+
+
+# ----------------------------------------------------------------------------- autograd functions
+class _GatherPre(torch.autograd.Function):
+    """values = (x @ W_encᵀ + b_enc) at the pattern, given precomputed; sparse backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor | None,
+                values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+        ctx.pattern = pattern
+        ctx.has_bias = b_enc is not None
+        ctx.save_for_backward(x, w_enc)
+        return values.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        x, w_enc = ctx.saved_tensors
+        pat: SparsePattern = ctx.pattern
+        cd = _compute_dtype(w_enc)
+        g = g.to(cd)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (pat.csr(g) @ w_enc.to(cd)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (pat.csr_t(g) @ x.to(cd)).to(w_enc.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = pat.col_sum(g).to(w_enc.dtype)
+        return dx, dw, db, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """ŷ = CSR(values) @ W_dec, with the sampled/sparse backward."""
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor, w_dec: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+        cd = _compute_dtype(w_dec)
+        w = w_dec.to(cd)
+        v = values.to(cd)
+        ctx.pattern = pattern
+        ctx.save_for_backward(v, w_dec)
+        return pattern.csr(v) @ w
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        v, w_dec = ctx.saved_tensors
+        pat: SparsePattern = ctx.pattern
+        cd = v.dtype
+        g = g.to(cd).contiguous()
+        dv = dw = None
+        if ctx.needs_input_grad[0]:
+            w = w_dec.to(cd)
+            if g.is_cuda or not hasattr(torch.sparse, "sampled_addmm"):
+                rows = torch.repeat_interleave(torch.arange(pat.n_rows, device=g.device),
+                                               torch.diff(pat.crow.long()), output_size=pat.nnz)
+                dv = (g[rows] * w[pat.col.long()]).sum(-1)
+            else:
+                dv = torch.sparse.sampled_addmm(pat.csr(v), g, w.t(), beta=0.0).values()
+        if ctx.needs_input_grad[1]:
+            dw = (pat.csr_t(v) @ g).to(w_dec.dtype)
+        return dv, dw, None
+
+
+def gather_pre(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor | None, values: torch.Tensor,
+               pattern: SparsePattern) -> torch.Tensor:
+    """Differentiable active pre-activations [nnz] (values computed by the caller's dense matmul)."""
+    return _GatherPre.apply(x, w_enc, b_enc, values, pattern)
+
+
+def sparse_decode(values: torch.Tensor, pattern: SparsePattern, w_dec: torch.Tensor) -> torch.Tensor:
+    """Σ_active values·W_dec rows per token → [N, d] (no bias)."""
+    return _SparseDecode.apply(values, w_dec, pattern)
+
+
+# --------------------------------------------------------------------------- dense ReLU-L1 (fused)
+class _DenseReluL1(torch.autograd.Function):
+    """f = relu(pre) (pre precomputed in a reusable buffer), ŷ = f W_dec + b_dec,
+    penalty = mean_tokens Σ_i f_i·‖W_d,i‖ — with buffer-reusing backward (5 matmuls, few passes)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: torch.Tensor,
+                b_dec: torch.Tensor | None, f: torch.Tensor, work: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        n_tok = f.shape[0]
+        norms = w_dec.norm(dim=1)
+        y = torch.addmm(b_dec, f, w_dec) if b_dec is not None else f @ w_dec
+        colsum = f.sum(0)
+        penalty = (colsum * norms).sum() / n_tok
+        ctx.save_for_backward(x, w_enc, w_dec, f, norms, colsum)
+        ctx.work = work
+        ctx.has_bdec = b_dec is not None
+        return y, penalty
+
+    @staticmethod
+    def backward(ctx: Any, g_y: torch.Tensor, g_pen: torch.Tensor):
+        x, w_enc, w_dec, f, norms, colsum = ctx.saved_tensors
+        n_tok = f.shape[0]
+        work = ctx.work
+        g_y = g_y.contiguous()
+        df = work.get("df")
+        if df is None or df.shape != f.shape or df.dtype != f.dtype:
+            df = work["df"] = torch.empty_like(f)
+            work["mask"] = torch.empty(f.shape, dtype=torch.bool, device=f.device)
+        mask = work["mask"]
+        gp = g_pen.to(f.dtype) / n_tok
+        torch.addmm((norms * gp).unsqueeze(0), g_y, w_dec.t(), out=df)  # dL/df incl. the penalty
+        torch.le(f, 0, out=mask)
+        df.masked_fill_(mask, 0)  # ReLU backward: dL/dpre
+        dw_dec = f.t() @ g_y
+        dw_dec.addcmul_((colsum * gp / norms.clamp_min(1e-12)).unsqueeze(1), w_dec)  # ∂‖W_d,i‖
+        dw_enc = df.t() @ x
+        db_enc = df.sum(0)
+        db_dec = g_y.sum(0) if ctx.has_bdec and ctx.needs_input_grad[4] else None
+        dx = df @ w_enc if ctx.needs_input_grad[0] else None
+        return dx, dw_enc, db_enc, dw_dec, db_dec, None, None
+
+
+def dense_relu_l1(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: torch.Tensor,
+                  b_dec: torch.Tensor | None, f: torch.Tensor, work: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ŷ, decoder-weighted L1 penalty) for f = relu(x W_encᵀ + b_enc), computed by the caller into `f`
+    (a reused buffer; `work` holds the backward's reused buffers)."""
+    return _DenseReluL1.apply(x, w_enc, b_enc, w_dec, b_dec, f, work)

@@ -1,0 +1,178 @@
+"""Loss terms shared by every kind: reconstruction, sparsity penalties, JumpReLU terms, AuxK.
+
+Conventions (one everywhere):
+- Reconstruction `mse` = Σ over the model dimension, mean over tokens (and over out hooks' sum:
+  a kind with several outputs adds their per-token sums). `mse_per_element` (mean over everything)
+  is reported for metrics only.
+- A penalty is a per-token sum over latents, then a mean over tokens; the coefficient is applied by
+  the caller (the dictionary's `loss()`), so each function here is the bare term.
+- `f` are latent activations [..., d_sae] (leading dims are tokens: [N] or [B, T]), `n` the decoder
+  norms, anything broadcastable to `f`. A kind whose latents span several trailing dims (a CLT's
+  [N, n_layers, d_sae] with norms [n_layers, d_sae]) passes `latent_dims=2`.
+
+The `power` penalty is Σ_i (f_i·‖W_d,i‖)^p — the p-th power of the decoder-weighted activation, summed
+over latents. Why not the p-norm ‖f⊙n‖_p (lm_saes, SAELens)? For p ≠ 1 the p-norm couples all latents
+of a token (its gradient on f_i depends on the token's total), whereas the penalty of the L_p
+sparsity papers (e.g. p-annealing, Karvonen et al. 2024) is separable, Σ_i |f_i|^p. Why weight inside
+the power rather than |f_i|^p·‖W_d,i‖ (dictionary_learning)? Only (f·n)^p is invariant under the
+rescaling f_i → c·f_i, W_d,i → W_d,i / c that leaves the reconstruction unchanged, which is the whole
+point of the decoder-norm weighting (Anthropic, April 2024 update). For p = 1 all three agree.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from saecli.dictionaries.activations import gated_pre, step
+
+
+def _token_mean(per_token: torch.Tensor) -> torch.Tensor:
+    return per_token.mean() if per_token.numel() else per_token.sum()
+
+
+def _per_token(t: torch.Tensor, latent_dims: int) -> torch.Tensor:
+    """Sum over the trailing `latent_dims` dims (latents): [..tokens.., *latent] → [..tokens..]."""
+    return t.sum(dim=tuple(range(-latent_dims, 0)))
+
+
+# ---------------------------------------------------------------------------------- reconstruction
+def mse(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_d (ŷ−y)², mean over tokens (over tokens where `mask` is true, if given)."""
+    per_token = (reconstruction.float() - target.float()).pow(2).sum(-1)
+    if mask is not None:
+        m = mask.to(per_token.dtype)
+        return (per_token * m).sum() / m.sum().clamp_min(1.0)
+    return _token_mean(per_token)
+
+
+def mse_per_element(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean of (ŷ−y)² over every element (the convention most papers' plots use)."""
+    return (reconstruction.float() - target.float()).pow(2).mean()
+
+
+# -------------------------------------------------------------------------------------- penalties
+def weighted(f: torch.Tensor, decoder_norm: torch.Tensor | None) -> torch.Tensor:
+    """f_i·‖W_d,i‖ (or f when no decoder norms are given)."""
+    return f if decoder_norm is None else f * decoder_norm
+
+
+def power_penalty(f: torch.Tensor, decoder_norm: torch.Tensor | None, p: float = 1.0,
+                  latent_dims: int = 1) -> torch.Tensor:
+    """mean_tokens Σ_i (|f_i|·‖W_d,i‖)^p  (p = 1: the decoder-weighted L1 of Anthropic's April update)."""
+    w = weighted(f.abs(), decoder_norm)
+    return _token_mean(_per_token(w if p == 1.0 else w.pow(p), latent_dims))
+
+
+def tanh_penalty(f: torch.Tensor, decoder_norm: torch.Tensor | None, c: float = 4.0,
+                 latent_dims: int = 1) -> torch.Tensor:
+    """mean_tokens Σ_i tanh(c·f_i·‖W_d,i‖)  (a smooth, saturating L0 proxy)."""
+    return _token_mean(_per_token(torch.tanh(c * weighted(f, decoder_norm)), latent_dims))
+
+
+def tanh_quad_penalty(f: torch.Tensor, decoder_norm: torch.Tensor | None, c: float = 4.0,
+                      frequency_scale: float = 0.01, latent_dims: int = 1) -> torch.Tensor:
+    """Σ_i p̂_i·(1 + p̂_i / frequency_scale), p̂_i = mean_tokens tanh(c·f_i·‖W_d,i‖).
+
+    p̂_i estimates latent i's firing frequency; the quadratic part punishes latents that fire on more
+    than ~frequency_scale of the tokens much harder than rare ones. (Not a per-token mean: the
+    frequency is a batch statistic.)
+    """
+    t = torch.tanh(c * weighted(f, decoder_norm))
+    lat = t.shape[t.dim() - latent_dims:]
+    p_hat = t.reshape(-1, *lat).mean(0)
+    return (p_hat * (1.0 + p_hat / frequency_scale)).sum()
+
+
+def sparsity_penalty(kind: str, f: torch.Tensor, decoder_norm: torch.Tensor | None, *, p: float = 1.0,
+                     c: float = 4.0, frequency_scale: float = 0.01, latent_dims: int = 1) -> torch.Tensor:
+    """Dispatch on `sparsity_loss_type` ("power" | "tanh" | "tanh-quad")."""
+    if kind == "power":
+        return power_penalty(f, decoder_norm, p, latent_dims)
+    if kind == "tanh":
+        return tanh_penalty(f, decoder_norm, c, latent_dims)
+    if kind == "tanh-quad":
+        return tanh_quad_penalty(f, decoder_norm, c, frequency_scale, latent_dims)
+    raise ValueError(f"unknown sparsity_loss_type {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------- JumpReLU
+def jumprelu_l0(h: torch.Tensor, theta: torch.Tensor, bandwidth: float,
+                decoder_norm: torch.Tensor | None = None, latent_dims: int = 1) -> torch.Tensor:
+    """mean_tokens Σ_i H(x_i − θ_i), x = gated pre-activation; ∂θ through the step STE, none to x."""
+    return _token_mean(_per_token(step(gated_pre(h, decoder_norm), theta, bandwidth), latent_dims))
+
+
+def jumprelu_preact_loss(h: torch.Tensor, theta: torch.Tensor, decoder_norm: torch.Tensor | None = None,
+                         gated: bool = False, latent_dims: int = 1) -> torch.Tensor:
+    """Pre-activation loss (Anthropic, Jan 2025): mean_tokens Σ_i ReLU(θ_i − h_i)·‖W_d,i‖.
+
+    Pulls latents that sit below their threshold up towards it (revives dead JumpReLU latents).
+    With decoder-norm gating (`gated=True`) θ lives in units of h·‖W_d‖, and the same quantity is
+    ReLU(θ_i/‖W_d,i‖ − h_i)·‖W_d,i‖ = ReLU(θ_i − h_i·‖W_d,i‖).
+    """
+    if gated:
+        assert decoder_norm is not None
+        per = torch.relu(theta - h * decoder_norm)
+    else:
+        per = weighted(torch.relu(theta - h), decoder_norm)
+    return _token_mean(_per_token(per, latent_dims))
+
+
+# -------------------------------------------------------------------------------------------- AuxK
+def auxk_select(pre: torch.Tensor, dead_mask: torch.Tensor, k_aux: int,
+                decoder_norm: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Per token, the indices [..., min(k_aux, #dead)] of the top DEAD latents by (gated) pre-activation.
+
+    Returns None when no latent is dead. Selection is not differentiable (indices only).
+    """
+    n_dead = int(dead_mask.sum())
+    if n_dead == 0 or k_aux <= 0:
+        return None
+    k = min(int(k_aux), n_dead)
+    x = gated_pre(pre.detach(), decoder_norm)
+    x = x.masked_fill(~dead_mask.to(torch.bool), float("-inf"))
+    return torch.topk(x, k, dim=-1, sorted=False).indices
+
+
+def normalized_residual_loss(e_hat: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """‖e − ê‖² / ‖e − mean_tokens(e)‖² (sums over tokens and d): the AuxK loss of Gao et al. 2024.
+
+    Normalising by the residual's variance (as OpenAI's and sparsify's code do) makes the term
+    independent of how good the main reconstruction already is, so one coefficient (1/32) fits.
+    """
+    e = e.float()
+    e2 = e.reshape(-1, e.shape[-1])
+    var = (e2 - e2.mean(0)).pow(2).sum()
+    return (e_hat.float().reshape_as(e2) - e2).pow(2).sum() / var.clamp_min(1e-12)
+
+
+def auxk_loss(pre: torch.Tensor, dead_mask: torch.Tensor | None, k_aux: int, residual: torch.Tensor,
+              decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              decoder_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): the top-k_aux dead latents' ReLU'd pre-activations reconstruct the
+    residual e = y − ŷ (detached; no decoder bias in ê); loss = normalised ‖e − ê‖². Zero if none dead.
+
+    `pre` [N, d_sae] pre-activations (with grad), `decode(values [N,k], indices [N,k]) → [N, d]`
+    the kind's sparse decoder without bias.
+    """
+    if dead_mask is None:
+        return pre.new_zeros((), dtype=torch.float32)
+    idx = auxk_select(pre, dead_mask, k_aux, decoder_norm)
+    if idx is None:
+        return pre.new_zeros((), dtype=torch.float32)
+    vals = torch.relu(torch.gather(pre, -1, idx))
+    e_hat = decode(vals, idx)
+    return normalized_residual_loss(e_hat, residual.detach())
+
+
+def gather_decode(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A dense-friendly `decode(values, indices)` over decoder rows `weight` [d_sae, d]: Σ_j v_j W[i_j]."""
+
+    def decode(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.embedding_bag(indices, weight, per_sample_weights=values.to(weight.dtype),
+                                                mode="sum")
+        return out
+
+    return decode

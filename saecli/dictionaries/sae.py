@@ -1,0 +1,418 @@
+"""The sparse autoencoder (kind = "sae"): h = (x − b_dec?) W_encᵀ + b_enc, f = act(h), ŷ = f W_dec + b_dec.
+
+`in_hook` may differ from `out_hook` (a transcoder is this class with two hooks): every formula below
+keeps the input scale s_in and the output scale s_out apart.
+
+Weights: W_enc [d_sae, d_model] (row i = latent i's encoder direction, rows contiguous so the sparse
+encoder gradient is one CSR product), b_enc [d_sae], W_dec [d_sae, d_model], b_dec [d_model]
+(absent if `use_decoder_bias = false`), and the activation's state under `activation.` (JumpReLU
+`log_threshold`, BatchTopK `threshold`).
+
+Training paths (`last_path` says which ran): "topk-sparse" (custom sparse kernels, see kernels.py),
+"relu-sparse" (ReLU when few latents fire), "relu-dense-fused" (ReLU-L1 in the dense regime) and
+"dense" (plain autograd: every other case, and the reference the fast paths are tested against).
+In the sparse paths `LossOutput.feature_acts` is a sparse CSR tensor [N, d_sae].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from saecli.dictionaries import kernels
+from saecli.dictionaries import losses as L
+from saecli.dictionaries.activations import SparseActivation
+from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+# ReLU switches to the sparse path when at most this fraction of (token, latent) pairs fire
+SPARSE_RELU_MAX_DENSITY = 0.05
+
+
+class SparseAutoEncoder(Dictionary):
+    kind = "sae"
+
+    def __init__(self, cfg: Any, d_model: int, in_hook: str, out_hook: str | None = None):
+        out_hook = out_hook or in_hook
+        super().__init__(cfg, d_model, [in_hook], [out_hook])
+        self.in_hook, self.out_hook = in_hook, out_hook
+        dtype = DTYPES[getattr(cfg, "dtype", "float32")]
+        s = self.d_sae
+        self.W_enc = nn.Parameter(torch.empty(s, d_model, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(s, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(s, d_model, dtype=dtype))
+        if cfg.use_decoder_bias:
+            self.b_dec = nn.Parameter(torch.zeros(d_model, dtype=dtype))
+        else:
+            self.register_parameter("b_dec", None)
+        self.activation = SparseActivation(
+            cfg.activation, s, jumprelu_threshold_init=cfg.jumprelu_threshold_init,
+            bandwidth=cfg.jumprelu_bandwidth,
+            batchtopk_threshold_decay=getattr(cfg, "batchtopk_threshold_decay", 0.999))
+        self.last_path = ""
+        self._work: dict[str, Any] = {}
+        self._hooked = 0
+        self._ensure_grad_hook()
+        from saecli.dictionaries.init import initialize
+
+        initialize(self)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> "SparseAutoEncoder":
+        hook = getattr(cfg, "hook_point", None) or hook_points[0]
+        return cls(cfg, d_model, hook)
+
+    @classmethod
+    def from_saved(cls, cfg: Any, meta: dict) -> "SparseAutoEncoder":
+        return cls(cfg, int(meta["d_model"]), meta["in_hooks"][0], meta["out_hooks"][0])
+
+    # ------------------------------------------------------------------ pieces of the math
+    @property
+    def gated(self) -> bool:
+        """Decoder-norm gating of the activation (a no-op for ReLU, so skipped there)."""
+        return bool(self.cfg.sparsity_include_decoder_norm) and self.cfg.activation != "relu"
+
+    def decoder_norms(self) -> torch.Tensor:
+        """[d_sae] ‖W_dec,i‖ in float32 (differentiable)."""
+        return self.W_dec.float().norm(dim=1)
+
+    def decoder_directions(self, hook: str | None = None) -> torch.Tensor:
+        return self.W_dec
+
+    def _penalty_norms(self) -> torch.Tensor | None:
+        return self.decoder_norms() if self.cfg.sparsity_include_decoder_norm else None
+
+    def _gate(self) -> torch.Tensor | None:
+        return self.decoder_norms().detach() if self.gated else None
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.apply_decoder_bias_to_pre_encoder and self.b_dec is not None:
+            return x - self.b_dec.to(x.dtype)
+        return x
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """h = (x − b_dec?) W_encᵀ + b_enc for normalised inputs [..., d_model]."""
+        x_in = self.encoder_input(x).to(self.W_enc.dtype)
+        return torch.nn.functional.linear(x_in, self.W_enc, self.b_enc)
+
+    def _k(self, ctx: StepContext | None) -> int:
+        return int(ctx.k) if ctx is not None and ctx.k is not None else int(self.cfg.k)
+
+    # ------------------------------------------------------------------ interface
+    def encode(self, inputs: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
+        h = self.pre_acts(inputs[self.in_hook])
+        training = bool(ctx.training) if ctx is not None else False
+        return self.activation(h, self._gate(), k=self._k(ctx), training=training)
+
+    def decode(self, feature_acts: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = feature_acts.to(self.W_dec.dtype) @ self.W_dec  # dense or sparse CSR
+        if self.b_dec is not None:
+            y = y + self.b_dec
+        return {self.out_hook: y}
+
+    def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
+             mask: torch.Tensor | None = None) -> LossOutput:
+        x, y = inputs[self.in_hook], targets[self.out_hook]
+        self._ensure_grad_hook()
+        path = self._choose_path(x, ctx, mask)
+        if path == "topk-sparse":
+            return self._loss_topk_sparse(x, y, ctx)
+        if path == "relu":
+            out = self._loss_relu_fast(x, y, ctx)
+            if out is not None:
+                return out
+        return self._loss_dense(x, y, ctx, mask)
+
+    # ------------------------------------------------------------------ path choice
+    def _choose_path(self, x: torch.Tensor, ctx: StepContext, mask: torch.Tensor | None) -> str:
+        ok = (getattr(self.cfg, "sparse_kernels", True) and ctx.training and torch.is_grad_enabled()
+              and x.dim() == 2 and mask is None and x.shape[0] > 0)
+        if not ok:
+            return "dense"
+        if self.cfg.activation == "topk":
+            return "topk-sparse"
+        if self.cfg.activation == "relu":
+            return "relu"
+        return "dense"
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A work buffer reused across steps (no page faults from fresh [N, d_sae] allocations)."""
+        buf = self._work.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            buf = self._work[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+    def _matmul_dtype(self, x: torch.Tensor) -> torch.dtype:
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return self.W_enc.dtype
+
+    @torch.no_grad()
+    def _pre_into_buffer(self, x_in: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """Dense encoder matmul into the reused buffer: h (or h·‖W_d‖ when gated)."""
+        dt = self._matmul_dtype(x_in)
+        buf = self._buffer("pre", (x_in.shape[0], self.d_sae), dt, x_in.device)
+        w, b = self.W_enc, self.b_enc
+        if gate is not None:
+            w = w * gate.to(w.dtype).unsqueeze(1)
+            b = b * gate.to(b.dtype)
+        with torch.autocast(x_in.device.type, enabled=False):
+            torch.addmm(b.to(dt), x_in.detach().to(dt), w.to(dt).t(), out=buf)
+        return buf
+
+    # ------------------------------------------------------------------ sparse TopK
+    def _loss_topk_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> LossOutput:
+        n_tok, s = x.shape[0], self.d_sae
+        k = min(self._k(ctx), s)
+        x_in = self.encoder_input(x)
+        gate = self._gate()
+        buf = self._pre_into_buffer(x_in, gate)
+        with torch.no_grad():
+            vals, idx = kernels.two_level_topk(buf, k)
+            vals = vals.float()
+            if gate is not None:
+                vals = vals / gate[idx]
+        pattern = kernels.SparsePattern.from_topk(idx, s)
+        x_enc = x_in.to(self.W_enc.dtype) if x_in.dtype != self.W_enc.dtype else x_in
+        pre = kernels.gather_pre(x_enc, self.W_enc, self.b_enc, vals.reshape(-1), pattern)
+        f = torch.relu(pre)
+        recon = kernels.sparse_decode(f, pattern, self.W_dec)
+        if self.b_dec is not None:
+            recon = recon + self.b_dec.to(recon.dtype)
+        terms, extra = self._common_terms(recon, y)
+        loss = terms["mse"]
+        pen = self._sparse_penalty(f, pattern, ctx, n_tok)
+        if pen is not None:
+            terms["sparsity"] = ctx.l1_coefficient * pen
+            extra["raw/sparsity"] = pen.detach()
+            loss = loss + terms["sparsity"]
+        aux = self._auxk_sparse(buf, x_enc, y, recon, gate, ctx)
+        if aux is not None:
+            terms["aux"] = ctx.auxk_coefficient * aux
+            extra["raw/aux"] = aux.detach()
+            loss = loss + terms["aux"]
+        self.last_path = "topk-sparse"
+        extra["path"] = self.last_path
+        extra["l0"] = (f.detach() > 0).sum() / n_tok
+        feature_acts = pattern.csr(f.detach())
+        return self._output(loss, terms, feature_acts, recon, y, extra)
+
+    def _auxk_sparse(self, buf: torch.Tensor, x_enc: torch.Tensor, y: torch.Tensor, recon: torch.Tensor,
+                     gate: torch.Tensor | None, ctx: StepContext) -> torch.Tensor | None:
+        dead = ctx.dead_mask
+        if ctx.auxk_coefficient <= 0 or dead is None or self.cfg.activation not in ("topk", "batchtopk"):
+            return None
+        with torch.no_grad():
+            dead_idx = torch.nonzero(dead.to(buf.device), as_tuple=True)[0]
+            if dead_idx.numel() == 0:
+                return recon.new_zeros((), dtype=torch.float32)
+            k_aux = min(int(ctx.k_aux or self.d_model // 2), dead_idx.numel())
+            vals, j = torch.topk(buf.index_select(1, dead_idx), k_aux, dim=-1, sorted=False)
+            idx = dead_idx[j]
+            vals = vals.float()
+            if gate is not None:
+                vals = vals / gate[idx]
+        pattern = kernels.SparsePattern.from_topk(idx, self.d_sae)
+        f = torch.relu(kernels.gather_pre(x_enc, self.W_enc, self.b_enc, vals.reshape(-1), pattern))
+        e_hat = kernels.sparse_decode(f, pattern, self.W_dec)
+        return L.normalized_residual_loss(e_hat, (y - recon).detach())
+
+    def _sparse_penalty(self, f: torch.Tensor, pattern: kernels.SparsePattern, ctx: StepContext,
+                        n_tok: int) -> torch.Tensor | None:
+        """The sparsity penalty on the active values only (inactive latents contribute 0 to each)."""
+        kind = ctx.sparsity_loss_type or "none"
+        if kind in ("none", "l0"):
+            return None
+        norms = self._penalty_norms()
+        w = f if norms is None else f * norms[pattern.col.long()]
+        if kind == "power":
+            return (w.abs() if ctx.p == 1.0 else w.abs().pow(ctx.p)).sum() / n_tok
+        t = torch.tanh(ctx.tanh_stretch_coefficient * w)
+        if kind == "tanh":
+            return t.sum() / n_tok
+        if kind == "tanh-quad":
+            p_hat = torch.zeros(self.d_sae, dtype=t.dtype, device=t.device).index_add(0, pattern.col.long(), t) / n_tok
+            return (p_hat * (1.0 + p_hat / ctx.frequency_scale)).sum()
+        raise ValueError(f"unknown sparsity_loss_type {kind!r}")
+
+    # ------------------------------------------------------------------ fast ReLU
+    def _loss_relu_fast(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> LossOutput | None:
+        """ReLU: sparse kernels when few latents fire, else the fused dense L1 step; None = use dense."""
+        n_tok, s = x.shape[0], self.d_sae
+        kind = ctx.sparsity_loss_type or "none"
+        x_in = self.encoder_input(x)
+        buf = self._pre_into_buffer(x_in, None)
+        with torch.no_grad():
+            buf.relu_()
+            nnz = int(torch.count_nonzero(buf))
+        x_enc = x_in.to(self.W_enc.dtype) if x_in.dtype != self.W_enc.dtype else x_in
+        if nnz <= SPARSE_RELU_MAX_DENSITY * n_tok * s:
+            with torch.no_grad():
+                pattern, vals = kernels.SparsePattern.from_dense(buf)
+            f = kernels.gather_pre(x_enc, self.W_enc, self.b_enc, vals.float(), pattern)  # all > 0
+            recon = kernels.sparse_decode(f, pattern, self.W_dec)
+            if self.b_dec is not None:
+                recon = recon + self.b_dec.to(recon.dtype)
+            pen = self._sparse_penalty(f, pattern, ctx, n_tok)
+            self.last_path = "relu-sparse"
+            feature_acts = pattern.csr(f.detach())
+            l0 = torch.tensor(nnz / n_tok)
+        else:
+            fusable = (kind in ("power", "none") and (kind == "none" or ctx.p == 1.0)
+                       and self.cfg.sparsity_include_decoder_norm and buf.dtype == self.W_enc.dtype
+                       and x_enc.dtype == self.W_enc.dtype and not torch.is_autocast_enabled(x.device.type))
+            if not fusable:
+                return None
+            b_dec = self.b_dec if self.b_dec is not None else None
+            recon, pen_fused = kernels.dense_relu_l1(x_enc, self.W_enc, self.b_enc, self.W_dec, b_dec, buf,
+                                                     self._work)
+            pen = pen_fused if kind == "power" else None
+            if pen is None:
+                recon = recon + 0.0 * pen_fused  # keep one graph; the penalty's gradient is then zero
+            self.last_path = "relu-dense-fused"
+            feature_acts = buf
+            l0 = torch.tensor(nnz / n_tok)
+        terms, extra = self._common_terms(recon, y)
+        loss = terms["mse"]
+        if pen is not None:
+            terms["sparsity"] = ctx.l1_coefficient * pen
+            extra["raw/sparsity"] = pen.detach()
+            loss = loss + terms["sparsity"]
+        extra["path"] = self.last_path
+        extra["l0"] = l0
+        return self._output(loss, terms, feature_acts, recon, y, extra)
+
+    # ------------------------------------------------------------------ dense reference path
+    def _loss_dense(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext,
+                    mask: torch.Tensor | None) -> LossOutput:
+        h = self.pre_acts(x)
+        gate = self._gate()
+        f = self.activation(h, gate, k=self._k(ctx), training=bool(ctx.training))
+        recon = self.decode(f)[self.out_hook]
+        terms, extra = self._common_terms(recon, y, mask)
+        loss = terms["mse"]
+        kind = ctx.sparsity_loss_type or "none"
+        norms = self._penalty_norms()
+        act = self.cfg.activation
+        pen = None
+        if kind == "l0":
+            if act != "jumprelu":
+                raise ValueError("sparsity_loss_type 'l0' needs activation = 'jumprelu'")
+            pen = L.jumprelu_l0(h, self.activation.theta(), self.activation.bandwidth, gate)
+        elif kind != "none":
+            pen = L.sparsity_penalty(kind, f, norms, p=ctx.p, c=ctx.tanh_stretch_coefficient,
+                                     frequency_scale=ctx.frequency_scale)
+        if pen is not None:
+            terms["sparsity"] = ctx.l1_coefficient * pen
+            extra["raw/sparsity"] = pen.detach()
+            loss = loss + terms["sparsity"]
+        if act in ("topk", "batchtopk") and ctx.auxk_coefficient > 0 and ctx.dead_mask is not None:
+            aux = L.auxk_loss(h, ctx.dead_mask.to(h.device), int(ctx.k_aux or self.d_model // 2),
+                              (y - recon).detach(), L.gather_decode(self.W_dec), gate)
+            terms["aux"] = ctx.auxk_coefficient * aux
+            extra["raw/aux"] = aux.detach()
+            loss = loss + terms["aux"]
+        if act == "jumprelu" and ctx.lp_coefficient > 0:
+            lp = L.jumprelu_preact_loss(h, self.activation.theta(), norms if norms is not None else None,
+                                        gated=self.gated)
+            terms["lp"] = ctx.lp_coefficient * lp
+            extra["raw/lp"] = lp.detach()
+            loss = loss + terms["lp"]
+        if act == "jumprelu":
+            extra["mean_threshold"] = self.activation.theta().detach().mean()
+        if act == "batchtopk":
+            extra["threshold"] = self.activation.threshold.detach().clone()
+        self.last_path = "dense"
+        extra["path"] = self.last_path
+        fd = f.detach()
+        extra["l0"] = (fd > 0).sum(-1).float().mean() if fd.numel() else torch.zeros(())
+        return self._output(loss, terms, f, recon, y, extra)
+
+    # ------------------------------------------------------------------ shared
+    def _common_terms(self, recon: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        mse = L.mse(recon, y, mask)
+        return {"mse": mse}, {"mse_per_element": L.mse_per_element(recon.detach(), y)}
+
+    def _output(self, loss: torch.Tensor, terms: dict, feature_acts: torch.Tensor, recon: torch.Tensor,
+                y: torch.Tensor, extra: dict) -> LossOutput:
+        return LossOutput(loss=loss, terms={k: v.detach() for k, v in terms.items()}, feature_acts=feature_acts,
+                          reconstruction={self.out_hook: recon}, target={self.out_hook: y}, extra=extra)
+
+    # ------------------------------------------------------------------ training hooks
+    @staticmethod
+    def _unit_rows(w: torch.Tensor) -> torch.Tensor:
+        return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def _ensure_grad_hook(self) -> None:
+        """With unit-norm decoder rows, register the gradient projection on the current W_dec
+        (again after a deep copy, which drops tensor hooks)."""
+        if self.cfg.decoder_unit_norm and self._hooked != id(self.W_dec):
+            self.W_dec.register_post_accumulate_grad_hook(_remove_parallel_grad)
+            self._hooked = id(self.W_dec)
+
+    @torch.no_grad()
+    def post_step(self) -> None:
+        if self.cfg.decoder_unit_norm:
+            self.W_dec.copy_(self._unit_rows(self.W_dec.float()).to(self.W_dec.dtype))
+
+    def param_groups(self, lr: float, jumprelu_lr_factor: float = 1.0) -> list[dict]:
+        thresholds = [p for n, p in self.named_parameters() if n.endswith("log_threshold")]
+        ids = {id(p) for p in thresholds}
+        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in ids],
+                   "lr": lr, "name": "default"}]
+        if thresholds:
+            groups.append({"params": thresholds, "lr": lr * jumprelu_lr_factor, "name": "jumprelu"})
+        return groups
+
+    @torch.no_grad()
+    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:
+        from saecli.dictionaries.init import init_sae_from_data
+
+        init_sae_from_data(self, batches, init_cfg)
+
+    @torch.no_grad()
+    def fold_activation_scale(self) -> None:
+        """Fold the dataset-wise scales into the weights so raw x ↦ raw ŷ with no normalisation.
+
+        With x = s_in·x_raw and y = s_out·y_raw, keep W_enc and divide everything downstream:
+            b_enc ← b_enc/s_in   ⇒ h' = h/s_in,  f' = f/s_in
+            W_dec ← W_dec·s_in/s_out,  b_dec ← b_dec/s_out   ⇒ ŷ' = ŷ/s_out = denormalised ŷ
+            (b_dec is subtracted from x before encoding only when s_in = s_out, an SAE.)
+            threshold θ (JumpReLU, BatchTopK): ungated it compares h ⇒ θ ← θ/s_in; gated it compares
+            h·‖W_d‖ ⇒ h'·‖W_d'‖ = h·‖W_d‖/s_out ⇒ θ ← θ/s_out.
+        TopK's ranking is unchanged (every h, or h·‖W_d‖, is divided by the same positive number).
+        Token-/batch-wise normalisation depends on each input and cannot be folded: a no-op there.
+        """
+        mode = getattr(self.cfg, "norm_activation", "none")
+        if self.folded or mode in ("token-wise", "batch-wise"):
+            return
+        if mode == "dataset-wise":
+            s_in = float(self.scale(self.in_hook))
+            s_out = float(self.scale(self.out_hook))
+            if self.cfg.apply_decoder_bias_to_pre_encoder and self.b_dec is not None and s_in != s_out:
+                raise ValueError("cannot fold: b_dec is subtracted from the input but s_in != s_out")
+            self.b_enc.div_(s_in)
+            self.W_dec.mul_(s_in / s_out)
+            if self.b_dec is not None:
+                self.b_dec.div_(s_out)
+            if self.cfg.activation in ("jumprelu", "batchtopk"):
+                self.activation.rescale_threshold(1.0 / (s_out if self.gated else s_in))
+        self.folded = True
+
+
+@torch.no_grad()
+def _remove_parallel_grad(w: torch.Tensor) -> None:
+    """Remove from each decoder row's gradient its component along the row (which would only change
+    the row's norm, undone by the projection after the step) — as sparsify and saev do."""
+    if w.grad is None:
+        return
+    u = SparseAutoEncoder._unit_rows(w.detach().float())
+    g = w.grad.float()
+    w.grad.copy_((g - (g * u).sum(1, keepdim=True) * u).to(w.grad.dtype))

@@ -1,0 +1,148 @@
+"""The transcoder (kind = "transcoder"): reads `hook_point_in`, reconstructs `hook_point_out`.
+
+    h = x W_encᵀ + b_enc,  f = act(h),  ŷ = f W_dec + b_dec [+ x W_skip]
+
+It is the SAE of `sae.py` with two hook points (that class already keeps the input scale s_in and the
+output scale s_out apart, in every training path and in folding), plus:
+- `skip_connection = true`: a learned linear skip W_skip [d_model_in, d_model_out], zero at init
+  ("skip transcoders", Paulo et al. 2025). The skip is trained through every SAE path (sparse TopK,
+  ReLU, dense) by handing them the target y − x W_skip: ‖fW + b + xS − y‖² = ‖fW + b − (y − xS)‖², with
+  the gradient reaching S through the target. `decode(f)` is the latent part only; `reconstruct(raw)`
+  adds the skip.
+- `init_from_model(lm, raw_batches)` (`initialize_tc_with_mlp`): each decoder row is set to the
+  direction in which the MLP's output moves when its input moves from the data mean along that latent's
+  encoder direction: W_dec,i ∝ MLP(x̄ + r·û_i) − MLP(x̄), r = mean ‖x − x̄‖ (row norms are kept).
+
+Normalisation: token-/batch-wise scaling of the output needs the output's own norm, which a spliced
+transcoder does not have (it uses the input's); use dataset-wise (the default) for transcoders.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from saecli.config.base import to_dict
+from saecli.dictionaries.base import LossOutput, StepContext
+from saecli.dictionaries.sae import DTYPES, SparseAutoEncoder
+from saecli.errors import ConfigError, UsageError
+
+
+class Transcoder(SparseAutoEncoder):
+    kind = "transcoder"
+
+    def __init__(self, cfg: Any, d_model: int, in_hook: str, out_hook: str):
+        super().__init__(cfg, d_model, in_hook, out_hook)
+        if getattr(cfg, "skip_connection", False):
+            dtype = DTYPES[getattr(cfg, "dtype", "float32")]
+            self.W_skip = nn.Parameter(torch.zeros(d_model, d_model, dtype=dtype))
+        else:
+            self.register_parameter("W_skip", None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> "Transcoder":
+        hook_in = cfg.hook_point_in or hook_points[0]
+        if cfg.hook_point_out:
+            hook_out = cfg.hook_point_out
+        else:
+            rest = [h for h in hook_points if h != hook_in]
+            if not rest:
+                raise ConfigError("a transcoder reads one hook point and reconstructs another: list both in "
+                                  "activations.hook_points or set sae.hook_point_out", key="sae.hook_point_out")
+            hook_out = rest[0]
+        for key, hook in (("hook_point_in", hook_in), ("hook_point_out", hook_out)):
+            if hook not in hook_points:
+                raise ConfigError(f"{hook!r} is not in activations.hook_points ({', '.join(hook_points)}): "
+                                  "the stream must carry every hook the transcoder reads or writes", key=f"sae.{key}")
+        if hook_in == hook_out:
+            raise ConfigError("hook_point_in equals hook_point_out: use kind = \"sae\"", key="sae.hook_point_out")
+        return cls(cfg, d_model, hook_in, hook_out)
+
+    def config_dict(self) -> dict:
+        out = super().config_dict()
+        out["cfg"] = to_dict(self.cfg)  # TOML-able: None values dropped, so parse() reads it back
+        return out
+
+    # ------------------------------------------------------------------ the skip
+    def skip(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x W_skip for normalised inputs, or None without a skip connection."""
+        if self.W_skip is None:
+            return None
+        return x.to(self.W_skip.dtype) @ self.W_skip
+
+    def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
+             mask: torch.Tensor | None = None) -> LossOutput:
+        s = self.skip(inputs[self.in_hook])
+        if s is None:
+            return super().loss(inputs, targets, ctx, mask)
+        y = targets[self.out_hook]
+        out = super().loss(inputs, {self.out_hook: y - s.to(y.dtype)}, ctx, mask)
+        out.reconstruction = {self.out_hook: out.reconstruction[self.out_hook] + s.to(y.dtype)}
+        out.target = {self.out_hook: y}
+        return out
+
+    def reconstruct(self, raw: dict[str, torch.Tensor], ctx: StepContext | None = None) -> dict[str, torch.Tensor]:
+        """Raw input → raw reconstruction of the output hook, skip included."""
+        normed = self.normalize({self.in_hook: raw[self.in_hook]})
+        y = self.decode(self.encode(normed, ctx))[self.out_hook]
+        s = self.skip(normed[self.in_hook])
+        if s is not None:
+            y = y + s.to(y.dtype)
+        return {self.out_hook: self.denormalize(self.out_hook, y, raw.get(self.out_hook, raw[self.in_hook]))}
+
+    @torch.no_grad()
+    def fold_activation_scale(self) -> None:
+        """The SAE's folding (s_in ≠ s_out kept apart, thresholds included) plus W_skip ← W_skip·s_in/s_out:
+        the skip's raw output is (s_in·x_raw)W_skip / s_out."""
+        mode = getattr(self.cfg, "norm_activation", "none")
+        if self.W_skip is not None and not self.folded and mode == "dataset-wise":
+            self.W_skip.mul_(float(self.scale(self.in_hook)) / float(self.scale(self.out_hook)))
+        super().fold_activation_scale()
+
+    # ------------------------------------------------------------------ init from the model's MLP
+    @property
+    def needs_model_init(self) -> bool:
+        """True when the trainer must call `init_from_model(lm, raw_batches)` after `init_from_data`."""
+        return bool(getattr(self.cfg, "initialize_tc_with_mlp", False))
+
+    @torch.no_grad()
+    def init_from_model(self, lm: Any, raw_batches: list[dict[str, torch.Tensor]], chunk: int = 1024) -> None:
+        """Set decoder rows from the MLP this transcoder replaces (see the module docstring).
+
+        `raw_batches`: a few batches of RAW activations (as the stream yields them); only the input
+        hook is read. Call after `init_from_data` (it keeps the row norms that init chose).
+        """
+        if lm is None:
+            raise UsageError("sae.initialize_tc_with_mlp needs the language model: add a [model] section")
+        from saecli.lm.hooks import HookPoint, get_mlp, parse_hook, site_module
+
+        point = parse_hook(self.in_hook)
+        if point.site != "mlp_in":
+            raise UsageError(f"sae.initialize_tc_with_mlp probes the MLP with the transcoder's input, so "
+                             f"hook_point_in must be blocks.L.hook_mlp_in, found {self.in_hook!r}")
+        layer = self.cfg.mlp_layer if self.cfg.mlp_layer is not None else point.layer
+        mlp = get_mlp(lm, layer)
+        post, _ = site_module(lm, HookPoint(layer, "mlp_out"))  # a post-MLP norm where the family has one
+        param = next(mlp.parameters())
+
+        def run(z: torch.Tensor) -> torch.Tensor:
+            out = mlp(z.to(param.device, param.dtype).unsqueeze(0))
+            if post is not mlp:
+                out = post(out)
+            out = out[0] if isinstance(out, tuple) else out
+            return out.squeeze(0).float().to(self.W_dec.device)
+
+        x = torch.cat([b[self.in_hook].reshape(-1, self.d_model) for b in raw_batches]).float()
+        mean = x.mean(0)
+        radius = (x - mean).norm(dim=-1).mean()
+        units = self.W_enc.float() / self.W_enc.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+        base = run(mean.unsqueeze(0))  # [1, d]
+        probes = torch.cat([run(mean + radius * u.to(mean.device)) - base for u in units.split(chunk)])
+        p_norm = probes.norm(dim=1, keepdim=True)
+        ok = p_norm.squeeze(1) > 1e-8 * radius.clamp_min(1e-12)
+        rows = self.W_dec.float()
+        new = probes / p_norm.clamp_min(1e-12) * rows.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(torch.where(ok.unsqueeze(1), new, rows).to(self.W_dec.dtype))

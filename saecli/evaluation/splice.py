@@ -1,0 +1,182 @@
+"""Does the model still work with the dictionary in it? CE loss and KL with the reconstruction spliced in.
+
+For each batch of held-out contexts three forwards run:
+
+1. **clean** — the model as is. Replacement functions on the dictionary's hooks record their
+   activations and hand them on unchanged (this is how the inputs of a transcoder or CLT are read
+   in the same forward that gives the clean logits);
+2. **spliced** — every out hook's activation is replaced by `dictionary.reconstruct(clean inputs)`;
+3. **zero** — every out hook's activation is replaced by zeros (the ablation baseline).
+
+Metrics, averaged over counted next-token predictions:
+    loss_recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean)   (1 = as good as the model,
+                                                                      0 = as bad as deleting the hooks)
+    kl_spliced = mean_t KL(p_clean ‖ p_spliced),  kl_score = (KL_zero − KL_spliced) / KL_zero.
+
+Choices, and why:
+- **Ignored positions** (BOS, separators, other ignored ids: `mask` False) keep their original
+  activation in the spliced and zero-ablated runs. A dictionary is neither trained nor evaluated on
+  them, and BOS's activation norm is often 10–100× the others': reconstructing it badly would wreck
+  the CE of the whole context and measure the wrong thing.
+- **Counted predictions**: the prediction made at position t (of token t+1) counts when position t
+  counts and token t+1 exists (and is not padding). The prediction made at BOS is therefore left out
+  (its activations are not replaced, so its logits are identical in all three runs anyway).
+- **Open loop** for dictionaries with several hooks: reconstructions are computed from the *clean*
+  activations of the in hooks, then all out hooks are replaced at once. For an SAE or a transcoder
+  this is exactly the spliced model (nothing upstream of its inputs changes). For a crosscoder, whose
+  latents read every layer, no causal splice exists; for a CLT it is the standard "each layer's output
+  replaced by the CLT's reconstruction from the clean inputs", not a replacement model in which later
+  layers read the already-replaced stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from saecli.dictionaries.base import Dictionary
+
+
+@dataclass
+class SpliceSums:
+    """Sums over counted predictions; `result()` turns them into means and ratios."""
+
+    n_tokens: int = 0
+    n_contexts: int = 0
+    ce_clean: float = 0.0
+    ce_spliced: float = 0.0
+    ce_zero: float = 0.0
+    kl_spliced: float = 0.0
+    kl_zero: float = 0.0
+
+    def add(self, other: "SpliceSums") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def result(self) -> dict[str, float]:
+        n = max(self.n_tokens, 1)
+        clean, spliced, zero = self.ce_clean / n, self.ce_spliced / n, self.ce_zero / n
+        kl_s, kl_z = self.kl_spliced / n, self.kl_zero / n
+        gap = zero - clean
+        return {
+            "ce_loss_clean": clean,
+            "ce_loss_spliced": spliced,
+            "ce_loss_zero_ablation": zero,
+            "ce_loss_increase": spliced - clean,
+            "loss_recovered": (zero - spliced) / gap if gap != 0 else float("nan"),
+            "kl_div_spliced": kl_s,
+            "kl_div_zero_ablation": kl_z,
+            "kl_div_score": (kl_z - kl_s) / kl_z if kl_z != 0 else float("nan"),
+            "ce_tokens": self.n_tokens,
+            "ce_contexts": self.n_contexts,
+        }
+
+
+def _forward(lm: Any, tokens: torch.Tensor, replacements: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+             attention_mask: torch.Tensor | None) -> torch.Tensor:
+    from saecli.lm import forward_with_replacements
+
+    return forward_with_replacements(lm, tokens, replacements, attention_mask=attention_mask)
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [B, T-1, V] in float32 (the last position predicts nothing)."""
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def counted_predictions(mask: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T-1] bool: the prediction at t counts when position t counts and token t+1 is real."""
+    counted = mask[:, :-1].clone()
+    if attention_mask is not None:
+        counted &= attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    return counted
+
+
+@torch.no_grad()
+def reconstruct_hooks(dictionary: Dictionary, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Raw [B, T, d] activations → raw [B, T, d] reconstructions of the out hooks, for any kind."""
+    param = next(dictionary.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else None
+    if dictionary.needs_context:
+        return dictionary.reconstruct({h: a.to(device=device, dtype=dtype) for h, a in acts.items()})
+    b, t = next(iter(acts.values())).shape[:2]
+    flat = {h: a.reshape(b * t, a.shape[-1]).to(device=device, dtype=dtype) for h, a in acts.items()}
+    recon = dictionary.reconstruct(flat)
+    return {h: y.reshape(b, t, y.shape[-1]) for h, y in recon.items()}
+
+
+@torch.no_grad()
+def splice_batch(lm: Any, dictionary: Dictionary, tokens: torch.Tensor, mask: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> SpliceSums:
+    """The three forwards on one [B, T] batch of contexts; `mask` [B, T] marks counted positions."""
+    hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
+    captured: dict[str, torch.Tensor] = {}
+
+    def record(hook: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(act: torch.Tensor) -> torch.Tensor:
+            captured[hook] = act
+            return act
+
+        return fn
+
+    logits = _forward(lm, tokens, {h: record(h) for h in hooks}, attention_mask)
+    missing = [h for h in hooks if h not in captured]
+    if missing:
+        raise RuntimeError(f"the model never reached hook(s) {missing} during the clean forward")
+    logp_clean = _log_probs(logits)
+    del logits
+    targets = tokens[:, 1:].to(logp_clean.device)
+    counted = counted_predictions(mask, attention_mask).to(logp_clean.device)
+    keep = mask.to(next(iter(captured.values())).device)[..., None]  # [B, T, 1]: positions to replace
+
+    recon = reconstruct_hooks(dictionary, captured)
+    captured.clear()
+
+    def replace_with(values: dict[str, torch.Tensor] | None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        def make(hook: str) -> Callable[[torch.Tensor], torch.Tensor]:
+            def fn(act: torch.Tensor) -> torch.Tensor:
+                new = torch.zeros_like(act) if values is None else values[hook].to(act.dtype)
+                return torch.where(keep, new, act)
+
+            return fn
+
+        return {h: make(h) for h in dictionary.out_hooks}
+
+    sums = SpliceSums(n_tokens=int(counted.sum()), n_contexts=int(tokens.shape[0]))
+    sums.ce_clean = _masked_ce(logp_clean, targets, counted)
+    for name, values in (("spliced", recon), ("zero", None)):
+        logp = _log_probs(_forward(lm, tokens, replace_with(values), attention_mask))
+        setattr(sums, f"ce_{name}", _masked_ce(logp, targets, counted))
+        setattr(sums, f"kl_{name}", _masked_kl(logp_clean, logp, counted))
+        del logp
+    return sums
+
+
+def _masked_ce(logp: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor) -> float:
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return float(nll[counted].sum(dtype=torch.float64))
+
+
+def _masked_kl(logp_ref: torch.Tensor, logp: torch.Tensor, counted: torch.Tensor) -> float:
+    """Σ over counted positions of KL(ref ‖ other) = Σ_v p_ref (log p_ref − log p_other)."""
+    ref, other = logp_ref[counted], logp[counted]
+    kl = (ref.exp() * (ref - other)).sum(-1)
+    return float(kl.sum(dtype=torch.float64))
+
+
+def splice_eval(lm: Any, dictionary: Dictionary, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                on_batch: Callable[[SpliceSums], None] | None = None) -> dict[str, float]:
+    """Run `splice_batch` over (tokens [B, T], mask [B, T]) batches and return the averaged metrics."""
+    total = SpliceSums()
+    device = getattr(lm, "device", None)
+    for tokens, mask in batches:
+        if device is not None:
+            tokens, mask = tokens.to(device), mask.to(device)
+        part = splice_batch(lm, dictionary, tokens, mask)
+        total.add(part)
+        if on_batch is not None:
+            on_batch(part)
+    return total.result()

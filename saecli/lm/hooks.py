@@ -1,0 +1,339 @@
+"""One hook-point naming scheme for every supported family, and the modules behind each name.
+
+Names follow TransformerLens: `blocks.{L}.hook_{site}` with, in the order a block runs them,
+
+    resid_pre   input of block L (the residual stream before it)
+    attn_in     what the attention module receives (after its input norm, if any; LORSA reads this)
+    attn_out    attention output as added to the residual (after o_proj and any post-attention norm)
+    mlp_in      what the MLP receives (after its norm; transcoders read this)
+    mlp_out     MLP output as added to the residual (after any post-MLP norm)
+    resid_post  output of block L
+
+so that `resid_post = resid_pre + attn_out + mlp_out` in every family here, parallel residual included
+(there `mlp_in` is computed from `resid_pre` rather than from `resid_pre + attn_out`).
+
+Each family is one `Layout` row (where the blocks live, the attention/MLP attribute names, the norms), so
+supporting a new family is one line, not another if-chain. `attached(lm, callbacks)` is the single place
+that registers torch hooks; capture, truncation and splicing are all built on it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from saecli.errors import UsageError
+
+if TYPE_CHECKING:
+    from saecli.lm.loading import LanguageModel
+
+SITES: tuple[str, ...] = ("resid_pre", "attn_in", "attn_out", "mlp_in", "mlp_out", "resid_post")
+INPUT_SITES = frozenset({"resid_pre", "attn_in", "mlp_in"})  # read as a module's input (forward pre-hook)
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_([a-z_]+)$")
+_FORMS = "\n".join(f"  blocks.{{L}}.hook_{s}" for s in SITES)
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A parsed hook name; sorts in the order the forward pass reaches the hooks."""
+
+    layer: int
+    site: str
+
+    @property
+    def name(self) -> str:
+        return f"blocks.{self.layer}.hook_{self.site}"
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.layer, SITES.index(self.site))
+
+    @property
+    def is_input(self) -> bool:
+        """True when the activation is a module's input (resid_pre, attn_in, mlp_in)."""
+        return self.site in INPUT_SITES
+
+    def __lt__(self, other: "HookPoint") -> bool:
+        return self.order < other.order
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse_hook(name: str) -> HookPoint:
+    """`"blocks.6.hook_resid_post"` → HookPoint(6, "resid_post"); UsageError listing the valid forms."""
+    m = _HOOK_RE.match(name.strip()) if isinstance(name, str) else None
+    if m is None or m.group(2) not in SITES:
+        hint = ""
+        if m is not None:
+            close = difflib.get_close_matches(m.group(2), SITES, n=1)
+            if close:
+                hint = f" Did you mean `blocks.{m.group(1)}.hook_{close[0]}`?"
+        raise UsageError(f"`{name}` is not a hook point name.{hint} Valid forms (L = layer index):\n{_FORMS}")
+    return HookPoint(int(m.group(1)), m.group(2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Families
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps its pieces. Paths are dotted attribute paths; block attributes are relative to a block.
+
+    `attn_out` / `mlp_out`, when set, name the post-norm whose output is what gets added to the residual
+    (gemma2/3, olmo2); otherwise the attention / MLP module's own output is. `parallel` is True, False, or the
+    name of a config flag (gpt_neox, stablelm) saying whether attention and MLP both read the block input.
+    """
+
+    layers: str
+    attn: str
+    mlp: str
+    ln1: str | None
+    ln2: str | None
+    final_norm: str
+    attn_out: str | None = None
+    mlp_out: str | None = None
+    parallel: bool | str = False
+    verified: bool = True  # False for a layout guessed from module names (unknown family)
+
+
+_LLAMA = Layout("model.layers", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm", "model.norm")
+_GEMMA2 = Layout("model.layers", "self_attn", "mlp", "input_layernorm", "pre_feedforward_layernorm", "model.norm",
+                 attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
+
+LAYOUTS: dict[str, Layout] = {
+    **{f: _LLAMA for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "phi3", "smollm3")},
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
+    "olmo2": Layout("model.layers", "self_attn", "mlp", None, None, "model.norm",
+                    attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm"),
+    "gpt2": Layout("transformer.h", "attn", "mlp", "ln_1", "ln_2", "transformer.ln_f"),
+    "gpt_neox": Layout("gpt_neox.layers", "attention", "mlp", "input_layernorm", "post_attention_layernorm",
+                       "gpt_neox.final_layer_norm", parallel="use_parallel_residual"),
+    "gptj": Layout("transformer.h", "attn", "mlp", "ln_1", None, "transformer.ln_f", parallel=True),
+    "phi": Layout("model.layers", "self_attn", "mlp", "input_layernorm", None, "model.final_layernorm", parallel=True),
+    "cohere": Layout("model.layers", "self_attn", "mlp", "input_layernorm", None, "model.norm", parallel=True),
+    "stablelm": Layout("model.layers", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm", "model.norm",
+                       parallel="use_parallel_residual"),
+}
+
+
+# Families whose blocks do not add the attention/MLP module outputs to the residual as they are: a guessed
+# layout would give attn_out/mlp_out that do not sum to resid_post, so refuse them instead.
+_UNSUPPORTED = {
+    "granite": "it scales each branch by residual_multiplier before adding it to the residual",
+    "granitemoe": "it scales each branch by residual_multiplier before adding it to the residual",
+}
+
+
+def _get(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    try:
+        _get(root, path)
+        return True
+    except AttributeError:
+        return False
+
+
+def detect_layout(model: nn.Module) -> Layout:
+    """The layout of `model`: the table row for its `config.model_type`, else a guess from module names."""
+    family = getattr(model.config, "model_type", "")
+    if family in LAYOUTS:
+        return LAYOUTS[family]
+    if family in _UNSUPPORTED:
+        raise UsageError(f"`{family}` models are not supported: {_UNSUPPORTED[family]}, so its hook points would "
+                         f"not add up. Supported families: {', '.join(sorted(LAYOUTS))}.")
+    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    layers = next((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
+    if layers is not None:
+        block = _get(model, layers)[0]
+        parent = layers.rsplit(".", 1)[0] if "." in layers else ""
+        pick = lambda root, names: next((n for n in names if _has(root, n)), None)  # noqa: E731
+        attn = pick(block, ("self_attn", "attn", "attention", "self_attention"))
+        mlp = pick(block, ("mlp", "feed_forward", "ffn"))
+        post = ("post_feedforward_layernorm", "post_mlp_layernorm")
+        norm_names = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
+        final = pick(_get(model, parent) if parent else model, norm_names)
+        if attn and mlp and final and pick(block, post) is None:
+            return Layout(layers, attn, mlp, None, None, f"{parent}.{final}" if parent else final, verified=False)
+    raise UsageError(
+        f"saecli does not know where the blocks, attention and MLP live in a `{family}` model. "
+        f"Supported families: {', '.join(sorted(LAYOUTS))}. Adding one is a line in saecli/lm/hooks.py (LAYOUTS)."
+    )
+
+
+def layout_of(lm: "LanguageModel") -> Layout:
+    return lm.layout if getattr(lm, "layout", None) is not None else detect_layout(lm.model)
+
+
+def is_parallel(lm: "LanguageModel") -> bool:
+    """Whether attention and MLP both read the block input (gpt-j, phi, pythia...)."""
+    p = layout_of(lm).parallel
+    return bool(getattr(lm.model.config, p, False)) if isinstance(p, str) else p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules
+
+
+def _check_layer(lm: "LanguageModel", layer: int) -> None:
+    if not 0 <= layer < lm.n_layers:
+        raise UsageError(f"layer {layer} is out of range: {lm.name} has {lm.n_layers} layers (0–{lm.n_layers - 1})")
+
+
+def get_blocks(lm: "LanguageModel") -> nn.ModuleList:
+    return _get(lm.model, layout_of(lm).layers)
+
+
+def get_block(lm: "LanguageModel", layer: int) -> nn.Module:
+    _check_layer(lm, layer)
+    return get_blocks(lm)[layer]
+
+
+def get_attention(lm: "LanguageModel", layer: int) -> nn.Module:
+    return _get(get_block(lm, layer), layout_of(lm).attn)
+
+
+def get_mlp(lm: "LanguageModel", layer: int) -> nn.Module:
+    return _get(get_block(lm, layer), layout_of(lm).mlp)
+
+
+def get_norms(lm: "LanguageModel", layer: int) -> tuple[nn.Module | None, nn.Module | None]:
+    """(norm before attention, norm before the MLP); None where the family has none (olmo2) or shares ln1."""
+    layout, block = layout_of(lm), get_block(lm, layer)
+    return (_get(block, layout.ln1) if layout.ln1 else None, _get(block, layout.ln2) if layout.ln2 else None)
+
+
+def final_norm_and_unembed(lm: "LanguageModel") -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """(final norm as the model applies it, W_U [d_model, vocab]) so that logits = norm(resid) @ W_U.
+
+    The norm is the model's own module (RMSNorm, LayerNorm, gemma's (1 + w) RMSNorm). W_U is read from
+    the output embeddings, so tied and untied embeddings are both right. Not included: an unembedding bias
+    (`unembed_bias`), and non-linear logit post-processing (gemma2's soft-capping, cohere's logit scale).
+    """
+    norm = _get(lm.model, layout_of(lm).final_norm)
+    return norm, lm.model.get_output_embeddings().weight.detach().T
+
+
+def unembed_bias(lm: "LanguageModel") -> torch.Tensor | None:
+    """The unembedding bias [vocab] (phi has one), or None."""
+    bias = getattr(lm.model.get_output_embeddings(), "bias", None)
+    return None if bias is None else bias.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Names
+
+
+def hook_names(lm: "LanguageModel") -> list[str]:
+    """Every valid hook name for `lm`, in forward order."""
+    return [HookPoint(layer, site).name for layer in range(lm.n_layers) for site in SITES]
+
+
+def validate_hooks(lm: "LanguageModel", names: list[str]) -> list[HookPoint]:
+    """Parse and range-check `names`; UsageError naming the bad one and the closest valid names."""
+    points = []
+    for name in names:
+        point = parse_hook(name)
+        if point.layer >= lm.n_layers:
+            close = difflib.get_close_matches(name, hook_names(lm), n=3)
+            raise UsageError(
+                f"hook point `{name}` does not exist: {lm.name} has {lm.n_layers} layers (0–{lm.n_layers - 1})."
+                + (f" Close matches: {', '.join(close)}." if close else "")
+            )
+        points.append(point)
+    return points
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Torch hooks
+
+
+def site_module(lm: "LanguageModel", point: HookPoint) -> tuple[nn.Module, bool]:
+    """(module, is_input): the activation is that module's first input (pre-hook) or its output."""
+    layout, block = layout_of(lm), get_block(lm, point.layer)
+    path = {
+        "resid_pre": None, "resid_post": None,
+        "attn_in": layout.attn, "attn_out": layout.attn_out or layout.attn,
+        "mlp_in": layout.mlp, "mlp_out": layout.mlp_out or layout.mlp,
+    }[point.site]
+    return (block if path is None else _get(block, path)), point.is_input
+
+
+# A callback gets the activation [B, T, d_model] and returns a tensor to use instead, or None to keep it.
+Callback = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class _Guard:
+    """Set while a callback runs, so a callback may call the model's own modules (e.g. the real MLP) unhooked."""
+
+    def __init__(self) -> None:
+        self.busy = False
+
+    def call(self, callback: Callback, x: torch.Tensor) -> torch.Tensor | None:
+        if self.busy:
+            return None
+        self.busy = True
+        try:
+            return callback(x)
+        finally:
+            self.busy = False
+
+
+def _pre_hook(callback: Callback, guard: _Guard):
+    def hook(module, args, kwargs):
+        if args:
+            new = guard.call(callback, args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        if "hidden_states" not in kwargs:
+            raise RuntimeError(f"{type(module).__name__} was called without hidden_states; cannot hook its input")
+        new = guard.call(callback, kwargs["hidden_states"])
+        return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+    return hook
+
+
+def _post_hook(callback: Callback, guard: _Guard):
+    # HF modules return a tensor or a tuple whose first element is the hidden state (attention, some blocks).
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor):
+            return guard.call(callback, output)
+        new = guard.call(callback, output[0])
+        return None if new is None else (new, *output[1:])
+
+    return hook
+
+
+@contextmanager
+def attached(lm: "LanguageModel", callbacks: Mapping[str, Callback]) -> Iterator[None]:
+    """Register one callback per hook name for the duration of the block; always removes them.
+
+    A callback gets the activation and returns its replacement or None. While a callback runs the hooks
+    are inert, so it may call the model's modules (get_mlp(lm, L)(x)) without recursing into itself.
+    """
+    points = validate_hooks(lm, list(callbacks))
+    guard, handles = _Guard(), []
+    try:
+        for point, callback in zip(points, callbacks.values()):
+            module, is_input = site_module(lm, point)
+            if is_input:
+                handles.append(module.register_forward_pre_hook(_pre_hook(callback, guard), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(_post_hook(callback, guard)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
