@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     verbose = any(a in ("-v", "--verbose") for a in args)
     try:
-        app(args=args, prog_name="saecli", standalone_mode=False)
+        # not standalone, typer returns (not raises) an exit code: typer.Exit(n), or 130 for Ctrl-C
+        code = app(args=args, prog_name="saecli", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
             ui.traceback()
         ui.error(f"{type(exc).__name__}: {exc}" + ("" if verbose else "\n(run with --verbose for the traceback)"))
         sys.exit(1)
-    sys.exit(0)
+    if code == 130:
+        ui.error("interrupted")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

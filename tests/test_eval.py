@@ -114,6 +114,43 @@ def test_a_transcoder_is_spliced_from_inputs_read_in_the_same_forward(lm):
     assert r["ce_loss_zero_ablation"] != pytest.approx(r["ce_loss_clean"])
 
 
+def test_reconstruction_reads_in_hooks_and_scores_out_hooks():
+    from saecli.data.batch import Batch
+    from saecli.evaluation.evaluate import reconstruction_metrics
+    from saecli.evaluation.metrics import Thresholds
+
+    torch.manual_seed(0)
+    a = torch.randn(40, 4)
+    noise = 0.1 * torch.randn(40, 4)
+    batches = [Batch({"a": a[i:i + 16], "b": (a + noise)[i:i + 16]}, torch.zeros(len(a[i:i + 16]))) for i in (0, 16, 32)]
+    transcoder = Mapped(4, "a", "b", lambda x: x)  # predicts b from a
+    acc = reconstruction_metrics(transcoder, iter(batches), total_tokens=35, thresholds=Thresholds())
+    r = acc.result()
+    b = (a + noise)[:35]
+    assert r["n_tokens"] == 35
+    assert r["explained_variance"] == pytest.approx(float(1 - noise[:35].pow(2).sum() / (b - b.mean(0)).pow(2).sum()))
+
+
+def test_context_batches_count_masked_positions_only():
+    from saecli.data.batch import Batch
+    from saecli.evaluation.evaluate import reconstruction_metrics
+    from saecli.evaluation.metrics import Thresholds
+
+    class ContextMapped(Mapped):
+        needs_context = True
+
+    x = torch.randn(2, 5, 4)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[:, 0] = False
+    x[:, 0] = 1000.0  # BOS-like outliers at ignored positions must not count
+    batch = Batch({"h": x}, torch.zeros(2, 5, dtype=torch.long), mask=mask)
+    acc = reconstruction_metrics(ContextMapped(4, "h", "h", lambda v: 0.5 * v), iter([batch]), 100, Thresholds())
+    r = acc.result()
+    kept = x[:, 1:].reshape(-1, 4)
+    assert r["n_tokens"] == 8
+    assert r["mse_per_token"] == pytest.approx(float((0.5 * kept).pow(2).sum(-1).mean()), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- evaluate and the CLI
 
 EXPERIMENT = """
@@ -228,3 +265,21 @@ def test_eval_cli_missing_sae_folder_is_a_usage_error(cli, run_folder, tmp_path)
     res = cli("eval", run_folder, "--sae", tmp_path / "nowhere")
     assert res.exit_code == 2, res.output
     assert "not found" in res.output
+
+
+def test_eval_metrics_are_merged_into_the_store(run_folder, tmp_path):
+    import dataclasses
+
+    from saecli.config.load import load_experiment
+    from saecli.evaluation.evaluate import _store_update
+    from saecli.store import open_store
+
+    exp = load_experiment(run_folder)
+    exp = dataclasses.replace(exp, store=dataclasses.replace(exp.store, backend="sqlite", path=str(tmp_path / "s.db")))
+    _store_update(exp, run_folder, {"explained_variance": 0.5})  # not yet in the store: registered
+    _store_update(exp, run_folder, {"explained_variance": 0.75, "l0": 8.0})  # merged
+    store = open_store(exp.store)
+    record = store.get_sae("tiny-eval")
+    store.close()
+    assert record["metrics"]["eval"] == {"explained_variance": 0.75, "l0": 8.0}
+    assert record["path"] == str(run_folder.resolve())

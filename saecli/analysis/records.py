@@ -98,7 +98,10 @@ class AnalysisResult:
 
     def store_meta(self) -> dict:
         """Metadata for the store (the vocab table stays in the file)."""
-        return {k: v for k, v in self.meta.items() if k != "vocab"}
+        meta = {k: v for k, v in self.meta.items() if k != "vocab"}
+        meta.update(n_analyzed_tokens=int(self.n_analyzed_tokens), n_features=self.d_sae,
+                    n_fired=int((self.act_times > 0).sum()))
+        return meta
 
     # ------------------------------------------------------------------ file
     def arrays(self) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ def eval_command(
 
     Reports, in raw activation units: explained variance and FVU, MSE, cosine similarity, relative
     reconstruction bias, L0, L1, dead / almost-dead / dense latents and each latent's firing frequency;
-    with a [model]: the model's CE loss clean, with the dictionary spliced in and with its hooks
+    when a model is configured: the model's CE loss clean, with the dictionary spliced in and with its hooks
     zero-ablated, the loss recovered and KL(clean ‖ spliced). Writes eval.json, eval_density.png and
     eval_latents.safetensors next to the dictionary, prints a table and the log-density histogram, and
     records the metrics in the results store when one is configured. Works for every dictionary kind.

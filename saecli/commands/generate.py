@@ -24,10 +24,9 @@ def generate(experiment: ExperimentArg, overrides: SetOption = None) -> None:
         accelerate launch --multi_gpu --num_processes 2 -m saecli generate exp.toml
     """
     from saecli import ui
-    from saecli.config.load import write_resolved
-    from saecli.data.cache import generate_shard, shard_plan, shard_target, tokens_written
+    from saecli.data.manifest import shard_plan, shard_target
+    from saecli.data.text import check_dataset
     from saecli.errors import ConfigError
-    from saecli.lm import load_model, run_to_hooks, validate_hooks
 
     exp = load(experiment, overrides)
     exp.require("model", "activations")
@@ -36,9 +35,13 @@ def generate(experiment: ExperimentArg, overrides: SetOption = None) -> None:
         raise ConfigError("generate needs activations.cache_dir (the folder to write the cache to)", file=exp.source_file,
                           key="activations.cache_dir")
     shard, n_shards = shard_plan(acts.n_shards, acts.start_shard)
+    check_dataset(exp.dataset)
+    # heavy imports after the cheap checks
+    from saecli.data.cache import generate_shard, tokens_written
+    from saecli.lm import load_model, run_to_hooks, validate_hooks
+
     lm = load_model(exp.model)
     validate_hooks(lm, list(acts.hook_points))
-    write_resolved(exp, acts.cache_dir)
     ui.info(f"generating {acts.total_tokens:,} tokens of {', '.join(acts.hook_points)} from {lm.name} "
             f"into {acts.cache_dir} (shard {shard} of {n_shards})")
 

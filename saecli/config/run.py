@@ -32,7 +32,7 @@ class WandbConfig:
 @dataclass
 class StoreConfig:
     backend: Literal["sqlite", "mongodb", "none"] = opt("sqlite", help="results store")
-    path: str = opt("saecli.db", help="SQLite file (relative paths are relative to the experiment file)")
+    path: str = opt("saecli.db", help="SQLite file (relative to the folder saecli runs in)")
     uri: str | None = opt(None, help="MongoDB URI, e.g. mongodb://localhost:27017")
     database: str = opt("saecli", help="MongoDB database name")
     timeout_s: float = opt(5.0, help="give up reaching the server after this many seconds")

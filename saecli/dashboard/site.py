@@ -60,7 +60,7 @@ def _num(x: float, digits: int = 4) -> float:
 
 
 def _label(x: float) -> str:
-    return f"{x:.2g}" if 1e-2 <= abs(x) < 1e4 else f"{x:.0e}"
+    return f"{x:.3g}" if 1e-2 <= abs(x) < 1e4 else f"{x:.0e}"
 
 
 def histogram_svg(counts: np.ndarray, edges: np.ndarray, *, width: int = 268, height: int = 120,
@@ -161,11 +161,20 @@ def feature_page_data(result: AnalysisResult, index: int, *, dla: DLAResult | No
     vocab = _Vocab(texts)
     kinds = result.meta.get("samplings", {})
     samplings = []
+    seen: set[tuple[int, int]] = set()
     for s in rec["samplings"]:
         spec = kinds.get(s["name"], {})
         label, hint = _sampling_label(s["name"], spec.get("kind", ""), spec.get("fraction"))
-        contexts = [_context(s["tokens"][j], s["acts"][j], float(s["max"][j]), int(s["doc"][j]), int(s["pos"][j]),
-                             window, vocab) for j in range(len(s["tokens"]))]
+        contexts, repeated = [], 0
+        for j in range(len(s["tokens"])):
+            where = (int(s["doc"][j]), int(s["pos"][j]))
+            if where in seen:  # a rare feature's tiers overlap its top contexts: show each context once
+                repeated += 1
+                continue
+            seen.add(where)
+            contexts.append(_context(s["tokens"][j], s["acts"][j], float(s["max"][j]), *where, window, vocab))
+        if repeated:
+            hint += f" ({repeated} more shown above)"
         samplings.append({"name": s["name"], "label": label, "hint": hint, "contexts": contexts})
     scalars, vectors = {}, []
     T = int(result.meta.get("context_size", -1))
@@ -250,7 +259,8 @@ def build_site(result: AnalysisResult, out_dir: str | Path, *, dla: DLAResult | 
     n_alive = int((result.act_times > 0).sum())
     subtitle = (f"{result.d_sae:,} features · {n_alive:,} fired · {result.n_analyzed_tokens:,} tokens analysed"
                 + (f" · {len(pages):,} pages" if len(pages) < n_alive else ""))
-    index = {"title": title, "subtitle": subtitle, "features": rows, "density_svg": density_svg(density)}
+    index = {"title": title, "subtitle": subtitle, "features": rows, "density_svg": density_svg(density),
+             "tokens_label": "promotes (DLA)" if dla is not None else "peak tokens"}
     path = out / "index.html"
     write_text(path, page(title, index, "index.js"))
     return path

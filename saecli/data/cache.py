@@ -10,7 +10,6 @@ and runs the model only on new ones, ending byte-identical to an uninterrupted r
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import re
 import threading
@@ -23,8 +22,10 @@ from safetensors.torch import save as st_save
 
 from saecli import fsio
 from saecli.config.base import to_dict
-from saecli.data.manifest import (
-    FORMAT, MANIFEST, VERSION, act_key, chunk_name, identity_mismatch, mean_norms, read_manifest, shard_dir,
+from saecli.config.load import write_resolved
+from saecli.data.manifest import (  # noqa: F401  (shard_plan, shard_target: re-exported)
+    FORMAT, MANIFEST, VERSION, act_key, chunk_name, identity_mismatch, mean_norms, read_manifest, shard_dir, shard_plan,
+    shard_target,
 )
 from saecli.data.prefetch import Prefetch
 from saecli.data.text import iter_documents
@@ -37,31 +38,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def shard_plan(n_shards: int, start_shard: int, env: dict[str, str] | None = None) -> tuple[int, int]:
-    """(shard this process writes, n_shards): `start_shard`, or `start_shard + RANK` under a launcher.
-
-    With WORLD_SIZE > 1 and the default n_shards = 1 the text is split into WORLD_SIZE shards.
-    """
-    env = os.environ if env is None else env
-    world = int(env.get("WORLD_SIZE", "1") or 1)
-    rank = int(env.get("RANK", "0") or 0)
-    if world <= 1:
-        return start_shard, n_shards
-    if n_shards == 1 and start_shard == 0:
-        n_shards = world
-    if start_shard + world > n_shards:
-        raise UsageError(
-            f"{world} processes from start_shard {start_shard} need activations.n_shards >= {start_shard + world}, "
-            f"found {n_shards}"
-        )
-    return start_shard + rank, n_shards
-
-
-def shard_target(total_tokens: int, shard: int, n_shards: int) -> int:
-    """This shard's part of activations.total_tokens (the first shards take the remainder)."""
-    return total_tokens // n_shards + (1 if shard < total_tokens % n_shards else 0)
 
 
 def tokens_written(cache_dir: str | Path, shard: int) -> int:
@@ -226,6 +202,7 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
     stored = _resume_state(folder, manifest)
     if stored is not None:
         manifest = stored
+    write_resolved(exp, acts.cache_dir)
     manifest["target_tokens"] = target
     done = int(manifest["total_tokens"])
     if done >= target or manifest.get("exhausted"):

@@ -14,6 +14,7 @@ and documents were consumed. `CacheIndex` is the reader's view of all shards tog
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,31 @@ def chunk_name(index: int) -> str:
 
 def act_key(hook: str) -> str:
     return f"acts.{hook}"
+
+
+def shard_plan(n_shards: int, start_shard: int, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(shard this process writes, n_shards): `start_shard`, or `start_shard + RANK` under a launcher.
+
+    With WORLD_SIZE > 1 and the default n_shards = 1 the text is split into WORLD_SIZE shards.
+    """
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    rank = int(env.get("RANK", "0") or 0)
+    if world <= 1:
+        return start_shard, n_shards
+    if n_shards == 1 and start_shard == 0:
+        n_shards = world
+    if start_shard + world > n_shards:
+        raise UsageError(
+            f"{world} processes from start_shard {start_shard} need activations.n_shards >= {start_shard + world}, "
+            f"found {n_shards}"
+        )
+    return start_shard + rank, n_shards
+
+
+def shard_target(total_tokens: int, shard: int, n_shards: int) -> int:
+    """This shard's part of activations.total_tokens (the first shards take the remainder)."""
+    return total_tokens // n_shards + (1 if shard < total_tokens % n_shards else 0)
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -46,10 +46,21 @@ def iter_documents(cfg: DatasetConfig, shard_index: int = 0, n_shards: int = 1) 
             yield index, text
 
 
-def _numbered(cfg: DatasetConfig, start: int) -> Iterator[tuple[int, str]]:
+def check_dataset(cfg: DatasetConfig) -> None:
+    """Fail fast (before a model loads) on a missing local file or an unknown built-in text."""
     if cfg.path.startswith("builtin:"):
         if cfg.path != BUILTIN:
             raise UsageError(f"unknown built-in text {cfg.path!r} (key `dataset.path`); choose from {', '.join(BUILTIN_SOURCES)}")
+        return
+    path = Path(cfg.path).expanduser()
+    looks_local = cfg.path.startswith((".", "/", "~")) or path.suffix.lower() in _LOCAL_SUFFIXES
+    if looks_local and not path.exists():
+        raise UsageError(f"dataset file or folder not found: {cfg.path} (key `dataset.path`)")
+
+
+def _numbered(cfg: DatasetConfig, start: int) -> Iterator[tuple[int, str]]:
+    check_dataset(cfg)
+    if cfg.path.startswith("builtin:"):
         return itertools.islice(enumerate(builtin_documents()), start, None)
     return _dataset_documents(cfg, start)
 

@@ -37,7 +37,7 @@ class StepContext:
     auxk_coefficient: float = 0.0
     k_aux: int = 0
     dead_mask: torch.Tensor | None = None  # [d_sae] bool: latents counted dead (for AuxK)
-    sparsity_loss_type: str = "none"  # "power" | "tanh" | "tanh-quad" | "none"
+    sparsity_loss_type: str = "none"  # "power" | "tanh" | "tanh-quad" | "l0" (JumpReLU step STE) | "none"
     p: float = 1.0
     tanh_stretch_coefficient: float = 4.0
     frequency_scale: float = 0.01

@@ -15,6 +15,11 @@ from saecli.errors import UsageError
 # kind → module defining a Dictionary subclass with `kind = <name>` and a `from_config` classmethod
 _KIND_MODULES = {
     "sae": "saecli.dictionaries.sae",
+    "transcoder": "saecli.dictionaries.transcoder",
+    "crosscoder": "saecli.dictionaries.crosscoder",
+    "clt": "saecli.dictionaries.clt",
+    "lorsa": "saecli.dictionaries.lorsa",
+    "molt": "saecli.dictionaries.molt",
 }
 
 

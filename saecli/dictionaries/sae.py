@@ -272,9 +272,7 @@ class SparseAutoEncoder(Dictionary):
             b_dec = self.b_dec if self.b_dec is not None else None
             recon, pen_fused = kernels.dense_relu_l1(x_enc, self.W_enc, self.b_enc, self.W_dec, b_dec, buf,
                                                      self._work)
-            pen = pen_fused if kind == "power" else None
-            if pen is None:
-                recon = recon + 0.0 * pen_fused  # keep one graph; the penalty's gradient is then zero
+            pen = pen_fused if kind == "power" else None  # unused: backward gets a zero gradient for it
             self.last_path = "relu-dense-fused"
             feature_acts = buf
             l0 = torch.tensor(nnz / n_tok)
@@ -338,7 +336,7 @@ class SparseAutoEncoder(Dictionary):
     def _common_terms(self, recon: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         mse = L.mse(recon, y, mask)
-        return {"mse": mse}, {"mse_per_element": L.mse_per_element(recon.detach(), y)}
+        return {"mse": mse}, {"mse_per_element": mse.detach() / y.shape[-1]}  # same mean, per element
 
     def _output(self, loss: torch.Tensor, terms: dict, feature_acts: torch.Tensor, recon: torch.Tensor,
                 y: torch.Tensor, extra: dict) -> LossOutput:

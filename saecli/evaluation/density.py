@@ -50,9 +50,7 @@ def log_density_histogram(frequency: torch.Tensor, n_tokens: int, bins_per_decad
 
 
 def density_title(hist: DensityHistogram) -> str:
-    live = sum(hist.counts)
-    return (f"log10 latent density over {hist.n_tokens:,} tokens — {live:,} latents fired, "
-            f"{hist.n_dead:,} never fired (not shown)")
+    return f"log10 latent density, {hist.n_tokens:,} tokens ({hist.n_dead:,} latents never fired: not shown)"
 
 
 def save_density_png(hist: DensityHistogram, path: str | Path, title: str | None = None) -> Path:

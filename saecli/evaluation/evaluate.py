@@ -131,7 +131,7 @@ def _splice(exp: Any, lm: Any, dictionary: Dictionary, held: HeldOut) -> dict[st
     return result
 
 
-def _store_update(exp: Any, sae_path: Path, dictionary: Dictionary, metrics: dict) -> None:
+def _store_update(exp: Any, sae_path: Path, metrics: dict) -> None:
     """Merge the eval metrics into the store's record of this dictionary (created when missing)."""
     if exp.store.backend == "none":
         return
@@ -180,17 +180,22 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
     exp.require("activations")
     folder = Path(sae_path or exp.eval.sae_path or exp.run.output_dir)
     started = time.time()
+    dictionary = load_for_eval(folder)  # first: a wrong path fails before the model loads
     if lm is None and exp.model is not None:
         from saecli.lm import load_model
 
         lm = load_model(exp.model)
-    dictionary = load_for_eval(folder, device=_device(lm))
+    dictionary = dictionary.to(_device(lm))
     held = plan_heldout(exp, Path(run_folder) if run_folder else folder, lm)
     for note in held.notes:
         ui.warn(note)
     if held.overlap:
         ui.warn(f"the eval data may overlap the training data: {held.overlap}")
-    where = f"{held.source} activations" + (f" from document {held.skip_documents}" if held.skip_documents is not None else "")
+    where = f"{held.source} activations"
+    if held.source == "live" and held.skip_documents is not None:
+        where += f" from document {held.skip_documents}"
+    elif held.source == "cache":
+        where += f" from {held.exp.activations.cache_dir}"
     ui.info(f"evaluating {folder} ({dictionary.kind}, {dictionary.d_sae} latents) on {where}")
 
     from saecli.data.open import open_stream
@@ -214,7 +219,7 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
     if ev.ce_loss and lm is not None:
         splice = _splice(exp, lm, dictionary, held)
     elif ev.ce_loss:
-        ui.info("no [model]: the CE/KL splice evaluation is skipped")
+        ui.info("no model configured: the CE/KL splice evaluation is skipped")
 
     per_latent = acc.per_latent()
     hist = log_density_histogram(per_latent["frequency"], acc.n_tokens, ev.bins_per_decade)
@@ -242,7 +247,7 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
     save_density_png(hist, folder / DENSITY_FILE)
     _write_latents(folder / LATENTS_FILE, per_latent)
     write_json(folder / EVAL_FILE, result)
-    _store_update(exp, folder, dictionary, result["metrics"])
+    _store_update(exp, folder, result["metrics"])
     if show:
         show_density(hist)
         ui.table(f"eval of {folder}", {k: metrics[k] for k in _TABLE if k in metrics})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ class WandbLogger:
         if id_file.exists():
             run_id = id_file.read_text().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(4)  # wandb ids: short, lowercase alphanumeric
             from saecli.fsio import write_text
 
             write_text(id_file, run_id + "\n")

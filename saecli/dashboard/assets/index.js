@@ -19,7 +19,7 @@
   const count = el("span", { class: "n" });
   app.append(el("div", { class: "toolbar" }, search, count));
 
-  const cols = [["#", 0], ["density", 2], ["max act", 3], ["top tokens", null], ["explanation", null]];
+  const cols = [["#", 0], ["density", 2], ["max act", 3], [DATA.tokens_label || "tokens", null], ["explanation", null]];
   const head = el("tr", {});
   const ths = cols.map(([name, key]) => {
     const th = el("th", { class: key === null ? null : "sortable", text: name });

@@ -1,0 +1,218 @@
+"""SAE train-step throughput as ×roof (shared/PERFORMANCE.md common protocol).
+
+Workload: batch 4096 tokens, d_model 576, d_sae 4608, k 32, Adam (fused), a few pre-generated batches
+cycled. Variants, repetitions interleaved (outer loop over reps, inner over variants), each block
+timed after a roofline sample:
+  topk            saecli's SparseAutoEncoder, activation = topk      (path: topk-sparse)
+  topk-plain      a plain-PyTorch autograd TopK SAE step (reference)
+  relu-fresh      saecli ReLU-L1 at init (about half the latents fire: the dense regime)
+  relu-trained    saecli ReLU-L1 with the encoder bias set so ≈64 latents fire per token
+  relu-plain      a plain-PyTorch autograd ReLU-L1 SAE step (reference for both ReLU rows;
+                  the dense step's cost does not depend on how many latents fire)
+
+×roof = tokens/s ÷ (R / (6·d_model·d_sae)), R = median GFLOP/s of torch.matmul(4096×576 @ 576×4608,
+out=c) sampled right before every timed block.
+
+    python benchmarks/bench_train_step.py                  # CPU, 2 threads, float32 (≈ 3 min)
+    python benchmarks/bench_train_step.py --reps 3 --steps 20 --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from saecli.config.base import parse
+from saecli.config.dictionary import DictionaryConfig
+from saecli.dictionaries.base import StepContext
+from saecli.dictionaries.sae import SparseAutoEncoder
+
+HOOK = "x"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def roofline(n: int, d: int, s: int, device: torch.device, dtype: torch.dtype, samples: int = 3) -> float:
+    """GFLOP/s of the protocol's dense matmul (median of a few)."""
+    a = torch.randn(n, d, device=device, dtype=dtype)
+    b = torch.randn(d, s, device=device, dtype=dtype)
+    c = torch.empty(n, s, device=device, dtype=dtype)
+    torch.matmul(a, b, out=c)
+    times = []
+    for _ in range(samples):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n * d * s / statistics.median(times) / 1e9
+
+
+# ------------------------------------------------------------------------------ plain references
+class PlainSAE(torch.nn.Module):
+    """What a straightforward PyTorch SAE step looks like: dense everything, autograd backward."""
+
+    def __init__(self, sae: SparseAutoEncoder, activation: str, k: int, l1: float):
+        super().__init__()
+        self.W_enc = torch.nn.Parameter(sae.W_enc.detach().t().clone())  # [d, s]
+        self.b_enc = torch.nn.Parameter(sae.b_enc.detach().clone())
+        self.W_dec = torch.nn.Parameter(sae.W_dec.detach().clone())
+        self.b_dec = torch.nn.Parameter(sae.b_dec.detach().clone())
+        self.activation, self.k, self.l1 = activation, k, l1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.W_enc + self.b_enc
+        if self.activation == "topk":
+            v, i = torch.topk(h, self.k, dim=-1)
+            f = torch.zeros_like(h).scatter(-1, i, torch.relu(v))
+        else:
+            f = torch.relu(h)
+        recon = f @ self.W_dec + self.b_dec
+        loss = (recon - x).pow(2).sum(-1).mean()
+        if self.activation == "relu":
+            loss = loss + self.l1 * (f * self.W_dec.norm(dim=1)).sum(-1).mean()
+        return loss
+
+
+def make_adam(params, lr: float, device: torch.device):
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # fused unsupported here
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+def step_fn_saecli(sae: SparseAutoEncoder, ctx: StepContext, batches: list[torch.Tensor], lr: float,
+                   device: torch.device) -> Callable[[int], None]:
+    opt = make_adam(sae.param_groups(lr), lr, device)
+
+    def step(i: int) -> None:
+        x = batches[i % len(batches)]
+        opt.zero_grad(set_to_none=False)
+        out = sae.loss({HOOK: x}, {HOOK: x}, ctx)
+        out.loss.backward()
+        opt.step()
+        sae.post_step()
+        step.l0 = out.extra.get("l0")
+
+    return step
+
+
+def step_fn_plain(model: PlainSAE, batches: list[torch.Tensor], lr: float, device: torch.device) -> Callable[[int], None]:
+    opt = make_adam(model.parameters(), lr, device)
+
+    def step(i: int) -> None:
+        x = batches[i % len(batches)]
+        opt.zero_grad(set_to_none=False)
+        model(x).backward()
+        opt.step()
+
+    return step
+
+
+@torch.no_grad()
+def set_bias_for_active(sae: SparseAutoEncoder, x: torch.Tensor, active: int) -> None:
+    """b_enc so that each latent's pre-activation exceeds 0 on ≈ active/d_sae of tokens."""
+    sae.b_enc.zero_()
+    h = sae.pre_acts(x).float()
+    q = torch.quantile(h[:2048], 1 - active / sae.d_sae, dim=0)
+    sae.b_enc.copy_(-q.to(sae.b_enc.dtype))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per block")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--d-model", type=int, default=576)
+    p.add_argument("--d-sae", type=int, default=4608)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--variants", default="topk,topk-plain,relu-fresh,relu-trained,relu-plain")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    n, d, s, k = args.batch, args.d_model, args.d_sae, args.k
+    lr, l1 = 1e-5, 1e-3
+    torch.manual_seed(0)
+    batches = [torch.randn(n, d, device=device, dtype=dtype) for _ in range(4)]
+
+    def sae_for(activation: str) -> SparseAutoEncoder:
+        cfg = parse(DictionaryConfig, {"d_sae": s, "activation": activation, "k": k, "dtype": args.dtype}, key="sae")
+        torch.manual_seed(0)
+        return SparseAutoEncoder(cfg, d, HOOK).to(device)
+
+    steps: dict[str, Callable[[int], None]] = {}
+    saes: dict[str, SparseAutoEncoder] = {}
+    wanted = args.variants.split(",")
+    if "topk" in wanted:
+        saes["topk"] = sae_for("topk")
+        steps["topk"] = step_fn_saecli(saes["topk"], StepContext(k=k), batches, lr, device)
+    if "topk-plain" in wanted:
+        steps["topk-plain"] = step_fn_plain(PlainSAE(sae_for("topk"), "topk", k, 0.0), batches, lr, device)
+    relu_ctx = StepContext(l1_coefficient=l1, sparsity_loss_type="power")
+    if "relu-fresh" in wanted:
+        saes["relu-fresh"] = sae_for("relu")
+        steps["relu-fresh"] = step_fn_saecli(saes["relu-fresh"], relu_ctx, batches, lr, device)
+    if "relu-trained" in wanted or "relu-plain" in wanted:
+        trained = sae_for("relu")
+        set_bias_for_active(trained, batches[0], 64)
+        if "relu-trained" in wanted:
+            saes["relu-trained"] = trained
+            steps["relu-trained"] = step_fn_saecli(trained, relu_ctx, batches, lr, device)
+        if "relu-plain" in wanted:
+            steps["relu-plain"] = step_fn_plain(PlainSAE(trained, "relu", 0, l1), batches, lr, device)
+
+    t_start = time.perf_counter()
+    for name, fn in steps.items():  # warm-up (allocations, MKL/cuBLAS plans)
+        for i in range(args.warmup):
+            fn(i)
+        sync(device)
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    roofs: list[float] = []
+    roof_by_block: dict[str, list[float]] = {name: [] for name in steps}
+    for rep in range(args.reps):
+        for name, fn in steps.items():
+            r = roofline(n, d, s, device, dtype)
+            roofs.append(r)
+            roof_by_block[name].append(r)
+            sync(device)
+            t0 = time.perf_counter()
+            for i in range(args.steps):
+                fn(i)
+            sync(device)
+            rates[name].append(args.steps * n / (time.perf_counter() - t0))
+
+    R = statistics.median(roofs)
+    T = R * 1e9 / (6 * d * s)
+    print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, batch {n}, d_model {d}, d_sae {s}, "
+          f"k {k}; {args.reps} reps × {args.steps} steps; total {time.perf_counter() - t_start:.0f} s")
+    print(f"roofline R = {R:.1f} GFLOP/s (samples {min(roofs):.0f}–{max(roofs):.0f}); "
+          f"roof token rate T = {T:.0f} tokens/s")
+    ref_of = {"topk": "topk-plain", "relu-fresh": "relu-plain", "relu-trained": "relu-plain"}
+    print(f"{'variant':14s} {'path':18s} {'L0':>7s} {'tokens/s':>10s} {'spread':>17s} {'×roof':>6s} "
+          f"{'×roof/blk':>10s} {'vs plain':>8s}")
+    for name, rs in rates.items():
+        med = statistics.median(rs)
+        per_block = statistics.median(r / (rb * 1e9 / (6 * d * s)) for r, rb in zip(rs, roof_by_block[name]))
+        path = saes[name].last_path if name in saes else "plain autograd"
+        l0 = getattr(steps[name], "l0", None)
+        l0_txt = f"{float(l0):7.1f}" if l0 is not None else "      -"
+        ref = ref_of.get(name)
+        vs = f"{med / statistics.median(rates[ref]):8.2f}" if ref in rates else "       -"
+        print(f"{name:14s} {path:18s} {l0_txt} {med:10.0f} {min(rs):8.0f}–{max(rs):8.0f} {med / T:6.2f} "
+              f"{per_block:10.2f} {vs}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,508 @@
+"""The cross-layer transcoder (kind = "clt"; Ameisen et al. 2025, "Circuit Tracing").
+
+L layers. Layer i has d_sae latents f_i read from that layer's input x_i (its residual stream or MLP
+input, `hook_points_in[i]`), and layer i's latents write into every layer t ≥ i's MLP output
+(`hook_points_out[t]`):
+
+    h_i = x_i W_enc[i]ᵀ + b_enc[i]            f_i = act_i(h_i)     (TopK / BatchTopK: k per layer)
+    ŷ_t = Σ_{i≤t} f_i W_dec[i→t] + b_dec[t]
+
+Storage (compact, no zero blocks): W_enc [L, d_sae, d_model], b_enc [L, d_sae], and the L(L+1)/2
+decoder blocks in ONE tensor W_dec [n_pairs, d_sae, d_model] ordered by target: the blocks writing to
+layer t are rows `offset(t) … offset(t)+t` (sources 0..t), offset(t) = t(t+1)/2, so they form one
+contiguous [(t+1)·d_sae, d_model] matrix. With the latents laid out layer-major ([N, L·d_sae]) the
+sources of layer t are the first (t+1)·d_sae columns, and ŷ_t is ONE matmul: L matmuls in all (no
+loop over pairs) and exactly the FLOPs of the sum. `pairs()` lists the (source, target) of each block.
+
+The latents are numbered layer-major: latent i·d_sae + j is latent j of layer i; `feature_acts` is
+[N, L·d_sae] and `self.d_sae` is L·d_sae (the trainer's dead/density statistics count every latent);
+`d_sae_layer` is the per-layer count (`sae.d_sae` in the config).
+
+A latent's decoder norm (gating, penalties) is the `decoder_norm_reduction` over its target layers of
+‖W_dec[i→t]_j‖: "norm" (default: the norm of its concatenated decoders, as in Circuit Tracing) or "sum".
+
+Folding (dataset-wise scales s_in[i], s_out[t]): the latents keep their training units —
+W_enc[i] ← W_enc[i]·s_in[i], W_dec[i→t] ← W_dec[i→t]/s_out[t], b_dec[t] ← b_dec[t]/s_out[t], and the
+norms used for gating/penalties are measured as ‖W_dec[i→t]‖·s_out[t] (buffer `target_norm_weight`),
+so every threshold (JumpReLU, BatchTopK) is unchanged by folding.
+
+`convert_topk_to_jumprelu(batches)` turns a TopK/BatchTopK CLT into a JumpReLU one with thresholds
+estimated from data, per latent (default) or per layer — see its docstring and docs/kinds.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from saecli.config.base import to_dict
+from saecli.dictionaries import losses as L
+from saecli.dictionaries.activations import SparseActivation, gated_pre, threshold
+from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
+from saecli.dictionaries.crosscoder import per_hook_metrics
+from saecli.dictionaries.sae import DTYPES
+from saecli.errors import ConfigError
+
+
+def pair_index(n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source, target) of every decoder block, target-major: (0,0), (0,1), (1,1), (0,2), (1,2), (2,2), …"""
+    target = torch.repeat_interleave(torch.arange(n_layers), torch.arange(1, n_layers + 1))
+    offsets = torch.arange(n_layers) * (torch.arange(n_layers) + 1) // 2
+    source = torch.arange(target.numel()) - offsets[target]
+    return source, target
+
+
+class CrossLayerTranscoder(Dictionary):
+    kind = "clt"
+
+    def __init__(self, cfg: Any, d_model: int, in_hooks: list[str], out_hooks: list[str]):
+        if len(in_hooks) != len(out_hooks) or not in_hooks:
+            raise ValueError(f"a CLT needs one in and one out hook per layer, got {len(in_hooks)} and {len(out_hooks)}")
+        super().__init__(cfg, d_model, in_hooks, out_hooks)
+        n, s = len(in_hooks), self.d_sae
+        self.n_layers, self.d_sae_layer, self.d_sae = n, s, n * s
+        if cfg.layer_k is not None and len(cfg.layer_k) != n:
+            raise ConfigError(f"layer_k needs one k per layer ({n}), found {len(cfg.layer_k)}", key="sae.layer_k")
+        dtype = DTYPES[getattr(cfg, "dtype", "float32")]
+        source, target = pair_index(n)
+        self.register_buffer("pair_source", source, persistent=False)
+        self.register_buffer("pair_target", target, persistent=False)
+        self.W_enc = nn.Parameter(torch.empty(n, s, d_model, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(n, s, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(source.numel(), s, d_model, dtype=dtype))
+        if cfg.use_decoder_bias:
+            self.b_dec = nn.Parameter(torch.zeros(n, d_model, dtype=dtype))
+        else:
+            self.register_parameter("b_dec", None)
+        self.register_buffer("target_norm_weight", torch.ones(n))
+        self._make_activation_state()
+        self.reset_parameters()
+
+    def _make_activation_state(self) -> None:
+        """JumpReLU: `activation.log_threshold` [L, d_sae]; BatchTopK: a running threshold per layer."""
+        name = self.cfg.activation
+        self.activation = None
+        if name == "jumprelu":
+            self.activation = SparseActivation("jumprelu", (self.n_layers, self.d_sae_layer),
+                                               jumprelu_threshold_init=self.cfg.jumprelu_threshold_init,
+                                               bandwidth=self.cfg.jumprelu_bandwidth)
+        if name == "batchtopk":
+            self.register_buffer("batchtopk_threshold", torch.zeros(self.n_layers))
+            self.register_buffer("batchtopk_weight", torch.zeros(self.n_layers))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> "CrossLayerTranscoder":
+        if cfg.hook_points_in is not None:
+            ins, outs = list(cfg.hook_points_in), list(cfg.hook_points_out)
+            missing = [h for h in ins + outs if h not in hook_points]
+            if missing:
+                raise ConfigError(f"{', '.join(missing)} not in activations.hook_points: the stream must carry "
+                                  "every hook the CLT reads or writes", key="sae.hook_points_in")
+        else:
+            if len(hook_points) < 2 or len(hook_points) % 2:
+                raise ConfigError("a CLT reads one hook and writes one hook per layer: list the L inputs, then the L "
+                                  f"outputs in activations.hook_points (found {len(hook_points)}), or set "
+                                  "sae.hook_points_in / sae.hook_points_out", key="sae.hook_points_in")
+            half = len(hook_points) // 2
+            ins, outs = list(hook_points[:half]), list(hook_points[half:])
+        return cls(cfg, d_model, ins, outs)
+
+    @classmethod
+    def from_saved(cls, cfg: Any, meta: dict) -> "CrossLayerTranscoder":
+        return cls(cfg, int(meta["d_model"]), meta["in_hooks"], meta["out_hooks"])
+
+    def config_dict(self) -> dict:
+        out = super().config_dict()
+        out["d_sae"] = self.d_sae_layer
+        out["n_latents"] = self.d_sae
+        out["cfg"] = to_dict(self.cfg)
+        return out
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(source layer, target layer) of each decoder block, in storage order."""
+        return list(zip(self.pair_source.tolist(), self.pair_target.tolist()))
+
+    def _offset(self, t: int) -> int:
+        return t * (t + 1) // 2
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, init_cfg: Any = None) -> None:
+        """Data-independent init: block i→t ~ U(±b/√(t+1)), b = decoder_uniform_bound or 1/√d_sae (a target
+        sums t+1 source layers, so its initial output is the size of one SAE's); W_enc[i] = W_dec[i→i] × factor
+        (the tied init of the papers) or U(±1/√d_model); biases zero; JumpReLU thresholds from the config."""
+        from saecli.config.init import InitConfig
+
+        icfg = init_cfg or InitConfig()
+        s = self.d_sae_layer
+        bound = icfg.decoder_uniform_bound if icfg.decoder_uniform_bound is not None else s ** -0.5
+        per_pair = bound / (self.pair_target.float() + 1).sqrt()
+        w = (torch.rand(self.W_dec.shape) * 2 - 1) * per_pair.view(-1, 1, 1)
+        self.W_dec.copy_(w.to(self.W_dec.dtype))
+        if self.cfg.decoder_unit_norm:
+            self._normalise_decoder(1.0)
+        elif icfg.decoder_init_norm is not None:
+            self._normalise_decoder(icfg.decoder_init_norm)
+        if icfg.init_encoder_with_decoder_transpose:
+            diag = torch.tensor([self._offset(t) + t for t in range(self.n_layers)])
+            self.W_enc.copy_(self.W_dec[diag] * icfg.init_encoder_with_decoder_transpose_factor)
+        else:
+            self.W_enc.copy_(((torch.rand(self.W_enc.shape) * 2 - 1) * self.d_model ** -0.5).to(self.W_enc.dtype))
+        self.b_enc.zero_()
+        if self.b_dec is not None:
+            self.b_dec.zero_()
+
+    @torch.no_grad()
+    def _normalise_decoder(self, norm: float) -> None:
+        """Scale each latent's decoder (all its target blocks together) to `norm` (training units)."""
+        current = self.layer_decoder_norms().detach()  # [L, s]
+        factor = (norm / current.clamp_min(1e-12))[self.pair_source]  # [P, s]
+        self.W_dec.mul_(factor.unsqueeze(-1).to(self.W_dec.dtype))
+
+    @torch.no_grad()
+    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:
+        """`reset_parameters`, then b_dec[t] at the zero / mean / geometric median of layer t's targets,
+        the encoder bias at −mean(h) when asked, and the decoder-norm grid search when asked."""
+        from saecli.config.init import InitConfig
+        from saecli.dictionaries.init import geometric_median, grid_search
+
+        icfg = init_cfg or InitConfig()
+        self.reset_parameters(icfg)
+        dev = self.W_dec.device
+        stack = {h: torch.cat([b[h].reshape(-1, self.d_model) for b in batches]).to(dev) for h in
+                 dict.fromkeys(self.in_hooks + self.out_hooks)}
+        if self.b_dec is not None and icfg.bias_init_method != "zero":
+            for t, hook in enumerate(self.out_hooks):
+                y = stack[hook].float()
+                centre = y.mean(0) if icfg.bias_init_method == "mean" else geometric_median(y[:16384])
+                self.b_dec[t].copy_(centre.to(self.b_dec.dtype))
+        n_first = batches[0][self.in_hooks[0]].reshape(-1, self.d_model).shape[0]
+        first = {h: v[:n_first] for h, v in stack.items()}
+        x = self._stack_inputs(first)
+
+        def set_bias() -> None:
+            if icfg.init_encoder_bias_with_mean_hidden_pre:
+                self.b_enc.zero_()
+                self.b_enc.sub_(self.pre_acts(x).float().mean(0).to(self.b_enc.dtype))
+
+        if icfg.grid_search_init_norm and not self.cfg.decoder_unit_norm:
+            tied = icfg.init_encoder_with_decoder_transpose
+            diag = torch.tensor([self._offset(t) + t for t in range(self.n_layers)])
+
+            def loss_at(norm: float) -> float:
+                self._normalise_decoder(norm)
+                if tied:
+                    self.W_enc.copy_(self.W_dec[diag] * icfg.init_encoder_with_decoder_transpose_factor)
+                set_bias()
+                out = self.loss({h: first[h] for h in self.in_hooks}, {h: first[h] for h in self.out_hooks},
+                                StepContext(training=False))
+                return float(out.terms["mse"])
+
+            best, _ = grid_search(loss_at, torch.linspace(0.1, 5.0, 50).tolist())
+            loss_at(best)
+            self.init_norm = best
+        else:
+            set_bias()
+
+    # ------------------------------------------------------------------ pieces of the math
+    @property
+    def gated(self) -> bool:
+        return bool(self.cfg.sparsity_include_decoder_norm) and self.cfg.activation != "relu"
+
+    def pair_norms(self) -> torch.Tensor:
+        """[n_pairs, d_sae] ‖W_dec[i→t]_j‖ in training units (float32, differentiable)."""
+        return self.W_dec.float().norm(dim=-1) * self.target_norm_weight[self.pair_target].unsqueeze(-1)
+
+    def layer_decoder_norms(self) -> torch.Tensor:
+        """[L, d_sae]: each latent's decoder norm over its target layers (`decoder_norm_reduction`)."""
+        pn = self.pair_norms()
+        if self.cfg.decoder_norm_reduction == "sum":
+            return pn.new_zeros(self.n_layers, self.d_sae_layer).index_add(0, self.pair_source, pn)
+        sq = pn.new_zeros(self.n_layers, self.d_sae_layer).index_add(0, self.pair_source, pn.pow(2))
+        return sq.clamp_min(1e-24).sqrt()
+
+    def decoder_norms(self) -> torch.Tensor:
+        """[L·d_sae] (layer-major), training units."""
+        return self.layer_decoder_norms().reshape(-1)
+
+    def _gate(self) -> torch.Tensor | None:
+        return self.layer_decoder_norms().detach() if self.gated else None
+
+    def _stack_inputs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[N, L, d_model] from the per-layer inputs (any leading dims are flattened into N)."""
+        return torch.stack([inputs[h].reshape(-1, self.d_model) for h in self.in_hooks], dim=1)
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """h [N, L, d_sae] = x_i W_enc[i]ᵀ + b_enc[i] for x [N, L, d_model] (one batched matmul)."""
+        return torch.einsum("nld,lsd->nls", x.to(self.W_enc.dtype), self.W_enc) + self.b_enc
+
+    def layer_ks(self, ctx: StepContext | None = None) -> list[int]:
+        """k of each layer now: `layer_k` (or sae.k) scaled by the trainer's k schedule (ctx.k / sae.k)."""
+        base = list(self.cfg.layer_k) if self.cfg.layer_k is not None else [int(self.cfg.k)] * self.n_layers
+        if ctx is None or ctx.k is None or int(ctx.k) == int(self.cfg.k):
+            return [min(k, self.d_sae_layer) for k in base]
+        ratio = float(ctx.k) / float(self.cfg.k)
+        return [min(max(1, round(k * ratio)), self.d_sae_layer) for k in base]
+
+    def activate(self, h: torch.Tensor, ctx: StepContext | None = None, update: bool = True) -> torch.Tensor:
+        """Per-layer activation of pre-activations [N, L, d_sae] (same shape out)."""
+        name, gate = self.cfg.activation, self._gate()
+        training = bool(ctx.training) if ctx is not None else False
+        if name == "relu":
+            return torch.relu(h)
+        if name == "jumprelu":
+            return self.activation(h, gate)
+        if name == "topk":
+            return layer_topk(h, self.layer_ks(ctx), gate)
+        if not training:  # batchtopk at inference: the per-layer threshold
+            return threshold(h, self.batchtopk_threshold.to(h.dtype).unsqueeze(-1), gate)
+        f, smallest = layer_batch_topk(h, self.layer_ks(ctx), gate)
+        if update:
+            self._update_batchtopk_threshold(smallest)
+        return f
+
+    @torch.no_grad()
+    def _update_batchtopk_threshold(self, smallest: torch.Tensor) -> None:
+        """Per layer, the bias-corrected running average of the smallest kept activation (as activations.py)."""
+        ok = ~torch.isnan(smallest)
+        w = self.batchtopk_weight * self.cfg.batchtopk_threshold_decay + 1.0
+        new = self.batchtopk_threshold + (smallest.float().nan_to_num() - self.batchtopk_threshold) / w
+        self.batchtopk_threshold.copy_(torch.where(ok, new, self.batchtopk_threshold))
+        self.batchtopk_weight.copy_(torch.where(ok, w, self.batchtopk_weight))
+
+    # ------------------------------------------------------------------ interface
+    def encode(self, inputs: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
+        """[N, L·d_sae] latent activations, layer-major."""
+        f = self.activate(self.pre_acts(self._stack_inputs(inputs)), ctx)
+        return f.reshape(f.shape[0], -1)
+
+    def decode_layers(self, f: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """[N, L, d_model] from f [N, L·d_sae]: ŷ_t = f[:, :(t+1)·d_sae] @ W_dec[offset(t) … offset(t)+t] + b_dec[t]."""
+        f = f.to(self.W_dec.dtype)
+        s = self.d_sae_layer
+        outs = []
+        for t in range(self.n_layers):
+            o = self._offset(t)
+            w_t = self.W_dec[o:o + t + 1].reshape((t + 1) * s, self.d_model)
+            y = f[:, : (t + 1) * s] @ w_t
+            outs.append(y + self.b_dec[t] if bias and self.b_dec is not None else y)
+        return torch.stack(outs, dim=1)
+
+    def decode(self, feature_acts: torch.Tensor) -> dict[str, torch.Tensor]:
+        if feature_acts.layout != torch.strided:
+            feature_acts = feature_acts.to_dense()
+        y = self.decode_layers(feature_acts)
+        return {hook: y[:, t] for t, hook in enumerate(self.out_hooks)}
+
+    def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
+             mask: torch.Tensor | None = None) -> LossOutput:
+        if mask is not None:
+            inputs = {h: v[mask] for h, v in inputs.items()}
+            targets = {h: v[mask] for h, v in targets.items()}
+        y = torch.stack([targets[h].reshape(-1, self.d_model) for h in self.out_hooks], dim=1)  # [N, L, d]
+        h = self.pre_acts(self._stack_inputs(inputs))
+        f3 = self.activate(h, ctx)
+        n_tok = f3.shape[0]
+        f = f3.reshape(n_tok, -1)
+        recon = self.decode_layers(f)
+        mse = L.mse(recon.reshape(n_tok, -1), y.reshape(n_tok, -1))  # Σ over layers and d, mean over tokens
+        terms = {"mse": mse}
+        loss = mse
+        extra: dict[str, Any] = {"mse_per_element": L.mse_per_element(recon.detach(), y)}
+        act, kind = self.cfg.activation, ctx.sparsity_loss_type or "none"
+        gate = self._gate()
+        norms = self.layer_decoder_norms() if self.cfg.sparsity_include_decoder_norm else None
+        pen = None
+        if kind == "l0":
+            if act != "jumprelu":
+                raise ValueError("sparsity_loss_type 'l0' needs activation = 'jumprelu'")
+            pen = L.jumprelu_l0(h, self.activation.theta(), self.activation.bandwidth, gate, latent_dims=2)
+        elif kind != "none":
+            pen = L.sparsity_penalty(kind, f3, norms, p=ctx.p, c=ctx.tanh_stretch_coefficient,
+                                     frequency_scale=ctx.frequency_scale, latent_dims=2)
+        if pen is not None:
+            terms["sparsity"] = ctx.l1_coefficient * pen
+            extra["raw/sparsity"] = pen.detach()
+            loss = loss + terms["sparsity"]
+        if act in ("topk", "batchtopk") and ctx.auxk_coefficient > 0 and ctx.dead_mask is not None:
+            aux = self._auxk(h, ctx, (y - recon).detach().reshape(n_tok, -1), gate)
+            terms["aux"] = ctx.auxk_coefficient * aux
+            extra["raw/aux"] = aux.detach()
+            loss = loss + terms["aux"]
+        if act == "jumprelu" and ctx.lp_coefficient > 0:
+            lp = L.jumprelu_preact_loss(h, self.activation.theta(), norms, gated=self.gated, latent_dims=2)
+            terms["lp"] = ctx.lp_coefficient * lp
+            extra["raw/lp"] = lp.detach()
+            loss = loss + terms["lp"]
+        if act == "jumprelu":
+            extra["mean_threshold"] = self.activation.theta().detach().mean()
+        fired = (f3.detach() > 0).float()
+        extra["l0"] = fired.sum((1, 2)).mean() if n_tok else torch.zeros(())
+        per_layer = fired.sum(2).mean(0) if n_tok else torch.zeros(self.n_layers)
+        for i, hook in enumerate(self.in_hooks):
+            extra[f"l0/{hook}"] = per_layer[i]
+        recon_d = {hook: recon[:, t] for t, hook in enumerate(self.out_hooks)}
+        target_d = {hook: y[:, t] for t, hook in enumerate(self.out_hooks)}
+        extra.update(per_hook_metrics(recon_d, target_d))
+        return LossOutput(loss=loss, terms={k: v.detach() for k, v in terms.items()}, feature_acts=f,
+                          reconstruction=recon_d, target=target_d, extra=extra)
+
+    def _auxk(self, h: torch.Tensor, ctx: StepContext, residual: torch.Tensor, gate: torch.Tensor | None
+              ) -> torch.Tensor:
+        """AuxK over all layers: each token's top-k_aux dead latents (any layer) reconstruct the residual of
+        every layer (the concatenation [N, L·d_model]), decoded through the cross-layer decoder."""
+        n_tok = h.shape[0]
+
+        def decode(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+            f = torch.zeros(n_tok, self.d_sae, dtype=values.dtype, device=values.device).scatter(1, indices, values)
+            return self.decode_layers(f, bias=False).reshape(n_tok, -1)
+
+        k_aux = int(ctx.k_aux or self.d_model // 2)
+        flat_gate = gate.reshape(-1) if gate is not None else None
+        return L.auxk_loss(h.reshape(n_tok, -1), ctx.dead_mask.to(h.device).reshape(-1), k_aux, residual, decode,
+                           flat_gate)
+
+    # ------------------------------------------------------------------ directions (DLA, analysis)
+    def _raw_pair_weight(self) -> torch.Tensor:
+        """[n_pairs, d_sae, d_model] decoder blocks in raw units per unit of f."""
+        mode = getattr(self.cfg, "norm_activation", "none")
+        if self.folded or mode != "dataset-wise":
+            return self.W_dec
+        s_out = torch.stack([self.scale(h) for h in self.out_hooks]).to(self.W_dec.dtype)
+        return self.W_dec / s_out[self.pair_target].view(-1, 1, 1)
+
+    def decoder_directions(self, hook: str | None = None) -> torch.Tensor:
+        """[L·d_sae, d_model] in raw units: into out hook `hook` (zero rows for latents of later layers), or with
+        hook=None the sum over every layer each latent writes to (what direct logit attribution wants)."""
+        w = self._raw_pair_weight()
+        s = self.d_sae_layer
+        if hook is None:
+            out = w.new_zeros(self.n_layers, s, self.d_model).index_add(0, self.pair_source, w)
+            return out.reshape(-1, self.d_model)
+        t = self.out_hooks.index(hook)
+        out = w.new_zeros(self.n_layers, s, self.d_model)
+        out[: t + 1] = w[self._offset(t): self._offset(t) + t + 1]
+        return out.reshape(-1, self.d_model)
+
+    # ------------------------------------------------------------------ training hooks
+    @torch.no_grad()
+    def post_step(self) -> None:
+        if self.cfg.decoder_unit_norm:
+            self._normalise_decoder(1.0)
+
+    def param_groups(self, lr: float, jumprelu_lr_factor: float = 1.0) -> list[dict]:
+        thresholds = [p for n, p in self.named_parameters() if n.endswith("log_threshold")]
+        ids = {id(p) for p in thresholds}
+        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in ids],
+                   "lr": lr, "name": "default"}]
+        if thresholds:
+            groups.append({"params": thresholds, "lr": lr * jumprelu_lr_factor, "name": "jumprelu"})
+        return groups
+
+    @torch.no_grad()
+    def fold_activation_scale(self) -> None:
+        mode = getattr(self.cfg, "norm_activation", "none")
+        if self.folded or mode in ("token-wise", "batch-wise"):
+            return
+        if mode == "dataset-wise":
+            s_in = torch.stack([self.scale(h).float() for h in self.in_hooks])
+            s_out = torch.stack([self.scale(h).float() for h in self.out_hooks])
+            self.W_enc.mul_(s_in.view(-1, 1, 1).to(self.W_enc.dtype))
+            self.W_dec.div_(s_out[self.pair_target].view(-1, 1, 1).to(self.W_dec.dtype))
+            if self.b_dec is not None:
+                self.b_dec.div_(s_out.view(-1, 1).to(self.b_dec.dtype))
+            self.target_norm_weight.mul_(s_out)
+        self.folded = True
+
+    # ------------------------------------------------------------------ TopK → JumpReLU
+    @torch.no_grad()
+    def convert_topk_to_jumprelu(self, batches: list[dict[str, torch.Tensor]], per: str = "latent") -> torch.Tensor:
+        """Replace the TopK/BatchTopK activation by JumpReLU with thresholds estimated on `batches` (RAW
+        activations of the in hooks, as the stream yields them); returns the thresholds θ [L, d_sae].
+
+        The TopK CLT is run on the batches; n_j = how many tokens latent j fired on. Then, on the gated
+        pre-activations x_j = h_j·‖W_dec,j‖ (the units JumpReLU compares):
+        - per = "latent": θ_j halfway between the n_j-th and (n_j+1)-th largest x_j, so that on these
+          batches JumpReLU fires latent j exactly as often as TopK did (a latent that never fired gets θ
+          just above its largest x_j). Keeps each latent's frequency, hence the L0 of every layer.
+        - per = "layer": one θ per layer, halfway between the F-th and (F+1)-th largest x of the layer,
+          F = the layer's total fires (the inference rule of BatchTopK). Keeps each layer's L0 only.
+        lm_saes estimates ONE threshold for all layers, which cannot keep the L0 of layers whose
+        pre-activations have different scales. Per-latent thresholds need enough tokens for rare latents
+        to fire a few times; with few tokens, use "layer".
+        """
+        if self.cfg.activation not in ("topk", "batchtopk"):
+            raise ValueError(f"convert_topk_to_jumprelu needs a topk or batchtopk CLT, this one is {self.cfg.activation!r}")
+        if per not in ("latent", "layer"):
+            raise ValueError(f"per must be 'latent' or 'layer', found {per!r}")
+        dev = self.W_enc.device
+        normed = [self.normalize({h: b[h].to(dev) for h in self.in_hooks}) for b in batches]
+        h = torch.cat([self.pre_acts(self._stack_inputs(b)) for b in normed])  # [N, L, s]
+        fired = self.activate(h, StepContext(training=True, k=None), update=False) > 0
+        x = gated_pre(h, self._gate()).float()
+        n_tok = x.shape[0]
+        if per == "latent":
+            counts = fired.sum(0)  # [L, s]
+            kmax = min(int(counts.max()) + 1, n_tok)
+            top = torch.topk(x, kmax, dim=0).values  # [kmax, L, s] descending
+            above = top.gather(0, (counts - 1).clamp(0, kmax - 1).unsqueeze(0))[0]
+            below = top.gather(0, counts.clamp(max=kmax - 1).unsqueeze(0))[0]
+            theta = torch.where(counts >= n_tok, above / 2, (above + below) / 2)
+            never = top[0].clamp_min(0) * 1.001 + 1e-6
+            theta = torch.where(counts == 0, never, theta)
+        else:
+            flat = x.permute(1, 0, 2).reshape(self.n_layers, -1)  # [L, N·s]
+            counts = fired.permute(1, 0, 2).reshape(self.n_layers, -1).sum(1)  # [L]
+            kmax = min(int(counts.max()) + 1, flat.shape[1])
+            top = torch.topk(flat, kmax, dim=1).values  # [L, kmax]
+            above = top.gather(1, (counts - 1).clamp(0, kmax - 1).unsqueeze(1))[:, 0]
+            below = top.gather(1, counts.clamp(max=kmax - 1).unsqueeze(1))[:, 0]
+            theta = ((above + below) / 2).unsqueeze(1).expand(self.n_layers, self.d_sae_layer)
+        theta = theta.clamp_min(1e-6)
+        self.cfg = replace(self.cfg, activation="jumprelu")
+        for name in ("batchtopk_threshold", "batchtopk_weight"):
+            self._buffers.pop(name, None)
+        self._make_activation_state()
+        self.activation.to(dev)
+        self.activation.log_threshold.copy_(theta.log())
+        return theta
+
+
+# ---------------------------------------------------------------------- per-layer TopK / BatchTopK
+def layer_topk(h: torch.Tensor, ks: list[int], gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Per token and layer, keep the k_l largest (gated) pre-activations of layer l, ReLU'd; h [N, L, s].
+
+    Equal ks: `torch.topk` along the latents. Different ks: top max(k) sorted, then each layer keeps its
+    first k_l. Gradient reaches the kept entries only."""
+    x = gated_pre(h, gate).detach()
+    kmax = max(ks)
+    if min(ks) == kmax:
+        idx = torch.topk(x, kmax, dim=-1, sorted=False).indices
+        vals = torch.relu(torch.gather(h, -1, idx))
+    else:
+        idx = torch.topk(x, kmax, dim=-1, sorted=True).indices  # [N, L, kmax]
+        keep = torch.arange(kmax, device=h.device) < torch.tensor(ks, device=h.device).unsqueeze(1)  # [L, kmax]
+        vals = torch.relu(torch.gather(h, -1, idx)) * keep
+    return torch.zeros_like(h).scatter(-1, idx, vals)
+
+
+def layer_batch_topk(h: torch.Tensor, ks: list[int], gate: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, keep the k_l·N largest positive (gated) activations of the batch; h [N, L, s].
+
+    Returns (f, smallest kept gated activation per layer [L], NaN where none was kept)."""
+    n, n_layers, s = h.shape
+    x = torch.relu(gated_pre(h, gate).detach()).permute(1, 0, 2).reshape(n_layers, n * s)
+    quota = torch.tensor([min(k * n, n * s) for k in ks], device=h.device)
+    kmax = int(quota.max())
+    vals, idx = torch.topk(x, kmax, dim=1, sorted=bool(int(quota.min()) != kmax))
+    kept = (torch.arange(kmax, device=h.device) < quota.unsqueeze(1)) & (vals > 0)
+    mask = torch.zeros_like(x, dtype=torch.bool).scatter_(1, idx, kept)
+    mask = mask.view(n_layers, n, s).permute(1, 0, 2)
+    smallest = torch.where(kept, vals, torch.full_like(vals, float("inf"))).amin(1)
+    smallest = torch.where(torch.isinf(smallest), torch.full_like(smallest, float("nan")), smallest)
+    return torch.where(mask, torch.relu(h), torch.zeros((), dtype=h.dtype, device=h.device)), smallest

@@ -1,0 +1,339 @@
+"""Mixture of linear transforms (kind = "molt"; Lindsey et al. 2025, "Sparse mixtures of linear
+transforms", Transformer Circuits). Replaces an MLP: reads `hook_point_in` (its input, mlp_in) and
+reconstructs `hook_point_out` (its output, mlp_out) with n = Σ rank_counts low-rank transforms:
+
+    f = φ(x W_Eᵀ + b_E)                   a sparse gate over the n transforms (TopK / BatchTopK / JumpReLU / ReLU)
+    ŷ = Σ_i f_i U_i (V_i x) + b_D         U_i [d, r_i], V_i [r_i, d]
+
+Storage: the transforms' factors are stacked into two matrices V [R, d] and U [R, d], R = Σ_i r_i
+(transform i owns rows row_start[i] … row_start[i]+r_i−1; transforms ordered by rank): row a of
+transform i's block of V is V_i's row a, of U it is U_i's column a. Then, with `owner[j]` the
+transform of row j,
+
+    ŷ = ((x Vᵀ) ⊙ f[:, owner]) U + b_D
+
+two matmuls for all transforms at once (no loop over transforms or ranks). That is the "dense" path:
+2·N·R·d FLOP per matmul. The "sparse" path computes x·V_j only for the rows of ACTIVE transforms
+(a sampled matmul over the [N, R] pattern of those rows, then a sparse decode): 2·d FLOP per
+(token, active row), i.e. Σ_active r_i instead of R per token. It is used when that fraction of R is
+at most `SPARSE_MAX_DENSITY` (sparse CSR products cost several dense FLOPs each on a CPU) and
+`sparse_kernels` is on; both paths give the same values and gradients (tested).
+
+Sparsity (as in the paper): the gate and every penalty are weighted by each transform's size
+‖U_i V_i‖_F (`sparsity_include_decoder_norm`), computed without forming the d×d products:
+‖U V‖_F² = Σ_ab (UᵀU)_ab (V Vᵀ)_ab with the r×r Gram matrices, one batched product per distinct rank.
+
+`decode(f)` needs the input too (ŷ depends on x): it uses the input of the last `encode` call unless
+`x=` is given; `reconstruct(raw)` passes it explicitly.
+
+Folding keeps the gate (f) as trained: W_E ← W_E·s_in, V ← V·s_in, U ← U/s_out, b_D ← b_D/s_out, so
+‖U_i V_i‖ becomes ·s_in/s_out and gated thresholds θ ← θ·s_in/s_out (ungated ones are unchanged).
+
+Direction of a transform (DLA, `decoder_directions`): a transform has no single output direction, but its
+column space does: we use σ₁·u₁, the top left singular vector of U_i V_i scaled by its singular value —
+the output direction the transform can write most strongly. Its sign is arbitrary (the output flips with
+the input); it is fixed so that the largest-magnitude entry is positive, so read both ends in DLA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from saecli.config.base import to_dict
+from saecli.dictionaries import kernels
+from saecli.dictionaries import losses as L
+from saecli.dictionaries.activations import SparseActivation
+from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
+from saecli.dictionaries.helpers import fold_threshold, io_hooks, latent_terms, threshold_param_groups
+from saecli.dictionaries.sae import DTYPES
+
+# the sparse path runs when the active transforms own at most this fraction of the R factor rows
+SPARSE_MAX_DENSITY = 0.05
+
+
+class MixtureOfLinearTransforms(Dictionary):
+    kind = "molt"
+
+    def __init__(self, cfg: Any, d_model: int, in_hook: str, out_hook: str):
+        super().__init__(cfg, d_model, [in_hook], [out_hook])
+        self.in_hook, self.out_hook = in_hook, out_hook
+        self.groups: list[tuple[int, int]] = cfg.ranks()  # [(rank, count)] by rank
+        rank_of = torch.cat([torch.full((c,), r, dtype=torch.long) for r, c in self.groups])
+        self.d_sae = int(rank_of.numel())
+        self.total_rank = int(rank_of.sum())
+        self.register_buffer("rank_of", rank_of, persistent=False)
+        self.register_buffer("row_start", torch.cumsum(rank_of, 0) - rank_of, persistent=False)
+        self.register_buffer("owner", torch.repeat_interleave(torch.arange(self.d_sae), rank_of), persistent=False)
+        dtype = DTYPES[getattr(cfg, "dtype", "float32")]
+        n, d, r = self.d_sae, d_model, self.total_rank
+        self.W_E = nn.Parameter(torch.empty(n, d, dtype=dtype))
+        self.b_E = nn.Parameter(torch.zeros(n, dtype=dtype))
+        self.V = nn.Parameter(torch.empty(r, d, dtype=dtype))
+        self.U = nn.Parameter(torch.empty(r, d, dtype=dtype))
+        if cfg.use_decoder_bias:
+            self.b_D = nn.Parameter(torch.zeros(d, dtype=dtype))
+        else:
+            self.register_parameter("b_D", None)
+        self.activation = SparseActivation(
+            cfg.activation, n, jumprelu_threshold_init=cfg.jumprelu_threshold_init, bandwidth=cfg.jumprelu_bandwidth,
+            batchtopk_threshold_decay=cfg.batchtopk_threshold_decay)
+        self.last_path = ""
+        self._last_input: torch.Tensor | None = None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> "MixtureOfLinearTransforms":
+        return cls(cfg, d_model, *io_hooks(cfg, hook_points, "MOLT"))
+
+    @classmethod
+    def from_saved(cls, cfg: Any, meta: dict) -> "MixtureOfLinearTransforms":
+        return cls(cfg, int(meta["d_model"]), meta["in_hooks"][0], meta["out_hooks"][0])
+
+    def config_dict(self) -> dict:
+        out = super().config_dict()
+        out["cfg"] = to_dict(self.cfg)  # rank_counts keys as strings, as in TOML
+        return out
+
+    def blocks(self, w: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """Per distinct rank r: (r, view [count, r, d]) of a stacked factor matrix (V or U)."""
+        out, start = [], 0
+        for r, c in self.groups:
+            out.append((r, w[start:start + r * c].view(c, r, w.shape[-1])))
+            start += r * c
+        return out
+
+    @torch.no_grad()
+    def reset_parameters(self, init_cfg: Any = None) -> None:
+        """Data-independent init (global RNG): W_E ~ U(±1/√d); V ~ N(0, 1/d) (so V_i x is O(1) for
+        ‖x‖ ≈ √d); U ~ U(±decoder_uniform_bound, default 1/√n), then ‖U_i V_i‖_F set to `decoder_init_norm`
+        (1 with decoder_unit_norm) when given; biases zero. (No encoder-decoder tie: the gate and the
+        transforms live in different spaces.)"""
+        from saecli.config.init import InitConfig
+
+        cfg = init_cfg or InitConfig()
+        n, d = self.d_sae, self.d_model
+        self.W_E.copy_((torch.rand(n, d) * 2 - 1) / math.sqrt(d))
+        self.V.copy_(torch.randn(self.V.shape) / math.sqrt(d))
+        bound = cfg.decoder_uniform_bound if cfg.decoder_uniform_bound is not None else 1.0 / math.sqrt(n)
+        self.U.copy_((torch.rand(self.U.shape) * 2 - 1) * bound)
+        target = 1.0 if self.cfg.decoder_unit_norm else cfg.decoder_init_norm
+        if target is not None:
+            self.set_transform_norms(target)
+        for b in (self.b_E, self.b_D):
+            if b is not None:
+                b.zero_()
+
+    # ------------------------------------------------------------------ pieces of the math
+    def transform_norms(self) -> torch.Tensor:
+        """[n] ‖U_i V_i‖_F in float32 (differentiable), from r×r Gram matrices: one batched product per rank."""
+        out = []
+        for (_, u), (_, v) in zip(self.blocks(self.U.float()), self.blocks(self.V.float())):
+            gram_u = u @ u.transpose(1, 2)  # [c, r, r]: (U_iᵀU_i)_ab = u_a·u_b
+            gram_v = v @ v.transpose(1, 2)  # (V_i V_iᵀ)_ab = v_a·v_b
+            out.append((gram_u * gram_v).sum((1, 2)))
+        return torch.cat(out).clamp_min(1e-24).sqrt()
+
+    @torch.no_grad()
+    def set_transform_norms(self, norm: float | torch.Tensor) -> None:
+        """Rescale each U_i so that ‖U_i V_i‖_F = norm (a number or [n])."""
+        factor = torch.as_tensor(norm, dtype=torch.float32, device=self.U.device) / self.transform_norms()
+        self.U.mul_(factor[self.owner].unsqueeze(1).to(self.U.dtype))
+
+    @property
+    def gated(self) -> bool:
+        return bool(self.cfg.sparsity_include_decoder_norm) and self.cfg.activation != "relu"
+
+    def decoder_norms(self) -> torch.Tensor:
+        """[n] ‖U_i V_i‖_F: how strongly each transform can write (weights the gate and penalties)."""
+        return self.transform_norms()
+
+    def _gate(self) -> torch.Tensor | None:
+        return self.transform_norms().detach() if self.gated else None
+
+    def _k(self, ctx: StepContext | None) -> int:
+        return int(ctx.k) if ctx is not None and ctx.k is not None else int(self.cfg.k)
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate pre-activations x W_Eᵀ + b_E, [N, n]."""
+        return torch.nn.functional.linear(x.to(self.W_E.dtype), self.W_E, self.b_E)
+
+    def apply_transforms(self, f: torch.Tensor, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        """Σ_i f_i U_i V_i x (no bias) for gates f [N, n] and inputs x [N, d]; `path` "dense" | "sparse" |
+        None (choose by the density of the active rows)."""
+        x = x.to(self.V.dtype)
+        path = path or self._choose_path(f)
+        self.last_path = path
+        if path == "dense":
+            vx = x @ self.V.t()  # [N, R]
+            return (vx * f.to(vx.dtype).index_select(1, self.owner)) @ self.U
+        return self._apply_sparse(f, x)
+
+    def _choose_path(self, f: torch.Tensor) -> str:
+        if not getattr(self.cfg, "sparse_kernels", True) or f.shape[0] == 0:
+            return "dense"
+        with torch.no_grad():
+            active_rows = float(((f != 0).to(torch.float32) @ self.rank_of.to(torch.float32)).sum())
+        return "sparse" if active_rows <= SPARSE_MAX_DENSITY * f.shape[0] * self.total_rank else "dense"
+
+    def _apply_sparse(self, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The active-rows path: pattern over [N, R] of the rows of each token's active transforms."""
+        n_tok = x.shape[0]
+        with torch.no_grad():
+            rows, cols = torch.nonzero(f.detach(), as_tuple=True)  # active (token, transform), row-major
+            ranks = self.rank_of[cols]
+            nnz = int(ranks.sum())
+            pair = torch.repeat_interleave(torch.arange(rows.numel(), device=x.device), ranks, output_size=nnz)
+            first = torch.repeat_interleave(torch.cumsum(ranks, 0) - ranks, ranks, output_size=nnz)
+            col = self.row_start[cols][pair] + (torch.arange(nnz, device=x.device) - first)
+            counts = torch.bincount(rows, weights=ranks.to(torch.float64), minlength=n_tok).long()
+            itype = torch.int32 if nnz < 2**31 - 1 else torch.int64
+            crow = torch.zeros(n_tok + 1, dtype=itype, device=x.device)
+            torch.cumsum(counts, 0, out=crow[1:])
+            pattern = kernels.SparsePattern(crow, col.to(itype), n_tok, self.total_rank)
+            cd = kernels._compute_dtype(self.V)
+            vals = torch.sparse.sampled_addmm(pattern.csr(torch.zeros(nnz, dtype=cd, device=x.device)),
+                                              x.detach().to(cd), self.V.detach().to(cd).t(), beta=0.0).values()
+        vx = kernels.gather_pre(x, self.V, None, vals, pattern)  # x·V_j at the active rows, sparse backward
+        w = vx * f[rows, cols].to(vx.dtype)[pair]
+        return kernels.sparse_decode(w, pattern, self.U).to(self.U.dtype)
+
+    # ------------------------------------------------------------------ interface
+    def encode(self, inputs: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
+        """Normalised inputs [..., d] → gates f [..., n]; remembers the input for `decode`."""
+        x = inputs[self.in_hook]
+        self._last_input = x
+        training = bool(ctx.training) if ctx is not None else False
+        return self.activation(self.pre_acts(x), self._gate(), k=self._k(ctx), training=training)
+
+    def decode(self, feature_acts: torch.Tensor, x: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Gates f [..., n] (+ the normalised input x [..., d]; default: the last `encode`'s) → ŷ."""
+        if feature_acts.layout != torch.strided:
+            feature_acts = feature_acts.to_dense()
+        x = self._last_input if x is None else x
+        if x is None or x.shape[:-1] != feature_acts.shape[:-1]:
+            raise ValueError("a MOLT's output depends on its input: pass decode(f, x=inputs) with the input f came "
+                             "from (or call encode first)")
+        lead = feature_acts.shape[:-1]
+        y = self.apply_transforms(feature_acts.reshape(-1, self.d_sae), x.reshape(-1, self.d_model))
+        if self.b_D is not None:
+            y = y + self.b_D
+        return {self.out_hook: y.reshape(*lead, self.d_model)}
+
+    def reconstruct(self, raw: dict[str, torch.Tensor], ctx: StepContext | None = None) -> dict[str, torch.Tensor]:
+        normed = self.normalize({self.in_hook: raw[self.in_hook]})
+        f = self.encode(normed, ctx)
+        y = self.decode(f, normed[self.in_hook])[self.out_hook]
+        return {self.out_hook: self.denormalize(self.out_hook, y, raw.get(self.out_hook, raw[self.in_hook]))}
+
+    def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
+             mask: torch.Tensor | None = None) -> LossOutput:
+        x = inputs[self.in_hook].reshape(-1, self.d_model)
+        y = targets[self.out_hook].reshape(-1, self.d_model)
+        if mask is not None:
+            keep = mask.reshape(-1).to(torch.bool)
+            x, y = x[keep], y[keep]
+        h = self.pre_acts(x)
+        norms = self.transform_norms() if self.cfg.sparsity_include_decoder_norm else None
+        gate = norms.detach() if (norms is not None and self.gated) else None
+        f = self.activation(h, gate, k=self._k(ctx), training=bool(ctx.training))
+        recon = self.apply_transforms(f, x)
+        if self.b_D is not None:
+            recon = recon + self.b_D
+        path = self.last_path
+        mse = L.mse(recon, y)
+
+        def decode_rows(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+            dense = torch.zeros_like(h).scatter(1, indices, values.to(h.dtype))
+            return self.apply_transforms(dense, x)
+
+        extra_loss, terms, extra = latent_terms(h, f, ctx, self.activation, gate=gate, norms=norms, gated=self.gated,
+                                                residual=y - recon, decode_rows=decode_rows,
+                                                k_aux_default=self.d_model // 2)
+        loss = mse if extra_loss is None else mse + extra_loss
+        self.last_path = path
+        fired = (f.detach() != 0).to(torch.float32)
+        extra["path"] = path
+        extra["mse_per_element"] = L.mse_per_element(recon.detach(), y)
+        extra["active_rank"] = (fired @ self.rank_of.to(torch.float32)).mean() if x.shape[0] else torch.zeros(())
+        return LossOutput(loss=loss, terms={"mse": mse.detach(), **{k: v.detach() for k, v in terms.items()}},
+                          feature_acts=f, reconstruction={self.out_hook: recon}, target={self.out_hook: y},
+                          extra=extra)
+
+    # ------------------------------------------------------------------ directions (DLA, analysis)
+    @torch.no_grad()
+    def decoder_directions(self, hook: str | None = None) -> torch.Tensor:
+        """[n, d] σ₁·u₁ of each U_i V_i (see the module docstring), via QR of U_i and an SVD of the r×d
+        factor: U_i V_i = Q (R V_i), so its left singular vectors are Q times those of R V_i."""
+        out = []
+        for (_, u), (_, v) in zip(self.blocks(self.U.float()), self.blocks(self.V.float())):
+            q, r = torch.linalg.qr(u.transpose(1, 2))  # U_i = Q R: Q [c, d, r], R [c, r, r]
+            p, s, _ = torch.linalg.svd(r @ v, full_matrices=False)  # R V_i = P S Wᵀ
+            top = (q @ p[:, :, :1]).squeeze(2) * s[:, :1]  # [c, d]
+            sign = torch.sign(top.gather(1, top.abs().argmax(1, keepdim=True)))
+            out.append(top * torch.where(sign == 0, torch.ones_like(sign), sign))
+        return torch.cat(out).to(self.U.dtype)
+
+    def analysis_extras(self) -> dict[str, torch.Tensor]:
+        """Per transform: its rank (for the dashboard)."""
+        return {"rank": self.rank_of.clone()}
+
+    # ------------------------------------------------------------------ training hooks
+    @torch.no_grad()
+    def post_step(self) -> None:
+        if self.cfg.decoder_unit_norm:
+            self.set_transform_norms(1.0)
+
+    def param_groups(self, lr: float, jumprelu_lr_factor: float = 1.0) -> list[dict]:
+        return threshold_param_groups(self, lr, jumprelu_lr_factor)
+
+    @torch.no_grad()
+    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:
+        """`reset_parameters(init_cfg)`, b_D at the zero / mean / geometric median of the (normalised)
+        targets, b_E ← −mean pre-activation (`init_encoder_bias_with_mean_hidden_pre`), and with
+        `grid_search_init_norm` the common ‖U_i V_i‖_F with the lowest loss on the first batch."""
+        from saecli.config.init import InitConfig
+        from saecli.dictionaries.init import geometric_median, grid_search
+
+        cfg = init_cfg or InitConfig()
+        self.reset_parameters(cfg)
+        dev = self.U.device
+        if self.b_D is not None and cfg.bias_init_method != "zero":
+            y = torch.cat([b[self.out_hook].reshape(-1, self.d_model) for b in batches]).to(dev).float()
+            centre = y.mean(0) if cfg.bias_init_method == "mean" else geometric_median(y[:16384])
+            self.b_D.copy_(centre.to(self.b_D.dtype))
+        x1 = batches[0][self.in_hook].reshape(-1, self.d_model).to(dev)
+        y1 = batches[0][self.out_hook].reshape(-1, self.d_model).to(dev)
+        if cfg.init_encoder_bias_with_mean_hidden_pre:
+            self.b_E.zero_()
+            self.b_E.sub_(self.pre_acts(x1).float().mean(0).to(self.b_E.dtype))
+        if cfg.grid_search_init_norm and not self.cfg.decoder_unit_norm:
+            def loss_at(norm: float) -> float:
+                self.set_transform_norms(norm)
+                f = self.activation(self.pre_acts(x1), self._gate(), k=int(self.cfg.k), training=True, update=False)
+                recon = self.apply_transforms(f, x1) + (self.b_D if self.b_D is not None else 0.0)
+                return float(L.mse(recon, y1))
+
+            best, _ = grid_search(loss_at, torch.linspace(0.1, 5.0, 50).tolist())
+            self.set_transform_norms(best)
+
+    @torch.no_grad()
+    def fold_activation_scale(self) -> None:
+        """See the module docstring: the gate unchanged, raw x ↦ raw ŷ with no normalisation afterwards."""
+        mode = getattr(self.cfg, "norm_activation", "none")
+        if self.folded or mode in ("token-wise", "batch-wise"):
+            return
+        if mode == "dataset-wise":
+            s_in, s_out = float(self.scale(self.in_hook)), float(self.scale(self.out_hook))
+            self.W_E.mul_(s_in)
+            self.V.mul_(s_in)
+            self.U.div_(s_out)
+            if self.b_D is not None:
+                self.b_D.div_(s_out)
+            if self.gated:
+                fold_threshold(self.activation, s_in / s_out)
+        self.folded = True

@@ -1,0 +1,281 @@
+"""Exact resume: a run stopped at any point (SIGKILL, Ctrl-C, a kill in the middle of writing a
+checkpoint) and resumed ends with the same weights and the same metrics as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saecli.config.base import parse
+from saecli.config.experiment import Experiment
+from saecli.data.synthetic import SyntheticStream
+from saecli.training import NullReporter, train
+from saecli.training.checkpoint import list_checkpoints
+from saecli.training.logger import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
+TIMING = ("tokens_per_s", "elapsed_s")  # the only metrics allowed to differ between two runs
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "sae_weights.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6), (k, (wa[k] - wb[k]).abs().max())
+
+
+def assert_same_metrics(a: Path, b: Path) -> None:
+    ra, rb = read_metrics(a), read_metrics(b)
+    steps = [r["step"] for r in rb]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    assert steps == [r["step"] for r in ra]
+    for x, y in zip(ra, rb):
+        assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, folder: Path, timeout: float = 120) -> int:
+    """Poll until the run has written a checkpoint (while it is still running); return its step."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = list_checkpoints(folder)
+        if found:
+            return found[-1][0]
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"the run ended (exit {proc.returncode}) before writing a checkpoint:\n{out[-3000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("no checkpoint appeared in time")
+
+
+# ------------------------------------------------------------------------------------------ in process
+def experiment(folder: Path, **trainer) -> Experiment:
+    return parse(Experiment, {
+        "run": {"output_dir": str(folder), "name": "syn"},
+        "sae": {"d_sae": 64, "k": 3, "activation": "topk"},
+        "trainer": {"total_training_tokens": 128 * 60, "lr": 5e-3, "log_frequency": 7, "n_checkpoints": 3,
+                    "checkpoint_every_seconds": 0, "initial_k": 12, "k_warmup_steps": 0.3, "auxk_coefficient": 0.1,
+                    "dead_threshold_tokens": 512, "feature_sampling_window": 9, **trainer},
+        "store": {"backend": "none"},
+    })
+
+
+def stream() -> SyntheticStream:
+    return SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128)
+
+
+class CtrlCAt(NullReporter):
+    """Sends this process a SIGINT when a given step is logged, as a user pressing Ctrl-C would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def log(self, member, record):
+        if record["step"] == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(tmp_path):
+    ref = train(experiment(tmp_path / "ref"), stream=stream())
+    exp = experiment(tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        train(exp, stream=stream(), reporter=CtrlCAt(14))
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [14]  # off the schedule (20, 40, 60)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    train(exp, stream=stream(), resume=True)
+    assert_same_weights(ref, tmp_path / "cut")
+    assert_same_metrics(ref, tmp_path / "cut")
+
+
+def test_wandb_offline_resumes_the_same_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    exp = experiment(tmp_path / "run", total_training_tokens=128 * 20)
+    exp.wandb = parse(type(exp.wandb), {"enabled": True, "mode": "offline", "project": "saecli-test"})
+    with pytest.raises(KeyboardInterrupt):
+        train(exp, stream=stream(), reporter=CtrlCAt(7))
+    run_id = (tmp_path / "run" / "wandb_run_id.txt").read_text().strip()
+    train(exp, stream=stream(), resume=True)
+    assert (tmp_path / "run" / "wandb_run_id.txt").read_text().strip() == run_id
+    runs = list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2  # one offline session per process, both under the same run id
+
+
+# ------------------------------------------------------------------------------------------ real kills
+SCRIPT = textwrap.dedent('''
+    """Train on the synthetic stream (slowed a little so a kill lands mid-run)."""
+    import os, signal, sys, time
+    import torch
+    from saecli.config.base import parse
+    from saecli.config.experiment import Experiment
+    from saecli.data.synthetic import SyntheticStream
+    import saecli.training.checkpoint as ck
+    from saecli.training import train
+
+    out, mode = sys.argv[1], sys.argv[2]
+
+    class Slow(SyntheticStream):
+        def make_batch(self, index):
+            time.sleep(0.004)
+            return super().make_batch(index)
+
+    if mode == "kill-in-write":  # die between the weights and the state of the 2nd checkpoint
+        write_state, calls = ck._write_state, []
+        def dying_write_state(path, state):
+            calls.append(path)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            write_state(path, state)
+        ck._write_state = dying_write_state
+
+    exp = parse(Experiment, {
+        "run": {"output_dir": out, "name": "syn"},
+        "sae": {"d_sae": 64, "k": 3, "activation": "topk"},
+        "trainer": {"total_training_tokens": 128 * 300, "lr": 5e-3, "log_frequency": 10, "n_checkpoints": 6,
+                    "checkpoint_every_seconds": 0, "auxk_coefficient": 0.1, "dead_threshold_tokens": 1024},
+        "store": {"backend": "none"},
+    })
+    train(exp, stream=Slow(d_model=16, n_atoms=32, k=3, batch_size=128), resume=(mode == "resume"))
+''')
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("script") / "run_synthetic.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def run_script(script: Path, out: Path, mode: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(script), str(out), mode], cwd=REPO, env={**os.environ, **ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def synthetic_reference(script, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    finish(run_script(script, out, "fresh"))
+    return out
+
+
+def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(script, synthetic_reference, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script(script, out, "fresh")
+    wait_for_checkpoint(proc, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+    finish(run_script(script, out, "resume"))
+    assert_same_weights(synthetic_reference, out)
+    assert_same_metrics(synthetic_reference, out)
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(script, synthetic_reference, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script(script, out, "kill-in-write")
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert [s for s, _ in list_checkpoints(out)] == [50]  # the 2nd (step 100) never completed
+    leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers and all(".tmp-" in n for n in leftovers)  # the half-written one, under its temp name
+    finish(run_script(script, out, "resume"))
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # cleaned up
+    assert_same_weights(synthetic_reference, out)
+    assert_same_metrics(synthetic_reference, out)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+def tiny_toml(path: Path, model: Path, out: Path) -> Path:
+    path.write_text(textwrap.dedent(f'''
+        [run]
+        name = "tiny"
+        output_dir = "{out}"
+        [model]
+        name = "{model}"
+        device = "cpu"
+        [activations]
+        hook_points = ["blocks.1.hook_resid_post"]
+        context_size = 64
+        model_batch_size = 8
+        batch_size = 256
+        shuffle_buffer_tokens = 4096
+        [sae]
+        activation = "topk"
+        d_sae = 128
+        k = 8
+        [trainer]
+        total_training_tokens = 76_800   # 300 steps
+        lr = 2e-3
+        log_frequency = 10
+        n_checkpoints = 6
+        checkpoint_every_seconds = 0
+        [store]
+        backend = "none"
+    '''))
+    return path
+
+
+def cli_popen(*args: str | Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "saecli", *map(str, args)], cwd=REPO, env={**os.environ, **ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tiny_llama, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli-reference")
+    finish(cli_popen("train", tiny_toml(root / "tiny.toml", tiny_llama, root / "run")))
+    return root / "run"
+
+
+def test_cli_sigkill_then_resume_equals_the_uninterrupted_run(tiny_llama, cli_reference, tmp_path):
+    toml = tiny_toml(tmp_path / "tiny.toml", tiny_llama, tmp_path / "run")
+    proc = cli_popen("train", toml)
+    wait_for_checkpoint(proc, tmp_path / "run")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "summary.json").exists(), "the run finished before it could be killed"
+    finish(cli_popen("train", tmp_path / "run", "--resume"))  # the run folder's own config.toml
+    assert_same_weights(cli_reference, tmp_path / "run")
+    assert_same_metrics(cli_reference, tmp_path / "run")
+
+
+def test_cli_ctrl_c_saves_then_resumes(tiny_llama, cli_reference, tmp_path):
+    toml = tiny_toml(tmp_path / "tiny.toml", tiny_llama, tmp_path / "run")
+    proc = cli_popen("train", toml)
+    first = wait_for_checkpoint(proc, tmp_path / "run")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out
+    steps = [s for s, _ in list_checkpoints(tmp_path / "run")]
+    assert steps[-1] >= first  # a checkpoint written on Ctrl-C (unless it fell on the scheduled step)
+    finish(cli_popen("train", toml, "--resume"))
+    assert_same_weights(cli_reference, tmp_path / "run")
+    assert_same_metrics(cli_reference, tmp_path / "run")
