@@ -14,7 +14,8 @@ timed after a roofline sample:
 out=c) sampled right before every timed block.
 
     python benchmarks/bench_train_step.py                  # CPU, 2 threads, float32 (≈ 3 min)
-    python benchmarks/bench_train_step.py --reps 3 --steps 20 --device cuda --dtype bfloat16
+    python benchmarks/bench_train_step.py --device cuda --check            # + gradient check on the GPU
+    python benchmarks/bench_train_step.py --device cuda --amp              # autocast bf16 (roofline in bf16)
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ def make_adam(params, lr: float, device: torch.device):
         return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
+AMP: torch.dtype | None = None  # --amp: autocast dtype of both steps
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=AMP, enabled=AMP is not None)
+
+
 def step_fn_saecli(sae: SparseAutoEncoder, ctx: StepContext, batches: list[torch.Tensor], lr: float,
                    device: torch.device) -> Callable[[int], None]:
     opt = make_adam(sae.param_groups(lr), lr, device)
@@ -95,7 +103,8 @@ def step_fn_saecli(sae: SparseAutoEncoder, ctx: StepContext, batches: list[torch
     def step(i: int) -> None:
         x = batches[i % len(batches)]
         opt.zero_grad(set_to_none=False)
-        out = sae.loss({HOOK: x}, {HOOK: x}, ctx)
+        with autocast(device):
+            out = sae.loss({HOOK: x}, {HOOK: x}, ctx)
         out.loss.backward()
         opt.step()
         sae.post_step()
@@ -110,7 +119,9 @@ def step_fn_plain(model: PlainSAE, batches: list[torch.Tensor], lr: float, devic
     def step(i: int) -> None:
         x = batches[i % len(batches)]
         opt.zero_grad(set_to_none=False)
-        model(x).backward()
+        with autocast(device):
+            loss = model(x)
+        loss.backward()
         opt.step()
 
     return step
@@ -123,6 +134,43 @@ def set_bias_for_active(sae: SparseAutoEncoder, x: torch.Tensor, active: int) ->
     h = sae.pre_acts(x).float()
     q = torch.quantile(h[:2048], 1 - active / sae.d_sae, dim=0)
     sae.b_enc.copy_(-q.to(sae.b_enc.dtype))
+
+
+def check_paths(device: torch.device, dtype_name: str) -> None:
+    """The fast paths' loss and gradients against plain autograd (sparse_kernels = false), on `device`."""
+    import copy
+
+    torch.manual_seed(0)
+    n, d, s = 512, 128, 1024
+    x = torch.randn(n, d, device=device)
+    cases = [("topk", {"sparsity_include_decoder_norm": True}, StepContext(k=16)),
+             ("topk", {"sparsity_include_decoder_norm": False, "apply_decoder_bias_to_pre_encoder": True},
+              StepContext(k=16, auxk_coefficient=0.03, k_aux=64, dead_mask=torch.arange(s, device=device) % 3 == 0)),
+             ("relu", {}, StepContext(l1_coefficient=1e-2, sparsity_loss_type="power")),
+             ("relu", {"bias": -2.5}, StepContext(l1_coefficient=1e-2, sparsity_loss_type="power"))]
+    for activation, over, ctx in cases:
+        bias = over.pop("bias", None)
+        cfg = parse(DictionaryConfig, {"d_sae": s, "activation": activation, "k": 16, "dtype": dtype_name, **over},
+                    key="sae")
+        sae = SparseAutoEncoder(cfg, d, HOOK).to(device)
+        with torch.no_grad():
+            sae.W_enc.add_(0.05 * torch.randn_like(sae.W_enc))
+            sae.b_dec.normal_(std=0.1)
+            if bias is not None:
+                sae.b_enc.fill_(bias)
+        ref = copy.deepcopy(sae)
+        ref.cfg = copy.deepcopy(cfg)
+        ref.cfg.sparse_kernels = False
+        results = []
+        for model in (sae, ref):
+            xin = x.to(model.W_enc.dtype)
+            out = model.loss({HOOK: xin}, {HOOK: xin}, ctx)
+            out.loss.backward()
+            results.append((out.loss.detach().float(), {k: p.grad.float() for k, p in model.named_parameters()}))
+        (l_fast, g_fast), (l_ref, g_ref) = results
+        worst = max(float((g_fast[k] - g_ref[k]).norm() / g_ref[k].norm().clamp_min(1e-12)) for k in g_ref)
+        print(f"check {activation:5s} {str(over):70s} path {sae.last_path:17s} loss rel err "
+              f"{float((l_fast - l_ref).abs() / l_ref.abs()):.1e}  worst grad rel err {worst:.1e}")
 
 
 def main() -> None:
@@ -138,17 +186,26 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--variants", default="topk,topk-plain,relu-fresh,relu-trained,relu-plain")
+    p.add_argument("--amp", action="store_true", help="autocast the steps to --amp-dtype (parameters stay float32)")
+    p.add_argument("--check", action="store_true", help="first compare the fast paths' gradients with autograd")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if args.check:
+        check_paths(device, args.dtype)
+    global AMP
+    if args.amp:
+        AMP = torch.bfloat16
+        dtype = torch.float32  # parameters and data stay float32 under autocast
     n, d, s, k = args.batch, args.d_model, args.d_sae, args.k
     lr, l1 = 1e-5, 1e-3
     torch.manual_seed(0)
     batches = [torch.randn(n, d, device=device, dtype=dtype) for _ in range(4)]
 
     def sae_for(activation: str) -> SparseAutoEncoder:
-        cfg = parse(DictionaryConfig, {"d_sae": s, "activation": activation, "k": k, "dtype": args.dtype}, key="sae")
+        cfg = parse(DictionaryConfig, {"d_sae": s, "activation": activation, "k": k, "dtype": str(dtype)[6:]},
+                    key="sae")
         torch.manual_seed(0)
         return SparseAutoEncoder(cfg, d, HOOK).to(device)
 
@@ -183,7 +240,7 @@ def main() -> None:
     roof_by_block: dict[str, list[float]] = {name: [] for name in steps}
     for rep in range(args.reps):
         for name, fn in steps.items():
-            r = roofline(n, d, s, device, dtype)
+            r = roofline(n, d, s, device, AMP or dtype)
             roofs.append(r)
             roof_by_block[name].append(r)
             sync(device)
@@ -195,7 +252,8 @@ def main() -> None:
 
     R = statistics.median(roofs)
     T = R * 1e9 / (6 * d * s)
-    print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, batch {n}, d_model {d}, d_sae {s}, "
+    prec = f"{args.dtype}" + (" + autocast bf16" if AMP else "")
+    print(f"device {device} ({torch.get_num_threads()} threads), {prec}, batch {n}, d_model {d}, d_sae {s}, "
           f"k {k}; {args.reps} reps × {args.steps} steps; total {time.perf_counter() - t_start:.0f} s")
     print(f"roofline R = {R:.1f} GFLOP/s (samples {min(roofs):.0f}–{max(roofs):.0f}); "
           f"roof token rate T = {T:.0f} tokens/s")

@@ -10,8 +10,12 @@ import importlib
 import sys
 from typing import Optional
 
-import click
 import typer
+
+try:  # typer >= 0.25 vendors click
+    from typer._click import exceptions as _click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as _click_exc
 
 from saecli import __version__, ui
 from saecli.errors import SaecliError
@@ -57,12 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # not standalone, typer returns (not raises) an exit code: typer.Exit(n), or 130 for Ctrl-C
         code = app(args=args, prog_name="saecli", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         ui.error("aborted")
         sys.exit(130)
-    except click.ClickException as exc:
+    except _click_exc.ClickException as exc:
         exc.show()
         sys.exit(2)
     except SaecliError as exc:

@@ -57,6 +57,23 @@ class CliResult:
 
 
 @pytest.fixture
+def run_cli(capsys):
+    """Run `saecli ...` in this process (fast; for exit codes and messages): → CliResult-like."""
+    from saecli.cli import main
+
+    def run(*args: str) -> CliResult:
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(subprocess.CompletedProcess(args, code, captured.out, captured.err))
+
+    return run
+
+
+@pytest.fixture
 def cli():
     """Run `python -m saecli ...` in a subprocess (real exit codes, real signals)."""
 

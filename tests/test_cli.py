@@ -22,8 +22,8 @@ def test_help_lists_every_registered_command(cli):
 
 
 @pytest.mark.parametrize("command", COMMAND_MODULES)
-def test_every_command_has_help_with_an_example(cli, command):
-    result = cli(command, "--help")
+def test_every_command_has_help_with_an_example(run_cli, command):
+    result = run_cli(command, "--help")
     assert result.exit_code == 0, result.output
     assert "saecli " + command in result.stdout  # the docstring's example line
     assert "--set" in result.stdout or command == "check"
@@ -35,33 +35,53 @@ def test_unknown_command_is_exit_2(cli):
 
 
 @pytest.mark.parametrize("command", [c for c in COMMAND_MODULES if c not in ("check",)])
-def test_missing_experiment_file_is_exit_2_without_traceback(cli, command, tmp_path):
-    result = cli(command, str(tmp_path / "missing.toml"))
+def test_missing_experiment_file_is_exit_2_without_traceback(run_cli, command, tmp_path):
+    result = run_cli(command, str(tmp_path / "missing.toml"))
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert "not found" in result.output
 
 
 @pytest.mark.parametrize("command", [c for c in COMMAND_MODULES if c not in ("check",)])
-def test_config_errors_are_exit_2_and_name_the_key(cli, command, tmp_path):
+def test_config_errors_are_exit_2_and_name_the_key(run_cli, command, tmp_path):
     exp = write_toml(tmp_path / "exp.toml", '[model]\nname = "x"\n[trainer]\nlr_sheduler = "constant"\n')
-    result = cli(command, str(exp))
+    result = run_cli(command, str(exp))
     assert result.exit_code == 2, result.output
     assert "lr_sheduler" in result.output and "lr_scheduler" in result.output
     assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("command", [c for c in COMMAND_MODULES if c not in ("check",)])
-def test_toml_syntax_error_is_exit_2_with_line(cli, command, tmp_path):
+def test_toml_syntax_error_is_exit_2_with_line(run_cli, command, tmp_path):
     exp = write_toml(tmp_path / "exp.toml", "[model\nname = 1\n")
-    result = cli(command, str(exp))
+    result = run_cli(command, str(exp))
     assert result.exit_code == 2
     assert "line 1" in result.output
 
 
 @pytest.mark.parametrize("command", [c for c in COMMAND_MODULES if c not in ("check",)])
-def test_bad_override_is_exit_2(cli, command, tmp_path):
+def test_bad_override_is_exit_2(run_cli, command, tmp_path):
     exp = write_toml(tmp_path / "exp.toml", '[model]\nname = "x"\n')
-    result = cli(command, str(exp), "--set", "trainer.lr=fast")
+    result = run_cli(command, str(exp), "--set", "trainer.lr=fast")
     assert result.exit_code == 2
     assert "trainer.lr" in result.output
+
+
+def test_shipped_completions_are_current():
+    from typer._completion_shared import get_completion_script
+
+    from tests.conftest import REPO
+
+    for shell in ("bash", "zsh", "fish"):
+        shipped = (REPO / "completions" / f"saecli.{shell}").read_text()
+        assert shipped == get_completion_script(prog_name="saecli", complete_var="_SAECLI_COMPLETE", shell=shell)
+
+
+def test_completion_callback_completes_commands():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, _SAECLI_COMPLETE="complete_bash", COMP_WORDS="saecli tr", COMP_CWORD="1")
+    proc = subprocess.run([sys.executable, "-m", "saecli"], env=env, capture_output=True, text=True, timeout=120)
+    assert "train" in proc.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,3 +284,57 @@ def test_eval_metrics_are_merged_into_the_store(run_folder, tmp_path):
     store.close()
     assert record["metrics"]["eval"] == {"explained_variance": 0.75, "l0": 8.0}
     assert record["path"] == str(run_folder.resolve())
+
+
+MULTI = """
+[run]
+name = "{kind}"
+output_dir = "{out}"
+[model]
+name = "{model}"
+device = "cpu"
+[activations]
+hook_points = {hooks}
+context_size = 32
+model_batch_size = 4
+batch_size = 128
+shuffle_buffer_tokens = 256
+source = "live"
+[sae]
+kind = "{kind}"
+d_sae = 32
+k = 4
+{extra}
+[trainer]
+total_training_tokens = 256
+[eval]
+total_eval_tokens = 200
+ce_contexts = 2
+[store]
+backend = "none"
+"""
+
+
+@pytest.mark.parametrize("kind, hooks, extra", [
+    # several in and out hooks: per-hook metrics, all out hooks spliced at once
+    ("clt", ["blocks.0.hook_mlp_in", "blocks.1.hook_mlp_in", "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"], ""),
+    # whole contexts: masked positions only, splice on [B, T, d]
+    ("lorsa", ["blocks.1.hook_attn_in", "blocks.1.hook_attn_out"], "n_qk_heads = 4\ninitialize_lorsa_with_mhsa = false"),
+])
+def test_evaluate_other_kinds_through_the_dictionary_interface(kind, hooks, extra, tmp_path, tiny_llama, lm):
+    from saecli.config.load import load_experiment
+    from saecli.dictionaries.registry import build_dictionary
+    from saecli.evaluation import evaluate
+
+    out = tmp_path / kind
+    text = MULTI.format(kind=kind, out=out, model=tiny_llama, hooks=json.dumps(hooks), extra=extra)
+    exp = load_experiment(write_toml(tmp_path / "exp.toml", text))
+    torch.manual_seed(0)
+    dictionary = build_dictionary(exp.sae, d_model=lm.d_model, hook_points=hooks)
+    dictionary.save(out)
+    result = evaluate(exp, out, lm=lm, show=False)
+    m = result["metrics"]
+    assert m["n_tokens"] >= 200 and m["ce_contexts"] == 2
+    assert math.isfinite(m["explained_variance"]) and math.isfinite(m["kl_div_spliced"])
+    assert set(result["per_hook"]) == (set(dictionary.out_hooks) if len(dictionary.out_hooks) > 1 else set())
+    assert (out / "eval.json").exists()

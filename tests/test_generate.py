@@ -35,7 +35,7 @@ device = "cpu"
 [activations]
 hook_points = {json.dumps(HOOKS)}
 context_size = 32
-model_batch_size = 4
+model_batch_size = 8
 batch_size = 256
 total_tokens = {total}
 chunk_tokens = {chunk}
@@ -68,7 +68,7 @@ def test_generate_writes_the_models_activations(tmp_path, tiny_llama, cli):
     chunk = load_file(index.chunks[0].path)
     row = 0
     norms = {h: 0.0 for h in HOOKS}
-    for ctx in packer.contexts(iter_documents(exp.dataset), 4):
+    for ctx in packer.contexts(iter_documents(exp.dataset), 8):
         acts = run_to_hooks(lm, ctx.tokens, HOOKS)
         keep = ctx.kept()
         n = len(keep)

@@ -135,6 +135,7 @@ def test_single_out_hook_reports_no_per_hook_block_and_flattens_latent_dims():
     assert r["d_sae"] == 12 and r["l0"] == pytest.approx(0.5)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize("layout", ["coo", "csr"])
 def test_sparse_latent_activations_give_the_dense_statistics(layout):
     torch.manual_seed(2)

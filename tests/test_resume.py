@@ -231,10 +231,10 @@ def tiny_toml(path: Path, model: Path, out: Path) -> Path:
         d_sae = 128
         k = 8
         [trainer]
-        total_training_tokens = 76_800   # 300 steps
+        total_training_tokens = 51_200   # 200 steps
         lr = 2e-3
         log_frequency = 10
-        n_checkpoints = 6
+        n_checkpoints = 8
         checkpoint_every_seconds = 0
         [store]
         backend = "none"
@@ -254,28 +254,26 @@ def cli_reference(tiny_llama, tmp_path_factory) -> Path:
     return root / "run"
 
 
-def test_cli_sigkill_then_resume_equals_the_uninterrupted_run(tiny_llama, cli_reference, tmp_path):
+def test_cli_ctrl_c_then_sigkill_then_resume_equals_the_uninterrupted_run(tiny_llama, cli_reference, tmp_path):
     toml = tiny_toml(tmp_path / "tiny.toml", tiny_llama, tmp_path / "run")
-    proc = cli_popen("train", toml)
-    wait_for_checkpoint(proc, tmp_path / "run")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "run" / "summary.json").exists(), "the run finished before it could be killed"
-    finish(cli_popen("train", tmp_path / "run", "--resume"))  # the run folder's own config.toml
-    assert_same_weights(cli_reference, tmp_path / "run")
-    assert_same_metrics(cli_reference, tmp_path / "run")
-
-
-def test_cli_ctrl_c_saves_then_resumes(tiny_llama, cli_reference, tmp_path):
-    toml = tiny_toml(tmp_path / "tiny.toml", tiny_llama, tmp_path / "run")
+    # 1. Ctrl-C: a checkpoint is written, exit code 130
     proc = cli_popen("train", toml)
     first = wait_for_checkpoint(proc, tmp_path / "run")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
     assert "interrupted" in out
-    steps = [s for s, _ in list_checkpoints(tmp_path / "run")]
-    assert steps[-1] >= first  # a checkpoint written on Ctrl-C (unless it fell on the scheduled step)
+    interrupted_at = list_checkpoints(tmp_path / "run")[-1][0]
+    assert interrupted_at >= first  # the Ctrl-C checkpoint (unless it fell on the scheduled step)
+    # 2. resume from the run folder (its config.toml), then SIGKILL after its next checkpoint
+    proc = cli_popen("train", tmp_path / "run", "--resume")
+    end = time.monotonic() + 120
+    while list_checkpoints(tmp_path / "run")[-1][0] == interrupted_at and time.monotonic() < end:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "summary.json").exists(), "the run finished before it could be killed"
+    # 3. resume again: the same weights and metrics as a run that was never stopped
     finish(cli_popen("train", toml, "--resume"))
     assert_same_weights(cli_reference, tmp_path / "run")
     assert_same_metrics(cli_reference, tmp_path / "run")

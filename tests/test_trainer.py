@@ -262,3 +262,54 @@ def test_an_existing_run_needs_resume_or_overwrite(tmp_path):
     first = (folder / "sae_weights.safetensors").read_bytes()
     train(exp, stream=stream(), overwrite=True)
     assert (folder / "sae_weights.safetensors").read_bytes() == first  # same seed, same result
+
+
+# ------------------------------------------------------------------------------------------ data parallel
+DP_SCRIPT = '''
+import sys, torch
+torch.set_num_threads(1)
+from saecli.config.base import parse
+from saecli.config.dictionary import DictionaryConfig
+from saecli.config.init import InitConfig
+from saecli.config.trainer import TrainerConfig
+from saecli.data.synthetic import SyntheticStream
+from saecli.dictionaries.registry import build_dictionary
+from saecli.training import Member, fit, initialize, plan_steps
+from saecli.training.distributed import default_sync
+
+out = sys.argv[1]
+sync = default_sync()  # starts the gloo process group that torchrun describes
+torch.manual_seed(0)
+d = build_dictionary(parse(DictionaryConfig, {"d_sae": 64, "k": 3}), 16, ["synthetic.0"])
+s = SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128, rank=sync.rank, world_size=sync.world_size)
+tokens = initialize(s, [(d, InitConfig())], sync=sync)
+cfg = parse(TrainerConfig, {"total_training_tokens": 2 * 128 * 20, "lr": 5e-3, "log_frequency": 5,
+                            "n_checkpoints": 1, "checkpoint_every_seconds": 0})
+plan = plan_steps(cfg.total_training_tokens, tokens, 1, sync.world_size)
+m = Member(d, cfg, total_steps=plan.total_steps, batch_tokens=tokens, folder=out, sync=sync)
+fit(s, [m], sync=sync)
+m.close()
+torch.save({"world_size": sync.world_size, "state": d.state_dict()}, f"{out}/rank{sync.rank}.pt")
+'''
+
+
+def test_two_processes_train_one_dictionary_on_disjoint_batches(tmp_path):
+    """torchrun with 2 CPU ranks (gloo): gradients averaged, one writer, each rank's stream in the checkpoint."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "dp.py"
+    script.write_text(DP_SCRIPT)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(out)], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]  # really two processes
+    for key, value in ranks[0]["state"].items():  # averaged gradients keep the ranks identical
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    records = read_metrics(out)
+    assert records[-1]["step"] == 20 and records[-1]["tokens"] == 2 * 128 * 20  # both ranks' tokens
+    state = torch.load(out / "checkpoints" / "step_00000020" / "trainer.pt", weights_only=False)
+    assert [s["rank"] for s in state["stream"]] == [0, 1] and all(s["position"] == 20 for s in state["stream"])

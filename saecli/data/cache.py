@@ -263,3 +263,54 @@ def _concat(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     if len(pieces) == 1:
         return {k: v.contiguous() for k, v in pieces[0].items()}
     return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+
+
+def write_cache(cache_dir: str | Path, chunks: Any, *, hook_points: list[str], dtype: str = "float32",
+                chunk_tokens: int | None = None, shard: int = 0, n_shards: int = 1, info: dict | None = None) -> dict:
+    """Write activations you already have as a cache that every reader accepts.
+
+    `chunks` yields dicts with `acts.<hook>` [n, d] per hook point and `tokens`/`doc`/`pos` [n]
+    (converted to int32/int64/int32); `info` fills the manifest's model/dataset/packing fields.
+    """
+    info = dict(info or {})
+    folder = shard_dir(cache_dir, shard)
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / MANIFEST).exists():
+        raise UsageError(f"{folder} already holds a cache")
+    writer: ChunkWriter | None = None
+    manifest: dict = {}
+    consumed = documents = 0
+    try:
+        for chunk in chunks:
+            tensors = {act_key(h): chunk[act_key(h)].to(DTYPES[dtype]).contiguous() for h in hook_points}
+            tensors["tokens"] = chunk["tokens"].to(torch.int32).contiguous()
+            tensors["doc"] = chunk["doc"].to(torch.int64).contiguous()
+            tensors["pos"] = chunk["pos"].to(torch.int32).contiguous()
+            if writer is None:
+                manifest = {
+                    "format": FORMAT, "version": VERSION, "shard": shard, "n_shards": n_shards,
+                    "model": info.get("model", {"name": "unknown"}), "dataset": info.get("dataset", {}),
+                    "hook_points": list(hook_points),
+                    "d_model": {h: int(tensors[act_key(h)].shape[1]) for h in hook_points}, "dtype": dtype,
+                    "context_size": info.get("context_size", 0), "model_batch_size": info.get("model_batch_size", 0),
+                    "chunk_tokens": chunk_tokens or int(tensors["tokens"].shape[0]),
+                    "prepend_bos": info.get("prepend_bos", False), "bos_token_id": info.get("bos_token_id"),
+                    "separator_token_id": info.get("separator_token_id"),
+                    "ignore_token_ids": info.get("ignore_token_ids", []), "target_tokens": 0, "total_tokens": 0,
+                    "contexts_consumed": 0, "documents_consumed": 0, "complete": False,
+                    "mean_norms": {h: 0.0 for h in hook_points}, "chunks": [],
+                }
+                writer = ChunkWriter(folder, manifest)
+            consumed += 1
+            if tensors["doc"].numel():
+                documents = max(documents, int(tensors["doc"].max()) + 1)
+            writer.submit(_Job(tensors, consumed, documents, complete=False))
+    finally:
+        if writer is not None:
+            manifest = writer.close()
+    if writer is None:
+        raise UsageError("write_cache got no chunks")
+    manifest["complete"] = True
+    manifest["target_tokens"] = manifest["total_tokens"]
+    fsio.write_json(folder / MANIFEST, manifest)
+    return manifest

@@ -61,6 +61,11 @@ class _HeadsSAE(SparseAutoEncoder):
         norms = self.head_norms()
         return norms.sum(-1) if self.reduction == "sum" else norms.norm(dim=-1)
 
+    def _choose_path(self, x: torch.Tensor, ctx: StepContext, mask: torch.Tensor | None) -> str:
+        path = super()._choose_path(x, ctx, mask)
+        # the fused dense ReLU-L1 kernel weighs by the concatenated row norm: right for "norm" only
+        return "dense" if path == "relu" and self.reduction == "sum" and self.n_heads > 1 else path
+
 
 class Crosscoder(Dictionary):
     kind = "crosscoder"
@@ -206,6 +211,6 @@ def per_hook_metrics(recon: dict[str, torch.Tensor], target: dict[str, torch.Ten
         y2, y_hat2 = y.detach().float().reshape(-1, y.shape[-1]), y_hat.float().reshape(-1, y.shape[-1])
         sse = (y_hat2 - y2).pow(2).sum()
         sst = (y2 - y2.mean(0)).pow(2).sum()
-        out[f"explained_variance/{hook}"] = 1.0 - sse / sst.clamp_min(1e-12)
+        out[f"explained_variance/{hook}"] = 1.0 - sse / sst if sst > 0 else torch.full((), float("nan"))
         out[f"mse/{hook}"] = L.mse(y_hat2, y2)
     return out

@@ -32,13 +32,10 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tupl
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
-_SPARSE_DTYPES = (torch.float32, torch.float64)
-
-
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    if t.dtype in _SPARSE_DTYPES or (t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)):
-        return t.dtype
-    return torch.float32
+    """Sparse products run in float32 (float64 kept): CPU CSR kernels have no bf16/fp16, and the
+    sparse part is memory-bound anyway. Under AMP only the dense encoder matmul runs in half precision."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------ top-k
@@ -121,7 +118,7 @@ class SparsePattern:
     def col_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Σ of values per column → [n_cols]."""
         out = torch.zeros(self.n_cols, dtype=values.dtype, device=values.device)
-        return out.index_add_(0, self.col.long(), values)
+        return out.index_add_(0, self.col, values)
 
 
 # ----------------------------------------------------------------------------- autograd functions
@@ -153,16 +150,20 @@ class _GatherPre(torch.autograd.Function):
 
 
 class _SparseDecode(torch.autograd.Function):
-    """ŷ = CSR(values) @ W_dec, with the sampled/sparse backward."""
+    """ŷ = CSR(values) @ W_dec (+ b_dec), with the sampled/sparse backward."""
 
     @staticmethod
-    def forward(ctx: Any, values: torch.Tensor, w_dec: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    def forward(ctx: Any, values: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor | None,
+                pattern: SparsePattern) -> torch.Tensor:
         cd = _compute_dtype(w_dec)
         w = w_dec.to(cd)
         v = values.to(cd)
         ctx.pattern = pattern
+        ctx.has_bias = b_dec is not None
         ctx.save_for_backward(v, w_dec)
-        return pattern.csr(v) @ w
+        if b_dec is None:
+            return pattern.csr(v) @ w
+        return torch.addmm(b_dec.to(cd).unsqueeze(0).expand(pattern.n_rows, -1), pattern.csr(v), w)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
@@ -170,13 +171,15 @@ class _SparseDecode(torch.autograd.Function):
         pat: SparsePattern = ctx.pattern
         cd = v.dtype
         g = g.to(cd).contiguous()
-        dv = dw = None
+        dv = dw = db = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum(0).to(w_dec.dtype)
         if ctx.needs_input_grad[0]:
             # dL/dvalues = (dŷ · W_decᵀ) at the active pairs only (a sampled dense-dense product)
             dv = torch.sparse.sampled_addmm(pat.csr(v), g, w_dec.to(cd).t(), beta=0.0).values()
         if ctx.needs_input_grad[1]:
             dw = (pat.csr_t(v) @ g).to(w_dec.dtype)
-        return dv, dw, None
+        return dv, dw, db, None
 
 
 def gather_pre(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor | None, values: torch.Tensor,
@@ -185,9 +188,10 @@ def gather_pre(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor | None,
     return _GatherPre.apply(x, w_enc, b_enc, values, pattern)
 
 
-def sparse_decode(values: torch.Tensor, pattern: SparsePattern, w_dec: torch.Tensor) -> torch.Tensor:
-    """Σ_active values·W_dec rows per token → [N, d] (no bias)."""
-    return _SparseDecode.apply(values, w_dec, pattern)
+def sparse_decode(values: torch.Tensor, pattern: SparsePattern, w_dec: torch.Tensor,
+                  b_dec: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_active values·W_dec rows per token (+ b_dec) → [N, d] float32."""
+    return _SparseDecode.apply(values, w_dec, b_dec, pattern)
 
 
 # --------------------------------------------------------------------------- dense ReLU-L1 (fused)

@@ -38,13 +38,37 @@ def _per_token(t: torch.Tensor, latent_dims: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- reconstruction
+class _SquaredError(torch.autograd.Function):
+    """Σ (ŷ−y)² / n_tokens in float32 with one saved difference: 3 passes over [N, d] instead of ~7."""
+
+    @staticmethod
+    def forward(ctx, recon: torch.Tensor, target: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        diff = recon.float() - target.float()
+        flat = diff.reshape(-1)
+        ctx.save_for_backward(diff)
+        ctx.n_tokens = n_tokens
+        ctx.dtypes = (recon.dtype, target.dtype)
+        return torch.dot(flat, flat) / n_tokens
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (diff,) = ctx.saved_tensors
+        grad = diff * (2.0 * g / ctx.n_tokens)
+        g_recon = grad.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        g_target = (-grad).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return g_recon, g_target, None
+
+
 def mse(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_d (ŷ−y)², mean over tokens (over tokens where `mask` is true, if given)."""
-    per_token = (reconstruction.float() - target.float()).pow(2).sum(-1)
     if mask is not None:
+        per_token = (reconstruction.float() - target.float()).pow(2).sum(-1)
         m = mask.to(per_token.dtype)
         return (per_token * m).sum() / m.sum().clamp_min(1.0)
-    return _token_mean(per_token)
+    n_tokens = reconstruction.numel() // max(reconstruction.shape[-1], 1) if reconstruction.dim() else 1
+    if n_tokens == 0:
+        return reconstruction.new_zeros((), dtype=torch.float32)
+    return _SquaredError.apply(reconstruction, target, n_tokens)
 
 
 def mse_per_element(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -171,8 +195,8 @@ def gather_decode(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor]
     """A dense-friendly `decode(values, indices)` over decoder rows `weight` [d_sae, d]: Σ_j v_j W[i_j]."""
 
     def decode(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        out = torch.nn.functional.embedding_bag(indices, weight, per_sample_weights=values.to(weight.dtype),
-                                                mode="sum")
-        return out
+        # float32: embedding_bag's per-sample-weight backward has no bf16 kernel on CUDA
+        w = weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
+        return torch.nn.functional.embedding_bag(indices, w, per_sample_weights=values.to(w.dtype), mode="sum")
 
     return decode

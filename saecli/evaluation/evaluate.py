@@ -73,7 +73,11 @@ def _dtype(dictionary: Dictionary) -> torch.dtype:
 @torch.no_grad()
 def reconstruction_metrics(dictionary: Dictionary, batches: Iterator[Any], total_tokens: int,
                            thresholds: Thresholds) -> EvalAccumulator:
-    """Stream batches through the dictionary until `total_tokens` counted tokens; return the sums."""
+    """Stream batches through the dictionary until `total_tokens` counted tokens; return the sums.
+
+    Token batches are cut at exactly `total_tokens`; context batches (kinds that need whole contexts)
+    end with the context that reaches it, so they may count a few more tokens.
+    """
     acc = EvalAccumulator(dictionary.out_hooks, thresholds)
     dtype, device = _dtype(dictionary), next(dictionary.parameters()).device
     hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
@@ -85,7 +89,11 @@ def reconstruction_metrics(dictionary: Dictionary, batches: Iterator[Any], total
             raw = {h: batch.acts[h].to(device=device, dtype=dtype) for h in hooks}
             mask = None
             if batch.is_context:  # whole contexts [B, T, d]: the mask marks the counted positions
-                mask = batch.mask.to(device) if batch.mask is not None else torch.ones(batch.tokens.shape, dtype=torch.bool, device=device)
+                mask = batch.mask if batch.mask is not None else torch.ones(batch.tokens.shape, dtype=torch.bool)
+                mask = mask.to(device)
+                rows = int((mask.sum(1).cumsum(0) < remaining).sum()) + 1  # whole contexts up to the budget
+                if rows < mask.shape[0]:
+                    raw, mask = {h: a[:rows] for h, a in raw.items()}, mask[:rows]
             elif raw[hooks[0]].shape[0] > remaining:  # token batches: stop exactly at the budget
                 raw = {h: a[:remaining] for h, a in raw.items()}
             out = dictionary(raw, mask=mask)

@@ -95,17 +95,30 @@ def counted_predictions(mask: torch.Tensor, attention_mask: torch.Tensor | None 
 
 
 @torch.no_grad()
-def reconstruct_hooks(dictionary: Dictionary, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Raw [B, T, d] activations → raw [B, T, d] reconstructions of the out hooks, for any kind."""
+def reconstruct_hooks(dictionary: Dictionary, acts: dict[str, torch.Tensor],
+                      mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Raw [B, T, d] activations → raw [B, T, d] reconstructions of the out hooks, for any kind.
+
+    Token dictionaries see only the counted positions (`mask`; zeros elsewhere), so that BOS never
+    enters batch statistics; context dictionaries get the whole windows, as they were trained.
+    """
     param = next(dictionary.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else None
     if dictionary.needs_context:
         return dictionary.reconstruct({h: a.to(device=device, dtype=dtype) for h, a in acts.items()})
-    b, t = next(iter(acts.values())).shape[:2]
-    flat = {h: a.reshape(b * t, a.shape[-1]).to(device=device, dtype=dtype) for h, a in acts.items()}
+    first = next(iter(acts.values()))
+    b, t = first.shape[:2]
+    keep = (mask.reshape(-1) if mask is not None else torch.ones(b * t, dtype=torch.bool)).to(first.device)
+    idx = keep.nonzero().squeeze(1)
+    flat = {h: a.reshape(b * t, a.shape[-1]).index_select(0, idx).to(device=device, dtype=dtype) for h, a in acts.items()}
     recon = dictionary.reconstruct(flat)
-    return {h: y.reshape(b, t, y.shape[-1]) for h, y in recon.items()}
+    out = {}
+    for h, y in recon.items():
+        full = torch.zeros(b * t, y.shape[-1], dtype=y.dtype, device=y.device)
+        full.index_copy_(0, idx.to(y.device), y)
+        out[h] = full.reshape(b, t, y.shape[-1])
+    return out
 
 
 @torch.no_grad()
@@ -132,7 +145,7 @@ def splice_batch(lm: Any, dictionary: Dictionary, tokens: torch.Tensor, mask: to
     counted = counted_predictions(mask, attention_mask).to(logp_clean.device)
     keep = mask.to(next(iter(captured.values())).device)[..., None]  # [B, T, 1]: positions to replace
 
-    recon = reconstruct_hooks(dictionary, captured)
+    recon = reconstruct_hooks(dictionary, captured, mask)
     captured.clear()
 
     def replace_with(values: dict[str, torch.Tensor] | None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:

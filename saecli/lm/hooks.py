@@ -133,7 +133,8 @@ _UNSUPPORTED = {
 }
 
 
-def _get(root: nn.Module, path: str) -> Any:
+def module_at(root: nn.Module, path: str) -> Any:
+    """The submodule at a dotted attribute path ("model.layers")."""
     obj: Any = root
     for part in path.split("."):
         obj = getattr(obj, part)
@@ -142,7 +143,7 @@ def _get(root: nn.Module, path: str) -> Any:
 
 def _has(root: nn.Module, path: str) -> bool:
     try:
-        _get(root, path)
+        module_at(root, path)
         return True
     except AttributeError:
         return False
@@ -159,14 +160,14 @@ def detect_layout(model: nn.Module) -> Layout:
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
     layers = next((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
     if layers is not None:
-        block = _get(model, layers)[0]
+        block = module_at(model, layers)[0]
         parent = layers.rsplit(".", 1)[0] if "." in layers else ""
         pick = lambda root, names: next((n for n in names if _has(root, n)), None)  # noqa: E731
         attn = pick(block, ("self_attn", "attn", "attention", "self_attention"))
         mlp = pick(block, ("mlp", "feed_forward", "ffn"))
         post = ("post_feedforward_layernorm", "post_mlp_layernorm")
         norm_names = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
-        final = pick(_get(model, parent) if parent else model, norm_names)
+        final = pick(module_at(model, parent) if parent else model, norm_names)
         if attn and mlp and final and pick(block, post) is None:
             return Layout(layers, attn, mlp, None, None, f"{parent}.{final}" if parent else final, verified=False)
     raise UsageError(
@@ -195,7 +196,7 @@ def _check_layer(lm: "LanguageModel", layer: int) -> None:
 
 
 def get_blocks(lm: "LanguageModel") -> nn.ModuleList:
-    return _get(lm.model, layout_of(lm).layers)
+    return module_at(lm.model, layout_of(lm).layers)
 
 
 def get_block(lm: "LanguageModel", layer: int) -> nn.Module:
@@ -204,17 +205,17 @@ def get_block(lm: "LanguageModel", layer: int) -> nn.Module:
 
 
 def get_attention(lm: "LanguageModel", layer: int) -> nn.Module:
-    return _get(get_block(lm, layer), layout_of(lm).attn)
+    return module_at(get_block(lm, layer), layout_of(lm).attn)
 
 
 def get_mlp(lm: "LanguageModel", layer: int) -> nn.Module:
-    return _get(get_block(lm, layer), layout_of(lm).mlp)
+    return module_at(get_block(lm, layer), layout_of(lm).mlp)
 
 
 def get_norms(lm: "LanguageModel", layer: int) -> tuple[nn.Module | None, nn.Module | None]:
     """(norm before attention, norm before the MLP); None where the family has none (olmo2) or shares ln1."""
     layout, block = layout_of(lm), get_block(lm, layer)
-    return (_get(block, layout.ln1) if layout.ln1 else None, _get(block, layout.ln2) if layout.ln2 else None)
+    return tuple(module_at(block, path) if path else None for path in (layout.ln1, layout.ln2))  # type: ignore[return-value]
 
 
 def final_norm_and_unembed(lm: "LanguageModel") -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
@@ -224,7 +225,7 @@ def final_norm_and_unembed(lm: "LanguageModel") -> tuple[Callable[[torch.Tensor]
     the output embeddings, so tied and untied embeddings are both right. Not included: an unembedding bias
     (`unembed_bias`), and non-linear logit post-processing (gemma2's soft-capping, cohere's logit scale).
     """
-    norm = _get(lm.model, layout_of(lm).final_norm)
+    norm = module_at(lm.model, layout_of(lm).final_norm)
     return norm, lm.model.get_output_embeddings().weight.detach().T
 
 
@@ -270,7 +271,7 @@ def site_module(lm: "LanguageModel", point: HookPoint) -> tuple[nn.Module, bool]
         "attn_in": layout.attn, "attn_out": layout.attn_out or layout.attn,
         "mlp_in": layout.mlp, "mlp_out": layout.mlp_out or layout.mlp,
     }[point.site]
-    return (block if path is None else _get(block, path)), point.is_input
+    return (block if path is None else module_at(block, path)), point.is_input
 
 
 # A callback gets the activation [B, T, d_model] and returns a tensor to use instead, or None to keep it.

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from saecli.errors import UsageError
-from saecli.lm.hooks import Layout, detect_layout
+from saecli.lm.hooks import Layout, detect_layout, module_at
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -165,9 +165,7 @@ def wrap_model(model, tokenizer=None, *, name: str | None = None, prepend_bos: b
     config = model.config
     family = getattr(config, "model_type", "unknown")
     layout = detect_layout(model)
-    from saecli.lm.hooks import _get  # the block list, for the layer count
-
-    n_layers = len(_get(model, layout.layers))
+    n_layers = len(module_at(model, layout.layers))
     if bos_token_id is None and tokenizer is not None:
         bos_token_id = tokenizer.bos_token_id
     special = set(tokenizer.all_special_ids) if tokenizer is not None else set()

@@ -103,9 +103,19 @@ class TorchSync:
 
 
 def default_sync() -> Sync:
-    """TorchSync when a process group is up with more than one rank, else LocalSync."""
+    """TorchSync when this process is one of several ranks, else LocalSync.
+
+    Launched by torchrun or `accelerate launch` (WORLD_SIZE > 1 in the environment) without a process
+    group yet, one is started: nccl when CUDA is available, else gloo.
+    """
+    import os
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if not dist.is_available():
+        return LocalSync()
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized() and dist.get_world_size() > 1:
         return TorchSync()
     return LocalSync()

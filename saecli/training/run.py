@@ -20,6 +20,7 @@ From Python:
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import shutil
 from pathlib import Path
@@ -76,6 +77,8 @@ def resolve_device(exp: Any) -> torch.device:
         name = exp.model.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per data-parallel process
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return torch.device(name)
 
 
@@ -133,10 +136,12 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
         if sync.is_main:
             clear_run(folder)
         state = "empty"
-    elif state != "empty" and not resume:
-        what = "a finished run" if state == "finished" else "an unfinished run"
-        raise UsageError(f"{folder} already holds {what}: add --resume to continue it, --overwrite to start "
-                         "again, or set run.output_dir to a new folder")
+    elif state == "finished" and not resume:
+        raise UsageError(f"{folder} already holds a finished run: set run.output_dir to a new folder, or add "
+                         "--overwrite to train it again (--resume would find nothing left to do)")
+    elif state == "unfinished" and not resume:
+        raise UsageError(f"{folder} holds an unfinished run: add --resume to continue it from its last checkpoint, "
+                         "--overwrite to start again, or set run.output_dir to a new folder")
     if resume and state == "finished":
         reporter.info(f"{folder} is already finished; nothing to resume")
         return folder
