@@ -137,6 +137,22 @@ def test_masked_tokens_never_count():
     assert top["acts"][1, 0].tolist() == [0.0, 3.0, 3.0, 0.0]
 
 
+def test_huge_activations_are_clamped_to_float16():
+    acts = torch.zeros(2, 3, 40)
+    acts[:, 1, :] = 1e6  # every feature, both contexts: many rows take the contiguous-copy path
+    acts[0, 2, 5] = 7e4
+    book = FeatureBook(40, 3, default_specs(2, [], 0, 0))
+    book.update(acts, torch.zeros(2, 3, dtype=torch.long))
+    kept = book.sets[0].sorted()
+    assert torch.all(kept["acts"][:, :, 1] == 65504) and kept["acts"].isfinite().all()
+    assert book.max_act[5] == 1e6 and kept["value"][5, 0] == 1e6
+    one = FeatureBook(40, 3, default_specs(2, [], 0, 0))
+    few = torch.zeros(2, 3, 40)
+    few[0, 1, 3] = 1e6  # one row: gathered directly
+    one.update(few, torch.zeros(2, 3, dtype=torch.long))
+    assert one.sets[0].sorted()["acts"][3, 0].tolist() == [0, 65504, 0]
+
+
 def test_hashed_keys_are_uniform_and_stable():
     keys = hashed_uniform(torch.arange(20000), 3, seed=1)
     assert keys.shape == (3, 20000)
@@ -481,19 +497,22 @@ def test_ctrl_c_during_analyze_keeps_the_previous_analysis(tmp_path, tiny_llama)
     before = file.read_bytes()
     proc = subprocess.Popen([sys.executable, "-m", "saecli", "analyze", str(exp), "--set",
                              "analyze.total_analyzing_tokens=100000000"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = b""
     try:
-        deadline = time.time() + 300
-        seen = ""
-        while "analyze" not in seen and time.time() < deadline:  # wait for the progress bar
-            seen += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
-        time.sleep(2.0)
+        while b"analysing" not in seen:  # the line printed just before the stream starts
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk, f"saecli ended before analysing: {seen!r}"
+            seen += chunk
+        time.sleep(3.0)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130
+    assert proc.returncode == 130, (seen + err).decode(errors="replace")[-3000:]
+    assert b"interrupted" in err
     assert file.read_bytes() == before
     assert AnalysisResult.load(file.parent).n_analyzed_tokens < 2000
     assert not [p for p in file.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind

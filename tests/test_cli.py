@@ -6,7 +6,7 @@ import pytest
 
 from saecli import __version__
 from saecli.cli import COMMAND_MODULES
-from tests.conftest import write_toml
+from conftest import write_toml
 
 
 def test_version(cli):
@@ -70,7 +70,7 @@ def test_bad_override_is_exit_2(run_cli, command, tmp_path):
 def test_shipped_completions_are_current():
     from typer._completion_shared import get_completion_script
 
-    from tests.conftest import REPO
+    from conftest import REPO
 
     for shell in ("bash", "zsh", "fish"):
         shipped = (REPO / "completions" / f"saecli.{shell}").read_text()

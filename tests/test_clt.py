@@ -235,11 +235,15 @@ def test_save_load_round_trip_and_raw_directions(tmp_path):
     raw = _raw(16)
     for h, y in clt.reconstruct(raw).items():
         assert torch.equal(y, loaded.reconstruct(raw)[h])
-    # a direction into layer 2 is raw units per unit f: the block divided by s_out[2] = 1, unchanged by folding
-    before = loaded.decoder_directions(loaded.out_hooks[2])
-    assert torch.allclose(before[:16], clt.W_dec[3].detach() / 1.0)
+    # directions are stored blocks (normalised units); after folding, raw: block ÷ s_out of its target layer
+    into_1 = loaded.decoder_directions(loaded.out_hooks[1])  # blocks 0→1 (index 1) and 1→1 (index 2), zeros
+    assert torch.equal(into_1, torch.cat([clt.W_dec[1], clt.W_dec[2], torch.zeros(16, 8)]).detach())
     loaded.fold_activation_scale()
-    assert torch.allclose(loaded.decoder_directions(loaded.out_hooks[2]), before, atol=1e-6)
+    s_out_1 = float(loaded.scale(loaded.out_hooks[1]))
+    assert torch.allclose(loaded.decoder_directions(loaded.out_hooks[1]), into_1 / s_out_1, atol=1e-6)
+    from saecli.analysis.dla import feature_directions
+
+    assert torch.allclose(feature_directions(loaded), loaded.decoder_directions(), atol=1e-6)  # Σ over targets
 
 
 @pytest.mark.parametrize("per", ["latent", "layer"])
@@ -278,3 +282,50 @@ def test_hooks_default_to_halves_of_the_hook_points():
         build_dictionary(cfg, 4, ins + outs)
     with pytest.raises(ConfigError, match="hook_points_out"):
         parse(DictionaryConfig, {"kind": "clt", "d_sae": 4, "k": 1, "hook_points_in": ins}, key="sae")
+
+
+class _CtrlCAt:
+    """A reporter that sends this process SIGINT when `step` is logged (a user pressing Ctrl-C)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __getattr__(self, name):  # every other reporter call is a no-op
+        return lambda *args, **kwargs: None
+
+    def log(self, member, record):
+        if record["step"] == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_resume_after_ctrl_c_is_exact(tmp_path):
+    """Killed mid-run and resumed, a CLT ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from saecli.config.experiment import Experiment
+    from saecli.data.synthetic import SyntheticStream
+    from saecli.training import train
+
+    def experiment(folder):
+        return parse(Experiment, {
+            "run": {"output_dir": str(folder), "name": "x"},
+            "sae": {"kind": "clt", "d_sae": 16, "k": 3, "activation": "batchtopk"},
+            "trainer": {"total_training_tokens": 128 * 24, "lr": 5e-3, "log_frequency": 5, "n_checkpoints": 2,
+                        "checkpoint_every_seconds": 0, "dead_threshold_tokens": 512},
+            "store": {"backend": "none"}})
+
+    def stream():
+        return SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128, hook_points=hooks(2)[0] + hooks(2)[1])
+
+    ref = train(experiment(tmp_path / "ref"), stream=stream())
+    cut = experiment(tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, stream=stream(), reporter=_CtrlCAt(10))
+    train(cut, stream=stream(), resume=True)
+    a, b = load_file(str(ref / "sae_weights.safetensors")), load_file(str(tmp_path / "cut" / "sae_weights.safetensors"))
+    assert a.keys() == b.keys() and "batchtopk_threshold" in a
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key

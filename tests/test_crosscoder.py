@@ -194,11 +194,14 @@ def test_save_load_round_trip_and_directions(tmp_path):
     assert loaded.cfg.decoder_norm_reduction == "norm"
     for (name, a), (_, b) in zip(cc.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    # directions in raw units: head 2's decoder divided by its scale 3; default = the last head
-    assert torch.allclose(loaded.decoder_directions(heads[2]), cc.W_dec[:, 2].detach() / 3.0)
+    # directions as stored (normalised units until folded); DLA reads the last head in raw units (÷ its scale 3)
+    assert torch.equal(loaded.decoder_directions(heads[1]), cc.W_dec[:, 1].detach())
     assert torch.equal(loaded.decoder_directions(), loaded.decoder_directions(heads[2]))
+    raw_last = cc.W_dec[:, 2].detach() / 3.0
+    assert torch.allclose(loaded.dla_directions(), raw_last)
     loaded.fold_activation_scale()
-    assert torch.allclose(loaded.decoder_directions(heads[2]), cc.W_dec[:, 2].detach() / 3.0)
+    assert torch.allclose(loaded.decoder_directions(heads[2]), raw_last)
+    assert torch.allclose(loaded.dla_directions(), raw_last)
 
 
 def test_heads_default_to_every_hook_point_and_must_be_streamed():
@@ -207,3 +210,50 @@ def test_heads_default_to_every_hook_point_and_must_be_streamed():
     cfg = parse(DictionaryConfig, {"kind": "crosscoder", "d_sae": 8, "k": 2, "hook_points": ["a", "b"]}, key="sae")
     with pytest.raises(ConfigError, match="not in activations.hook_points"):
         build_dictionary(cfg, 4, HEADS)
+
+
+class _CtrlCAt:
+    """A reporter that sends this process SIGINT when `step` is logged (a user pressing Ctrl-C)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __getattr__(self, name):  # every other reporter call is a no-op
+        return lambda *args, **kwargs: None
+
+    def log(self, member, record):
+        if record["step"] == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_resume_after_ctrl_c_is_exact(tmp_path):
+    """Killed mid-run and resumed, a crosscoder ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from saecli.config.experiment import Experiment
+    from saecli.data.synthetic import SyntheticStream
+    from saecli.training import train
+
+    def experiment(folder):
+        return parse(Experiment, {
+            "run": {"output_dir": str(folder), "name": "x"},
+            "sae": {"kind": "crosscoder", "d_sae": 32, "k": 3, "activation": "jumprelu"},
+            "trainer": {"total_training_tokens": 128 * 24, "lr": 5e-3, "log_frequency": 5, "n_checkpoints": 2,
+                        "checkpoint_every_seconds": 0, "dead_threshold_tokens": 512},
+            "store": {"backend": "none"}})
+
+    def stream():
+        return SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128, hook_points=HEADS + ["blocks.2.hook_resid_post"])
+
+    ref = train(experiment(tmp_path / "ref"), stream=stream())
+    cut = experiment(tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, stream=stream(), reporter=_CtrlCAt(10))
+    train(cut, stream=stream(), resume=True)
+    a, b = load_file(str(ref / "sae_weights.safetensors")), load_file(str(tmp_path / "cut" / "sae_weights.safetensors"))
+    assert a.keys() == b.keys() and "core.activation.log_threshold" in a
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key

@@ -143,3 +143,12 @@ def test_index_page_in_headless_chromium(tmp_path):
     shot = tmp_path / "index.png"
     browse((site / "index.html").as_uri(), tmp_path, f"--screenshot={shot}", "--window-size=1200,700")
     shutil.copy(shot, (REPO / "artifacts").joinpath("dashboard-index.png") if (REPO / "artifacts").exists() else shot)
+
+
+def test_index_search_from_the_url(tmp_path):
+    site = tmp_path / "site"
+    build_site(synthetic_result(), site, dla=synthetic_dla(), explanations={1: "weak one"}, title="toy")
+    dom = browse((site / "index.html").as_uri() + "#q=WEAK", tmp_path, "--dump-dom")
+    assert re.findall(r'<a href="features/(\d+).html">', dom) == ["1"] and "1 of 3 features" in dom
+    dom = browse((site / "index.html").as_uri() + "#q=" + "%22quoted%22", tmp_path, "--dump-dom")
+    assert re.findall(r'<a href="features/(\d+).html">', dom) == ["0"]  # by a DLA token

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from saecli.analysis.dla import NormAsLinear, direct_logit_attribution, dla_result, feature_directions
+from saecli.analysis.dla import DLAResult, NormAsLinear, direct_logit_attribution, dla_result, feature_directions
 from saecli.config.model import ModelConfig
 from saecli.lm import final_norm_and_unembed, load_model
 from test_analyze import ToyDictionary
@@ -123,3 +124,30 @@ def test_dla_result_names_tokens_and_round_trips(tiny_gpt2, tmp_path):
     back = type(res).load(tmp_path)
     assert back.feature(2)["top_positive"][0]["id"] == first["id"]
     assert back.meta["norm"].startswith("layernorm")
+
+
+def test_dla_command(tmp_path, tiny_llama, cli):
+    from test_analyze import experiment
+
+    exp = experiment(tmp_path, tiny_llama)
+    res = cli("dla", exp, "--top", "4", "--feature", "2", "--feature", "5")
+    assert res.exit_code == 0, res
+    assert "promotes" in res.stdout and "dla:" in res.stdout
+    back = DLAResult.load(tmp_path / "run")
+    assert back.pos_ids.shape == (96, 4) and back.meta["norm"].startswith("rmsnorm")
+
+    from saecli.config.run import StoreConfig
+    from saecli.dictionaries.registry import load_dictionary
+    from saecli.store import open_store
+
+    # the file agrees with a direct computation from the saved weights
+    lm = load_model(ModelConfig(name=str(tiny_llama), device="cpu"))
+    norm, W_U = final_norm_and_unembed(lm)
+    d = load_dictionary(tmp_path / "run")
+    want = direct_logit_attribution(feature_directions(d), norm, W_U, top=4)
+    assert np.array_equal(back.pos_ids, want[1].numpy())
+    with open_store(StoreConfig(backend="sqlite", path=str(tmp_path / "store.db"))) as store:
+        rec = store.get_feature("tiny-sae", "default", 5)
+        assert [t["id"] for t in rec["logits"]["top_positive"]] == want[1][5].tolist()
+    bad = cli("dla", exp, "--feature", "999")
+    assert bad.exit_code == 2 and "999" in bad.output

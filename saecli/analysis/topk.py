@@ -89,12 +89,8 @@ class ContextSet:
         self.doc = torch.full((F, n), -1, dtype=torch.int64, device=device)
         self.pos = torch.full((F, n), -1, dtype=torch.int64, device=device)
 
-    def merge(self, cand: torch.Tensor, ctx_max: torch.Tensor, acts: torch.Tensor, tokens: torch.Tensor,
-              doc: torch.Tensor, pos: torch.Tensor) -> None:
-        """Merge candidates `cand` [F, B] (−inf: not a candidate) into the kept set.
-
-        acts [B, T, F] float, tokens [B, T], doc/pos [B] (the context's first counted token), ctx_max [B, F].
-        """
+    def merge(self, cand: torch.Tensor, batch: "BatchView") -> None:
+        """Merge candidates `cand` [F, B] (−inf: not a candidate) of one batch into the kept set."""
         n = self.score.shape[1]
         if n == 0:
             return
@@ -117,11 +113,11 @@ class ContextSet:
         f_new, b_new = inserted.nonzero(as_tuple=True)
         f_slot, s_slot = evicted.nonzero(as_tuple=True)
         self.score[f_slot, s_slot] = cand[f_new, b_new]
-        self.value[f_slot, s_slot] = ctx_max[b_new, f_new].float()
-        self.tokens[f_slot, s_slot] = tokens[b_new].to(torch.int32)
-        self.acts[f_slot, s_slot] = acts[b_new, :, f_new].float().clamp(-FP16_MAX, FP16_MAX).half()
-        self.doc[f_slot, s_slot] = doc[b_new]
-        self.pos[f_slot, s_slot] = pos[b_new]
+        self.value[f_slot, s_slot] = batch.ctx_max[b_new, f_new].float()
+        self.tokens[f_slot, s_slot] = batch.tokens32()[b_new]
+        self.acts[f_slot, s_slot] = batch.feature_rows(f_new, b_new)
+        self.doc[f_slot, s_slot] = batch.doc[b_new]
+        self.pos[f_slot, s_slot] = batch.pos[b_new]
 
     def sorted(self) -> dict[str, torch.Tensor]:
         """Kept contexts ordered best first; `count` [F] says how many slots are filled."""
@@ -135,6 +131,40 @@ class ContextSet:
             "doc": take(self.doc),
             "pos": take(self.pos),
         }
+
+
+class BatchView:
+    """One batch as the context sets read it; the per-feature float16 copy is made only when worth it."""
+
+    def __init__(self, acts: torch.Tensor, tokens: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor,
+                 ctx_max: torch.Tensor):
+        self.acts, self.tokens, self.doc, self.pos, self.ctx_max = acts, tokens, doc, pos, ctx_max
+        self._tokens32: torch.Tensor | None = None
+        self._by_feature: torch.Tensor | None = None
+
+    def tokens32(self) -> torch.Tensor:
+        if self._tokens32 is None:
+            self._tokens32 = self.tokens.to(torch.int32)
+        return self._tokens32
+
+    def feature_rows(self, f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[P, T] float16 activations of feature f[i] over context b[i].
+
+        acts is [B, T, F]: a row is strided by F. Few rows are gathered directly; many rows (early in a
+        run, when most candidates get in) read from one contiguous [F, B, T] copy made for the batch.
+        """
+        B, T, F = self.acts.shape
+        if self._by_feature is None and len(f) * 32 < B * F:
+            return _half(self.acts[b, :, f])
+        if self._by_feature is None:
+            self._by_feature = torch.empty(F, B, T, dtype=torch.float16, device=self.acts.device)
+            self._by_feature.copy_(self.acts.permute(2, 0, 1))
+            self._by_feature.nan_to_num_(posinf=FP16_MAX, neginf=-FP16_MAX)
+        return self._by_feature[f, b]
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    return x.float().clamp(-FP16_MAX, FP16_MAX).half()
 
 
 class FeatureBook:
@@ -163,13 +193,18 @@ class FeatureBook:
     @torch.no_grad()
     def update(self, acts: torch.Tensor, tokens: torch.Tensor, doc: torch.Tensor | None = None,
                pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> None:
-        """One batch of contexts: acts [B, T, F], tokens/doc/pos/mask [B, T] (doc/pos may be None)."""
+        """One batch of contexts: acts [B, T, F], tokens/doc/pos/mask [B, T] (doc/pos may be None).
+
+        Positions where `mask` is False are zeroed in `acts` in place before anything is counted.
+        """
         B, T, F = acts.shape
         if T != self.context_size or F != self.n_features:
             raise ValueError(f"expected acts [B, {self.context_size}, {self.n_features}], got {list(acts.shape)}")
         if mask is not None:
-            acts = acts.masked_fill(~mask.to(torch.bool)[..., None], 0)
-            self.n_tokens += int(mask.sum())
+            mask = mask.to(device=acts.device, dtype=torch.bool)
+            ignored = (~mask).nonzero(as_tuple=True)
+            acts[ignored] = 0  # in place: usually one BOS per context, not a pass over the whole batch
+            self.n_tokens += B * T - int(ignored[0].numel())
         else:
             self.n_tokens += B * T
         # where each context starts in the data: (doc, pos) of its first counted token (BOS is not one)
@@ -184,6 +219,7 @@ class FeatureBook:
         s = ctx_max.T.to(self.sets[0].score.dtype) if self.sets else None  # [F, B]
         fires = s > 0 if s is not None else None
         neg_inf = torch.tensor(-math.inf, dtype=s.dtype, device=s.device) if s is not None else None
+        view = BatchView(acts, tokens.to(acts.device), first_doc, first_pos, ctx_max)
         for cs in self.sets:
             if cs.spec.kind == "top":
                 cand = torch.where(fires, s, neg_inf)
@@ -194,7 +230,7 @@ class FeatureBook:
                 ids = torch.arange(self.n_contexts, self.n_contexts + B, device=acts.device)
                 keys = hashed_uniform(ids, F, self.seed).to(s.dtype)
                 cand = torch.where(fires, neg_inf, keys)
-            cs.merge(cand, ctx_max, acts, tokens, first_doc, first_pos)
+            cs.merge(cand, view)
         self.n_contexts += B
 
     def _histogram(self, acts: torch.Tensor) -> None:

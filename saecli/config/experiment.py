@@ -13,6 +13,7 @@ from saecli.config.evaluation import EvalConfig
 from saecli.config.init import InitConfig
 from saecli.config.model import ModelConfig
 from saecli.config.run import RunConfig, StoreConfig, WandbConfig
+from saecli.config.sweep import SweepConfig
 from saecli.config.trainer import TrainerConfig
 from saecli.errors import ConfigError
 
@@ -31,6 +32,7 @@ class Experiment:
     store: StoreConfig = opt(factory=StoreConfig)
     analyze: AnalyzeConfig = opt(factory=AnalyzeConfig)
     dashboard: DashboardConfig = opt(factory=DashboardConfig)
+    sweep: SweepConfig | None = opt(None, help="many members from this file (saecli sweep)")
 
     source_file: str | None = None  # where it was read from (not a TOML key)
 

@@ -19,7 +19,7 @@ import torch
 
 from saecli.data.batch import Batch
 from saecli.data.manifest import act_key
-from saecli.data.shuffle import Rows, WindowStream, permutation
+from saecli.data.shuffle import Rows, Window, WindowStream, permutation
 from saecli.data.text import iter_documents
 from saecli.data.tokens import Packer, packer_for
 from saecli.errors import UsageError
@@ -81,7 +81,7 @@ class LiveStream(WindowStream):
             self._source = ((epoch, window), it)
         return self._source[1]
 
-    def _load(self, epoch: int, window: int) -> Rows | None:
+    def _load(self, epoch: int, window: int) -> Window | None:
         it = self._contexts_from(epoch, window)
         pieces: list[Rows] = []
         pulled = 0
@@ -99,10 +99,7 @@ class LiveStream(WindowStream):
         n = int(rows["tokens"].shape[0])
         if self._norms is None and (epoch, window) == (0, 0):
             self._norms = self._mean_norms(rows)
-        if self.shuffle and n:
-            perm = permutation(n, self.seed, epoch, window, self.rank).to(rows["tokens"].device)
-            rows = {k: v.index_select(0, perm) for k, v in rows.items()}
-        return rows
+        return Window(rows, permutation(n, self.seed, epoch, window, self.rank) if self.shuffle else None, n)
 
     def _forward(self, ctx) -> Rows:
         device = self.lm.device

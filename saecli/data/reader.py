@@ -1,23 +1,30 @@
 """`CacheStream`: a cache written by `generate`, read back in random order through a bounded buffer.
 
 Per epoch the chunks are permuted (seeded by (seed, epoch)); rank r of `world_size` takes every
-world_size-th chunk of that order, and groups them into windows of G = shuffle_buffer_tokens //
-chunk_tokens whole chunks. A window's tokens are permuted together and cut into batches (see
-shuffle.py), while the next window loads in a background thread. Memory is two windows, whatever the
-size of the cache; the stream loops over epochs (each with a new order) unless `epochs` is given.
+world_size-th chunk of that order and groups them into windows of G = shuffle_buffer_tokens //
+chunk_tokens whole chunks. A window's chunk files are read straight into one of two reusable buffers
+(the other holds the window being consumed, while this one loads in a background thread), and its
+tokens are permuted together and cut into batches (see shuffle.py). Memory is two windows, whatever
+the size of the cache; the stream loops over epochs (each with a new order) unless `epochs` is given.
 """
 
 from __future__ import annotations
 
+import json
+import struct
+import threading
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from saecli.data.batch import Batch
 from saecli.data.manifest import CacheIndex, ChunkRef, act_key, open_cache
-from saecli.data.shuffle import Rows, WindowStream, permutation
+from saecli.data.shuffle import Rows, Window, WindowStream, permutation
 from saecli.errors import RunError, UsageError
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32}
+_INDEX_DTYPES = {"tokens": torch.int32, "doc": torch.int64, "pos": torch.int32}
 
 
 class CacheStream(WindowStream):
@@ -57,6 +64,10 @@ class CacheStream(WindowStream):
         self.dtype = dtype
         self.prefetch = prefetch
         self.window_chunks = max(1, buffer_tokens // max(1, self.index.chunk_tokens))
+        self._stored = getattr(torch, self.index.dtype)
+        self._capacity = self.window_chunks * max(c.n_tokens for c in self.index.chunks)
+        self._free: list[Rows] = []
+        self._lock = threading.Lock()
         self._init_cursor()
 
     def documents_consumed(self) -> int:
@@ -74,36 +85,64 @@ class CacheStream(WindowStream):
             return epoch, window + 1
         return epoch + 1, 0
 
-    def _load(self, epoch: int, window: int) -> Rows | None:
+    # -- windows in reusable buffers
+    def _acquire(self) -> Rows:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        cap = self._capacity
+        bufs = {key: torch.empty(cap, dtype=dtype) for key, dtype in _INDEX_DTYPES.items()}
+        for h in self.hook_points:
+            bufs[act_key(h)] = torch.empty(cap, self.d_model[h], dtype=self._stored)
+        return bufs
+
+    def _release(self, window: Window) -> None:
+        if window.buffers is not None:
+            with self._lock:
+                self._free.append(window.buffers)  # type: ignore[arg-type]
+
+    def _load(self, epoch: int, window: int) -> Window | None:
         plan = self._plan(epoch)
         if window >= len(plan):
             return None
-        pieces = [self._read_chunk(c) for c in plan[window]]
-        rows = {k: torch.cat([p[k] for p in pieces]) if len(pieces) > 1 else pieces[0][k] for k in pieces[0]}
-        n = int(rows["tokens"].shape[0])
-        if self.shuffle and n:
-            perm = permutation(n, self.seed, epoch, window, self.rank)
-            rows = {k: v.index_select(0, perm) for k, v in rows.items()}
-        return rows
-
-    def _read_chunk(self, chunk: ChunkRef) -> Rows:
+        bufs = self._acquire()
+        start = 0
         try:
-            with safe_open(str(chunk.path), framework="pt") as f:
-                rows = {"tokens": f.get_tensor("tokens").long(), "doc": f.get_tensor("doc"), "pos": f.get_tensor("pos").long()}
-                for h in self.hook_points:
-                    a = f.get_tensor(act_key(h))
-                    rows[act_key(h)] = a if self.dtype is None else a.to(self.dtype)
-        except (OSError, KeyError) as exc:
+            for chunk in plan[window]:
+                self._read_into(chunk, bufs, start)
+                start += chunk.n_tokens
+        except BaseException:
+            with self._lock:
+                self._free.append(bufs)
+            raise
+        perm = permutation(start, self.seed, epoch, window, self.rank) if self.shuffle else None
+        return Window({k: v[:start] for k, v in bufs.items()}, perm, start, buffers=bufs)
+
+    def _read_into(self, chunk: ChunkRef, bufs: Rows, start: int) -> None:
+        """Read the needed tensors of one chunk file into rows start.. of the buffers (no allocation)."""
+        n = chunk.n_tokens
+        try:
+            with open(chunk.path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+                base = 8 + size
+                for key, buf in bufs.items():
+                    meta = header.get(key)
+                    dest = buf[start : start + n]
+                    if meta is None or _ST_DTYPES.get(meta["dtype"]) != dest.dtype or tuple(meta["shape"]) != tuple(dest.shape):
+                        found = "missing" if meta is None else f"{meta['dtype']} {meta['shape']}"
+                        raise RunError(f"cache chunk {chunk.path}: `{key}` is {found}, expected {dest.dtype} {tuple(dest.shape)}")
+                    begin, end = meta["data_offsets"]
+                    f.seek(base + begin)
+                    _read_exactly(f, dest, end - begin)
+        except RunError:
+            raise
+        except (OSError, ValueError, KeyError, struct.error) as exc:
             raise RunError(f"cannot read cache chunk {chunk.path}: {exc} (run `saecli check {self.index.root}`)") from None
-        except Exception as exc:  # safetensors raises its own error type on corrupt headers
-            raise RunError(f"cannot read cache chunk {chunk.path}: {exc} (run `saecli check {self.index.root}`)") from None
-        if int(rows["tokens"].shape[0]) != chunk.n_tokens:
-            raise RunError(f"cache chunk {chunk.path} holds {rows['tokens'].shape[0]} tokens, its manifest says {chunk.n_tokens}")
-        return rows
 
     def _to_batch(self, rows: Rows) -> Batch:
-        acts = {h: rows[act_key(h)] for h in self.hook_points}
-        return Batch(acts, rows["tokens"], rows["doc"], rows["pos"], None)
+        acts = {h: rows[act_key(h)] if self.dtype is None else rows[act_key(h)].to(self.dtype) for h in self.hook_points}
+        return Batch(acts, rows["tokens"].long(), rows["doc"], rows["pos"].long(), None)
 
     # -- exact position
     def state_dict(self) -> dict:
@@ -112,8 +151,20 @@ class CacheStream(WindowStream):
                 "window_chunks": self.window_chunks, **self.cursor_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
         for key in ("kind", "seed", "shuffle", "batch_size", "rank", "world_size", "n_chunks", "window_chunks"):
-            mine = self.state_dict()[key]
-            if state.get(key) != mine:
-                raise UsageError(f"cannot resume this cache stream: its {key} was {state.get(key)!r}, now {mine!r}")
+            if state.get(key) != mine[key]:
+                raise UsageError(f"cannot resume this cache stream: its {key} was {state.get(key)!r}, now {mine[key]!r}")
         self.load_cursor(state)
+
+
+def _read_exactly(f, dest: torch.Tensor, nbytes: int) -> None:
+    view = memoryview(dest.view(torch.uint8).numpy()).cast("B")
+    if len(view) != nbytes:
+        raise RunError(f"{f.name}: a tensor takes {nbytes} bytes on disk but {len(view)} in memory")
+    got = 0
+    while got < nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise RunError(f"{f.name} is truncated")
+        got += n

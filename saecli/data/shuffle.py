@@ -1,19 +1,24 @@
 """The shuffle-window bookkeeping shared by the cache and live streams.
 
-A stream is a sequence of windows (a few whole cache chunks, or a buffer's worth of live contexts);
-each window's rows are permuted with a seed derived from (seed, epoch, window), and batches are cut
-from the concatenation of the permuted windows, so a batch may straddle two windows. The position
-(epoch, window, offset in window) is all the state there is: a resumed stream reloads one window and
-carries on, and memory is two windows (the current one and the prefetched next) whatever the data size.
+A stream is a sequence of windows (a few whole cache chunks, or a buffer's worth of live contexts).
+A window keeps its rows in the order they were read plus a permutation seeded by (seed, epoch,
+window, rank); a batch gathers its rows through that permutation into fresh tensors, so no batch
+aliases a window's buffers and those buffers can be reused for the next window (memory stays at two
+windows, current and prefetched, and does not creep with allocator fragmentation). Batches are cut
+from the concatenation of the permuted windows, so one may straddle two windows. The position
+(epoch, window, offset in window) is all the state there is: a resumed stream reloads one window.
 """
 
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from saecli.errors import UsageError
+
+Rows = dict[str, torch.Tensor]
 
 
 def derived_seed(*parts: int) -> int:
@@ -27,30 +32,38 @@ def permutation(n: int, *seed_parts: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)
 
 
-def take_rows(window: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
-    return {k: v[start:stop] for k, v in window.items()}
+class Window:
+    """`rows` (each [n, ...], read order) seen through `perm` (None: read order)."""
+
+    def __init__(self, rows: Rows, perm: torch.Tensor | None, n: int | None = None, buffers: object = None):
+        self.rows = rows
+        self.n = int(next(iter(rows.values())).shape[0]) if n is None else n
+        self.perm = None if perm is None else perm.to(next(iter(rows.values())).device)
+        self.buffers = buffers  # handed back to the stream's pool when the window is dropped
+
+    def __len__(self) -> int:
+        return self.n
+
+    def take(self, start: int, stop: int) -> Rows:
+        """Rows start..stop of the permuted window, as new tensors."""
+        if self.perm is None:
+            return {k: v[start:stop].clone() for k, v in self.rows.items()}
+        index = self.perm[start:stop]
+        return {k: v.index_select(0, index) for k, v in self.rows.items()}
 
 
-def cat_rows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def cat_rows(parts: list[Rows]) -> Rows:
     if len(parts) == 1:
         return parts[0]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def permute_rows(window: dict[str, torch.Tensor], perm: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    if perm is None:
-        return window
-    return {k: v.index_select(0, perm) for k, v in window.items()}
-
-
-Rows = dict[str, torch.Tensor]
-
-
 class WindowStream:
     """Batches of `batch_rows` rows cut from a sequence of windows, with an exact (epoch, window, offset).
 
-    Subclasses define `_load(epoch, window)` (the window's permuted rows, or None past an epoch's end)
-    and `_to_batch(rows)`; `_successor` names the window to prefetch when the subclass can load ahead.
+    Subclasses define `_load(epoch, window)` (a Window, or None past an epoch's end) and
+    `_to_batch(rows)`; `_successor` names the window to prefetch when the subclass can load ahead,
+    and `_release(window)` takes back a dropped window's buffers.
     """
 
     batch_rows: int
@@ -59,12 +72,12 @@ class WindowStream:
 
     def _init_cursor(self) -> None:
         self._epoch, self._window, self._offset, self._batches = 0, 0, 0, 0
-        self._current: tuple[tuple[int, int], Rows | None] | None = None
-        self._ahead: tuple[tuple[int, int], object] | None = None
-        self._pool = None
+        self._current: tuple[tuple[int, int], Window | None] | None = None
+        self._ahead: tuple[tuple[int, int], Future] | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- to define
-    def _load(self, epoch: int, window: int) -> Rows | None:
+    def _load(self, epoch: int, window: int) -> Window | None:
         raise NotImplementedError
 
     def _to_batch(self, rows: Rows) -> object:
@@ -72,6 +85,9 @@ class WindowStream:
 
     def _successor(self, epoch: int, window: int) -> tuple[int, int] | None:
         return None
+
+    def _release(self, window: Window) -> None:
+        pass
 
     # -- iteration
     def __iter__(self):
@@ -81,60 +97,69 @@ class WindowStream:
         parts: list[Rows] = []
         need = self.batch_rows
         while need > 0:
-            rows = self._rows()
-            if rows is None:
+            win = self._window_here()
+            if win is None:
                 break
-            length = _length(rows)
-            take = min(need, length - self._offset)
+            take = min(need, len(win) - self._offset)
             if take > 0:
-                parts.append(take_rows(rows, self._offset, self._offset + take))
+                parts.append(win.take(self._offset, self._offset + take))
                 self._offset += take
                 need -= take
-            if self._offset >= length:
+            if self._offset >= len(win):
                 self._window, self._offset = self._window + 1, 0
         if not parts:
             raise StopIteration
         self._batches += 1
         return self._to_batch(cat_rows(parts))
 
-    def _rows(self) -> Rows | None:
-        """The rows of the window under the cursor, moving to the next epoch past an epoch's end."""
+    def _window_here(self) -> Window | None:
+        """The window under the cursor, moving to the next epoch past an epoch's end."""
         for _ in range(2):
             if self.epochs is not None and self._epoch >= self.epochs:
                 return None
-            rows = self._get(self._epoch, self._window)
-            if rows is not None:
-                return rows
+            win = self._get(self._epoch, self._window)
+            if win is not None:
+                return win
             if self._window == 0:
                 raise UsageError("an epoch of this activation stream holds no tokens (is the text shorter than one context?)")
             self._epoch, self._window, self._offset = self._epoch + 1, 0, 0
         return None
 
-    def _get(self, epoch: int, window: int) -> Rows | None:
+    def _get(self, epoch: int, window: int) -> Window | None:
         key = (epoch, window)
         if self._current is not None and self._current[0] == key:
             return self._current[1]
-        rows = None
+        self._drop_current()
         if self._ahead is not None and self._ahead[0] == key:
-            rows = self._ahead[1].result()  # type: ignore[attr-defined]
+            win = self._ahead[1].result()
             self._ahead = None
         else:
             self._drop_ahead()
-            rows = self._load(epoch, window)
-        self._current = (key, rows)
-        nxt = self._successor(epoch, window) if self.prefetch and rows is not None else None
+            win = self._load(epoch, window)
+        self._current = (key, win)
+        nxt = self._successor(epoch, window) if self.prefetch and win is not None else None
         if nxt is not None and (self.epochs is None or nxt[0] < self.epochs):
             if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saecli-window")
             self._ahead = (nxt, self._pool.submit(self._load, *nxt))
-        return rows
+        return win
+
+    def _drop_current(self) -> None:
+        if self._current is not None and self._current[1] is not None:
+            self._release(self._current[1])
+        self._current = None
 
     def _drop_ahead(self) -> None:
         if self._ahead is not None:
-            self._ahead[1].cancel()  # type: ignore[attr-defined]
+            future = self._ahead[1]
             self._ahead = None
+            if not future.cancel():
+                try:
+                    win = future.result()
+                except Exception:
+                    win = None
+                if win is not None:
+                    self._release(win)
 
     # -- exact position
     def cursor_state(self) -> dict:
@@ -142,16 +167,13 @@ class WindowStream:
 
     def load_cursor(self, state: dict) -> None:
         self._drop_ahead()
-        self._current = None
+        self._drop_current()
         self._epoch, self._window = int(state["epoch"]), int(state["window"])
         self._offset, self._batches = int(state["offset"]), int(state["batches"])
 
     def close(self) -> None:
+        """Stop the prefetch thread (a stream is also usable without ever calling this)."""
         self._drop_ahead()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-
-
-def _length(rows: Rows) -> int:
-    return int(next(iter(rows.values())).shape[0])

@@ -49,10 +49,8 @@ from saecli.errors import ConfigError
 
 def pair_index(n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(source, target) of every decoder block, target-major: (0,0), (0,1), (1,1), (0,2), (1,2), (2,2), …"""
-    target = torch.repeat_interleave(torch.arange(n_layers), torch.arange(1, n_layers + 1))
-    offsets = torch.arange(n_layers) * (torch.arange(n_layers) + 1) // 2
-    source = torch.arange(target.numel()) - offsets[target]
-    return source, target
+    pairs = [(i, t) for t in range(n_layers) for i in range(t + 1)]
+    return torch.tensor([i for i, _ in pairs]), torch.tensor([t for _, t in pairs])
 
 
 class CrossLayerTranscoder(Dictionary):
@@ -340,9 +338,9 @@ class CrossLayerTranscoder(Dictionary):
             loss = loss + terms["lp"]
         if act == "jumprelu":
             extra["mean_threshold"] = self.activation.theta().detach().mean()
-        fired = (f3.detach() > 0).float()
-        extra["l0"] = fired.sum((1, 2)).mean() if n_tok else torch.zeros(())
-        per_layer = fired.sum(2).mean(0) if n_tok else torch.zeros(self.n_layers)
+        fired = f3.detach() > 0  # bool: a quarter of a float copy of the [N, L, d_sae] latents
+        per_layer = fired.sum((0, 2)).float() / max(n_tok, 1)
+        extra["l0"] = per_layer.sum()
         for i, hook in enumerate(self.in_hooks):
             extra[f"l0/{hook}"] = per_layer[i]
         recon_d = {hook: recon[:, t] for t, hook in enumerate(self.out_hooks)}
@@ -367,19 +365,11 @@ class CrossLayerTranscoder(Dictionary):
                            flat_gate)
 
     # ------------------------------------------------------------------ directions (DLA, analysis)
-    def _raw_pair_weight(self) -> torch.Tensor:
-        """[n_pairs, d_sae, d_model] decoder blocks in raw units per unit of f."""
-        mode = getattr(self.cfg, "norm_activation", "none")
-        if self.folded or mode != "dataset-wise":
-            return self.W_dec
-        s_out = torch.stack([self.scale(h) for h in self.out_hooks]).to(self.W_dec.dtype)
-        return self.W_dec / s_out[self.pair_target].view(-1, 1, 1)
-
     def decoder_directions(self, hook: str | None = None) -> torch.Tensor:
-        """[L·d_sae, d_model] in raw units: into out hook `hook` (zero rows for latents of later layers), or with
-        hook=None the sum over every layer each latent writes to (what direct logit attribution wants)."""
-        w = self._raw_pair_weight()
-        s = self.d_sae_layer
+        """[L·d_sae, d_model] as stored (normalised units until folded, raw after, like every kind): the blocks
+        into out hook `hook` (zero rows for latents of later layers), or with hook=None each latent's sum over
+        every layer it writes to. Direct logit attribution sums the per-hook directions in raw units."""
+        w, s = self.W_dec, self.d_sae_layer
         if hook is None:
             out = w.new_zeros(self.n_layers, s, self.d_model).index_add(0, self.pair_source, w)
             return out.reshape(-1, self.d_model)

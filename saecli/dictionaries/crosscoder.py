@@ -163,14 +163,18 @@ class Crosscoder(Dictionary):
         norms = self.head_decoder_norms()
         return norms / norms.sum(0, keepdim=True).clamp_min(1e-12)
 
-    def _raw_factor(self, head: int) -> float:
-        mode = getattr(self.cfg, "norm_activation", "none")
-        return 1.0 if self.folded or mode != "dataset-wise" else 1.0 / float(self.scale(self.heads[head]))
-
     def decoder_directions(self, hook: str | None = None) -> torch.Tensor:
-        """[d_sae, d_model]: the decoder of head `hook` (default: the last head) in raw units per unit f."""
+        """[d_sae, d_model]: the decoder of head `hook` (default: the last head), as stored (normalised units
+        until folded, raw after), like every kind."""
         h = self.heads.index(hook) if hook is not None else self.n_heads - 1
-        return self.W_dec[:, h, :] * self._raw_factor(h)
+        return self.W_dec[:, h, :]
+
+    def dla_directions(self) -> torch.Tensor:
+        """What direct logit attribution reads: the LAST head's decoder in raw units (the deepest layer, or
+        the last model of a diff), not the sum over heads — heads of different models share no residual."""
+        w = self.W_dec[:, -1, :]
+        mode = getattr(self.cfg, "norm_activation", "none")
+        return w if self.folded or mode != "dataset-wise" else w / self.scale(self.heads[-1]).to(w.dtype)
 
     # ------------------------------------------------------------------ training hooks
     def post_step(self) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from saecli import ui
 from saecli.dictionaries.base import Dictionary
-from saecli.errors import RunError, UsageError
+from saecli.errors import UsageError
 from saecli.evaluation.density import log_density_histogram, save_density_png, show_density
 from saecli.evaluation.heldout import HeldOut, plan_heldout
 from saecli.evaluation.metrics import EvalAccumulator, Thresholds
@@ -108,7 +108,9 @@ def reconstruction_metrics(dictionary: Dictionary, batches: Iterator[Any], total
             acc.update(targets, recons, f)
             bar.advance(acc.n_tokens - before)
     if acc.n_tokens == 0:
-        raise RunError("the held-out activation stream gave no tokens to evaluate on")
+        raise UsageError("the held-out activation stream gave no tokens to evaluate on: did training read every "
+                         "document? Hold text out (dataset.max_documents for training), or set eval.skip_documents "
+                         "or eval.cache_dir")
     return acc
 
 

