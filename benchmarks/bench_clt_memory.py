@@ -5,8 +5,8 @@
 
 Prints the parameter count, the predicted and measured memory (parameters; + gradients and Adam's two
 moments; peak of a step), the step time, and ×roof = the step's decoder+encoder FLOP rate ÷ the FLOP rate
-of one plain matmul of the same shape family measured in the same run (a step's dense FLOPs are 3 × the
-forward's: forward, dL/dinput, dL/dweight).
+of one plain matmul of the same shape family measured in the same run. The FLOPs counted are those of the
+DENSE step (3 × the forward's: forward, dL/dinput, dL/dweight), so the sparse TopK path can pass 1.
 """
 
 from __future__ import annotations
@@ -59,12 +59,17 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dense", action="store_true", help="the dense path (sparse_kernels = false)")
+    ap.add_argument("--profile", action="store_true", help="print the top ops of one step (torch.profiler)")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(2)
     n_layers, d, s, n = args.layers, args.d_model, args.d_sae, args.tokens
     ins = [f"blocks.{i}.hook_mlp_in" for i in range(n_layers)]
     outs = [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]
-    cfg = parse(DictionaryConfig, {"kind": "clt", "d_sae": s, "k": args.k, "norm_activation": "none"}, key="sae")
+    cfg = parse(DictionaryConfig, {"kind": "clt", "d_sae": s, "k": args.k, "norm_activation": "none",
+                                   "sparse_kernels": not args.dense}, key="sae")
     pred = predicted_bytes(n_layers, d, s, n)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -91,19 +96,30 @@ def main() -> None:
         if step:  # the first step allocates Adam's state
             times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else float("nan")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            clt(batch, ctx).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(dev)
+        key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=12))
     flops = 3 * (n * s * d * n_layers * (n_layers + 1) + 2 * n * n_layers * s * d)
     step_t = statistics.median(times)
     roof = matmul_rate(dev, n, d, s)
     gib = 2.0**30
-    print(f"CLT L={n_layers} d_model={d} d_sae/layer={s} tokens={n} k={args.k} on {dev}")
+    print(f"CLT L={n_layers} d_model={d} d_sae/layer={s} tokens={n} k={args.k} on {dev}, path {clt.last_path}")
     print(f"parameters {pred['params'] / 1e6:.1f} M: predicted {pred['param_bytes'] / gib:.2f} GiB, "
           f"measured {after_init / gib:.2f} GiB")
     print(f"train state (params+grads+Adam) predicted {pred['train_state_bytes'] / gib:.2f} GiB; "
           f"+ activations predicted {pred['activation_bytes'] / gib:.2f} GiB → "
           f"{(pred['train_state_bytes'] + pred['activation_bytes']) / gib:.2f} GiB; measured peak {peak / gib:.2f} GiB")
     print(f"step {step_t * 1e3:.1f} ms (median of {len(times)}, spread {min(times) * 1e3:.1f}–{max(times) * 1e3:.1f}), "
-          f"{n / step_t:.0f} tokens/s, {flops / step_t / 1e12:.2f} TFLOP/s, matmul roof {roof / 1e12:.2f} TFLOP/s, "
-          f"×roof {flops / step_t / roof:.2f}")
+          f"{n / step_t:.0f} tokens/s, dense-equivalent {flops / step_t / 1e12:.2f} TFLOP/s, matmul roof "
+          f"{roof / 1e12:.2f} TFLOP/s, ×roof {flops / step_t / roof:.2f}")
 
 
 if __name__ == "__main__":

@@ -94,9 +94,10 @@ def _naive(clt: CrossLayerTranscoder, x: torch.Tensor, ks: list[int]) -> torch.T
     return torch.stack(ys, dim=1)
 
 
-def test_batched_decode_and_gradients_match_the_loop_over_pairs():
+@pytest.mark.parametrize("sparse", [True, False])
+def test_batched_decode_and_gradients_match_the_loop_over_pairs(sparse):
     torch.manual_seed(0)
-    clt = make(n_layers=4, d_model=6, d_sae=8, activation="topk", layer_k=[1, 2, 3, 2], k=2)
+    clt = make(n_layers=4, d_model=6, d_sae=8, activation="topk", layer_k=[1, 2, 3, 2], k=2, sparse_kernels=sparse)
     with torch.no_grad():
         clt.b_dec.normal_()
     ins, outs = hooks(4)
@@ -104,6 +105,7 @@ def test_batched_decode_and_gradients_match_the_loop_over_pairs():
     y = torch.randn(16, 4, 6)
     out = clt.loss({h: x[:, i] for i, h in enumerate(ins)}, {h: y[:, i] for i, h in enumerate(outs)},
                    StepContext(k=2, training=True))
+    assert clt.last_path == ("topk-sparse" if sparse else "dense")
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in clt.named_parameters()}
     clt.zero_grad()
@@ -113,6 +115,31 @@ def test_batched_decode_and_gradients_match_the_loop_over_pairs():
         assert torch.allclose(out.reconstruction[h], ref[:, t], atol=1e-5)
     for name, p in clt.named_parameters():
         assert torch.allclose(grads[name], p.grad, atol=1e-5), name
+
+
+def test_sparse_topk_path_with_auxk_matches_dense():
+    """The sparse path (k active rows per layer, AuxK decoded sparsely too) = the dense path, loss and grads."""
+    torch.manual_seed(5)
+    kw = dict(n_layers=3, d_model=6, d_sae=16, activation="topk", k=3)
+    fast, dense = make(**kw), make(sparse_kernels=False, **kw)
+    with torch.no_grad():
+        fast.b_dec.normal_()
+    dense.load_state_dict(fast.state_dict())
+    ins, outs = hooks(3)
+    batch = {h: torch.randn(32, 6) for h in ins + outs}
+    ctx = StepContext(k=3, training=True, auxk_coefficient=0.5, k_aux=4, dead_mask=torch.rand(48) < 0.5)
+    results = []
+    for clt in (fast, dense):
+        out = clt(batch, ctx)
+        out.loss.backward()
+        results.append(out)
+    assert fast.last_path == "topk-sparse" and dense.last_path == "dense"
+    assert results[0].feature_acts.layout == torch.sparse_csr
+    assert torch.allclose(results[0].feature_acts.to_dense(), results[1].feature_acts)
+    for key in ("mse", "aux"):
+        assert results[0].terms[key].item() == pytest.approx(results[1].terms[key].item(), rel=1e-5)
+    for (name, a), (_, b) in zip(fast.named_parameters(), dense.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
 
 
 def test_layer_topk_and_batch_topk_keep_a_quota_per_layer():
@@ -166,7 +193,7 @@ def test_training_on_teacher_data_recovers_cross_layer_decoders():
     for step in range(150):
         out = student(sample(256), StepContext(k=2, training=True, auxk_coefficient=1 / 32, k_aux=16,
                                                dead_mask=fires < 1 if step > 50 else None))
-        fires = fires * 0.9 + (out.feature_acts > 0).float().sum(0)
+        fires = fires * 0.9 + (out.feature_acts.to_dense() > 0).float().sum(0)  # sparse CSR in TopK training
         opt.zero_grad()
         out.loss.backward()
         opt.step()

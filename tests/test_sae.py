@@ -121,6 +121,19 @@ def test_every_path_trains_under_bf16_autocast(activation):
     assert all(p.dtype == torch.float32 for p in sae.parameters())
 
 
+def test_relu_dense_regime_without_a_fused_step_stops_probing(monkeypatch):
+    sae = make("relu")  # about half the latents fire; the tanh penalty has no fused step
+    probes = []
+    original = sae._pre_into_buffer
+    monkeypatch.setattr(sae, "_pre_into_buffer", lambda *a: probes.append(1) or original(*a))
+    ctx = StepContext(l1_coefficient=0.1, sparsity_loss_type="tanh")
+    x = torch.randn(32, D)
+    for _ in range(3):
+        sae.loss({sae.in_hook: x}, {sae.in_hook: x}, ctx)
+        assert sae.last_path == "dense"
+    assert len(probes) == 1  # measured once, then the dense path directly
+
+
 def test_fast_paths_are_skipped_at_eval_and_when_disabled():
     sae = make("topk")
     x = torch.randn(8, D)

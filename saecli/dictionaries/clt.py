@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from saecli.config.base import to_dict
+from saecli.dictionaries import kernels
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation, gated_pre, threshold
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
@@ -76,6 +77,7 @@ class CrossLayerTranscoder(Dictionary):
         else:
             self.register_parameter("b_dec", None)
         self.register_buffer("target_norm_weight", torch.ones(n))
+        self.last_path = ""  # "topk-sparse" or "dense": which training path the last loss() took
         self._make_activation_state()
         self.reset_parameters()
 
@@ -127,6 +129,10 @@ class CrossLayerTranscoder(Dictionary):
     def _offset(self, t: int) -> int:
         return t * (t + 1) // 2
 
+    def _diagonal(self) -> torch.Tensor:
+        """Storage index of each block i→i."""
+        return torch.tensor([self._offset(t) + t for t in range(self.n_layers)], device=self.W_dec.device)
+
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self, init_cfg: Any = None) -> None:
@@ -146,8 +152,7 @@ class CrossLayerTranscoder(Dictionary):
         elif icfg.decoder_init_norm is not None:
             self._normalise_decoder(icfg.decoder_init_norm)
         if icfg.init_encoder_with_decoder_transpose:
-            diag = torch.tensor([self._offset(t) + t for t in range(self.n_layers)])
-            self.W_enc.copy_(self.W_dec[diag] * icfg.init_encoder_with_decoder_transpose_factor)
+            self.W_enc.copy_(self.W_dec[self._diagonal()] * icfg.init_encoder_with_decoder_transpose_factor)
         else:
             self.W_enc.copy_(((torch.rand(self.W_enc.shape) * 2 - 1) * self.d_model ** -0.5).to(self.W_enc.dtype))
         self.b_enc.zero_()
@@ -189,7 +194,7 @@ class CrossLayerTranscoder(Dictionary):
 
         if icfg.grid_search_init_norm and not self.cfg.decoder_unit_norm:
             tied = icfg.init_encoder_with_decoder_transpose
-            diag = torch.tensor([self._offset(t) + t for t in range(self.n_layers)])
+            diag = self._diagonal()
 
             def loss_at(norm: float) -> float:
                 self._normalise_decoder(norm)
@@ -303,16 +308,27 @@ class CrossLayerTranscoder(Dictionary):
             targets = {h: v[mask] for h, v in targets.items()}
         y = torch.stack([targets[h].reshape(-1, self.d_model) for h in self.out_hooks], dim=1)  # [N, L, d]
         h = self.pre_acts(self._stack_inputs(inputs))
-        f3 = self.activate(h, ctx)
-        n_tok = f3.shape[0]
-        f = f3.reshape(n_tok, -1)
-        recon = self.decode_layers(f)
+        n_tok = h.shape[0]
+        act, kind = self.cfg.activation, ctx.sparsity_loss_type or "none"
+        gate = self._gate()
+        extra: dict[str, Any] = {}
+        f3 = None
+        if self._sparse_path(ctx):
+            vals, idx = self._topk_entries(h, ctx, gate)  # [N, L·k] values (grad to h) and flat latent ids
+            recon = self.decode_sparse(vals, idx, layer_sorted=True)
+            feature_acts = _csr(vals.detach(), idx, self.d_sae)
+            fires = (vals.detach() > 0).view(n_tok, self.n_layers, -1).sum((0, 2))
+            self.last_path = "topk-sparse"
+        else:
+            f3 = self.activate(h, ctx)
+            feature_acts = f3.reshape(n_tok, -1)
+            recon = self.decode_layers(feature_acts)
+            fires = (f3.detach() > 0).sum((0, 2))  # bool compare: no float copy of the [N, L, d_sae] latents
+            self.last_path = "dense"
         mse = L.mse(recon.reshape(n_tok, -1), y.reshape(n_tok, -1))  # Σ over layers and d, mean over tokens
         terms = {"mse": mse}
         loss = mse
-        extra: dict[str, Any] = {"mse_per_element": L.mse_per_element(recon.detach(), y)}
-        act, kind = self.cfg.activation, ctx.sparsity_loss_type or "none"
-        gate = self._gate()
+        extra["mse_per_element"] = L.mse_per_element(recon.detach(), y)
         norms = self.layer_decoder_norms() if self.cfg.sparsity_include_decoder_norm else None
         pen = None
         if kind == "l0":
@@ -338,16 +354,62 @@ class CrossLayerTranscoder(Dictionary):
             loss = loss + terms["lp"]
         if act == "jumprelu":
             extra["mean_threshold"] = self.activation.theta().detach().mean()
-        fired = f3.detach() > 0  # bool: a quarter of a float copy of the [N, L, d_sae] latents
-        per_layer = fired.sum((0, 2)).float() / max(n_tok, 1)
+        extra["path"] = self.last_path
+        per_layer = fires.float() / max(n_tok, 1)
         extra["l0"] = per_layer.sum()
         for i, hook in enumerate(self.in_hooks):
             extra[f"l0/{hook}"] = per_layer[i]
         recon_d = {hook: recon[:, t] for t, hook in enumerate(self.out_hooks)}
         target_d = {hook: y[:, t] for t, hook in enumerate(self.out_hooks)}
         extra.update(per_hook_metrics(recon_d, target_d))
-        return LossOutput(loss=loss, terms={k: v.detach() for k, v in terms.items()}, feature_acts=f,
+        return LossOutput(loss=loss, terms={k: v.detach() for k, v in terms.items()}, feature_acts=feature_acts,
                           reconstruction=recon_d, target=target_d, extra=extra)
+
+    # ------------------------------------------------------------------ sparse TopK path
+    def _sparse_path(self, ctx: StepContext) -> bool:
+        """TopK training without a sparsity penalty: decode only the k active latents of each layer."""
+        return (self.cfg.activation == "topk" and getattr(self.cfg, "sparse_kernels", True) and bool(ctx.training)
+                and torch.is_grad_enabled() and (ctx.sparsity_loss_type or "none") == "none")
+
+    def _topk_entries(self, h: torch.Tensor, ctx: StepContext, gate: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each layer's top-k (gated) latents: values relu(h) [N, L·kmax] (0 past a layer's own k) and flat
+        latent ids [N, L·kmax], grouped by layer in layer order (what `decode_sparse(layer_sorted=True)` needs)."""
+        ks = self.layer_ks(ctx)
+        kmax = max(ks)
+        with torch.no_grad():
+            x = gated_pre(h.detach(), gate)
+            idx = torch.topk(x, kmax, dim=-1, sorted=min(ks) != kmax).indices  # [N, L, kmax]
+        vals = torch.relu(torch.gather(h, -1, idx))
+        if min(ks) != kmax:
+            vals = vals * (torch.arange(kmax, device=h.device) < torch.tensor(ks, device=h.device).unsqueeze(1))
+        offsets = torch.arange(self.n_layers, device=h.device).view(1, -1, 1) * self.d_sae_layer
+        return vals.reshape(h.shape[0], -1), (idx + offsets).reshape(h.shape[0], -1)
+
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor, bias: bool = True,
+                      layer_sorted: bool = False) -> torch.Tensor:
+        """[N, L, d_model] from a few active latents per token: `values`, `indices` [N, K] (flat latent ids).
+
+        ŷ_t sums the rows W_dec[i→t]_j of the active latents of layers i ≤ t (one embedding-bag per layer:
+        N·K·d_model work instead of N·(t+1)·d_sae·d_model). `layer_sorted`: the K entries are grouped by layer
+        with K/L per layer (as `_topk_entries` gives), so layer t's sources are a prefix; otherwise entries of
+        later layers are masked out.
+        """
+        s = self.d_sae_layer
+        values = values.to(self.W_dec.dtype)
+        per = indices.shape[1] // self.n_layers if layer_sorted else 0
+        outs = []
+        for t in range(self.n_layers):
+            o = self._offset(t)
+            w_t = self.W_dec[o:o + t + 1].reshape((t + 1) * s, self.d_model)
+            if layer_sorted:
+                idx_t, val_t = indices[:, : (t + 1) * per], values[:, : (t + 1) * per]
+            else:
+                keep = indices < (t + 1) * s
+                idx_t, val_t = torch.where(keep, indices, 0), values * keep
+            y = torch.nn.functional.embedding_bag(idx_t, w_t, per_sample_weights=val_t, mode="sum")
+            outs.append(y + self.b_dec[t] if bias and self.b_dec is not None else y)
+        return torch.stack(outs, dim=1)
 
     def _auxk(self, h: torch.Tensor, ctx: StepContext, residual: torch.Tensor, gate: torch.Tensor | None
               ) -> torch.Tensor:
@@ -356,8 +418,7 @@ class CrossLayerTranscoder(Dictionary):
         n_tok = h.shape[0]
 
         def decode(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-            f = torch.zeros(n_tok, self.d_sae, dtype=values.dtype, device=values.device).scatter(1, indices, values)
-            return self.decode_layers(f, bias=False).reshape(n_tok, -1)
+            return self.decode_sparse(values, indices, bias=False).reshape(n_tok, -1)
 
         k_aux = int(ctx.k_aux or self.d_model // 2)
         flat_gate = gate.reshape(-1) if gate is not None else None
@@ -496,3 +557,8 @@ def layer_batch_topk(h: torch.Tensor, ks: list[int], gate: torch.Tensor | None =
     smallest = torch.where(kept, vals, torch.full_like(vals, float("inf"))).amin(1)
     smallest = torch.where(torch.isinf(smallest), torch.full_like(smallest, float("nan")), smallest)
     return torch.where(mask, torch.relu(h), torch.zeros((), dtype=h.dtype, device=h.device)), smallest
+
+
+def _csr(values: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """[N, n_cols] sparse CSR from K entries per row (values, column ids [N, K]); zeros stay explicit."""
+    return kernels.SparsePattern.from_topk(indices, n_cols).csr(values.reshape(-1))

@@ -32,6 +32,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ReLU switches to the sparse path when at most this fraction of (token, latent) pairs fire
 SPARSE_RELU_MAX_DENSITY = 0.05
 CUDA_SPARSE_RELU_MIN_TOKENS = 16384
+RELU_REPROBE_STEPS = 50
 
 
 class SparseAutoEncoder(Dictionary):
@@ -57,6 +58,7 @@ class SparseAutoEncoder(Dictionary):
         self.last_path = ""
         self._work: dict[str, Any] = {}
         self._hooked = 0
+        self._relu_density, self._relu_calls = 0.0, 0  # ReLU path choice: last step's firing density
         self._ensure_grad_hook()
         from saecli.dictionaries.init import initialize
 
@@ -141,8 +143,21 @@ class SparseAutoEncoder(Dictionary):
             return "dense" if cuda and torch.is_autocast_enabled(x.device.type) else "topk-sparse"
         if self.cfg.activation == "relu":
             # on a GPU the sparse ReLU path only pays off on large batches (H100: slower at 4k, 2× at 64k tokens)
-            return "dense" if cuda and x.shape[0] < CUDA_SPARSE_RELU_MIN_TOKENS else "relu"
+            if cuda and x.shape[0] < CUDA_SPARSE_RELU_MIN_TOKENS:
+                return "dense"
+            # dense regime without a fused step: skip the probe (it would cost an extra encoder matmul),
+            # but look again every RELU_REPROBE_STEPS steps in case training made the codes sparse
+            self._relu_calls += 1
+            if (not self._relu_fusable(x, ctx) and self._relu_density > SPARSE_RELU_MAX_DENSITY
+                    and self._relu_calls % RELU_REPROBE_STEPS):
+                return "dense"
+            return "relu"
         return "dense"
+
+    def _relu_fusable(self, x: torch.Tensor, ctx: StepContext) -> bool:
+        kind = ctx.sparsity_loss_type or "none"
+        return (kind == "none" or (kind == "power" and ctx.p == 1.0)) and bool(self.cfg.sparsity_include_decoder_norm) \
+            and x.dtype == self.W_enc.dtype and not torch.is_autocast_enabled(x.device.type)
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A work buffer reused across steps (no page faults from fresh [N, d_sae] allocations)."""
@@ -253,6 +268,7 @@ class SparseAutoEncoder(Dictionary):
         with torch.no_grad():
             buf.relu_()
             nnz = int(torch.count_nonzero(buf))
+        self._relu_density = nnz / max(buf.numel(), 1)
         x_enc = x_in.to(self.W_enc.dtype) if x_in.dtype != self.W_enc.dtype else x_in
         if nnz <= SPARSE_RELU_MAX_DENSITY * n_tok * s:
             with torch.no_grad():
@@ -264,11 +280,7 @@ class SparseAutoEncoder(Dictionary):
             feature_acts = pattern.csr(f.detach())
             l0 = torch.tensor(nnz / n_tok)
         else:
-            fusable = (kind in ("power", "none") and (kind == "none" or ctx.p == 1.0)
-                       and self.cfg.sparsity_include_decoder_norm and buf.dtype == self.W_enc.dtype
-                       and x_enc.dtype == self.W_enc.dtype and not torch.is_autocast_enabled(x.device.type)
-                       and not x.is_cuda)  # on a GPU plain autograd is as fast (measured, H100)
-            if not fusable:
+            if not self._relu_fusable(x_enc, ctx):  # other penalties, AMP: the dense path (recomputes h)
                 return None
             b_dec = self.b_dec if self.b_dec is not None else None
             recon, pen_fused = kernels.dense_relu_l1(x_enc, self.W_enc, self.b_enc, self.W_dec, b_dec, buf,

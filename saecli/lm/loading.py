@@ -101,11 +101,19 @@ def _no_weight_progress_bar() -> Iterator[None]:
     """Hide transformers' per-load "Loading weights" bar (noise for a sub-second step); restore it after."""
     from transformers.utils import logging as hf_logging
 
+    import os
+
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    tqdm_before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF de-quantiser draws its own tqdm bar
     try:
         yield
     finally:
+        if tqdm_before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_before
         if was_enabled:
             hf_logging.enable_progress_bar()
 

@@ -116,6 +116,7 @@ class Member:
         self._grad_norm: torch.Tensor | None = None
         self._lr_used = 0.0
         self._last_extra: dict[str, Any] = {}
+        self._scratch_buf: torch.Tensor | None = None
         self._log_clock = time.perf_counter()
         self._log_tokens = 0
         self._elapsed_before = 0.0  # wall time of earlier sessions (resume)
@@ -185,14 +186,28 @@ class Member:
             w.add(f"loss/{key}", value)
         w.add("fires", counts.sum())
         w.add("tokens", float(n_tokens))
-        for hook, target in out.target.items():
-            x = flat_rows(target.detach(), mask).float()
-            x_hat = flat_rows(out.reconstruction[hook].detach(), mask).float()
-            w.add(f"sse/{hook}", (x_hat - x).pow(2).sum())
-            w.add(f"sst/{hook}", (x - x.mean(0)).pow(2).sum())
-            w.add(f"elements/{hook}", float(x.numel()))
+        if self._samples_reconstruction():
+            for hook, target in out.target.items():
+                x = flat_rows(target.detach(), mask)
+                x_hat = flat_rows(out.reconstruction[hook].detach(), mask)
+                buf = self._scratch(x.shape, x.device)  # reused: no fresh [N, d] buffers per step
+                w.add(f"sse/{hook}", torch.sub(x_hat, x, out=buf).square_().sum())
+                w.add(f"sst/{hook}", torch.sub(x, x.float().mean(0), out=buf).square_().sum())
+                w.add(f"elements/{hook}", float(x.numel()))
         self._last_extra = out.extra
         self.tokens += n_tokens
+
+    def _samples_reconstruction(self) -> bool:
+        """Reconstruction error is summed on every `stride`-th step (≈ 8 per logging window) and on the
+        step before each log: a sample that costs little next to the dictionary's own step."""
+        stride = max(1, self.cfg.log_frequency // 8)
+        return self.step % stride == 0 or self._logs_at(self.step + 1)
+
+    def _scratch(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        buf = self._scratch_buf
+        if buf is None or buf.shape != shape or buf.device != device:
+            buf = self._scratch_buf = torch.empty(shape, dtype=torch.float32, device=device)
+        return buf
 
     def _optimizer_step(self) -> None:
         self.sync.all_reduce_grads(self._all_params)

@@ -38,11 +38,14 @@ def firing_counts(feature_acts: torch.Tensor, mask: torch.Tensor | None = None) 
     if feature_acts.layout == torch.sparse_csr:
         if mask is not None:
             feature_acts = feature_acts.to_dense()
-        else:
-            cols = feature_acts.col_indices()[feature_acts.values() != 0]
-            return torch.bincount(cols, minlength=d_sae)
-    rows = flat_rows(feature_acts.detach(), mask)
-    return (rows != 0).sum(0)
+        else:  # index_add_ rather than bincount or boolean indexing: no device sync on a GPU
+            values = feature_acts.values()
+            counts = torch.zeros(d_sae, dtype=torch.int64, device=values.device)
+            return counts.index_add_(0, feature_acts.col_indices(), (values != 0).to(torch.int64))
+    fired = feature_acts.detach() != 0
+    if mask is not None:
+        fired = fired & mask.reshape(*fired.shape[:-1], 1)
+    return fired.reshape(-1, d_sae).sum(0)
 
 
 class FeatureStats:
@@ -112,7 +115,7 @@ class FeatureStats:
 
 
 class MetricWindow:
-    """Device-side sums since the last log: loss terms, ‖x̂−x‖², ‖x−x̄‖², active latents, tokens."""
+    """Sums since the last log: loss terms, ‖x̂−x‖², ‖x−x̄‖², firing latents (on the device), tokens."""
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -120,34 +123,31 @@ class MetricWindow:
 
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.host: dict[str, float] = {}  # sums of plain numbers (token counts): no device traffic
         self.counts: dict[str, int] = {}
-        self.tokens = 0
         self.steps = 0
 
     def add(self, key: str, value: torch.Tensor | float, count: int = 1) -> None:
-        """Accumulate a scalar (stays on the device: no sync)."""
+        """Accumulate a scalar; tensors stay on the device (no sync)."""
         if isinstance(value, torch.Tensor):
             value = value.detach().to(self.device, torch.float64).reshape(())
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
         else:
-            value = torch.tensor(float(value), dtype=torch.float64, device=self.device)
-        if key in self.sums:
-            self.sums[key] = self.sums[key] + value
-            self.counts[key] += count
-        else:
-            self.sums[key] = value
-            self.counts[key] = count
+            self.host[key] = self.host.get(key, 0.0) + float(value)
+        self.counts[key] = self.counts.get(key, 0) + count
 
     def read(self, fn: Callable[[dict[str, float], dict[str, int]], dict[str, float]]) -> dict[str, float]:
         """One sync: the sums as floats, handed with their counts to `fn`, which makes the metrics."""
         keys = list(self.sums)
         values = torch.stack([self.sums[k] for k in keys]).tolist() if keys else []
-        return fn(dict(zip(keys, values)), dict(self.counts))
+        return fn({**dict(zip(keys, values)), **self.host}, dict(self.counts))
 
     def state_dict(self) -> dict:
-        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "counts": dict(self.counts),
-                "tokens": self.tokens, "steps": self.steps}
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "host": dict(self.host),
+                "counts": dict(self.counts), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
+        self.host = dict(state["host"])
         self.counts = dict(state["counts"])
-        self.tokens, self.steps = state["tokens"], state["steps"]
+        self.steps = state["steps"]

@@ -1,0 +1,157 @@
+"""`saecli sweep`: train many dictionaries from one file, each group of members on one stream."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Annotated, Any
+
+import typer
+
+from saecli.commands import ExperimentArg, SetOption
+
+_SHOWN = ("loss", "l0", "explained_variance")
+
+
+class SweepReporter:
+    """One progress bar per pass over a stream; the latest metrics of the member that logged last."""
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self._handle: Any = None
+        self._passes = 0
+
+    def start(self, total_tokens: int, done_tokens: int) -> None:
+        from saecli import ui
+
+        self._stack.close()
+        self._stack = contextlib.ExitStack()
+        self._passes += 1
+        self._handle = self._stack.enter_context(ui.progress(f"sweep pass {self._passes}", total=total_tokens,
+                                                             unit="tokens", completed=done_tokens))
+
+    def advance(self, n_tokens: int) -> None:
+        if self._handle is not None:
+            self._handle.advance(n_tokens)
+
+    def log(self, member: str, record: dict[str, Any]) -> None:
+        if self._handle is not None:
+            short = member.rsplit("/", 1)[-1]
+            self._handle.update(member=short, **{k: record[k] for k in _SHOWN if k in record})
+
+    def warn(self, message: str) -> None:
+        from saecli import ui
+
+        ui.warn(message)
+
+    def info(self, message: str) -> None:
+        from saecli import ui
+
+        ui.info(message)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def show_plan(plan: Any, groups: list) -> None:
+    """The members and the groups of a sweep, as tables (what --dry-run prints)."""
+    from saecli import ui
+    from saecli.sweep.grid import format_value
+    from saecli.sweep.grouping import differing_stream_keys
+    from saecli.sweep.stacked import stack_key
+
+    group_of = {m.name: g.index for g in groups for m in g.members}
+    stacks: dict[tuple, int] = {}
+    counts: dict[tuple, int] = {}
+    for g in groups:
+        for m in g.members:
+            key = stack_key(m.exp) if plan.sweep.stack else None
+            if key is not None:
+                counts[(g.index, key)] = counts.get((g.index, key), 0) + 1
+    rows = []
+    for m in plan.members:
+        key = stack_key(m.exp) if plan.sweep.stack else None
+        gk = (group_of[m.name], key)
+        stack = ""
+        if key is not None and counts.get(gk, 0) > 1:
+            stack = f"s{stacks.setdefault(gk, len(stacks))}"
+        row = {"member": m.name, "group": group_of[m.name], "stack": stack or "-"}
+        row.update({k: format_value(v) for k, v in m.overrides.items()})
+        row["folder"] = str(m.folder)
+        rows.append(row)
+    ui.table(f"{len(plan.members)} members", rows)
+    differ = differing_stream_keys(groups)
+    grows = []
+    for g in groups:
+        exp = g.members[0].exp
+        grow = {"group": g.index, "members": len(g.members),
+                "stacked": sum(n for (gi, _), n in counts.items() if gi == g.index and n > 1),
+                "tokens": exp.trainer.total_training_tokens}
+        from saecli.sweep.grid import key_value
+
+        for key in differ:
+            if not key.startswith("("):
+                grow[key] = format_value(key_value(exp, key))
+        grows.append(grow)
+    ui.table(f"{len(groups)} group(s): each reads its stream once for all its members", grows)
+
+
+def sweep(
+    experiment: ExperimentArg,
+    overrides: SetOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the members and groups, train nothing")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue: finished members are skipped, the others "
+                                                          "resume from their checkpoints")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="discard the members' previous runs")] = False,
+) -> None:
+    """Train every member of a sweep file: a base experiment plus a [sweep] table of a grid and/or variants.
+
+    Members whose activation stream is the same (same model, data, hook points, batch size, tokens)
+    form a group that reads or computes each batch once for all of them; same-shape SAEs in a group
+    are trained as one stacked computation. Each member gets its own folder under run.output_dir
+    (config.toml, metrics.jsonl, checkpoints, sae_weights.safetensors + cfg.json); the sweep's folder
+    gets sweep.json, sweep_summary.json and frontier.png (L0 against explained variance). Under
+    `accelerate launch` the groups (or parts of a big group) are spread over the processes.
+
+    Examples:
+
+        saecli sweep experiments/tiny/sweep.toml --dry-run
+
+        saecli sweep experiments/tiny/sweep.toml
+
+        saecli sweep experiments/tiny/sweep.toml --resume
+
+        accelerate launch --multi_gpu --num_processes 2 -m saecli sweep experiments/smollm2/sweep.toml
+    """
+    from saecli import ui
+    from saecli.errors import UsageError
+    from saecli.sweep.grid import load_sweep
+    from saecli.sweep.grouping import group_members
+
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: choose one")
+    plan = load_sweep(experiment, overrides)
+    groups = group_members(plan.members)
+    if dry_run:
+        show_plan(plan, groups)
+        return
+    from saecli.sweep.run import run_sweep
+    from saecli.sweep.summary import FRONTIER_PNG, SUMMARY_JSON, table_rows
+
+    reporter = SweepReporter()
+    try:
+        rows = run_sweep(plan, resume=resume, overwrite=overwrite, reporter=reporter)
+    finally:
+        reporter.close()
+    if not rows:
+        return  # a non-main rank: rank 0 reports
+    ui.table(f"sweep: {len(rows)} members", table_rows(rows))
+    diverged = [r["member"] for r in rows if r["status"] == "diverged"]
+    if diverged:
+        ui.warn(f"{len(diverged)} member(s) diverged (NaN/inf loss) and stopped: {', '.join(diverged)} "
+                "(see diverged.json in their folders)")
+    extra = f" and {FRONTIER_PNG}" if (plan.output_dir / FRONTIER_PNG).exists() else ""
+    ui.result(f"sweep results in {plan.output_dir} ({SUMMARY_JSON}{extra})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep")(sweep)
