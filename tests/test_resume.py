@@ -109,6 +109,16 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     assert_same_metrics(ref, tmp_path / "cut")
 
 
+
+def test_a_run_killed_while_saving_its_outputs_finishes_on_resume(tmp_path):
+    ref = train(experiment(tmp_path / "ref"), stream=stream())
+    expected = (ref / "sae_weights.safetensors").read_bytes()
+    for name in ("summary.json", "sae_weights.safetensors", "cfg.json"):  # as if killed before writing them
+        (ref / name).unlink()
+    train(experiment(tmp_path / "ref"), stream=stream(), resume=True)  # from the final step's checkpoint
+    assert (ref / "sae_weights.safetensors").read_bytes() == expected
+    assert (ref / "summary.json").exists()
+
 def test_wandb_offline_resumes_the_same_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -264,6 +264,28 @@ def test_an_existing_run_needs_resume_or_overwrite(tmp_path):
     assert (folder / "sae_weights.safetensors").read_bytes() == first  # same seed, same result
 
 
+
+def test_a_finished_run_is_recorded_in_the_store(tmp_path):
+    from saecli.store import open_store
+
+    exp = experiment(tmp_path, store={"backend": "sqlite", "path": str(tmp_path / "results.db")},
+                     trainer={"total_training_tokens": 128 * 10})
+    folder = train(exp, stream=stream())
+    store = open_store(exp.store)
+    try:
+        record = store.get_sae("syn")
+    finally:
+        store.close()
+    assert record["path"] == str(folder.resolve())
+    assert record["metrics"]["step"] == 10 and record["metrics"]["status"] == "finished"
+
+
+def test_bfloat16_autocast_trains(tmp_path):
+    exp = experiment(tmp_path, trainer={"amp_dtype": "bfloat16", "total_training_tokens": 128 * 40,
+                                        "log_frequency": 10})
+    records = read_metrics(train(exp, stream=stream()))
+    assert records[-1]["loss"] < records[0]["loss"]
+
 # ------------------------------------------------------------------------------------------ data parallel
 DP_SCRIPT = '''
 import sys, torch

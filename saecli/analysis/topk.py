@@ -1,13 +1,13 @@
 """Per-feature bookkeeping of a feature analysis, vectorised over all features at once, on the device.
 
 `FeatureBook.update(acts, tokens, doc, pos, mask)` takes one batch of whole contexts with the feature
-activations of every token (`acts` [B, T, F], ignored tokens already zero or masked here) and updates:
+activations of every token (`acts` [B, T, F]) and updates:
 
 - a fixed-bin activation histogram per feature ([F, bins], log-spaced edges; a value outside the range
   lands in the first/last bin), from which the firing count `act_times` is the row sum;
 - the running maximum activation per feature;
-- sampled contexts (`ContextSet`), each keeping `n` contexts per feature with the per-token activations
-  of that feature (float16) and the context's tokens:
+- sampled contexts, each sampling keeping `n` contexts per feature with the per-token activations of
+  that feature (float16) and the context's tokens:
   * "top": the `n` contexts with the highest context score (= the context's max activation of the
     feature), among contexts where the feature fires (score > 0);
   * "tier@p" for each configured fraction p: the `n` highest-scoring contexts among those whose score
@@ -21,9 +21,14 @@ activations of every token (`acts` [B, T, F], ignored tokens already zero or mas
     (context, feature), so it is reproducible and independent of batching) of contexts where the
     feature never fires.
 
-Merging is a top-k over the concatenation [kept scores | this batch's scores] per feature; only the
-slots that change are rewritten (evicted slot ↔ inserted candidate, paired per feature by rank), so
-memory is `F × Σn × T × 6 bytes` (int32 tokens + float16 activations), never proportional to the data.
+Merging: every sampling's kept scores live in one [S, F, n_max] tensor (a sampling with n < n_max has
+its surplus slots pinned at +inf, so they are always "kept" and never written); one top-k over
+[kept | this batch's candidates] per (sampling, feature) decides all samplings at once. Empty slots
+score −1 and non-candidates −inf, so a non-candidate never displaces anything and each row frees
+exactly as many slots as it takes candidates: the two nonzero() lists (sorted by row) pair up element
+by element and only the changed slots are rewritten. Memory is `F × Σn × T × 6 bytes` (int32 tokens +
+float16 activations), never proportional to the data; a batch costs a handful of passes over its
+activations and four host synchronisations, however many samplings there are.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 
 _MASK31 = (1 << 31) - 1
 FP16_MAX = 65504.0
+EMPTY = -1.0  # score of an empty slot: below every real score (all ≥ 0), above every non-candidate (−inf)
 
 
 def score_dtype(device: torch.device) -> torch.dtype:
@@ -77,94 +83,49 @@ def default_specs(top: int, tiers: list[float], tier_n: int, non_activating: int
 
 
 class ContextSet:
-    """`n` kept contexts per feature. Empty slots have score −inf."""
+    """A read-only view of one sampling's kept contexts inside a FeatureBook."""
 
-    def __init__(self, spec: SamplingSpec, n_features: int, context_size: int, device: torch.device):
-        self.spec = spec
-        n, F, T = spec.n, n_features, context_size
-        self.score = torch.full((F, n), -math.inf, dtype=score_dtype(device), device=device)
-        self.value = torch.zeros(F, n, dtype=torch.float32, device=device)  # the context's max activation
-        self.tokens = torch.zeros(F, n, T, dtype=torch.int32, device=device)
-        self.acts = torch.zeros(F, n, T, dtype=torch.float16, device=device)
-        self.doc = torch.full((F, n), -1, dtype=torch.int64, device=device)
-        self.pos = torch.full((F, n), -1, dtype=torch.int64, device=device)
-
-    def merge(self, cand: torch.Tensor, batch: "BatchView") -> None:
-        """Merge candidates `cand` [F, B] (−inf: not a candidate) of one batch into the kept set."""
-        n = self.score.shape[1]
-        if n == 0:
-            return
-        both = torch.cat([self.score, cand], dim=1)  # [F, n + B]
-        chosen = both.topk(n, dim=1, sorted=False).indices
-        selected = torch.zeros_like(both, dtype=torch.bool).scatter_(1, chosen, True)
-        inserted = selected[:, n:]
-        # A real candidate can only be chosen over a slot it beats; −inf picked over −inf is harmless
-        # but skip it to avoid pointless writes (and keep the per-feature counts equal).
-        inserted &= cand > -math.inf
-        evicted = ~selected[:, :n]
-        n_ins = inserted.sum(1)
-        if not bool(n_ins.any()):
-            return
-        # Pair the k-th inserted candidate of feature f with the k-th freed slot of f: both nonzero()
-        # lists are sorted by feature, so after dropping surplus freed slots (from skipped −inf picks)
-        # they align element by element.
-        free_rank = evicted.cumsum(1)
-        evicted &= free_rank <= n_ins[:, None]
-        f_new, b_new = inserted.nonzero(as_tuple=True)
-        f_slot, s_slot = evicted.nonzero(as_tuple=True)
-        self.score[f_slot, s_slot] = cand[f_new, b_new]
-        self.value[f_slot, s_slot] = batch.ctx_max[b_new, f_new].float()
-        self.tokens[f_slot, s_slot] = batch.tokens32()[b_new]
-        self.acts[f_slot, s_slot] = batch.feature_rows(f_new, b_new)
-        self.doc[f_slot, s_slot] = batch.doc[b_new]
-        self.pos[f_slot, s_slot] = batch.pos[b_new]
+    def __init__(self, book: "FeatureBook", index: int):
+        self.book, self.index, self.spec = book, index, book.specs[index]
 
     def sorted(self) -> dict[str, torch.Tensor]:
-        """Kept contexts ordered best first; `count` [F] says how many slots are filled."""
-        order = self.score.argsort(dim=1, descending=True, stable=True)
-        take = lambda t: t.gather(1, order if t.dim() == 2 else order[..., None].expand_as(t))  # noqa: E731
+        """Kept contexts ordered best first: count [F], value [F, n], tokens/acts [F, n, T], doc/pos [F, n]."""
+        b, s, n = self.book, self.index, self.spec.n
+        score = b.score[s, :, :n]
+        order = score.argsort(dim=1, descending=True, stable=True)
+        cols = order + b.offsets[s]
+        wide = lambda t: t.gather(1, cols[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
         return {
-            "count": (self.score > -math.inf).sum(1),
-            "value": take(self.value),
-            "tokens": take(self.tokens),
-            "acts": take(self.acts),
-            "doc": take(self.doc),
-            "pos": take(self.pos),
+            "count": (score > EMPTY).sum(1),
+            "value": b.value[s, :, :n].gather(1, order),
+            "tokens": wide(b.tokens),
+            "acts": wide(b.acts),
+            "doc": b.doc[s, :, :n].gather(1, order),
+            "pos": b.pos[s, :, :n].gather(1, order),
         }
 
 
 class BatchView:
-    """One batch as the context sets read it; the per-feature float16 copy is made only when worth it."""
+    """One batch as the merge reads it; the per-feature float16 copy is made only when worth it."""
 
-    def __init__(self, acts: torch.Tensor, tokens: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor,
-                 ctx_max: torch.Tensor):
-        self.acts, self.tokens, self.doc, self.pos, self.ctx_max = acts, tokens, doc, pos, ctx_max
-        self._tokens32: torch.Tensor | None = None
+    def __init__(self, acts: torch.Tensor, tokens: torch.Tensor):
+        self.acts, self.tokens = acts, tokens
         self._by_feature: torch.Tensor | None = None
-
-    def tokens32(self) -> torch.Tensor:
-        if self._tokens32 is None:
-            self._tokens32 = self.tokens.to(torch.int32)
-        return self._tokens32
 
     def feature_rows(self, f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """[P, T] float16 activations of feature f[i] over context b[i].
 
         acts is [B, T, F]: a row is strided by F. Few rows are gathered directly; many rows (early in a
         run, when most candidates get in) read from one contiguous [F, B, T] copy made for the batch.
+        Values beyond float16's range are clamped to ±65504.
         """
         B, T, F = self.acts.shape
         if self._by_feature is None and len(f) * 32 < B * F:
-            return _half(self.acts[b, :, f])
-        if self._by_feature is None:
+            return self.acts[b, :, f].float().clamp(-FP16_MAX, FP16_MAX).half()
+        if self._by_feature is None:  # out-of-range values become ±inf here, clamped on the rows below
             self._by_feature = torch.empty(F, B, T, dtype=torch.float16, device=self.acts.device)
             self._by_feature.copy_(self.acts.permute(2, 0, 1))
-            self._by_feature.nan_to_num_(posinf=FP16_MAX, neginf=-FP16_MAX)
-        return self._by_feature[f, b]
-
-
-def _half(x: torch.Tensor) -> torch.Tensor:
-    return x.float().clamp(-FP16_MAX, FP16_MAX).half()
+        return self._by_feature[f, b].nan_to_num_(posinf=FP16_MAX, neginf=-FP16_MAX)
 
 
 class FeatureBook:
@@ -173,21 +134,41 @@ class FeatureBook:
     def __init__(self, n_features: int, context_size: int, specs: list[SamplingSpec], *, bins: int = 60,
                  hist_range: tuple[float, float] = (1e-3, 1e3), seed: int = 0,
                  device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.n_features = n_features
-        self.context_size = context_size
+        self.device = dev = torch.device(device)
+        self.n_features = F = n_features
+        self.context_size = T = context_size
         self.seed = seed
+        self.specs = [s for s in specs if s.n > 0]
         self.edges = torch.logspace(math.log10(hist_range[0]), math.log10(hist_range[1]), bins + 1,
                                     dtype=torch.float64)
-        self._inner = self.edges[1:-1].to(device=self.device, dtype=torch.float32)
-        self.hist = torch.zeros(n_features, bins, dtype=torch.int64, device=self.device)
-        self.max_act = torch.zeros(n_features, dtype=torch.float32, device=self.device)
-        self.sets = [ContextSet(s, n_features, context_size, self.device) for s in specs]
+        self._inner = self.edges[1:-1].to(device=dev, dtype=torch.float32)
+        self.hist = torch.zeros(F, bins, dtype=torch.int64, device=dev)
+        self.max_act = torch.zeros(F, dtype=torch.float32, device=dev)
         self.n_tokens = 0  # tokens that counted (mask True)
         self.n_contexts = 0
 
+        S = len(self.specs)
+        sizes = [s.n for s in self.specs]
+        self.n_max = max(sizes, default=0)
+        self.offsets = [sum(sizes[:i]) for i in range(S)]
+        total = sum(sizes)
+        slot = torch.arange(self.n_max, device=dev)
+        live = slot[None, :] < torch.tensor(sizes, device=dev)[:, None]  # [S, n_max]
+        self.score = torch.where(live, EMPTY, math.inf).to(score_dtype(dev))[:, None, :].repeat(1, F, 1)
+        self.value = torch.zeros(S, F, self.n_max, dtype=torch.float32, device=dev)  # the context's max
+        self.doc = torch.full((S, F, self.n_max), -1, dtype=torch.int64, device=dev)
+        self.pos = torch.full((S, F, self.n_max), -1, dtype=torch.int64, device=dev)
+        self.tokens = torch.zeros(F, total, T, dtype=torch.int32, device=dev)
+        self.acts = torch.zeros(F, total, T, dtype=torch.float16, device=dev)
+        self._column = torch.tensor(self.offsets, device=dev, dtype=torch.int64)
+        kinds = [s.kind for s in self.specs]
+        self._tier_rows = [i for i, k in enumerate(kinds) if k == "tier"]
+        self._fractions = torch.tensor([self.specs[i].fraction for i in self._tier_rows], dtype=torch.float64,
+                                       device=dev)
+        self.sets = [ContextSet(self, i) for i in range(S)]
+
     def memory_bytes(self) -> int:
-        n = sum(s.spec.n for s in self.sets)
+        n = sum(s.n for s in self.specs)
         return self.n_features * n * (self.context_size * 6 + 36) + self.hist.numel() * 8
 
     @torch.no_grad()
@@ -200,38 +181,63 @@ class FeatureBook:
         B, T, F = acts.shape
         if T != self.context_size or F != self.n_features:
             raise ValueError(f"expected acts [B, {self.context_size}, {self.n_features}], got {list(acts.shape)}")
+        dev = acts.device
         if mask is not None:
-            mask = mask.to(device=acts.device, dtype=torch.bool)
+            mask = mask.to(device=dev, dtype=torch.bool)
             ignored = (~mask).nonzero(as_tuple=True)
             acts[ignored] = 0  # in place: usually one BOS per context, not a pass over the whole batch
             self.n_tokens += B * T - int(ignored[0].numel())
+            first = mask.to(torch.int32).argmax(1, keepdim=True)  # the first counted token (BOS is not one)
         else:
             self.n_tokens += B * T
-        # where each context starts in the data: (doc, pos) of its first counted token (BOS is not one)
-        first = mask.to(torch.int32).argmax(1, keepdim=True) if mask is not None else torch.zeros(B, 1, dtype=torch.int64)
-        first = first.to(acts.device)
-        first_doc = doc.to(acts.device).gather(1, first)[:, 0].long() if doc is not None else torch.full((B,), -1, device=acts.device)
-        first_pos = pos.to(acts.device).gather(1, first)[:, 0].long() if pos is not None else first[:, 0].long()
+            first = torch.zeros(B, 1, dtype=torch.int64, device=dev)
+        # where each context starts in the data: (doc, pos) of its first counted token
+        first_doc = doc.to(dev).gather(1, first)[:, 0].long() if doc is not None else torch.full((B,), -1, device=dev)
+        first_pos = pos.to(dev).gather(1, first)[:, 0].long() if pos is not None else first[:, 0].long()
 
         self._histogram(acts)
         ctx_max = acts.amax(dim=1)  # [B, F]
         self.max_act = torch.maximum(self.max_act, ctx_max.amax(0).float().clamp_min(0))
-        s = ctx_max.T.to(self.sets[0].score.dtype) if self.sets else None  # [F, B]
-        fires = s > 0 if s is not None else None
-        neg_inf = torch.tensor(-math.inf, dtype=s.dtype, device=s.device) if s is not None else None
-        view = BatchView(acts, tokens.to(acts.device), first_doc, first_pos, ctx_max)
-        for cs in self.sets:
-            if cs.spec.kind == "top":
-                cand = torch.where(fires, s, neg_inf)
-            elif cs.spec.kind == "tier":
-                limit = (cs.spec.fraction * self.max_act.to(s.dtype))[:, None]
-                cand = torch.where(fires & (s <= limit), s, neg_inf)
-            else:
-                ids = torch.arange(self.n_contexts, self.n_contexts + B, device=acts.device)
-                keys = hashed_uniform(ids, F, self.seed).to(s.dtype)
-                cand = torch.where(fires, neg_inf, keys)
-            cs.merge(cand, view)
+        if self.specs:
+            cand = self._candidates(ctx_max, B)
+            self._merge(cand, ctx_max, BatchView(acts, tokens.to(dev)), first_doc, first_pos)
         self.n_contexts += B
+
+    def _candidates(self, ctx_max: torch.Tensor, B: int) -> torch.Tensor:
+        """[S, F, B] score of each context for each sampling; −inf where it is not a candidate."""
+        s = ctx_max.T.to(self.score.dtype)  # [F, B]
+        fires = s > 0
+        neg_inf = torch.tensor(-math.inf, dtype=s.dtype, device=s.device)
+        cand = torch.empty(len(self.specs), *s.shape, dtype=s.dtype, device=s.device)
+        for i, spec in enumerate(self.specs):
+            if spec.kind == "top":
+                cand[i] = torch.where(fires, s, neg_inf)
+            elif spec.kind == "non-activating":
+                ids = torch.arange(self.n_contexts, self.n_contexts + B, device=s.device)
+                cand[i] = torch.where(fires, neg_inf, hashed_uniform(ids, self.n_features, self.seed).to(s.dtype))
+        if self._tier_rows:  # all tiers in one go: s ≤ p × running max (this batch included)
+            limit = self._fractions[:, None, None] * self.max_act.to(s.dtype)[None, :, None]
+            cand[self._tier_rows] = torch.where(fires & (s <= limit), s, neg_inf)
+        return cand
+
+    def _merge(self, cand: torch.Tensor, ctx_max: torch.Tensor, batch: BatchView, doc: torch.Tensor,
+               pos: torch.Tensor) -> None:
+        n = self.n_max
+        both = torch.cat([self.score, cand], dim=2)  # [S, F, n_max + B]
+        chosen = both.topk(n, dim=2, sorted=False).indices
+        selected = torch.zeros_like(both, dtype=torch.bool).scatter_(2, chosen, True)
+        s_new, f_new, b_new = selected[..., n:].nonzero(as_tuple=True)
+        s_old, f_old, slot = (~selected[..., :n]).nonzero(as_tuple=True)
+        if s_new.numel() == 0:
+            return
+        col = self._column[s_old] + slot
+        self.score[s_old, f_old, slot] = cand[s_new, f_new, b_new]
+        self.value[s_old, f_old, slot] = ctx_max[b_new, f_new].float()
+        self.doc[s_old, f_old, slot] = doc[b_new]
+        self.pos[s_old, f_old, slot] = pos[b_new]
+        # a context chosen by several samplings of one feature is read once per choice (cheap rows)
+        self.tokens[f_old, col] = batch.tokens[b_new].to(torch.int32)
+        self.acts[f_old, col] = batch.feature_rows(f_new, b_new)
 
     def _histogram(self, acts: torch.Tensor) -> None:
         F = acts.shape[-1]

@@ -20,10 +20,10 @@ AgainstOption = Annotated[
 
 def _cache_dir(target: Path, overrides: list[str] | None) -> Path:
     from saecli.commands import load
-    from saecli.data.verify import shard_folders
+    from saecli.data.manifest import SHARD_GLOB
     from saecli.errors import ConfigError, UsageError
 
-    if target.is_dir() and shard_folders(target):
+    if target.is_dir() and any(target.glob(SHARD_GLOB)):
         return target
     if not target.exists():
         raise UsageError(f"no such cache folder or experiment file: {target}")
@@ -49,7 +49,6 @@ def check(cache: CacheArg, against: AgainstOption = None, overrides: SetOption =
         saecli check runs/l6-cache --against runs/l6-mlp-cache
     """
     from saecli import ui
-    from saecli.data.verify import check_against, check_cache, count_chunks
     from saecli.errors import RunError, UsageError
 
     root = _cache_dir(cache, overrides)
@@ -57,6 +56,7 @@ def check(cache: CacheArg, against: AgainstOption = None, overrides: SetOption =
         raise UsageError(f"activation cache not found: {root}")
     if against is not None and not against.is_dir():
         raise UsageError(f"--against: no such cache folder: {against}")
+    from saecli.data.verify import check_against, check_cache, count_chunks  # torch: after the cheap checks
     with ui.progress("check", total=count_chunks(root), unit="chunks") as handle:
         problems = check_cache(root, on_chunk=lambda: handle.advance(1))
     if against is not None:

@@ -40,6 +40,7 @@ def generate(experiment: ExperimentArg, overrides: SetOption = None) -> None:
     from saecli.data.cache import generate_shard, tokens_written
     from saecli.lm import load_model, run_to_hooks, validate_hooks
 
+    _pick_local_gpu()
     lm = load_model(exp.model)
     validate_hooks(lm, list(acts.hook_points))
     ui.info(f"generating {acts.total_tokens:,} tokens of {', '.join(acts.hook_points)} from {lm.name} "
@@ -57,6 +58,17 @@ def generate(experiment: ExperimentArg, overrides: SetOption = None) -> None:
         ui.warn(f"the text ran out after {total:,} of {target:,} tokens")
     norms = ", ".join(f"{h} {v:.4g}" for h, v in manifest["mean_norms"].items())
     ui.result(f"shard {shard}: {total:,} tokens in {len(manifest['chunks'])} chunks at {acts.cache_dir} (mean ‖x‖: {norms})")
+
+
+def _pick_local_gpu() -> None:
+    """Under a launcher, process LOCAL_RANK uses GPU LOCAL_RANK ('cuda'/'auto' mean the current device)."""
+    import os
+
+    import torch
+
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(int(local) % torch.cuda.device_count())
 
 
 def register(app: typer.Typer) -> None:

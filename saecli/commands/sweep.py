@@ -55,7 +55,7 @@ class SweepReporter:
 def show_plan(plan: Any, groups: list) -> None:
     """The members and the groups of a sweep, as tables (what --dry-run prints)."""
     from saecli import ui
-    from saecli.sweep.grid import format_value
+    from saecli.sweep.grid import format_value, key_value, short_names
     from saecli.sweep.grouping import differing_stream_keys
     from saecli.sweep.stacked import stack_key
 
@@ -75,10 +75,11 @@ def show_plan(plan: Any, groups: list) -> None:
         if key is not None and counts.get(gk, 0) > 1:
             stack = f"s{stacks.setdefault(gk, len(stacks))}"
         row = {"member": m.name, "group": group_of[m.name], "stack": stack or "-"}
-        row.update({k: format_value(v) for k, v in m.overrides.items()})
-        row["folder"] = str(m.folder)
+        shown = plan.varying or list(m.overrides)
+        short = short_names(shown)
+        row.update({short[k]: format_value(key_value(m.exp, k)) for k in shown})
         rows.append(row)
-    ui.table(f"{len(plan.members)} members", rows)
+    ui.table(f"{len(plan.members)} members, each in {plan.output_dir}/<member>", rows)
     differ = differing_stream_keys(groups)
     grows = []
     for g in groups:
@@ -86,8 +87,6 @@ def show_plan(plan: Any, groups: list) -> None:
         grow = {"group": g.index, "members": len(g.members),
                 "stacked": sum(n for (gi, _), n in counts.items() if gi == g.index and n > 1),
                 "tokens": exp.trainer.total_training_tokens}
-        from saecli.sweep.grid import key_value
-
         for key in differ:
             if not key.startswith("("):
                 grow[key] = format_value(key_value(exp, key))

@@ -26,6 +26,14 @@ def _check_hooks(key: str, hooks: list[str] | None, *, at_least: int = 1) -> Non
         raise bad(key, f"lists {', '.join(dup)} more than once")
 
 
+def _check_output_scaling(cfg: DictionaryConfig) -> None:
+    """Kinds whose outputs are other hooks than their inputs cannot scale outputs per token or per batch:
+    mapping a reconstruction back needs the output's own norm, which a spliced dictionary does not have."""
+    if cfg.norm_activation in ("token-wise", "batch-wise"):
+        raise bad("norm_activation", f"{cfg.norm_activation} scaling of the output needs the output's own norm, "
+                                     "which a spliced dictionary does not have: use dataset-wise or none")
+
+
 @register_config("transcoder")
 @dataclass
 class TranscoderConfig(DictionaryConfig):
@@ -47,6 +55,7 @@ class TranscoderConfig(DictionaryConfig):
                       "a transcoder's decoder bias lives in the output space; it cannot be subtracted from the input")
         if self.hook_point_in is not None and self.hook_point_in == self.hook_point_out:
             raise bad("hook_point_out", "equals hook_point_in: use kind = \"sae\" to reconstruct the input")
+        _check_output_scaling(self)
         if self.mlp_layer is not None and self.mlp_layer < 0:
             raise bad("mlp_layer", f"must be >= 0, found {self.mlp_layer}")
 
@@ -96,6 +105,7 @@ class CLTConfig(DictionaryConfig):
         if self.apply_decoder_bias_to_pre_encoder:
             raise bad("apply_decoder_bias_to_pre_encoder",
                       "a CLT's decoder biases live in the output spaces; they cannot be subtracted from the inputs")
+        _check_output_scaling(self)
         if self.layer_k is not None:
             if any(k <= 0 for k in self.layer_k):
                 raise bad("layer_k", f"every k must be > 0, found {self.layer_k}")

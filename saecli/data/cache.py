@@ -1,7 +1,9 @@
 """Writing an activation cache: model + text → safetensors chunks + manifest (see manifest.py).
 
-The model is kept busy: contexts are tokenised in a background thread, and chunks are serialised,
-hashed and written (atomically, then the manifest) in another, behind a bounded queue. A chunk holds
+The model is kept busy: contexts are tokenised in a background thread; activations stay on the
+device until a chunk is full, then go to pinned host memory without a wait, and are serialised,
+hashed and written (atomically, then the manifest) by writer threads behind a bounded queue
+(writer.py). Norm sums are taken on the device, per model batch. A chunk holds
 the kept tokens of whole model batches (a chunk closes once it has >= chunk_tokens tokens), so a
 killed run resumes exactly: it re-tokenises to skip the contexts its manifest says were consumed
 and runs the model only on new ones, ending byte-identical to an uninterrupted run.
@@ -9,35 +11,27 @@ and runs the model only on new ones, ending byte-identical to an uninterrupted r
 
 from __future__ import annotations
 
-import hashlib
-import queue
+import os
 import re
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save as st_save
 
 from saecli import fsio
 from saecli.config.base import to_dict
 from saecli.config.load import write_resolved
-from saecli.data.manifest import (  # noqa: F401  (shard_plan, shard_target: re-exported)
-    FORMAT, MANIFEST, VERSION, act_key, chunk_name, identity_mismatch, mean_norms, read_manifest, shard_dir, shard_plan,
-    shard_target,
+from saecli.data.manifest import (
+    FORMAT, MANIFEST, VERSION, act_key, identity_mismatch, read_manifest, shard_dir, shard_target,
 )
 from saecli.data.prefetch import Prefetch
 from saecli.data.text import iter_documents
 from saecli.data.tokens import Contexts, packer_for
+from saecli.data.writer import ChunkWriter, Job
 from saecli.errors import RunError, UsageError
 
 _CHUNK_RE = re.compile(r"^chunk-\d{6}\.safetensors$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def dtype_name(dtype: torch.dtype | str) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def tokens_written(cache_dir: str | Path, shard: int) -> int:
@@ -78,85 +72,6 @@ def new_manifest(exp: Any, lm: Any, packer: Any, shard: int, n_shards: int, d_mo
         "mean_norms": {h: 0.0 for h in acts.hook_points},
         "chunks": [],
     }
-
-
-@dataclass
-class _Job:
-    tensors: dict[str, torch.Tensor]
-    contexts_consumed: int
-    documents_consumed: int
-    complete: bool
-    exhausted: bool = False
-
-
-class ChunkWriter:
-    """Background thread: serialise, hash and atomically write chunks, then rewrite the manifest."""
-
-    def __init__(self, folder: Path, manifest: dict, queue_size: int = 2):
-        self.folder = folder
-        self.manifest = manifest
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="saecli-chunk-writer", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: _Job) -> None:
-        self._raise()
-        while True:
-            try:
-                self._queue.put(job, timeout=0.2)
-                return
-            except queue.Full:
-                self._raise()
-
-    def close(self) -> dict:
-        """Wait for every queued chunk to be on disk; return the final manifest."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
-        return self.manifest
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise RunError(f"writing the activation cache in {self.folder} failed: {self._error}") from self._error
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if self._error is not None:
-                continue  # drain after a failure; the main thread raises
-            try:
-                self._write(job)
-            except BaseException as exc:
-                self._error = exc
-
-    def _write(self, job: _Job) -> None:
-        m = self.manifest
-        tensors = job.tensors
-        if tensors:
-            name = chunk_name(len(m["chunks"]))
-            # one metadata key only: safetensors writes several in a random (hash) order
-            data = st_save(tensors, metadata={"format": "pt"})
-            fsio.write_bytes(self.folder / name, data)
-            sums = {
-                h: float(torch.linalg.vector_norm(tensors[act_key(h)].float(), dim=1).double().sum())
-                for h in m["hook_points"]
-            }
-            n = int(tensors["tokens"].shape[0])
-            m["chunks"].append({
-                "file": name, "n_tokens": n, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                "norm_sums": sums, "contexts_end": job.contexts_consumed,
-            })
-            m["total_tokens"] += n
-        m["contexts_consumed"] = job.contexts_consumed
-        m["documents_consumed"] = job.documents_consumed
-        m["complete"] = job.complete
-        if job.exhausted:
-            m["exhausted"] = True
-        m["mean_norms"] = mean_norms(m)
-        fsio.write_json(self.folder / MANIFEST, m)
 
 
 def _resume_state(folder: Path, wanted: dict) -> dict | None:
@@ -211,7 +126,7 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
     docs = iter_documents(exp.dataset, shard, n_shards)
     contexts = Prefetch(packer.contexts(docs, acts.model_batch_size, skip=int(manifest["contexts_consumed"])), size=4,
                         name="saecli-tokenise")
-    writer = ChunkWriter(folder, manifest)
+    writer = ChunkWriter(folder, manifest, workers=writer_threads())
     pending: list[dict[str, torch.Tensor]] = []
     n_pending = 0
     documents = int(manifest["documents_consumed"])
@@ -227,7 +142,7 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
             documents = max(documents, int(ctx.doc.max()) + 1)
             reached = done + n_pending >= target
             if n_pending >= acts.chunk_tokens or reached:
-                writer.submit(_Job(_concat(pending), consumed, documents, complete=reached))
+                writer.submit(_job(pending, consumed, documents, complete=reached))
                 done += n_pending
                 pending, n_pending = [], 0
             if progress is not None:
@@ -236,33 +151,56 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
                 exhausted = False
                 break
         if exhausted:
-            writer.submit(_Job(_concat(pending) if pending else {}, consumed, documents, complete=True, exhausted=True))
+            final = _job(pending, consumed, documents, complete=True) if pending else Job({}, consumed, documents, True)
+            final.exhausted = True
+            writer.submit(final)
     finally:
         contexts.close()
         manifest = writer.close()
     return manifest
 
 
+def writer_threads() -> int:
+    """Background writers: hashing and writing release the GIL, so two keep up with a fast GPU."""
+    return max(1, min(4, (os.cpu_count() or 2) // 4)) if torch.cuda.is_available() else 1
+
+
 def _forward(lm: Any, run_to_hooks: Callable, ctx: Contexts, hooks: list[str], dtype: torch.dtype,
              limit: int) -> dict[str, torch.Tensor]:
-    """Activations of the kept tokens of one model batch (at most `limit` of them), on the CPU."""
+    """The kept tokens of one model batch (at most `limit`): activations and norm sums stay on the device."""
     keep = ctx.kept()[: max(limit, 0)]
     out = run_to_hooks(lm, ctx.tokens.to(lm.device), hooks)
-    keep_dev = keep.to(lm.device)
+    keep_dev = keep.to(lm.device, non_blocking=True)
     piece = {}
+    sums = []
     for h in hooks:
         a = out[h]
-        piece[act_key(h)] = a.reshape(-1, a.shape[-1]).index_select(0, keep_dev).to(dtype).cpu()
+        a = a.reshape(-1, a.shape[-1]).index_select(0, keep_dev).to(dtype)
+        piece[act_key(h)] = a
+        sums.append(torch.linalg.vector_norm(a.float(), dim=1).double().sum())
+    piece["norm_sums"] = torch.stack(sums)
     piece["tokens"] = ctx.tokens.reshape(-1)[keep].to(torch.int32)
     piece["doc"] = ctx.doc.reshape(-1)[keep].to(torch.int64)
     piece["pos"] = ctx.pos.reshape(-1)[keep].to(torch.int32)
     return piece
 
 
-def _concat(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    if len(pieces) == 1:
-        return {k: v.contiguous() for k, v in pieces[0].items()}
-    return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+def _job(pieces: list[dict[str, torch.Tensor]], consumed: int, documents: int, complete: bool) -> Job:
+    """One chunk from the pieces of several batches; from a GPU, copied to pinned memory without waiting."""
+    tensors = {k: (torch.cat([p[k] for p in pieces]) if len(pieces) > 1 else pieces[0][k]) for k in pieces[0]}
+    sums = torch.stack([p["norm_sums"] for p in pieces]).sum(0) if len(pieces) > 1 else tensors["norm_sums"]
+    del tensors["norm_sums"]
+    ready = None
+    if any(t.is_cuda for t in tensors.values()):
+        host = {}
+        for k, t in {**tensors, "norm_sums": sums}.items():
+            host[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda else t
+        ready = torch.cuda.Event()
+        ready.record()
+        sums = host.pop("norm_sums")
+        tensors = host
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    return Job(tensors, consumed, documents, complete, norm_sums=sums, ready=ready)
 
 
 def write_cache(cache_dir: str | Path, chunks: Any, *, hook_points: list[str], dtype: str = "float32",
@@ -304,7 +242,7 @@ def write_cache(cache_dir: str | Path, chunks: Any, *, hook_points: list[str], d
             consumed += 1
             if tensors["doc"].numel():
                 documents = max(documents, int(tensors["doc"].max()) + 1)
-            writer.submit(_Job(tensors, consumed, documents, complete=False))
+            writer.submit(Job(tensors, consumed, documents, complete=False))
     finally:
         if writer is not None:
             manifest = writer.close()

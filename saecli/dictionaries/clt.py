@@ -26,6 +26,11 @@ W_enc[i] ← W_enc[i]·s_in[i], W_dec[i→t] ← W_dec[i→t]/s_out[t], b_dec[t]
 norms used for gating/penalties are measured as ‖W_dec[i→t]‖·s_out[t] (buffer `target_norm_weight`),
 so every threshold (JumpReLU, BatchTopK) is unchanged by folding.
 
+Training paths (`last_path`): "topk-sparse" — TopK without a sparsity penalty decodes only each layer's
+k active latents (`decode_sparse`: an embedding-bag per target layer over the blocks into it, AuxK too),
+returning `feature_acts` as a sparse CSR [N, L·d_sae]; "dense" — every other case (and the reference the
+sparse path is tested against).
+
 `convert_topk_to_jumprelu(batches)` turns a TopK/BatchTopK CLT into a JumpReLU one with thresholds
 estimated from data, per latent (default) or per layer — see its docstring and docs/kinds.md.
 """
@@ -38,7 +43,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from saecli.config.base import to_dict
 from saecli.dictionaries import kernels
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation, gated_pre, threshold
@@ -117,9 +121,7 @@ class CrossLayerTranscoder(Dictionary):
 
     def config_dict(self) -> dict:
         out = super().config_dict()
-        out["d_sae"] = self.d_sae_layer
-        out["n_latents"] = self.d_sae
-        out["cfg"] = to_dict(self.cfg)
+        out["d_sae_layer"] = self.d_sae_layer  # "d_sae" stays the number of latents, L·d_sae_layer
         return out
 
     def pairs(self) -> list[tuple[int, int]]:
@@ -128,6 +130,12 @@ class CrossLayerTranscoder(Dictionary):
 
     def _offset(self, t: int) -> int:
         return t * (t + 1) // 2
+
+    def _target_blocks(self) -> tuple[torch.Tensor, ...]:
+        """W_dec split into the blocks writing to each target layer ([t+1, d_sae, d_model] each). One split
+        rather than L slices: its backward writes the gradient of W_dec once, where each slice's backward
+        would build a zero-filled gradient the size of the whole decoder."""
+        return self.W_dec.split([t + 1 for t in range(self.n_layers)])
 
     def _diagonal(self) -> torch.Tensor:
         """Storage index of each block i→i."""
@@ -284,13 +292,13 @@ class CrossLayerTranscoder(Dictionary):
         return f.reshape(f.shape[0], -1)
 
     def decode_layers(self, f: torch.Tensor, bias: bool = True) -> torch.Tensor:
-        """[N, L, d_model] from f [N, L·d_sae]: ŷ_t = f[:, :(t+1)·d_sae] @ W_dec[offset(t) … offset(t)+t] + b_dec[t]."""
+        """[N, L, d_model] from f [N, L·d_sae]:
+        ŷ_t = f[:, :(t+1)·d_sae] @ W_dec[offset(t) … offset(t)+t] + b_dec[t]."""
         f = f.to(self.W_dec.dtype)
         s = self.d_sae_layer
         outs = []
-        for t in range(self.n_layers):
-            o = self._offset(t)
-            w_t = self.W_dec[o:o + t + 1].reshape((t + 1) * s, self.d_model)
+        for t, w in enumerate(self._target_blocks()):
+            w_t = w.reshape((t + 1) * s, self.d_model)
             y = f[:, : (t + 1) * s] @ w_t
             outs.append(y + self.b_dec[t] if bias and self.b_dec is not None else y)
         return torch.stack(outs, dim=1)
@@ -399,9 +407,8 @@ class CrossLayerTranscoder(Dictionary):
         values = values.to(self.W_dec.dtype)
         per = indices.shape[1] // self.n_layers if layer_sorted else 0
         outs = []
-        for t in range(self.n_layers):
-            o = self._offset(t)
-            w_t = self.W_dec[o:o + t + 1].reshape((t + 1) * s, self.d_model)
+        for t, w in enumerate(self._target_blocks()):
+            w_t = w.reshape((t + 1) * s, self.d_model)
             if layer_sorted:
                 idx_t, val_t = indices[:, : (t + 1) * per], values[:, : (t + 1) * per]
             else:
@@ -487,7 +494,8 @@ class CrossLayerTranscoder(Dictionary):
         to fire a few times; with few tokens, use "layer".
         """
         if self.cfg.activation not in ("topk", "batchtopk"):
-            raise ValueError(f"convert_topk_to_jumprelu needs a topk or batchtopk CLT, this one is {self.cfg.activation!r}")
+            raise ValueError("convert_topk_to_jumprelu needs a topk or batchtopk CLT, "
+                             f"this one is {self.cfg.activation!r}")
         if per not in ("latent", "layer"):
             raise ValueError(f"per must be 'latent' or 'layer', found {per!r}")
         dev = self.W_enc.device

@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from saecli.config.base import to_dict
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, _scale_name
 from saecli.dictionaries.sae import SparseAutoEncoder
@@ -89,11 +88,6 @@ class Crosscoder(Dictionary):
     @classmethod
     def from_saved(cls, cfg: Any, meta: dict) -> "Crosscoder":
         return cls(cfg, int(meta["d_model"]), meta["in_hooks"])
-
-    def config_dict(self) -> dict:
-        out = super().config_dict()
-        out["cfg"] = to_dict(self.cfg)
-        return out
 
     # ------------------------------------------------------------------ views
     @property

@@ -16,8 +16,9 @@ two matmuls for all transforms at once (no loop over transforms or ranks). That 
 2·N·R·d FLOP per matmul. The "sparse" path computes x·V_j only for the rows of ACTIVE transforms
 (a sampled matmul over the [N, R] pattern of those rows, then a sparse decode): 2·d FLOP per
 (token, active row), i.e. Σ_active r_i instead of R per token. It is used when that fraction of R is
-at most `SPARSE_MAX_DENSITY` (sparse CSR products cost several dense FLOPs each on a CPU) and
-`sparse_kernels` is on; both paths give the same values and gradients (tested).
+at most `SPARSE_MAX_DENSITY` (sparse CSR products cost several dense FLOPs each on a CPU),
+`sparse_kernels` is on and the gate is not JumpReLU (whose threshold gradient needs ∂L/∂f_i at shut gates
+too); both paths give the same values and gradients (tested).
 
 Sparsity (as in the paper): the gate and every penalty are weighted by each transform's size
 ‖U_i V_i‖_F (`sparsity_include_decoder_norm`), computed without forming the d×d products:
@@ -174,7 +175,8 @@ class MixtureOfLinearTransforms(Dictionary):
         return self._apply_sparse(f, x)
 
     def _choose_path(self, f: torch.Tensor) -> str:
-        if not getattr(self.cfg, "sparse_kernels", True) or f.shape[0] == 0:
+        # JumpReLU's threshold gradient needs ∂L/∂f at gates that stayed shut, which only the dense path has
+        if not getattr(self.cfg, "sparse_kernels", True) or f.shape[0] == 0 or self.activation.name == "jumprelu":
             return "dense"
         with torch.no_grad():
             active_rows = float(((f != 0).to(torch.float32) @ self.rank_of.to(torch.float32)).sum())

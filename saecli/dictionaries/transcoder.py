@@ -6,15 +6,15 @@ It is the SAE of `sae.py` with two hook points (that class already keeps the inp
 output scale s_out apart, in every training path and in folding), plus:
 - `skip_connection = true`: a learned linear skip W_skip [d_model_in, d_model_out], zero at init
   ("skip transcoders", Paulo et al. 2025). The skip is trained through every SAE path (sparse TopK,
-  ReLU, dense) by handing them the target y − x W_skip: ‖fW + b + xS − y‖² = ‖fW + b − (y − xS)‖², with
-  the gradient reaching S through the target. `decode(f)` is the latent part only; `reconstruct(raw)`
+  ReLU, dense) by handing them the target y − x W_skip: ‖fW + b + xS − y‖² = ‖fW + b − (y − xS)‖²,
+  with the gradient reaching S through the target. `decode(f)` is the latent part only; `reconstruct(raw)`
   adds the skip.
 - `init_from_model(lm, raw_batches)` (`initialize_tc_with_mlp`): each decoder row is set to the
   direction in which the MLP's output moves when its input moves from the data mean along that latent's
   encoder direction: W_dec,i ∝ MLP(x̄ + r·û_i) − MLP(x̄), r = mean ‖x − x̄‖ (row norms are kept).
 
-Normalisation: token-/batch-wise scaling of the output needs the output's own norm, which a spliced
-transcoder does not have (it uses the input's); use dataset-wise (the default) for transcoders.
+Normalisation: dataset-wise (default) or none; the config refuses token-/batch-wise, whose scaling of the
+output needs the output's own norm, which a spliced transcoder does not have.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from saecli.config.base import to_dict
 from saecli.dictionaries.base import LossOutput, StepContext
 from saecli.dictionaries.sae import DTYPES, SparseAutoEncoder
 from saecli.errors import ConfigError, UsageError
@@ -60,11 +59,6 @@ class Transcoder(SparseAutoEncoder):
         if hook_in == hook_out:
             raise ConfigError("hook_point_in equals hook_point_out: use kind = \"sae\"", key="sae.hook_point_out")
         return cls(cfg, d_model, hook_in, hook_out)
-
-    def config_dict(self) -> dict:
-        out = super().config_dict()
-        out["cfg"] = to_dict(self.cfg)  # TOML-able: None values dropped, so parse() reads it back
-        return out
 
     # ------------------------------------------------------------------ the skip
     def skip(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -99,7 +99,7 @@ def expand(sweep: SweepConfig) -> list[dict[str, Any]]:
     return [{**point, **variant} for point in points for variant in variants]
 
 
-def _short_names(keys: list[str]) -> dict[str, str]:
+def short_names(keys: list[str]) -> dict[str, str]:
     """The last part of each key path, or the whole path where two keys share their last part."""
     last = [k.rsplit(".", 1)[-1] for k in keys]
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
@@ -113,7 +113,7 @@ def member_names(overrides: list[dict[str, Any]], base: dict, template: str | No
                  resolved: list[Any]) -> tuple[list[str], list[str]]:
     """(names, varying keys). Default names list the keys whose values differ, as `lr=3e-4,k=32`."""
     keys = list(dict.fromkeys(k for o in overrides for k in o))
-    values = [[o.get(k, key_value(base, k)) for o in overrides] for k in keys]
+    values = [[key_value(exp, k) for exp in resolved] for k in keys]
     varying = [k for k, vs in zip(keys, values) if len({repr(v) for v in vs}) > 1]
     if template is not None:
         names = []
@@ -133,10 +133,10 @@ def member_names(overrides: list[dict[str, Any]], base: dict, template: str | No
             names.append(_sanitize(_FIELD.sub(field_value, template)))
         return names, varying
     shown = varying or keys
-    short = _short_names(shown)
+    short = short_names(shown)
     names = []
     for i, o in enumerate(overrides):
-        parts = [f"{short[k]}={format_value(o.get(k, key_value(base, k)))}" for k in shown]
+        parts = [f"{short[k]}={format_value(o.get(k, key_value(resolved[i], k)))}" for k in shown]
         names.append(_sanitize(",".join(parts)) if parts else f"member{i}")
     return names, varying
 

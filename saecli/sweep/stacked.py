@@ -492,7 +492,8 @@ class StackedSAE:
             i = m.index
             extra: dict[str, Any] = {"path": self.last_path, "mse_per_element": out.terms["mse"][i] / y.shape[-1]}
             for key, value in out.raw.items():
-                extra[key] = value[i]
+                if (m.has_aux if key == "raw/aux" else m.has_sparsity):
+                    extra[key] = value[i]
             m._last_extra = extra
         return n_tokens
 

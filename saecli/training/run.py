@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from saecli.errors import RunError, UsageError
+from saecli.errors import ConfigError, RunError, UsageError
 from saecli.training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from saecli.training.distributed import Sync, default_sync
 from saecli.training.logger import METRICS_FILE, WANDB_ID_FILE
@@ -183,7 +183,10 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
                             mode=exp.wandb.mode, tags=exp.wandb.tags, dir=exp.wandb.dir, config=to_dict(exp))
     common = dict(folder=folder, name=exp.run.name, sync=sync, wandb=wandb)
     if found is not None:
-        member, shared = Member.from_checkpoint(dictionary, exp.trainer, found[1], **common)
+        try:
+            member, shared = Member.from_checkpoint(dictionary, exp.trainer, found[1], **common)
+        except ValueError as exc:  # a checkpoint of another shape of run (world size, step count)
+            raise UsageError(f"cannot resume from {found[1]}: {exc}") from None
         stream.load_state_dict(shared["stream"][sync.rank])
         set_rng_state(shared["rng"])
         reporter.info(f"resuming {exp.run.name} from step {member.step} of {member.total_steps} ({found[1]})")
@@ -191,8 +194,11 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
         if sync.is_main:
             clear_run_partial(folder)
         batch_tokens = initialize(stream, [(dictionary, exp.init)], sync=sync)
-        plan = plan_steps(exp.trainer.total_training_tokens, batch_tokens, exp.trainer.gradient_accumulation_steps,
-                          sync.world_size)
+        try:
+            plan = plan_steps(exp.trainer.total_training_tokens, batch_tokens,
+                              exp.trainer.gradient_accumulation_steps, sync.world_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc), file=exp.source_file, key="trainer.total_training_tokens") from None
         member = Member(dictionary, exp.trainer, total_steps=plan.total_steps, batch_tokens=plan.batch_tokens,
                         **common)
     try:

@@ -148,6 +148,6 @@ class MetricWindow:
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
-        self.host = dict(state["host"])
+        self.host = dict(state.get("host", {}))
         self.counts = dict(state["counts"])
         self.steps = state["steps"]

@@ -79,9 +79,8 @@ def plan_steps(total_training_tokens: int, batch_tokens: int, accumulation: int 
     per_step = batch_tokens * accumulation * world_size
     steps = total_training_tokens // per_step
     if steps < 1:
-        raise ValueError(f"trainer.total_training_tokens ({total_training_tokens}) is less than one optimizer step "
-                         f"({per_step} tokens = batch {batch_tokens} × accumulation {accumulation} × {world_size} "
-                         "process(es))")
+        raise ValueError(f"{total_training_tokens} tokens are less than one optimizer step ({per_step} tokens = "
+                         f"batch {batch_tokens} × accumulation {accumulation} × {world_size} process(es))")
     return Plan(total_steps=int(steps), batch_tokens=int(batch_tokens))
 
 
