@@ -152,3 +152,20 @@ def test_index_search_from_the_url(tmp_path):
     assert re.findall(r'<a href="features/(\d+).html">', dom) == ["1"] and "1 of 3 features" in dom
     dom = browse((site / "index.html").as_uri() + "#q=" + "%22quoted%22", tmp_path, "--dump-dom")
     assert re.findall(r'<a href="features/(\d+).html">', dom) == ["0"]  # by a DLA token
+
+
+def test_rebuilding_replaces_the_whole_site_and_spares_other_folders(tmp_path):
+    from saecli.errors import UsageError
+
+    site = tmp_path / "site"
+    build_site(synthetic_result(), site)
+    assert (site / "features" / "1.html").exists()
+    build_site(synthetic_result(), site, max_features=1)  # only the most active feature now
+    assert sorted(p.name for p in (site / "features").iterdir()) == ["0.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]  # no staging or old folder left
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="not a saecli dashboard"):
+        build_site(synthetic_result(), other)
+    assert (other / "mine.txt").read_text() == "keep me"

@@ -71,6 +71,8 @@ def analyze(
     try:
         if reuse:
             result = AnalysisResult.load(analysis_dir(folder, cfg.name))
+            if html or exp.dashboard.enabled:  # only for explanations: the site is built without a store too
+                store = _store_or_none(exp)
         else:
             exp.require("model")
             store = open_results_store(exp)
@@ -155,18 +157,35 @@ def _dashboard(exp: Any, folder: Path, result: Any, lm: Any, dictionary: Any, st
                           progress=bar.advance)
 
 
+def _store_or_none(exp: Any):
+    from saecli import ui
+    from saecli.errors import SaecliError
+
+    try:
+        return open_results_store(exp)
+    except SaecliError as exc:
+        ui.warn(f"the store is not available, so the dashboard shows no explanations ({exc})")
+        return None
+
+
 def _explanations(exp: Any, store: Any) -> dict[int, str]:
     """Feature explanations recorded in the store (`put_interpretation`), when there are any."""
+    from saecli import ui
+    from saecli.errors import SaecliError
+
     if store is None:
         return {}
     out = {}
     name, series = exp.analyze.sae_name or exp.run.name, exp.analyze.series
-    for rec in store.iter_features(name, series, exp.analyze.name):
-        interp = rec.get("interpretation")
-        if isinstance(interp, dict):
-            text = interp.get("explanation") or interp.get("text") or interp.get("final_explanation")
-            if text:
-                out[int(rec["index"])] = str(text)
+    try:
+        for rec in store.iter_features(name, series, exp.analyze.name):
+            interp = rec.get("interpretation")
+            if isinstance(interp, dict):
+                text = interp.get("explanation") or interp.get("text") or interp.get("final_explanation")
+                if text:
+                    out[int(rec["index"])] = str(text)
+    except SaecliError as exc:  # e.g. the dictionary was never recorded in this store
+        ui.debug(f"no explanations from the store: {exc}")
     return out
 
 

@@ -39,7 +39,7 @@ class TrainerConfig:
     # sparsity
     l1_coefficient: float = opt(8e-5, help="sparsity penalty weight (relu / jumprelu)")
     l1_coefficient_warmup_steps: Steps = opt(0.05)
-    sparsity_loss_type: Literal["power", "tanh", "tanh-quad", "none"] | None = opt(
+    sparsity_loss_type: Literal["power", "tanh", "tanh-quad", "l0", "none"] | None = opt(
         None, help="default: power (L1) for relu, tanh for jumprelu, none for topk"
     )
     p: float = opt(1.0, help="p of the power penalty")

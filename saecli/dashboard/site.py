@@ -16,6 +16,9 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections import Counter
 from importlib import resources
 from pathlib import Path
@@ -25,6 +28,7 @@ import numpy as np
 
 from saecli.analysis.dla import DLAResult
 from saecli.analysis.records import AnalysisResult
+from saecli.errors import UsageError
 from saecli.fsio import write_text
 
 STORED_WINDOW_FACTOR = 3  # a context keeps 3× the shown window around its peak (click to unfold)
@@ -238,10 +242,42 @@ def top_tokens(result: AnalysisResult, index: int, dla: DLAResult | None, n: int
 def build_site(result: AnalysisResult, out_dir: str | Path, *, dla: DLAResult | None = None,
                explanations: dict[int, str] | None = None, title: str = "", window: tuple[int, int] = (24, 8),
                max_features: int | None = None, progress: Callable[[int], None] | None = None) -> Path:
-    """Write index.html and one page per feature that fired (the most active first when limited)."""
+    """Write index.html and one page per feature that fired (the most active first when limited).
+
+    The site is built in a staging folder beside `out_dir` that then replaces the previous site in one
+    rename, so a reader never sees a half-written site and the pages need no fsync each.
+    """
     out = Path(out_dir)
-    explanations = explanations or {}
+    if out.exists() and any(out.iterdir()) and not (out / "index.html").exists():
+        raise UsageError(f"{out} exists and is not a saecli dashboard; choose another dashboard.output_dir")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_site(result, staging, dla=dla, explanations=explanations or {}, title=title, window=window,
+                    max_features=max_features, progress=progress)
+        staging.chmod(0o755)
+        _swap(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out / "index.html"
+
+
+def _swap(new: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(new, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_site(result: AnalysisResult, out: Path, *, dla: DLAResult | None, explanations: dict[int, str],
+                title: str, window: tuple[int, int], max_features: int | None,
+                progress: Callable[[int], None] | None) -> None:
     title = title or f"analysis {result.name}"
+    (out / "features").mkdir(parents=True, exist_ok=True)
     density = result.density()
     alive = np.nonzero(result.act_times > 0)[0]
     if max_features is not None and len(alive) > max_features:
@@ -250,7 +286,7 @@ def build_site(result: AnalysisResult, out_dir: str | Path, *, dla: DLAResult | 
     for j, i in enumerate(pages):
         data = feature_page_data(result, i, dla=dla, explanation=explanations.get(i), title=title, window=window,
                                  prev=pages[j - 1] if j > 0 else None, next_=pages[j + 1] if j + 1 < len(pages) else None)
-        write_text(out / "features" / f"{i}.html", page(f"#{i} · {title}", data, "feature.js"))
+        (out / "features" / f"{i}.html").write_text(page(f"#{i} · {title}", data, "feature.js"), encoding="utf-8")
         if progress is not None:
             progress(1)
     has_page = set(pages)
@@ -261,6 +297,4 @@ def build_site(result: AnalysisResult, out_dir: str | Path, *, dla: DLAResult | 
                 + (f" · {len(pages):,} pages" if len(pages) < n_alive else ""))
     index = {"title": title, "subtitle": subtitle, "features": rows, "density_svg": density_svg(density),
              "tokens_label": "promotes (DLA)" if dla is not None else "peak tokens"}
-    path = out / "index.html"
-    write_text(path, page(title, index, "index.js"))
-    return path
+    write_text(out / "index.html", page(title, index, "index.js"))

@@ -11,7 +11,10 @@ encoder gradient is one CSR product), b_enc [d_sae], W_dec [d_sae, d_model], b_d
 Training paths (`last_path` says which ran): "topk-sparse" (custom sparse kernels, see kernels.py),
 "relu-sparse" (ReLU when few latents fire), "relu-dense-fused" (ReLU-L1 in the dense regime) and
 "dense" (plain autograd: every other case, and the reference the fast paths are tested against).
-In the sparse paths `LossOutput.feature_acts` is a sparse CSR tensor [N, d_sae].
+In the sparse paths `LossOutput.feature_acts` is a sparse CSR tensor [N, d_sae]; in "relu-dense-fused" it
+is a work buffer that the next `loss()` call overwrites (read it before the next step).
+The GPU choices (CUDA_SPARSE_RELU_MIN_TOKENS, dense TopK under autocast) come from H100 measurements
+with benchmarks/bench_train_step.py.
 """
 
 from __future__ import annotations

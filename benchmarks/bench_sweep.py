@@ -1,0 +1,196 @@
+"""Sweep benchmark: an 8-member group (same shape, lr and k differ) against 8 sequential `train` runs.
+
+Reference measured in the same run: the 8 members trained one after the other with
+`saecli.training.train` (what 8 `saecli train` commands do, model load included). Compared with it:
+
+    loop      one `run_sweep` with sweep.stack = false: one stream, each batch read or computed once and
+              fed to 8 plain Members (what saev does)
+    stacked   one `run_sweep` with the 8 SAEs stacked: weights [8, ...], one bmm per layer
+
+on the activation cache (written first by `generate`, not timed) and on the live model. Printed: wall
+time, tokens/s summed over members, and the ratio to sequential (target ≤ 0.35 live, see
+shared/PERFORMANCE.md). Repetitions are interleaved (sequential, loop, stacked per rep); medians shown.
+
+    python benchmarks/bench_sweep.py                                  # tiny random llama, CPU
+    python benchmarks/bench_sweep.py --model smollm2                  # models/smollm2 GGUF, layer 12
+    python benchmarks/bench_sweep.py --model smollm2-shape --device cuda   # random llama of SmolLM2's shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SIZES = {  # d_sae, k values, batch, tokens per member, hook
+    "tiny": dict(d_sae=512, ks=(16, 32), batch=1024, tokens=65_536, hook="blocks.2.hook_resid_post", context=128),
+    "smollm2": dict(d_sae=4608, ks=(32, 64), batch=4096, tokens=32_768, hook="blocks.12.hook_resid_post", context=256),
+    "smollm2-shape": dict(d_sae=4608, ks=(32, 64), batch=4096, tokens=65_536, hook="blocks.12.hook_resid_post",
+                          context=256),
+}
+LRS = (2e-4, 4e-4, 8e-4, 1.6e-3)
+
+
+def model_section(kind: str, root: Path, device: str) -> dict:
+    if kind == "smollm2":
+        folder = REPO / "models" / "smollm2"
+        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if not (folder / gguf).exists():
+            sys.exit(f"{folder / gguf} not found (use --model tiny or smollm2-shape)")
+        return {"name": str(folder), "gguf_file": gguf, "bos_token": "<|im_start|>", "device": device}
+    from saecli.lm.tiny import make_tiny_model
+
+    if kind == "tiny":
+        path = make_tiny_model(root / "tiny-model", "llama")
+    else:  # SmolLM2-135M's width and depth with random weights (8 heads so that the KV heads divide them)
+        path = make_tiny_model(root / "smollm2-shape", "llama", d_model=576, n_layers=30, n_heads=8)
+    return {"name": str(path), "device": device}
+
+
+def base_experiment(args: argparse.Namespace, model: dict, root: Path) -> dict:
+    size = SIZES[args.model]
+    return {
+        "run": {"name": "bench", "output_dir": str(root / "out"), "seed": 0},
+        "model": model,
+        "dataset": {"path": "builtin:python-docs"},
+        "activations": {"hook_points": [size["hook"]], "context_size": size["context"], "model_batch_size": 16,
+                        "batch_size": size["batch"], "total_tokens": args.tokens or size["tokens"],
+                        "shuffle_buffer_tokens": max(4 * size["batch"], 65_536), "chunk_tokens": 16_384,
+                        "cache_dir": str(root / "cache")},
+        "sae": {"activation": "topk", "d_sae": size["d_sae"], "k": size["ks"][0]},
+        "trainer": {"total_training_tokens": args.tokens or size["tokens"], "lr": LRS[0], "log_frequency": 10,
+                    "n_checkpoints": 1, "checkpoint_every_seconds": 0},
+        "store": {"backend": "none"},
+    }
+
+
+def sweep_grid(args: argparse.Namespace) -> dict:
+    return {"grid": {"trainer.lr": list(LRS), "sae.k": list(SIZES[args.model]["ks"])}}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_sequential(base: dict, sweep: dict, source: str, out: Path, device: str) -> float:
+    from saecli.config.base import parse
+    from saecli.config.sweep import SweepConfig
+    from saecli.sweep.grid import plan_from_dict
+    from saecli.training import train
+
+    plan = plan_from_dict(with_source(base, source, out), parse(SweepConfig, sweep, key="sweep"))
+    sync(device)
+    start = time.perf_counter()
+    for m in plan.members:
+        train(m.exp)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def run_group(base: dict, sweep: dict, source: str, out: Path, device: str, stack: bool) -> float:
+    from saecli.config.base import parse
+    from saecli.config.sweep import SweepConfig
+    from saecli.sweep.grid import plan_from_dict
+    from saecli.sweep.run import run_sweep
+    from saecli.training.distributed import LocalSync
+
+    plan = plan_from_dict(with_source(base, source, out), parse(SweepConfig, {**sweep, "stack": stack}, key="sweep"))
+    sync(device)
+    start = time.perf_counter()
+    run_sweep(plan, sync=LocalSync())
+    sync(device)
+    return time.perf_counter() - start
+
+
+def with_source(base: dict, source: str, out: Path) -> dict:
+    exp = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    exp["activations"] = {**base["activations"], "source": source}
+    exp["run"] = {**base["run"], "output_dir": str(out)}
+    return exp
+
+
+def generate_cache(base: dict, root: Path) -> None:
+    from saecli.commands.generate import generate
+
+    import tomli_w
+
+    path = root / "generate.toml"
+    path.write_text(tomli_w.dumps({k: v for k, v in base.items() if k in ("model", "dataset", "activations")}))
+    generate(path, [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, default=0, help="tokens per member (default: per model)")
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--sources", default="cache,live")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    from saecli import ui
+
+    ui.set_verbosity(quiet=True)
+    root = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    try:
+        model = model_section(args.model, root, args.device)
+        base = base_experiment(args, model, root)
+        sweep = sweep_grid(args)
+        sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+        if "cache" in sources:
+            generate_cache(base, root)
+        # warm-up (imports, kernels, allocator): one short run of each path, not timed
+        warm = {**base, "trainer": {**base["trainer"], "total_training_tokens": 2 * base["activations"]["batch_size"]}}
+        for source in sources:
+            run_group(warm, {"grid": {"sae.k": list(SIZES[args.model]["ks"])}}, source, root / "warm" / source,
+                      args.device, stack=True)
+            run_sequential(warm, {"grid": {"sae.k": list(SIZES[args.model]["ks"])[:1]}}, source,
+                           root / "warm-seq" / source, args.device)
+        times: dict[tuple[str, str], list[float]] = {}
+        for rep in range(args.reps):
+            for source in sources:
+                for variant in ("sequential", "loop", "stacked"):
+                    out = root / f"{source}-{variant}-{rep}"
+                    if variant == "sequential":
+                        t = run_sequential(base, sweep, source, out, args.device)
+                    else:
+                        t = run_group(base, sweep, source, out, args.device, stack=(variant == "stacked"))
+                    times.setdefault((source, variant), []).append(t)
+                    shutil.rmtree(out, ignore_errors=True)
+        n_members = len(LRS) * len(SIZES[args.model]["ks"])
+        tokens = base["trainer"]["total_training_tokens"]
+        dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+        size = SIZES[args.model]
+        print(f"\nsweep benchmark: {n_members} TopK SAEs (d_sae {size['d_sae']}, k {size['ks']}, lr {LRS}) on "
+              f"{args.model} {size['hook']}, batch {size['batch']}, {tokens:,} tokens each, {dev}, "
+              f"{args.reps} rep(s)")
+        print(f"{'source':8} {'variant':11} {'wall s':>9} {'member-tokens/s':>16} {'× sequential':>13} {'spread':>8}")
+        for source in sources:
+            ref = statistics.median(times[(source, "sequential")])
+            for variant in ("sequential", "loop", "stacked"):
+                ts = times[(source, variant)]
+                t = statistics.median(ts)
+                spread = (max(ts) - min(ts)) / t if len(ts) > 1 else 0.0
+                print(f"{source:8} {variant:11} {t:9.2f} {n_members * tokens / t:16,.0f} {t / ref:13.3f} {spread:8.1%}")
+        if "live" in sources:
+            ratio = statistics.median(times[("live", "stacked")]) / statistics.median(times[("live", "sequential")])
+            print(f"live stacked / sequential = {ratio:.3f} (target <= 0.35)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
