@@ -471,9 +471,13 @@ def test_analyze_command_writes_file_store_site_and_shows(tmp_path, tiny_llama, 
         best = next(store.iter_features("tiny-sae", "default", order_by="act_times", descending=True, limit=1))
         assert best["act_times"] == max(r["act_times"] for r in store.iter_features("tiny-sae", "default"))
 
-    again = cli("analyze", exp, "--reuse", "--show", "3", "--set", "store.backend=none")
+        store.put_interpretation("tiny-sae", "default", 3, {"explanation": "a test <explanation>"})
+    again = cli("analyze", exp, "--reuse", "--html", "--show", "3")  # no model needed: the site is rebuilt
     assert again.exit_code == 0, again
     assert "top (5 contexts)" in again.stdout
+    page = (analysis / "html" / "features" / "3.html").read_text()
+    assert "a test \\u003cexplanation\\u003e" in page
+    assert "a test \\u003cexplanation\\u003e" in (analysis / "html" / "index.html").read_text()
     bad = cli("analyze", exp, "--reuse", "--show", "500")
     assert bad.exit_code == 2 and "feature 500 does not exist" in bad.output
 

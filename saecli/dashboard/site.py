@@ -136,15 +136,18 @@ class _Vocab:
         return self.index[token_id]
 
 
+def peak_window(n: int, peak: int, before: int, after: int) -> tuple[int, int]:
+    """[lo, hi) of `before` tokens before the peak and `after` after it, slid to stay full at the ends."""
+    span = before + after + 1
+    lo = max(0, min(peak - before, n - span)) if peak >= 0 else 0
+    return lo, min(n, lo + span)
+
+
 def _context(tokens: np.ndarray, acts: np.ndarray, value: float, doc: int, pos: int, window: tuple[int, int],
              vocab: _Vocab) -> dict:
     a = acts.astype(np.float32)
     peak = int(a.argmax()) if value > 0 and a.max() > 0 else -1
-    before, after = (w * STORED_WINDOW_FACTOR for w in window)
-    if peak >= 0:
-        lo, hi = max(0, peak - before), min(len(tokens), peak + after + 1)
-    else:
-        lo, hi = 0, min(len(tokens), before + after + 1)
+    lo, hi = peak_window(len(tokens), peak, *(w * STORED_WINDOW_FACTOR for w in window))
     nz = np.nonzero(a[lo:hi])[0]
     return {
         "t": [vocab(int(t)) for t in tokens[lo:hi]],

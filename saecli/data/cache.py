@@ -24,8 +24,7 @@ from saecli.config.load import write_resolved
 from saecli.data.manifest import (
     FORMAT, MANIFEST, VERSION, act_key, identity_mismatch, read_manifest, shard_dir, shard_target,
 )
-from saecli.data.prefetch import Prefetch
-from saecli.data.text import iter_documents
+from saecli.data.producer import context_batches, use_process
 from saecli.data.tokens import Contexts, packer_for
 from saecli.data.writer import ChunkWriter, Job
 from saecli.errors import RunError, UsageError
@@ -123,9 +122,8 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
     if done >= target or manifest.get("exhausted"):
         return manifest
 
-    docs = iter_documents(exp.dataset, shard, n_shards)
-    contexts = Prefetch(packer.contexts(docs, acts.model_batch_size, skip=int(manifest["contexts_consumed"])), size=4,
-                        name="saecli-tokenise")
+    contexts = context_batches(packer, exp.dataset, shard, n_shards, acts.model_batch_size,
+                               skip=int(manifest["contexts_consumed"]), process=use_process(lm.device))
     writer = ChunkWriter(folder, manifest, workers=writer_threads())
     pending: list[dict[str, torch.Tensor]] = []
     n_pending = 0

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from saecli.data.packing import WindowPacker, encoder_for
 from saecli.errors import UsageError
 
 
@@ -39,7 +40,7 @@ class Contexts:
 
 
 class Packer:
-    """Tokenise documents and pack them into windows; `windows()` yields one (tokens, doc, pos) at a time."""
+    """Tokenise and pack documents (packing.py does the numpy part) and mark the tokens that count."""
 
     def __init__(self, tokenizer: Any, context_size: int, *, prepend_bos: bool, bos_id: int | None,
                  sep_id: int | None, ignore_ids: Sequence[int], doc_batch: int = 64):
@@ -53,92 +54,29 @@ class Packer:
         self.bos_id = bos_id
         self.sep_id = sep_id
         self.ignore_ids = sorted({int(i) for i in ignore_ids})
-        self.doc_batch = doc_batch
+        self.windows_of = WindowPacker(encoder_for(tokenizer), context_size, prepend_bos=prepend_bos, bos_id=bos_id,
+                                       sep_id=sep_id, doc_batch=doc_batch)
         self._ignore = torch.tensor(self.ignore_ids, dtype=torch.int64)
-
-    def _tokenised(self, documents: Iterable[tuple[int, str]]) -> Iterator[tuple[int, list[int]]]:
-        batch: list[tuple[int, str]] = []
-
-        def flush() -> Iterator[tuple[int, list[int]]]:
-            ids = self.tokenizer([t for _, t in batch], add_special_tokens=False, verbose=False)["input_ids"]
-            for (index, _), toks in zip(batch, ids):
-                if toks:
-                    yield index, toks
-            batch.clear()
-
-        for item in documents:
-            batch.append(item)
-            if len(batch) >= self.doc_batch:
-                yield from flush()
-        if batch:
-            yield from flush()
 
     def windows(self, documents: Iterable[tuple[int, str]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield (tokens int64 [T], doc int64 [T], pos int32 [T]) per window, in order."""
-        body = self.context_size - (1 if self.prepend_bos else 0)
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        held = 0
-        for index, toks in self._tokenised(documents):
-            n = len(toks) + (1 if self.sep_id is not None else 0)
-            tokens = np.empty(n, dtype=np.int64)
-            tokens[: len(toks)] = toks
-            if self.sep_id is not None:
-                tokens[-1] = self.sep_id
-            parts.append((tokens, np.full(n, index, dtype=np.int64), np.arange(n, dtype=np.int32)))
-            held += n
-            while held >= body:
-                tokens, doc, pos = _take(parts, body)
-                held -= body
-                if self.prepend_bos:
-                    tokens = np.concatenate(([self.bos_id], tokens))
-                    doc = np.concatenate((doc[:1], doc))
-                    pos = np.concatenate((np.array([-1], dtype=np.int32), pos))
-                yield tokens, doc, pos
+        return self.windows_of.windows(documents)
 
     def contexts(self, documents: Iterable[tuple[int, str]], batch_size: int, *, skip: int = 0) -> Iterator[Contexts]:
         """Batches of `batch_size` windows (the last one may be smaller), after skipping `skip` windows."""
-        buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        first = skip
-        for i, window in enumerate(self.windows(documents)):
-            if i < skip:
-                continue
-            buf.append(window)
-            if len(buf) == batch_size:
-                yield self._stack(buf, first)
-                first += len(buf)
-                buf = []
-        if buf:
-            yield self._stack(buf, first)
+        for batch in self.windows_of.batches(documents, batch_size, skip):
+            yield self.to_contexts(batch)
 
-    def _stack(self, windows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], first: int) -> Contexts:
-        tokens = torch.from_numpy(np.stack([w[0] for w in windows]))
-        doc = torch.from_numpy(np.stack([w[1] for w in windows]))
-        pos = torch.from_numpy(np.stack([w[2] for w in windows]))
-        return Contexts(tokens, doc, pos, self.mask(tokens), first)
+    def to_contexts(self, batch: tuple[np.ndarray, np.ndarray, np.ndarray, int]) -> Contexts:
+        tokens, doc, pos, first = batch
+        t = torch.from_numpy(tokens)
+        return Contexts(t, torch.from_numpy(doc), torch.from_numpy(pos), self.mask(t), first)
 
     def mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """True where a token counts (its id is not ignored)."""
         if not self.ignore_ids:
             return torch.ones_like(tokens, dtype=torch.bool)
         return ~torch.isin(tokens, self._ignore)
-
-
-def _take(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Remove and return the first n entries of the queued document pieces."""
-    out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    need = n
-    while need:
-        tokens, doc, pos = parts[0]
-        if len(tokens) <= need:
-            out.append(parts.pop(0))
-            need -= len(tokens)
-        else:
-            out.append((tokens[:need], doc[:need], pos[:need]))
-            parts[0] = (tokens[need:], doc[need:], pos[need:])
-            need = 0
-    if len(out) == 1:
-        return out[0]
-    return tuple(np.concatenate([o[i] for o in out]) for i in range(3))  # type: ignore[return-value]
 
 
 def separator_id(tokenizer: Any, bos_id: int | None) -> int | None:

@@ -10,17 +10,52 @@ one is an unlisted leftover after a kill, which a resumed run deletes and writes
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as st_save
 
 from saecli import fsio
 from saecli.data.manifest import MANIFEST, act_key, chunk_name, mean_norms
 from saecli.errors import RunError
+
+
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                      ) -> tuple[int, str]:
+    """Write a safetensors file straight from the tensors' memory; return (bytes, sha256 of the file).
+
+    The same bytes as a careful serialiser (tensors ordered by descending item size then name, so every
+    tensor is aligned; header padded to 8 bytes) without the in-memory copies of `safetensors.torch.save`
+    (which also holds the GIL while copying): hashing and writing go chunk by chunk and release it.
+    """
+    items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    views, offset = [], 0
+    for name, t in items:
+        t = t.detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        views.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b""))
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for part in (struct.pack("<Q", len(text)), text, *views):
+            for start in range(0, len(part), 1 << 24):  # 16 MiB pieces: GIL released in hash and write
+                piece = part[start : start + (1 << 24)]
+                digest.update(piece)
+                f.write(piece)
+    return 8 + len(text) + offset, digest.hexdigest()
 
 
 @dataclass
@@ -121,11 +156,9 @@ class ChunkWriter:
         else:
             sums = job.norm_sums.tolist()
         name = chunk_name(job.index)
-        # one metadata key only: safetensors writes several in a random (hash) order
-        data = st_save(tensors, metadata={"format": "pt"})
-        digest = hashlib.sha256(data).hexdigest()
-        fsio.write_bytes(self.folder / name, data)
-        return {"file": name, "n_tokens": int(tensors["tokens"].shape[0]), "bytes": len(data), "sha256": digest,
+        with fsio.atomic_path(self.folder / name) as tmp:
+            size, digest = write_safetensors(tmp, tensors)
+        return {"file": name, "n_tokens": int(tensors["tokens"].shape[0]), "bytes": size, "sha256": digest,
                 "norm_sums": dict(zip(hooks, sums)), "contexts_end": job.contexts_consumed}
 
     def _commit(self, job: Job, entry: dict | None) -> None:

@@ -57,9 +57,10 @@
     const n = c.t.length, acts = new Float64Array(n);
     for (const [i, v] of c.a) acts[i] = v;
     let lo = 0, hi = n;
-    if (!full) {
-      if (c.p >= 0) { lo = Math.max(0, c.p - f.window[0]); hi = Math.min(n, c.p + f.window[1] + 1); }
-      else hi = Math.min(n, f.window[0] + f.window[1] + 1);
+    if (!full) {  // a window around the peak, slid to stay full near either end of the context
+      const span = f.window[0] + f.window[1] + 1;
+      lo = c.p >= 0 ? Math.max(0, Math.min(c.p - f.window[0], n - span)) : 0;
+      hi = Math.min(n, lo + span);
     }
     const line = el("p", { class: "ctx", title: null });
     line.append(el("span", { class: "meta",
