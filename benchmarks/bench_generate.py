@@ -2,7 +2,9 @@
 
 Target (PERFORMANCE.md): generate ≥ 0.85× the bare forward. Both count the kept tokens of the same
 pre-packed contexts; generate is timed end to end (tokenising, forward, selection, dtype cast, norm
-sums, background writes, manifest) from an empty cache folder until its last chunk is on disk.
+sums, background writes, manifest) from an empty cache folder until its last chunk is on disk. A
+third line runs generate with the model replaced by a no-op: the ceiling of everything around the
+model (on a GPU, if it is not well above the bare forward, the text or the disk is the bottleneck).
 
     python benchmarks/bench_generate.py                       # SmolLM2, blocks.6.hook_resid_post, CPU
     python benchmarks/bench_generate.py --device cuda --batches 64 --model-batch 32
@@ -69,9 +71,15 @@ def main() -> None:
     for x in inputs[:2]:  # warm-up
         run_to_hooks(lm, x, [args.hook])
 
-    bare, gen = [], []
+    # the same generate with the model replaced by a no-op: how fast everything around the model can go
+    blank = torch.zeros(args.model_batch, args.context, lm.d_model, device=lm.device, dtype=lm.dtype)
+
+    def no_model(lm_, ids, hooks):
+        return {h: blank[: ids.shape[0]] for h in hooks}
+
+    bare, gen, ceiling = [], [], []
     try:
-        for _ in range(args.reps):  # interleaved: bare, then generate, per rep
+        for _ in range(args.reps):  # interleaved: bare, then generate, then the no-op model, per rep
             sync()
             t = time.perf_counter()
             for x in inputs:
@@ -84,6 +92,11 @@ def main() -> None:
             m = generate_shard(exp, lm, run_to_hooks, 0, 1)
             gen.append(kept / (time.perf_counter() - t))
             assert m["total_tokens"] == kept and m["complete"]
+
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            t = time.perf_counter()
+            generate_shard(exp, lm, no_model, 0, 1)
+            ceiling.append(kept / (time.perf_counter() - t))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -95,6 +108,7 @@ def main() -> None:
           f"{args.batches} batches of {args.model_batch}×{args.context} ({kept} kept tokens), {args.reps} reps")
     print(f"bare truncated forward  {fmt(bare)}")
     print(f"generate                {fmt(gen)}")
+    print(f"generate, no-op model   {fmt(ceiling)}  (text, packing, selection and writes alone)")
     print(f"generate / bare         {statistics.median(ratios):.3f}×  (per rep: {', '.join(f'{r:.3f}' for r in ratios)}; "
           f"target ≥ 0.85×)")
 

@@ -304,6 +304,21 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(m.reconstruct({IN: x})[OUT], back.reconstruct({IN: x})[OUT])
 
 
+def test_values_copied_from_the_model_survive_a_rebuild_from_the_experiment_config():
+    """A resumed run rebuilds the dictionary from the experiment (rope_theta unset) and loads the
+    checkpoint's state dict: the model's rope_theta and softmax scale come back with it, even after a
+    dtype change."""
+    m = randomised()
+    m.cfg = replace(m.cfg, rope_theta=100000.0, attention_scale=0.125)
+    rebuilt = make(d=8, d_sae=16, n_qk_heads=4, norm_activation="dataset-wise").to(torch.bfloat16)
+    assert rebuilt.cfg.rope_theta is None
+    rebuilt.load_state_dict(m.to(torch.bfloat16).state_dict())
+    assert rebuilt.cfg.rope_theta == 100000.0 and rebuilt.cfg.attention_scale == 0.125
+    untouched = make(d=8, d_sae=16, n_qk_heads=4, rope_theta=500.0)
+    untouched.load_state_dict(make(d=8, d_sae=16, n_qk_heads=4).state_dict())  # unset values: kept
+    assert untouched.cfg.rope_theta == 500.0 and untouched.cfg.attention_scale is None
+
+
 @pytest.mark.parametrize("activation,gated", [("topk", True), ("jumprelu", True), ("jumprelu", False),
                                               ("batchtopk", True), ("relu", False)])
 def test_fold_activation_scale_keeps_raw_outputs(activation, gated, tmp_path):

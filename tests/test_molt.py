@@ -124,6 +124,18 @@ def test_sparse_path_equals_dense_path(activation, penalty, monkeypatch):
         assert torch.allclose(ga[name], gb[name], rtol=1e-4, atol=1e-5), name
 
 
+def test_masked_contexts_count_only_their_kept_positions():
+    m = make({"1": 8, "2": 4}, d=6, k=2, activation="topk")
+    x, y = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[:, 0] = False
+    out = m({IN: x, OUT: y}, StepContext(k=2), mask=mask)
+    assert out.reconstruction[OUT].shape == (2, 5, 6) and out.feature_acts.shape == (2, 5, 12)
+    flat = m({IN: x[:, 1:].reshape(-1, 6), OUT: y[:, 1:].reshape(-1, 6)}, StepContext(k=2))
+    assert torch.allclose(out.terms["mse"], flat.terms["mse"])
+    assert torch.allclose(out.reconstruction[OUT][:, 1:].reshape(-1, 6), flat.reconstruction[OUT])
+
+
 def test_jumprelu_gates_always_take_the_dense_path(monkeypatch):
     """JumpReLU's threshold gradient needs ∂L/∂f at shut gates, which the sparse path does not compute."""
     monkeypatch.setattr(molt_module, "SPARSE_MAX_DENSITY", 2.0)

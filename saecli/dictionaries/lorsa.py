@@ -117,6 +117,20 @@ class LowRankSparseAttention(Dictionary):
         out["cfg"] = to_dict(self.cfg)  # TOML-able: None dropped, so parse() restores the defaults
         return out
 
+    _CFG_IN_STATE = ("rope_theta", "attention_scale")
+
+    def get_extra_state(self) -> torch.Tensor:
+        """(rope_theta, attention_scale) in the state dict (NaN = unset), so that a checkpoint restores the
+        values `init_from_model` copied from the model into cfg (a resumed run rebuilds the dictionary from
+        the experiment file, where they may be unset). A float64 tensor: `.to(dtype)` never rounds it."""
+        values = [getattr(self.cfg, name) for name in self._CFG_IN_STATE]
+        return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        updates = {name: float(v) for name, v in zip(self._CFG_IN_STATE, state.tolist()) if not math.isnan(v)}
+        if updates:
+            self.cfg = replace(self.cfg, **updates)
+
     @torch.no_grad()
     def reset_parameters(self, init_cfg: Any = None) -> None:
         """Data-independent init (global RNG), following [init] where it applies:

@@ -235,11 +235,11 @@ class MixtureOfLinearTransforms(Dictionary):
 
     def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
              mask: torch.Tensor | None = None) -> LossOutput:
+        """Inputs/targets [N, d] (or [B, T, d] with a [B, T] mask of the positions that count)."""
+        lead = inputs[self.in_hook].shape[:-1]
         x = inputs[self.in_hook].reshape(-1, self.d_model)
         y = targets[self.out_hook].reshape(-1, self.d_model)
-        if mask is not None:
-            keep = mask.reshape(-1).to(torch.bool)
-            x, y = x[keep], y[keep]
+        keep = None if mask is None else mask.reshape(-1).to(torch.bool)
         h = self.pre_acts(x)
         norms = self.transform_norms() if self.cfg.sparsity_include_decoder_norm else None
         gate = norms.detach() if (norms is not None and self.gated) else None
@@ -248,24 +248,27 @@ class MixtureOfLinearTransforms(Dictionary):
         if self.b_D is not None:
             recon = recon + self.b_D
         path = self.last_path
-        mse = L.mse(recon, y)
+        mse = L.mse(recon, y, keep)
+        rows = (lambda t: t) if keep is None else (lambda t: t[keep])  # noqa: E731
+        x_kept = rows(x)
 
         def decode_rows(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-            dense = torch.zeros_like(h).scatter(1, indices, values.to(h.dtype))
-            return self.apply_transforms(dense, x)
+            dense = torch.zeros(values.shape[0], self.d_sae, dtype=h.dtype, device=h.device)
+            return self.apply_transforms(dense.scatter(1, indices, values.to(h.dtype)), x_kept)
 
-        extra_loss, terms, extra = latent_terms(h, f, ctx, self.activation, gate=gate, norms=norms, gated=self.gated,
-                                                residual=y - recon, decode_rows=decode_rows,
+        extra_loss, terms, extra = latent_terms(rows(h), rows(f), ctx, self.activation, gate=gate, norms=norms,
+                                                gated=self.gated, residual=rows(y - recon), decode_rows=decode_rows,
                                                 k_aux_default=self.d_model // 2)
         loss = mse if extra_loss is None else mse + extra_loss
         self.last_path = path
-        fired = (f.detach() != 0).to(torch.float32)
+        fired = (rows(f).detach() != 0).to(torch.float32)
         extra["path"] = path
-        extra["mse_per_element"] = L.mse_per_element(recon.detach(), y)
-        extra["active_rank"] = (fired @ self.rank_of.to(torch.float32)).mean() if x.shape[0] else torch.zeros(())
+        extra["mse_per_element"] = L.mse_per_element(rows(recon).detach(), rows(y))
+        extra["active_rank"] = (fired @ self.rank_of.to(torch.float32)).mean() if fired.shape[0] else torch.zeros(())
         return LossOutput(loss=loss, terms={"mse": mse.detach(), **{k: v.detach() for k, v in terms.items()}},
-                          feature_acts=f, reconstruction={self.out_hook: recon}, target={self.out_hook: y},
-                          extra=extra)
+                          feature_acts=f.reshape(*lead, self.d_sae),
+                          reconstruction={self.out_hook: recon.reshape(*lead, self.d_model)},
+                          target={self.out_hook: y.reshape(*lead, self.d_model)}, extra=extra)
 
     # ------------------------------------------------------------------ directions (DLA, analysis)
     @torch.no_grad()

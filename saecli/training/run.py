@@ -193,7 +193,13 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
     else:
         if sync.is_main:
             clear_run_partial(folder)
-        batch_tokens = initialize(stream, [(dictionary, exp.init)], sync=sync)
+        lm = None
+        if getattr(dictionary, "needs_model_init", False) and getattr(stream, "lm", None) is None:
+            from saecli.lm import load_model
+
+            exp.require("model")  # a cached stream has no model: load it for the init alone
+            lm = load_model(exp.model)
+        batch_tokens = initialize(stream, [(dictionary, exp.init)], sync=sync, lm=lm)
         try:
             plan = plan_steps(exp.trainer.total_training_tokens, batch_tokens,
                               exp.trainer.gradient_accumulation_steps, sync.world_size)

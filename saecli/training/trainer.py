@@ -101,13 +101,17 @@ def estimate_mean_norms(batches: list[Batch], hooks: Iterable[str]) -> dict[str,
 
 
 @torch.no_grad()
-def initialize(stream: Any, dictionaries: list[tuple[Dictionary, Any]], *, sync: Sync | None = None) -> int:
+def initialize(stream: Any, dictionaries: list[tuple[Dictionary, Any]], *, sync: Sync | None = None,
+               lm: Any = None) -> int:
     """Data-dependent start of fresh dictionaries; returns the tokens of one batch (on this rank).
 
     `dictionaries` pairs each dictionary with its InitConfig. Draws max(init_batches) batches, sets the
     dataset-wise norm of every dictionary that uses it (from `stream.mean_norms` when the stream knows
     them, else estimated on those batches), calls `init_from_data` with the normalised batches, then
-    rewinds the stream to where it was. With several ranks, rank 0's result is broadcast.
+    rewinds the stream to where it was. A kind that initialises from the model itself (a transcoder
+    from its MLP, LORSA from the attention) says so with `needs_model_init` and gets
+    `init_from_model(lm, raw_batches)` (lm: the one given, else the live stream's). With several ranks,
+    rank 0's result is broadcast.
     """
     sync = sync or LocalSync()
     n = max(int(init.init_batches) for _, init in dictionaries)
@@ -135,6 +139,9 @@ def initialize(stream: Any, dictionaries: list[tuple[Dictionary, Any]], *, sync:
         picked = batches[: int(init_cfg.init_batches)]
         normed = [dictionary.normalize({h: b.acts[h].to(device, dtype) for h in hooks}) for b in picked]
         dictionary.init_from_data(normed, init_cfg)
+        if getattr(dictionary, "needs_model_init", False):
+            raw = [{h: b.acts[h].to(device, dtype) for h in hooks} for b in picked]
+            dictionary.init_from_model(lm if lm is not None else getattr(stream, "lm", None), raw)
         if sync.world_size > 1:
             state = sync.broadcast_object({k: v.cpu() for k, v in dictionary.state_dict().items()})
             dictionary.load_state_dict(state)
