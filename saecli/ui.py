@@ -55,7 +55,12 @@ def warn(message: str) -> None:
 
 
 def error(message: str) -> None:
-    console.print(Panel(escape(message), title="error", title_align="left", border_style="red", expand=False))
+    """One paragraph on stderr: a red panel in a terminal, a plain unwrapped line in logs and pipes."""
+    if console.is_terminal:
+        body = Text(message, overflow="fold")
+        console.print(Panel(body, title="error", title_align="left", border_style="red", expand=False))
+    else:
+        console.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
 
 
 def traceback() -> None:

@@ -136,3 +136,32 @@ def test_text_that_runs_out_ends_the_shard(tmp_path, tiny_llama, lm):
     assert m["complete"] and m["exhausted"] and 0 < m["total_tokens"] < 1_000_000
     assert m["documents_consumed"] == 4
     assert generate_shard(exp, lm, run_to_hooks, 0, 1) == m  # nothing more to do
+
+
+def test_tokeniser_process_gives_the_same_cache(tmp_path, tiny_llama, lm, monkeypatch):
+    """GPU runs read and pack the text in a child process: same chunks, and its errors arrive as ours."""
+    from saecli.data.producer import context_batches
+    from saecli.data.tokens import packer_for
+    from saecli.lm import run_to_hooks
+
+    exp = _exp(tmp_path, tiny_llama)
+    in_thread = generate_shard(exp, lm, run_to_hooks, 0, 1)
+    (tmp_path / "thread").mkdir()
+    for f in (tmp_path / "cache" / "shard-000").iterdir():
+        f.rename(tmp_path / "thread" / f.name)
+    monkeypatch.setenv("SAECLI_TOKENIZE_PROCESS", "1")
+    assert generate_shard(exp, lm, run_to_hooks, 0, 1) == in_thread
+    for f in (tmp_path / "thread").iterdir():
+        assert f.read_bytes() == (tmp_path / "cache" / "shard-000" / f.name).read_bytes()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text column"}\n')
+    exp.dataset.path = str(bad)
+    batches = context_batches(packer_for(lm, exp.activations), exp.dataset, 0, 1, 4, process=True)
+    with pytest.raises(UsageError, match="dataset.text_column"):
+        next(batches)
+    batches.close()
+    early = context_batches(packer_for(lm, exp.activations), _exp(tmp_path, tiny_llama).dataset, 0, 1, 4, process=True)
+    assert len(next(early)) == 4
+    early.close()  # stops the child mid-text
+    assert early._proc.poll() is not None

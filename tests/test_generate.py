@@ -154,3 +154,19 @@ def test_generate_config_errors_exit_2(tmp_path, tiny_llama, cli):
     missing = cli("generate", toml, "--set", f'dataset.path="{tmp_path / "none.jsonl"}"')
     assert missing.exit_code == 2 and "dataset.path" in missing.output
     assert not (tmp_path / "cache" / "shard-000" / "manifest.json").exists()
+
+
+@pytest.mark.distributed
+def test_torchrun_processes_write_one_shard_each(tmp_path, tiny_llama, cli):
+    """Under torchrun (RANK/WORLD_SIZE) each process writes its own shard; readers and check see both."""
+    toml = experiment(tmp_path, tiny_llama, total=2000, chunk=512)
+    env = dict(os.environ, COLUMNS="200", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "saecli",
+                           "generate", str(toml)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    index = open_cache(tmp_path / "cache")
+    assert [m["shard"] for m in index.manifests] == [0, 1] and {m["n_shards"] for m in index.manifests} == {2}
+    assert index.total_tokens == 2000
+    docs = [set(load_file(c.path)["doc"].tolist()) for c in index.chunks]
+    assert all(d % 2 == c.shard for c, ds in zip(index.chunks, docs) for d in ds)  # documents split by shard
+    assert cli("check", tmp_path / "cache").exit_code == 0

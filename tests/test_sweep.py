@@ -284,3 +284,46 @@ def test_sigkill_then_resume_equals_the_uninterrupted_sweep(tmp_path):
         assert_close_weights(ref / name, cut / name, atol=0)
         steps = [r["step"] for r in read_metrics(cut / name)]
         assert steps == [r["step"] for r in read_metrics(ref / name)] and len(steps) == len(set(steps))
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+def test_cli_sweep_on_a_live_model_with_eval(run_cli, tiny_llama, tmp_path):
+    """`saecli sweep` end to end: one model for the group, per-member folders, eval's loss recovered in the table."""
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(textwrap.dedent(f'''
+        [run]
+        name = "cli"
+        output_dir = "{tmp_path / 'runs'}"
+        [model]
+        name = "{tiny_llama}"
+        device = "cpu"
+        [activations]
+        hook_points = ["blocks.1.hook_resid_post"]
+        context_size = 32
+        model_batch_size = 4
+        batch_size = 128
+        shuffle_buffer_tokens = 512
+        [sae]
+        d_sae = 64
+        k = 4
+        [trainer]
+        total_training_tokens = 1280
+        log_frequency = 5
+        n_checkpoints = 1
+        checkpoint_every_seconds = 0
+        [eval]
+        total_eval_tokens = 256
+        ce_contexts = 2
+        [store]
+        backend = "none"
+        [sweep]
+        grid = {{"sae.k" = [2, 6]}}
+        eval = true
+    '''))
+    result = run_cli("sweep", toml)
+    assert result.exit_code == 0, result.output
+    assert "sweep: 2 members" in result.output and "loss rec." in result.output
+    rows = json.loads((tmp_path / "runs" / SUMMARY_JSON).read_text())
+    assert [r["member"] for r in rows] == ["k=2", "k=6"] and all(r["status"] == "finished" for r in rows)
+    assert all(isinstance(r["loss_recovered"], float) for r in rows)
+    assert (tmp_path / "runs" / "k=6" / "eval.json").exists() and (tmp_path / "runs" / FRONTIER_PNG).exists()

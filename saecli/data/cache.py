@@ -133,6 +133,8 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
     try:
         for ctx in contexts:
             piece = _forward(lm, run_to_hooks, ctx, hooks, store_dtype, limit=target - done - n_pending)
+            if not manifest["chunks"] and not pending:  # the widths as the model gives them (writer still idle)
+                manifest["d_model"] = {h: int(piece[act_key(h)].shape[1]) for h in hooks}
             pending.append(piece)
             n = int(piece["tokens"].shape[0])
             n_pending += n

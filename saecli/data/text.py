@@ -13,6 +13,7 @@ source files themselves when a run asks for more.
 from __future__ import annotations
 
 import ast
+import functools
 import itertools
 import os
 import sysconfig
@@ -106,8 +107,13 @@ def _read(path: Path) -> str:
         return ""
 
 
+@functools.lru_cache(maxsize=None)
 def module_docstrings(path: Path) -> str:
-    """One document per module: its docstring and every class/function docstring, in source order."""
+    """One document per module: its docstring and every class/function docstring, in source order.
+
+    Remembered per file (the parse is the slow part of the built-in text; ~1.5 MB in all), so live
+    streams that re-read the text to resume or to start an epoch do not parse it again.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
     module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
     try:

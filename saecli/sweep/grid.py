@@ -148,6 +148,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPla
     data = apply_overrides(read_toml(path), overrides or [])
     file = str(path)
     if "sweep" not in data:
+        experiment_from_dict(data, file=file)  # the base's own errors first
         raise ConfigError("this file has no [sweep] section: add one with sweep.grid and/or sweep.variants "
                           "(or use `saecli train` for a single run)", file=file)
     try:
@@ -159,8 +160,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPla
 
 def plan_from_dict(base: dict, sweep: SweepConfig, *, file: str | None = None) -> SweepPlan:
     """Members of a sweep from the base experiment's TOML dict (no [sweep]) and a parsed SweepConfig."""
-    from saecli.config.load import experiment_from_dict
-
     base = copy.deepcopy(base)
     base.pop("sweep", None)
     run = base.setdefault("run", {})
@@ -196,11 +195,11 @@ def _parse_member(table: dict, label: str, file: str | None) -> Any:
     from saecli.config.load import experiment_from_dict
 
     try:
-        return experiment_from_dict(table)
+        exp = experiment_from_dict(table)
     except ConfigError as exc:
         raise ConfigError(f"sweep member {label}: {_bare(exc)}", file=file, key=exc.key) from None
-    finally:
-        pass
+    exp.source_file = file  # relative paths (store.path) resolve against the sweep file, as for `train`
+    return exp
 
 
 def _bare(exc: ConfigError) -> str:

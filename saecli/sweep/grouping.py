@@ -24,12 +24,6 @@ class Group:
     members: list[SweepMember]
     key: tuple  # the stream-defining values, in `stream_key_paths()` order
 
-    @property
-    def cost(self) -> int:
-        """Relative work: tokens × members (members of one group read the stream once)."""
-        exp = self.members[0].exp
-        return int(exp.trainer.total_training_tokens) * len(self.members)
-
 
 @dataclass
 class Unit:

@@ -21,6 +21,8 @@ from saecli.sweep.grid import SweepPlan, format_value
 SUMMARY_JSON = "sweep_summary.json"
 FRONTIER_PNG = "frontier.png"
 COLUMNS = ("member", "group", "status", "step", "l0", "explained_variance", "dead_pct", "loss_recovered")
+# short headers for the terminal table (fits 80 columns)
+LABELS = {"explained_variance": "expl. var", "dead_pct": "dead %", "loss_recovered": "loss rec.", "l0": "L0"}
 
 
 def _read(path: Path) -> dict:
@@ -73,7 +75,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows for `ui.table`: the summary columns, blanks for what is unknown."""
     out = []
     for r in rows:
-        out.append({c: ("" if r.get(c) is None else r[c]) for c in COLUMNS})
+        out.append({LABELS.get(c, c): ("" if r.get(c) is None else r[c]) for c in COLUMNS})
     return out
 
 
