@@ -72,7 +72,8 @@ def test_content_based_attention_on_hand_set_weights():
     x = torch.tensor([[[1.0, 0], [0, 1], [1, 1]]])
     m = hand_set(1.0, activation="relu")
     e = math.e
-    pattern = torch.tensor([[1.0, 0, 0], [1 / (1 + e), e / (1 + e), 0], [e / (2 * e + e**2), e / (2 * e + e**2), e**2 / (2 * e + e**2)]])
+    last = 2 * e + e**2
+    pattern = torch.tensor([[1.0, 0, 0], [1 / (1 + e), e / (1 + e), 0], [e / last, e / last, e**2 / last]])
     assert torch.allclose(m.patterns(x)[0, 0], pattern, atol=1e-6)
     assert torch.allclose(m.attention_pattern(x[0], head=1), pattern, atol=1e-6)
     # z_h(t) = Σ_s A(t, s)·x_s[h]: z(1) = (1, e)/(1+e), z(2) = ((1+e)/(2+e), (1+e)/(2+e))
@@ -100,7 +101,8 @@ def test_rotary_matches_the_llama_implementation():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    config = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4,
+                         rope_parameters={"rope_type": "default", "rope_theta": 500.0})
     q, k = torch.randn(1, 4, 9, 16), torch.randn(1, 4, 9, 16)
     cos_ref, sin_ref = LlamaRotaryEmbedding(config)(q, torch.arange(9).unsqueeze(0))
     q_ref, k_ref = apply_rotary_pos_emb(q, k, cos_ref, sin_ref)
@@ -234,7 +236,8 @@ def test_qk_from_smollm2_reproduce_its_patterns():
 
     lm = load_model(ModelConfig(name=str(SMOLLM2_DIR), gguf_file=SMOLLM2_GGUF, device="cpu"))
     lm.model.set_attn_implementation("eager")
-    ids = torch.tensor([[1] + lm.tokenizer("def main():\n    print('hello')\n    return 0", add_special_tokens=False)["input_ids"]])
+    text = "def main():\n    print('hello')\n    return 0"
+    ids = torch.tensor([[1] + lm.tokenizer(text, add_special_tokens=False)["input_ids"]])
     hooks = ["blocks.12.hook_attn_in", "blocks.12.hook_attn_out"]
     acts = run_to_hooks(lm, ids, hooks)
     probs = lm.model(ids, output_attentions=True).attentions[12]
@@ -378,3 +381,50 @@ def test_example_experiments_parse(path):
     assert exp.sae.kind == "lorsa" and exp.sae.d_sae % exp.sae.n_qk_heads == 0
     assert exp.activations.hook_points == [exp.sae.hook_point_in or exp.activations.hook_points[0],
                                           exp.sae.hook_point_out or exp.activations.hook_points[1]]
+
+
+class _CtrlCAt:
+    """A reporter that sends this process SIGINT when `step` is logged (a user pressing Ctrl-C)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __getattr__(self, name):  # every other reporter call is a no-op
+        return lambda *args, **kwargs: None
+
+    def log(self, member, record):
+        if record["step"] == self.step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_resume_after_ctrl_c_is_exact(tmp_path):
+    """Trained on whole contexts, killed mid-run and resumed: the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from saecli.config.experiment import Experiment
+    from saecli.data.synthetic import SyntheticStream
+    from saecli.training import train
+
+    def experiment(folder):
+        return parse(Experiment, {
+            "run": {"output_dir": str(folder), "name": "x"},
+            "sae": {"kind": "lorsa", "d_sae": 16, "n_qk_heads": 2, "k": 3, "activation": "batchtopk"},
+            "trainer": {"total_training_tokens": 8 * 7 * 20, "lr": 5e-3, "log_frequency": 4, "n_checkpoints": 2,
+                        "checkpoint_every_seconds": 0, "auxk_coefficient": 0.1, "dead_threshold_tokens": 100},
+            "store": {"backend": "none"}})
+
+    def stream():
+        return SyntheticStream(d_model=8, n_atoms=16, k=3, batch_size=8, contexts=True, context_size=8,
+                               hook_points=[IN, OUT])
+
+    ref = train(experiment(tmp_path / "ref"), stream=stream())
+    cut = experiment(tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, stream=stream(), reporter=_CtrlCAt(8))
+    train(cut, stream=stream(), resume=True)
+    a, b = load_file(str(ref / "sae_weights.safetensors")), load_file(str(tmp_path / "cut" / "sae_weights.safetensors"))
+    assert a.keys() == b.keys() and "activation.threshold" in a
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key

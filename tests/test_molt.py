@@ -2,6 +2,7 @@
 penalty, teacher → student recovery, save/load, folding on raw activations, config parsing."""
 
 import math
+import os
 import tomllib
 from pathlib import Path
 
@@ -284,3 +285,49 @@ def test_example_experiments_parse(path):
 
     exp = load_experiment(REPO / path)
     assert exp.sae.kind == "molt" and exp.sae.d_sae == sum(c for _, c in exp.sae.ranks())
+
+
+class _CtrlCAt:
+    """A reporter that sends this process SIGINT when `step` is logged (a user pressing Ctrl-C)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __getattr__(self, name):  # every other reporter call is a no-op
+        return lambda *args, **kwargs: None
+
+    def log(self, member, record):
+        if record["step"] == self.step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_resume_after_ctrl_c_is_exact(tmp_path):
+    """Killed mid-run and resumed, a MOLT (JumpReLU gate, tanh penalty) ends as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from saecli.config.experiment import Experiment
+    from saecli.data.synthetic import SyntheticStream
+    from saecli.training import train
+
+    def experiment(folder):
+        return parse(Experiment, {
+            "run": {"output_dir": str(folder), "name": "x"},
+            "sae": {"kind": "molt", "rank_counts": {"1": 8, "2": 4}, "activation": "jumprelu"},
+            "trainer": {"total_training_tokens": 64 * 20, "lr": 5e-3, "log_frequency": 4, "n_checkpoints": 2,
+                        "checkpoint_every_seconds": 0},
+            "store": {"backend": "none"}})
+
+    def stream():
+        return SyntheticStream(d_model=8, n_atoms=16, k=3, batch_size=64, hook_points=[IN, OUT])
+
+    ref = train(experiment(tmp_path / "ref"), stream=stream())
+    cut = experiment(tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, stream=stream(), reporter=_CtrlCAt(8))
+    train(cut, stream=stream(), resume=True)
+    a, b = load_file(str(ref / "sae_weights.safetensors")), load_file(str(tmp_path / "cut" / "sae_weights.safetensors"))
+    assert a.keys() == b.keys() and "activation.log_threshold" in a
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key

@@ -120,14 +120,15 @@ class LowRankSparseAttention(Dictionary):
     _CFG_IN_STATE = ("rope_theta", "attention_scale")
 
     def get_extra_state(self) -> torch.Tensor:
-        """(rope_theta, attention_scale) in the state dict (NaN = unset), so that a checkpoint restores the
+        """(rope_theta, attention_scale) in the state dict, so that a checkpoint restores the
         values `init_from_model` copied from the model into cfg (a resumed run rebuilds the dictionary from
-        the experiment file, where they may be unset). A float64 tensor: `.to(dtype)` never rounds it."""
+        the experiment file, where they may be unset). 0 = unset (both must be > 0). A float64 tensor:
+        `.to(dtype)` never rounds it."""
         values = [getattr(self.cfg, name) for name in self._CFG_IN_STATE]
-        return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
+        return torch.tensor([0.0 if v is None else float(v) for v in values], dtype=torch.float64)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        updates = {name: float(v) for name, v in zip(self._CFG_IN_STATE, state.tolist()) if not math.isnan(v)}
+        updates = {name: float(v) for name, v in zip(self._CFG_IN_STATE, state.tolist()) if v > 0}
         if updates:
             self.cfg = replace(self.cfg, **updates)
 

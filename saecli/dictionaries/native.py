@@ -1,0 +1,540 @@
+"""Optional compiled CPU kernels for the sparse train steps (built with gcc on first use, cached).
+
+Why: past ~1.5 ×roof the CPU TopK step is limited by what plain torch can do after the encoder matmul
+(shared/PERFORMANCE.md): `torch.topk` over [N, d_sae] rows, and CSR products that zero-fill, copy and
+re-permute around MKL. These loops do the same maths in one pass each:
+- `topk`: exact per-row top-k of key = (h + b)·gate in one scan (a k-heap behind a SIMD threshold test),
+  returning the ungated pre-activations h + b at the kept latents (the encoder bias and the decoder-norm
+  gate never touch the [N, d_sae] buffer, so the encoder is a plain beta = 0 matmul);
+- `spmm`: out = bias + CSR(values) @ B (optionally values through a permutation, and row sums), used for
+  the sparse decode and, on the transposed pattern, for both weight gradients;
+- `sddmm`: the sampled product A[row]·B[col] at the active pairs (dL/dvalues of the decode);
+- `transpose`: the transposed CSR by a counting sort (no argsort);
+- `relu_bias` / `relu_backward` / `dense_to_csr`: the ReLU steps' passes over [N, d_sae] fused
+  (bias + ReLU + counts + column sums in one pass; ReLU backward + penalty term + bias gradient in one).
+
+The shared object links `libgomp.so.1`, which the dynamic loader resolves to the copy torch has already
+loaded, so the loops run on torch's OpenMP threads (`torch.get_num_threads()`).
+
+Everything here is optional: `lib()` returns None when compiling or loading fails, or when
+SAECLI_NATIVE_KERNELS=0, and kernels.py then runs its pure-torch code. The build (≈ 1 s) is cached
+under $SAECLI_CACHE_DIR or $XDG_CACHE_HOME/saecli (default ~/.cache/saecli), keyed by the source, the
+flags and the CPU, and written atomically (parallel first builds are safe).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+ENV_SWITCH = "SAECLI_NATIVE_KERNELS"  # "0" / "false" / "off": never build or use the compiled kernels
+BUILD_TIMEOUT_S = 120
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+typedef int32_t i32;
+typedef int64_t i64;
+
+/* a > b, with NaN above every number (torch.topk's order) */
+static inline int gtf(float a, float b) { return a > b || (a != a && b == b); }
+
+/* min-heap (under gtf) of keys hv with ids hi */
+static inline void sift_down(float *hv, i32 *hi, i64 k, i64 pos) {
+    float v = hv[pos];
+    i32 id = hi[pos];
+    for (;;) {
+        i64 c = 2 * pos + 1;
+        if (c >= k) break;
+        if (c + 1 < k && gtf(hv[c], hv[c + 1])) c++;
+        if (!gtf(v, hv[c])) break;
+        hv[pos] = hv[c];
+        hi[pos] = hi[c];
+        pos = c;
+    }
+    hv[pos] = v;
+    hi[pos] = id;
+}
+
+static inline float key_of(const float *row, const float *bias, const float *gate, i64 j) {
+    float v = row[j];
+    if (bias) v += bias[j];
+    if (gate) v *= gate[j];
+    return v;
+}
+
+static inline void offer(float *hv, i32 *hi, i64 k, float v, i64 j) {
+    if (gtf(v, hv[0])) {
+        hv[0] = v;
+        hi[0] = (i32)j;
+        sift_down(hv, hi, k, 0);
+    }
+}
+
+/* the k-heap scan over every element: any row (NaN, inf, few columns) */
+static void topk_row_heap(const float *row, i64 s, const float *bias, const float *gate, i64 k,
+                          float *hv, i32 *hi) {
+    for (i64 j = 0; j < k; j++) { hv[j] = key_of(row, bias, gate, j); hi[j] = (i32)j; }
+    for (i64 p = k / 2 - 1; p >= 0; p--) sift_down(hv, hi, k, p);
+    for (i64 j = k; j < s; j++) {
+        float v = key_of(row, bias, gate, j);
+        if (!(v <= hv[0])) offer(hv, hi, k, v, j);
+    }
+}
+
+#define LANES 16
+#define GROUP 8 /* a group = one lane of GROUP consecutive LANES-wide vectors */
+
+static inline i64 count_ge(const float *g, i64 n, float t) {
+    i64 c = 0;
+    #pragma omp simd reduction(+:c)
+    for (i64 i = 0; i < n; i++) c += g[i] >= t;
+    return c;
+}
+
+/* Exact top-k of one row's keys (h + bias)*gate; hv/hi receive the pre-activations h + bias and columns.
+   Pass 1 writes the keys to `keys` and the max of each group of GROUP elements to `gm`. Any t with at
+   least k group maxima >= t is <= the k-th largest key (the groups are disjoint), so pass 2 offers the
+   k-heap only the keys >= t: about k of them, against ~k·ln(s/k) heap insertions in a plain scan. */
+static void topk_row(const float *row, i64 s, const float *bias, const float *gate, i64 k,
+                     float *hv, i32 *hi, float *keys, float *gm) {
+    const i64 nb = s / (LANES * GROUP), body = nb * LANES * GROUP;
+    const i64 G = nb * LANES + (s - body); /* groups: lanes of the full blocks, then tail singletons */
+    if (nb * LANES < 2 * k) {
+        topk_row_heap(row, s, bias, gate, k, hv, hi);
+        goto finish;
+    }
+    const float *kp = row;
+    int bad = 0;
+    if (bias || gate) {
+        #pragma omp simd reduction(|:bad)
+        for (i64 j = 0; j < s; j++) { float v = key_of(row, bias, gate, j); keys[j] = v; bad |= v - v != 0.f; }
+        kp = keys;
+    } else {
+        #pragma omp simd reduction(|:bad)
+        for (i64 j = 0; j < s; j++) bad |= row[j] - row[j] != 0.f;
+    }
+    if (bad) { /* NaN or inf: the plain scan orders them */
+        topk_row_heap(row, s, bias, gate, k, hv, hi);
+        goto finish;
+    }
+    for (i64 b = 0; b < nb; b++) {
+        const float *base = kp + b * LANES * GROUP;
+        float *g = gm + b * LANES;
+        #pragma omp simd
+        for (int l = 0; l < LANES; l++) {
+            float m = base[l];
+            for (int i = 1; i < GROUP; i++) { float v = base[i * LANES + l]; m = v > m ? v : m; }
+            g[l] = m;
+        }
+    }
+    for (i64 j = body; j < s; j++) gm[nb * LANES + (j - body)] = kp[j];
+    float lo = gm[0], hi_ = gm[0];
+    #pragma omp simd reduction(min:lo) reduction(max:hi_)
+    for (i64 g = 0; g < G; g++) { lo = gm[g] < lo ? gm[g] : lo; hi_ = gm[g] > hi_ ? gm[g] : hi_; }
+    float t = hi_; /* bisection keeps count(gm >= lo) >= k (true at the minimum: G >= 2k groups) */
+    if (count_ge(gm, G, hi_) < k) {
+        for (int it = 0; it < 32; it++) {
+            float mid = lo + 0.5f * (hi_ - lo);
+            if (!(mid > lo && mid < hi_)) break;
+            i64 c = count_ge(gm, G, mid);
+            if (c >= k) { lo = mid; if (c <= k + k / 4 + 2) break; }
+            else hi_ = mid;
+        }
+        t = lo;
+    }
+    for (i64 j = 0; j < k; j++) { hv[j] = -__builtin_inff(); hi[j] = -1; }
+    i64 j = 0;
+#if defined(__AVX512F__)
+    const __m512 tv = _mm512_set1_ps(t);
+    for (; j + 16 <= s; j += 16) {
+        __m512 v = _mm512_loadu_ps(kp + j);
+        __mmask16 m = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, _mm512_set1_ps(hv[0]), _CMP_GT_OQ);
+        while (m) { int q = __builtin_ctz(m); m &= m - 1; offer(hv, hi, k, kp[j + q], j + q); }
+    }
+#elif defined(__AVX2__)
+    const __m256 tv = _mm256_set1_ps(t);
+    for (; j + 8 <= s; j += 8) {
+        __m256 v = _mm256_loadu_ps(kp + j);
+        int m = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, tv, _CMP_GE_OQ),
+                                                 _mm256_cmp_ps(v, _mm256_set1_ps(hv[0]), _CMP_GT_OQ)));
+        while (m) { int q = __builtin_ctz(m); m &= m - 1; offer(hv, hi, k, kp[j + q], j + q); }
+    }
+#endif
+    for (; j < s; j++)
+        if (kp[j] >= t) offer(hv, hi, k, kp[j], j);
+finish:
+    if (bias || gate)
+        for (i64 q = 0; q < k; q++) hv[q] = bias ? row[hi[q]] + bias[hi[q]] : row[hi[q]];
+}
+
+void sae_topk(i64 n, i64 s, const float *h, i64 ldh, const float *bias, const float *gate, i64 k,
+              float *vals, i32 *idx, int nt) {
+    if (k <= 0) return;
+    #pragma omp parallel num_threads(nt)
+    {
+        float *scratch = (float *)malloc(2 * (size_t)(s > 0 ? s : 1) * sizeof(float));
+        #pragma omp for schedule(static)
+        for (i64 r = 0; r < n; r++)
+            topk_row(h + r * ldh, s, bias, gate, k, vals + r * k, idx + r * k, scratch, scratch + s);
+        free(scratch);
+    }
+}
+
+/* out[r] = bias + sum_p val[perm ? perm[p] : p] * B[col[p]]; rowsum[r] = sum of those values */
+void sae_spmm(i64 n_rows, const i32 *crow, const i32 *col, const float *val, const i32 *perm,
+              const float *B, i64 ldb, i64 d, const float *bias, float *out, i64 ldo, float *rowsum, int nt) {
+    #pragma omp parallel for schedule(dynamic, 16) num_threads(nt)
+    for (i64 r = 0; r < n_rows; r++) {
+        float *restrict o = out + r * ldo;
+        if (bias) memcpy(o, bias, d * sizeof(float));
+        else memset(o, 0, d * sizeof(float));
+        float rs = 0.f;
+        i64 p = crow[r], end = crow[r + 1];
+        for (; p + 4 <= end; p += 4) {
+            float v0 = val[perm ? perm[p] : p], v1 = val[perm ? perm[p + 1] : p + 1];
+            float v2 = val[perm ? perm[p + 2] : p + 2], v3 = val[perm ? perm[p + 3] : p + 3];
+            const float *restrict b0 = B + (i64)col[p] * ldb, *restrict b1 = B + (i64)col[p + 1] * ldb;
+            const float *restrict b2 = B + (i64)col[p + 2] * ldb, *restrict b3 = B + (i64)col[p + 3] * ldb;
+            rs += v0 + v1 + v2 + v3;
+            #pragma omp simd
+            for (i64 t = 0; t < d; t++) o[t] += v0 * b0[t] + v1 * b1[t] + v2 * b2[t] + v3 * b3[t];
+        }
+        for (; p < end; p++) {
+            float v = val[perm ? perm[p] : p];
+            const float *restrict b = B + (i64)col[p] * ldb;
+            rs += v;
+            #pragma omp simd
+            for (i64 t = 0; t < d; t++) o[t] += v * b[t];
+        }
+        if (rowsum) rowsum[r] = rs;
+    }
+}
+
+/* out[p] = A[r] . B[col[p]] for every stored p of row r */
+void sae_sddmm(i64 n_rows, const i32 *crow, const i32 *col, const float *A, i64 lda, const float *B, i64 ldb,
+               i64 d, float *out, int nt) {
+    #pragma omp parallel for schedule(dynamic, 16) num_threads(nt)
+    for (i64 r = 0; r < n_rows; r++) {
+        const float *restrict a = A + r * lda;
+        for (i64 p = crow[r]; p < crow[r + 1]; p++) {
+            const float *restrict b = B + (i64)col[p] * ldb;
+            float acc = 0.f;
+            #pragma omp simd reduction(+:acc)
+            for (i64 t = 0; t < d; t++) acc += a[t] * b[t];
+            out[p] = acc;
+        }
+    }
+}
+
+/* CSR [n_rows, n_cols] -> CSR of the transpose, stable (rows ascending in each column); perm[q] is the
+   position in the original order of the q-th transposed entry */
+void sae_transpose(i64 n_rows, i64 n_cols, const i32 *crow, const i32 *col, i32 *crow_t, i32 *rows_t, i32 *perm) {
+    memset(crow_t, 0, (n_cols + 1) * sizeof(i32));
+    i64 nnz = crow[n_rows];
+    for (i64 p = 0; p < nnz; p++) crow_t[col[p] + 1]++;
+    for (i64 c = 0; c < n_cols; c++) crow_t[c + 1] += crow_t[c];
+    i32 *next = (i32 *)malloc((n_cols > 0 ? n_cols : 1) * sizeof(i32));
+    memcpy(next, crow_t, n_cols * sizeof(i32));
+    for (i64 r = 0; r < n_rows; r++)
+        for (i64 p = crow[r]; p < crow[r + 1]; p++) {
+            i32 q = next[col[p]]++;
+            rows_t[q] = (i32)r;
+            perm[q] = (i32)p;
+        }
+    free(next);
+}
+
+/* h = relu(h + bias) in place; row_nnz[r] = non-zeros of row r; colsum (if given) = column sums;
+   returns the total number of non-zeros */
+i64 sae_relu_bias(i64 n, i64 s, float *h, i64 ldh, const float *bias, i32 *row_nnz, float *colsum, int nt) {
+    i64 total = 0;
+    int nthreads = nt > 0 ? nt : 1;
+    float *part = colsum ? (float *)calloc((size_t)nthreads * s, sizeof(float)) : 0;
+    #pragma omp parallel num_threads(nthreads) reduction(+:total)
+    {
+        float *restrict acc = part ? part + (i64)omp_get_thread_num() * s : 0;
+        #pragma omp for schedule(static)
+        for (i64 r = 0; r < n; r++) {
+            float *restrict row = h + r * ldh;
+            i32 cnt = 0;
+            #pragma omp simd reduction(+:cnt)
+            for (i64 j = 0; j < s; j++) {
+                float v = row[j] + (bias ? bias[j] : 0.f);
+                v = v < 0.f ? 0.f : v;
+                row[j] = v;
+                cnt += v != 0.f;
+            }
+            if (acc) {
+                #pragma omp simd
+                for (i64 j = 0; j < s; j++) acc[j] += row[j];
+            }
+            row_nnz[r] = cnt;
+            total += cnt;
+        }
+    }
+    if (part) {
+        for (i64 j = 0; j < s; j++) {
+            double t = 0.0;
+            for (int q = 0; q < nthreads; q++) t += part[(i64)q * s + j];
+            colsum[j] = (float)t;
+        }
+        free(part);
+    }
+    return total;
+}
+
+/* ReLU backward of df (in place) with a per-column term added where f > 0; colsum = column sums of the result */
+void sae_relu_backward(i64 n, i64 s, float *df, i64 ldd, const float *f, i64 ldf, const float *colterm,
+                       float *colsum, int nt) {
+    int nthreads = nt > 0 ? nt : 1;
+    float *part = (float *)calloc((size_t)nthreads * s, sizeof(float));
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *restrict acc = part + (i64)omp_get_thread_num() * s;
+        #pragma omp for schedule(static)
+        for (i64 r = 0; r < n; r++) {
+            float *restrict g = df + r * ldd;
+            const float *restrict a = f + r * ldf;
+            #pragma omp simd
+            for (i64 j = 0; j < s; j++) {
+                float v = (a[j] <= 0.f) ? 0.f : g[j] + (colterm ? colterm[j] : 0.f);
+                g[j] = v;
+                acc[j] += v;
+            }
+        }
+    }
+    for (i64 j = 0; j < s; j++) {
+        double t = 0.0;
+        for (int q = 0; q < nthreads; q++) t += part[(i64)q * s + j];
+        colsum[j] = (float)t;
+    }
+    free(part);
+}
+
+/* the non-zeros of a dense [n, s] matrix into CSR arrays (crow given, from row counts) */
+void sae_dense_to_csr(i64 n, i64 s, const float *h, i64 ldh, const i32 *crow, i32 *col, float *val, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < n; r++) {
+        const float *row = h + r * ldh;
+        i64 p = crow[r];
+        for (i64 j = 0; j < s; j++)
+            if (row[j] != 0.f) { col[p] = (i32)j; val[p] = row[j]; p++; }
+    }
+}
+"""
+
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {
+    "sae_topk": (None, [_I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _INT]),
+    "sae_spmm": (None, [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _INT]),
+    "sae_sddmm": (None, [_I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _INT]),
+    "sae_transpose": (None, [_I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR]),
+    "sae_relu_bias": (_I64, [_I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _INT]),
+    "sae_relu_backward": (None, [_I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _INT]),
+    "sae_dense_to_csr": (None, [_I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _INT]),
+}
+# tried in order: the first that compiles wins (-march=native needs a compiler that knows this CPU)
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
+
+_lock = threading.Lock()
+_state: dict = {"lib": None, "tried": False, "status": "not built yet"}
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SAECLI_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "saecli")
+    return Path(root) / "kernels"
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the machine and its CPU flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _build(cc: str, flags: list[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "sae_kernels.c"
+        src.write_text(SOURCE)
+        out = Path(tmp) / target.name
+        cmd = [cc, *flags, "-std=gnu11", "-shared", "-fPIC", "-o", str(out), str(src)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[-500:]}")
+        os.replace(out, target)  # atomic: a concurrent builder's copy is identical
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    dll = ctypes.CDLL(str(path))
+    for name, (res, args) in _SIGNATURES.items():
+        fn = getattr(dll, name)
+        fn.restype, fn.argtypes = res, args
+    return dll
+
+
+def lib() -> ctypes.CDLL | None:
+    """The compiled kernels (built on first call), or None where they cannot be had."""
+    if _state["tried"]:
+        return _state["lib"]
+    with _lock:
+        if _state["tried"]:
+            return _state["lib"]
+        _state["lib"], _state["status"] = _try_lib()
+        _state["tried"] = True
+    return _state["lib"]
+
+
+def _try_lib() -> tuple[ctypes.CDLL | None, str]:
+    if not enabled_by_env():
+        return None, f"disabled by {ENV_SWITCH}"
+    cc = os.environ.get("CC") or "gcc"
+    if shutil.which(cc) is None:
+        return None, f"no C compiler ({cc})"
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256("\0".join([SOURCE, cc, *flags, _cpu_key()]).encode()).hexdigest()[:16]
+        path = cache_dir() / f"sae_kernels_{key}.so"
+        try:
+            if not path.exists():
+                _build(cc, flags, path)
+            return _load(path), f"compiled ({' '.join(flags)}; {path})"
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+            errors.append(str(e))
+    return None, "unavailable: " + " | ".join(errors)
+
+
+def status() -> str:
+    """One line saying whether the compiled kernels run, and why not."""
+    lib()
+    return _state["status"]
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """The kernels apply: every tensor float32/int32 on the CPU (and the library loads)."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.int32):
+            return False
+    return lib() is not None
+
+
+def _p(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D tensor whose rows are contiguous (the kernels take a leading dimension)."""
+    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[-1] else t.contiguous()
+
+
+# ------------------------------------------------------------------------------------ wrappers
+def topk(h: torch.Tensor, k: int, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row the k largest keys (h + bias)·gate: (h + bias at them [N, k] float32, their columns int32)."""
+    h = _rows(h)
+    n, s = h.shape
+    vals = torch.empty(n, k, dtype=torch.float32)
+    idx = torch.empty(n, k, dtype=torch.int32)
+    bias = None if bias is None else bias.contiguous()
+    gate = None if gate is None else gate.contiguous()
+    lib().sae_topk(n, s, h.data_ptr(), h.stride(0), _p(bias), _p(gate), k, vals.data_ptr(), idx.data_ptr(),
+                   torch.get_num_threads())
+    return vals, idx
+
+
+def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, B: torch.Tensor,
+         perm: torch.Tensor | None = None, bias: torch.Tensor | None = None, rowsum: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(bias + CSR(values[perm]) @ B  [n_rows, d], the per-row sums of the values or None)."""
+    B = _rows(B)
+    n_rows, d = crow.numel() - 1, B.shape[1]
+    out = torch.empty(n_rows, d, dtype=torch.float32)
+    sums = torch.empty(n_rows, dtype=torch.float32) if rowsum else None
+    values = values.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    lib().sae_spmm(n_rows, crow.data_ptr(), col.data_ptr(), values.data_ptr(), _p(perm), B.data_ptr(),
+                   B.stride(0), d, _p(bias), out.data_ptr(), d, _p(sums), torch.get_num_threads())
+    return out, sums
+
+
+def sddmm(crow: torch.Tensor, col: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """[nnz]: A[row]·B[col] at every stored (row, col)."""
+    A, B = _rows(A), _rows(B)
+    out = torch.empty(col.numel(), dtype=torch.float32)
+    lib().sae_sddmm(crow.numel() - 1, crow.data_ptr(), col.data_ptr(), A.data_ptr(), A.stride(0), B.data_ptr(),
+                    B.stride(0), A.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def transpose(crow: torch.Tensor, col: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(perm, crow_t, rows_t) of the transposed CSR, all int32 (perm: original position of each entry)."""
+    nnz = col.numel()
+    crow_t = torch.empty(n_cols + 1, dtype=torch.int32)
+    rows_t = torch.empty(nnz, dtype=torch.int32)
+    perm = torch.empty(nnz, dtype=torch.int32)
+    lib().sae_transpose(crow.numel() - 1, n_cols, crow.data_ptr(), col.data_ptr(), crow_t.data_ptr(),
+                        rows_t.data_ptr(), perm.data_ptr())
+    return perm, crow_t, rows_t
+
+
+def relu_bias_(h: torch.Tensor, bias: torch.Tensor | None, colsum: bool = True
+               ) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+    """h ← relu(h + bias) in place: (non-zeros, per-row counts int32 [N], column sums [d_sae] or None)."""
+    assert h.stride(-1) == 1
+    n, s = h.shape
+    counts = torch.empty(n, dtype=torch.int32)
+    sums = torch.empty(s, dtype=torch.float32) if colsum else None
+    bias = None if bias is None else bias.contiguous()
+    nnz = lib().sae_relu_bias(n, s, h.data_ptr(), h.stride(0), _p(bias), counts.data_ptr(), _p(sums),
+                              torch.get_num_threads())
+    return int(nnz), counts, sums
+
+
+def relu_backward_(df: torch.Tensor, f: torch.Tensor, colterm: torch.Tensor | None) -> torch.Tensor:
+    """df ← (df + colterm) where f > 0, else 0 (in place); returns its column sums [d_sae]."""
+    assert df.stride(-1) == 1 and f.stride(-1) == 1 and df.shape == f.shape
+    n, s = df.shape
+    sums = torch.empty(s, dtype=torch.float32)
+    colterm = None if colterm is None else colterm.contiguous()
+    lib().sae_relu_backward(n, s, df.data_ptr(), df.stride(0), f.data_ptr(), f.stride(0), _p(colterm),
+                            sums.data_ptr(), torch.get_num_threads())
+    return sums
+
+
+def dense_to_csr(h: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(crow int32 [N+1], col int32 [nnz], values [nnz]) of the non-zeros of h, given its row counts."""
+    h = _rows(h)
+    n, s = h.shape
+    crow = torch.zeros(n + 1, dtype=torch.int32)
+    torch.cumsum(counts, 0, dtype=torch.int32, out=crow[1:])
+    nnz = int(crow[-1])
+    col = torch.empty(nnz, dtype=torch.int32)
+    val = torch.empty(nnz, dtype=torch.float32)
+    lib().sae_dense_to_csr(n, s, h.data_ptr(), h.stride(0), crow.data_ptr(), col.data_ptr(), val.data_ptr(),
+                           torch.get_num_threads())
+    return crow, col, val
