@@ -16,6 +16,10 @@ everything after the encoder matmul can touch only the active latents (see share
 
 Sparse CSR products are float32/float64 only on CPU: bf16 parameters are computed in float32 there
 and their gradients cast back.
+
+On the CPU in float32 with int32 patterns, every product above (and the TopK selection `topk_pre`, the
+pattern transpose, the ReLU passes) runs in the compiled loops of native.py when they could be built;
+otherwise — or with SAECLI_NATIVE_KERNELS=0 — in the torch code here. `native_status()` says which.
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ from typing import Any
 
 import torch
 
+from saecli.dictionaries import native
+
+
+def native_status() -> str:
+    """Whether the compiled CPU kernels run (see native.py), for logs and benchmarks."""
+    return native.status()
+
+
+def _native_ok(*tensors: torch.Tensor) -> bool:
+    return native.usable(*tensors)
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -77,6 +91,23 @@ def two_level_topk(x: torch.Tensor, k: int, group: int = 8) -> tuple[torch.Tenso
     return vals, torch.gather(cand, 1, pos)
 
 
+def native_topk_ok(h: torch.Tensor) -> bool:
+    """`topk_pre` can run on this buffer (a float32 CPU matrix, the compiled kernels loaded)."""
+    return h.dim() == 2 and _native_ok(h)
+
+
+def topk_pre(h: torch.Tensor, k: int, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-row top-k of the keys (h + bias)·gate, for h = x W_encᵀ without its bias (a plain
+    matmul): (h + bias at the kept latents [N, k] float32, their indices int32 [N, k]), unsorted.
+
+    One pass per row in the compiled kernel (see native.py); the keys are never written to h.
+    Needs `native_topk_ok(h)`."""
+    f32 = torch.float32
+    return native.topk(h, k, None if bias is None else bias.detach().to(f32),
+                       None if gate is None else gate.detach().to(f32))
+
+
 # ---------------------------------------------------------------------------------------- pattern
 class SparsePattern:
     """Active (row, col) pairs of an [n_rows, n_cols] matrix in CSR order (row-major).
@@ -102,9 +133,15 @@ class SparsePattern:
         return cls(crow, indices.reshape(-1).to(itype), n, n_cols)
 
     @classmethod
-    def from_dense(cls, dense: torch.Tensor) -> tuple["SparsePattern", torch.Tensor]:
-        """Pattern of the non-zeros of a 2-D tensor, and their values [nnz]."""
+    def from_dense(cls, dense: torch.Tensor, row_counts: torch.Tensor | None = None
+                   ) -> tuple["SparsePattern", torch.Tensor]:
+        """Pattern of the non-zeros of a 2-D tensor, and their values [nnz]. With `row_counts` (non-zeros
+        per row, int32, as `relu_bias_` returns them) the compiled kernel extracts them in one pass."""
         n, d = dense.shape
+        if row_counts is not None and _native_ok(dense, row_counts) and d < 2**31 - 1:
+            crow, col, values = native.dense_to_csr(dense, row_counts)
+            if crow[-1] < 2**31 - 1:
+                return cls(crow, col, n, d), values
         rows, cols = torch.nonzero(dense, as_tuple=True)
         values = dense[rows, cols]
         counts = torch.bincount(rows, minlength=n)
@@ -116,7 +153,13 @@ class SparsePattern:
     def csr(self, values: torch.Tensor) -> torch.Tensor:
         return _csr(self.crow, self.col, values, (self.n_rows, self.n_cols))
 
+    def native(self) -> bool:
+        """The compiled kernels can use these index arrays (int32 on the CPU)."""
+        return _native_ok(self.crow, self.col)
+
     def _transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._t is None and self.native():  # counting sort: no argsort, int32 permutation
+            self._t = native.transpose(self.crow, self.col, self.n_cols)
         if self._t is None:
             # stable sort of the int32 column ids (the int64 stable sort is far slower on CPU)
             order = torch.argsort(self.col, stable=True)
@@ -160,6 +203,16 @@ class _GatherPre(torch.autograd.Function):
         cd = _compute_dtype(w_enc)
         g = g.to(cd)
         dx = dw = db = None
+        if cd == torch.float32 and pat.native() and _native_ok(g):
+            want_db = ctx.has_bias and ctx.needs_input_grad[2]
+            if ctx.needs_input_grad[0]:
+                dx = native.spmm(pat.crow, pat.col, g, w_enc.to(cd))[0].to(x.dtype)
+            if ctx.needs_input_grad[1] or want_db:
+                order, crow_t, rows_t = pat._transpose()
+                dw, db = native.spmm(crow_t, rows_t, g, x.to(cd), perm=order, rowsum=want_db)
+                dw = dw.to(w_enc.dtype) if ctx.needs_input_grad[1] else None
+                db = db.to(w_enc.dtype) if want_db else None
+            return dx, dw, db, None, None
         if ctx.needs_input_grad[0]:
             dx = (pat.csr(g) @ w_enc.to(cd)).to(x.dtype)
         if ctx.needs_input_grad[1]:
@@ -182,6 +235,9 @@ class _SparseDecode(torch.autograd.Function):
         ctx.pattern = pattern
         ctx.has_bias = b_dec is not None
         ctx.save_for_backward(v, w_dec)
+        if cd == torch.float32 and pattern.native() and _native_ok(w, v):
+            bias = None if b_dec is None else b_dec.to(cd)
+            return native.spmm(pattern.crow, pattern.col, v, w, bias=bias)[0]
         if b_dec is None:
             return pattern.csr(v) @ w
         return torch.addmm(b_dec.to(cd).unsqueeze(0).expand(pattern.n_rows, -1), pattern.csr(v), w)
@@ -196,6 +252,13 @@ class _SparseDecode(torch.autograd.Function):
         dv = dw = db = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g.sum(0).to(w_dec.dtype)
+        if cd == torch.float32 and pat.native() and _native_ok(g, v):
+            if ctx.needs_input_grad[0]:
+                dv = native.sddmm(pat.crow, pat.col, g, w_dec.to(cd))
+            if ctx.needs_input_grad[1]:
+                order, crow_t, rows_t = pat._transpose()
+                dw = native.spmm(crow_t, rows_t, v, g, perm=order)[0].to(w_dec.dtype)
+            return dv, dw, db, None
         if ctx.needs_input_grad[0]:
             # dL/dvalues = (dŷ · W_decᵀ) at the active pairs only (a sampled dense-dense product)
             dv = torch.sparse.sampled_addmm(pat.csr(v), g, w_dec.to(cd).t(), beta=0.0).values()

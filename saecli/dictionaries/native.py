@@ -112,7 +112,7 @@ static inline i64 count_ge(const float *g, i64 n, float t) {
    least k group maxima >= t is <= the k-th largest key (the groups are disjoint), so pass 2 offers the
    k-heap only the keys >= t: about k of them, against ~k·ln(s/k) heap insertions in a plain scan. */
 static void topk_row(const float *row, i64 s, const float *bias, const float *gate, i64 k,
-                     float *hv, i32 *hi, float *keys, float *gm) {
+                     float *hv, i32 *hi, float *keys, float *gm, const float *next) {
     const i64 nb = s / (LANES * GROUP), body = nb * LANES * GROUP;
     const i64 G = nb * LANES + (s - body); /* groups: lanes of the full blocks, then tail singletons */
     if (nb * LANES < 2 * k) {
@@ -163,6 +163,7 @@ static void topk_row(const float *row, i64 s, const float *bias, const float *ga
 #if defined(__AVX512F__)
     const __m512 tv = _mm512_set1_ps(t);
     for (; j + 16 <= s; j += 16) {
+        if (next) __builtin_prefetch(next + j, 0, 2); /* the next row streams in while this one finishes */
         __m512 v = _mm512_loadu_ps(kp + j);
         __mmask16 m = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, _mm512_set1_ps(hv[0]), _CMP_GT_OQ);
         while (m) { int q = __builtin_ctz(m); m &= m - 1; offer(hv, hi, k, kp[j + q], j + q); }
@@ -170,6 +171,7 @@ static void topk_row(const float *row, i64 s, const float *bias, const float *ga
 #elif defined(__AVX2__)
     const __m256 tv = _mm256_set1_ps(t);
     for (; j + 8 <= s; j += 8) {
+        if (next && j % 16 == 0) __builtin_prefetch(next + j, 0, 2);
         __m256 v = _mm256_loadu_ps(kp + j);
         int m = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, tv, _CMP_GE_OQ),
                                                  _mm256_cmp_ps(v, _mm256_set1_ps(hv[0]), _CMP_GT_OQ)));
@@ -191,7 +193,8 @@ void sae_topk(i64 n, i64 s, const float *h, i64 ldh, const float *bias, const fl
         float *scratch = (float *)malloc(2 * (size_t)(s > 0 ? s : 1) * sizeof(float));
         #pragma omp for schedule(static)
         for (i64 r = 0; r < n; r++)
-            topk_row(h + r * ldh, s, bias, gate, k, vals + r * k, idx + r * k, scratch, scratch + s);
+            topk_row(h + r * ldh, s, bias, gate, k, vals + r * k, idx + r * k, scratch, scratch + s,
+                     r + 1 < n ? h + (r + 1) * ldh : 0);
         free(scratch);
     }
 }

@@ -101,19 +101,23 @@ def _no_weight_progress_bar() -> Iterator[None]:
     """Hide transformers' per-load "Loading weights" bar (noise for a sub-second step); restore it after."""
     from transformers.utils import logging as hf_logging
 
-    import os
-
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    tqdm_before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF de-quantiser draws its own tqdm bar
+    import functools
+
+    gguf_utils = None
+    try:  # the GGUF de-quantiser draws its own tqdm bar, outside transformers' switch
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        original_tqdm = gguf_utils.tqdm
+        gguf_utils.tqdm = functools.partial(original_tqdm, disable=True)
+    except (ImportError, AttributeError):
+        gguf_utils = None
     try:
         yield
     finally:
-        if tqdm_before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = tqdm_before
+        if gguf_utils is not None:
+            gguf_utils.tqdm = original_tqdm
         if was_enabled:
             hf_logging.enable_progress_bar()
 
