@@ -14,6 +14,7 @@ shared/PERFORMANCE.md). Repetitions are interleaved (sequential, loop, stacked p
 
     python benchmarks/bench_sweep.py                                  # tiny random llama, CPU
     python benchmarks/bench_sweep.py --model smollm2                  # models/smollm2 GGUF, layer 12
+    python benchmarks/bench_sweep.py --model smollm2 --batch 1024 --tokens 2048 --init-batches 1   # brief, CPU
     python benchmarks/bench_sweep.py --model smollm2-shape --device cuda   # random llama of SmolLM2's shape
 """
 
@@ -58,16 +59,20 @@ def model_section(kind: str, root: Path, device: str) -> dict:
 
 
 def base_experiment(args: argparse.Namespace, model: dict, root: Path) -> dict:
-    size = SIZES[args.model]
+    size = dict(SIZES[args.model])
+    if args.batch:
+        size["batch"] = args.batch
     return {
         "run": {"name": "bench", "output_dir": str(root / "out"), "seed": 0},
         "model": model,
         "dataset": {"path": "builtin:python-docs"},
-        "activations": {"hook_points": [size["hook"]], "context_size": size["context"], "model_batch_size": 16,
+        "activations": {"hook_points": [size["hook"]], "context_size": size["context"],
+                        "model_batch_size": max(1, min(16, size["batch"] // size["context"])),
                         "batch_size": size["batch"], "total_tokens": args.tokens or size["tokens"],
                         "shuffle_buffer_tokens": 4 * size["batch"], "chunk_tokens": 4 * size["batch"],
                         "cache_dir": str(root / "cache")},
         "sae": {"activation": "topk", "d_sae": size["d_sae"], "k": size["ks"][0]},
+        "init": {"init_batches": args.init_batches},
         "trainer": {"total_training_tokens": args.tokens or size["tokens"], "lr": LRS[0], "log_frequency": 10,
                     "n_checkpoints": 1, "checkpoint_every_seconds": 0},
         "store": {"backend": "none"},
@@ -151,6 +156,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=0, help="tokens per member (default: per model)")
+    parser.add_argument("--batch", type=int, default=0, help="tokens per batch (default: per model)")
+    parser.add_argument("--init-batches", type=int, default=4, help="init.init_batches")
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--sources", default="cache,live")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
@@ -173,7 +180,7 @@ def main() -> None:
         if "cache" in sources:
             generate_cache(base, root)
         # warm-up (imports, kernels, allocator): one short run of each path, not timed
-        warm = {**base, "trainer": {**base["trainer"], "total_training_tokens": 2 * base["activations"]["batch_size"]}}
+        warm = {**base, "trainer": {**base["trainer"], "total_training_tokens": base["activations"]["batch_size"]}}
         for source in sources:
             run_group(warm, {"grid": {"sae.k": list(SIZES[args.model]["ks"])}}, source, root / "warm" / source,
                       args.device, stack=True)
@@ -193,7 +200,7 @@ def main() -> None:
         n_members = len(LRS) * len(SIZES[args.model]["ks"])
         tokens = base["trainer"]["total_training_tokens"]
         dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
-        size = SIZES[args.model]
+        size = {**SIZES[args.model], **({"batch": args.batch} if args.batch else {})}
         print(f"\nsweep benchmark: {n_members} TopK SAEs (d_sae {size['d_sae']}, k {size['ks']}, lr {LRS}) on "
               f"{args.model} {size['hook']}, batch {size['batch']}, {tokens:,} tokens each, {dev}, "
               f"{args.reps} rep(s), model {'loaded per run' if args.reload_model else 'loaded once'}")

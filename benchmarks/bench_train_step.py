@@ -1,19 +1,24 @@
 """SAE train-step throughput as ×roof (shared/PERFORMANCE.md common protocol).
 
 Workload: batch 4096 tokens, d_model 576, d_sae 4608, k 32, Adam (fused), a few pre-generated batches
-cycled. Variants, repetitions interleaved (outer loop over reps, inner over variants), each block
-timed after a roofline sample:
+cycled; gradients set to None between steps as the trainer does. Variants, repetitions interleaved
+(outer loop over reps, inner over variants), each block timed after a roofline sample:
   topk            saecli's SparseAutoEncoder, activation = topk      (path: topk-sparse)
   topk-plain      a plain-PyTorch autograd TopK SAE step (reference)
   relu-fresh      saecli ReLU-L1 at init (about half the latents fire: the dense regime)
   relu-trained    saecli ReLU-L1 with the encoder bias set so ≈64 latents fire per token
   relu-plain      a plain-PyTorch autograd ReLU-L1 SAE step (reference for both ReLU rows;
                   the dense step's cost does not depend on how many latents fire)
+  <saecli variant>-torch   the same step with the compiled kernels (native.py) switched off: the
+                  pure-torch path (topk-torch is in the default set)
+The path column says which ran: "+native" = the compiled CPU kernels, "+torch" = pure torch.
+faults/step = minor page faults of the process per timed step (fresh large buffers cost page faults).
 
 ×roof = tokens/s ÷ (R / (6·d_model·d_sae)), R = median GFLOP/s of torch.matmul(4096×576 @ 576×4608,
 out=c) sampled right before every timed block.
 
     python benchmarks/bench_train_step.py                  # CPU, 2 threads, float32 (≈ 3 min)
+    python benchmarks/bench_train_step.py --reps 3 --steps 10 --variants topk,topk-torch,topk-plain
     python benchmarks/bench_train_step.py --device cuda --check            # + gradient check on the GPU
     python benchmarks/bench_train_step.py --device cuda --amp              # autocast bf16 (roofline in bf16)
 """
@@ -21,6 +26,8 @@ out=c) sampled right before every timed block.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import resource
 import statistics
 import time
 from typing import Callable
@@ -29,6 +36,7 @@ import torch
 
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
+from saecli.dictionaries import native
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.sae import SparseAutoEncoder
 
@@ -97,18 +105,20 @@ def autocast(device: torch.device):
 
 
 def step_fn_saecli(sae: SparseAutoEncoder, ctx: StepContext, batches: list[torch.Tensor], lr: float,
-                   device: torch.device) -> Callable[[int], None]:
+                   device: torch.device, pure_torch: bool = False) -> Callable[[int], None]:
     opt = make_adam(sae.param_groups(lr), lr, device)
 
     def step(i: int) -> None:
         x = batches[i % len(batches)]
-        opt.zero_grad(set_to_none=False)
-        with autocast(device):
-            out = sae.loss({HOOK: x}, {HOOK: x}, ctx)
-        out.loss.backward()
+        opt.zero_grad(set_to_none=True)  # as the trainer does
+        with native.disabled() if pure_torch else contextlib.nullcontext():
+            with autocast(device):
+                out = sae.loss({HOOK: x}, {HOOK: x}, ctx)
+            out.loss.backward()
         opt.step()
         sae.post_step()
         step.l0 = out.extra.get("l0")
+        step.native = not pure_torch and native.lib() is not None and x.device.type == "cpu"
 
     return step
 
@@ -118,7 +128,7 @@ def step_fn_plain(model: PlainSAE, batches: list[torch.Tensor], lr: float, devic
 
     def step(i: int) -> None:
         x = batches[i % len(batches)]
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=True)
         with autocast(device):
             loss = model(x)
         loss.backward()
@@ -137,11 +147,19 @@ def set_bias_for_active(sae: SparseAutoEncoder, x: torch.Tensor, active: int) ->
 
 
 def check_paths(device: torch.device, dtype_name: str) -> None:
-    """The fast paths' loss and gradients against plain autograd (sparse_kernels = false), on `device`."""
+    """The fast paths' loss and gradients against plain autograd (sparse_kernels = false), on `device`:
+    with the compiled kernels where they load, then in pure torch."""
+    check_paths_once(device, dtype_name, "native" if native.lib() is not None and device.type == "cpu" else "torch")
+    if native.lib() is not None and device.type == "cpu":
+        with native.disabled():
+            check_paths_once(device, dtype_name, "torch")
+
+
+def check_paths_once(device: torch.device, dtype_name: str, label: str) -> None:
     import copy
 
     torch.manual_seed(0)
-    n, d, s = 512, 128, 1024
+    n, d, s = 512, 128, 2048
     x = torch.randn(n, d, device=device)
     cases = [("topk", {"sparsity_include_decoder_norm": True}, StepContext(k=16)),
              ("topk", {"sparsity_include_decoder_norm": False, "apply_decoder_bias_to_pre_encoder": True},
@@ -169,7 +187,7 @@ def check_paths(device: torch.device, dtype_name: str) -> None:
             results.append((out.loss.detach().float(), {k: p.grad.float() for k, p in model.named_parameters()}))
         (l_fast, g_fast), (l_ref, g_ref) = results
         worst = max(float((g_fast[k] - g_ref[k]).norm() / g_ref[k].norm().clamp_min(1e-12)) for k in g_ref)
-        print(f"check {activation:5s} {str(over):70s} path {sae.last_path:17s} loss rel err "
+        print(f"check {activation:5s} {str(over):70s} path {sae.last_path + '+' + label:24s} loss rel err "
               f"{float((l_fast - l_ref).abs() / l_ref.abs()):.1e}  worst grad rel err {worst:.1e}")
 
 
@@ -185,12 +203,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--variants", default="topk,topk-plain,relu-fresh,relu-trained,relu-plain")
+    p.add_argument("--variants", default="topk,topk-torch,topk-plain,relu-fresh,relu-trained,relu-plain")
     p.add_argument("--amp", action="store_true", help="autocast the steps to --amp-dtype (parameters stay float32)")
     p.add_argument("--check", action="store_true", help="first compare the fast paths' gradients with autograd")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        print(f"compiled kernels: {native.status()}")
     dtype = getattr(torch, args.dtype)
     if args.check:
         check_paths(device, args.dtype)
@@ -212,23 +232,29 @@ def main() -> None:
     steps: dict[str, Callable[[int], None]] = {}
     saes: dict[str, SparseAutoEncoder] = {}
     wanted = args.variants.split(",")
-    if "topk" in wanted:
-        saes["topk"] = sae_for("topk")
-        steps["topk"] = step_fn_saecli(saes["topk"], StepContext(k=k), batches, lr, device)
+    relu_ctx = StepContext(l1_coefficient=l1, sparsity_loss_type="power")
+
+    def trained_relu() -> SparseAutoEncoder:
+        sae = sae_for("relu")
+        set_bias_for_active(sae, batches[0], 64)
+        return sae
+
+    makers = {"topk": (lambda: sae_for("topk"), StepContext(k=k)),
+              "relu-fresh": (lambda: sae_for("relu"), relu_ctx),
+              "relu-trained": (trained_relu, relu_ctx)}
+    for name in wanted:
+        base = name.removesuffix("-torch")
+        if base in makers:
+            make, ctx = makers[base]
+            saes[name] = make()
+            steps[name] = step_fn_saecli(saes[name], ctx, batches, lr, device, pure_torch=name.endswith("-torch"))
     if "topk-plain" in wanted:
         steps["topk-plain"] = step_fn_plain(PlainSAE(sae_for("topk"), "topk", k, 0.0), batches, lr, device)
-    relu_ctx = StepContext(l1_coefficient=l1, sparsity_loss_type="power")
-    if "relu-fresh" in wanted:
-        saes["relu-fresh"] = sae_for("relu")
-        steps["relu-fresh"] = step_fn_saecli(saes["relu-fresh"], relu_ctx, batches, lr, device)
-    if "relu-trained" in wanted or "relu-plain" in wanted:
-        trained = sae_for("relu")
-        set_bias_for_active(trained, batches[0], 64)
-        if "relu-trained" in wanted:
-            saes["relu-trained"] = trained
-            steps["relu-trained"] = step_fn_saecli(trained, relu_ctx, batches, lr, device)
-        if "relu-plain" in wanted:
-            steps["relu-plain"] = step_fn_plain(PlainSAE(trained, "relu", 0, l1), batches, lr, device)
+    if "relu-plain" in wanted:
+        steps["relu-plain"] = step_fn_plain(PlainSAE(trained_relu(), "relu", 0, l1), batches, lr, device)
+    unknown = [w for w in wanted if w not in steps]
+    if unknown:
+        p.error(f"unknown variants {unknown}")
 
     t_start = time.perf_counter()
     for name, fn in steps.items():  # warm-up (allocations, MKL/cuBLAS plans)
@@ -236,6 +262,7 @@ def main() -> None:
             fn(i)
         sync(device)
     rates: dict[str, list[float]] = {name: [] for name in steps}
+    faults: dict[str, list[float]] = {name: [] for name in steps}
     roofs: list[float] = []
     roof_by_block: dict[str, list[float]] = {name: [] for name in steps}
     for rep in range(args.reps):
@@ -244,11 +271,13 @@ def main() -> None:
             roofs.append(r)
             roof_by_block[name].append(r)
             sync(device)
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             for i in range(args.steps):
                 fn(i)
             sync(device)
             rates[name].append(args.steps * n / (time.perf_counter() - t0))
+            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / args.steps)
 
     R = statistics.median(roofs)
     T = R * 1e9 / (6 * d * s)
@@ -257,19 +286,22 @@ def main() -> None:
           f"k {k}; {args.reps} reps × {args.steps} steps; total {time.perf_counter() - t_start:.0f} s")
     print(f"roofline R = {R:.1f} GFLOP/s (samples {min(roofs):.0f}–{max(roofs):.0f}); "
           f"roof token rate T = {T:.0f} tokens/s")
-    ref_of = {"topk": "topk-plain", "relu-fresh": "relu-plain", "relu-trained": "relu-plain"}
-    print(f"{'variant':14s} {'path':18s} {'L0':>7s} {'tokens/s':>10s} {'spread':>17s} {'×roof':>6s} "
-          f"{'×roof/blk':>10s} {'vs plain':>8s}")
+    print(f"{'variant':18s} {'path':24s} {'L0':>7s} {'tokens/s':>10s} {'spread':>17s} {'×roof':>6s} "
+          f"{'×roof/blk (min–max)':>20s} {'vs plain':>8s} {'faults/step':>11s}")
     for name, rs in rates.items():
         med = statistics.median(rs)
-        per_block = statistics.median(r / (rb * 1e9 / (6 * d * s)) for r, rb in zip(rs, roof_by_block[name]))
-        path = saes[name].last_path if name in saes else "plain autograd"
+        blocks = [r / (rb * 1e9 / (6 * d * s)) for r, rb in zip(rs, roof_by_block[name])]
+        if name in saes:
+            path = saes[name].last_path + ("+native" if getattr(steps[name], "native", False) else "+torch")
+        else:
+            path = "plain autograd"
         l0 = getattr(steps[name], "l0", None)
         l0_txt = f"{float(l0):7.1f}" if l0 is not None else "      -"
-        ref = ref_of.get(name)
-        vs = f"{med / statistics.median(rates[ref]):8.2f}" if ref in rates else "       -"
-        print(f"{name:14s} {path:18s} {l0_txt} {med:10.0f} {min(rs):8.0f}–{max(rs):8.0f} {med / T:6.2f} "
-              f"{per_block:10.2f} {vs}")
+        ref = "topk-plain" if name.startswith("topk") else "relu-plain"
+        vs = f"{med / statistics.median(rates[ref]):8.2f}" if ref in rates and ref != name else "       -"
+        blk = f"{statistics.median(blocks):.2f} ({min(blocks):.2f}–{max(blocks):.2f})"
+        print(f"{name:18s} {path:24s} {l0_txt} {med:10.0f} {min(rs):8.0f}–{max(rs):8.0f} {med / T:6.2f} "
+              f"{blk:>20s} {vs} {statistics.median(faults[name]):11.0f}")
 
 
 if __name__ == "__main__":

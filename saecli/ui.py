@@ -81,10 +81,16 @@ class _RateColumn(ProgressColumn):
         return Text(f"{_si(speed)} {self.unit}/s", style="progress.data.speed")
 
 
+_SHORT = {"explained_variance": "ev", "learning_rate": "lr", "overall_loss": "loss"}
+
+
 class _FieldsColumn(ProgressColumn):
+    """Live metrics after the bar, on one line (cut with … rather than wrapped in narrow terminals)."""
+
     def render(self, task) -> Text:
         fields = task.fields.get("metrics") or {}
-        return Text("  ".join(f"{k} {_fmt(v)}" for k, v in fields.items()), style="cyan")
+        text = "  ".join(f"{_SHORT.get(k, k)} {_fmt(v)}" for k, v in fields.items())
+        return Text(text, style="cyan", no_wrap=True, overflow="ellipsis")
 
 
 def _si(x: float) -> str:

@@ -36,6 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SPARSE_RELU_MAX_DENSITY = 0.05
 CUDA_SPARSE_RELU_MIN_TOKENS = 16384
 RELU_REPROBE_STEPS = 50
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class SparseAutoEncoder(Dictionary):
@@ -175,11 +176,20 @@ class SparseAutoEncoder(Dictionary):
             return torch.get_autocast_dtype(dev)
         return self.W_enc.dtype
 
+    def _native_pre(self, x_in: torch.Tensor) -> bool:
+        """The compiled CPU kernels apply the encoder bias (and gate) themselves: the encoder is a plain
+        float32 matmul into the buffer (no bias broadcast pass, no gated copy of W_enc)."""
+        return (x_in.device.type == "cpu" and self._matmul_dtype(x_in) == torch.float32
+                and kernels.native_available())
+
     @torch.no_grad()
-    def _pre_into_buffer(self, x_in: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """Dense encoder matmul into the reused buffer: h (or h·‖W_d‖ when gated)."""
+    def _pre_into_buffer(self, x_in: torch.Tensor, gate: torch.Tensor | None, raw: bool = False) -> torch.Tensor:
+        """Dense encoder matmul into the reused buffer: h (or h·‖W_d‖ when gated); `raw`: x W_encᵀ only."""
         dt = self._matmul_dtype(x_in)
         buf = self._buffer("pre", (x_in.shape[0], self.d_sae), dt, x_in.device)
+        if raw:
+            with torch.autocast(x_in.device.type, enabled=False):
+                return torch.mm(x_in.to(dt), self.W_enc.to(dt).t(), out=buf)
         w, b = self.W_enc, self.b_enc
         if gate is not None:  # rank h·‖W_d‖: scale the encoder rows instead of the [N, d_sae] output
             w = torch.mul(w, gate.to(w.dtype).unsqueeze(1), out=self._buffer("w_gated", w.shape, w.dtype, w.device))
@@ -194,12 +204,16 @@ class SparseAutoEncoder(Dictionary):
         k = min(self._k(ctx), s)
         x_in = self.encoder_input(x)
         gate = self._gate()
-        buf = self._pre_into_buffer(x_in, gate)
+        raw = self._native_pre(x_in)
+        buf = self._pre_into_buffer(x_in, gate, raw)
         with torch.no_grad():
-            vals, idx = kernels.two_level_topk(buf, k)
-            vals = vals.float()
-            if gate is not None:
-                vals = vals / gate[idx]
+            if raw:  # one compiled pass: top-k of (h + b_enc)·gate, returning h + b_enc
+                vals, idx = kernels.topk_pre(buf, k, self.b_enc, gate)
+            else:
+                vals, idx = kernels.two_level_topk(buf, k)
+                vals = vals.float()
+                if gate is not None:
+                    vals = vals / gate[idx]
         pattern = kernels.SparsePattern.from_topk(idx, s)
         x_enc = x_in.to(self.W_enc.dtype) if x_in.dtype != self.W_enc.dtype else x_in
         pre = kernels.gather_pre(x_enc, self.W_enc, self.b_enc, vals.reshape(-1), pattern)
@@ -212,7 +226,7 @@ class SparseAutoEncoder(Dictionary):
             terms["sparsity"] = ctx.l1_coefficient * pen
             extra["raw/sparsity"] = pen.detach()
             loss = loss + terms["sparsity"]
-        aux = self._auxk_sparse(buf, x_enc, y, recon, gate, ctx)
+        aux = self._auxk_sparse(buf, x_enc, y, recon, gate, ctx, raw)
         if aux is not None:
             terms["aux"] = ctx.auxk_coefficient * aux
             extra["raw/aux"] = aux.detach()
@@ -224,7 +238,7 @@ class SparseAutoEncoder(Dictionary):
         return self._output(loss, terms, feature_acts, recon, y, extra)
 
     def _auxk_sparse(self, buf: torch.Tensor, x_enc: torch.Tensor, y: torch.Tensor, recon: torch.Tensor,
-                     gate: torch.Tensor | None, ctx: StepContext) -> torch.Tensor | None:
+                     gate: torch.Tensor | None, ctx: StepContext, raw: bool = False) -> torch.Tensor | None:
         dead = ctx.dead_mask
         if ctx.auxk_coefficient <= 0 or dead is None or self.cfg.activation not in ("topk", "batchtopk"):
             return None
@@ -233,11 +247,18 @@ class SparseAutoEncoder(Dictionary):
             if dead_idx.numel() == 0:
                 return recon.new_zeros((), dtype=torch.float32)
             k_aux = min(int(ctx.k_aux or self.d_model // 2), dead_idx.numel())
-            vals, j = torch.topk(buf.index_select(1, dead_idx), k_aux, dim=-1, sorted=False)
-            idx = dead_idx[j]
-            vals = vals.float()
-            if gate is not None:
-                vals = vals / gate[idx]
+            keys = buf.index_select(1, dead_idx)
+            if raw:  # buf holds x W_encᵀ only: add the bias, rank by the gated value, keep h + b_enc
+                pre = keys.add_(self.b_enc.detach()[dead_idx].to(keys.dtype))
+                keys = pre * gate[dead_idx].to(pre.dtype) if gate is not None else pre
+                j = torch.topk(keys, k_aux, dim=-1, sorted=False).indices
+                vals, idx = pre.gather(1, j).float(), dead_idx[j]
+            else:
+                vals, j = torch.topk(keys, k_aux, dim=-1, sorted=False)
+                idx = dead_idx[j]
+                vals = vals.float()
+                if gate is not None:
+                    vals = vals / gate[idx]
         pattern = kernels.SparsePattern.from_topk(idx, self.d_sae)
         f = torch.relu(kernels.gather_pre(x_enc, self.W_enc, self.b_enc, vals.reshape(-1), pattern))
         e_hat = kernels.sparse_decode(f, pattern, self.W_dec)
@@ -267,15 +288,21 @@ class SparseAutoEncoder(Dictionary):
         n_tok, s = x.shape[0], self.d_sae
         kind = ctx.sparsity_loss_type or "none"
         x_in = self.encoder_input(x)
-        buf = self._pre_into_buffer(x_in, None)
+        raw = self._native_pre(x_in)
+        buf = self._pre_into_buffer(x_in, None, raw)
+        counts = colsum = None
         with torch.no_grad():
-            buf.relu_()
-            nnz = int(torch.count_nonzero(buf))
+            if raw:  # bias + ReLU + counts + column sums in one compiled pass
+                nnz, counts, colsum = kernels.relu_bias_(buf, self.b_enc)
+            else:  # threshold_ writes +0 for −0 too, so the integer view counts exactly (float
+                # count_nonzero is ~20× slower on the CPU)
+                torch.nn.functional.threshold_(buf, 0.0, 0.0)
+                nnz = int(torch.count_nonzero(buf.view(_SAME_SIZE_INT.get(buf.element_size(), buf.dtype))))
         self._relu_density = nnz / max(buf.numel(), 1)
         x_enc = x_in.to(self.W_enc.dtype) if x_in.dtype != self.W_enc.dtype else x_in
         if nnz <= SPARSE_RELU_MAX_DENSITY * n_tok * s:
             with torch.no_grad():
-                pattern, vals = kernels.SparsePattern.from_dense(buf)
+                pattern, vals = kernels.SparsePattern.from_dense(buf, counts)
             f = kernels.gather_pre(x_enc, self.W_enc, self.b_enc, vals.float(), pattern)  # all > 0
             recon = kernels.sparse_decode(f, pattern, self.W_dec, self.b_dec)
             pen = self._sparse_penalty(f, pattern, ctx, n_tok)
@@ -287,7 +314,7 @@ class SparseAutoEncoder(Dictionary):
                 return None
             b_dec = self.b_dec if self.b_dec is not None else None
             recon, pen_fused = kernels.dense_relu_l1(x_enc, self.W_enc, self.b_enc, self.W_dec, b_dec, buf,
-                                                     self._work)
+                                                     self._work, colsum)
             pen = pen_fused if kind == "power" else None  # unused: backward gets a zero gradient for it
             self.last_path = "relu-dense-fused"
             feature_acts = buf

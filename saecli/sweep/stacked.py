@@ -8,18 +8,20 @@ activation, d_model, d_sae, dtype and device) are stacked instead:
   b_dec [M, d]. Each member's own `SparseAutoEncoder` keeps parameters that alias its slice, so its
   `state_dict()`, `save()`, `fold_activation_scale()` and checkpoints see the live weights and write
   the normal per-member files (sae_weights.safetensors + cfg.json, checkpoints, metrics.jsonl).
-- one `baddbmm` for the encoder of every member ([M, N, d_sae] pre-activations, the input shared by
-  broadcast), one top-k over the [M·N, d_sae] rows with the largest k, then each member keeps its own
-  k (the top-k values are sorted and masked by rank), and one sparse decode: the active latents of
+- one `bmm` for the encoder of every member ([M, N, d_sae] pre-activations, the input shared by
+  broadcast), then each member's top-k with its own k (on the CPU the plain SAE's compiled one-pass
+  kernel per member; elsewhere one top-k call per run of members with equal k: the stack orders its
+  members by k), and one sparse encoder gather and one sparse decode for all: the active latents of
   all members form one CSR matrix [M·N, M·d_sae] (member m's latents are columns m·d_sae…), so the
   decoder and every sparse gradient are single products over the block-diagonal structure.
 - per-member hyper-parameters as tensors: k, the l1 coefficient (after its warm-up), the AuxK
-  coefficient and k_aux, the dead-latent masks, the learning rate (after each member's own
-  scheduler), the gradient-clipping bound.
-- one Adam over the stacked tensors with a per-member learning rate: the update is torch's Adam
-  formula (m ← lerp(m, g, 1−β₁), v ← β₂v + (1−β₂)g², p ← p − lr_m/(1−β₁ᵗ) · m / (√(v/(1−β₂ᵗ)) + ε)),
-  with lr_m broadcast over member m's slice. (A fused torch Adam takes one lr per parameter group;
-  splitting the stacked tensors into M groups would bring back the per-member loop.)
+  coefficient and k_aux, the dead-latent masks.
+- the optimizer: each member keeps its own fused torch Adam over its parameter views; after the one
+  stacked backward, member m's gradients are its slices of the stacked gradients (views, no copy)
+  and it takes exactly a plain member's step (per-member lr and schedule, clipping, unit-norm
+  projection). Adam is elementwise and memory-bound, so M fused calls over M slices cost what one
+  call over the stack would, and the optimizer state and checkpoints stay in the normal format
+  (a stacked member's checkpoint resumes as a plain `saecli train` run).
 
 Members stay independent: every product is block-diagonal, so a member whose loss turns NaN only
 poisons its own slice; it is reported and stops while the others go on. The math is the SAE's
@@ -33,14 +35,14 @@ Members that cannot be stacked (other kinds or activations, AMP, half precision)
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from saecli.data.batch import Batch
-from saecli.dictionaries.kernels import SparsePattern, sparse_decode, two_level_topk
+from saecli.dictionaries import kernels
+from saecli.dictionaries.kernels import SparsePattern, gather_pre, sparse_decode, two_level_topk
 from saecli.training.member import Member, default_sparsity_loss
 from saecli.training.distributed import LocalSync, Sync
 
@@ -55,8 +57,9 @@ def stack_key(exp: Any) -> tuple | None:
 
     Decided from the config alone (so --dry-run shows it): kind "sae" with a TopK or ReLU activation,
     float32/float64 weights, no AMP. Per member may differ: k and every trainer setting that is a
-    number fed per step (lr and its schedule, l1 coefficient and warm-up, AuxK coefficient and k_aux,
-    dead thresholds, clipping, logging and checkpoint settings) and the seed/init. The rest must be
+    number fed per step (lr, Adam's betas and eps, the schedules, l1 coefficient and warm-up, AuxK
+    coefficient and k_aux, dead thresholds, clipping, logging and checkpoint settings) and the
+    seed/init. The rest must be
     equal (the same hook point within one group means the same d_model).
     """
     sae, t = exp.sae, exp.trainer
@@ -67,66 +70,8 @@ def stack_key(exp: Any) -> tuple | None:
     loss_type = t.sparsity_loss_type or default_sparsity_loss(sae.activation)
     cfg = {k: v for k, v in dataclasses.asdict(sae).items() if k != "k"}
     trainer = (int(t.gradient_accumulation_steps), loss_type, float(t.p), float(t.tanh_stretch_coefficient),
-               float(t.frequency_scale), tuple(t.betas), float(t.eps))
+               float(t.frequency_scale))
     return (repr(sorted(cfg.items())), trainer)
-
-
-def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-class StackPattern(SparsePattern):
-    """Active (row, latent) pairs of all members: rows r = m·N + n, columns m·d_sae + i."""
-
-    def __init__(self, crow: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int, n_tokens: int):
-        super().__init__(crow, col, n_rows, n_cols)
-        self.n_tokens = n_tokens
-        self._token_cols: torch.Tensor | None = None
-
-    def csr_t_tokens(self, values: torch.Tensor, shared: bool) -> torch.Tensor:
-        """CSR [M·d_sae, rows] of the transpose; with a shared input its columns are tokens n = r mod N."""
-        order, crow_t, rows_t = self._transpose()
-        if not shared:
-            return _csr(crow_t, rows_t, values[order], (self.n_cols, self.n_rows))
-        if self._token_cols is None:
-            self._token_cols = torch.remainder(rows_t, self.n_tokens)
-        return _csr(crow_t, self._token_cols, values[order], (self.n_cols, self.n_tokens))
-
-
-class _StackedGatherPre(torch.autograd.Function):
-    """The active pre-activations (values precomputed by the batched encoder matmul) with a sparse
-    backward: dW_enc = CSRᵀ(g)·x (one product for all members), db_enc = Σ per latent, dx = CSR(g)·W_enc."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor | None, values: torch.Tensor,
-                pattern: StackPattern) -> torch.Tensor:
-        ctx.pattern = pattern
-        ctx.has_bias = b_enc is not None
-        ctx.save_for_backward(x, w_enc)
-        return values.detach().clone()
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor):
-        x, w_enc = ctx.saved_tensors
-        pat: StackPattern = ctx.pattern
-        cd = _compute_dtype(w_enc)
-        g = g.to(cd)
-        shared = x.shape[0] != pat.n_rows
-        flat = w_enc.reshape(-1, w_enc.shape[-1])
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = (pat.csr(g) @ flat.to(cd)).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = (pat.csr_t_tokens(g, shared) @ x.to(cd)).to(w_enc.dtype).view_as(w_enc)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = pat.col_sum(g).to(w_enc.dtype).view(w_enc.shape[:-1])
-        return dx, dw, db, None, None
 
 
 @dataclasses.dataclass
@@ -165,7 +110,6 @@ class StackedSAE:
                 raise ValueError(f"stacked dictionaries normalise {hook} differently ({scales.tolist()}): they must "
                                  "read one stream with one dataset norm")
         self.params: dict[str, nn.Parameter] = {}
-        self._name_of: dict[int, str] = {}
         for name in _PARAMS:
             if getattr(d0, name, None) is None:
                 continue
@@ -174,11 +118,7 @@ class StackedSAE:
             for m, d in enumerate(dictionaries):
                 view = nn.Parameter(stacked.data[m])  # aliases the slice: the member sees every update
                 setattr(d, name, view)
-                self._name_of[id(view)] = name
         self.device, self.dtype = self.params["W_enc"].device, self.params["W_enc"].dtype
-        self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        self.adam_steps = torch.zeros(self.M, dtype=torch.float64)
         self.bad_step = torch.full((self.M,), -1, dtype=torch.int64, device=self.device)  # first non-finite loss
         if self.cfg.decoder_unit_norm:
             self.params["W_dec"].register_post_accumulate_grad_hook(_remove_parallel_grad)
@@ -264,18 +204,34 @@ class StackedSAE:
             return xm.reshape(-1, x.shape[-1]), False
         return x.to(self.dtype), True
 
+    def _native(self) -> bool:
+        """The compiled CPU kernels (kernels.topk_pre) take the bias and gate: the encoder is a plain matmul."""
+        return self.device.type == "cpu" and self.dtype == torch.float32 and kernels.native_available()
+
     @torch.no_grad()
-    def _pre(self, x_in: torch.Tensor, shared: bool, n: int, gate: torch.Tensor | None) -> torch.Tensor:
-        """[M, N, d_sae] pre-activations (h·‖W_d‖ when gated) in a reused buffer: one baddbmm."""
+    def _pre(self, x_in: torch.Tensor, shared: bool, n: int, gate: torch.Tensor | None, raw: bool = False
+             ) -> torch.Tensor:
+        """[M, N, d_sae] pre-activations in a reused buffer, one bmm for all members: x W_encᵀ (`raw`),
+        else x W_encᵀ + b_enc, times ‖W_d‖ when gated."""
         M, s, d = self.M, self.d_sae, x_in.shape[-1]
         w, b = self.params["W_enc"], self.params["b_enc"]
+        xb = x_in.detach().expand(M, n, d) if shared else x_in.detach().view(M, n, d)
+        pre = self._buffer("pre", (M, n, s), w.dtype)
+        if raw:
+            return torch.bmm(xb, w.transpose(1, 2), out=pre)
         if gate is not None:
             w = w * gate.to(w.dtype).unsqueeze(-1)
             b = b * gate.to(b.dtype)
-        xb = x_in.detach().expand(M, n, d) if shared else x_in.detach().view(M, n, d)
-        pre = self._buffer("pre", (M, n, s), w.dtype)
-        torch.baddbmm(b.unsqueeze(1), xb, w.transpose(1, 2), out=pre)
-        return pre
+        return torch.baddbmm(b.unsqueeze(1), xb, w.transpose(1, 2), out=pre)
+
+    def _rows(self, x_in: torch.Tensor, shared: bool, n: int) -> torch.Tensor:
+        """The encoder input of every row m·N + n ([M·N, d]; the shared input repeated per member)."""
+        return x_in.expand(self.M, n, x_in.shape[-1]).reshape(self.M * n, -1) if shared else x_in
+
+    def _gather(self, x_rows: torch.Tensor, values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+        """Differentiable active pre-activations of all members: one sparse product over the stack."""
+        w_enc, b_enc = self.params["W_enc"], self.params["b_enc"]
+        return gather_pre(x_rows, w_enc.view(-1, w_enc.shape[-1]), b_enc.view(-1), values, pattern)
 
     def _rows_of(self, n: int) -> torch.Tensor:
         """Member index of each of the M·N rows."""
@@ -285,14 +241,16 @@ class StackedSAE:
         return self._work[key]
 
     def _select(self, values: torch.Tensor, idx: torch.Tensor, per_row: torch.Tensor, n_rows: int,
-                col_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep the first `per_row[r]` of each row's candidates (largest first) → (crow, col, values)."""
+                col_offset: torch.Tensor, keys: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep the `per_row[r]` candidates of each row with the largest `keys` (default: the values)
+        → (crow, col, values)."""
         width = values.shape[1]
         if bool((per_row == width).all()):
             keep_vals, keep_idx = values.reshape(-1), (idx + col_offset.unsqueeze(1)).reshape(-1)
         else:
-            values, order = values.sort(dim=1, descending=True)
-            idx = idx.gather(1, order)
+            order = (values if keys is None else keys).argsort(dim=1, descending=True)
+            values, idx = values.gather(1, order), idx.gather(1, order)
             keep = torch.arange(width, device=values.device).unsqueeze(0) < per_row.unsqueeze(1)
             keep_vals, keep_idx = values[keep], (idx + col_offset.unsqueeze(1))[keep]
         itype = torch.int32 if n_rows * max(width, 1) < 2**31 - 1 and self.M * self.d_sae < 2**31 - 1 else torch.int64
@@ -300,7 +258,45 @@ class StackedSAE:
         torch.cumsum(per_row.to(itype), 0, out=crow[1:])
         return crow, keep_idx.to(itype), keep_vals
 
-    def _decode(self, f: torch.Tensor, pattern: StackPattern, n: int) -> torch.Tensor:
+    @staticmethod
+    def _crow(per_row: list[int], n: int, itype: torch.dtype, device: torch.device) -> torch.Tensor:
+        counts = torch.tensor(per_row, device=device, dtype=itype).repeat_interleave(n)
+        crow = torch.zeros(len(per_row) * n + 1, dtype=itype, device=device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        return crow
+
+    def _topk(self, pre: torch.Tensor, ks: list[int], gate: torch.Tensor | None, raw: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each member's top-k rows of [M, N, d_sae] as one CSR (crow, col, values = h + b_enc at them).
+
+        `raw` (CPU float32): one compiled pass per member ranks (h + b_enc)·gate. Otherwise members
+        with equal k next to each other share one top-k call (the stack orders members by k)."""
+        M, n, s = pre.shape
+        itype = torch.int32 if M * n * max(ks) < 2**31 - 1 and M * s < 2**31 - 1 else torch.int64
+        values, cols = [], []
+        if raw:
+            b_enc = self.params["b_enc"]
+            for m in range(M):
+                v, i = kernels.topk_pre(pre[m], ks[m], b_enc[m], None if gate is None else gate[m])
+                values.append(v.reshape(-1))
+                cols.append((i + m * s).reshape(-1))
+        else:
+            a = 0
+            for b in range(1, M + 1):
+                if b < M and ks[b] == ks[a]:
+                    continue
+                v, i = two_level_topk(pre[a:b].reshape(-1, s), ks[a])
+                offset = torch.arange(a, b, device=pre.device).repeat_interleave(n) * s
+                col = (i + offset.unsqueeze(1)).reshape(-1)
+                v = v.reshape(-1).float()
+                values.append(v if gate is None else v / gate.reshape(-1)[col])
+                cols.append(col)
+                a = b
+        value = values[0] if len(values) == 1 else torch.cat(values)
+        col = (cols[0] if len(cols) == 1 else torch.cat(cols)).to(itype)
+        return self._crow(ks, n, itype, pre.device), col, value
+
+    def _decode(self, f: torch.Tensor, pattern: SparsePattern, n: int) -> torch.Tensor:
         """ŷ [M, N, d_out] = Σ active f·W_dec rows (one CSR product for all members) + b_dec."""
         w_dec = self.params["W_dec"]
         recon = sparse_decode(f, pattern, w_dec.view(-1, w_dec.shape[-1])).view(self.M, n, -1)
@@ -309,45 +305,41 @@ class StackedSAE:
 
     def _loss_topk(self, x: torch.Tensor, y: torch.Tensor, ctxs: list[Any]) -> StackOutput:
         M, s, n = self.M, self.d_sae, x.shape[0]
-        W_enc, b_enc = self.params["W_enc"], self.params["b_enc"]
         x_in, shared = self._encoder_input(x)
         gate = self.params["W_dec"].detach().float().norm(dim=-1) if self.gated else None  # [M, s]
-        pre = self._pre(x_in, shared, n, gate)
+        raw = self._native()
+        pre = self._pre(x_in, shared, n, gate, raw)
         ks = [min(int(c.k), s) for c in ctxs]
         with torch.no_grad():
-            rows = self._rows_of(n)
-            vals, idx = two_level_topk(pre.view(M * n, s), max(ks))
-            k_row = self._vec(ks, torch.int64)[rows]
-            crow, col, values = self._select(vals, idx, k_row, M * n, rows * s)
-            values = values.float()
-            if gate is not None:
-                values = values / gate.reshape(-1)[col.long()]
-        pattern = StackPattern(crow, col, M * n, M * s, n)
-        f = torch.relu(_StackedGatherPre.apply(x_in, W_enc, b_enc, values, pattern))
+            crow, col, values = self._topk(pre, ks, gate, raw)
+        pattern = SparsePattern(crow, col, M * n, M * s)
+        x_rows = self._rows(x_in, shared, n)
+        f = torch.relu(self._gather(x_rows, values, pattern))
         recon = self._decode(f, pattern, n)
-        sse = (recon - y.to(recon.dtype).unsqueeze(0)).pow(2).sum(dim=(1, 2))
+        sse = (recon - y.to(recon.dtype).unsqueeze(0)).pow(2).sum(dim=(1, 2))  # per member: Σ_d, Σ_tokens
         mse = sse / n
+        sse = sse.detach()
         loss = mse
         terms: dict[str, torch.Tensor] = {"mse": mse.detach()}
-        raw: dict[str, torch.Tensor] = {}
-        member_of = torch.div(col.long(), s, rounding_mode="floor")
-        pen = self._sparse_penalty(f, col.long(), member_of, ctxs[0], n)
+        raw_terms: dict[str, torch.Tensor] = {}
+        col64 = col.long()
+        member_of = torch.div(col64, s, rounding_mode="floor")
+        pen = self._sparse_penalty(f, col64, member_of, ctxs[0], n)
         if pen is not None:
             coef = self._vec([float(c.l1_coefficient) for c in ctxs], pen.dtype)
             loss = loss + coef * pen
             terms["sparsity"] = (coef * pen).detach()
-            raw["raw/sparsity"] = pen.detach()
-        aux = self._auxk(pre, x_in, shared, y, recon, gate, ctxs, n)
+            raw_terms["raw/sparsity"] = pen.detach()
+        aux = self._auxk(pre, raw, x_rows, y, recon, gate, ctxs, n)
         if aux is not None:
             coef = self._vec([float(c.auxk_coefficient) for c in ctxs], aux.dtype)
             loss = loss + coef * aux
             terms["aux"] = (coef * aux).detach()
-            raw["raw/aux"] = aux.detach()
+            raw_terms["raw/aux"] = aux.detach()
         with torch.no_grad():
-            fired = col.long()[f.detach() != 0]
-            counts = torch.bincount(fired, minlength=M * s).view(M, s)
+            counts = torch.bincount(col64[f.detach() != 0], minlength=M * s).view(M, s)
         self.last_path = "stacked-topk-sparse"
-        return StackOutput(loss, terms, counts, sse.detach(), raw)
+        return StackOutput(loss, terms, counts, sse, raw_terms)
 
     def _sparse_penalty(self, f: torch.Tensor, col: torch.Tensor, member_of: torch.Tensor, ctx: Any,
                         n: int) -> torch.Tensor | None:
@@ -368,7 +360,7 @@ class StackedSAE:
             return (p_hat * (1.0 + p_hat / ctx.frequency_scale)).sum(dim=1)
         raise ValueError(f"unknown sparsity_loss_type {kind!r}")
 
-    def _auxk(self, pre: torch.Tensor, x_in: torch.Tensor, shared: bool, y: torch.Tensor, recon: torch.Tensor,
+    def _auxk(self, pre: torch.Tensor, raw: bool, x_rows: torch.Tensor, y: torch.Tensor, recon: torch.Tensor,
               gate: torch.Tensor | None, ctxs: list[Any], n: int) -> torch.Tensor | None:
         """AuxK (Gao et al. 2024) for every member at once: the top-k_aux dead latents of each member
         reconstruct its residual; loss = ‖e − ê‖² / ‖e − ē‖² per member (0 where none is dead)."""
@@ -384,21 +376,26 @@ class StackedSAE:
         if int(k_aux.max()) == 0:
             return recon.new_zeros(M, dtype=torch.float32)
         with torch.no_grad():
-            width = int(n_dead.max())
+            width, kx = int(n_dead.max()), int(k_aux.max())
             dead_idx = torch.sort(dead.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]  # [M, D]
             valid = torch.arange(width, device=self.device).unsqueeze(0) < n_dead.unsqueeze(1)
             cand = pre.gather(2, dead_idx.unsqueeze(1).expand(M, n, width))  # [M, N, D]
-            cand.masked_fill_(~valid.unsqueeze(1), float("-inf"))
-            kx = int(k_aux.max())
-            vals, j = torch.topk(cand.view(M * n, width), kx, dim=-1, sorted=False)
+            if raw:  # the buffer holds x W_encᵀ: add the bias, rank by the gated value, keep h + b_enc
+                cand.add_(self.params["b_enc"].detach().gather(1, dead_idx).unsqueeze(1))
+                keys = cand * gate.gather(1, dead_idx).unsqueeze(1).to(cand.dtype) if gate is not None else cand.clone()
+            else:
+                keys = cand
+            keys.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+            top, j = torch.topk(keys.view(M * n, width), kx, dim=-1, sorted=False)
+            vals = cand.view(M * n, width).gather(1, j)
             rows = self._rows_of(n)
             idx = dead_idx.unsqueeze(1).expand(M, n, width).gather(2, j.view(M, n, kx)).view(M * n, kx)
-            crow, col, values = self._select(vals, idx, k_aux[rows], M * n, rows * s)
+            crow, col, values = self._select(vals, idx, k_aux[rows], M * n, rows * s, keys=top)
             values = values.float()
-            if gate is not None:
+            if gate is not None and not raw:
                 values = values / gate.reshape(-1)[col.long()]
-        pattern = StackPattern(crow, col, M * n, M * s, n)
-        f = torch.relu(_StackedGatherPre.apply(x_in, self.params["W_enc"], self.params["b_enc"], values, pattern))
+        pattern = SparsePattern(crow, col, M * n, M * s)
+        f = torch.relu(self._gather(x_rows, values, pattern))
         w_dec = self.params["W_dec"]
         e_hat = sparse_decode(f, pattern, w_dec.view(-1, w_dec.shape[-1])).view(M, n, -1).float()
         e = (y.float().unsqueeze(0) - recon.detach().float())
@@ -426,8 +423,8 @@ class StackedSAE:
                 itype = torch.int32 if r.numel() < 2**31 - 1 else torch.int64
                 crow = torch.zeros(M * n + 1, dtype=itype, device=self.device)
                 torch.cumsum(per_row.to(itype), 0, out=crow[1:])
-            pattern = StackPattern(crow, col.to(itype), M * n, M * s, n)
-            f = _StackedGatherPre.apply(x_in, W_enc, b_enc, values, pattern)  # all > 0
+            pattern = SparsePattern(crow, col.to(itype), M * n, M * s)
+            f = self._gather(self._rows(x_in, shared, n), values, pattern)  # all > 0
             recon = self._decode(f, pattern, n)
             pen = self._sparse_penalty(f, col, torch.div(col, s, rounding_mode="floor"), ctxs[0], n)
             with torch.no_grad():
@@ -455,8 +452,9 @@ class StackedSAE:
             with torch.no_grad():
                 counts = (f.detach() != 0).sum(dim=1)
             self.last_path = "stacked-relu-dense"
-        sse = (recon - y.to(recon.dtype).unsqueeze(0)).pow(2).sum(dim=(1, 2))
+        sse = (recon - y.to(recon.dtype).unsqueeze(0)).pow(2).sum(dim=(1, 2))  # per member: Σ_d, Σ_tokens
         mse = sse / n
+        sse = sse.detach()
         loss = mse
         terms = {"mse": mse.detach()}
         raw = {}
@@ -465,7 +463,7 @@ class StackedSAE:
             loss = loss + coef * pen
             terms["sparsity"] = (coef * pen).detach()
             raw["raw/sparsity"] = pen.detach()
-        return StackOutput(loss, terms, counts, sse.detach(), raw)
+        return StackOutput(loss, terms, counts, sse, raw)
 
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()
@@ -515,84 +513,13 @@ class StackedSAE:
     # ------------------------------------------------------------------ the optimizer
     @torch.no_grad()
     def _optimizer_step(self, running: list["StackedMember"]) -> None:
-        params = [p for p in self.params.values() if p.grad is not None]
-        self.sync.all_reduce_grads(params)
-        clip = self._vec([float(m.cfg.clip_grad_norm) for m in self.members])
-        logs = [m for m in running if m._logs_at(m.step + 1)]
-        if bool((clip > 0).any()) or logs:
-            sq = torch.zeros(self.M, dtype=torch.float32, device=self.device)
-            for p in params:
-                sq += p.grad.float().pow(2).reshape(self.M, -1).sum(dim=1)
-            norms = sq.sqrt()
-            for m in logs:
-                m._grad_norm = norms[m.index].clone()
-            coef = torch.where(clip > 0, (clip / (norms + 1e-6)).clamp(max=1.0), torch.ones_like(clip))
-            if bool((coef < 1).any()):
-                for p in params:
-                    p.grad.mul_(coef.to(p.grad.dtype).view(-1, *([1] * (p.dim() - 1))))
-        lrs = []
-        for m in self.members:
-            lr = m.scheduler.get_last_lr()[0]
-            m._lr_used = lr
-            lrs.append(lr if m.running else 0.0)
-        beta1, beta2 = self.members[0].cfg.betas
-        eps = float(self.members[0].cfg.eps)
-        self.adam_steps += 1
-        step = float(self.adam_steps.max())
-        bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-        neg_step = -torch.tensor(lrs, dtype=torch.float64, device=self.device) / bc1
-        for name, p in self.params.items():
-            g = p.grad
-            if g is None:
-                continue
-            m1, m2 = self.exp_avg[name], self.exp_avg_sq[name]
-            m1.lerp_(g, 1 - beta1)
-            m2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (m2.sqrt() / bc2**0.5).add_(eps)
-            p.addcmul_(m1 / denom, neg_step.to(p.dtype).view(-1, *([1] * (p.dim() - 1))))
+        """Each running member steps its own fused Adam over its slices: the stacked gradients are
+        handed to the members' parameter views (no copy), so lr, its schedule, clipping, the unit-norm
+        projection and the optimizer state are exactly a plain member's (and its checkpoints too)."""
+        for m in running:
+            m.step_optimizer()
+        for p in self.params.values():
             p.grad = None
-        for m in running:
-            with warnings.catch_warnings():  # the member's own optimizer never steps: torch warns about the order
-                warnings.simplefilter("ignore", UserWarning)
-                m.scheduler.step()
-        if self.cfg.decoder_unit_norm:
-            w = self.params["W_dec"]
-            w.copy_(_unit_rows(w.float()).to(w.dtype))
-        for m in running:
-            m.step += 1
-            m.stats.end_step()
-            m.window.steps += 1
-
-    # ------------------------------------------------------------------ optimizer state per member
-    def adam_state(self, member: "StackedMember") -> dict:
-        """Member `m`'s slice of the optimizer state in torch.optim.Adam's state_dict format (so the
-        member's checkpoint also resumes as a plain `saecli train` run)."""
-        sd = member.optimizer.state_dict()
-        i = member.index
-        state = {}
-        if float(self.adam_steps[i]) > 0:
-            k = 0
-            for group in member.optimizer.param_groups:
-                for p in group["params"]:
-                    name = self._name_of[id(p)]
-                    state[k] = {"step": torch.tensor(float(self.adam_steps[i]), dtype=torch.float32),
-                                "exp_avg": self.exp_avg[name][i].clone(), "exp_avg_sq": self.exp_avg_sq[name][i].clone()}
-                    k += 1
-        sd["state"] = state
-        return sd
-
-    @torch.no_grad()
-    def load_adam_state(self, member: "StackedMember", state: dict) -> None:
-        i, k = member.index, 0
-        for group in member.optimizer.param_groups:
-            for p in group["params"]:
-                name = self._name_of[id(p)]
-                st = state.get(k) if k in state else state.get(str(k))
-                if st:
-                    self.exp_avg[name][i].copy_(st["exp_avg"])
-                    self.exp_avg_sq[name][i].copy_(st["exp_avg_sq"])
-                    self.adam_steps[i] = float(st["step"])
-                k += 1
 
 
 def _unit_rows(w: torch.Tensor) -> torch.Tensor:
@@ -616,6 +543,7 @@ class StackedMember(Member):
     def __init__(self, dictionary: Any, cfg: Any, *, stack: StackedSAE, index: int, **kwargs: Any):
         super().__init__(dictionary, cfg, **kwargs)
         self.stack, self.index = stack, index
+        self.views = {name: getattr(dictionary, name) for name in stack.params}  # alias the stack's slices
         self._bad_step = stack.bad_step[index]  # a view: the stack writes it
         ctx = self.context()
         self.has_sparsity = (ctx.sparsity_loss_type or "none") not in ("none", "l0")
@@ -632,14 +560,15 @@ class StackedMember(Member):
 
     def state_dict(self) -> dict[str, Any]:
         self.stack.flush()
-        state = super().state_dict()
-        state["optimizer"] = self.stack.adam_state(self)
-        return state
+        return super().state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state["optimizer"]
-        super().load_state_dict({**state, "optimizer": {"state": {}, "param_groups": saved["param_groups"]}})
-        self.stack.load_adam_state(self, saved.get("state", {}))
+    def step_optimizer(self) -> None:
+        """Point this member's parameter views' gradients at its slices of the stacked gradients, then
+        take a plain member's optimizer step (all-reduce, clipping, Adam, scheduler, post_step)."""
+        for name, view in self.views.items():
+            grad = self.stack.params[name].grad
+            view.grad = None if grad is None else grad[self.index]
+        self._optimizer_step()
 
 
 def build_stack(dictionaries: list[Any], cfgs: list[Any], *, sync: Sync | None = None,
@@ -649,10 +578,12 @@ def build_stack(dictionaries: list[Any], cfgs: list[Any], *, sync: Sync | None =
     `member_kwargs` are lists, one value per member, of Member's keyword arguments (total_steps,
     batch_tokens, folder, name, wandb).
     """
-    stack = StackedSAE(dictionaries, sync=sync)
-    members = []
-    for i, (d, cfg) in enumerate(zip(dictionaries, cfgs)):
+    # inside the stack, members are ordered by k: equal k side by side share one top-k call
+    order = sorted(range(len(dictionaries)), key=lambda i: (int(dictionaries[i].cfg.k), i))
+    stack = StackedSAE([dictionaries[i] for i in order], sync=sync)
+    members: list[StackedMember | None] = [None] * len(dictionaries)
+    for index, i in enumerate(order):
         kwargs = {k: v[i] for k, v in member_kwargs.items()}
-        members.append(StackedMember(d, cfg, stack=stack, index=i, sync=sync, **kwargs))
-    stack.members = members
-    return members
+        members[i] = StackedMember(dictionaries[i], cfgs[i], stack=stack, index=index, sync=sync, **kwargs)
+    stack.members = [members[i] for i in order]
+    return [m for m in members if m is not None]

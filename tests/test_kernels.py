@@ -1,0 +1,171 @@
+"""The compiled CPU kernels (native.py) and the pure-torch products of kernels.py agree with dense torch.
+
+Every test that needs the compiled kernels is skipped where they cannot be built; the torch fallback is
+tested everywhere (with the kernels switched off by `native.disabled()`)."""
+
+import copy
+
+import pytest
+import torch
+
+from saecli.config.base import parse
+from saecli.config.dictionary import DictionaryConfig
+from saecli.dictionaries import kernels, native
+from saecli.dictionaries.base import StepContext
+from saecli.dictionaries.sae import SparseAutoEncoder
+
+needs_native = pytest.mark.skipif(native.lib() is None, reason=f"compiled kernels: {native.status()}")
+
+
+def random_pattern(n, s, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(s, generator=g)[:k] for _ in range(n)])
+    return kernels.SparsePattern.from_topk(idx, s), torch.randn(n * k, generator=g)
+
+
+def dense_of(pattern, values):
+    return pattern.csr(values).to_dense()
+
+
+# ------------------------------------------------------------------------------------------ top-k
+@needs_native
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_gate", [False, True])
+@pytest.mark.parametrize("shape", [(7, 40, 5), (33, 1024, 16), (9, 1000, 32)])  # scan path; group path; tail
+def test_native_topk_keeps_the_k_largest_keys(shape, with_bias, with_gate):
+    n, s, k = shape
+    torch.manual_seed(0)
+    h = torch.randn(n, s)
+    bias = torch.randn(s) if with_bias else None
+    gate = torch.rand(s) + 0.5 if with_gate else None
+    pre = h + (bias if with_bias else 0)
+    keys = pre * (gate if with_gate else 1)
+    vals, idx = kernels.topk_pre(h, k, bias, gate)
+    assert idx.dtype == torch.int32 and vals.shape == (n, k)
+    expected = torch.topk(keys, k, dim=-1).values.sort(-1).values
+    assert torch.equal(keys.gather(1, idx.long()).sort(-1).values, expected)
+    assert torch.equal(vals, pre.gather(1, idx.long()))  # the ungated pre-activations, exactly
+    assert all(len(set(row.tolist())) == k for row in idx)  # no column twice
+
+
+@needs_native
+def test_native_topk_handles_ties_infinities_and_nan_like_torch():
+    h = torch.zeros(4, 1024)
+    h[1, ::3] = 2.0  # ties
+    h[2, 100] = float("inf")
+    h[2, 200] = float("-inf")
+    h[3, 7] = float("nan")  # torch.topk ranks NaN above everything
+    vals, idx = kernels.topk_pre(h, 8)
+    ref = torch.topk(h, 8, dim=-1).values
+    for r in range(4):
+        assert torch.equal(vals[r].sort().values.nan_to_num(9.0), ref[r].sort().values.nan_to_num(9.0))
+
+
+# ---------------------------------------------------------------------------------------- products
+@pytest.mark.parametrize("compiled", [True, False])
+def test_pattern_products_equal_dense_products(compiled):
+    if compiled and native.lib() is None:
+        pytest.skip(native.status())
+    n, s, k, d = 50, 300, 6, 20
+    pattern, values = random_pattern(n, s, k)
+    dense = dense_of(pattern, values)
+    B, A, X, bias = torch.randn(s, d), torch.randn(n, d), torch.randn(n, d), torch.randn(d)
+    with native.disabled() if not compiled else torch.no_grad():
+        assert pattern.native() == compiled
+        torch.testing.assert_close(pattern.matmul(values, B, bias), dense @ B + bias)
+        grad_w, sums = pattern.matmul_t(values, X, col_sums=True)
+        torch.testing.assert_close(grad_w, dense.t() @ X)
+        torch.testing.assert_close(sums, dense.sum(0))
+        rows = torch.arange(n).repeat_interleave(k)
+        torch.testing.assert_close(pattern.sampled(A, B), (A[rows] * B[pattern.col.long()]).sum(1))
+
+
+@needs_native
+def test_native_transpose_is_a_stable_counting_sort():
+    pattern, values = random_pattern(40, 64, 5, seed=3)
+    order, crow_t, rows_t = native.transpose(pattern.crow, pattern.col, 64)
+    transposed = kernels._csr(crow_t, rows_t, values[order.long()], (64, 40)).to_dense()
+    assert torch.equal(transposed, dense_of(pattern, values).t())
+    for c in range(64):  # rows ascending within each column
+        seg = rows_t[crow_t[c]:crow_t[c + 1]]
+        assert torch.equal(seg, seg.sort().values)
+
+
+@needs_native
+def test_native_relu_passes_equal_torch():
+    torch.manual_seed(0)
+    h, bias = torch.randn(30, 200), torch.randn(200)
+    f = h.clone()
+    nnz, counts, colsum = kernels.relu_bias_(f, bias)
+    ref = torch.relu(h + bias)
+    assert torch.equal(f, ref) and nnz == int((ref > 0).sum())
+    assert torch.equal(counts.long(), (ref > 0).sum(1))
+    torch.testing.assert_close(colsum, ref.sum(0))
+    pattern, values = kernels.SparsePattern.from_dense(f, counts)
+    assert torch.equal(dense_of(pattern, values), ref)
+    df, term = torch.randn(30, 200), torch.randn(200)
+    out = df.clone()
+    sums = native.relu_backward_(out, f, term)
+    expected = torch.where(ref > 0, df + term, torch.zeros(()))
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(sums, expected.sum(0))
+
+
+# ------------------------------------------------------------------------------- whole train steps
+def make_sae(activation, d=16, s=512, bias=None):
+    cfg = parse(DictionaryConfig, {"d_sae": s, "activation": activation, "k": 8}, key="sae")
+    torch.manual_seed(0)
+    sae = SparseAutoEncoder(cfg, d, "x")
+    with torch.no_grad():
+        sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
+        sae.W_dec.mul_(torch.rand(s, 1) + 0.5)
+        sae.b_enc.copy_(0.1 * torch.randn(s) + (bias or 0.0))
+        sae.b_dec.copy_(0.1 * torch.randn(d))
+    return sae
+
+
+def step_grads(sae, x, ctx):
+    out = sae.loss({"x": x}, {"x": x}, ctx)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("activation, bias, path", [("topk", None, "topk-sparse"), ("relu", None, "relu-dense-fused"),
+                                                    ("relu", -2.5, "relu-sparse")])
+def test_compiled_and_torch_steps_equal_dense_autograd(activation, bias, path):
+    """d_sae = 512, k = 8: large enough that the compiled top-k takes its group-pruned path."""
+    x = torch.randn(64, 16)
+    dead = torch.arange(512) % 4 == 0
+    ctx = (StepContext(k=8, auxk_coefficient=0.1, k_aux=16, dead_mask=dead) if activation == "topk"
+           else StepContext(l1_coefficient=0.05, sparsity_loss_type="power"))
+    sae = make_sae(activation, bias=bias)
+    ref = copy.deepcopy(sae)
+    ref.cfg = copy.deepcopy(sae.cfg)
+    ref.cfg.sparse_kernels = False
+    loss_ref, g_ref = step_grads(ref, x, ctx)
+    assert ref.last_path == "dense"
+    for compiled in ([True, False] if native.lib() is not None else [False]):
+        twin = copy.deepcopy(sae)
+        with native.disabled() if not compiled else torch.enable_grad():
+            loss, grads = step_grads(twin, x, ctx)
+        assert twin.last_path == path
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+        for name in g_ref:
+            torch.testing.assert_close(grads[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=f"{name} {compiled=}")
+
+
+def test_a_failed_build_falls_back_to_torch(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "status": "not built yet"})
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SAECLI_CACHE_DIR", str(tmp_path / "cache"))
+    assert native.lib() is None and "no C compiler" in native.status()
+    sae = make_sae("topk")
+    loss, grads = step_grads(sae, torch.randn(32, 16), StepContext(k=8))
+    assert sae.last_path == "topk-sparse" and torch.isfinite(loss) and set(grads) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+
+
+def test_the_switch_turns_the_compiled_kernels_off(monkeypatch):
+    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "status": "not built yet"})
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert native.lib() is None and native.ENV_SWITCH in native.status()
