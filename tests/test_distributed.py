@@ -1,8 +1,9 @@
 """`accelerate launch` with two CPU processes (gloo): `train` is data parallel (one writer, each rank its
 own documents, gradients averaged) and `sweep` spreads its members over the ranks. Each test asserts the
 world size, so a silent single-process run cannot pass, and compares with the single-process result.
-Each launch costs ~30 s here (two interpreters importing torch and transformers), so the default run
-keeps one (the sweep); `pytest -m distributed` runs both.
+Each launch costs ~17 s here (two interpreters importing torch and transformers; ~30 s when the
+machine is busy), both together well under a minute, so both stay in the default run;
+`pytest -m distributed` selects them.
 
 `--multi_gpu` is what starts two ranks on a CPU-only machine (accelerate 1.15's `--cpu` starts one
 plain process); torchrun underneath sets RANK/WORLD_SIZE and saecli starts a gloo process group.
@@ -84,7 +85,6 @@ def tiny_experiment(path: Path, model: Path, out: Path, extra: str = "") -> Path
     return path
 
 
-@pytest.mark.slow  # ~30 s of launcher and imports: the default run keeps the sweep test (torchrun DP: test_trainer)
 def test_accelerate_train_is_data_parallel(tiny_llama, tmp_path):
     toml = tiny_experiment(tmp_path / "exp.toml", tiny_llama, tmp_path / "dp")
     proc = accelerate("train", toml)

@@ -54,7 +54,8 @@ def base(out: Path, steps: int = 30, **trainer) -> dict:
 
 
 def make_plan(out: Path, sweep: dict, steps: int = 30, **trainer):
-    return plan_from_dict(base(out, steps, **trainer), parse(SweepConfig, sweep, key="sweep"))
+    """A sweep on the synthetic stream; stacking forced on (its default, "auto", stacks on GPUs only)."""
+    return plan_from_dict(base(out, steps, **trainer), parse(SweepConfig, {"stack": True, **sweep}, key="sweep"))
 
 
 def stream(exp=None) -> SyntheticStream:
@@ -116,6 +117,18 @@ def test_relu_stacks_and_other_kinds_train_beside_them_on_the_same_batches(tmp_p
     assert stacked == [2, 2, None, None]
     for m in plan.members:
         assert_close_weights(alone(m, tmp_path / "alone"), m.folder)
+
+
+def test_on_the_cpu_auto_trains_a_loop_of_plain_members_with_the_same_results(tmp_path):
+    sweep = {"grid": {"trainer.lr": [2e-3, 1e-2]}}
+    auto = plan_from_dict(base(tmp_path / "auto", 20), parse(SweepConfig, sweep, key="sweep"))
+    assert auto.sweep.stack == "auto"
+    run_sweep(auto, stream_factory=stream)
+    stacked = make_plan(tmp_path / "stacked", sweep, steps=20)
+    run_sweep(stacked, stream_factory=stream)
+    for a, b in zip(auto.members, stacked.members):
+        assert "stacked" not in read_metrics(a.folder)[-1] and read_metrics(b.folder)[-1]["stacked"] == 2
+        assert_close_weights(a.folder, b.folder)
 
 
 def test_a_nan_member_stops_and_the_others_go_on(tmp_path):
@@ -243,7 +256,7 @@ SCRIPT = textwrap.dedent('''
 
 def two_groups(out: Path) -> tuple[dict, dict]:
     """A short group (one member) then a long one (two stacked members and a plain one)."""
-    sweep = {"name": "variant{index}",
+    sweep = {"name": "variant{index}", "stack": True,
              "variants": [{"trainer.total_training_tokens": 128 * 20, "sae.k": 3}, {"trainer.lr": 2e-3},
                           {"trainer.lr": 8e-3, "sae.k": 6}, {"sae.d_sae": 48}]}
     return base(out, steps=100, n_checkpoints=5, dead_threshold_tokens=512), sweep

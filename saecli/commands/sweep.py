@@ -57,19 +57,19 @@ def show_plan(plan: Any, groups: list) -> None:
     from saecli import ui
     from saecli.sweep.grid import format_value, key_value, short_names
     from saecli.sweep.grouping import differing_stream_keys
-    from saecli.sweep.stacked import stack_key
+    from saecli.sweep.stacked import planned_stack_key
 
     group_of = {m.name: g.index for g in groups for m in g.members}
     stacks: dict[tuple, int] = {}
     counts: dict[tuple, int] = {}
     for g in groups:
         for m in g.members:
-            key = stack_key(m.exp) if plan.sweep.stack else None
+            key = planned_stack_key(m.exp, plan.sweep.stack)
             if key is not None:
                 counts[(g.index, key)] = counts.get((g.index, key), 0) + 1
     rows = []
     for m in plan.members:
-        key = stack_key(m.exp) if plan.sweep.stack else None
+        key = planned_stack_key(m.exp, plan.sweep.stack)
         gk = (group_of[m.name], key)
         stack = ""
         if key is not None and counts.get(gk, 0) > 1:
@@ -105,8 +105,8 @@ def sweep(
     """Train every member of a sweep file: a base experiment plus a [sweep] table of a grid and/or variants.
 
     Members whose activation stream is the same (same model, data, hook points, batch size, tokens)
-    form a group that reads or computes each batch once for all of them; same-shape SAEs in a group
-    are trained as one stacked computation. Each member gets its own folder under run.output_dir
+    form a group that reads or computes each batch once for all of them; on a GPU, same-shape SAEs in
+    a group train as one stacked computation (sweep.stack). Each member gets its own folder under run.output_dir
     (config.toml, metrics.jsonl, checkpoints, sae_weights.safetensors + cfg.json); the sweep's folder
     gets sweep.json, sweep_summary.json and frontier.png (L0 against explained variance). Under
     `accelerate launch` the groups (or parts of a big group) are spread over the processes.

@@ -79,6 +79,9 @@ def train(
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: choose one")
     exp = load(experiment, overrides)
+    if getattr(exp, "sweep", None) is not None:
+        raise UsageError(f"{experiment} has a [sweep] section: train its members with `saecli sweep {experiment}` "
+                         "(or remove the section to train the base experiment alone)")
     run_dir = None
     if Path(experiment).is_dir():  # a run folder: its config.toml, and the folder itself as the output
         run_dir = Path(experiment)

@@ -10,8 +10,8 @@ Per group (members that share the stream, see grouping.py), on one process:
    others start fresh in a second pass;
 2. a fresh member is made exactly as `saecli train` makes it: seed, build, data-dependent init on
    the stream's first batches (read once for the whole group and replayed to each member);
-3. members of one shape are stacked (stacked.py), the rest train as plain Members, all in one
-   `training.fit` loop fed each batch once;
+3. members of one shape are stacked where sweep.stack says so (stacked.py; by default on GPUs), the
+   rest train as plain Members, all in one `training.fit` loop fed each batch once;
 4. each member's folder gets what `train` writes: config.toml, metrics.jsonl, checkpoints,
    sae_weights.safetensors + cfg.json, summary.json (or diverged.json), wandb_run_id.txt.
 
@@ -33,15 +33,17 @@ import torch
 from saecli.errors import RunError, UsageError
 from saecli.sweep.grid import SweepMember, SweepPlan
 from saecli.sweep.grouping import Group, Unit, group_members, needs_context, spread
-from saecli.sweep.stacked import build_stack, stack_key
+from saecli.sweep.stacked import build_stack, planned_stack_key
 from saecli.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from saecli.training.distributed import LocalSync, Sync, default_sync
 from saecli.training.member import Member, read_diverged, set_rng_state
-from saecli.training.run import clear_run, clear_run_partial, config_changes, finish, record_in_store, resolve_device, run_state, seed_everything
+from saecli.training.run import (clear_run, clear_run_partial, config_changes, finish, record_in_store, resolve_device,
+                                 run_state, seed_everything)
 from saecli.training.trainer import NullReporter, Reporter, fit, initialize, plan_steps
 
 SWEEP_FILE = "sweep.json"
 _DONE_DIR = ".sweep-done"
+_EVAL_FILES = ("eval.json", "eval_density.png", "eval_latents.safetensors")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 StreamFactory = Callable[[Any], Any]
 
@@ -106,6 +108,8 @@ def _check_folders(plan: SweepPlan, *, resume: bool, overwrite: bool, sync: Sync
         if sync.is_main:
             for m in plan.members:
                 clear_run(m.folder)
+                for name in _EVAL_FILES:  # an old evaluation would describe the old weights
+                    (m.folder / name).unlink(missing_ok=True)
         if sync.world_size > 1:
             sync.barrier()
         return
@@ -130,15 +134,11 @@ def _write_plan(plan: SweepPlan, groups: list[Group], by_rank: list[list[Unit]])
         "world_size": len(by_rank),
         "varying": plan.varying,
         "members": [{"name": m.name, "index": m.index, "group": group_of[m.name], "rank": rank_of.get(m.name),
-                     "folder": str(m.folder), "overrides": m.overrides, "stack": _stack_label(m.exp)}
+                     "folder": str(m.folder), "overrides": m.overrides,
+                     "stackable": planned_stack_key(m.exp, plan.sweep.stack) is not None}
                     for m in plan.members],
         "groups": [{"index": g.index, "members": [m.name for m in g.members]} for g in groups],
     })
-
-
-def _stack_label(exp: Any) -> str | None:
-    key = stack_key(exp)
-    return None if key is None else f"{exp.sae.kind}/{exp.sae.activation}"
 
 
 def _mark_done(folder: Path, session: str, rank: int) -> None:
@@ -357,7 +357,7 @@ def _train_pass(part: list[_Todo], plan: SweepPlan, *, reporter: Reporter, strea
 def _make_members(part: list[_Todo], exps: dict[str, Any], dictionaries: list[Any], meta: list[dict],
                   plan: SweepPlan, sync: Sync) -> list[Member]:
     """Stacked members for same-shape sets (when sweep.stack), plain Members for the rest, in order."""
-    keys = [stack_key(exps[t.member.name]) if plan.sweep.stack else None for t in part]
+    keys = [planned_stack_key(exps[t.member.name], plan.sweep.stack) for t in part]
     by_key: dict[tuple, list[int]] = {}
     for i, key in enumerate(keys):
         if key is not None:
