@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one torch thread avoids OpenMP hand-off costs on a shared 2-core machine.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +105,29 @@ def write_toml(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def tiny_topk_toml(path: Path, model: Path, out: Path, *, name: str, activations: str, trainer: str,
+                   extra: str = "") -> Path:
+    """An experiment training a TopK SAE (128 latents, k 8) on `blocks.1.hook_resid_post` of a tiny model,
+    contexts of 64, no store. `activations` and `trainer` hold the rest of those tables (TOML lines),
+    `extra` whole further tables."""
+    head = textwrap.dedent(f'''
+        [run]
+        name = "{name}"
+        output_dir = "{out}"
+        [model]
+        name = "{model}"
+        device = "cpu"
+        [sae]
+        activation = "topk"
+        d_sae = 128
+        k = 8
+        [store]
+        backend = "none"
+        [activations]
+        hook_points = ["blocks.1.hook_resid_post"]
+        context_size = 64
+    ''')
+    return write_toml(path, head + textwrap.dedent(activations).strip() + "\n[trainer]\n"
+                      + textwrap.dedent(trainer).strip() + "\n" + textwrap.dedent(extra))

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from kinds_contract import assert_resume_after_ctrl_c_is_exact
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
+from saecli.data.synthetic import SyntheticStream
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.crosscoder import Crosscoder
 from saecli.dictionaries.registry import build_dictionary, load_dictionary
@@ -18,12 +20,7 @@ from saecli.errors import ConfigError
 HEADS = ["base/blocks.1.hook_resid_post", "chat/blocks.1.hook_resid_post"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread is faster
 
 
 def make(d_model: int = 2, d_sae: int = 2, heads: list[str] = HEADS, **kw) -> Crosscoder:
@@ -212,49 +209,11 @@ def test_heads_default_to_every_hook_point_and_must_be_streamed():
         build_dictionary(cfg, 4, HEADS)
 
 
-class _CtrlCAt:
-    """A reporter that sends this process SIGINT when `step` is logged (a user pressing Ctrl-C)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def __getattr__(self, name):  # every other reporter call is a no-op
-        return lambda *args, **kwargs: None
-
-    def log(self, member, record):
-        if record["step"] == self.step:
-            import os
-            import signal
-
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 def test_resume_after_ctrl_c_is_exact(tmp_path):
     """Killed mid-run and resumed, a crosscoder ends with the weights of an uninterrupted run."""
-    from safetensors.torch import load_file
-
-    from saecli.config.experiment import Experiment
-    from saecli.data.synthetic import SyntheticStream
-    from saecli.training import train
-
-    def experiment(folder):
-        return parse(Experiment, {
-            "run": {"output_dir": str(folder), "name": "x"},
-            "sae": {"kind": "crosscoder", "d_sae": 32, "k": 3, "activation": "jumprelu"},
-            "trainer": {"total_training_tokens": 128 * 24, "lr": 5e-3, "log_frequency": 5, "n_checkpoints": 2,
-                        "checkpoint_every_seconds": 0, "dead_threshold_tokens": 512},
-            "store": {"backend": "none"}})
-
-    def stream():
-        return SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128,
-                               hook_points=HEADS + ["blocks.2.hook_resid_post"])
-
-    ref = train(experiment(tmp_path / "ref"), stream=stream())
-    cut = experiment(tmp_path / "cut")
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, stream=stream(), reporter=_CtrlCAt(10))
-    train(cut, stream=stream(), resume=True)
-    a, b = load_file(str(ref / "sae_weights.safetensors")), load_file(str(tmp_path / "cut" / "sae_weights.safetensors"))
-    assert a.keys() == b.keys() and "core.activation.log_threshold" in a
-    for key in a:
-        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
+    assert_resume_after_ctrl_c_is_exact(
+        tmp_path, {"kind": "crosscoder", "d_sae": 32, "k": 3, "activation": "jumprelu"},
+        {"total_training_tokens": 128 * 24, "log_frequency": 5, "dead_threshold_tokens": 512},
+        lambda: SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128,
+                                hook_points=HEADS + ["blocks.2.hook_resid_post"]),
+        at=10, saved="core.activation.log_threshold")

@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_topk_toml
 from saecli.config.load import load_experiment
 from saecli.sweep.grid import load_sweep
 from saecli.sweep.run import SWEEP_FILE, run_sweep
@@ -31,17 +32,9 @@ from saecli.training.checkpoint import list_checkpoints
 from saecli.training.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.distributed,
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                                  reason="accelerate is not installed")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def accelerate(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -53,36 +46,18 @@ def accelerate(*args: str | Path, timeout: float = 300) -> subprocess.CompletedP
 
 
 def tiny_experiment(path: Path, model: Path, out: Path, extra: str = "") -> Path:
-    path.write_text(textwrap.dedent(f'''
-        [run]
-        name = "dp"
-        output_dir = "{out}"
-        [model]
-        name = "{model}"
-        device = "cpu"
-        [activations]
-        hook_points = ["blocks.1.hook_resid_post"]
-        context_size = 64
+    return tiny_topk_toml(path, model, out, name="dp", activations='''
         model_batch_size = 4
         batch_size = 256
         shuffle_buffer_tokens = 1024
-        [sae]
-        activation = "topk"
-        d_sae = 128
-        k = 8
-        [init]
-        init_batches = 1
-        [trainer]
+    ''', trainer='''
         total_training_tokens = 10240     # 20 steps of 2 × 256 tokens
         lr = 4e-3
         lr_warm_up_steps = 0
         log_frequency = 5
         n_checkpoints = 2
         checkpoint_every_seconds = 0
-        [store]
-        backend = "none"
-    ''') + textwrap.dedent(extra))
-    return path
+    ''', extra="[init]\ninit_batches = 1\n" + textwrap.dedent(extra))
 
 
 def test_accelerate_train_is_data_parallel(tiny_llama, tmp_path):

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kinds_contract import assert_resume_after_ctrl_c_is_exact
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
+from saecli.data.synthetic import SyntheticStream
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.lorsa import LowRankSparseAttention, apply_rotary, rotary_tables
 from saecli.dictionaries.registry import build_dictionary, load_dictionary
@@ -24,13 +26,7 @@ SMOLLM2_DIR = Path(os.environ.get("SAECLI_SMOLLM2_DIR", "/work/models/smollm2/ll
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids thread hand-off costs on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread is faster
 
 
 def make(d=2, d_sae=2, n_qk_heads=1, seed=0, **over):
@@ -383,48 +379,12 @@ def test_example_experiments_parse(path):
                                           exp.sae.hook_point_out or exp.activations.hook_points[1]]
 
 
-class _CtrlCAt:
-    """A reporter that sends this process SIGINT when `step` is logged (a user pressing Ctrl-C)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def __getattr__(self, name):  # every other reporter call is a no-op
-        return lambda *args, **kwargs: None
-
-    def log(self, member, record):
-        if record["step"] == self.step:
-            import signal
-
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 def test_resume_after_ctrl_c_is_exact(tmp_path):
     """Trained on whole contexts, killed mid-run and resumed: the weights of an uninterrupted run."""
-    from safetensors.torch import load_file
-
-    from saecli.config.experiment import Experiment
-    from saecli.data.synthetic import SyntheticStream
-    from saecli.training import train
-
-    def experiment(folder):
-        return parse(Experiment, {
-            "run": {"output_dir": str(folder), "name": "x"},
-            "sae": {"kind": "lorsa", "d_sae": 16, "n_qk_heads": 2, "k": 3, "activation": "batchtopk"},
-            "trainer": {"total_training_tokens": 8 * 7 * 20, "lr": 5e-3, "log_frequency": 4, "n_checkpoints": 2,
-                        "checkpoint_every_seconds": 0, "auxk_coefficient": 0.1, "dead_threshold_tokens": 100},
-            "store": {"backend": "none"}})
-
-    def stream():
-        return SyntheticStream(d_model=8, n_atoms=16, k=3, batch_size=8, contexts=True, context_size=8,
-                               hook_points=[IN, OUT])
-
-    ref = train(experiment(tmp_path / "ref"), stream=stream())
-    cut = experiment(tmp_path / "cut")
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, stream=stream(), reporter=_CtrlCAt(8))
-    train(cut, stream=stream(), resume=True)
-    a, b = load_file(str(ref / "sae_weights.safetensors")), load_file(str(tmp_path / "cut" / "sae_weights.safetensors"))
-    assert a.keys() == b.keys() and "activation.threshold" in a
-    for key in a:
-        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
+    assert_resume_after_ctrl_c_is_exact(
+        tmp_path, {"kind": "lorsa", "d_sae": 16, "n_qk_heads": 2, "k": 3, "activation": "batchtopk"},
+        {"total_training_tokens": 8 * 7 * 20, "log_frequency": 4, "auxk_coefficient": 0.1,
+         "dead_threshold_tokens": 100},
+        lambda: SyntheticStream(d_model=8, n_atoms=16, k=3, batch_size=8, contexts=True, context_size=8,
+                                hook_points=[IN, OUT]),
+        at=8, saved="activation.threshold")

@@ -2,7 +2,6 @@
 penalty, teacher → student recovery, save/load, folding on raw activations, config parsing."""
 
 import math
-import os
 import tomllib
 from pathlib import Path
 
@@ -10,8 +9,10 @@ import pytest
 import torch
 
 import saecli.dictionaries.molt as molt_module
+from kinds_contract import assert_resume_after_ctrl_c_is_exact
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
+from saecli.data.synthetic import SyntheticStream
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.molt import MixtureOfLinearTransforms
 from saecli.dictionaries.registry import build_dictionary, load_dictionary
@@ -21,13 +22,7 @@ IN, OUT = "blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids thread hand-off costs on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread is faster
 
 
 def make(rank_counts, d=2, seed=0, **over):
@@ -287,47 +282,10 @@ def test_example_experiments_parse(path):
     assert exp.sae.kind == "molt" and exp.sae.d_sae == sum(c for _, c in exp.sae.ranks())
 
 
-class _CtrlCAt:
-    """A reporter that sends this process SIGINT when `step` is logged (a user pressing Ctrl-C)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def __getattr__(self, name):  # every other reporter call is a no-op
-        return lambda *args, **kwargs: None
-
-    def log(self, member, record):
-        if record["step"] == self.step:
-            import signal
-
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 def test_resume_after_ctrl_c_is_exact(tmp_path):
     """Killed mid-run and resumed, a MOLT (JumpReLU gate, tanh penalty) ends as an uninterrupted run."""
-    from safetensors.torch import load_file
-
-    from saecli.config.experiment import Experiment
-    from saecli.data.synthetic import SyntheticStream
-    from saecli.training import train
-
-    def experiment(folder):
-        return parse(Experiment, {
-            "run": {"output_dir": str(folder), "name": "x"},
-            "sae": {"kind": "molt", "rank_counts": {"1": 8, "2": 4}, "activation": "jumprelu"},
-            "trainer": {"total_training_tokens": 64 * 20, "lr": 5e-3, "log_frequency": 4, "n_checkpoints": 2,
-                        "checkpoint_every_seconds": 0},
-            "store": {"backend": "none"}})
-
-    def stream():
-        return SyntheticStream(d_model=8, n_atoms=16, k=3, batch_size=64, hook_points=[IN, OUT])
-
-    ref = train(experiment(tmp_path / "ref"), stream=stream())
-    cut = experiment(tmp_path / "cut")
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, stream=stream(), reporter=_CtrlCAt(8))
-    train(cut, stream=stream(), resume=True)
-    a, b = load_file(str(ref / "sae_weights.safetensors")), load_file(str(tmp_path / "cut" / "sae_weights.safetensors"))
-    assert a.keys() == b.keys() and "activation.log_threshold" in a
-    for key in a:
-        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
+    assert_resume_after_ctrl_c_is_exact(
+        tmp_path, {"kind": "molt", "rank_counts": {"1": 8, "2": 4}, "activation": "jumprelu"},
+        {"total_training_tokens": 64 * 20, "log_frequency": 4},
+        lambda: SyntheticStream(d_model=8, n_atoms=16, k=3, batch_size=64, hook_points=[IN, OUT]),
+        at=8, saved="activation.log_threshold")

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
+from conftest import tiny_topk_toml
+from kinds_contract import CtrlCAt, assert_same_weights
 from saecli.config.base import parse
 from saecli.config.experiment import Experiment
 from saecli.data.synthetic import SyntheticStream
-from saecli.training import NullReporter, train
+from saecli.training import train
 from saecli.training.checkpoint import list_checkpoints
 from saecli.training.logger import read_metrics
 
@@ -27,23 +27,7 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
 TIMING = ("tokens_per_s", "elapsed_s")  # the only metrics allowed to differ between two runs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "sae_weights.safetensors"))
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6), (k, (wa[k] - wb[k]).abs().max())
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread is faster
 
 
 def assert_same_metrics(a: Path, b: Path) -> None:
@@ -84,17 +68,6 @@ def experiment(folder: Path, **trainer) -> Experiment:
 
 def stream() -> SyntheticStream:
     return SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128)
-
-
-class CtrlCAt(NullReporter):
-    """Sends this process a SIGINT when a given step is logged, as a user pressing Ctrl-C would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def log(self, member, record):
-        if record["step"] == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(tmp_path):
@@ -223,33 +196,17 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(script, synt
 
 # ------------------------------------------------------------------------------------------ the CLI
 def tiny_toml(path: Path, model: Path, out: Path) -> Path:
-    path.write_text(textwrap.dedent(f'''
-        [run]
-        name = "tiny"
-        output_dir = "{out}"
-        [model]
-        name = "{model}"
-        device = "cpu"
-        [activations]
-        hook_points = ["blocks.1.hook_resid_post"]
-        context_size = 64
+    return tiny_topk_toml(path, model, out, name="tiny", activations='''
         model_batch_size = 8
         batch_size = 256
         shuffle_buffer_tokens = 4096
-        [sae]
-        activation = "topk"
-        d_sae = 128
-        k = 8
-        [trainer]
+    ''', trainer='''
         total_training_tokens = 51_200   # 200 steps
         lr = 2e-3
         log_frequency = 10
         n_checkpoints = 8
         checkpoint_every_seconds = 0
-        [store]
-        backend = "none"
-    '''))
-    return path
+    ''')
 
 
 def cli_popen(*args: str | Path) -> subprocess.Popen:

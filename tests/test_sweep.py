@@ -34,12 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 TIMING = ("tokens_per_s", "elapsed_s", "stacked")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread is faster
 
 
 def base(out: Path, steps: int = 30, **trainer) -> dict:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import torch
 
-from conftest import write_toml
+from conftest import tiny_topk_toml
 from saecli.config.load import load_experiment
 from saecli.dictionaries.registry import load_dictionary
 from saecli.training.logger import read_metrics
@@ -18,34 +17,19 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 def tiny_toml(path: Path, model: Path, out: Path, *, steps: int = 60, cache: Path | None = None) -> Path:
     cache_line = f'cache_dir = "{cache}"' if cache else ""
-    return write_toml(path, textwrap.dedent(f'''
-        [run]
-        name = "tiny-cli"
-        output_dir = "{out}"
-        [model]
-        name = "{model}"
-        device = "cpu"
-        [activations]
-        hook_points = ["blocks.1.hook_resid_post"]
-        context_size = 64
+    return tiny_topk_toml(path, model, out, name="tiny-cli", activations=f'''
         model_batch_size = 8
         batch_size = 256
         total_tokens = 12_000
         chunk_tokens = 2048
         shuffle_buffer_tokens = 4096
         {cache_line}
-        [sae]
-        activation = "topk"
-        d_sae = 128
-        k = 8
-        [trainer]
+    ''', trainer=f'''
         total_training_tokens = {256 * steps}
         lr = 3e-3
         log_frequency = 10
         n_checkpoints = 2
-        [store]
-        backend = "none"
-    '''))
+    ''')
 
 
 def raw_explained_variance(exp, folder: Path) -> float:

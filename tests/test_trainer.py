@@ -27,13 +27,7 @@ from saecli.training.stats import FeatureStats, firing_counts
 HOOK = "synthetic.0"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP overhead on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread is faster
 
 
 def sae(d_model: int = 16, **kw) -> Dictionary:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kinds_contract import assert_resume_after_ctrl_c_is_exact
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
+from saecli.data.synthetic import SyntheticStream
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.registry import build_dictionary, load_dictionary
 from saecli.dictionaries.transcoder import Transcoder
@@ -15,13 +17,7 @@ from saecli.errors import ConfigError, UsageError
 IN, OUT = "blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is several times faster than two fighting over a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread is faster
 
 
 def make(d_model: int = 2, d_sae: int = 3, **kw) -> Transcoder:
@@ -248,48 +244,10 @@ def test_init_from_mlp_sets_decoder_rows_to_the_mlp_response(tiny_llama):
         bad.init_from_model(lm, [{"blocks.1.hook_resid_post": x}])
 
 
-class _CtrlCAt:
-    """A reporter that sends this process SIGINT when `step` is logged (a user pressing Ctrl-C)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def __getattr__(self, name):  # every other reporter call is a no-op
-        return lambda *args, **kwargs: None
-
-    def log(self, member, record):
-        if record["step"] == self.step:
-            import os
-            import signal
-
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 def test_resume_after_ctrl_c_is_exact(tmp_path):
     """Killed mid-run and resumed, a transcoder ends with the weights of an uninterrupted run."""
-    from safetensors.torch import load_file
-
-    from saecli.config.experiment import Experiment
-    from saecli.data.synthetic import SyntheticStream
-    from saecli.training import train
-
-    def experiment(folder):
-        return parse(Experiment, {
-            "run": {"output_dir": str(folder), "name": "tc"},
-            "sae": {"kind": "transcoder", "d_sae": 32, "k": 3, "skip_connection": True},
-            "trainer": {"total_training_tokens": 128 * 24, "lr": 5e-3, "log_frequency": 5, "n_checkpoints": 2,
-                        "checkpoint_every_seconds": 0, "dead_threshold_tokens": 512},
-            "store": {"backend": "none"}})
-
-    def stream():
-        return SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128, hook_points=[IN, OUT])
-
-    ref = train(experiment(tmp_path / "ref"), stream=stream())
-    cut = experiment(tmp_path / "cut")
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, stream=stream(), reporter=_CtrlCAt(10))
-    train(cut, stream=stream(), resume=True)
-    a, b = load_file(str(ref / "sae_weights.safetensors")), load_file(str(tmp_path / "cut" / "sae_weights.safetensors"))
-    assert a.keys() == b.keys() and "W_skip" in a
-    for key in a:
-        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
+    assert_resume_after_ctrl_c_is_exact(
+        tmp_path, {"kind": "transcoder", "d_sae": 32, "k": 3, "skip_connection": True},
+        {"total_training_tokens": 128 * 24, "log_frequency": 5, "dead_threshold_tokens": 512},
+        lambda: SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128, hook_points=[IN, OUT]),
+        at=10, saved="W_skip")

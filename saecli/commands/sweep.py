@@ -8,48 +8,29 @@ from typing import Annotated, Any
 import typer
 
 from saecli.commands import ExperimentArg, SetOption
+from saecli.commands.train import UiReporter
 
-_SHOWN = ("loss", "l0", "explained_variance")
-
-
-class SweepReporter:
+class SweepReporter(UiReporter):
     """One progress bar per pass over a stream; the latest metrics of the member that logged last."""
 
+    shown = ("loss", "l0", "explained_variance")
+
     def __init__(self) -> None:
-        self._stack = contextlib.ExitStack()
-        self._handle: Any = None
+        super().__init__()
         self._passes = 0
 
-    def start(self, total_tokens: int, done_tokens: int) -> None:
-        from saecli import ui
+    def title(self) -> str:
+        return f"sweep pass {self._passes}"
 
-        self._stack.close()
+    def start(self, total_tokens: int, done_tokens: int) -> None:
+        self._stack.close()  # the previous pass's bar
         self._stack = contextlib.ExitStack()
         self._passes += 1
-        self._handle = self._stack.enter_context(ui.progress(f"sweep pass {self._passes}", total=total_tokens,
-                                                             unit="tokens", completed=done_tokens))
-
-    def advance(self, n_tokens: int) -> None:
-        if self._handle is not None:
-            self._handle.advance(n_tokens)
+        super().start(total_tokens, done_tokens)
 
     def log(self, member: str, record: dict[str, Any]) -> None:
         if self._handle is not None:
-            short = member.rsplit("/", 1)[-1]
-            self._handle.update(member=short, **{k: record[k] for k in _SHOWN if k in record})
-
-    def warn(self, message: str) -> None:
-        from saecli import ui
-
-        ui.warn(message)
-
-    def info(self, message: str) -> None:
-        from saecli import ui
-
-        ui.info(message)
-
-    def close(self) -> None:
-        self._stack.close()
+            self._handle.update(member=member.rsplit("/", 1)[-1], **self.metrics(record))
 
 
 def show_plan(plan: Any, groups: list) -> None:

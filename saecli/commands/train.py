@@ -19,23 +19,32 @@ _SUMMARY = ("step", "tokens", "loss", "explained_variance", "mse", "l0", "dead",
 class UiReporter:
     """Draws the loop's progress with saecli.ui: a live bar with the latest metrics, and messages."""
 
+    shown = _SHOWN
+
     def __init__(self) -> None:
         self._stack = contextlib.ExitStack()
         self._handle: Any = None
 
+    def title(self) -> str:
+        return "train"
+
     def start(self, total_tokens: int, done_tokens: int) -> None:
         from saecli import ui
 
-        self._handle = self._stack.enter_context(ui.progress("train", total=total_tokens, unit="tokens",
+        self._handle = self._stack.enter_context(ui.progress(self.title(), total=total_tokens, unit="tokens",
                                                              completed=done_tokens))
 
     def advance(self, n_tokens: int) -> None:
         if self._handle is not None:
             self._handle.advance(n_tokens)
 
+    def metrics(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The part of a logged record shown next to the bar."""
+        return {k: record[k] for k in self.shown if k in record}
+
     def log(self, member: str, record: dict[str, Any]) -> None:
         if self._handle is not None:
-            self._handle.update(**{k: record[k] for k in _SHOWN if k in record})
+            self._handle.update(**self.metrics(record))
 
     def warn(self, message: str) -> None:
         from saecli import ui

@@ -37,8 +37,8 @@ from saecli.sweep.stacked import build_stack, planned_stack_key
 from saecli.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from saecli.training.distributed import LocalSync, Sync, default_sync
 from saecli.training.member import Member, read_diverged, set_rng_state
-from saecli.training.run import (clear_run, clear_run_partial, config_changes, finish, record_in_store, resolve_device,
-                                 run_state, seed_everything)
+from saecli.training.run import (clear_run, clear_run_partial, config_changes, finish, record_in_store,
+                                 resolve_device, run_state, seed_everything, with_absolute_store_path)
 from saecli.training.trainer import NullReporter, Reporter, fit, initialize, plan_steps
 
 SWEEP_FILE = "sweep.json"
@@ -160,15 +160,6 @@ def _wait_done(folder: Path, session: str, world_size: int, poll_s: float = 0.5)
         pass
 
 
-def _absolute_store_path(exp: Any) -> Any:
-    """store.path is relative to the sweep file: make it absolute before config.toml is written."""
-    path = Path(exp.store.path)
-    if path.is_absolute() or not exp.source_file:
-        return exp
-    base = Path(exp.source_file).resolve().parent
-    return dataclasses.replace(exp, store=dataclasses.replace(exp.store, path=str(base / path)))
-
-
 # ---------------------------------------------------------------------------------------- one unit
 def _train_unit(unit: Unit, plan: SweepPlan, *, resume: bool, reporter: Reporter,
                 stream_factory: StreamFactory | None) -> None:
@@ -282,7 +273,7 @@ def _train_pass(part: list[_Todo], plan: SweepPlan, *, reporter: Reporter, strea
 
     exps = {}
     for t in part:
-        exp = _absolute_store_path(t.member.exp)
+        exp = with_absolute_store_path(t.member.exp)
         exps[t.member.name] = exp
         t.member.folder.mkdir(parents=True, exist_ok=True)
         if t.checkpoint is not None and (t.member.folder / "config.toml").exists():

@@ -82,8 +82,8 @@ def resolve_device(exp: Any) -> torch.device:
     return torch.device(name)
 
 
-def _with_absolute_store_path(exp: Any) -> Any:
-    """store.path is relative to the experiment file: make it absolute before config.toml is written."""
+def with_absolute_store_path(exp: Any) -> Any:
+    """store.path is relative to the experiment (or sweep) file: make it absolute before config.toml is written."""
     path = Path(exp.store.path)
     if path.is_absolute() or not exp.source_file:
         return exp
@@ -149,7 +149,7 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
     if resume and found is None and state == "unfinished":
         reporter.warn(f"{folder} has no complete checkpoint yet: starting the run from the beginning")
 
-    exp = _with_absolute_store_path(exp)
+    exp = with_absolute_store_path(exp)
     if sync.is_main:
         if found is not None and (folder / "config.toml").exists():
             changed = config_changes(folder / "config.toml", exp)

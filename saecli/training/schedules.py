@@ -22,16 +22,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, get_args
 
-LR_SCHEDULERS = (
-    "constant",
-    "constantwithwarmup",
-    "linearwarmupdecay",
-    "cosineannealing",
-    "cosineannealingwarmup",
-    "exponentialwarmup",
-)
+from saecli.config.trainer import LrScheduler
+
+LR_SCHEDULERS: tuple[str, ...] = get_args(LrScheduler)
 
 # Gao et al. (2024) call a latent dead after 10M tokens without firing; short runs use a fraction instead.
 DEFAULT_DEAD_TOKENS = 10_000_000
