@@ -19,6 +19,7 @@ out=c) sampled right before every timed block.
 
     python benchmarks/bench_train_step.py                  # CPU, 2 threads, float32 (≈ 3 min)
     python benchmarks/bench_train_step.py --reps 3 --steps 10 --variants topk,topk-torch,topk-plain
+    python benchmarks/bench_train_step.py --profile topk   # + where one variant's step time goes
     python benchmarks/bench_train_step.py --device cuda --check            # + gradient check on the GPU
     python benchmarks/bench_train_step.py --device cuda --amp              # autocast bf16 (roofline in bf16)
 """
@@ -206,6 +207,7 @@ def main() -> None:
     p.add_argument("--variants", default="topk,topk-torch,topk-plain,relu-fresh,relu-trained,relu-plain")
     p.add_argument("--amp", action="store_true", help="autocast the steps to --amp-dtype (parameters stay float32)")
     p.add_argument("--check", action="store_true", help="first compare the fast paths' gradients with autograd")
+    p.add_argument("--profile", metavar="VARIANT", help="after the timing, profile 5 steps of this variant")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -302,6 +304,25 @@ def main() -> None:
         blk = f"{statistics.median(blocks):.2f} ({min(blocks):.2f}–{max(blocks):.2f})"
         print(f"{name:18s} {path:24s} {l0_txt} {med:10.0f} {min(rs):8.0f}–{max(rs):8.0f} {med / T:6.2f} "
               f"{blk:>20s} {vs} {statistics.median(faults[name]):11.0f}")
+    if args.profile:
+        if args.profile not in steps:
+            p.error(f"--profile {args.profile}: not among the variants run")
+        profile_steps(args.profile, steps[args.profile], device)
+
+
+def profile_steps(name: str, fn: Callable[[int], None], device: torch.device) -> None:
+    """torch.profiler table of a few steps (the compiled kernels appear as saecli.native.*)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        for i in range(5):
+            fn(i)
+        sync(device)
+    print(f"profile of {name} (5 steps):")
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=20,
+        max_name_column_width=32, max_shapes_column_width=60))
 
 
 if __name__ == "__main__":

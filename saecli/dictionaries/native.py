@@ -3,9 +3,11 @@
 Why: past ~1.5 ×roof the CPU TopK step is limited by what plain torch can do after the encoder matmul
 (shared/PERFORMANCE.md): `torch.topk` over [N, d_sae] rows, and CSR products that zero-fill, copy and
 re-permute around MKL. These loops do the same maths in one pass each:
-- `topk`: exact per-row top-k of key = (h + b)·gate in one scan (a k-heap behind a SIMD threshold test),
-  returning the ungated pre-activations h + b at the kept latents (the encoder bias and the decoder-norm
-  gate never touch the [N, d_sae] buffer, so the encoder is a plain beta = 0 matmul);
+- `topk`: exact per-row top-k of key = (h + b)·gate: one vectorised pass writes the keys and the max of
+  each group of 8, a bisection on the group maxima gives a threshold that at least k keys reach, and a
+  k-heap sees only the keys above it (≈ k of them); it returns the ungated pre-activations h + b at the
+  kept latents (the encoder bias and the decoder-norm gate never touch the [N, d_sae] buffer, so the
+  encoder is a plain beta = 0 matmul);
 - `spmm`: out = bias + CSR(values) @ B (optionally values through a permutation, and row sums), used for
   the sparse decode and, on the transposed pattern, for both weight gradients;
 - `sddmm`: the sampled product A[row]·B[col] at the active pairs (dL/dvalues of the decode);
@@ -43,7 +45,11 @@ SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
 #include <omp.h>
+#else /* built without OpenMP (the last flag set): the pragmas are ignored and one thread runs */
+static int omp_get_thread_num(void) { return 0; }
+#endif
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -376,8 +382,10 @@ _SIGNATURES = {
     "sae_relu_backward": (None, [_I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _INT]),
     "sae_dense_to_csr": (None, [_I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _INT]),
 }
-# tried in order: the first that compiles wins (-march=native needs a compiler that knows this CPU)
-_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
+# tried in order: the first that compiles wins (-march=native needs a compiler that knows this CPU; a
+# compiler without OpenMP still gets single-threaded kernels)
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3", "-march=native", "-fopenmp-simd"],
+              ["-O3"])
 
 _lock = threading.Lock()
 _state: dict = {"lib": None, "tried": False, "status": "not built yet"}
@@ -457,15 +465,20 @@ def _try_lib() -> tuple[ctypes.CDLL | None, str]:
     if shutil.which(cc) is None:
         return None, f"no C compiler ({cc})"
     errors = []
+    # a read-only home (some CI runners) falls back to a per-user temporary folder
+    folders = [cache_dir(), Path(tempfile.gettempdir()) / f"saecli-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"]
     for flags in _FLAG_SETS:
         key = hashlib.sha256("\0".join([SOURCE, cc, *flags, _cpu_key()]).encode()).hexdigest()[:16]
-        path = cache_dir() / f"sae_kernels_{key}.so"
-        try:
-            if not path.exists():
-                _build(cc, flags, path)
-            return _load(path), f"compiled ({' '.join(flags)}; {path})"
-        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-            errors.append(str(e))
+        for folder in folders:
+            path = folder / f"sae_kernels_{key}.so"
+            try:
+                if not path.exists():
+                    _build(cc, flags, path)
+                return _load(path), f"compiled ({' '.join(flags)}; {path})"
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+                errors.append(str(e))
+                if isinstance(e, RuntimeError):  # the compiler refused these flags: no other folder helps
+                    break
     return None, "unavailable: " + " | ".join(errors)
 
 
@@ -493,6 +506,19 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ wrappers
+def _traced(fn):
+    """Name the call in torch.profiler traces (ctypes calls are otherwise invisible there)."""
+    label = f"saecli.native.{fn.__name__}"
+
+    def wrapper(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__, wrapper.__wrapped__ = fn.__name__, fn.__doc__, fn
+    return wrapper
+
+
+@_traced
 def topk(h: torch.Tensor, k: int, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row the k largest keys (h + bias)·gate: (h + bias at them [N, k] float32, their columns int32)."""
@@ -507,6 +533,7 @@ def topk(h: torch.Tensor, k: int, bias: torch.Tensor | None = None, gate: torch.
     return vals, idx
 
 
+@_traced
 def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, B: torch.Tensor,
          perm: torch.Tensor | None = None, bias: torch.Tensor | None = None, rowsum: bool = False
          ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -522,6 +549,7 @@ def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, B: torch.T
     return out, sums
 
 
+@_traced
 def sddmm(crow: torch.Tensor, col: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """[nnz]: A[row]·B[col] at every stored (row, col)."""
     A, B = _rows(A), _rows(B)
@@ -531,6 +559,7 @@ def sddmm(crow: torch.Tensor, col: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     return out
 
 
+@_traced
 def transpose(crow: torch.Tensor, col: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(perm, crow_t, rows_t) of the transposed CSR, all int32 (perm: original position of each entry)."""
     nnz = col.numel()
@@ -542,6 +571,7 @@ def transpose(crow: torch.Tensor, col: torch.Tensor, n_cols: int) -> tuple[torch
     return perm, crow_t, rows_t
 
 
+@_traced
 def relu_bias_(h: torch.Tensor, bias: torch.Tensor | None, colsum: bool = True
                ) -> tuple[int, torch.Tensor, torch.Tensor | None]:
     """h ← relu(h + bias) in place: (non-zeros, per-row counts int32 [N], column sums [d_sae] or None)."""
@@ -555,6 +585,7 @@ def relu_bias_(h: torch.Tensor, bias: torch.Tensor | None, colsum: bool = True
     return int(nnz), counts, sums
 
 
+@_traced
 def relu_backward_(df: torch.Tensor, f: torch.Tensor, colterm: torch.Tensor | None) -> torch.Tensor:
     """df ← (df + colterm) where f > 0, else 0 (in place); returns its column sums [d_sae]."""
     assert df.stride(-1) == 1 and f.stride(-1) == 1 and df.shape == f.shape
@@ -566,6 +597,7 @@ def relu_backward_(df: torch.Tensor, f: torch.Tensor, colterm: torch.Tensor | No
     return sums
 
 
+@_traced
 def dense_to_csr(h: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(crow int32 [N+1], col int32 [nnz], values [nnz]) of the non-zeros of h, given its row counts."""
     h = _rows(h)

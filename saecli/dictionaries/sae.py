@@ -36,7 +36,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SPARSE_RELU_MAX_DENSITY = 0.05
 CUDA_SPARSE_RELU_MIN_TOKENS = 16384
 RELU_REPROBE_STEPS = 50
-_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class SparseAutoEncoder(Dictionary):
@@ -292,12 +291,8 @@ class SparseAutoEncoder(Dictionary):
         buf = self._pre_into_buffer(x_in, None, raw)
         counts = colsum = None
         with torch.no_grad():
-            if raw:  # bias + ReLU + counts + column sums in one compiled pass
-                nnz, counts, colsum = kernels.relu_bias_(buf, self.b_enc)
-            else:  # threshold_ writes +0 for −0 too, so the integer view counts exactly (float
-                # count_nonzero is ~20× slower on the CPU)
-                torch.nn.functional.threshold_(buf, 0.0, 0.0)
-                nnz = int(torch.count_nonzero(buf.view(_SAME_SIZE_INT.get(buf.element_size(), buf.dtype))))
+            # raw: bias + ReLU + counts + column sums in one compiled pass; else ReLU + count in torch
+            nnz, counts, colsum = kernels.relu_bias_(buf, self.b_enc if raw else None)
         self._relu_density = nnz / max(buf.numel(), 1)
         x_enc = x_in.to(self.W_enc.dtype) if x_in.dtype != self.W_enc.dtype else x_in
         if nnz <= SPARSE_RELU_MAX_DENSITY * n_tok * s:
