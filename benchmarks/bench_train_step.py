@@ -160,7 +160,7 @@ def check_paths_once(device: torch.device, dtype_name: str, label: str) -> None:
     import copy
 
     torch.manual_seed(0)
-    n, d, s = 512, 128, 2048
+    n, d, s = 512, 128, 1024
     x = torch.randn(n, d, device=device)
     cases = [("topk", {"sparsity_include_decoder_norm": True}, StepContext(k=16)),
              ("topk", {"sparsity_include_decoder_norm": False, "apply_decoder_bias_to_pre_encoder": True},
