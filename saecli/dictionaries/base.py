@@ -18,7 +18,6 @@ rebuilds the right kind through the registry.
 from __future__ import annotations
 
 import abc
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -143,8 +142,15 @@ class Dictionary(nn.Module, abc.ABC):
         """Called after each optimizer step (e.g. project decoder rows back to unit norm)."""
 
     def param_groups(self, lr: float, jumprelu_lr_factor: float = 1.0) -> list[dict]:
-        """Optimizer parameter groups (a kind may give thresholds their own lr)."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr, "name": "default"}]
+        """Optimizer groups: everything at `lr`; JumpReLU log-thresholds (parameters named
+        `...log_threshold`), if any, in a group "jumprelu" at lr × jumprelu_lr_factor (and not clipped)."""
+        thresholds = [p for n, p in self.named_parameters() if n.endswith("log_threshold")]
+        ids = {id(p) for p in thresholds}
+        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in ids],
+                   "lr": lr, "name": "default"}]
+        if thresholds:
+            groups.append({"params": thresholds, "lr": lr * jumprelu_lr_factor, "name": "jumprelu"})
+        return groups
 
     @torch.no_grad()
     def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:

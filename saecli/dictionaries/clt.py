@@ -452,15 +452,6 @@ class CrossLayerTranscoder(Dictionary):
         if self.cfg.decoder_unit_norm:
             self._normalise_decoder(1.0)
 
-    def param_groups(self, lr: float, jumprelu_lr_factor: float = 1.0) -> list[dict]:
-        thresholds = [p for n, p in self.named_parameters() if n.endswith("log_threshold")]
-        ids = {id(p) for p in thresholds}
-        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in ids],
-                   "lr": lr, "name": "default"}]
-        if thresholds:
-            groups.append({"params": thresholds, "lr": lr * jumprelu_lr_factor, "name": "jumprelu"})
-        return groups
-
     @torch.no_grad()
     def fold_activation_scale(self) -> None:
         mode = getattr(self.cfg, "norm_activation", "none")

@@ -5,7 +5,6 @@
 - `latent_terms(...)`: every loss term on the latents besides the reconstruction — the sparsity penalty
   (power / tanh / tanh-quad, or JumpReLU's L0), AuxK and the JumpReLU pre-activation loss — exactly as
   the SAE's dense path combines them from `losses.py`, for latents given as rows [n, d_sae].
-- `threshold_param_groups`: JumpReLU log-thresholds in their own optimizer group (own lr, not clipped).
 """
 
 from __future__ import annotations
@@ -89,17 +88,6 @@ def latent_terms(h: torch.Tensor, f: torch.Tensor, ctx: StepContext, activation:
     fd = f.detach()
     extra["l0"] = (fd != 0).sum(-1).float().mean() if fd.shape[0] else torch.zeros(())
     return total, terms, extra
-
-
-def threshold_param_groups(module: torch.nn.Module, lr: float, jumprelu_lr_factor: float) -> list[dict]:
-    """Adam groups: everything at `lr`, JumpReLU log-thresholds (if any) at lr × jumprelu_lr_factor."""
-    thresholds = [p for n, p in module.named_parameters() if n.endswith("log_threshold")]
-    ids = {id(p) for p in thresholds}
-    groups = [{"params": [p for p in module.parameters() if p.requires_grad and id(p) not in ids],
-               "lr": lr, "name": "default"}]
-    if thresholds:
-        groups.append({"params": thresholds, "lr": lr * jumprelu_lr_factor, "name": "jumprelu"})
-    return groups
 
 
 def fold_threshold(activation: SparseActivation, factor: float) -> None:

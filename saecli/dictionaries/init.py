@@ -32,7 +32,7 @@ def initialize(model: Any, init_cfg: InitConfig | None = None, seed: int | None 
     cfg = init_cfg or InitConfig()
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     w_dec = model.W_dec
-    d_sae, d = w_dec.shape[-2], w_dec.shape[-1]
+    d_sae = w_dec.shape[-2]
     bound = cfg.decoder_uniform_bound if cfg.decoder_uniform_bound is not None else 1.0 / math.sqrt(d_sae)
     w = (torch.rand(w_dec.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
     if getattr(model.cfg, "decoder_unit_norm", False):

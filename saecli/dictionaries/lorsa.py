@@ -46,8 +46,7 @@ from saecli.config.base import to_dict
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
-from saecli.dictionaries.helpers import (fold_threshold, io_hooks, latent_terms, masked_rows,
-                                         threshold_param_groups)
+from saecli.dictionaries.helpers import fold_threshold, io_hooks, latent_terms, masked_rows
 from saecli.dictionaries.sae import DTYPES
 from saecli.errors import UsageError
 
@@ -296,9 +295,6 @@ class LowRankSparseAttention(Dictionary):
     def post_step(self) -> None:
         if self.cfg.decoder_unit_norm:
             self.W_O.copy_(_unit_rows(self.W_O.float()).to(self.W_O.dtype))
-
-    def param_groups(self, lr: float, jumprelu_lr_factor: float = 1.0) -> list[dict]:
-        return threshold_param_groups(self, lr, jumprelu_lr_factor)
 
     @torch.no_grad()
     def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:

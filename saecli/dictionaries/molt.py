@@ -49,7 +49,7 @@ from saecli.dictionaries import kernels
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
-from saecli.dictionaries.helpers import fold_threshold, io_hooks, latent_terms, threshold_param_groups
+from saecli.dictionaries.helpers import fold_threshold, io_hooks, latent_terms
 from saecli.dictionaries.sae import DTYPES
 
 # the sparse path runs when the active transforms own at most this fraction of the R factor rows
@@ -293,9 +293,6 @@ class MixtureOfLinearTransforms(Dictionary):
     def post_step(self) -> None:
         if self.cfg.decoder_unit_norm:
             self.set_transform_norms(1.0)
-
-    def param_groups(self, lr: float, jumprelu_lr_factor: float = 1.0) -> list[dict]:
-        return threshold_param_groups(self, lr, jumprelu_lr_factor)
 
     @torch.no_grad()
     def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:

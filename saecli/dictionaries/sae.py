@@ -398,15 +398,6 @@ class SparseAutoEncoder(Dictionary):
         if self.cfg.decoder_unit_norm:
             self.W_dec.copy_(self._unit_rows(self.W_dec.float()).to(self.W_dec.dtype))
 
-    def param_groups(self, lr: float, jumprelu_lr_factor: float = 1.0) -> list[dict]:
-        thresholds = [p for n, p in self.named_parameters() if n.endswith("log_threshold")]
-        ids = {id(p) for p in thresholds}
-        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in ids],
-                   "lr": lr, "name": "default"}]
-        if thresholds:
-            groups.append({"params": thresholds, "lr": lr * jumprelu_lr_factor, "name": "jumprelu"})
-        return groups
-
     @torch.no_grad()
     def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:
         from saecli.dictionaries.init import init_sae_from_data
