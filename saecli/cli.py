@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # not standalone, typer returns (not raises) an exit code: typer.Exit(n), or 130 for Ctrl-C
         code = app(args=args, prog_name="saecli", standalone_mode=False)
+        if "torch.distributed" in sys.modules:  # one of several ranks: leave together, cleanly
+            from saecli.training.distributed import shutdown
+
+            shutdown(graceful=True)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

@@ -81,6 +81,28 @@ def test_encoder_bias_from_the_mean_pre_activation():
     assert mean_pre.abs().max() < 1e-5
 
 
+def _latents_that_fire(centre_encoder: bool) -> int:
+    """TopK latents that win a slot for at least one of 2048 tokens whose mean is far from 0."""
+    torch.manual_seed(0)
+    d = 64
+    cfg = parse(DictionaryConfig, {"d_sae": 512, "activation": "topk", "k": 8}, key="sae")
+    sae = SparseAutoEncoder(cfg, d, "x")
+    g = torch.Generator().manual_seed(2)
+    offset = 3.0 * torch.randn(d, generator=g)  # like a residual stream: ‖mean‖ ≈ the spread around it
+    x = torch.randn(2048, d, generator=g) + offset
+    sae.init_from_data([{"x": x}], InitConfig(init_encoder_bias_with_mean_hidden_pre=centre_encoder))
+    with torch.no_grad():
+        fired = sae.encode({"x": x}) > 0
+    return int(fired.any(0).sum())
+
+
+def test_by_default_the_encoder_starts_centred_so_every_topk_latent_fires():
+    """Without centring, latents pointing against the data's mean never reach the top k and start dead."""
+    assert InitConfig().init_encoder_bias_with_mean_hidden_pre
+    assert _latents_that_fire(centre_encoder=True) >= 0.98 * 512  # measured 510
+    assert _latents_that_fire(centre_encoder=False) < 0.5 * 512  # measured 90
+
+
 def test_grid_search_finds_the_minimum_of_a_known_curve():
     best, loss = I.grid_search(lambda v: (v - 1.234) ** 2, torch.linspace(0.1, 5.0, 50).tolist())
     assert best == pytest.approx(1.234, abs=0.006)  # within the fine grid's step (0.2 / 19)

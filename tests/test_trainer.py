@@ -291,7 +291,7 @@ from saecli.config.trainer import TrainerConfig
 from saecli.data.synthetic import SyntheticStream
 from saecli.dictionaries.registry import build_dictionary
 from saecli.training import Member, fit, initialize, plan_steps
-from saecli.training.distributed import default_sync
+from saecli.training.distributed import default_sync, shutdown
 
 out = sys.argv[1]
 sync = default_sync()  # starts the gloo process group that torchrun describes
@@ -306,6 +306,7 @@ m = Member(d, cfg, total_steps=plan.total_steps, batch_tokens=tokens, folder=out
 fit(s, [m], sync=sync)
 m.close()
 torch.save({"world_size": sync.world_size, "state": d.state_dict()}, f"{out}/rank{sync.rank}.pt")
+shutdown()  # every rank leaves the process group together (else a peer may abort at exit)
 '''
 
 

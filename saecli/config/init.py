@@ -21,7 +21,10 @@ class InitConfig:
     bias_init_method: Literal["zero", "geometric_median", "mean"] = opt(
         "geometric_median", help="b_dec at init: zero, the mean, or the geometric median of a sample"
     )
-    init_encoder_bias_with_mean_hidden_pre: bool = opt(False, help="b_enc -= mean pre-activation on a batch")
+    init_encoder_bias_with_mean_hidden_pre: bool = opt(
+        True, help="b_enc = −mean pre-activation on a batch, so the encoder starts on centred inputs (off: "
+        "with uncentred activations a third to a half of TopK latents never fire)"
+    )
     grid_search_init_norm: bool = opt(False, help="pick the decoder norm with the lowest initial loss on a batch")
     init_batches: int = opt(4, help="batches drawn for data-dependent init and the dataset-wise norm")
 

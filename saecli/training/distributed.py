@@ -8,6 +8,7 @@ stream position for the checkpoint it alone writes.
 
 from __future__ import annotations
 
+import atexit
 from typing import Any, Iterable, Protocol
 
 import torch
@@ -116,6 +117,27 @@ def default_sync() -> Sync:
         return LocalSync()
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(shutdown, graceful=False)
     if dist.is_initialized() and dist.get_world_size() > 1:
         return TorchSync()
     return LocalSync()
+
+
+def shutdown(graceful: bool = True) -> None:
+    """Close the process group that `default_sync` started, if any.
+
+    A rank that exits while a peer still holds its gloo connections can make that peer abort at exit
+    ("terminate called without an active exception", exit -6) after a run that succeeded. `graceful`
+    (the end of a successful command): wait for every rank, then destroy the group. Not graceful (the
+    atexit fallback, e.g. after an error): destroy only, since a barrier would hang on a failed peer.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if graceful:
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception:  # best effort: never turn a finished run into a failure at exit
+        pass
