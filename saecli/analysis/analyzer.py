@@ -175,7 +175,11 @@ def static_extras(dictionary: Any) -> tuple[dict[str, np.ndarray], dict]:
 
 def context_batches(lm: Any, dataset_cfg: Any, acts_cfg: Any, hooks: list[str], *, context_size: int,
                     batch_contexts: int) -> Iterator[Batch]:
-    """Whole packed contexts from the dataset with the model's activations at `hooks` ([B, T, d])."""
+    """Whole packed contexts from the dataset with the model's activations at `hooks` ([B, T, d]).
+
+    Massive-activation tokens (see `saecli.data.outliers`) are masked out, as training dropped them.
+    """
+    from saecli.data.outliers import drop_outliers
     from saecli.data.prefetch import Prefetch
     from saecli.data.text import iter_documents
     from saecli.data.tokens import packer_for
@@ -186,7 +190,10 @@ def context_batches(lm: Any, dataset_cfg: Any, acts_cfg: Any, hooks: list[str], 
     try:
         for ctx in contexts:
             acts = run_to_hooks(lm, ctx.tokens.to(lm.device), hooks)
-            yield Batch(acts, ctx.tokens, ctx.doc, ctx.pos, ctx.mask)
+            batch = Batch(acts, ctx.tokens, ctx.doc, ctx.pos, ctx.mask)
+            if getattr(acts_cfg, "max_norm_ratio", 0):
+                batch, _ = drop_outliers(batch, acts_cfg.max_norm_ratio)
+            yield batch
     finally:
         contexts.close()
 

@@ -30,6 +30,10 @@ class ActivationsConfig:
     ignore_token_ids: list[int] | None = opt(
         None, help="token ids whose positions are dropped (default: the tokenizer's special tokens)", stream=True
     )
+    max_norm_ratio: float = opt(
+        10.0, help="train/eval drop tokens whose ‖x‖ exceeds this × the batch's median (massive activations, "
+        "e.g. attention sinks); 0 = keep every token", stream=True
+    )
     shuffle: bool = opt(True, help="shuffle tokens through a bounded buffer", stream=True)
     shuffle_buffer_tokens: int = opt(262144, help="tokens held in the shuffle buffer (memory ∝ this)", stream=True)
     seed: int = opt(42, help="seed of the stream's shuffling", stream=True)
@@ -44,5 +48,7 @@ class ActivationsConfig:
             raise bad("start_shard", f"must be in [0, n_shards={self.n_shards}), found {self.start_shard}")
         if self.source == "cache" and not self.cache_dir:
             raise bad("source", "'cache' needs activations.cache_dir")
+        if self.max_norm_ratio != 0 and not self.max_norm_ratio > 1:
+            raise bad("max_norm_ratio", f"must be > 1 (a multiple of the median norm) or 0 (off), found {self.max_norm_ratio}")
         if self.shuffle_buffer_tokens < self.batch_size:
             raise bad("shuffle_buffer_tokens", f"must be >= batch_size ({self.batch_size}), found {self.shuffle_buffer_tokens}")

@@ -47,6 +47,7 @@ class LiveStream(WindowStream):
         self.epochs = epochs
         self.seed = acts.seed
         self.shuffle = acts.shuffle
+        self.max_norm_ratio = float(acts.max_norm_ratio)
         self.model_batch_size = acts.model_batch_size
         self.context_size = acts.context_size
         self.dtype = _DTYPES[acts.override_dtype] if acts.override_dtype else None

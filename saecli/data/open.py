@@ -16,7 +16,6 @@ from saecli.data.stream import ActivationStream
 from saecli.errors import ConfigError, UsageError
 
 
-
 def cache_exists(cache_dir: str | Path | None) -> bool:
     if not cache_dir:
         return False
@@ -57,7 +56,7 @@ def open_stream(exp: Any, *, purpose: Literal["train", "eval"] = "train", rank: 
         return CacheStream(
             acts.cache_dir, hook_points=hooks, batch_size=acts.batch_size, shuffle=acts.shuffle,
             buffer_tokens=acts.shuffle_buffer_tokens, seed=acts.seed, rank=rank, world_size=world_size,
-            epochs=epochs, dtype=dtype,
+            epochs=epochs, dtype=dtype, max_norm_ratio=acts.max_norm_ratio,
         )
     from saecli.data.live import LiveStream
 

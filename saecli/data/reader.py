@@ -35,8 +35,9 @@ class CacheStream(WindowStream):
     def __init__(self, cache: CacheIndex | str | Path, *, hook_points: list[str] | None = None, batch_size: int = 4096,
                  shuffle: bool = True, buffer_tokens: int = 262144, seed: int = 42, rank: int = 0,
                  world_size: int = 1, epochs: int | None = None, dtype: torch.dtype | None = None,
-                 prefetch: bool = True):
+                 prefetch: bool = True, max_norm_ratio: float = 0.0):
         self.index = cache if isinstance(cache, CacheIndex) else open_cache(cache)
+        self.max_norm_ratio = float(max_norm_ratio)
         available = self.index.hook_points
         self.hook_points = list(hook_points or available)
         missing = [h for h in self.hook_points if h not in available]

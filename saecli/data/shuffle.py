@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from saecli.data.outliers import drop_outliers
 from saecli.errors import UsageError
 
 Rows = dict[str, torch.Tensor]
@@ -69,6 +70,8 @@ class WindowStream:
     batch_rows: int
     epochs: int | None = None
     prefetch: bool = False
+    max_norm_ratio: float = 0.0  # > 0: drop massive-activation tokens from each batch (see data/outliers.py)
+    dropped_tokens: int = 0  # how many this stream dropped since it was built
 
     def _init_cursor(self) -> None:
         self._epoch, self._window, self._offset, self._batches = 0, 0, 0, 0
@@ -110,7 +113,11 @@ class WindowStream:
         if not parts:
             raise StopIteration
         self._batches += 1
-        return self._to_batch(cat_rows(parts))
+        batch = self._to_batch(cat_rows(parts))
+        if self.max_norm_ratio:  # a pure function of the batch: the position stays exact
+            batch, dropped = drop_outliers(batch, self.max_norm_ratio)
+            self.dropped_tokens += dropped
+        return batch
 
     def _window_here(self) -> Window | None:
         """The window under the cursor, moving to the next epoch past an epoch's end."""

@@ -222,6 +222,10 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
         if close is not None:
             close()
     recon = acc.result()
+    outliers = int(getattr(stream, "dropped_tokens", 0))
+    if outliers:
+        ui.info(f"{outliers:,} massive-activation tokens left out (activations.max_norm_ratio = "
+                f"{held.exp.activations.max_norm_ratio:g}; 0 keeps them)")
     if acc.n_tokens < ev.total_eval_tokens:
         ui.warn(f"the held-out data ran out after {acc.n_tokens:,} of eval.total_eval_tokens = {ev.total_eval_tokens:,} tokens")
 
@@ -246,7 +250,7 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
         "metrics": _finite(metrics),
         "per_hook": {h: _finite(m) for h, m in recon.get("per_hook", {}).items()},
         "thresholds": recon["thresholds"],
-        "data": held.to_dict(),
+        "data": {**held.to_dict(), "outlier_tokens_dropped": outliers},
         "density": hist.to_dict(),
         "files": {"density_png": DENSITY_FILE, "latents": LATENTS_FILE},
         "seconds": round(time.time() - started, 3),

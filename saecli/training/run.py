@@ -214,6 +214,9 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
         summary = finish(member, fold=bool(getattr(exp.sae, "fold_activation_scale", False)))
     finally:
         member.close()
+    dropped = int(getattr(stream, "dropped_tokens", 0))
+    if dropped and sync.is_main:
+        reporter.info(f"{dropped:,} massive-activation tokens left out of training (activations.max_norm_ratio)")
     if sync.is_main:
         record_in_store(exp, folder, summary, reporter)
     return folder
