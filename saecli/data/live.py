@@ -1,6 +1,7 @@
 """`LiveStream`: the same batches as a cache, computed on the fly from a model and a text source.
 
-A window is C contexts (C = shuffle_buffer_tokens / context_size, rounded up to whole model batches):
+A window is C contexts (C = shuffle_buffer_tokens / context_size, rounded up to whole model batches;
+one model batch when unshuffled, as eval streams are):
 the model runs (truncated after the deepest hook) on them, the kept tokens are flattened and permuted
 together, and batches are cut across windows exactly as for the cache (shuffle.py). The state is
 (epoch, window, offset): a resumed stream re-tokenises to skip window·C contexts and runs the model
@@ -54,7 +55,9 @@ class LiveStream(WindowStream):
         self.packer = packer or packer_for(lm, acts, model_cfg)
         self._run = run_to_hooks
         per_batch = acts.context_size * acts.model_batch_size
-        self.window_contexts = acts.model_batch_size * max(1, math.ceil(acts.shuffle_buffer_tokens / per_batch))
+        # unshuffled, a window is one model batch: the first batch comes after one forward, not a buffer's worth
+        buffered = max(1, math.ceil(acts.shuffle_buffer_tokens / per_batch)) if self.shuffle else 1
+        self.window_contexts = acts.model_batch_size * buffered
         self.batch_rows = max(1, acts.batch_size // acts.context_size) if contexts else acts.batch_size
         self.d_model = {h: int(lm.d_model) for h in self.hook_points}
         self._norms: dict[str, float] | None = None

@@ -69,6 +69,8 @@ def open_stream(exp: Any, *, purpose: Literal["train", "eval"] = "train", rank: 
 
     validate_hooks(lm, hooks)
     dataset = exp.dataset
+    if purpose == "eval":  # every token of one pass is used: shuffling would only delay the first batch
+        acts = dataclasses.replace(acts, shuffle=False)
     if skip_documents is not None:
         dataset = dataclasses.replace(dataset, skip_documents=skip_documents)
     return LiveStream(lm, dataset, acts, hook_points=hooks, contexts=contexts, rank=rank, world_size=world_size,
