@@ -371,8 +371,10 @@ def test_sqlite_store_is_shared_by_processes(tmp_path):
             "s = open_store(StoreConfig(path=sys.argv[1]))\n"
             "for i in range(60):\n"
             "    s.put_sae(f'{sys.argv[2]}-{i}', 'p', path='/x', cfg={}, model_name=None, dataset_name=None)\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), tag]) for tag in ("a", "b")]
-    assert [p.wait(60) for p in procs] == [0, 0]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), tag], stderr=subprocess.PIPE, text=True)
+             for tag in ("a", "b")]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
     with open_store(StoreConfig(path=str(path))) as s:
         assert len(s.list_saes("p")) == 120
 

@@ -330,3 +330,19 @@ def test_two_processes_train_one_dictionary_on_disjoint_batches(tmp_path):
     assert records[-1]["step"] == 20 and records[-1]["tokens"] == 2 * 128 * 20  # both ranks' tokens
     state = torch.load(out / "checkpoints" / "step_00000020" / "trainer.pt", weights_only=False)
     assert [s["rank"] for s in state["stream"]] == [0, 1] and all(s["position"] == 20 for s in state["stream"])
+
+
+@pytest.mark.parametrize("activation, penalty, expected", [
+    ("relu", None, 5.0),            # L1 × decoder norm: Anthropic's April update (λ ≈ 5 with E‖x‖ = √d)
+    ("jumprelu", None, 0.5),        # tanh
+    ("jumprelu", "l0", 0.5),
+    ("relu", "tanh-quad", 0.5),
+])
+def test_the_sparsity_weight_defaults_by_penalty(activation, penalty, expected):
+    """A small weight such as 8e-5 is no penalty at all in these units (SmolLM2 layer 12: L0 ≈ 860 of 4608)."""
+    d = build_dictionary(parse(DictionaryConfig, {"d_sae": 32, "activation": activation}), 16, ["synthetic.0"])
+    extra = {"sparsity_loss_type": penalty} if penalty else {}
+    m = Member(d, trainer_cfg(**extra), total_steps=10, batch_tokens=64)
+    assert m.schedule.l1_coefficient == expected
+    given = Member(d, trainer_cfg(l1_coefficient=0.25, **extra), total_steps=10, batch_tokens=64)
+    assert given.schedule.l1_coefficient == 0.25

@@ -2,7 +2,7 @@
 
     [sweep]
     grid = {"trainer.lr" = [1e-4, 3e-4], "sae.k" = [16, 32]}     # cartesian product: 4 members
-    variants = [{"sae.activation" = "relu", "trainer.l1_coefficient" = 5e-4}, {}]   # × each variant
+    variants = [{"sae.activation" = "relu", "trainer.l1_coefficient" = 2.0}, {}]   # × each variant
     name = "lr{trainer.lr}-k{sae.k}"                                # optional folder/name template
 
 Keys are key paths of the experiment (`section.key`); a nested TOML table (`[sweep.grid.trainer]`

@@ -37,7 +37,10 @@ class TrainerConfig:
     clip_grad_norm: float = opt(0.0, help="0 = off")
     gradient_accumulation_steps: int = opt(1)
     # sparsity
-    l1_coefficient: float = opt(8e-5, help="sparsity penalty weight (relu / jumprelu)")
+    l1_coefficient: float | None = opt(
+        None, help="sparsity penalty weight (relu / jumprelu); default by penalty: 5 for power (L1 weighted by "
+        "decoder norms, as Anthropic's April 2024 update with E‖x‖ = √d_model), 0.5 for tanh, tanh-quad and l0"
+    )
     l1_coefficient_warmup_steps: Steps = opt(0.05)
     sparsity_loss_type: Literal["power", "tanh", "tanh-quad", "l0", "none"] | None = opt(
         None, help="default: power (L1) for relu, tanh for jumprelu, none for topk"

@@ -116,13 +116,28 @@ class SQLiteStore(Store):
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise RunError(f"{self.path} was written by a newer saecli (schema {version}); upgrade saecli")
-        if self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+        if self._switch_to_wal().lower() != "wal":
             raise RunError(f"cannot switch {self.path} to WAL mode (a network file system?)")
         with self._tx():
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _switch_to_wal(self) -> str:
+        """`PRAGMA journal_mode = WAL`, retried while another process holds the new file.
+
+        Two processes opening a fresh store at once both ask for the switch; SQLite may answer the loser
+        "database is locked" at once, without waiting for the busy timeout (deadlock avoidance).
+        """
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return str(self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     @contextmanager
     def _tx(self):

@@ -128,8 +128,12 @@ class Schedule:
     dead_threshold_tokens: int  # AuxK: dead after this many tokens without firing
 
     @classmethod
-    def from_config(cls, cfg, *, total_steps: int, tokens_per_step: int, k: int) -> "Schedule":
-        """Resolve a TrainerConfig (any object with its fields) for a run of `total_steps` steps."""
+    def from_config(cls, cfg, *, total_steps: int, tokens_per_step: int, k: int,
+                    l1_coefficient: float | None = None) -> "Schedule":
+        """Resolve a TrainerConfig (any object with its fields) for a run of `total_steps` steps.
+
+        `l1_coefficient` replaces the config's (the member resolves its per-penalty default).
+        """
         steps = partial(resolve_steps, total_steps=total_steps)
         dead = cfg.dead_threshold_tokens
         if dead is None:
@@ -140,7 +144,7 @@ class Schedule:
             lr_warmup_steps=steps(cfg.lr_warm_up_steps),
             lr_cooldown_steps=steps(cfg.lr_cool_down_steps),
             lr_end_ratio=cfg.lr_end_ratio,
-            l1_coefficient=cfg.l1_coefficient,
+            l1_coefficient=float(l1_coefficient if l1_coefficient is not None else (cfg.l1_coefficient or 0.0)),
             l1_warmup_steps=steps(cfg.l1_coefficient_warmup_steps),
             k=k,
             initial_k=cfg.initial_k,
