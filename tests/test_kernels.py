@@ -169,3 +169,16 @@ def test_the_switch_turns_the_compiled_kernels_off(monkeypatch):
     monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "status": "not built yet"})
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     assert native.lib() is None and native.ENV_SWITCH in native.status()
+
+
+def test_old_kernel_builds_are_pruned(tmp_path):
+    """Each source edit or upgrade compiles a new library: only the newest few stay in the cache."""
+    import os
+
+    for i in range(7):
+        f = tmp_path / f"sae_kernels_{i:016x}.so"
+        f.write_bytes(b"")
+        os.utime(f, (1_000_000 + i, 1_000_000 + i))
+    (tmp_path / "notes.txt").write_text("not a build")
+    native.prune_builds(tmp_path, keep=4)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["notes.txt"] + [f"sae_kernels_{i:016x}.so" for i in (3, 4, 5, 6)]

@@ -423,6 +423,21 @@ def _build(cc: str, flags: list[str], target: Path) -> None:
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[-500:]}")
         os.replace(out, target)  # atomic: a concurrent builder's copy is identical
+    prune_builds(target.parent, keep=KEEP_BUILDS)
+
+
+KEEP_BUILDS = 4  # builds of other sources/flags/CPUs kept beside the newest (other installs may use them)
+
+
+def prune_builds(folder: Path, keep: int) -> None:
+    """Remove all but the `keep` most recently built kernels in `folder` (each source edit or upgrade
+    makes a new one). A process that has one loaded keeps its mapping: unlinking is safe on Linux."""
+    builds = sorted(folder.glob("sae_kernels_*.so"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in builds[keep:]:
+        try:
+            old.unlink()
+        except OSError:
+            pass
 
 
 def _load(path: Path) -> ctypes.CDLL:
