@@ -8,6 +8,6 @@
     reader.py    CacheStream: shuffled, bounded-memory, exactly resumable cache reader
     live.py      LiveStream: the same batches computed from a model (whole contexts for LORSA)
     open.py      open_stream(exp, ...): the one entry point for train/eval/analyze/sweep
-    outliers.py  OutlierFilter: drops massive-activation tokens (max_norm_ratio × the batch median)
+    outliers.py  drop_outliers: massive-activation tokens out of a batch (max_norm_ratio × its median)
     batch.py, stream.py: Batch and the ActivationStream protocol
 """

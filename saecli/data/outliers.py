@@ -5,9 +5,11 @@ delimiter) a residual norm 10-1000× the typical one (Sun et al. 2024, "Massive 
 language models"). In SmolLM2-135M's layer 12 about 1 token in 10⁴ has a norm ~100× the median: one
 such token in a batch of 4096 carries more squared error than all the others together, so it steers the
 MSE gradient and a batch's explained variance swings from 0.85 to 0.3. The cache and live streams
-(`activations.max_norm_ratio`, 10 by default) and `analyze` drop, in every batch, the tokens whose norm exceeds `max_norm_ratio` × the batch's median norm at any hook point (the
-same tokens for every hook, so crosscoders stay aligned); whole-context batches keep their shape and
-mask the tokens out instead. It is a pure function of each batch, so streams stay exactly resumable.
+(`activations.max_norm_ratio`, 10 by default) and `analyze` drop, in every batch, the tokens whose
+norm exceeds `max_norm_ratio` × the batch's median norm at any hook point (the same tokens for every
+hook, so crosscoders stay aligned); whole-context batches keep their shape and mask the tokens out
+instead. It is a pure function of each batch, so streams stay exactly resumable. The cache itself
+keeps every token.
 """
 
 from __future__ import annotations
