@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_truncated_forward import GGUF, smollm2_random  # noqa: E402
+from protocol import sync  # noqa: E402
 
 from saecli.analysis.analyzer import FeatureAnalyzer  # noqa: E402
 from saecli.config.analyze import AnalyzeConfig  # noqa: E402
@@ -66,11 +67,6 @@ def context_batches(lm, n: int, batch: int, ctx: int) -> list[tuple[torch.Tensor
     rows = torch.tensor(ids[:need]).view(n, batch, ctx - 1)
     tokens = torch.cat([torch.full((n, batch, 1), bos), rows], dim=2)
     return [(t, t != bos) for t in tokens]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def clone_times(feats: dict, blocks: list, device: torch.device) -> list[float]:

@@ -22,6 +22,8 @@ from saecli.config.dictionary import DictionaryConfig
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.registry import build_dictionary
 
+from protocol import sync
+
 
 def predicted_bytes(n_layers: int, d: int, s: int, n_tok: int, bytes_per: int = 4) -> dict[str, float]:
     """The formula of docs/kinds.md (float32 unless bytes_per says otherwise)."""
@@ -30,11 +32,6 @@ def predicted_bytes(n_layers: int, d: int, s: int, n_tok: int, bytes_per: int = 
     acts = 2 * n_layers * n_tok * d + 6 * n_tok * n_layers * s  # in/out activations + ~6 [N, L, s] tensors
     return {"params": params, "param_bytes": params * bytes_per, "train_state_bytes": 4 * params * bytes_per,
             "activation_bytes": acts * bytes_per}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_rate(device: torch.device, n: int, d: int, s: int, reps: int = 10) -> float:

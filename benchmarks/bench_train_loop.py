@@ -30,26 +30,9 @@ from saecli.dictionaries.registry import build_dictionary
 from saecli.training import Member, fit
 from saecli.training.member import make_optimizer
 
+from protocol import roofline, sync
+
 HOOK = "x"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def roofline(n: int, d: int, s: int, device: torch.device) -> float:
-    a, b = torch.randn(n, d, device=device), torch.randn(d, s, device=device)
-    c = torch.empty(n, s, device=device)
-    torch.matmul(a, b, out=c)
-    times = []
-    for _ in range(3):
-        sync(device)
-        t0 = time.perf_counter()
-        torch.matmul(a, b, out=c)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n * d * s / statistics.median(times) / 1e9
 
 
 class Cycle:

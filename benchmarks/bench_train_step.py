@@ -41,28 +41,9 @@ from saecli.dictionaries import native
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.sae import SparseAutoEncoder
 
+from protocol import roofline, sync
+
 HOOK = "x"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def roofline(n: int, d: int, s: int, device: torch.device, dtype: torch.dtype, samples: int = 3) -> float:
-    """GFLOP/s of the protocol's dense matmul (median of a few)."""
-    a = torch.randn(n, d, device=device, dtype=dtype)
-    b = torch.randn(d, s, device=device, dtype=dtype)
-    c = torch.empty(n, s, device=device, dtype=dtype)
-    torch.matmul(a, b, out=c)
-    times = []
-    for _ in range(samples):
-        sync(device)
-        t0 = time.perf_counter()
-        torch.matmul(a, b, out=c)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n * d * s / statistics.median(times) / 1e9
 
 
 # ------------------------------------------------------------------------------ plain references
