@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kinds_contract import assert_resume_after_ctrl_c_is_exact
+from kinds_contract import assert_resume_after_ctrl_c_is_exact, train_with_auxk
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
 from saecli.data.synthetic import SyntheticStream
@@ -122,21 +122,8 @@ def test_training_on_teacher_data_recovers_decoders_and_exclusive_latents():
             return {h: y + 0.01 * torch.randn(y.shape, generator=gen) for h, y in teacher.decode(f).items()}
 
     student = make(d_model=d, d_sae=96, activation="topk", k=k)
-    student.init_from_data([sample(2048)], None)
-    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
-    fires, first = torch.zeros(96), None
-    for step in range(150):
-        out = student(sample(256), StepContext(k=k, training=True, auxk_coefficient=1 / 32, k_aux=16,
-                                               dead_mask=fires < 1 if step > 50 else None))
-        acts = out.feature_acts.to_dense() if out.feature_acts.layout != torch.strided else out.feature_acts
-        fires = fires * 0.9 + (acts > 0).float().sum(0)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        first = float(out.terms["mse"]) if first is None else first
-    with torch.no_grad():
-        final = student(sample(4096), StepContext(k=k, training=False))
-    assert float(final.terms["mse"]) < 0.1 * first
+    first, final_mse, final = train_with_auxk(student, sample, steps=150, k=k)
+    assert final_mse < 0.1 * first
     for head in HEADS:
         assert final.extra[f"explained_variance/{head}"] > 0.9
     cos, match = (torch.nn.functional.normalize(teacher.W_dec.reshape(s, -1), dim=1)

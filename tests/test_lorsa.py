@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kinds_contract import assert_resume_after_ctrl_c_is_exact
+from kinds_contract import assert_fold_keeps_raw_outputs, assert_resume_after_ctrl_c_is_exact
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
 from saecli.data.synthetic import SyntheticStream
@@ -322,17 +322,7 @@ def test_values_copied_from_the_model_survive_a_rebuild_from_the_experiment_conf
                                               ("batchtopk", True), ("relu", False)])
 def test_fold_activation_scale_keeps_raw_outputs(activation, gated, tmp_path):
     m = randomised(activation=activation, k=3, sparsity_include_decoder_norm=gated)
-    raw = torch.randn(3, 6, 8) * 5
-    before = m.reconstruct({IN: raw})[OUT]
-    f_before = m.encode(m.normalize({IN: raw}))
-    assert 0 < int((f_before != 0).sum()) < f_before.numel()
-    m.fold_activation_scale()
-    assert torch.allclose(m.reconstruct({IN: raw})[OUT], before, rtol=1e-4, atol=1e-5)
-    assert torch.allclose(m.encode(m.normalize({IN: raw})), f_before, rtol=1e-4, atol=1e-5)  # latents kept
-    m.save(tmp_path / "folded")
-    back = load_dictionary(tmp_path / "folded")
-    assert back.folded
-    assert torch.allclose(back.reconstruct({IN: raw})[OUT], before, rtol=1e-4, atol=1e-5)
+    assert_fold_keeps_raw_outputs(m, IN, OUT, torch.randn(3, 6, 8) * 5, tmp_path / "folded")
 
 
 # ---------------------------------------------------------------------------------- config

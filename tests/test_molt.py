@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import saecli.dictionaries.molt as molt_module
-from kinds_contract import assert_resume_after_ctrl_c_is_exact
+from kinds_contract import assert_fold_keeps_raw_outputs, assert_resume_after_ctrl_c_is_exact
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
 from saecli.data.synthetic import SyntheticStream
@@ -224,18 +224,7 @@ def test_save_load_round_trip(tmp_path):
                                               ("batchtopk", True), ("relu", False)])
 def test_fold_activation_scale_keeps_raw_outputs(activation, gated, tmp_path):
     m = randomised(activation=activation, k=2, sparsity_include_decoder_norm=gated)
-    raw = torch.randn(64, 6) * 3
-    before = m.reconstruct({IN: raw})[OUT]
-    f_before = m.encode(m.normalize({IN: raw}))
-    assert 0 < int((f_before != 0).sum()) < f_before.numel()  # some gates fire, some do not
-    m.fold_activation_scale()
-    assert m.folded
-    assert torch.allclose(m.reconstruct({IN: raw})[OUT], before, rtol=1e-4, atol=1e-5)
-    assert torch.allclose(m.encode(m.normalize({IN: raw})), f_before, rtol=1e-4, atol=1e-6)  # gates kept
-    m.save(tmp_path / "folded")
-    back = load_dictionary(tmp_path / "folded")
-    assert back.folded
-    assert torch.allclose(back.reconstruct({IN: raw})[OUT], before, rtol=1e-4, atol=1e-5)
+    assert_fold_keeps_raw_outputs(m, IN, OUT, torch.randn(64, 6) * 3, tmp_path / "folded", latent_atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kinds_contract import assert_resume_after_ctrl_c_is_exact
+from kinds_contract import assert_resume_after_ctrl_c_is_exact, train_with_auxk
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
 from saecli.data.synthetic import SyntheticStream
@@ -105,32 +105,11 @@ def _teacher_data(skip: bool, d: int = 32, s: int = 48, k: int = 3, seed: int = 
     return teacher, sample
 
 
-def _train(student: Transcoder, sample, steps: int, k: int) -> tuple[float, float]:
-    """Plain Adam with AuxK on latents that did not fire lately; returns (initial loss, final eval mse)."""
-    student.init_from_data([sample(2048)], None)
-    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
-    fires = torch.zeros(student.d_sae)
-    first = None
-    for step in range(steps):
-        dead = fires < 1 if step > 50 else None
-        out = student(sample(256), StepContext(k=k, training=True, auxk_coefficient=1 / 32, k_aux=16,
-                                               dead_mask=dead))
-        acts = out.feature_acts.to_dense() if out.feature_acts.layout != torch.strided else out.feature_acts
-        fires = fires * 0.9 + (acts > 0).float().sum(0)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        first = float(out.terms["mse"]) if first is None else first
-    with torch.no_grad():
-        final = float(student(sample(4096), StepContext(k=k, training=False)).terms["mse"])
-    return first, final
-
-
 def test_training_on_teacher_data_recovers_its_decoder():
     torch.manual_seed(1)
     teacher, sample = _teacher_data(skip=False)
     student = make(d_model=32, d_sae=96, activation="topk", k=3)
-    first, final = _train(student, sample, steps=200, k=3)
+    first, final, _ = train_with_auxk(student, sample, steps=200, k=3)
     assert final < 0.1 * first
     cos = (torch.nn.functional.normalize(teacher.W_dec, dim=1)
            @ torch.nn.functional.normalize(student.W_dec.detach(), dim=1).T).max(1).values
@@ -141,10 +120,10 @@ def test_skip_transcoder_learns_teacher_with_skip():
     torch.manual_seed(2)
     teacher, sample = _teacher_data(skip=True)
     student = make(d_model=32, d_sae=96, activation="topk", k=3, skip_connection=True)
-    first, final = _train(student, sample, steps=200, k=3)
+    first, final, _ = train_with_auxk(student, sample, steps=200, k=3)
     assert final < 0.1 * first
     without = make(d_model=32, d_sae=96, activation="topk", k=3)  # no skip: the linear part costs latents
-    _, final_without = _train(without, sample, steps=200, k=3)
+    _, final_without, _ = train_with_auxk(without, sample, steps=200, k=3)
     assert final < final_without
 
 
