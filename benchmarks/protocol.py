@@ -6,10 +6,16 @@ import these as `from protocol import roofline, sync`.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+# Where scripts/get_smollm2.sh puts SmolLM2-135M-Instruct (as the experiments expect); SAECLI_SMOLLM2_DIR overrides.
+SMOLLM2_DIR = os.environ.get("SAECLI_SMOLLM2_DIR", str(Path(__file__).resolve().parent.parent / "models" / "smollm2"))
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def sync(device: torch.device) -> None:
