@@ -28,6 +28,15 @@ def open_results_store(exp: Any):
     return open_store(exp.store)
 
 
+def check_dictionary_folder(folder: Path) -> None:
+    """Before any model loads: the folder holds a readable dictionary and can take the results."""
+    from saecli.dictionaries.registry import check_saved
+    from saecli.fsio import require_writable
+
+    check_saved(folder)  # a broken or foreign folder fails here, without reading the weights
+    require_writable(folder, "the dictionary folder (results are written beside it)")
+
+
 def ensure_registered(store: Any, exp: Any, dictionary: Any, folder: Path) -> tuple[str, str]:
     """(name, series) of the dictionary in the store, registering it when training did not."""
     name, series = exp.analyze.sae_name or exp.run.name, exp.analyze.series
@@ -75,6 +84,7 @@ def analyze(
                 store = _store_or_none(exp)
         else:
             exp.require("model")
+            check_dictionary_folder(folder)
             store = open_results_store(exp)
             lm, dictionary = _load(exp, folder)
             result = _run(exp, lm, dictionary, folder)

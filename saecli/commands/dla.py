@@ -8,7 +8,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from saecli.commands import ExperimentArg, SetOption, load
-from saecli.commands.analyze import SaeOption, ensure_registered, open_results_store, sae_folder
+from saecli.commands.analyze import (
+    SaeOption, check_dictionary_folder, ensure_registered, open_results_store, sae_folder,
+)
 
 
 def compute_dla(exp: Any, lm: Any, dictionary: Any, folder: Path, store: Any, top: int):
@@ -58,6 +60,7 @@ def dla(
         from saecli.errors import UsageError
 
         raise UsageError(f"--top must be > 0, found {k}")
+    check_dictionary_folder(folder)
     store = open_results_store(exp)
     try:
         lm, dictionary = _load(exp, folder)

@@ -36,6 +36,9 @@ def generate(experiment: ExperimentArg, overrides: SetOption = None) -> None:
                           key="activations.cache_dir")
     shard, n_shards = shard_plan(acts.n_shards, acts.start_shard)
     check_dataset(exp.dataset)
+    from saecli.fsio import require_writable
+
+    require_writable(acts.cache_dir, "activations.cache_dir")
     # heavy imports after the cheap checks
     from saecli.data.cache import generate_shard, tokens_written
     from saecli.lm import load_model, run_to_hooks, validate_hooks

@@ -151,9 +151,8 @@ def _store_update(exp: Any, sae_path: Path, metrics: dict) -> None:
         return
     from saecli.config.base import to_dict
 
-    base = Path(exp.source_file).resolve().parent if exp.source_file else None
     try:
-        store = open_store(exp.store, base=base)
+        store = open_store(exp.store)
         try:
             name = exp.run.name
             if store.get_sae(name) is None:
@@ -191,6 +190,9 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
     folder = Path(sae_path or exp.eval.sae_path or exp.run.output_dir)
     started = time.time()
     dictionary = load_for_eval(folder)  # first: a wrong path fails before the model loads
+    from saecli.fsio import require_writable
+
+    require_writable(folder, "the dictionary folder (eval.json is written beside it)")
     if lm is None and exp.model is not None:
         from saecli.lm import load_model
 
