@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from typing import Optional
 
 import typer
@@ -18,10 +19,10 @@ except ImportError:  # pragma: no cover
     from click import exceptions as _click_exc
 
 from saecli import __version__, ui
-from saecli.errors import SaecliError
+from saecli.errors import SaecliError, SaecliWarning
 
 # Commands that work, in the order `--help` lists them. A module registers itself with `register(app)`.
-COMMAND_MODULES: list[str] = ["generate", "check", "hooks", "train", "eval", "analyze", "dla", "sweep"]  # each helper module appends its name when the command works
+COMMAND_MODULES: list[str] = ["generate", "check", "hooks", "train", "eval", "analyze", "dla", "sweep", "record"]  # each helper module appends its name when the command works
 
 app = typer.Typer(
     name="saecli",
@@ -55,8 +56,17 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"saecli.commands.{_name}").register(app)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """saecli's own warnings (a skipped cache chunk, ...) print like every other saecli warning."""
+    if issubclass(category, SaecliWarning):
+        ui.warn(str(message))
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    warnings.showwarning = _show_warning
     verbose = any(a in ("-v", "--verbose") for a in args)
     try:
         # not standalone, typer returns (not raises) an exit code: typer.Exit(n), or 130 for Ctrl-C

@@ -16,6 +16,17 @@ SetOption = Annotated[
 ]
 
 
+def probe_store(exp, folder) -> bool:
+    """At the start of a command: is the results store reachable? When not, say so at once and go on with files."""
+    from saecli import ui
+    from saecli.store.record import probe, unreachable_message
+
+    reason = probe(exp.store)
+    if reason is not None:
+        ui.warn(unreachable_message(exp.store, reason, folder))
+    return reason is None
+
+
 def load(path: Path, overrides: list[str] | None):
     from saecli.config.load import load_experiment
 

@@ -25,6 +25,9 @@ def compute_dla(exp: Any, lm: Any, dictionary: Any, folder: Path, store: Any, to
     if store is not None:
         name, series = ensure_registered(store, exp, dictionary, folder)
         store.put_logits(name, series, res.items())
+        from saecli.store.record import describe
+
+        ui.info(f"recorded the DLA of {name} in {describe(exp.store)}")
     return res
 
 
@@ -61,7 +64,7 @@ def dla(
 
         raise UsageError(f"--top must be > 0, found {k}")
     check_dictionary_folder(folder)
-    store = open_results_store(exp)
+    store = open_results_store(exp, folder)
     try:
         lm, dictionary = _load(exp, folder)
         res = compute_dla(exp, lm, dictionary, folder, store, k)

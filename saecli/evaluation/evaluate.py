@@ -165,9 +165,12 @@ def _store_update(exp: Any, sae_path: Path, metrics: dict) -> None:
                 store.update_sae_metrics(name, "default", {"eval": metrics})
         finally:
             store.close()
+        from saecli.store.record import describe
+
+        ui.info(f"recorded the eval of {name} in {describe(exp.store)}")
     except Exception as exc:  # the store is a convenience: eval.json already holds everything
         ui.warn(f"could not record the eval of {exp.run.name} in the {exp.store.backend} store ({exc}); "
-                f"the results are in {sae_path / EVAL_FILE}")
+                f"the results are in {sae_path / EVAL_FILE} (record them later with `saecli record {sae_path}`)")
 
 
 def _write_latents(path: Path, per_latent: dict[str, torch.Tensor]) -> None:

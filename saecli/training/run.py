@@ -271,6 +271,9 @@ def record_in_store(exp: Any, folder: Path, summary: dict, reporter: Reporter) -
                           dataset_name=exp.dataset.path, metrics=summary)
         finally:
             store.close()
+        from saecli.store.record import describe
+
+        reporter.info(f"recorded {exp.run.name} in {describe(exp.store)}")
     except Exception as exc:  # the store is a convenience: never lose a finished run over it
         reporter.warn(f"could not record {exp.run.name} in the {exp.store.backend} store ({exc}); "
-                      f"the results are in {folder}")
+                      f"the results are in {folder} (record them later with `saecli record {folder}`)")
