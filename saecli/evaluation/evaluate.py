@@ -43,7 +43,8 @@ LATENTS_FILE = "eval_latents.safetensors"
 _TABLE = (
     "n_tokens", "explained_variance", "fvu", "mse", "cosine_similarity", "relative_reconstruction_bias",
     "l0", "l1", "n_dead", "n_almost_dead", "n_dense", "ce_loss_clean", "ce_loss_spliced",
-    "ce_loss_zero_ablation", "loss_recovered", "kl_div_spliced", "kl_div_score",
+    "ce_loss_zero_ablation", "ce_loss_mean_ablation", "loss_recovered", "loss_recovered_mean_ablation",
+    "kl_div_spliced", "kl_div_score",
 )
 
 
@@ -137,7 +138,11 @@ def _splice(exp: Any, lm: Any, dictionary: Dictionary, held: HeldOut) -> dict[st
         return None
     total = sum(int(t.shape[0]) for t, _ in batches)
     with ui.progress("splice (CE/KL)", total=total, unit="contexts") as bar:
-        result = splice_eval(lm, dictionary, batches, on_batch=lambda part: bar.advance(part.n_contexts))
+        result = splice_eval(lm, dictionary, batches, on_batch=lambda part: bar.advance(part.n_contexts),
+                             min_gap=exp.eval.loss_recovered_min_gap)
+    for key in ("loss_recovered_undefined", "loss_recovered_mean_ablation_undefined"):
+        if key in result:
+            ui.warn(f"{key.removesuffix('_undefined')} is undefined: {result[key]}")
     return result
 
 
