@@ -29,7 +29,10 @@ app = typer.Typer(
     help="Train and study sparse dictionaries on language-model activations.\n\n"
     "Every command takes a TOML experiment file (or a run folder holding config.toml); "
     "`--set section.key=value` overrides any key. Example:\n\n"
-    "    saecli generate experiments/tiny/generate.toml --set activations.total_tokens=20000",
+    "    saecli generate experiments/tiny/generate.toml --set activations.total_tokens=20000\n\n"
+    "Paths: relative paths in a TOML file (model, cache, store, output folder) are taken from the current "
+    "directory; a run's config.toml holds them absolute, and a run folder given to a command is the run "
+    "(it reads and writes that folder only), so it works from anywhere, also when copied.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,

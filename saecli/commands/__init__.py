@@ -8,7 +8,9 @@ from typing import Annotated, List, Optional
 import typer
 
 ExperimentArg = Annotated[
-    Path, typer.Argument(help="experiment TOML file (or a run folder holding config.toml)", show_default=False)
+    Path, typer.Argument(help="experiment TOML file (or a run folder holding config.toml: the command then reads "
+                              "and writes that folder only). Relative paths inside are taken from the current "
+                              "directory; a run's config.toml holds them absolute", show_default=False)
 ]
 SetOption = Annotated[
     Optional[List[str]],
