@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
 
 def as_run_folder(exp: Experiment, folder: Path) -> Experiment:
     """The experiment of a run folder: every output in the folder, whatever its config.toml names."""
-    folder = folder.resolve()
+    folder = Path(os.path.abspath(folder))
     exp.run = dataclasses.replace(exp.run, output_dir=str(folder))
     exp.eval = dataclasses.replace(exp.eval, sae_path=None)
     exp.analyze = dataclasses.replace(exp.analyze, sae_path=None)
@@ -157,7 +158,7 @@ def _absolute(value: str | None, *, only_existing: bool = False) -> str | None:
         return value
     if only_existing and not path.exists():
         return value
-    return str(path.resolve())
+    return os.path.abspath(path)  # symlinks kept: a `current` model link stays a link
 
 
 def absolute_paths(exp: Experiment) -> Experiment:
