@@ -49,6 +49,7 @@ def eval_command(
 
     exp = load(experiment, overrides)
     folder = sae or _default_sae(experiment, exp)
+    exp.require("activations")  # the file's own gaps first, then the store
     probe_store(exp, folder)
     result = evaluate(exp, folder)
     m = result["metrics"]

@@ -36,6 +36,9 @@ def read_toml(path: str | Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read experiment file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not a text (UTF-8) file: byte {exc.start} cannot be decoded; is this the experiment "
+                          "file?", file=str(path)) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
