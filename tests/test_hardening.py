@@ -284,7 +284,7 @@ def test_generate_refuses_when_the_disk_cannot_hold_the_cache(tmp_path, tiny_lla
 
     monkeypatch.setattr(fsio, "free_bytes", lambda folder: 10_000)
     exp = _experiment(tmp_path / "exp.toml", model=str(tiny_llama), out=str(tmp_path / "r"),
-                      extra=f'[dataset]\npath = "builtin:python-docs"\n')
+                      extra='[dataset]\npath = "builtin:python-docs"\n')
     result = run_cli("generate", exp, "--set", f'activations.cache_dir="{tmp_path / "cache"}"',
                      "--set", "activations.total_tokens=4096")
     assert result.exit_code == 2, result.output
@@ -331,7 +331,7 @@ def test_an_unreachable_store_is_said_at_once_and_record_adds_the_run_later(tmp_
     not_a_db = tmp_path / "a-folder.db"
     not_a_db.mkdir()
     exp = _experiment(tmp_path / "exp.toml", model=str(tiny_llama), out=str(folder),
-                      extra=f'[eval]\ntotal_eval_tokens = 64\n')
+                      extra='[eval]\ntotal_eval_tokens = 64\n')
     from saecli.config.load import load_experiment, write_resolved
 
     write_resolved(load_experiment(exp, ["store.backend=sqlite", f'store.path="{not_a_db}"']), folder)

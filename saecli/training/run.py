@@ -19,7 +19,6 @@ From Python:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import shutil
