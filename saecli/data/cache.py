@@ -121,8 +121,7 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
     done = int(manifest["total_tokens"])
     if done >= target or manifest.get("exhausted"):
         return manifest
-    fsio.require_space(folder, estimated_bytes(manifest["d_model"], store_dtype, target - done),
-                       f"the cache's remaining {target - done:,} tokens")
+    check_space(exp, manifest["d_model"], shard, n_shards)
 
     contexts = context_batches(packer, exp.dataset, shard, n_shards, acts.model_batch_size,
                                skip=int(manifest["contexts_consumed"]), process=use_process(lm.device))
@@ -164,6 +163,17 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
         contexts.close()
         manifest = writer.close()
     return manifest
+
+
+def check_space(exp: Any, d_model: dict[str, int], shard: int, n_shards: int) -> None:
+    """Refuse (UsageError) when the disk holding the cache cannot take this shard's remaining tokens."""
+    acts = exp.activations
+    todo = shard_target(acts.total_tokens, shard, n_shards) - min(tokens_written(acts.cache_dir, shard),
+                                                                   shard_target(acts.total_tokens, shard, n_shards))
+    if todo > 0:
+        dtype = DTYPES[acts.override_dtype or exp.model.dtype]
+        fsio.require_space(shard_dir(acts.cache_dir, shard), estimated_bytes(d_model, dtype, todo),
+                           f"the cache's remaining {todo:,} tokens")
 
 
 def estimated_bytes(d_model: dict[str, int], dtype: torch.dtype, n_tokens: int) -> int:
