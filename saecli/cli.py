@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from typing import Optional
 
 import typer
@@ -18,17 +19,20 @@ except ImportError:  # pragma: no cover
     from click import exceptions as _click_exc
 
 from saecli import __version__, ui
-from saecli.errors import SaecliError
+from saecli.errors import SaecliError, SaecliWarning
 
 # Commands that work, in the order `--help` lists them. A module registers itself with `register(app)`.
-COMMAND_MODULES: list[str] = ["generate", "check", "hooks", "train", "eval", "analyze", "dla", "sweep"]  # each helper module appends its name when the command works
+COMMAND_MODULES: list[str] = ["generate", "check", "hooks", "train", "eval", "analyze", "dla", "sweep", "record"]  # each helper module appends its name when the command works
 
 app = typer.Typer(
     name="saecli",
     help="Train and study sparse dictionaries on language-model activations.\n\n"
     "Every command takes a TOML experiment file (or a run folder holding config.toml); "
     "`--set section.key=value` overrides any key. Example:\n\n"
-    "    saecli generate experiments/tiny/generate.toml --set activations.total_tokens=20000",
+    "    saecli generate experiments/tiny/generate.toml --set activations.total_tokens=20000\n\n"
+    "Paths: relative paths in a TOML file (model, cache, store, output folder) are taken from the current "
+    "directory; a run's config.toml holds them absolute, and a run folder given to a command is the run "
+    "(it reads and writes that folder only), so it works from anywhere, also when copied.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -55,8 +59,17 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"saecli.commands.{_name}").register(app)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """saecli's own warnings (a skipped cache chunk, ...) print like every other saecli warning."""
+    if issubclass(category, SaecliWarning):
+        ui.warn(str(message))
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    warnings.showwarning = _show_warning
     verbose = any(a in ("-v", "--verbose") for a in args)
     try:
         # not standalone, typer returns (not raises) an exit code: typer.Exit(n), or 130 for Ctrl-C

@@ -34,6 +34,10 @@ class ConfigError(UsageError):
         super().__init__(prefix + message)
 
 
+class SaecliWarning(UserWarning):
+    """Something the user should know that does not stop the command; the CLI prints it as a warning."""
+
+
 class RunError(SaecliError):
     """A runtime failure (diverged loss, corrupt cache, unreachable store): exit code 1."""
 

@@ -123,6 +123,11 @@ class ProgressHandle:
         else:
             self._progress.advance(self._task, n)
 
+    def finish(self, done: float) -> None:
+        """End at the work actually done (whole batches can pass the planned total): `done/done`, 100 %."""
+        if self._progress is not None:
+            self._progress.update(self._task, total=done, completed=done)
+
     def update(self, *, completed: float | None = None, **metrics: Any) -> None:
         if self._progress is None:
             return

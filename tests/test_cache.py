@@ -50,13 +50,13 @@ def test_write_cache_and_read_it_back(tmp_path):
         write_cache(tmp_path / "c", chunks, hook_points=[HOOK])
 
 
-def test_damaged_chunk_is_a_run_error_for_readers(tmp_path):
+def test_damaged_chunk_is_found_when_a_reader_opens(tmp_path):
     chunks = [{f"acts.{HOOK}": torch.ones(6, 4), "tokens": torch.arange(6), "doc": torch.zeros(6), "pos": torch.arange(6)}]
     write_cache(tmp_path / "c", chunks, hook_points=[HOOK])
     path = tmp_path / "c" / "shard-000" / "chunk-000000.safetensors"
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(RunError, match="truncated"):
-        next(CacheStream(tmp_path / "c", batch_size=4))
+    with pytest.raises(UsageError, match="truncated"):  # the sizes are checked before any batch
+        CacheStream(tmp_path / "c", batch_size=4)
 
 
 def _exp(tmp_path, model, extra: str = "", total: int = 1000):

@@ -7,6 +7,7 @@ import pytest
 from saecli.config.base import stream_keys
 from saecli.config.experiment import Experiment
 from saecli.config.load import (
+    absolute_paths,
     apply_overrides,
     experiment_from_dict,
     experiment_to_toml,
@@ -140,7 +141,7 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_experiment(path)
     again.source_file = None
     exp.source_file = None
-    assert again == exp
+    assert again == absolute_paths(exp)  # relative paths are taken from the current directory when loaded
     # a run folder holding config.toml is accepted in place of the file
     assert load_experiment(tmp_path).trainer.lr == 3e-4
 

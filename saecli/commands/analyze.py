@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from saecli.commands import ExperimentArg, SetOption, load
+from saecli.commands import ExperimentArg, SetOption, load, probe_store
 
 SaeOption = Annotated[
     Optional[Path], typer.Option("--sae", help="dictionary folder (default: analyze.sae_path, else run.output_dir)")
@@ -19,13 +19,23 @@ def sae_folder(exp: Any, sae: Path | None) -> Path:
     return Path(sae or exp.analyze.sae_path or exp.run.output_dir)
 
 
-def open_results_store(exp: Any):
-    """The experiment's store, or None for backend "none" (opened first, so a bad store fails fast)."""
-    if exp.store.backend == "none":
+def open_results_store(exp: Any, folder: Path):
+    """The experiment's store, or None for backend "none" or when it is unreachable (said at once: the
+    results stay in `folder`, and `saecli record` can add them later)."""
+    if exp.store.backend == "none" or not probe_store(exp, folder):
         return None
     from saecli.store import open_store
 
     return open_store(exp.store)
+
+
+def check_dictionary_folder(folder: Path) -> None:
+    """Before any model loads: the folder holds a readable dictionary and can take the results."""
+    from saecli.dictionaries.registry import check_saved
+    from saecli.fsio import require_writable
+
+    check_saved(folder)  # a broken or foreign folder fails here, without reading the weights
+    require_writable(folder, "the dictionary folder (results are written beside it)")
 
 
 def ensure_registered(store: Any, exp: Any, dictionary: Any, folder: Path) -> tuple[str, str]:
@@ -72,16 +82,19 @@ def analyze(
         if reuse:
             result = AnalysisResult.load(analysis_dir(folder, cfg.name))
             if html or exp.dashboard.enabled:  # only for explanations: the site is built without a store too
-                store = _store_or_none(exp)
+                store = _store_or_none(exp, folder)
         else:
             exp.require("model")
-            store = open_results_store(exp)
+            check_dictionary_folder(folder)
+            store = open_results_store(exp, folder)
             lm, dictionary = _load(exp, folder)
             result = _run(exp, lm, dictionary, folder)
             if store is not None:
                 name, series = ensure_registered(store, exp, dictionary, folder)
                 n = store.replace_analysis(name, series, result.name, result.records(), result.store_meta())
-                ui.info(f"recorded {n:,} features of {name} in the {exp.store.backend} store")
+                from saecli.store.record import describe
+
+                ui.info(f"recorded {n:,} features of {name} in {describe(exp.store)}")
         if html or exp.dashboard.enabled:
             index = _dashboard(exp, folder, result, lm, dictionary, store)
             ui.result(f"dashboard: {index}")
@@ -124,6 +137,7 @@ def _run(exp: Any, lm: Any, dictionary: Any, folder: Path):
                               batch_contexts=batch_contexts)
     with ui.progress("analyze", total=cfg.total_analyzing_tokens, unit="tokens") as bar:
         done = run_analysis(analyzer, batches, cfg.total_analyzing_tokens, progress=bar.advance)
+        bar.finish(done)
     if done < cfg.total_analyzing_tokens:
         ui.warn(f"the text ran out after {done:,} of {cfg.total_analyzing_tokens:,} tokens")
     forward = lambda tokens: run_to_hooks(lm, tokens.to(lm.device), list(dictionary.in_hooks))  # noqa: E731
@@ -157,12 +171,12 @@ def _dashboard(exp: Any, folder: Path, result: Any, lm: Any, dictionary: Any, st
                           progress=bar.advance)
 
 
-def _store_or_none(exp: Any):
+def _store_or_none(exp: Any, folder: Path):
     from saecli import ui
     from saecli.errors import SaecliError
 
     try:
-        return open_results_store(exp)
+        return open_results_store(exp, folder)
     except SaecliError as exc:
         ui.warn(f"the store is not available, so the dashboard shows no explanations ({exc})")
         return None

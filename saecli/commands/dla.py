@@ -8,7 +8,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from saecli.commands import ExperimentArg, SetOption, load
-from saecli.commands.analyze import SaeOption, ensure_registered, open_results_store, sae_folder
+from saecli.commands.analyze import (
+    SaeOption, check_dictionary_folder, ensure_registered, open_results_store, sae_folder,
+)
 
 
 def compute_dla(exp: Any, lm: Any, dictionary: Any, folder: Path, store: Any, top: int):
@@ -23,6 +25,9 @@ def compute_dla(exp: Any, lm: Any, dictionary: Any, folder: Path, store: Any, to
     if store is not None:
         name, series = ensure_registered(store, exp, dictionary, folder)
         store.put_logits(name, series, res.items())
+        from saecli.store.record import describe
+
+        ui.info(f"recorded the DLA of {name} in {describe(exp.store)}")
     return res
 
 
@@ -58,7 +63,8 @@ def dla(
         from saecli.errors import UsageError
 
         raise UsageError(f"--top must be > 0, found {k}")
-    store = open_results_store(exp)
+    check_dictionary_folder(folder)
+    store = open_results_store(exp, folder)
     try:
         lm, dictionary = _load(exp, folder)
         res = compute_dla(exp, lm, dictionary, folder, store, k)

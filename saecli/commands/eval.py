@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from saecli.commands import ExperimentArg, SetOption, load
+from saecli.commands import ExperimentArg, SetOption, load, probe_store
 
 
 def _default_sae(experiment: Path, exp) -> Path:
@@ -49,6 +49,8 @@ def eval_command(
 
     exp = load(experiment, overrides)
     folder = sae or _default_sae(experiment, exp)
+    exp.require("activations")  # the file's own gaps first, then the store
+    probe_store(exp, folder)
     result = evaluate(exp, folder)
     m = result["metrics"]
     parts = [f"explained variance {_fmt(m.get('explained_variance'))}", f"L0 {_fmt(m.get('l0'))}",

@@ -36,6 +36,9 @@ def generate(experiment: ExperimentArg, overrides: SetOption = None) -> None:
                           key="activations.cache_dir")
     shard, n_shards = shard_plan(acts.n_shards, acts.start_shard)
     check_dataset(exp.dataset)
+    from saecli.fsio import require_writable
+
+    require_writable(acts.cache_dir, "activations.cache_dir")
     # heavy imports after the cheap checks
     from saecli.data.cache import generate_shard, tokens_written
     from saecli.lm import load_model, run_to_hooks, validate_hooks
@@ -43,6 +46,9 @@ def generate(experiment: ExperimentArg, overrides: SetOption = None) -> None:
     _pick_local_gpu()
     lm = load_model(exp.model)
     validate_hooks(lm, list(acts.hook_points))
+    from saecli.data.cache import check_space
+
+    check_space(exp, {h: int(lm.d_model) for h in acts.hook_points}, shard, n_shards)  # before any work
     ui.info(f"generating {acts.total_tokens:,} tokens of {', '.join(acts.hook_points)} from {lm.name} "
             f"into {acts.cache_dir} (shard {shard} of {n_shards})")
 

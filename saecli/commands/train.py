@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from saecli.commands import ExperimentArg, SetOption, load
+from saecli.commands import ExperimentArg, SetOption, load, probe_store
 
 # the metrics shown next to the progress bar (the rest go to metrics.jsonl and wandb)
 _SHOWN = ("loss", "l0", "explained_variance", "dead", "lr", "k")
@@ -94,6 +94,8 @@ def train(
     run_dir = None
     if Path(experiment).is_dir():  # a run folder: its config.toml, and the folder itself as the output
         run_dir = Path(experiment)
+    exp.require("sae", "activations")  # the file's own gaps first, then the store
+    probe_store(exp, run_dir or exp.run.output_dir)
     reporter = UiReporter()
     try:
         folder = run_train(exp, resume=resume, overwrite=overwrite, reporter=reporter, run_dir=run_dir)

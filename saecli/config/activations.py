@@ -37,6 +37,9 @@ class ActivationsConfig:
     shuffle: bool = opt(True, help="shuffle tokens through a bounded buffer", stream=True)
     shuffle_buffer_tokens: int = opt(262144, help="tokens held in the shuffle buffer (memory ∝ this)", stream=True)
     seed: int = opt(42, help="seed of the stream's shuffling", stream=True)
+    verify_chunks: Literal["fail", "skip", "off"] = opt(
+        "fail", help="check each cache chunk's sha256 against the manifest as it is first read (in the background): "
+        "'fail' stops naming the chunk, 'skip' trains on without it (with a warning), 'off' trusts the files")
 
     def validate(self) -> None:
         if not self.hook_points:

@@ -24,6 +24,9 @@ class EvalConfig:
         "model on the documents after those training used"
     )
     bins_per_decade: int = opt(4, help="bins per power of ten in the log-density histogram")
+    loss_recovered_min_gap: float = opt(
+        0.05, help="nats: when zero- (or mean-) ablating the hooks moves the CE loss less than this, loss_recovered "
+        "(or loss_recovered_mean_ablation) is reported undefined instead of a ratio of noise")
 
     def validate(self) -> None:
         if self.total_eval_tokens <= 0:
@@ -32,6 +35,8 @@ class EvalConfig:
             raise bad("ce_contexts", "must be > 0")
         if self.skip_documents is not None and self.skip_documents < 0:
             raise bad("skip_documents", f"must be >= 0, found {self.skip_documents}")
+        if self.loss_recovered_min_gap < 0:
+            raise bad("loss_recovered_min_gap", f"must be >= 0, found {self.loss_recovered_min_gap}")
         if self.bins_per_decade <= 0:
             raise bad("bins_per_decade", "must be > 0")
         if not 0 <= self.dead_threshold <= self.almost_dead_threshold:

@@ -40,5 +40,4 @@ class Experiment:
         """Raise a ConfigError naming the first missing section a command needs."""
         for name in sections:
             if getattr(self, name) is None:
-                where = f" in {self.source_file}" if self.source_file else ""
-                raise ConfigError(f"this command needs a [{name}] section{where}", file=self.source_file)
+                raise ConfigError(f"this command needs a [{name}] section", file=self.source_file)

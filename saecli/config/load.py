@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,9 @@ def read_toml(path: str | Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read experiment file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not a text (UTF-8) file: byte {exc.start} cannot be decoded; is this the experiment "
+                          "file?", file=str(path)) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -77,8 +82,34 @@ def experiment_from_dict(data: dict, *, file: str | None = None) -> Experiment:
         if file and exc.file is None:
             raise ConfigError(_message(exc), file=file, key=exc.key) from None
         raise
+    check_cross_keys(exp, file=file)
     exp.source_file = file
     return exp
+
+
+# keys naming a hook point (or a list of them) in a [sae] table of any kind
+_SAE_HOOK_KEYS = ("hook_point", "hook_point_in", "hook_point_out", "hook_points", "hook_points_in", "hook_points_out")
+
+
+def check_cross_keys(exp: Experiment, *, file: str | None = None) -> None:
+    """Rules between sections, checked when the file is loaded (not after minutes of work): each names both keys."""
+    if exp.sae is not None and exp.activations is not None:
+        listed = list(exp.activations.hook_points)
+        for key in _SAE_HOOK_KEYS:
+            value = getattr(exp.sae, key, None)
+            for hook in [value] if isinstance(value, str) else (value or []):
+                if hook not in listed:
+                    raise ConfigError(f"`{hook}` is not among activations.hook_points ({', '.join(listed)}): "
+                                      f"add it there, or set sae.{key} to one of them", file=file, key=f"sae.{key}")
+        if exp.sae.kind in ("transcoder", "lorsa", "molt") and getattr(exp.sae, "hook_point_out", None) is None \
+                and len(listed) < 2:
+            raise ConfigError(f"a {exp.sae.kind} reads one hook point and reconstructs another: set sae.hook_point_out "
+                              f"or list a second hook in activations.hook_points", file=file,
+                              key="activations.hook_points")
+        if exp.sae.kind == "clt" and getattr(exp.sae, "hook_points_in", None) is None and len(listed) % 2:
+            raise ConfigError(f"a CLT without sae.hook_points_in/out takes the first half of activations.hook_points "
+                              f"as inputs and the second as outputs: it needs an even number, found {len(listed)}",
+                              file=file, key="activations.hook_points")
 
 
 def _message(exc: ConfigError) -> str:
@@ -88,12 +119,68 @@ def _message(exc: ConfigError) -> str:
     return text
 
 
+PATHS_RULE = ("Relative paths in an experiment file or a run's config.toml (model.name when it is a local folder, "
+              "activations.cache_dir, store.path, run.output_dir, ...) are taken from the current directory; "
+              "a run's config.toml is written with absolute paths, and a run folder given on the command line is "
+              "the run (its outputs go there whatever run.output_dir says), so it works from any directory and "
+              "after being copied.")
+
+
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """The one entry point commands use: a file (or a run folder with config.toml) plus --set overrides."""
+    """The one entry point commands use: a file (or a run folder with config.toml) plus --set overrides.
+
+    Relative paths become absolute against the current directory (see `PATHS_RULE`); given a run folder,
+    the folder itself is the run: run.output_dir points at it and no other dictionary folder is read.
+    """
     data = read_toml(path)
     data = apply_overrides(data, overrides or [])
-    file = str(Path(path) / RESOLVED_NAME) if Path(path).is_dir() else str(path)
-    return experiment_from_dict(data, file=file)
+    run_folder = Path(path).is_dir()
+    file = str(Path(path) / RESOLVED_NAME) if run_folder else str(path)
+    exp = absolute_paths(experiment_from_dict(data, file=file))
+    if run_folder:
+        exp = as_run_folder(exp, Path(path))
+    return exp
+
+
+def as_run_folder(exp: Experiment, folder: Path) -> Experiment:
+    """The experiment of a run folder: every output in the folder, whatever its config.toml names."""
+    folder = Path(os.path.abspath(folder))
+    exp.run = dataclasses.replace(exp.run, output_dir=str(folder))
+    exp.eval = dataclasses.replace(exp.eval, sae_path=None)
+    exp.analyze = dataclasses.replace(exp.analyze, sae_path=None)
+    exp.dashboard = dataclasses.replace(exp.dashboard, output_dir=None)
+    return exp
+
+
+def _absolute(value: str | None, *, only_existing: bool = False) -> str | None:
+    """`value` as an absolute path (against the current directory); hub names and `builtin:` stay as they are."""
+    if value is None or ":" in value and not Path(value).exists():
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return value
+    if only_existing and not path.exists():
+        return value
+    return os.path.abspath(path)  # symlinks kept: a `current` model link stays a link
+
+
+def absolute_paths(exp: Experiment) -> Experiment:
+    """A copy of `exp` whose path keys are absolute (model.name and dataset.path only when they exist locally)."""
+    exp = copy.copy(exp)
+    exp.run = dataclasses.replace(exp.run, output_dir=_absolute(exp.run.output_dir))
+    if exp.model is not None:
+        exp.model = dataclasses.replace(exp.model, name=_absolute(exp.model.name, only_existing=True))
+    exp.dataset = dataclasses.replace(exp.dataset, path=_absolute(exp.dataset.path, only_existing=True))
+    if exp.activations is not None:
+        exp.activations = dataclasses.replace(exp.activations, cache_dir=_absolute(exp.activations.cache_dir))
+    if exp.store.backend == "sqlite":
+        exp.store = dataclasses.replace(exp.store, path=_absolute(exp.store.path))
+    exp.eval = dataclasses.replace(exp.eval, sae_path=_absolute(exp.eval.sae_path),
+                                   cache_dir=_absolute(exp.eval.cache_dir))
+    exp.analyze = dataclasses.replace(exp.analyze, sae_path=_absolute(exp.analyze.sae_path))
+    exp.dashboard = dataclasses.replace(exp.dashboard, output_dir=_absolute(exp.dashboard.output_dir))
+    exp.wandb = dataclasses.replace(exp.wandb, dir=_absolute(exp.wandb.dir))
+    return exp
 
 
 def experiment_to_toml(exp: Any) -> str:
@@ -107,5 +194,5 @@ def write_resolved(exp: Any, folder: str | Path, name: str = RESOLVED_NAME) -> P
     from saecli.fsio import write_text
 
     path = Path(folder) / name
-    write_text(path, experiment_to_toml(exp))
+    write_text(path, experiment_to_toml(absolute_paths(exp)))
     return path

@@ -74,6 +74,8 @@ class TrainerConfig:
     def validate(self) -> None:
         if self.total_training_tokens <= 0:
             raise bad("total_training_tokens", "must be > 0")
+        if self.checkpoint_every_seconds < 0:
+            raise bad("checkpoint_every_seconds", f"must be >= 0 (0 = off), found {self.checkpoint_every_seconds}")
         if self.lr <= 0:
             raise bad("lr", f"must be > 0, found {self.lr}")
         for b in self.betas:

@@ -121,6 +121,7 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
     done = int(manifest["total_tokens"])
     if done >= target or manifest.get("exhausted"):
         return manifest
+    check_space(exp, manifest["d_model"], shard, n_shards)
 
     contexts = context_batches(packer, exp.dataset, shard, n_shards, acts.model_batch_size,
                                skip=int(manifest["contexts_consumed"]), process=use_process(lm.device))
@@ -130,6 +131,7 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
     documents = int(manifest["documents_consumed"])
     consumed = int(manifest["contexts_consumed"])
     exhausted = True
+    chunks = len(manifest["chunks"])  # written or queued: what the bar shows, as the summary will
     try:
         for ctx in contexts:
             piece = _forward(lm, run_to_hooks, ctx, hooks, store_dtype, limit=target - done - n_pending)
@@ -143,10 +145,11 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
             reached = done + n_pending >= target
             if n_pending >= acts.chunk_tokens or reached:
                 writer.submit(_job(pending, consumed, documents, complete=reached))
+                chunks += 1
                 done += n_pending
                 pending, n_pending = [], 0
             if progress is not None:
-                progress(n, {"chunks": len(manifest["chunks"])})
+                progress(n, {"chunks": chunks})
             if reached:
                 exhausted = False
                 break
@@ -154,10 +157,29 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
             final = _job(pending, consumed, documents, complete=True) if pending else Job({}, consumed, documents, True)
             final.exhausted = True
             writer.submit(final)
+            if pending and progress is not None:
+                progress(0, {"chunks": chunks + 1})
     finally:
         contexts.close()
         manifest = writer.close()
     return manifest
+
+
+def check_space(exp: Any, d_model: dict[str, int], shard: int, n_shards: int) -> None:
+    """Refuse (UsageError) when the disk holding the cache cannot take this shard's remaining tokens."""
+    acts = exp.activations
+    todo = shard_target(acts.total_tokens, shard, n_shards) - min(tokens_written(acts.cache_dir, shard),
+                                                                   shard_target(acts.total_tokens, shard, n_shards))
+    if todo > 0:
+        dtype = DTYPES[acts.override_dtype or exp.model.dtype]
+        fsio.require_space(shard_dir(acts.cache_dir, shard), estimated_bytes(d_model, dtype, todo),
+                           f"the cache's remaining {todo:,} tokens")
+
+
+def estimated_bytes(d_model: dict[str, int], dtype: torch.dtype, n_tokens: int) -> int:
+    """Disk space `n_tokens` more tokens take: activations per hook plus tokens/doc/pos, and headers."""
+    per_token = sum(d_model.values()) * dtype.itemsize + 4 + 8 + 4
+    return int(per_token * n_tokens * 1.01) + (1 << 20)
 
 
 def writer_threads() -> int:

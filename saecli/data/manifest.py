@@ -114,6 +114,7 @@ class ChunkRef:
     sha256: str
     shard: int
     index: int
+    bytes: int | None = None  # the file's size the manifest records
 
 
 @dataclass
@@ -184,7 +185,8 @@ def open_cache(cache_dir: str | Path) -> CacheIndex:
             if m.get(key) != ref.get(key):
                 raise RunError(f"{folder / MANIFEST}: `{key}` differs from {folders[0] / MANIFEST}; the shards are of different caches")
     chunks = [
-        ChunkRef(folder / c["file"], int(c["n_tokens"]), c["sha256"], int(m["shard"]), i)
+        ChunkRef(folder / c["file"], int(c["n_tokens"]), c["sha256"], int(m["shard"]), i,
+                 int(c["bytes"]) if c.get("bytes") is not None else None)
         for folder, m in zip(folders, manifests)
         for i, c in enumerate(m["chunks"])
     ]

@@ -56,7 +56,7 @@ def open_stream(exp: Any, *, purpose: Literal["train", "eval"] = "train", rank: 
         return CacheStream(
             acts.cache_dir, hook_points=hooks, batch_size=acts.batch_size, shuffle=acts.shuffle,
             buffer_tokens=acts.shuffle_buffer_tokens, seed=acts.seed, rank=rank, world_size=world_size,
-            epochs=epochs, dtype=dtype, max_norm_ratio=acts.max_norm_ratio,
+            epochs=epochs, dtype=dtype, max_norm_ratio=acts.max_norm_ratio, verify=acts.verify_chunks,
         )
     from saecli.data.live import LiveStream
 

@@ -6,13 +6,19 @@ chunk_tokens whole chunks. A window's chunk files are read straight into one of 
 (the other holds the window being consumed, while this one loads in a background thread), and its
 tokens are permuted together and cut into batches (see shuffle.py). Memory is two windows, whatever
 the size of the cache; the stream loops over epochs (each with a new order) unless `epochs` is given.
+
+Damage is found, not trained on: every chunk's size is checked against the manifest when the stream
+opens, and each chunk's sha256 once, as it is first read (in the loading thread, off the training
+loop). `verify = "fail"` stops naming the chunk; `"skip"` leaves it out with a `SaecliWarning`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +26,7 @@ import torch
 from saecli.data.batch import Batch
 from saecli.data.manifest import CacheIndex, ChunkRef, act_key, open_cache
 from saecli.data.shuffle import Rows, Window, WindowStream, permutation
-from saecli.errors import RunError, UsageError
+from saecli.errors import RunError, SaecliWarning, UsageError
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32}
@@ -35,8 +41,14 @@ class CacheStream(WindowStream):
     def __init__(self, cache: CacheIndex | str | Path, *, hook_points: list[str] | None = None, batch_size: int = 4096,
                  shuffle: bool = True, buffer_tokens: int = 262144, seed: int = 42, rank: int = 0,
                  world_size: int = 1, epochs: int | None = None, dtype: torch.dtype | None = None,
-                 prefetch: bool = True, max_norm_ratio: float = 0.0):
+                 prefetch: bool = True, max_norm_ratio: float = 0.0, verify: str = "fail"):
         self.index = cache if isinstance(cache, CacheIndex) else open_cache(cache)
+        if verify not in ("fail", "skip", "off"):
+            raise ValueError(f"verify must be 'fail', 'skip' or 'off', found {verify!r}")
+        self.verify = verify
+        self._verified: set[Path] = set()
+        self.skipped_chunks: list[Path] = []
+        self._check_sizes()
         self.max_norm_ratio = float(max_norm_ratio)
         available = self.index.hook_points
         self.hook_points = list(hook_points or available)
@@ -74,6 +86,41 @@ class CacheStream(WindowStream):
     def documents_consumed(self) -> int:
         return self.index.documents_consumed
 
+    def _check_sizes(self) -> None:
+        """Every chunk is there with the size its manifest records (cheap: one stat per chunk)."""
+        for chunk in self.index.chunks:
+            try:
+                size = chunk.path.stat().st_size
+            except OSError:
+                raise UsageError(f"cache chunk {chunk.path} is missing: the cache is damaged "
+                                 f"(run `saecli check {self.index.root}`)") from None
+            if chunk.bytes is not None and size != chunk.bytes:
+                raise UsageError(f"cache chunk {chunk.path} has {size:,} bytes, its manifest says {chunk.bytes:,} "
+                                 f"(truncated?): the cache is damaged (run `saecli check {self.index.root}`)")
+
+    def _intact(self, chunk: ChunkRef) -> bool:
+        """Whether the chunk's bytes hash to the manifest's sha256 (checked once per chunk; in the loading thread)."""
+        if self.verify == "off" or chunk.path in self._verified or not chunk.sha256:
+            return True
+        digest = hashlib.sha256()
+        with open(chunk.path, "rb") as f:
+            while piece := f.read(1 << 24):  # hashlib releases the GIL on large pieces
+                digest.update(piece)
+        if digest.hexdigest() == chunk.sha256:
+            self._verified.add(chunk.path)
+            return True
+        message = (f"cache chunk {chunk.path} does not match its manifest (sha256 differs): the cache is damaged "
+                   f"(run `saecli check {self.index.root}`)")
+        if self.verify == "fail":
+            raise UsageError(message + "; activations.verify_chunks = 'skip' trains on without it")
+        if chunk.path not in self.skipped_chunks:
+            self.skipped_chunks.append(chunk.path)
+            if len(self.skipped_chunks) == len(self.index.chunks):
+                raise UsageError(message + "; every chunk of the cache is damaged, nothing is left to read")
+            warnings.warn(message + f"; skipped ({chunk.n_tokens:,} tokens, activations.verify_chunks = 'skip')",
+                          SaecliWarning, stacklevel=2)
+        return False
+
     # -- the plan of an epoch: this rank's windows of chunks (cheap: a permutation of the chunk list)
     def _plan(self, epoch: int) -> list[list[ChunkRef]]:
         n = len(self.index.chunks)
@@ -110,8 +157,9 @@ class CacheStream(WindowStream):
         start = 0
         try:
             for chunk in plan[window]:
-                self._read_into(chunk, bufs, start)
-                start += chunk.n_tokens
+                if self._intact(chunk):
+                    self._read_into(chunk, bufs, start)
+                    start += chunk.n_tokens
         except BaseException:
             with self._lock:
                 self._free.append(bufs)
@@ -139,7 +187,7 @@ class CacheStream(WindowStream):
         except RunError:
             raise
         except (OSError, ValueError, KeyError, struct.error) as exc:
-            raise RunError(f"cannot read cache chunk {chunk.path}: {exc} (run `saecli check {self.index.root}`)") from None
+            raise UsageError(f"cannot read cache chunk {chunk.path}: {exc} (run `saecli check {self.index.root}`)") from None
 
     def _to_batch(self, rows: Rows) -> Batch:
         acts = {h: rows[act_key(h)] if self.dtype is None else rows[act_key(h)].to(self.dtype) for h in self.hook_points}

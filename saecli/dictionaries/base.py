@@ -192,7 +192,9 @@ class Dictionary(nn.Module, abc.ABC):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        write_with(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"kind": self.kind}))
+        size = sum(v.numel() * v.element_size() for v in state.values())
+        write_with(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"kind": self.kind}),
+                   size_hint=size)
         write_json(folder / CONFIG_NAME, self.config_dict())
         return folder
 

@@ -39,21 +39,114 @@ def build_dictionary(cfg: Any, d_model: int, hook_points: list[str]) -> Dictiona
 
 
 def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> Dictionary:
-    """Load any kind saved with `Dictionary.save` (folder with cfg.json + sae_weights.safetensors)."""
+    """Load any kind saved with `Dictionary.save` (folder with cfg.json + sae_weights.safetensors).
+
+    A missing, truncated or corrupt file, or a folder another library wrote, is a UsageError naming the file.
+    """
     from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta, cfg, cls = check_saved(folder)
+    model = _build(folder, cls, cfg, meta)
+    weights = folder / WEIGHTS_NAME
+    state = _safetensors(weights, lambda: load_file(str(weights)))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UsageError(f"{weights} does not match {CONFIG_NAME} (another dictionary's weights?): "
+                         f"{str(exc).splitlines()[0]} {_mismatch(exc)}") from None
+    model.folded = bool(meta.get("folded", False))
+    return model.to(device)
+
+
+def check_saved(folder: str | Path) -> tuple[dict, Any, type[Dictionary]]:
+    """(cfg.json, its parsed config, the kind's class) of a saved dictionary, its weights' header checked,
+    without reading the weights: commands call it before loading a model so a broken folder fails at once."""
+    from safetensors import safe_open
 
     from saecli.config.base import parse
     from saecli.config.dictionary import DictionaryConfig
+    from saecli.errors import ConfigError
 
     folder = Path(folder)
+    expected = f"saecli expects {CONFIG_NAME} (with `kind` and `cfg`) and {WEIGHTS_NAME}"
     if not (folder / CONFIG_NAME).exists() or not (folder / WEIGHTS_NAME).exists():
-        raise UsageError(f"{folder} holds no saved dictionary ({CONFIG_NAME} and {WEIGHTS_NAME} expected)")
-    meta = json.loads((folder / CONFIG_NAME).read_text())
-    # saved configs hold None for unset optional fields; leaving them out restores the same defaults
-    cfg = parse(DictionaryConfig, {k: v for k, v in meta["cfg"].items() if v is not None}, key="sae")
-    cls = dictionary_class(meta["kind"])
-    model = cls.from_saved(cfg, meta)
-    state = load_file(str(folder / WEIGHTS_NAME))
-    model.load_state_dict(state)
-    model.folded = bool(meta.get("folded", False))
-    return model.to(device)
+        raise UsageError(f"{folder} holds no saved dictionary: {_foreign(folder) or 'it lacks them'} ({expected})")
+    meta = _read_json(folder / CONFIG_NAME)
+    if not isinstance(meta, dict) or "cfg" not in meta or "kind" not in meta:
+        raise UsageError(f"{folder / CONFIG_NAME} is not a saecli dictionary config: "
+                         f"{_foreign(folder) or 'it has no `kind` and `cfg` keys'} ({expected})")
+    try:
+        # saved configs hold None for unset optional fields; leaving them out restores the same defaults
+        cfg = parse(DictionaryConfig, {k: v for k, v in meta["cfg"].items() if v is not None}, key="sae")
+        cls = dictionary_class(meta["kind"])
+    except (ConfigError, UsageError, AttributeError) as exc:
+        raise UsageError(f"{folder / CONFIG_NAME} describes no dictionary saecli can build: {exc}") from None
+    weights = folder / WEIGHTS_NAME
+
+    def header() -> None:
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+
+    _safetensors(weights, header)
+    return meta, cfg, cls
+
+
+def _build(folder: Path, cls: type[Dictionary], cfg: Any, meta: dict) -> Dictionary:
+    try:
+        return cls.from_saved(cfg, meta)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise UsageError(f"{folder / CONFIG_NAME} lacks what a {meta['kind']} needs ({type(exc).__name__}: {exc}); "
+                         "was it edited by hand?") from None
+
+
+def _safetensors(path: Path, read: Any) -> Any:
+    """`read()`, with a damaged safetensors file at `path` turned into a UsageError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return read()
+    except (SafetensorError, OSError, ValueError) as exc:
+        size = path.stat().st_size
+        raise UsageError(f"{path} is damaged ({size:,} bytes; {exc}): it cannot be read as safetensors, "
+                         "e.g. a copy cut short. Train the dictionary again or copy the file again") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        size = path.stat().st_size
+        what = "empty" if size == 0 else f"not valid JSON ({exc})"
+        raise UsageError(f"{path} is {what}: the dictionary's config is damaged, e.g. a copy cut short") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+# files that tell another library's dictionary folder apart (the interop package may read some of them)
+_FOREIGN = (
+    ("sae.safetensors", "an EleutherAI sparsify folder"),
+    ("ae.pt", "a dictionary_learning folder"),
+)
+
+
+def _foreign(folder: Path) -> str:
+    """What the folder looks like when another library wrote it ('' when it looks like nothing known)."""
+    if not folder.is_dir():
+        return "it is not a folder" if folder.exists() else "the folder does not exist"
+    for name, what in _FOREIGN:
+        if (folder / name).exists():
+            return f"it looks like {what} (it holds {name})"
+    try:
+        meta = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = None
+    if isinstance(meta, dict) and {"d_in", "d_sae"} <= set(meta) and "cfg" not in meta:
+        return f"it looks like a SAELens folder ({CONFIG_NAME} holds d_in/d_sae/hook_name, no `cfg`)"
+    names = sorted(p.name for p in folder.iterdir())[:8]
+    return f"it holds {', '.join(names) if names else 'no files'}"
+
+
+def _mismatch(exc: RuntimeError) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+    return ("(" + "; ".join(lines[:2]) + ")") if lines else ""

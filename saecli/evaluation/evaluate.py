@@ -43,7 +43,8 @@ LATENTS_FILE = "eval_latents.safetensors"
 _TABLE = (
     "n_tokens", "explained_variance", "fvu", "mse", "cosine_similarity", "relative_reconstruction_bias",
     "l0", "l1", "n_dead", "n_almost_dead", "n_dense", "ce_loss_clean", "ce_loss_spliced",
-    "ce_loss_zero_ablation", "loss_recovered", "kl_div_spliced", "kl_div_score",
+    "ce_loss_zero_ablation", "ce_loss_mean_ablation", "loss_recovered", "loss_recovered_mean_ablation",
+    "kl_div_spliced", "kl_div_score",
 )
 
 
@@ -137,7 +138,11 @@ def _splice(exp: Any, lm: Any, dictionary: Dictionary, held: HeldOut) -> dict[st
         return None
     total = sum(int(t.shape[0]) for t, _ in batches)
     with ui.progress("splice (CE/KL)", total=total, unit="contexts") as bar:
-        result = splice_eval(lm, dictionary, batches, on_batch=lambda part: bar.advance(part.n_contexts))
+        result = splice_eval(lm, dictionary, batches, on_batch=lambda part: bar.advance(part.n_contexts),
+                             min_gap=exp.eval.loss_recovered_min_gap)
+    for key in ("loss_recovered_undefined", "loss_recovered_mean_ablation_undefined"):
+        if key in result:
+            ui.warn(f"{key.removesuffix('_undefined')} is undefined: {result[key]}")
     return result
 
 
@@ -151,9 +156,8 @@ def _store_update(exp: Any, sae_path: Path, metrics: dict) -> None:
         return
     from saecli.config.base import to_dict
 
-    base = Path(exp.source_file).resolve().parent if exp.source_file else None
     try:
-        store = open_store(exp.store, base=base)
+        store = open_store(exp.store)
         try:
             name = exp.run.name
             if store.get_sae(name) is None:
@@ -166,9 +170,12 @@ def _store_update(exp: Any, sae_path: Path, metrics: dict) -> None:
                 store.update_sae_metrics(name, "default", {"eval": metrics})
         finally:
             store.close()
+        from saecli.store.record import describe
+
+        ui.info(f"recorded the eval of {name} in {describe(exp.store)}")
     except Exception as exc:  # the store is a convenience: eval.json already holds everything
         ui.warn(f"could not record the eval of {exp.run.name} in the {exp.store.backend} store ({exc}); "
-                f"the results are in {sae_path / EVAL_FILE}")
+                f"the results are in {sae_path / EVAL_FILE} (record them later with `saecli record {sae_path}`)")
 
 
 def _write_latents(path: Path, per_latent: dict[str, torch.Tensor]) -> None:
@@ -191,6 +198,9 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
     folder = Path(sae_path or exp.eval.sae_path or exp.run.output_dir)
     started = time.time()
     dictionary = load_for_eval(folder)  # first: a wrong path fails before the model loads
+    from saecli.fsio import require_writable
+
+    require_writable(folder, "the dictionary folder (eval.json is written beside it)")
     if lm is None and exp.model is not None:
         from saecli.lm import load_model
 

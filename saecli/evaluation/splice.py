@@ -1,17 +1,25 @@
 """Does the model still work with the dictionary in it? CE loss and KL with the reconstruction spliced in.
 
-For each batch of held-out contexts three forwards run:
+For each batch of held-out contexts four forwards run:
 
 1. **clean** — the model as is. Replacement functions on the dictionary's hooks record their
    activations and hand them on unchanged (this is how the inputs of a transcoder or CLT are read
    in the same forward that gives the clean logits);
 2. **spliced** — every out hook's activation is replaced by `dictionary.reconstruct(clean inputs)`;
-3. **zero** — every out hook's activation is replaced by zeros (the ablation baseline).
+3. **zero** — every out hook's activation is replaced by zeros (the ablation baseline);
+4. **mean** — every out hook's activation is replaced by its mean over the batch's counted positions
+   (mean-ablation: keeps the hook's constant part, which zeros remove; the fairer baseline where a
+   hook's mean is large, e.g. an MLP's or attention's output).
 
 Metrics, averaged over counted next-token predictions:
     loss_recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean)   (1 = as good as the model,
                                                                       0 = as bad as deleting the hooks)
+    loss_recovered_mean_ablation = (CE_mean − CE_spliced) / (CE_mean − CE_clean)
     kl_spliced = mean_t KL(p_clean ‖ p_spliced),  kl_score = (KL_zero − KL_spliced) / KL_zero.
+
+A ratio whose ablation moves the loss by less than `min_gap` nats is noise over noise (values like
+2.7 when splicing is slightly worse than an ablation that barely matters): it is reported as None,
+with the reason under `<name>_undefined`.
 
 Choices, and why:
 - **Ignored positions** (BOS, separators, other ignored ids: `mask` False) keep their original
@@ -38,6 +46,8 @@ import torch
 
 from saecli.dictionaries.base import Dictionary
 
+MIN_ABLATION_GAP = 0.05  # nats: an ablation that moves the CE less than this makes a ratio meaningless
+
 
 @dataclass
 class SpliceSums:
@@ -48,30 +58,48 @@ class SpliceSums:
     ce_clean: float = 0.0
     ce_spliced: float = 0.0
     ce_zero: float = 0.0
+    ce_mean: float = 0.0
     kl_spliced: float = 0.0
     kl_zero: float = 0.0
+    kl_mean: float = 0.0
 
     def add(self, other: "SpliceSums") -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
-    def result(self) -> dict[str, float]:
+    def result(self, min_gap: float = MIN_ABLATION_GAP) -> dict[str, Any]:
         n = max(self.n_tokens, 1)
-        clean, spliced, zero = self.ce_clean / n, self.ce_spliced / n, self.ce_zero / n
+        clean, spliced, zero, mean = self.ce_clean / n, self.ce_spliced / n, self.ce_zero / n, self.ce_mean / n
         kl_s, kl_z = self.kl_spliced / n, self.kl_zero / n
-        gap = zero - clean
-        return {
+        out: dict[str, Any] = {
             "ce_loss_clean": clean,
             "ce_loss_spliced": spliced,
             "ce_loss_zero_ablation": zero,
+            "ce_loss_mean_ablation": mean,
             "ce_loss_increase": spliced - clean,
-            "loss_recovered": (zero - spliced) / gap if gap != 0 else float("nan"),
             "kl_div_spliced": kl_s,
             "kl_div_zero_ablation": kl_z,
+            "kl_div_mean_ablation": self.kl_mean / n,
             "kl_div_score": (kl_z - kl_s) / kl_z if kl_z != 0 else float("nan"),
             "ce_tokens": self.n_tokens,
             "ce_contexts": self.n_contexts,
         }
+        for name, ablated, what in (("loss_recovered", zero, "zero"), ("loss_recovered_mean_ablation", mean, "mean")):
+            value, reason = recovered(clean, spliced, ablated, min_gap, what)
+            out[name] = value
+            if reason is not None:
+                out[f"{name}_undefined"] = reason
+        return out
+
+
+
+def recovered(clean: float, spliced: float, ablated: float, min_gap: float, what: str) -> tuple[float | None, str | None]:
+    """(CE_ablated − CE_spliced) / (CE_ablated − CE_clean), or (None, why) when the ablation barely moves the loss."""
+    gap = ablated - clean
+    if not (gap > 0 and gap >= min_gap):  # NaN too
+        return None, (f"{what}-ablating the hooks moves the CE loss by {gap:+.4g} nats (< {min_gap:g}, "
+                      "eval.loss_recovered_min_gap): the ratio would divide noise by noise")
+    return (ablated - spliced) / gap, None
 
 
 def _forward(lm: Any, tokens: torch.Tensor, replacements: dict[str, Callable[[torch.Tensor], torch.Tensor]],
@@ -144,6 +172,8 @@ def splice_batch(lm: Any, dictionary: Dictionary, tokens: torch.Tensor, mask: to
     targets = tokens[:, 1:].to(logp_clean.device)
     counted = counted_predictions(mask, attention_mask).to(logp_clean.device)
     keep = mask.to(next(iter(captured.values())).device)[..., None]  # [B, T, 1]: positions to replace
+    n_kept = keep.sum().clamp(min=1)
+    means = {h: (captured[h].double() * keep).sum((0, 1)) / n_kept for h in dictionary.out_hooks}
 
     recon = reconstruct_hooks(dictionary, captured, mask)
     captured.clear()
@@ -151,7 +181,7 @@ def splice_batch(lm: Any, dictionary: Dictionary, tokens: torch.Tensor, mask: to
     def replace_with(values: dict[str, torch.Tensor] | None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         def make(hook: str) -> Callable[[torch.Tensor], torch.Tensor]:
             def fn(act: torch.Tensor) -> torch.Tensor:
-                new = torch.zeros_like(act) if values is None else values[hook].to(act.dtype)
+                new = torch.zeros_like(act) if values is None else values[hook].to(act.dtype).expand_as(act)
                 return torch.where(keep, new, act)
 
             return fn
@@ -160,7 +190,7 @@ def splice_batch(lm: Any, dictionary: Dictionary, tokens: torch.Tensor, mask: to
 
     sums = SpliceSums(n_tokens=int(counted.sum()), n_contexts=int(tokens.shape[0]))
     sums.ce_clean = _masked_ce(logp_clean, targets, counted)
-    for name, values in (("spliced", recon), ("zero", None)):
+    for name, values in (("spliced", recon), ("zero", None), ("mean", means)):
         logp = _log_probs(_forward(lm, tokens, replace_with(values), attention_mask))
         setattr(sums, f"ce_{name}", _masked_ce(logp, targets, counted))
         setattr(sums, f"kl_{name}", _masked_kl(logp_clean, logp, counted))
@@ -181,7 +211,8 @@ def _masked_kl(logp_ref: torch.Tensor, logp: torch.Tensor, counted: torch.Tensor
 
 
 def splice_eval(lm: Any, dictionary: Dictionary, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                on_batch: Callable[[SpliceSums], None] | None = None) -> dict[str, float]:
+                on_batch: Callable[[SpliceSums], None] | None = None,
+                min_gap: float = MIN_ABLATION_GAP) -> dict[str, Any]:
     """Run `splice_batch` over (tokens [B, T], mask [B, T]) batches and return the averaged metrics."""
     total = SpliceSums()
     device = getattr(lm, "device", None)
@@ -192,4 +223,4 @@ def splice_eval(lm: Any, dictionary: Dictionary, batches: Iterable[tuple[torch.T
         total.add(part)
         if on_batch is not None:
             on_batch(part)
-    return total.result()
+    return total.result(min_gap)

@@ -16,6 +16,13 @@ def open_store(cfg: StoreConfig, base: str | Path | None = None) -> Store:
     """The store `cfg` describes; a relative SQLite path is taken relative to `base` when given."""
     if cfg.backend == "none":
         return NullStore()
+    from saecli.store.record import known_unreachable
+
+    reason = known_unreachable(cfg)
+    if reason is not None:  # found down at the start of this command: do not wait for the timeout again
+        from saecli.errors import RunError
+
+        raise RunError(reason)
     if cfg.backend == "sqlite":
         from saecli.store.sqlite import SQLiteStore
 

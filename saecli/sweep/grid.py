@@ -155,6 +155,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPla
         sweep = parse(SweepConfig, data.pop("sweep"), key="sweep")
     except ConfigError as exc:
         raise ConfigError(_bare(exc), file=file, key=exc.key) from None
+    try:  # the base whole, before the grid hides a bad value under a key it overrides (e.g. --set sae.k=-9)
+        experiment_from_dict(data, file=file)
+    except ConfigError as exc:
+        raise ConfigError(f"the base experiment (the file without [sweep], after --set): {_bare(exc)}",
+                          file=file, key=exc.key) from None
     return plan_from_dict(data, sweep, file=file)
 
 

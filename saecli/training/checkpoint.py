@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from saecli.errors import RunError
+
 CHECKPOINTS_DIR = "checkpoints"
 WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "trainer.pt"
@@ -126,11 +128,34 @@ def save_checkpoint(root: str | Path, step: int, weights: dict[str, torch.Tensor
         _fsync(tmp)
         os.rename(tmp, final)
         _fsync(parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        from saecli.fsio import human_bytes, is_disk_full
+
+        needed = checkpoint_bytes(weights, state)
+        if is_disk_full(exc, parent, needed):
+            last = latest_checkpoint(root)
+            kept = f"the last checkpoint, {last[1]}, is intact (resume from it with --resume)" if last else \
+                "no earlier checkpoint exists"
+            raise RunError(f"the disk is full: writing checkpoint {final} (about {human_bytes(needed)}) failed; "
+                           f"{kept}. Free some space and run again") from exc
         raise
     prune(root, keep)
     return final
+
+
+def checkpoint_bytes(weights: dict[str, torch.Tensor], state: Any) -> int:
+    """About how many bytes a checkpoint takes on disk: its tensors (weights, optimizer moments...)."""
+    def walk(obj: Any) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(walk(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(walk(v) for v in obj)
+        return 0
+
+    return walk(weights) + walk(state) + (1 << 16)
 
 
 def prune(root: str | Path, keep: int = 2) -> None:

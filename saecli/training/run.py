@@ -19,7 +19,6 @@ From Python:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import shutil
@@ -83,12 +82,11 @@ def resolve_device(exp: Any) -> torch.device:
 
 
 def with_absolute_store_path(exp: Any) -> Any:
-    """store.path is relative to the experiment (or sweep) file: make it absolute before config.toml is written."""
-    path = Path(exp.store.path)
-    if path.is_absolute() or not exp.source_file:
-        return exp
-    base = Path(exp.source_file).resolve().parent
-    return dataclasses.replace(exp, store=dataclasses.replace(exp.store, path=str(base / path)))
+    """Relative paths (store.path, cache, model...) made absolute against the current directory, the one rule
+    for every file (`saecli.config.load.PATHS_RULE`), before config.toml is written."""
+    from saecli.config.load import absolute_paths
+
+    return absolute_paths(exp)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -109,7 +107,9 @@ def config_changes(old_toml: Path, exp: Any) -> list[str]:
         old = _flat(read_toml(old_toml))
     except Exception:  # an unreadable old config: nothing to compare with
         return []
-    new = to_dict(exp)
+    from saecli.config.load import absolute_paths
+
+    new = to_dict(absolute_paths(exp))
     new.pop("source_file", None)
     new = _flat(new)
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -151,6 +151,9 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
 
     exp = with_absolute_store_path(exp)
     if sync.is_main:
+        from saecli.fsio import require_writable
+
+        require_writable(folder, "the run folder")
         if found is not None and (folder / "config.toml").exists():
             changed = config_changes(folder / "config.toml", exp)
             if changed:
@@ -267,6 +270,9 @@ def record_in_store(exp: Any, folder: Path, summary: dict, reporter: Reporter) -
                           dataset_name=exp.dataset.path, metrics=summary)
         finally:
             store.close()
+        from saecli.store.record import describe
+
+        reporter.info(f"recorded {exp.run.name} in {describe(exp.store)}")
     except Exception as exc:  # the store is a convenience: never lose a finished run over it
         reporter.warn(f"could not record {exp.run.name} in the {exp.store.backend} store ({exc}); "
-                      f"the results are in {folder}")
+                      f"the results are in {folder} (record them later with `saecli record {folder}`)")

@@ -247,7 +247,9 @@ def fit(stream: Any, members: list[Member], *, reporter: Reporter | None = None,
                 if m.feed(moved[key]):
                     stepped.append(m)
             batches_seen += 1
-            reporter.advance(batch.n_tokens * sync.world_size)
+            # planned tokens per batch, the unit of start()'s total (a masked or filtered batch holds fewer):
+            # the bar ends exactly at its total
+            reporter.advance(lead.batch_tokens * sync.world_size)
             for m in stepped:
                 if m.should_log() and m.check_finite():
                     rec = m.metrics()
