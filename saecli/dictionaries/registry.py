@@ -39,13 +39,18 @@ def build_dictionary(cfg: Any, d_model: int, hook_points: list[str]) -> Dictiona
 
 
 def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> Dictionary:
-    """Load any kind saved with `Dictionary.save` (folder with cfg.json + sae_weights.safetensors)."""
+    """Load any kind saved with `Dictionary.save` (folder with cfg.json + sae_weights.safetensors), or a
+    SAELens / sparsify / dictionary_learning folder (format detected from its files; see saecli.interop)."""
     from safetensors.torch import load_file
 
     from saecli.config.base import parse
     from saecli.config.dictionary import DictionaryConfig
 
     folder = Path(folder)
+    from saecli.interop import detect_format, load_any
+
+    if detect_format(folder) is not None:  # a SAELens / sparsify / dictionary_learning folder
+        return load_any(folder, device=device)
     if not (folder / CONFIG_NAME).exists() or not (folder / WEIGHTS_NAME).exists():
         raise UsageError(f"{folder} holds no saved dictionary ({CONFIG_NAME} and {WEIGHTS_NAME} expected)")
     meta = json.loads((folder / CONFIG_NAME).read_text())
