@@ -93,11 +93,11 @@ class Canonical:
     def decoder_norms(self) -> torch.Tensor:
         return self.W_dec.float().norm(dim=1)
 
-    def unit_decoder(self) -> "Canonical":
-        """The same function with unit decoder rows: ‖W_dec,i‖ moves into latent i's encoder row, bias
-        and threshold (features scale by ‖W_dec,i‖; reconstructions are unchanged). Exact for ReLU and
-        JumpReLU; for TopK only when the rows already have one norm (else the ranking would change)."""
-        n = self.decoder_norms().clamp_min(1e-12)
+    def unit_decoder(self, target: float = 1.0) -> "Canonical":
+        """The same function with decoder rows of norm `target`: ‖W_dec,i‖/target moves into latent i's
+        encoder row, bias and threshold (features scale by it; reconstructions are unchanged). Exact for
+        ReLU and JumpReLU; for TopK only when the rows already have one norm (else the ranking would change)."""
+        n = self.decoder_norms().clamp_min(1e-12) / target
         if self.activation == "topk" and not torch.allclose(n, n[0].expand_as(n), rtol=1e-3):
             raise ValueError("a TopK dictionary ranks h itself: its decoder rows cannot be normalised exactly")
         nd = n.to(self.W_enc.dtype)
