@@ -146,3 +146,22 @@ def test_start_from_a_dictionary_of_another_size_names_the_key(tmp_path):
     d = build_dictionary(parse(DictionaryConfig, {"d_sae": 64, "k": 6}, key="sae"), 16, ["blocks.1.hook_mlp_in"])
     with pytest.raises(ConfigError, match="sae.d_sae"):
         start_from(d, tmp_path / "run")
+
+
+def test_a_saved_datasets_folder_imports_a_column_per_hook(tmp_path):
+    import datasets
+
+    acts = _activations(40)
+    datasets.Dataset.from_dict({"resid": acts.tolist(), "input_ids": list(range(40))}).save_to_disk(str(tmp_path / "ds"))
+    m = import_activations(tmp_path / "ds", tmp_path / "c", hook_points=[HOOK], keys={HOOK: "resid"})
+    assert m["total_tokens"] == 40 and m["d_model"] == {HOOK: D}
+
+
+def test_export_errors_are_exit_2_and_say_why(tmp_path, run_cli):
+    res = run_cli("export", tmp_path / "missing", tmp_path / "out")
+    assert res.exit_code == 2 and "missing" in res.output and "Traceback" not in res.output
+    cfg = parse(DictionaryConfig, {"kind": "clt", "d_sae": 4, "k": 1}, key="sae")
+    run = build_dictionary(cfg, D, ["blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out",
+                                    "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]).save(tmp_path / "clt")
+    res = run_cli("export", run, "--format", "saelens", tmp_path / "out")
+    assert res.exit_code == 2 and "circuit-tracer" in " ".join(res.output.split())

@@ -7,7 +7,10 @@ from typing import Annotated, List, Optional
 
 import typer
 
-cache_app = typer.Typer(help="Activation caches: bring in activations computed elsewhere.", no_args_is_help=True)
+cache_app = typer.Typer(
+    help="Activation caches: bring in activations computed elsewhere (`generate` writes caches from a model).\n\n"
+    "Example:\n\n    saecli cache import acts.npy caches/mine --hook blocks.6.hook_resid_post",
+    no_args_is_help=True)
 
 
 @cache_app.command("import")

@@ -119,7 +119,8 @@ def from_dictionary(dictionary: Any) -> Canonical:
     if not isinstance(dictionary, SparseAutoEncoder):
         raise UsageError(f"a {dictionary.kind} reads or writes several hook points: the SAELens, sparsify and "
                          "dictionary_learning formats hold single-hook kinds only (sae, transcoder); "
-                         f"keep the {dictionary.kind} in saecli's own run folder")
+                         f"keep the {dictionary.kind} in saecli's own run folder"
+                         + (" (circuit-tracer's CLT layout is not written yet)" if dictionary.kind == "clt" else ""))
     cfg = dictionary.cfg
     mode = getattr(cfg, "norm_activation", "none")
     if mode == "batch-wise" and not dictionary.folded:
