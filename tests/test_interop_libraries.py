@@ -6,6 +6,8 @@ dictionary_learning is not here: its package imports nnsight at import time.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from saecli.interop import export_dictionary
 from test_interop import HOOK_IN, HOOK_OUT, _dictionary, _raw_batch
 
 pytestmark = pytest.mark.slow
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's own switch to its CPU decoder
 
 
 def _run(tmp_path, activation, kind="sae", skip=False):
@@ -58,3 +61,42 @@ def test_sparsify_loads_the_export_and_reconstructs_as_saecli(tmp_path, kind, sk
         if coder.W_skip is not None:
             got = got + x @ coder.W_skip.mT
     assert torch.allclose(got, _saecli(run, x, kind), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+def test_a_folder_saelens_saved_loads_in_saecli_with_the_same_outputs(tmp_path, architecture):
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens.registry import get_sae_class
+
+    cls, cfg_cls = get_sae_class(architecture)
+    extra = {"k": 5} if architecture == "topk" else {}
+    sae = cls(cfg_cls(d_in=16, d_sae=40, apply_b_dec_to_input=True, **extra))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.rand(p.shape, generator=g) * 0.1 if name == "threshold" else torch.randn(p.shape, generator=g))
+    sae.cfg.metadata.hook_name = "blocks.2.hook_resid_post"
+    sae.save_model(tmp_path / "sl")
+    x = _raw_batch()
+    mine = load_dictionary(tmp_path / "sl")
+    with torch.no_grad():
+        assert torch.allclose(mine(x), sae(x), rtol=1e-4, atol=1e-4)
+        assert torch.allclose(mine.encode(x), sae.encode(x), rtol=1e-4, atol=1e-4)
+    assert mine.in_hooks == ["blocks.2.hook_resid_post"]
+
+
+@pytest.mark.parametrize("transcode", [False, True])
+def test_a_folder_sparsify_saved_loads_in_saecli_with_the_same_outputs(tmp_path, transcode):
+    sparsify = pytest.importorskip("sparsify")
+    coder = sparsify.SparseCoder(16, sparsify.SparseCoderConfig(num_latents=40, k=5, transcode=transcode))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in coder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    coder.save_to_disk(tmp_path / "sp" / "layers.3")
+    x = _raw_batch()
+    with torch.no_grad():
+        acts, idx, _ = coder.encode(x)
+        want = coder.decode(acts, idx)
+        got = load_dictionary(tmp_path / "sp")(x)  # the one hookpoint folder is found
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -151,7 +151,7 @@ def from_dictionary(dictionary: Any) -> Canonical:
         W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec,
         activation={"batchtopk": "jumprelu"}.get(act, act), hook_in=d.in_hooks[0], hook_out=d.out_hooks[0],
         k=int(cfg.k) if act in ("topk", "batchtopk") else None, threshold=threshold, W_skip=W_skip, norm=norm,
-        batchtopk=act == "batchtopk", info={"dtype": getattr(cfg, "dtype", "float32")})
+        batchtopk=act == "batchtopk", info={"dtype": str(dictionary.W_enc.dtype).replace("torch.", "")})
 
 
 def to_dictionary(c: Canonical) -> Any:

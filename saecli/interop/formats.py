@@ -81,7 +81,6 @@ def load_any(folder: str | Path, device: str | torch.device = "cpu") -> Any:
     expected = Reference(x, f_c, y_c, metrics(x, f_c, y_c, c.kind == "sae"))
     compare(expected, f_d, y_d, where=f"{where} ({name}) converted to saecli", tol=tolerance(d.W_enc.dtype),
             autoencoder=c.kind == "sae")
-    d.source_format = name
     return d.to(device)
 
 

@@ -44,10 +44,11 @@ def reference_inputs(W_enc: torch.Tensor, b_dec: torch.Tensor | None, scale: flo
     with norm `scale` (the data's typical norm), offset by `b_dec` for an SAE (the data's centre)."""
     g = torch.Generator().manual_seed(seed)
     d_sae, d_in = W_enc.shape
-    dirs = W_enc.float() / W_enc.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
     idx = torch.randint(0, d_sae, (n, 4), generator=g)
+    rows = W_enc[idx.reshape(-1)].float()  # only the rows used: W_enc may be gigabytes
+    dirs = (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).reshape(n, 4, d_in)
     coef = torch.rand(n, 4, generator=g) + 0.5
-    x = (dirs[idx] * coef[..., None]).sum(1) + 0.3 * torch.randn(n, d_in, generator=g) / d_in**0.5
+    x = (dirs * coef[..., None]).sum(1) + 0.3 * torch.randn(n, d_in, generator=g) / d_in**0.5
     x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12) * scale
     return x + (b_dec.float() if b_dec is not None and b_dec.shape[0] == d_in else 0.0)
 
