@@ -235,3 +235,11 @@ def test_native_run_folders_still_load_natively(tmp_path):
     run = _saved(tmp_path, _dictionary("topk"))
     assert detect_format(run) is None
     assert load_dictionary(run).cfg.sparsity_include_decoder_norm  # its own config, not an import's
+
+
+def test_a_damaged_foreign_file_is_a_usage_error_naming_it(tmp_path):
+    run = _saved(tmp_path, _dictionary("relu"))
+    export_dictionary(run, "saelens", tmp_path / "out")
+    (tmp_path / "out/sae_weights.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UsageError, match="sae_weights.safetensors|cannot be read"):
+        load_dictionary(tmp_path / "out")

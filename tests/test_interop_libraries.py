@@ -100,3 +100,5 @@ def test_a_folder_sparsify_saved_loads_in_saecli_with_the_same_outputs(tmp_path,
         want = coder.decode(acts, idx)
         got = load_dictionary(tmp_path / "sp")(x)  # the one hookpoint folder is found
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    if not transcode:  # sparsify's `layers.3` is the block's output
+        assert load_dictionary(tmp_path / "sp").in_hooks == ["blocks.3.hook_resid_post"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from saecli.errors import UsageError
+from saecli.errors import SaecliError, UsageError
 from saecli.interop import dictionary_learning, saelens, sparsify
 from saecli.interop.canonical import Canonical, from_dictionary, to_dictionary
 from saecli.interop.selfcheck import (
@@ -58,7 +58,13 @@ def read_checked(folder: str | Path) -> tuple[Canonical, str, Path]:
                          "folder (cfg.json + sae_weights.safetensors), a sparsify hookpoint folder "
                          "(cfg.json + sae.safetensors) or a dictionary_learning folder (ae.pt + config.json)")
     name, where = found
-    c = FORMATS[name].read(where)
+    try:
+        c = FORMATS[name].read(where)
+    except SaecliError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged file: one paragraph naming it, exit 2
+        raise UsageError(f"{where} looks like a {name} folder but cannot be read ({type(exc).__name__}: {exc}); "
+                         "is a file truncated or from another version?") from None
     ref = load_reference(where)
     if ref is not None:
         compare(ref, *_run(c, ref.inputs), where=f"{where} ({name})", tol=tolerance(DTYPES.get(c.info.get("dtype"),

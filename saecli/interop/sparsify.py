@@ -8,6 +8,7 @@ subtracts b_dec from its input, a transcoder (`transcode = true`) does not; late
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def read(folder: Path) -> Canonical:
     hooks_file = folder / "saecli_hooks.json"
     hooks = json.loads(hooks_file.read_text()) if hooks_file.exists() else {}
     transcode = bool(cfg.get("transcode", False))
-    hook_in = hooks.get("hook_in", folder.name)
+    hook_in = hooks.get("hook_in") or _hook_name(folder.name, transcode or "W_skip" in s)
     hook_out = hooks.get("hook_out", hook_in + ".out" if transcode or "W_skip" in s else hook_in)
     c = Canonical(W_enc=W_enc, b_enc=s["encoder.bias"].float(), W_dec=s["W_dec"].float(), b_dec=s["b_dec"].float(),
                   activation="topk", hook_in=hook_in, hook_out=hook_out, k=int(cfg.get("k", 32)),
@@ -95,3 +96,10 @@ def read(folder: Path) -> Canonical:
     if not transcode:
         c.b_enc = c.b_enc - c.W_enc @ c.b_dec
     return c
+
+
+def _hook_name(hookpoint: str, transcoder: bool) -> str:
+    """sparsify names hookpoints by module: an SAE on `layers.L` (any prefix) reads the block's output,
+    saecli's `blocks.L.hook_resid_post`; other names (and transcoders' modules) are kept as they are."""
+    m = re.search(r"(?:^|\.)layers\.(\d+)$", hookpoint)
+    return f"blocks.{m.group(1)}.hook_resid_post" if m and not transcoder else hookpoint
