@@ -64,13 +64,20 @@ def _check_same(original, loaded, hook_in, hook_out):
 
 
 ROUND_TRIPS = [
-    ("saelens", "sae", "relu", False), ("saelens", "sae", "topk", False), ("saelens", "sae", "batchtopk", False),
-    ("saelens", "sae", "jumprelu", False), ("saelens", "transcoder", "relu", False),
-    ("saelens", "transcoder", "relu", True), ("saelens", "transcoder", "jumprelu", False),
-    ("sparsify", "sae", "topk", False), ("sparsify", "transcoder", "topk", False),
+    ("saelens", "sae", "relu", False),
+    ("saelens", "sae", "topk", False),
+    ("saelens", "sae", "batchtopk", False),
+    ("saelens", "sae", "jumprelu", False),
+    ("saelens", "transcoder", "relu", False),
+    ("saelens", "transcoder", "relu", True),
+    ("saelens", "transcoder", "jumprelu", False),
+    ("sparsify", "sae", "topk", False),
+    ("sparsify", "transcoder", "topk", False),
     ("sparsify", "transcoder", "topk", True),
-    ("dictionary_learning", "sae", "relu", False), ("dictionary_learning", "sae", "topk", False),
-    ("dictionary_learning", "sae", "batchtopk", False), ("dictionary_learning", "sae", "jumprelu", False),
+    ("dictionary_learning", "sae", "relu", False),
+    ("dictionary_learning", "sae", "topk", False),
+    ("dictionary_learning", "sae", "batchtopk", False),
+    ("dictionary_learning", "sae", "jumprelu", False),
 ]
 
 
@@ -178,12 +185,15 @@ def test_a_transposed_square_encoder_fails_the_self_check(tmp_path):
         load_dictionary(tmp_path / "out")
 
 
-@pytest.mark.parametrize("fmt,kind,activation,skip,needle", [
-    ("sparsify", "sae", "relu", False, "--format saelens"),
-    ("saelens", "transcoder", "topk", False, "--format sparsify"),
-    ("dictionary_learning", "transcoder", "relu", False, "--format saelens"),
-    ("saelens", "transcoder", "jumprelu", True, "no format holds"),
-])
+@pytest.mark.parametrize(
+    "fmt,kind,activation,skip,needle",
+    [
+        ("sparsify", "sae", "relu", False, "--format saelens"),
+        ("saelens", "transcoder", "topk", False, "--format sparsify"),
+        ("dictionary_learning", "transcoder", "relu", False, "--format saelens"),
+        ("saelens", "transcoder", "jumprelu", True, "no format holds"),
+    ],
+)
 def test_a_kind_a_format_cannot_hold_names_the_formats_that_can(tmp_path, fmt, kind, activation, skip, needle):
     run = _saved(tmp_path, _dictionary(activation, kind, skip))
     with pytest.raises(UsageError, match=needle):
@@ -210,13 +220,24 @@ def test_an_existing_output_folder_needs_overwrite(tmp_path):
 def test_a_saelens_folder_from_saelens_itself_loads(tmp_path):
     """No reference batch (a file SAELens wrote): apply_b_dec_to_input and rescaled TopK still load exactly."""
     g = torch.Generator().manual_seed(3)
-    w = {"W_enc": torch.randn(D, S, generator=g), "b_enc": torch.randn(S, generator=g),
-         "W_dec": torch.randn(S, D, generator=g), "b_dec": torch.randn(D, generator=g)}
+    w = {
+        "W_enc": torch.randn(D, S, generator=g),
+        "b_enc": torch.randn(S, generator=g),
+        "W_dec": torch.randn(S, D, generator=g),
+        "b_dec": torch.randn(D, generator=g),
+    }
     (tmp_path / "sl").mkdir()
     save_file(w, str(tmp_path / "sl/sae_weights.safetensors"))
-    cfg = {"architecture": "topk", "d_in": D, "d_sae": S, "k": 5, "apply_b_dec_to_input": True,
-           "rescale_acts_by_decoder_norm": True, "normalize_activations": "none",
-           "metadata": {"hook_name": "blocks.0.hook_resid_post", "sae_lens_version": "6.5.0"}}
+    cfg = {
+        "architecture": "topk",
+        "d_in": D,
+        "d_sae": S,
+        "k": 5,
+        "apply_b_dec_to_input": True,
+        "rescale_acts_by_decoder_norm": True,
+        "normalize_activations": "none",
+        "metadata": {"hook_name": "blocks.0.hook_resid_post", "sae_lens_version": "6.5.0"},
+    }
     (tmp_path / "sl/cfg.json").write_text(json.dumps(cfg))
     sae = load_dictionary(tmp_path / "sl")
     x = _raw_batch()

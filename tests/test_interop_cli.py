@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_toml
+
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
 from saecli.config.load import read_toml
@@ -32,10 +32,12 @@ def _activations(n: int = 4096, seed: int = 0) -> np.ndarray:
 
 
 def _experiment(tmp_path: Path, name: str, cache: Path, sae: str, tokens: int = 4096) -> Path:
-    return write_toml(tmp_path / f"{name}.toml", f'''
+    return write_toml(
+        tmp_path / f"{name}.toml",
+        f'''
 [run]
 name = "{name}"
-output_dir = "{tmp_path / 'runs' / name}"
+output_dir = "{tmp_path / "runs" / name}"
 [activations]
 hook_points = ["{HOOK}"]
 cache_dir = "{cache}"
@@ -51,13 +53,16 @@ lr = 3e-3
 log_frequency = 4
 [store]
 backend = "none"
-''')
+''',
+    )
 
 
 @pytest.fixture
 def imported_cache(tmp_path, run_cli) -> Path:
     np.save(tmp_path / "acts.npy", _activations())
-    res = run_cli("cache", "import", tmp_path / "acts.npy", tmp_path / "cache", "--hook", HOOK, "--chunk-tokens", "1000")
+    res = run_cli(
+        "cache", "import", tmp_path / "acts.npy", tmp_path / "cache", "--hook", HOOK, "--chunk-tokens", "1000"
+    )
     assert res.exit_code == 0, res
     return tmp_path / "cache"
 
@@ -77,12 +82,20 @@ def test_sequences_and_several_hooks_import_from_safetensors(tmp_path):
     from saecli.data.reader import CacheStream
 
     acts = torch.from_numpy(_activations(6 * 50)).reshape(6, 50, D)
-    save_file({"resid": acts, "mlp": 2 * acts, "input_ids": torch.arange(300).reshape(6, 50)}, str(tmp_path / "a.safetensors"))
-    m = import_activations(tmp_path / "a.safetensors", tmp_path / "c", hook_points=["h.resid", "h.mlp"],
-                           keys={"h.resid": "resid", "h.mlp": "mlp"}, chunk_tokens=128)
+    save_file(
+        {"resid": acts, "mlp": 2 * acts, "input_ids": torch.arange(300).reshape(6, 50)}, str(tmp_path / "a.safetensors")
+    )
+    m = import_activations(
+        tmp_path / "a.safetensors",
+        tmp_path / "c",
+        hook_points=["h.resid", "h.mlp"],
+        keys={"h.resid": "resid", "h.mlp": "mlp"},
+        chunk_tokens=128,
+    )
     assert m["total_tokens"] == 300 and m["hook_points"] == ["h.resid", "h.mlp"]
-    batch = next(iter(CacheStream(tmp_path / "c", hook_points=["h.resid", "h.mlp"], batch_size=300, shuffle=False,
-                                  epochs=1)))
+    batch = next(
+        iter(CacheStream(tmp_path / "c", hook_points=["h.resid", "h.mlp"], batch_size=300, shuffle=False, epochs=1))
+    )
     assert torch.allclose(batch.acts["h.mlp"], 2 * batch.acts["h.resid"])
 
 
@@ -108,8 +121,9 @@ def test_export_eval_and_continue_training_from_the_export(tmp_path, run_cli, im
     assert native.exit_code == 0
     assert ev == pytest.approx(json.loads((run / "eval.json").read_text())["metrics"]["explained_variance"], abs=1e-4)
 
-    more = _experiment(tmp_path, "more", imported_cache, f'activation = "topk"\nk = 4\npretrained = "{tmp_path / "sl"}"',
-                       tokens=512)
+    more = _experiment(
+        tmp_path, "more", imported_cache, f'activation = "topk"\nk = 4\npretrained = "{tmp_path / "sl"}"', tokens=512
+    )
     assert run_cli("train", more).exit_code == 0
     # after 2 more steps at a small lr it is still the exported dictionary, not a fresh one
     a, b = load_dictionary(run), load_dictionary(tmp_path / "runs/more")
@@ -152,7 +166,9 @@ def test_a_saved_datasets_folder_imports_a_column_per_hook(tmp_path):
     import datasets
 
     acts = _activations(40)
-    datasets.Dataset.from_dict({"resid": acts.tolist(), "input_ids": list(range(40))}).save_to_disk(str(tmp_path / "ds"))
+    datasets.Dataset.from_dict({"resid": acts.tolist(), "input_ids": list(range(40))}).save_to_disk(
+        str(tmp_path / "ds")
+    )
     m = import_activations(tmp_path / "ds", tmp_path / "c", hook_points=[HOOK], keys={HOOK: "resid"})
     assert m["total_tokens"] == 40 and m["d_model"] == {HOOK: D}
 
@@ -161,7 +177,8 @@ def test_export_errors_are_exit_2_and_say_why(tmp_path, run_cli):
     res = run_cli("export", tmp_path / "missing", tmp_path / "out")
     assert res.exit_code == 2 and "missing" in res.output and "Traceback" not in res.output
     cfg = parse(DictionaryConfig, {"kind": "clt", "d_sae": 4, "k": 1}, key="sae")
-    run = build_dictionary(cfg, D, ["blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out",
-                                    "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]).save(tmp_path / "clt")
+    run = build_dictionary(
+        cfg, D, ["blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
+    ).save(tmp_path / "clt")
     res = run_cli("export", run, "--format", "saelens", tmp_path / "out")
     assert res.exit_code == 2 and "circuit-tracer" in " ".join(res.output.split())

@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
+from test_interop import HOOK_IN, HOOK_OUT, _dictionary, _raw_batch
 
 from saecli.dictionaries.registry import load_dictionary
 from saecli.interop import export_dictionary
-from test_interop import HOOK_IN, HOOK_OUT, _dictionary, _raw_batch
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's own switch to its CPU decoder
@@ -31,10 +31,18 @@ def _saecli(run, x, kind):
         return d.reconstruct({HOOK_IN: x})[HOOK_OUT if kind == "transcoder" else HOOK_IN]
 
 
-@pytest.mark.parametrize("kind,activation,skip", [
-    ("sae", "relu", False), ("sae", "topk", False), ("sae", "jumprelu", False), ("sae", "batchtopk", False),
-    ("transcoder", "relu", False), ("transcoder", "relu", True), ("transcoder", "jumprelu", False),
-])
+@pytest.mark.parametrize(
+    "kind,activation,skip",
+    [
+        ("sae", "relu", False),
+        ("sae", "topk", False),
+        ("sae", "jumprelu", False),
+        ("sae", "batchtopk", False),
+        ("transcoder", "relu", False),
+        ("transcoder", "relu", True),
+        ("transcoder", "jumprelu", False),
+    ],
+)
 def test_saelens_loads_the_export_and_reconstructs_as_saecli(tmp_path, kind, activation, skip):
     sae_lens = pytest.importorskip("sae_lens")
     run = _run(tmp_path, activation, kind, skip)
@@ -65,7 +73,7 @@ def test_sparsify_loads_the_export_and_reconstructs_as_saecli(tmp_path, kind, sk
 
 @pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
 def test_a_folder_saelens_saved_loads_in_saecli_with_the_same_outputs(tmp_path, architecture):
-    sae_lens = pytest.importorskip("sae_lens")
+    pytest.importorskip("sae_lens")
     from sae_lens.registry import get_sae_class
 
     cls, cfg_cls = get_sae_class(architecture)
@@ -74,7 +82,9 @@ def test_a_folder_saelens_saved_loads_in_saecli_with_the_same_outputs(tmp_path, 
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in sae.named_parameters():
-            p.copy_(torch.rand(p.shape, generator=g) * 0.1 if name == "threshold" else torch.randn(p.shape, generator=g))
+            p.copy_(
+                torch.rand(p.shape, generator=g) * 0.1 if name == "threshold" else torch.randn(p.shape, generator=g)
+            )
     sae.cfg.metadata.hook_name = "blocks.2.hook_resid_post"
     sae.save_model(tmp_path / "sl")
     x = _raw_batch()

@@ -26,7 +26,8 @@ def export(
     The files map raw activations to raw reconstructions exactly as saecli does (a dataset-wise input scale
     is folded into the weights). A small reference batch (reference.safetensors) goes with them: saecli
     reads the written files back and compares the latents and reconstructions with what it recorded, and
-    does so again whenever the folder is loaded (`--sae OUT`, `[sae] pretrained = "OUT"`).
+    does so again whenever the folder is loaded (`--sae OUT`, or `pretrained = "OUT"` in an
+    experiment's sae table).
 
     saelens: SAEs (relu→standard, topk, jumprelu, batchtopk→jumprelu), transcoders (relu, jumprelu),
     skip transcoders (relu). sparsify: TopK SAEs and transcoders, skip included. dictionary_learning:
@@ -42,10 +43,17 @@ def export(
     from saecli.interop import export_dictionary
 
     result = export_dictionary(run, format.value, out, overwrite=overwrite)
-    ui.table(f"exported {run} as {result['format']}", {
-        "folder": result["folder"], "kind": result["kind"], "activation": result["activation"],
-        "d_in": result["d_in"], "d_sae": result["d_sae"], **{f"reference {k}": v for k, v in result["metrics"].items()},
-    })
+    ui.table(
+        f"exported {run} as {result['format']}",
+        {
+            "folder": result["folder"],
+            "kind": result["kind"],
+            "activation": result["activation"],
+            "d_in": result["d_in"],
+            "d_sae": result["d_sae"],
+            **{f"reference {k}": v for k, v in result["metrics"].items()},
+        },
+    )
     ui.result(f"{result['folder']}: self-check passed (load it with --sae {out})")
 
 

@@ -33,9 +33,16 @@ IMPORTED = "imported:"
 _TOKEN_KEYS = ("tokens", "input_ids")
 
 
-def import_activations(source: str | Path, cache_dir: str | Path, *, hook_points: list[str],
-                       keys: dict[str, str] | None = None, dtype: str = "float32", chunk_tokens: int = 65536,
-                       model: str | None = None) -> dict:
+def import_activations(
+    source: str | Path,
+    cache_dir: str | Path,
+    *,
+    hook_points: list[str],
+    keys: dict[str, str] | None = None,
+    dtype: str = "float32",
+    chunk_tokens: int = 65536,
+    model: str | None = None,
+) -> dict:
     """Write the activations at `source` as a saecli cache in `cache_dir`; returns the manifest."""
     from saecli.data.cache import write_cache
 
@@ -49,8 +56,14 @@ def import_activations(source: str | Path, cache_dir: str | Path, *, hook_points
     keys = dict(keys or {})
     info = {"model": {"name": model or "unknown"}, "dataset": {"path": f"{IMPORTED}{source.resolve()}"}}
     blocks = _blocks(source, hook_points, keys)
-    return write_cache(cache_dir, _rechunk(blocks, hook_points, chunk_tokens), hook_points=hook_points, dtype=dtype,
-                       chunk_tokens=chunk_tokens, info=info)
+    return write_cache(
+        cache_dir,
+        _rechunk(blocks, hook_points, chunk_tokens),
+        hook_points=hook_points,
+        dtype=dtype,
+        chunk_tokens=chunk_tokens,
+        info=info,
+    )
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -68,11 +81,13 @@ def _blocks(source: Path, hooks: list[str], keys: dict[str, str]) -> Iterator[di
         return
     if source.suffix == ".npy":
         if len(hooks) != 1:
-            raise UsageError(f"{source} is one array: give one --hook (or a .safetensors file with one tensor per hook)")
+            raise UsageError(
+                f"{source} is one array: give one --hook (or a .safetensors file with one tensor per hook)"
+            )
         arr = np.load(source, mmap_mode="r")  # read in slices: the file may not fit in memory
         step = max(1, 65536 // (arr.shape[1] if arr.ndim == 3 else 1))
         for i in range(0, arr.shape[0], step):
-            yield {hooks[0]: torch.from_numpy(np.array(arr[i:i + step]))}
+            yield {hooks[0]: torch.from_numpy(np.array(arr[i : i + step]))}
         return
     if source.suffix == ".safetensors":
         from safetensors import safe_open
@@ -86,8 +101,10 @@ def _blocks(source: Path, hooks: list[str], keys: dict[str, str]) -> Iterator[di
                     break
         yield block
         return
-    raise UsageError(f"{source}: unsupported activation file (supported: .npy, .safetensors, a folder of them, "
-                     "or a `datasets` folder saved with save_to_disk)")
+    raise UsageError(
+        f"{source}: unsupported activation file (supported: .npy, .safetensors, a folder of them, "
+        "or a `datasets` folder saved with save_to_disk)"
+    )
 
 
 def _key(source: Path, hook: str, keys: dict[str, str], names: list[str], n_hooks: int) -> str:
@@ -97,8 +114,9 @@ def _key(source: Path, hook: str, keys: dict[str, str], names: list[str], n_hook
     acts = [n for n in names if n not in _TOKEN_KEYS]
     if n_hooks == 1 and len(acts) == 1:
         return acts[0]
-    raise UsageError(f"{source} has no tensor for hook {hook!r} (tensors: {', '.join(names)}): "
-                     f"name it with --key {hook}=TENSOR")
+    raise UsageError(
+        f"{source} has no tensor for hook {hook!r} (tensors: {', '.join(names)}): name it with --key {hook}=TENSOR"
+    )
 
 
 def _hf_blocks(source: Path, hooks: list[str], keys: dict[str, str]) -> Iterator[dict[str, torch.Tensor]]:
@@ -110,13 +128,15 @@ def _hf_blocks(source: Path, hooks: list[str], keys: dict[str, str]) -> Iterator
     columns = {h: keys.get(h, h) for h in hooks}
     missing = [c for c in columns.values() if c not in ds.column_names]
     if missing:
-        raise UsageError(f"{source} has no column {', '.join(map(repr, missing))} (columns: {', '.join(ds.column_names)}): "
-                         "name the column of each hook with --key HOOK=COLUMN")
+        raise UsageError(
+            f"{source} has no column {', '.join(map(repr, missing))} (columns: {', '.join(ds.column_names)}): "
+            "name the column of each hook with --key HOOK=COLUMN"
+        )
     token_col = next((k for k in _TOKEN_KEYS if k in ds.column_names), None)
     wanted = list(columns.values()) + ([token_col] if token_col else [])
     ds = ds.with_format("torch", columns=wanted)
     for start in range(0, len(ds), 1024):
-        rows = ds[start:start + 1024]
+        rows = ds[start : start + 1024]
         block = {h: _stack(rows[c]) for h, c in columns.items()}
         if token_col:
             block["tokens"] = _stack(rows[token_col])
@@ -132,16 +152,19 @@ def _flatten(block: dict[str, torch.Tensor], hooks: list[str], first_doc: int) -
     """One block → token rows with tokens/doc/pos; returns the rows and the next document index."""
     ref = block[hooks[0]]
     if ref.dim() not in (2, 3):
-        raise UsageError(f"activations for {hooks[0]} have shape {tuple(ref.shape)}: expected [tokens, d] or "
-                         "[sequences, seq_len, d]")
+        raise UsageError(
+            f"activations for {hooks[0]} have shape {tuple(ref.shape)}: expected [tokens, d] or [sequences, seq_len, d]"
+        )
     lead = ref.shape[:-1]
     for h in hooks:
         if block[h].shape[:-1] != lead:
-            raise UsageError(f"activations for {h} have shape {tuple(block[h].shape)}, those for {hooks[0]} "
-                             f"{tuple(ref.shape)}: every hook point needs the same tokens")
+            raise UsageError(
+                f"activations for {h} have shape {tuple(block[h].shape)}, those for {hooks[0]} "
+                f"{tuple(ref.shape)}: every hook point needs the same tokens"
+            )
     if ref.dim() == 3:
         b, t = lead
-        doc = (torch.arange(b).repeat_interleave(t) + first_doc)
+        doc = torch.arange(b).repeat_interleave(t) + first_doc
         pos = torch.arange(t).repeat(b)
         n_docs = b
     else:
@@ -155,7 +178,9 @@ def _flatten(block: dict[str, torch.Tensor], hooks: list[str], first_doc: int) -
     return rows, first_doc + n_docs
 
 
-def _rechunk(blocks: Iterator[dict[str, torch.Tensor]], hooks: list[str], size: int) -> Iterator[dict[str, torch.Tensor]]:
+def _rechunk(
+    blocks: Iterator[dict[str, torch.Tensor]], hooks: list[str], size: int
+) -> Iterator[dict[str, torch.Tensor]]:
     pending: list[dict[str, torch.Tensor]] = []
     held, doc = 0, 0
     for block in blocks:

@@ -101,9 +101,13 @@ class Canonical:
         if self.activation == "topk" and not torch.allclose(n, n[0].expand_as(n), rtol=1e-3):
             raise ValueError("a TopK dictionary ranks h itself: its decoder rows cannot be normalised exactly")
         nd = n.to(self.W_enc.dtype)
-        return replace(self, W_enc=self.W_enc * nd[:, None], b_enc=self.b_enc * nd,
-                       W_dec=self.W_dec / n.to(self.W_dec.dtype)[:, None],
-                       threshold=None if self.threshold is None else self.threshold * n.to(self.threshold.dtype))
+        return replace(
+            self,
+            W_enc=self.W_enc * nd[:, None],
+            b_enc=self.b_enc * nd,
+            W_dec=self.W_dec / n.to(self.W_dec.dtype)[:, None],
+            threshold=None if self.threshold is None else self.threshold * n.to(self.threshold.dtype),
+        )
 
     def encoder_bias_with_input_centering(self) -> torch.Tensor:
         """b such that (x − b_dec) W_encᵀ + b = x W_encᵀ + b_enc: for formats that always subtract b_dec."""
@@ -117,15 +121,19 @@ def from_dictionary(dictionary: Any) -> Canonical:
     from saecli.dictionaries.sae import SparseAutoEncoder
 
     if not isinstance(dictionary, SparseAutoEncoder):
-        raise UsageError(f"a {dictionary.kind} reads or writes several hook points: the SAELens, sparsify and "
-                         "dictionary_learning formats hold single-hook kinds only (sae, transcoder); "
-                         f"keep the {dictionary.kind} in saecli's own run folder"
-                         + (" (circuit-tracer's CLT layout is not written yet)" if dictionary.kind == "clt" else ""))
+        raise UsageError(
+            f"a {dictionary.kind} reads or writes several hook points: the SAELens, sparsify and "
+            "dictionary_learning formats hold single-hook kinds only (sae, transcoder); "
+            f"keep the {dictionary.kind} in saecli's own run folder"
+            + (" (circuit-tracer's CLT layout is not written yet)" if dictionary.kind == "clt" else "")
+        )
     cfg = dictionary.cfg
     mode = getattr(cfg, "norm_activation", "none")
     if mode == "batch-wise" and not dictionary.folded:
-        raise UsageError("batch-wise input scaling depends on each batch: no format can hold it (train with "
-                         "norm_activation = \"dataset-wise\", \"token-wise\" or \"none\" to export)")
+        raise UsageError(
+            "batch-wise input scaling depends on each batch: no format can hold it (train with "
+            'norm_activation = "dataset-wise", "token-wise" or "none" to export)'
+        )
     d = copy.deepcopy(dictionary).float().cpu()
     if mode == "dataset-wise" and not d.folded:
         d.fold_activation_scale()
@@ -148,10 +156,20 @@ def from_dictionary(dictionary: Any) -> Canonical:
             W_enc, b_enc, W_dec = W_enc * n[:, None], b_enc * n, W_dec / n[:, None]
     norm = "token-wise" if mode == "token-wise" and not d.folded else "none"
     return Canonical(
-        W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec,
-        activation={"batchtopk": "jumprelu"}.get(act, act), hook_in=d.in_hooks[0], hook_out=d.out_hooks[0],
-        k=int(cfg.k) if act in ("topk", "batchtopk") else None, threshold=threshold, W_skip=W_skip, norm=norm,
-        batchtopk=act == "batchtopk", info={"dtype": str(dictionary.W_enc.dtype).replace("torch.", "")})
+        W_enc=W_enc,
+        b_enc=b_enc,
+        W_dec=W_dec,
+        b_dec=b_dec,
+        activation={"batchtopk": "jumprelu"}.get(act, act),
+        hook_in=d.in_hooks[0],
+        hook_out=d.out_hooks[0],
+        k=int(cfg.k) if act in ("topk", "batchtopk") else None,
+        threshold=threshold,
+        W_skip=W_skip,
+        norm=norm,
+        batchtopk=act == "batchtopk",
+        info={"dtype": str(dictionary.W_enc.dtype).replace("torch.", "")},
+    )
 
 
 def to_dictionary(c: Canonical) -> Any:
@@ -161,15 +179,23 @@ def to_dictionary(c: Canonical) -> Any:
     from saecli.dictionaries.registry import dictionary_class
 
     if c.d_in != c.d_out:
-        raise UsageError(f"this dictionary reads width {c.d_in} and writes width {c.d_out}: saecli's "
-                         "transcoders read and write one width (d_model)")
+        raise UsageError(
+            f"this dictionary reads width {c.d_in} and writes width {c.d_out}: saecli's "
+            "transcoders read and write one width (d_model)"
+        )
     kind = c.kind
     table: dict[str, Any] = {
-        "kind": kind, "d_sae": c.d_sae, "activation": c.activation, "norm_activation": c.norm,
-        "use_decoder_bias": True, "apply_decoder_bias_to_pre_encoder": False,
-        "sparsity_include_decoder_norm": False, "decoder_unit_norm": False,
+        "kind": kind,
+        "d_sae": c.d_sae,
+        "activation": c.activation,
+        "norm_activation": c.norm,
+        "use_decoder_bias": True,
+        "apply_decoder_bias_to_pre_encoder": False,
+        "sparsity_include_decoder_norm": False,
+        "decoder_unit_norm": False,
         "dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}.get(
-            c.W_enc.dtype, "float32"),
+            c.W_enc.dtype, "float32"
+        ),
     }
     if c.activation == "topk":
         table["k"] = min(int(c.k), c.d_sae)
@@ -202,7 +228,9 @@ def load_weights(d: Any, c: Canonical, s_in: float = 1.0, s_out: float = 1.0) ->
     if d.b_dec is not None:
         d.b_dec.copy_((c.b_dec.float() * s_out).to(dt))
     if getattr(d, "W_skip", None) is not None:
-        d.W_skip.copy_((c.W_skip.float() * (s_out / s_in)).to(dt) if c.W_skip is not None else torch.zeros_like(d.W_skip))
+        d.W_skip.copy_(
+            (c.W_skip.float() * (s_out / s_in)).to(dt) if c.W_skip is not None else torch.zeros_like(d.W_skip)
+        )
     if c.threshold is not None and d.cfg.activation in ("jumprelu", "batchtopk"):
         # saecli's θ compares h (ungated) or h·‖W_d‖ (gated); the canonical θ compares the raw h
         theta = c.threshold.float() * (s_out if d.gated else s_in)

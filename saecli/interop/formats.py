@@ -24,7 +24,14 @@ from saecli.errors import SaecliError, UsageError
 from saecli.interop import dictionary_learning, saelens, sparsify
 from saecli.interop.canonical import Canonical, from_dictionary, to_dictionary
 from saecli.interop.selfcheck import (
-    Reference, SelfCheckError, compare, load_reference, metrics, reference_inputs, save_reference, tolerance,
+    Reference,
+    SelfCheckError,
+    compare,
+    load_reference,
+    metrics,
+    reference_inputs,
+    save_reference,
+    tolerance,
 )
 
 FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (saelens, sparsify, dictionary_learning)}
@@ -54,21 +61,30 @@ def read_checked(folder: str | Path) -> tuple[Canonical, str, Path]:
     """Read a foreign folder and replay its reference batch (when it has one) through the weights read."""
     found = detect_format(folder)
     if found is None:
-        raise UsageError(f"{folder} holds no dictionary saecli can read: expected saecli's run folder, a SAELens "
-                         "folder (cfg.json + sae_weights.safetensors), a sparsify hookpoint folder "
-                         "(cfg.json + sae.safetensors) or a dictionary_learning folder (ae.pt + config.json)")
+        raise UsageError(
+            f"{folder} holds no dictionary saecli can read: expected saecli's run folder, a SAELens "
+            "folder (cfg.json + sae_weights.safetensors), a sparsify hookpoint folder "
+            "(cfg.json + sae.safetensors) or a dictionary_learning folder (ae.pt + config.json)"
+        )
     name, where = found
     try:
         c = FORMATS[name].read(where)
     except SaecliError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged file: one paragraph naming it, exit 2
-        raise UsageError(f"{where} looks like a {name} folder but cannot be read ({type(exc).__name__}: {exc}); "
-                         "is a file truncated or from another version?") from None
+        raise UsageError(
+            f"{where} looks like a {name} folder but cannot be read ({type(exc).__name__}: {exc}); "
+            "is a file truncated or from another version?"
+        ) from None
     ref = load_reference(where)
     if ref is not None:
-        compare(ref, *_run(c, ref.inputs), where=f"{where} ({name})", tol=tolerance(DTYPES.get(c.info.get("dtype"),
-                torch.float32)), autoencoder=c.kind == "sae")
+        compare(
+            ref,
+            *_run(c, ref.inputs),
+            where=f"{where} ({name})",
+            tol=tolerance(DTYPES.get(c.info.get("dtype"), torch.float32)),
+            autoencoder=c.kind == "sae",
+        )
     return c, name, where
 
 
@@ -78,15 +94,24 @@ def load_any(folder: str | Path, device: str | torch.device = "cpu") -> Any:
     c, name, where = read_checked(folder)
     d = to_dictionary(c).eval()
     ref = load_reference(where)
-    x = ref.inputs if ref is not None else reference_inputs(c.W_enc, c.b_dec if c.kind == "sae" else None,
-                                                             float(c.d_in) ** 0.5)
+    x = (
+        ref.inputs
+        if ref is not None
+        else reference_inputs(c.W_enc, c.b_dec if c.kind == "sae" else None, float(c.d_in) ** 0.5)
+    )
     f_c, y_c = _run(c, x)
     with torch.no_grad():
         f_d = d.encode(d.normalize({c.hook_in: x.to(d.W_enc.dtype)}))
         y_d = d.reconstruct({c.hook_in: x.to(d.W_enc.dtype)})[c.hook_out]
     expected = Reference(x, f_c, y_c, metrics(x, f_c, y_c, c.kind == "sae"))
-    compare(expected, f_d, y_d, where=f"{where} ({name}) converted to saecli", tol=tolerance(d.W_enc.dtype),
-            autoencoder=c.kind == "sae")
+    compare(
+        expected,
+        f_d,
+        y_d,
+        where=f"{where} ({name}) converted to saecli",
+        tol=tolerance(d.W_enc.dtype),
+        autoencoder=c.kind == "sae",
+    )
     return d.to(device)
 
 
@@ -125,8 +150,13 @@ def export_dictionary(source: str | Path, fmt: str, out: str | Path, *, overwrit
         f_w, _ = _run(written, x)
         ref = Reference(x, f_w, y, metrics(x, f_w, y, c.kind == "sae"))
         save_reference(where, ref)
-        got = compare(load_reference(where), *_run(fmt_mod.read(where), x), where=f"{out} ({fmt})",
-                      tol=tolerance(DTYPES.get(info.get("dtype"), torch.float32)), autoencoder=c.kind == "sae")
+        got = compare(
+            load_reference(where),
+            *_run(fmt_mod.read(where), x),
+            where=f"{out} ({fmt})",
+            tol=tolerance(DTYPES.get(info.get("dtype"), torch.float32)),
+            autoencoder=c.kind == "sae",
+        )
         if overwrite and out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,16 +164,27 @@ def export_dictionary(source: str | Path, fmt: str, out: str | Path, *, overwrit
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"format": fmt, "folder": str(out / where.relative_to(tmp)), "kind": c.kind, "activation":
-            "batchtopk" if c.batchtopk else c.activation, "d_in": c.d_in, "d_sae": c.d_sae, "metrics": got}
+    return {
+        "format": fmt,
+        "folder": str(out / where.relative_to(tmp)),
+        "kind": c.kind,
+        "activation": "batchtopk" if c.batchtopk else c.activation,
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "metrics": got,
+    }
 
 
 def run_info(source: Path, c: Canonical) -> dict[str, Any]:
     """Model, dataset and dtype for the exported metadata, from the run's config.toml when there is one."""
     from saecli import __version__
 
-    info: dict[str, Any] = {"dtype": c.info.get("dtype", "float32"), "saecli_version": __version__,
-                            "model": c.info.get("model"), "dataset": c.info.get("dataset")}
+    info: dict[str, Any] = {
+        "dtype": c.info.get("dtype", "float32"),
+        "saecli_version": __version__,
+        "model": c.info.get("model"),
+        "dataset": c.info.get("dataset"),
+    }
     toml = source / "config.toml"
     if toml.is_file():
         from saecli.config.load import read_toml

@@ -38,7 +38,9 @@ def start_from(d: Any, path: str | Path, key: str = "sae.pretrained") -> Canonic
         try:
             c = c.unit_decoder(target=s_in / s_out)
         except ValueError as exc:
-            raise ConfigError(f"{path}: {exc}; set sae.decoder_unit_norm = false to continue training it", key=key) from None
+            raise ConfigError(
+                f"{path}: {exc}; set sae.decoder_unit_norm = false to continue training it", key=key
+            ) from None
     load_weights(d, c, s_in, s_out)
     d.folded = False
     _verify(d, c, path)
@@ -50,27 +52,33 @@ def _check(d: Any, c: Canonical, path: str | Path, key: str) -> None:
     if c.kind != d.kind:
         raise ConfigError(f"{where} is a {c.kind}, the experiment trains a {d.kind}", key="sae.kind")
     if c.d_in != d.d_model:
-        raise ConfigError(f"{where} reads width {c.d_in}, the hook point has d_model {d.d_model}",
-                          key="activations.hook_points")
+        raise ConfigError(
+            f"{where} reads width {c.d_in}, the hook point has d_model {d.d_model}", key="activations.hook_points"
+        )
     if c.d_sae != d.d_sae:
-        raise ConfigError(f"{where} has {c.d_sae} latents, the experiment {d.d_sae}: set sae.d_sae = {c.d_sae}",
-                          key="sae.d_sae")
+        raise ConfigError(
+            f"{where} has {c.d_sae} latents, the experiment {d.d_sae}: set sae.d_sae = {c.d_sae}", key="sae.d_sae"
+        )
     act = d.cfg.activation
     # BatchTopK at inference is a JumpReLU with one threshold (SAELens saves it so): either way round
     one_threshold = c.threshold is not None and bool(torch.allclose(c.threshold, c.threshold[0].expand_as(c.threshold)))
     ok = act == c.activation or (act == "batchtopk" and c.activation == "jumprelu" and (c.batchtopk or one_threshold))
     if not ok:
         theirs = "batchtopk" if c.batchtopk else c.activation
-        raise ConfigError(f"{where} uses {theirs}, the experiment {act}: set sae.activation = \"{theirs}\"",
-                          key="sae.activation")
+        raise ConfigError(
+            f'{where} uses {theirs}, the experiment {act}: set sae.activation = "{theirs}"', key="sae.activation"
+        )
     for mine, theirs in ((d.in_hook, c.hook_in), (d.out_hook, c.hook_out)):
         if mine.startswith("blocks.") and theirs.startswith("blocks.") and mine != theirs:
-            raise ConfigError(f"{where} was trained on {theirs}, the experiment reads {mine}",
-                              key="sae.hook_point" if d.kind == "sae" else "sae.hook_point_in")
+            raise ConfigError(
+                f"{where} was trained on {theirs}, the experiment reads {mine}",
+                key="sae.hook_point" if d.kind == "sae" else "sae.hook_point_in",
+            )
     want = "token-wise" if c.norm == "token-wise" else ("none", "dataset-wise")
     if d.cfg.norm_activation not in want:
-        raise ConfigError(f"{where} scales its inputs {c.norm}, the experiment {d.cfg.norm_activation}",
-                          key="sae.norm_activation")
+        raise ConfigError(
+            f"{where} scales its inputs {c.norm}, the experiment {d.cfg.norm_activation}", key="sae.norm_activation"
+        )
     if c.W_skip is not None and getattr(d, "W_skip", None) is None:
         raise ConfigError(f"{where} has a skip connection: set sae.skip_connection = true", key="sae.skip_connection")
     if d.b_dec is None and bool(c.b_dec.abs().max() > 0):
@@ -78,9 +86,11 @@ def _check(d: Any, c: Canonical, path: str | Path, key: str) -> None:
     if d.gated and c.activation == "topk":
         n = c.decoder_norms()
         if not torch.allclose(n, n.mean().expand_as(n), rtol=1e-3):
-            raise ConfigError(f"{where} ranks its latents by h, this experiment by h·‖W_dec‖ (and its decoder rows "
-                              "differ in norm): set sae.sparsity_include_decoder_norm = false",
-                              key="sae.sparsity_include_decoder_norm")
+            raise ConfigError(
+                f"{where} ranks its latents by h, this experiment by h·‖W_dec‖ (and its decoder rows "
+                "differ in norm): set sae.sparsity_include_decoder_norm = false",
+                key="sae.sparsity_include_decoder_norm",
+            )
 
 
 @torch.no_grad()
@@ -94,8 +104,14 @@ def _verify(d: Any, c: Canonical, path: str | Path) -> None:
     f_d = d.encode(d.normalize({d.in_hook: x.to(dev, d.W_enc.dtype)})).float().cpu()
     # features may differ by a per-latent factor (decoder norms moved); compare which fire and the output
     ref = Reference(x, (f_c != 0).float(), y_c, metrics(x, f_c, y_c, c.kind == "sae"))
-    compare(ref, (f_d != 0).float(), y_d, where=f"{path} loaded for training", tol=tolerance(d.W_enc.dtype),
-            autoencoder=c.kind == "sae")
+    compare(
+        ref,
+        (f_d != 0).float(),
+        y_d,
+        where=f"{path} loaded for training",
+        tol=tolerance(d.W_enc.dtype),
+        autoencoder=c.kind == "sae",
+    )
 
 
 __all__ = ["start_from"]

@@ -32,10 +32,13 @@ def architecture(c: Canonical) -> str:
     if c.W_skip is not None:
         if c.activation == "relu":
             return "skip_transcoder"
-        raise UsageError(f"SAELens' skip transcoders use ReLU, this one {c.activation}: export it with "
-                         "--format sparsify (TopK, skip included)" if c.activation == "topk" else
-                         "SAELens' skip transcoders use ReLU and sparsify's TopK: no format holds a JumpReLU skip "
-                         "transcoder (keep it in saecli's own run folder)")
+        raise UsageError(
+            f"SAELens' skip transcoders use ReLU, this one {c.activation}: export it with "
+            "--format sparsify (TopK, skip included)"
+            if c.activation == "topk"
+            else "SAELens' skip transcoders use ReLU and sparsify's TopK: no format holds a JumpReLU skip "
+            "transcoder (keep it in saecli's own run folder)"
+        )
     if c.activation == "topk":
         raise UsageError("SAELens has no TopK transcoder: export it with --format sparsify")
     return "jumprelu_transcoder" if c.activation == "jumprelu" else "transcoder"
@@ -55,17 +58,29 @@ def write(c: Canonical, out: Path, info: dict[str, Any]) -> Path:
     if c.W_skip is not None:
         state["W_skip"] = c.W_skip.T
     state = {k: v.detach().to(dt).contiguous() for k, v in state.items()}
-    metadata = {"model_name": info.get("model"), "hook_name": c.hook_in, "dataset_path": info.get("dataset"),
-                "context_size": info.get("context_size"), "prepend_bos": info.get("prepend_bos"),
-                "sae_lens_version": VERSION, "sae_lens_training_version": VERSION,
-                "saecli_version": info.get("saecli_version")}
+    metadata = {
+        "model_name": info.get("model"),
+        "hook_name": c.hook_in,
+        "dataset_path": info.get("dataset"),
+        "context_size": info.get("context_size"),
+        "prepend_bos": info.get("prepend_bos"),
+        "sae_lens_version": VERSION,
+        "sae_lens_training_version": VERSION,
+        "saecli_version": info.get("saecli_version"),
+    }
     if c.kind == "transcoder":
         metadata["hook_name_out"] = c.hook_out
     cfg: dict[str, Any] = {
-        "architecture": arch, "d_in": c.d_in, "d_sae": c.d_sae, "dtype": dtype, "device": "cpu",
+        "architecture": arch,
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "dtype": dtype,
+        "device": "cpu",
         "apply_b_dec_to_input": False,
         "normalize_activations": "constant_norm_rescale" if c.norm == "token-wise" else "none",
-        "reshape_activations": "none", "hook_name": c.hook_in, "metadata": metadata,
+        "reshape_activations": "none",
+        "hook_name": c.hook_in,
+        "metadata": metadata,
     }
     if arch == "topk":
         cfg.update(k=int(c.k), rescale_acts_by_decoder_norm=False)
@@ -95,34 +110,61 @@ def read(folder: Path) -> Canonical:
     meta = cfg.get("metadata") or {}
     arch = cfg.get("architecture", "standard")
     where = f"{folder / CFG}"
-    acts = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "transcoder": "relu",
-            "skip_transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
+    acts = {
+        "standard": "relu",
+        "topk": "topk",
+        "jumprelu": "jumprelu",
+        "transcoder": "relu",
+        "skip_transcoder": "relu",
+        "jumprelu_transcoder": "jumprelu",
+    }
     if arch not in acts:
         raise UsageError(f"{where}: SAELens architecture {arch!r} is not supported (supported: {', '.join(acts)})")
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", "constant_norm_rescale"):
-        raise UsageError(f"{where}: normalize_activations = {norm!r} needs a scaling factor the folder does not "
-                         "hold: fold it into the weights first (SAELens: fold_activation_norm_scaling_factor)")
+        raise UsageError(
+            f"{where}: normalize_activations = {norm!r} needs a scaling factor the folder does not "
+            "hold: fold it into the weights first (SAELens: fold_activation_norm_scaling_factor)"
+        )
     s = load_file(str(folder / WEIGHTS))
     W_enc = _need(s, "W_enc", folder).float()
     d_in, d_sae = int(cfg.get("d_in", W_enc.shape[0])), int(cfg.get("d_sae", W_enc.shape[1]))
     if tuple(W_enc.shape) != (d_in, d_sae):
-        raise UsageError(f"{folder / WEIGHTS}: W_enc has shape {tuple(W_enc.shape)}, cfg.json says [d_in, d_sae] = "
-                         f"[{d_in}, {d_sae}] (a transposed matrix?)")
-    W_dec, b_dec, b_enc = _need(s, "W_dec", folder).float(), _need(s, "b_dec", folder).float(), _need(s, "b_enc", folder).float()
+        raise UsageError(
+            f"{folder / WEIGHTS}: W_enc has shape {tuple(W_enc.shape)}, cfg.json says [d_in, d_sae] = "
+            f"[{d_in}, {d_sae}] (a transposed matrix?)"
+        )
+    W_dec, b_dec, b_enc = (
+        _need(s, "W_dec", folder).float(),
+        _need(s, "b_dec", folder).float(),
+        _need(s, "b_enc", folder).float(),
+    )
     if W_dec.shape[0] != d_sae:
-        raise UsageError(f"{folder / WEIGHTS}: W_dec has shape {tuple(W_dec.shape)}, expected [d_sae = {d_sae}, d_out] "
-                         "(a transposed matrix?)")
+        raise UsageError(
+            f"{folder / WEIGHTS}: W_dec has shape {tuple(W_dec.shape)}, expected [d_sae = {d_sae}, d_out] "
+            "(a transposed matrix?)"
+        )
     hook_in = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point") or "sae_input"
     transcoder = "transcoder" in arch
     hook_out = (meta.get("hook_name_out") or cfg.get("hook_name_out") or _out_hook(hook_in)) if transcoder else hook_in
-    c = Canonical(W_enc=W_enc.T.contiguous(), b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, activation=acts[arch],
-                  hook_in=hook_in, hook_out=hook_out, k=int(cfg["k"]) if "k" in cfg else None,
-                  threshold=s["threshold"].float() if "threshold" in s else None,
-                  W_skip=s["W_skip"].float().T.contiguous() if "W_skip" in s else None,
-                  norm="token-wise" if norm == "constant_norm_rescale" else "none",
-                  info={"model": meta.get("model_name"), "dataset": meta.get("dataset_path"),
-                        "dtype": str(cfg.get("dtype", "float32")).replace("torch.", "")})
+    c = Canonical(
+        W_enc=W_enc.T.contiguous(),
+        b_enc=b_enc,
+        W_dec=W_dec,
+        b_dec=b_dec,
+        activation=acts[arch],
+        hook_in=hook_in,
+        hook_out=hook_out,
+        k=int(cfg["k"]) if "k" in cfg else None,
+        threshold=s["threshold"].float() if "threshold" in s else None,
+        W_skip=s["W_skip"].float().T.contiguous() if "W_skip" in s else None,
+        norm="token-wise" if norm == "constant_norm_rescale" else "none",
+        info={
+            "model": meta.get("model_name"),
+            "dataset": meta.get("dataset_path"),
+            "dtype": str(cfg.get("dtype", "float32")).replace("torch.", ""),
+        },
+    )
     if c.activation == "jumprelu" and c.threshold is None:
         raise UsageError(f"{folder / WEIGHTS}: a {arch} SAE needs a `threshold` tensor")
     if cfg.get("apply_b_dec_to_input", not transcoder) and not transcoder:

@@ -38,8 +38,9 @@ class Reference:
     metrics: dict[str, float]
 
 
-def reference_inputs(W_enc: torch.Tensor, b_dec: torch.Tensor | None, scale: float, n: int = N_REFERENCE,
-                     seed: int = 0) -> torch.Tensor:
+def reference_inputs(
+    W_enc: torch.Tensor, b_dec: torch.Tensor | None, scale: float, n: int = N_REFERENCE, seed: int = 0
+) -> torch.Tensor:
     """n inputs the dictionary responds to: sums of a few of its (unit) encoder directions plus noise,
     with norm `scale` (the data's typical norm), offset by `b_dec` for an SAE (the data's centre)."""
     g = torch.Generator().manual_seed(seed)
@@ -71,8 +72,11 @@ def save_reference(folder: Path, ref: Reference) -> None:
     offsets = torch.zeros(acts.shape[0] + 1, dtype=torch.int64)
     offsets[1:] = torch.bincount(rows, minlength=acts.shape[0]).cumsum(0)
     tensors = {
-        "inputs": ref.inputs.float().contiguous(), "reconstruction": ref.reconstruction.float().contiguous(),
-        "acts_values": acts[rows, cols].contiguous(), "acts_indices": cols.contiguous(), "acts_offsets": offsets,
+        "inputs": ref.inputs.float().contiguous(),
+        "reconstruction": ref.reconstruction.float().contiguous(),
+        "acts_values": acts[rows, cols].contiguous(),
+        "acts_indices": cols.contiguous(),
+        "acts_offsets": offsets,
     }
     meta = {"saecli_reference": "1", "d_sae": str(ref.acts.shape[1]), "metrics": json.dumps(ref.metrics)}
     write_with(folder / REFERENCE_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
@@ -94,25 +98,32 @@ def load_reference(folder: Path) -> Reference | None:
         acts[rows, t["acts_indices"]] = t["acts_values"]
         return Reference(t["inputs"], acts, t["reconstruction"], json.loads(meta["metrics"]))
     except Exception as exc:  # noqa: BLE001 - any damage to the file is the same answer for the user
-        raise SelfCheckError(f"{path} is unreadable ({type(exc).__name__}: {exc}): the reference batch of the "
-                             "self-check is damaged; export the dictionary again") from None
+        raise SelfCheckError(
+            f"{path} is unreadable ({type(exc).__name__}: {exc}): the reference batch of the "
+            "self-check is damaged; export the dictionary again"
+        ) from None
 
 
 def tolerance(dtype: torch.dtype) -> float:
     return 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
-def compare(ref: Reference, acts: torch.Tensor, recon: torch.Tensor, *, where: str, tol: float,
-            autoencoder: bool) -> dict[str, float]:
+def compare(
+    ref: Reference, acts: torch.Tensor, recon: torch.Tensor, *, where: str, tol: float, autoencoder: bool
+) -> dict[str, float]:
     """Raise SelfCheckError naming the first quantity that differs from the reference; return the measured
     metrics. Order: shapes, L0, firing sets, activation values, reconstruction, explained variance."""
     hint = "(a weight matrix transposed, scaled or taken from another dictionary)"
     if acts.shape != ref.acts.shape:
-        raise SelfCheckError(f"self-check failed for {where}: feature activations have shape {tuple(acts.shape)}, "
-                             f"the reference {tuple(ref.acts.shape)} {hint}")
+        raise SelfCheckError(
+            f"self-check failed for {where}: feature activations have shape {tuple(acts.shape)}, "
+            f"the reference {tuple(ref.acts.shape)} {hint}"
+        )
     if recon.shape != ref.reconstruction.shape:
-        raise SelfCheckError(f"self-check failed for {where}: the reconstruction has shape {tuple(recon.shape)}, "
-                             f"the reference {tuple(ref.reconstruction.shape)} {hint}")
+        raise SelfCheckError(
+            f"self-check failed for {where}: the reconstruction has shape {tuple(recon.shape)}, "
+            f"the reference {tuple(ref.reconstruction.shape)} {hint}"
+        )
     acts, recon = acts.float(), recon.float()
     got = metrics(ref.inputs, acts, recon, autoencoder)
     l0_ref = ref.metrics["l0"]
@@ -121,21 +132,27 @@ def compare(ref: Reference, acts: torch.Tensor, recon: torch.Tensor, *, where: s
     fired, fired_ref = acts != 0, ref.acts != 0
     flips = float((fired != fired_ref).sum()) / max(1.0, float(fired_ref.sum()))
     if flips > 0.01:
-        raise SelfCheckError(f"self-check failed for {where}: {flips:.1%} of the firing latents differ from "
-                             f"the reference {hint}")
+        raise SelfCheckError(
+            f"self-check failed for {where}: {flips:.1%} of the firing latents differ from the reference {hint}"
+        )
     both = fired & fired_ref
     scale = ref.acts.abs().max().clamp_min(1e-12)
     err = float((acts - ref.acts).abs()[both].max() / scale) if both.any() else 0.0
     if err > tol:
-        raise SelfCheckError(f"self-check failed for {where}: feature activations differ from the reference by "
-                             f"{err:.2e} (relative; tolerance {tol:.0e}) {hint}")
+        raise SelfCheckError(
+            f"self-check failed for {where}: feature activations differ from the reference by "
+            f"{err:.2e} (relative; tolerance {tol:.0e}) {hint}"
+        )
     r_err = float((recon - ref.reconstruction).norm() / ref.reconstruction.norm().clamp_min(1e-12))
     if r_err > tol * (1 + 10 * flips / 0.01):
-        raise SelfCheckError(f"self-check failed for {where}: the reconstruction differs from the reference by "
-                             f"{r_err:.2e} (relative; tolerance {tol:.0e}) {hint}")
+        raise SelfCheckError(
+            f"self-check failed for {where}: the reconstruction differs from the reference by "
+            f"{r_err:.2e} (relative; tolerance {tol:.0e}) {hint}"
+        )
     if autoencoder and "explained_variance" in ref.metrics:
         ev, ev_ref = got["explained_variance"], ref.metrics["explained_variance"]
         if abs(ev - ev_ref) > max(tol, 1e-3):
-            raise SelfCheckError(f"self-check failed for {where}: explained variance is {ev:.4f}, {ev_ref:.4f} at "
-                                 f"save time {hint}")
+            raise SelfCheckError(
+                f"self-check failed for {where}: explained variance is {ev:.4f}, {ev_ref:.4f} at save time {hint}"
+            )
     return got
