@@ -171,6 +171,9 @@ def test_a_saved_datasets_folder_imports_a_column_per_hook(tmp_path):
     )
     m = import_activations(tmp_path / "ds", tmp_path / "c", hook_points=[HOOK], keys={HOOK: "resid"})
     assert m["total_tokens"] == 40 and m["d_model"] == {HOOK: D}
+    datasets.Dataset.from_dict({HOOK: acts.reshape(4, 10, D).tolist()}).to_parquet(str(tmp_path / "a.parquet"))
+    m = import_activations(tmp_path / "a.parquet", tmp_path / "c2", hook_points=[HOOK])
+    assert m["total_tokens"] == 40  # 4 sequences of 10 tokens
 
 
 def test_export_errors_are_exit_2_and_say_why(tmp_path, run_cli):

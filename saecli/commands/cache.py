@@ -19,7 +19,8 @@ def import_(
     source: Annotated[
         Path,
         typer.Argument(
-            help=".npy / .safetensors file, a folder of them, or a saved `datasets` folder", show_default=False
+            help=".npy / .safetensors / .parquet file, a folder of them, or a saved `datasets` folder",
+            show_default=False,
         ),
     ],
     cache_dir: Annotated[

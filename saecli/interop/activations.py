@@ -8,8 +8,9 @@ Sources (`source`):
 - a `.npy` file: [n_tokens, d] or [n_sequences, seq_len, d] (one hook point);
 - a `.safetensors` file: one tensor per hook point (named by `keys[hook]`, else the hook name, else
   `acts.<hook>`; a file with one tensor serves one hook); `tokens`/`input_ids` tensors, if present, are kept;
-- a folder of such files (read in name order, each file continuing the previous), or a `datasets` folder
-  saved with `save_to_disk` (a column per hook point, each row a token [d] or a sequence [seq_len, d]).
+- a folder of such files (read in name order, each file continuing the previous);
+- a `datasets` folder saved with `save_to_disk`, or `.parquet` files (a file, or a folder of them): a column
+  per hook point, each row a token [d] or a sequence [seq_len, d].
 
 Rows of one [seq_len, d] block count as one document (positions 0…seq_len−1); flat [n, d] rows are one
 document each. Tokens unknown to the source are written as 0. The manifest's dataset is
@@ -73,11 +74,20 @@ def _blocks(source: Path, hooks: list[str], keys: dict[str, str]) -> Iterator[di
         if (source / "dataset_info.json").exists() or (source / "dataset_dict.json").exists():
             yield from _hf_blocks(source, hooks, keys)
             return
+        parquet = sorted(source.glob("*.parquet"))
+        if parquet:
+            yield from _hf_blocks(source, hooks, keys, parquet)
+            return
         files = sorted(p for p in source.iterdir() if p.suffix in (".npy", ".safetensors"))
         if not files:
-            raise UsageError(f"{source} holds no .npy or .safetensors files and is not a saved `datasets` folder")
+            raise UsageError(
+                f"{source} holds no .npy, .safetensors or .parquet files and is not a saved `datasets` folder"
+            )
         for f in files:
             yield from _blocks(f, hooks, keys)
+        return
+    if source.suffix == ".parquet":
+        yield from _hf_blocks(source, hooks, keys, [source])
         return
     if source.suffix == ".npy":
         if len(hooks) != 1:
@@ -119,10 +129,16 @@ def _key(source: Path, hook: str, keys: dict[str, str], names: list[str], n_hook
     )
 
 
-def _hf_blocks(source: Path, hooks: list[str], keys: dict[str, str]) -> Iterator[dict[str, torch.Tensor]]:
+def _hf_blocks(
+    source: Path, hooks: list[str], keys: dict[str, str], parquet: list[Path] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """A `datasets` table (saved with save_to_disk, or parquet files): one column per hook point."""
     import datasets
 
-    ds = datasets.load_from_disk(str(source))
+    if parquet:
+        ds = datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split="train")
+    else:
+        ds = datasets.load_from_disk(str(source))
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
     columns = {h: keys.get(h, h) for h in hooks}

@@ -142,7 +142,7 @@ def from_dictionary(dictionary: Any) -> Canonical:
         b_dec = d.b_dec.detach().clone() if d.b_dec is not None else torch.zeros(W_dec.shape[1])
         if cfg.apply_decoder_bias_to_pre_encoder and d.b_dec is not None:
             b_enc = b_enc - W_enc @ b_dec
-        skip = getattr(d, "W_skip", None)
+        skip = skip_matrix(d)
         W_skip = skip.detach().clone() if skip is not None else None
         act = cfg.activation
         threshold = None
@@ -227,7 +227,7 @@ def load_weights(d: Any, c: Canonical, s_in: float = 1.0, s_out: float = 1.0) ->
     d.W_dec.copy_((c.W_dec.float() * (s_out / s_in)).to(dt))
     if d.b_dec is not None:
         d.b_dec.copy_((c.b_dec.float() * s_out).to(dt))
-    if getattr(d, "W_skip", None) is not None:
+    if skip_matrix(d) is not None:
         d.W_skip.copy_(
             (c.W_skip.float() * (s_out / s_in)).to(dt) if c.W_skip is not None else torch.zeros_like(d.W_skip)
         )
@@ -240,3 +240,10 @@ def load_weights(d: Any, c: Canonical, s_in: float = 1.0, s_out: float = 1.0) ->
             d.activation.log_threshold.copy_(theta.clamp_min(1e-30).log().to(d.activation.log_threshold.dtype))
         else:
             d.activation.threshold.fill_(float(theta.mean()))
+
+
+def skip_matrix(d: Any) -> torch.Tensor | None:
+    """A transcoder's skip matrix W_skip [d_in, d_out] (None without one, and for an SAE)."""
+    from saecli.dictionaries.transcoder import Transcoder
+
+    return d.W_skip if isinstance(d, Transcoder) else None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from saecli.errors import ConfigError
-from saecli.interop.canonical import Canonical, from_dictionary, load_weights
+from saecli.interop.canonical import Canonical, from_dictionary, load_weights, skip_matrix
 from saecli.interop.selfcheck import Reference, compare, metrics, reference_inputs, tolerance
 
 
@@ -79,7 +79,7 @@ def _check(d: Any, c: Canonical, path: str | Path, key: str) -> None:
         raise ConfigError(
             f"{where} scales its inputs {c.norm}, the experiment {d.cfg.norm_activation}", key="sae.norm_activation"
         )
-    if c.W_skip is not None and getattr(d, "W_skip", None) is None:
+    if c.W_skip is not None and skip_matrix(d) is None:
         raise ConfigError(f"{where} has a skip connection: set sae.skip_connection = true", key="sae.skip_connection")
     if d.b_dec is None and bool(c.b_dec.abs().max() > 0):
         raise ConfigError(f"{where} has a decoder bias: set sae.use_decoder_bias = true", key="sae.use_decoder_bias")
