@@ -41,7 +41,7 @@ def import_(
 ) -> None:
     """Write activations you already have as a saecli cache that train, eval and analyze read.
 
-    Arrays are [tokens, d] or [sequences, seq_len, d]; several hook points need a .safetensors file (one
+    Arrays have shape (tokens, d) or (sequences, seq_len, d); several hook points need a .safetensors file (one
     tensor per hook) or a `datasets` folder (one column per hook). A run trained on the cache records
     `dataset.path = "imported:<SOURCE>"` in its config.toml. Python: saecli.interop.activations.import_activations.
 
