@@ -208,6 +208,14 @@ def test_multi_hook_kinds_are_refused_with_the_reason(tmp_path):
         export_dictionary(run, "saelens", tmp_path / "out")
 
 
+def test_exporting_over_the_run_itself_is_refused(tmp_path):
+    run = _saved(tmp_path, _dictionary("topk"))
+    for out in (run, tmp_path):
+        with pytest.raises(UsageError, match="another folder"):
+            export_dictionary(run, "saelens", out, overwrite=True)
+    assert load_dictionary(run).d_sae == S
+
+
 def test_an_existing_output_folder_needs_overwrite(tmp_path):
     run = _saved(tmp_path, _dictionary("topk"))
     export_dictionary(run, "saelens", tmp_path / "out")

@@ -57,8 +57,9 @@ def detect_format(folder: str | Path) -> tuple[str, Path] | None:
     return None
 
 
-def read_checked(folder: str | Path) -> tuple[Canonical, str, Path]:
-    """Read a foreign folder and replay its reference batch (when it has one) through the weights read."""
+def read_checked(folder: str | Path) -> tuple[Canonical, str, Path, Reference | None]:
+    """Read a foreign folder and replay its reference batch (when it has one) through the weights read.
+    Returns (canonical form, format name, folder holding the weights, reference batch or None)."""
     found = detect_format(folder)
     if found is None:
         raise UsageError(
@@ -85,15 +86,14 @@ def read_checked(folder: str | Path) -> tuple[Canonical, str, Path]:
             tol=tolerance(DTYPES.get(c.info.get("dtype"), torch.float32)),
             autoencoder=c.kind == "sae",
         )
-    return c, name, where
+    return c, name, where, ref
 
 
 def load_any(folder: str | Path, device: str | torch.device = "cpu") -> Any:
     """A foreign folder as a saecli Dictionary (folded, raw units); checked against its reference batch, and
     the conversion itself checked against the format's own maths on that batch (or on probe inputs)."""
-    c, name, where = read_checked(folder)
+    c, name, where, ref = read_checked(folder)
     d = to_dictionary(c).eval()
-    ref = load_reference(where)
     x = (
         ref.inputs
         if ref is not None
@@ -123,12 +123,16 @@ def _run(c: Canonical, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def export_dictionary(source: str | Path, fmt: str, out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Write the dictionary at `source` (a run folder, or any folder `load_dictionary` reads) to `out` in
     `fmt`, with its reference batch; the written files are read back and checked before `out` appears.
-    Returns {"format", "folder" (where the weights are), "architecture", "metrics"}."""
+    Returns {"format", "folder" (where the weights are), "kind", "activation", "d_in", "d_sae", "metrics"}."""
     from saecli.dictionaries.registry import load_dictionary
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file: give a folder to write the export into")
+    if out.resolve() == Path(source).resolve() or out.resolve() in Path(source).resolve().parents:
+        raise UsageError(f"{out} holds the dictionary being exported: write the export to another folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out} already exists and is not empty: choose a new folder or add --overwrite")
     d = load_dictionary(source).eval()
