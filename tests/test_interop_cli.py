@@ -121,6 +121,13 @@ def test_export_eval_and_continue_training_from_the_export(tmp_path, run_cli, im
     assert native.exit_code == 0
     assert ev == pytest.approx(json.loads((run / "eval.json").read_text())["metrics"]["explained_variance"], abs=1e-4)
 
+    # an experiment that names the export as pretrained evaluates it before any training
+    only = _experiment(
+        tmp_path, "only", imported_cache, f'activation = "topk"\nk = 4\npretrained = "{tmp_path / "sl"}"'
+    )
+    assert run_cli("eval", only, "--set", "eval.total_eval_tokens=1024").exit_code == 0
+    assert json.loads((tmp_path / "sl/eval.json").read_text())["metrics"]["explained_variance"] == pytest.approx(ev)
+
     more = _experiment(
         tmp_path, "more", imported_cache, f'activation = "topk"\nk = 4\npretrained = "{tmp_path / "sl"}"', tokens=512
     )

@@ -115,3 +115,15 @@ def _verify(d: Any, c: Canonical, path: str | Path) -> None:
 
 
 __all__ = ["start_from"]
+
+
+def or_pretrained(exp: Any, folder: Path) -> Path:
+    """`folder` (a run's output folder), or the experiment's `[sae] pretrained` folder while `folder` holds
+    no trained dictionary: an experiment that names a pretrained dictionary can be evaluated, analysed or
+    given to DLA before (or without) training it further."""
+    from saecli.dictionaries.base import WEIGHTS_NAME
+
+    pretrained = exp.sae.pretrained if exp.sae is not None else None
+    if pretrained and not (folder / WEIGHTS_NAME).exists():
+        return Path(pretrained)
+    return folder
