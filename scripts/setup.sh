@@ -11,4 +11,6 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
+# SAELens + sparsify for the slow export tests (large: TransformerLens, plotly, ...): SAECLI_INTEROP=1
+if [ "${SAECLI_INTEROP:-0}" = 1 ]; then python -m pip install -q -e ".[interop]"; fi
 echo "saecli installed in $(pwd)/.venv ($(python -c 'import saecli; print(saecli.__version__)'))"

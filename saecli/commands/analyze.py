@@ -11,12 +11,15 @@ import typer
 from saecli.commands import ExperimentArg, SetOption, load, probe_store
 
 SaeOption = Annotated[
-    Optional[Path], typer.Option("--sae", help="dictionary folder (default: analyze.sae_path, else run.output_dir)")
+    Optional[Path], typer.Option("--sae", help="dictionary folder, saecli's or SAELens/sparsify/dictionary_learning "
+                                "(default: analyze.sae_path, else run.output_dir, else sae.pretrained)")
 ]
 
 
 def sae_folder(exp: Any, sae: Path | None) -> Path:
-    return Path(sae or exp.analyze.sae_path or exp.run.output_dir)
+    from saecli.interop.pretrained import or_pretrained
+
+    return Path(sae or exp.analyze.sae_path or or_pretrained(exp, Path(exp.run.output_dir)))
 
 
 def open_results_store(exp: Any, folder: Path):

@@ -11,19 +11,22 @@ from saecli.commands import ExperimentArg, SetOption, load, probe_store
 
 
 def _default_sae(experiment: Path, exp) -> Path:
-    """--sae, else eval.sae_path, else the run folder given on the command line, else run.output_dir."""
+    """--sae, else eval.sae_path, else the run folder given on the command line, else run.output_dir (or,
+    while that holds no dictionary, sae.pretrained)."""
     from saecli.dictionaries.base import CONFIG_NAME
 
     if exp.eval.sae_path:
         return Path(exp.eval.sae_path)
     if experiment.is_dir() and (experiment / CONFIG_NAME).exists():
         return experiment
-    return Path(exp.run.output_dir)
+    from saecli.interop.pretrained import or_pretrained
+
+    return or_pretrained(exp, Path(exp.run.output_dir))
 
 
 def eval_command(
     experiment: ExperimentArg,
-    sae: Annotated[Optional[Path], typer.Option("--sae", help="dictionary folder (cfg.json + sae_weights.safetensors)",
+    sae: Annotated[Optional[Path], typer.Option("--sae", help="dictionary folder: saecli, SAELens, sparsify or dictionary_learning",
                                                 show_default=False)] = None,
     overrides: SetOption = None,
 ) -> None:

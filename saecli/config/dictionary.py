@@ -51,6 +51,9 @@ class DictionaryConfig:
         0.999, help="BatchTopK inference threshold: decay of the running average of each batch's smallest kept activation"
     )
     sparse_kernels: bool = opt(True, help="use the sparse TopK/ReLU train-step kernels when they apply")
+    pretrained: str | None = opt(
+        None, help="start from this dictionary folder (saecli run, SAELens, sparsify or dictionary_learning; "
+        "format detected from its files) and continue training it")
 
     kind_name = "sae"
 

@@ -49,6 +49,10 @@ def iter_documents(cfg: DatasetConfig, shard_index: int = 0, n_shards: int = 1) 
 
 def check_dataset(cfg: DatasetConfig) -> None:
     """Fail fast (before a model loads) on a missing local file or an unknown built-in text."""
+    if cfg.path.startswith("imported:"):  # see saecli.interop.activations
+        raise UsageError(f"dataset.path is {cfg.path!r}: the run trained on imported activations and there is no "
+                         "text to read; evaluate on an activation cache of held-out tokens (eval.cache_dir), or "
+                         "set dataset.path to the text the activations came from")
     if cfg.path.startswith("builtin:"):
         if cfg.path != BUILTIN:
             raise UsageError(f"unknown built-in text {cfg.path!r} (key `dataset.path`); choose from {', '.join(BUILTIN_SOURCES)}")

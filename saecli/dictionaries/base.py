@@ -61,6 +61,11 @@ class Dictionary(nn.Module, abc.ABC):
     kind: ClassVar[str] = ""
     needs_context: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "encode" in cls.__dict__:  # every kind's encode also takes a plain tensor (see _tensor_encode)
+            cls.encode = _tensor_encode(cls.__dict__["encode"])
+
     def __init__(self, cfg: Any, d_model: int, in_hooks: list[str], out_hooks: list[str]):
         super().__init__()
         self.cfg = cfg
@@ -123,9 +128,13 @@ class Dictionary(nn.Module, abc.ABC):
              mask: torch.Tensor | None = None) -> LossOutput:
         """Normalised inputs/targets → loss and terms. `mask` (context kinds) marks counted positions."""
 
-    def forward(self, raw: dict[str, torch.Tensor], ctx: StepContext | None = None,
-                mask: torch.Tensor | None = None) -> LossOutput:
-        """Raw activations (every hook the kind reads or writes) → LossOutput in normalised units."""
+    def forward(self, raw: dict[str, torch.Tensor] | torch.Tensor, ctx: StepContext | None = None,
+                mask: torch.Tensor | None = None) -> LossOutput | torch.Tensor:
+        """Raw activations (every hook the kind reads or writes) → LossOutput in normalised units.
+
+        A plain tensor (single-hook kinds): raw input → raw reconstruction tensor, `sae(x)` as in SAELens."""
+        if isinstance(raw, torch.Tensor):
+            return self.reconstruct({_single(self.in_hooks, "input"): raw}, ctx)[_single(self.out_hooks, "output")]
         normed = self.normalize(raw)
         inputs = {h: normed[h] for h in self.in_hooks}
         targets = {h: normed[h] for h in self.out_hooks}
@@ -197,6 +206,30 @@ class Dictionary(nn.Module, abc.ABC):
                    size_hint=size)
         write_json(folder / CONFIG_NAME, self.config_dict())
         return folder
+
+
+def _single(hooks: list[str], what: str) -> str:
+    if len(hooks) != 1:
+        from saecli.errors import UsageError
+
+        raise UsageError(f"this dictionary has {len(hooks)} {what} hook points ({', '.join(hooks)}): pass a dict "
+                         "{hook: tensor} instead of a single tensor")
+    return hooks[0]
+
+
+def _tensor_encode(encode: Any) -> Any:
+    """`encode(x)` with a plain tensor x: raw activations of the one input hook (normalised here, so that
+    `d.encode(x)` gives the latents `d(x)` decodes); a dict keeps meaning normalised inputs per hook."""
+    import functools
+
+    @functools.wraps(encode)
+    def wrapper(self: "Dictionary", inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if isinstance(inputs, torch.Tensor):
+            hook = _single(self.in_hooks, "input")
+            inputs = self.normalize({hook: inputs})
+        return encode(self, inputs, *args, **kwargs)
+
+    return wrapper
 
 
 WEIGHTS_NAME = "sae_weights.safetensors"

@@ -39,14 +39,19 @@ def build_dictionary(cfg: Any, d_model: int, hook_points: list[str]) -> Dictiona
 
 
 def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> Dictionary:
-    """Load any kind saved with `Dictionary.save` (folder with cfg.json + sae_weights.safetensors).
+    """Load any kind saved with `Dictionary.save` (folder with cfg.json + sae_weights.safetensors), or a
+    SAELens / sparsify / dictionary_learning folder (format detected from its files; see saecli.interop).
 
-    A missing, truncated or corrupt file, or a folder another library wrote, is a UsageError naming the file.
+    A missing, truncated or corrupt file, or a folder no library saecli knows wrote, is a UsageError naming the file.
     """
     from safetensors.torch import load_file
 
+    from saecli.interop import detect_format, load_any
+
+    if detect_format(folder) is not None:  # a SAELens / sparsify / dictionary_learning folder
+        return load_any(folder, device=device)
     folder = Path(folder)
-    meta, cfg, cls = check_saved(folder)
+    meta, cfg, cls = _check_native(folder)
     model = _build(folder, cls, cfg, meta)
     weights = folder / WEIGHTS_NAME
     state = _safetensors(weights, lambda: load_file(str(weights)))
@@ -59,9 +64,20 @@ def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> D
     return model.to(device)
 
 
-def check_saved(folder: str | Path) -> tuple[dict, Any, type[Dictionary]]:
-    """(cfg.json, its parsed config, the kind's class) of a saved dictionary, its weights' header checked,
-    without reading the weights: commands call it before loading a model so a broken folder fails at once."""
+def check_saved(folder: str | Path) -> None:
+    """Fail at once (UsageError naming the file) when a dictionary folder is broken: commands call it before
+    loading a model. A foreign folder is read and self-checked; saecli's own is checked without its weights."""
+    from saecli.interop import detect_format, read_checked
+
+    if detect_format(folder) is not None:
+        read_checked(folder)
+    else:
+        _check_native(Path(folder))
+
+
+def _check_native(folder: Path) -> tuple[dict, Any, type[Dictionary]]:
+    """(cfg.json, its parsed config, the kind's class) of a saecli dictionary folder, its weights' header
+    checked without reading the weights."""
     from safetensors import safe_open
 
     from saecli.config.base import parse

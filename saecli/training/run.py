@@ -150,6 +150,9 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
         reporter.warn(f"{folder} has no complete checkpoint yet: starting the run from the beginning")
 
     exp = with_absolute_store_path(exp)
+    from saecli.interop.activations import cache_data_source
+
+    exp = cache_data_source(exp)  # an imported cache is the data source config.toml records
     if sync.is_main:
         from saecli.fsio import require_writable
 

@@ -142,6 +142,10 @@ def initialize(stream: Any, dictionaries: list[tuple[Dictionary, Any]], *, sync:
         if getattr(dictionary, "needs_model_init", False):
             raw = [{h: b.acts[h].to(device, dtype) for h in hooks} for b in picked]
             dictionary.init_from_model(lm if lm is not None else getattr(stream, "lm", None), raw)
+        if getattr(dictionary.cfg, "pretrained", None):  # continue from a saved dictionary (any format)
+            from saecli.interop.pretrained import start_from
+
+            start_from(dictionary, dictionary.cfg.pretrained)
         if sync.world_size > 1:
             state = sync.broadcast_object({k: v.cpu() for k, v in dictionary.state_dict().items()})
             dictionary.load_state_dict(state)
