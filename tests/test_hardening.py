@@ -155,7 +155,8 @@ DAMAGE = {
     "corrupt weights": ("sae_weights.safetensors", "damaged"),
     "truncated cfg.json": ("cfg.json", "not valid JSON"),
     "empty cfg.json": ("cfg.json", "is empty"),
-    "SAELens folder": ("cfg.json", "SAELens"),
+    # read as SAELens (saecli.interop): its weights don't fit the SAELens cfg.json
+    "SAELens folder": ("sae_weights.safetensors", "cfg.json says [d_in, d_sae]"),
     "sparsify folder": ("sae.safetensors", "sparsify"),
 }
 
