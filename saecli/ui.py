@@ -215,3 +215,15 @@ def token_contexts(title: str, contexts: Sequence[tuple[str, Sequence[str], Sequ
             else:
                 line.append(shown, style="dim" if shown != tok else "")
         out.print(line, soft_wrap=False, overflow="fold")
+
+
+def stdout_is_terminal() -> bool:
+    """Whether stdout is a terminal (False when piped or redirected: print plain, complete lines)."""
+    return out.is_terminal
+
+
+def plain_lines(lines: Iterable[str]) -> None:
+    """Lines on stdout exactly as given (no markup, no wrapping, no cropping): for pipes and scripts."""
+    if is_main_process():
+        for line in lines:
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
