@@ -22,6 +22,7 @@ from saecli.errors import SaecliError
 
 # Commands that work, in the order `--help` lists them. A module registers itself with `register(app)`.
 COMMAND_MODULES: list[str] = ["generate", "check", "hooks", "train", "eval", "analyze", "dla", "sweep"]  # each helper module appends its name when the command works
+COMMAND_MODULES += ["init", "schema", "runs"]  # writing experiments (init, schema) and browsing the store (runs)
 
 app = typer.Typer(
     name="saecli",
