@@ -56,8 +56,19 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"saecli.commands.{_name}").register(app)
 
 
+GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet")
+
+
+def hoist_global_flags(args: list[str]) -> list[str]:
+    """Move -v/-q (and their long forms) to the front, so `saecli train exp.toml -q` works as
+    `saecli -q train exp.toml` does; nothing after a `--` is touched."""
+    cut = args.index("--") if "--" in args else len(args)
+    head = args[:cut]
+    return [a for a in head if a in GLOBAL_FLAGS] + [a for a in head if a not in GLOBAL_FLAGS] + args[cut:]
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+    args = hoist_global_flags(sys.argv[1:] if argv is None else argv)
     verbose = any(a in ("-v", "--verbose") for a in args)
     try:
         # not standalone, typer returns (not raises) an exit code: typer.Exit(n), or 130 for Ctrl-C

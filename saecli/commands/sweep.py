@@ -83,7 +83,7 @@ def sweep(
                                                           "resume from their checkpoints")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard the members' previous runs")] = False,
 ) -> None:
-    """Train every member of a sweep file: a base experiment plus a [sweep] table of a grid and/or variants.
+    """Train every member of a sweep file: a base experiment plus a \\[sweep] table of a grid and/or variants.
 
     Members whose activation stream is the same (same model, data, hook points, batch size, tokens)
     form a group that reads or computes each batch once for all of them; on a GPU, same-shape SAEs in
