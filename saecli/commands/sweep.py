@@ -30,7 +30,8 @@ class SweepReporter(UiReporter):
 
     def log(self, member: str, record: dict[str, Any]) -> None:
         if self._handle is not None:
-            self._handle.update(member=member.rsplit("/", 1)[-1], **self.metrics(record))
+            self._handle.update(rate=record.get("tokens_per_s"), member=member.rsplit("/", 1)[-1],
+                                **self.metrics(record))
 
 
 def show_plan(plan: Any, groups: list) -> None:
