@@ -283,6 +283,7 @@ def record_in_store(exp: Any, folder: Path, summary: dict, reporter: Reporter) -
     except ImportError:
         return
     from saecli.config.base import to_dict
+    from saecli.config.load import experiment_dict
 
     try:
         store = open_store(exp.store)
@@ -291,9 +292,7 @@ def record_in_store(exp: Any, folder: Path, summary: dict, reporter: Reporter) -
             if exp.model is not None:
                 store.put_model(exp.model.name, to_dict(exp.model))
             store.put_dataset(exp.dataset.path, to_dict(exp.dataset))
-            cfg = to_dict(exp)
-            cfg.pop("source_file", None)
-            store.put_sae(exp.run.name, path=str(folder.resolve()), cfg=cfg, model_name=model_name,
+            store.put_sae(exp.run.name, path=str(folder.resolve()), cfg=experiment_dict(exp), model_name=model_name,
                           dataset_name=exp.dataset.path, metrics=summary)
         finally:
             store.close()
