@@ -162,7 +162,8 @@ class _LineProgress(Progress):
 
     def update(self, task_id: Any, **kwargs: Any) -> None:  # type: ignore[override]
         super().update(task_id, **kwargs)
-        if time.monotonic() - self._printed.setdefault(task_id, time.monotonic()) >= self._every:
+        now = time.monotonic()
+        if now - self._printed.setdefault(task_id, now) >= self._every:
             self._line(task_id)
 
     def advance(self, task_id: Any, advance: float = 1) -> None:
