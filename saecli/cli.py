@@ -22,7 +22,8 @@ from saecli.errors import SaecliError
 
 # Commands that work, in the order `--help` lists them. A module registers itself with `register(app)`.
 COMMAND_MODULES: list[str] = ["generate", "check", "hooks", "train", "eval", "analyze", "dla", "sweep"]  # each helper module appends its name when the command works
-COMMAND_MODULES += ["init", "schema", "runs"]  # writing experiments (init, schema) and browsing the store (runs)
+# Commands that take no experiment file: writing one (init, schema) and browsing the store (runs).
+TOOL_MODULES: list[str] = ["init", "schema", "runs"]
 
 app = typer.Typer(
     name="saecli",
@@ -52,7 +53,7 @@ def _global(
     ui.set_verbosity(verbose=verbose, quiet=quiet)
 
 
-for _name in COMMAND_MODULES:
+for _name in COMMAND_MODULES + TOOL_MODULES:
     importlib.import_module(f"saecli.commands.{_name}").register(app)
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from saecli.commands import completion_scripts
 from saecli.config.schema import generated_docs, json_schema, keys
 
 if sys.version_info >= (3, 11):
@@ -31,11 +30,6 @@ def validator() -> jsonschema.Draft7Validator:
 def test_generated_docs_are_fresh():
     for path, text in generated_docs().items():
         assert (REPO / path).read_text() == text, f"{path} is stale: run scripts/make_docs.sh"
-
-
-def test_completion_scripts_are_fresh():
-    for path, text in completion_scripts().items():
-        assert (REPO / path).read_text() == text, f"{path} is stale: run scripts/make_completions.sh"
 
 
 def test_config_md_lists_every_key_with_its_default():
