@@ -108,6 +108,31 @@ def test_transformerlens_names_saecli_does_not_serve_say_what_to_use(lms):
         validate_hooks(lms("gpt_neox"), ["blocks.1.hook_resid_mid"])
 
 
+def test_files_saved_under_the_old_hook_mlp_in_meaning_are_refused(tmp_path):
+    import json
+
+    from saecli.config.base import parse
+    from saecli.config.dictionary import DictionaryConfig
+    from saecli.data.manifest import read_manifest
+    from saecli.dictionaries.registry import build_dictionary, load_dictionary
+
+    tc = build_dictionary(parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 8, "k": 2}, key="sae"), 4,
+                          ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"])
+    tc.save(tmp_path)
+    load_dictionary(tmp_path)  # saved now: the name means TransformerLens' hook_mlp_in, fine
+    meta = json.loads((tmp_path / "cfg.json").read_text())
+    del meta["hook_names"]  # as written before: hook_mlp_in was the MLP input after its norm
+    (tmp_path / "cfg.json").write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match=r"rename blocks\.1\.hook_mlp_in to blocks\.1\.ln2\.hook_normalized"):
+        load_dictionary(tmp_path)
+    from saecli.data.manifest import FORMAT, VERSION
+
+    old = tmp_path / "manifest.json"
+    old.write_text(json.dumps({"format": FORMAT, "version": VERSION, "hook_points": ["blocks.0.hook_mlp_in"]}))
+    with pytest.raises(UsageError, match="ln2.hook_normalized"):
+        read_manifest(old)
+
+
 def test_bad_hook_name_suggests_close_match(lms):
     with pytest.raises(UsageError, match=r"Did you mean `blocks\.3\.hook_resid_post`"):
         validate_hooks(lms("llama"), ["blocks.3.hook_resid_pots"])

@@ -49,6 +49,10 @@ def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> D
     if not (folder / CONFIG_NAME).exists() or not (folder / WEIGHTS_NAME).exists():
         raise UsageError(f"{folder} holds no saved dictionary ({CONFIG_NAME} and {WEIGHTS_NAME} expected)")
     meta = json.loads((folder / CONFIG_NAME).read_text())
+    from saecli.lm.hooks import check_saved_hook_names
+
+    check_saved_hook_names([*meta.get("in_hooks", []), *meta.get("out_hooks", [])], meta.get("hook_names"),
+                           str(folder / CONFIG_NAME))
     # saved configs hold None for unset optional fields; leaving them out restores the same defaults
     cfg = parse(DictionaryConfig, {k: v for k, v in meta["cfg"].items() if v is not None}, key="sae")
     cls = dictionary_class(meta["kind"])

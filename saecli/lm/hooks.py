@@ -84,6 +84,23 @@ _NOT_SERVED = {
 }
 
 
+# Saved with caches and dictionaries: their hook names mean what they mean in TransformerLens.
+HOOK_NAMES = "transformerlens"
+
+
+def check_saved_hook_names(hooks: list[str], marker: str | None, where: str) -> None:
+    """Refuse a file saved before hook names meant TransformerLens' (no `hook_names` marker) that names
+    `hook_mlp_in`: it held the MLP input AFTER its norm, which is `ln2.hook_normalized` now, so reading it
+    under the new meaning would silently use other activations."""
+    old = [h for h in hooks if h.endswith(".hook_mlp_in")]
+    if marker != HOOK_NAMES and old:
+        new = old[0][: -len("hook_mlp_in")] + "ln2.hook_normalized"
+        raise UsageError(f"{where} was saved when saecli's `hook_mlp_in` meant the MLP input after its norm, "
+                         f"which TransformerLens (and saecli now) call `ln2.hook_normalized`: regenerate it, or "
+                         f"rename {old[0]} to {new} in it (and in the run's config.toml) and add "
+                         f'"hook_names": "{HOOK_NAMES}"')
+
+
 @dataclass(frozen=True)
 class HookPoint:
     """A parsed hook name; sorts in the order the forward pass reaches the hooks."""
