@@ -264,6 +264,26 @@ def test_zero_ablating_the_last_mlp_leaves_norm_of_resid_mid(lms):
     torch.testing.assert_close(logits, norm(a["resid_pre"] + a["attn_out"]) @ W_U, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_replacing_resid_mid_moves_the_residual_stream_too(lms, family):
+    # as in TransformerLens: resid_post = resid_mid + mlp_out, so shifting resid_mid of the last block by v
+    # shifts what the unembedding reads by v + (the MLP's change on the shifted input)
+    lm = lms(family)
+    ids, last = tokens(), lm.n_layers - 1
+    v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    seen = {}
+    logits = forward_with_replacements(lm, ids, {f"blocks.{last}.hook_resid_mid": lambda x: x + v,
+                                                 f"blocks.{last}.hook_mlp_out": lambda y: seen.setdefault("mlp", y)})
+    a = at(all_acts(lm, ids), last)
+    _, ln2 = get_norms(lm, last)
+    mlp_out = get_mlp(lm, last)(ln2(a["resid_mid"] + v))
+    torch.testing.assert_close(seen["mlp"], mlp_out, rtol=1e-5, atol=1e-5)  # the MLP read the new resid_mid
+    norm, W_U = final_norm_and_unembed(lm)
+    bias = unembed_bias(lm)
+    expected = norm(a["resid_mid"] + v + mlp_out) @ W_U + (0 if bias is None else bias)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_replacing_every_layer_at_once_and_dtype_cast(lms):
     lm = lms("gpt2")
     ids = tokens()

@@ -426,6 +426,23 @@ def _post_hook(callback: Callback, guard: _Guard):
     return hook
 
 
+def _resid_mid(callback: Callback) -> tuple[Callback, Callback]:
+    """resid_mid is read where the MLP branch starts (its norm's input), but the block adds the MLP's output
+    to the residual it held before: a replacement r' of r must reach both, so (r' − r) is added to the MLP's
+    output too (after any replacement of hook_mlp_out), giving resid_post = r' + mlp_out as in TransformerLens."""
+    delta: list[torch.Tensor] = []
+
+    def read(x: torch.Tensor) -> torch.Tensor | None:
+        new = callback(x)
+        delta[:] = [] if new is None else [new - x]
+        return new
+
+    def fix(y: torch.Tensor) -> torch.Tensor | None:
+        return (y + delta.pop()) if delta else None
+
+    return read, fix
+
+
 @contextmanager
 def attached(lm: "LanguageModel", callbacks: Mapping[str, Callback]) -> Iterator[None]:
     """Register one callback per hook name for the duration of the block; always removes them.
@@ -435,13 +452,19 @@ def attached(lm: "LanguageModel", callbacks: Mapping[str, Callback]) -> Iterator
     """
     points = validate_hooks(lm, list(callbacks))
     guard, handles = _Guard(), []
+    last: list[tuple[nn.Module, Callback]] = []  # output hooks registered after all others (see _resid_mid)
     try:
         for point, callback in zip(points, callbacks.values()):
             module, is_input = site_module(lm, point)
+            if point.site == "hook_resid_mid":
+                callback, fix = _resid_mid(callback)
+                last.append((site_module(lm, HookPoint(point.layer, "hook_mlp_out"))[0], fix))
             if is_input:
                 handles.append(module.register_forward_pre_hook(_pre_hook(callback, guard), with_kwargs=True))
             else:
                 handles.append(module.register_forward_hook(_post_hook(callback, guard)))
+        for module, fix in last:
+            handles.append(module.register_forward_hook(_post_hook(fix, guard)))
         yield
     finally:
         for handle in handles:
