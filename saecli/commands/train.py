@@ -66,7 +66,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run folder's latest checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard a previous run in the output folder")] = False,
 ) -> None:
-    """Train the experiment's dictionary (its sae table) on its activations: the cache, or the model live.
+    """Train the experiment's dictionary (its \\[sae] table) on its activations: the cache, or the model live.
 
     Writes to run.output_dir: sae_weights.safetensors + cfg.json (load them with
     saecli.dictionaries.registry.load_dictionary), config.toml, metrics.jsonl, summary.json and the last
