@@ -478,3 +478,18 @@ def test_hooks_command_in_an_80_column_terminal_shows_whole_names(tmp_path, tiny
     assert "…" not in text and all(len(line) <= 80 for line in text.splitlines())
     for site in SITES:
         assert f"blocks.{{L}}.{site}" in text
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_attn_hook_z_directions_go_through_w_o(lms, family):
+    from saecli.lm.hooks import residual_directions
+
+    lm = lms(family)
+    o_proj = module_at(get_attention(lm, 1), layout_of(lm).o_proj)
+    z = torch.randn(5, hook_width(lm, "blocks.1.attn.hook_z"), device=DEVICE)
+    zero = o_proj(torch.zeros_like(z))  # the bias, if any: a direction carries none
+    torch.testing.assert_close(residual_directions(lm, ["blocks.1.attn.hook_z"], z), o_proj(z) - zero)
+    resid = torch.randn(5, lm.d_model, device=DEVICE)
+    assert residual_directions(lm, ["blocks.1.hook_mlp_out"], resid) is resid
+    with pytest.raises(UsageError, match="mix attn.hook_z"):
+        residual_directions(lm, ["blocks.1.attn.hook_z", "blocks.1.hook_mlp_out"], z)

@@ -344,6 +344,21 @@ def validate_hooks(lm: "LanguageModel", names: list[str]) -> list[HookPoint]:
     return points
 
 
+def residual_directions(lm: "LanguageModel", out_hooks: list[str], directions: torch.Tensor) -> torch.Tensor:
+    """[n, d_model]: directions written at `out_hooks` as residual-stream directions. Those at
+    attn.hook_z ([n, n_heads · d_head], W_O's input) go through W_O without its bias; the rest are already
+    residual directions."""
+    z = [h for h in out_hooks if h.endswith(".attn.hook_z")]
+    if not z:
+        return directions
+    if len(out_hooks) != 1:
+        raise UsageError(f"directions written at {', '.join(out_hooks)} mix attn.hook_z with other hooks: they "
+                         "have no single residual-stream direction")
+    o = module_at(get_attention(lm, parse_hook(z[0]).layer), layout_of(lm).o_proj)
+    w = o.weight.detach().to(directions.dtype)
+    return directions @ (w.T if isinstance(o, nn.Linear) else w)  # Linear: [out, in]; GPT-2's Conv1D: [in, out]
+
+
 def hook_width(lm: "LanguageModel", name: str) -> int:
     """Width of the activation at `name`: d_model, except attn.hook_z (n_heads · d_head, W_O's input)."""
     point = parse_hook(name)
