@@ -75,3 +75,26 @@ def test_schema_command_prints_the_schema(run_cli):
     res = run_cli("schema")
     assert res.exit_code == 0, res
     assert json.loads(res.stdout) == json_schema()
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_example_experiment_loads(path):
+    from saecli.config.load import load_experiment
+
+    exp = load_experiment(path)
+    assert exp.activations is not None
+
+
+TINY = [p for p in EXPERIMENTS if p.parent.name == "tiny" and p.stem not in ("generate", "sweep")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
+def test_every_tiny_experiment_trains_and_evaluates_in_seconds(cli, path, tmp_path):
+    out = tmp_path / "run"
+    short = ["--set", f"run.output_dir={out}", "--set", "activations.source=live",
+             "--set", "trainer.total_training_tokens=2048"]
+    res = cli("train", path.relative_to(REPO), *short, timeout=300)
+    assert res.exit_code == 0, res
+    res = cli("eval", out, timeout=300)
+    assert res.exit_code == 0, res
