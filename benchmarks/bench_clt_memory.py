@@ -63,7 +63,7 @@ def main() -> None:
     if dev.type == "cpu":
         torch.set_num_threads(2)
     n_layers, d, s, n = args.layers, args.d_model, args.d_sae, args.tokens
-    ins = [f"blocks.{i}.hook_mlp_in" for i in range(n_layers)]
+    ins = [f"blocks.{i}.ln2.hook_normalized" for i in range(n_layers)]
     outs = [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]
     cfg = parse(DictionaryConfig, {"kind": "clt", "d_sae": s, "k": args.k, "norm_activation": "none",
                                    "sparse_kernels": not args.dense}, key="sae")

@@ -23,7 +23,7 @@ from saecli.config.dictionary import DictionaryConfig
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.registry import build_dictionary
 
-IN, OUT = "blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out"
+IN, OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 
 
 def roofline(d: int, batch: int, width: int) -> float:

@@ -23,6 +23,8 @@ from saecli.errors import SaecliError, SaecliWarning
 
 # Commands that work, in the order `--help` lists them. A module registers itself with `register(app)`.
 COMMAND_MODULES: list[str] = ["generate", "check", "hooks", "train", "eval", "analyze", "dla", "sweep", "record", "export", "cache"]  # each helper module appends its name when the command works
+# Commands that take no experiment file: writing one (init, schema) and browsing the store (runs).
+TOOL_MODULES: list[str] = ["init", "schema", "runs"]
 
 app = typer.Typer(
     name="saecli",
@@ -55,7 +57,7 @@ def _global(
     ui.set_verbosity(verbose=verbose, quiet=quiet)
 
 
-for _name in COMMAND_MODULES:
+for _name in COMMAND_MODULES + TOOL_MODULES:
     importlib.import_module(f"saecli.commands.{_name}").register(app)
 
 
@@ -67,8 +69,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
         _default(message, category, filename, lineno, file, line)
 
 
+GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet")
+
+
+def hoist_global_flags(args: list[str]) -> list[str]:
+    """Move -v/-q (and their long forms) to the front, so `saecli train exp.toml -q` works as
+    `saecli -q train exp.toml` does; nothing after a `--` is touched."""
+    cut = args.index("--") if "--" in args else len(args)
+    head = args[:cut]
+    return [a for a in head if a in GLOBAL_FLAGS] + [a for a in head if a not in GLOBAL_FLAGS] + args[cut:]
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+    args = hoist_global_flags(sys.argv[1:] if argv is None else argv)
     warnings.showwarning = _show_warning
     verbose = any(a in ("-v", "--verbose") for a in args)
     try:

@@ -27,6 +27,8 @@ from rich.text import Text
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
+for _c in (console, out):  # in a log or a pipe, a line stays whole (no wrapping at 80 columns)
+    _c.soft_wrap = not _c.is_terminal
 _state = {"verbose": False, "quiet": False}
 
 
@@ -75,7 +77,10 @@ class _RateColumn(ProgressColumn):
         self.unit = unit
 
     def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
+        if "rate" in task.fields:  # the caller's own figure (training: tokens_per_s of its metrics)
+            speed = task.fields["rate"]
+        else:
+            speed = task.finished_speed or task.speed
         if speed is None:
             return Text(f"– {self.unit}/s", style="progress.data.speed")
         return Text(f"{_si(speed)} {self.unit}/s", style="progress.data.speed")
@@ -109,7 +114,8 @@ def _fmt(v: Any) -> str:
 
 
 class ProgressHandle:
-    """A started progress task: `advance(n, **metrics)` moves it and updates the metric fields."""
+    """A started progress task: `advance(n, **metrics)` moves it and updates the metric fields;
+    `update(rate=...)` sets the rate shown (for a caller with its own rate figure, see `progress`)."""
 
     def __init__(self, progress: Progress | None, task_id: Any):
         self._progress = progress
@@ -128,20 +134,75 @@ class ProgressHandle:
         if self._progress is not None:
             self._progress.update(self._task, total=done, completed=done)
 
-    def update(self, *, completed: float | None = None, **metrics: Any) -> None:
+    def update(self, *, completed: float | None = None, rate: float | None = None, **metrics: Any) -> None:
         if self._progress is None:
             return
         kwargs: dict[str, Any] = {}
         if completed is not None:
             kwargs["completed"] = completed
+        if rate is not None:
+            kwargs["rate"] = rate
         if metrics:
             kwargs["metrics"] = metrics
         self._progress.update(self._task, **kwargs)
 
 
+class _LineProgress(Progress):
+    """Progress for logs and pipes (stderr not a terminal): no live redraw, whose cropped last frame is
+    all a log would keep, but a whole plain line at most every `every` seconds and at the end."""
+
+    def __init__(self, *columns: Any, every: float, **kwargs: Any):
+        super().__init__(*columns, auto_refresh=False, **kwargs)
+        self._every = every
+        self._printed: dict[Any, float] = {}
+        self._shown: dict[Any, float] = {}  # `completed` at the last line printed
+
+    def _line(self, task_id: Any) -> None:
+        task = self._tasks[task_id]
+        row = Text(" ").join(col(task) if isinstance(col, ProgressColumn) else Text(str(col))
+                             for col in self.columns if not isinstance(col, BarColumn))
+        self.console.print(row, soft_wrap=True, highlight=False)
+        self._printed[task_id] = time.monotonic()
+        self._shown[task_id] = task.completed
+
+    def update(self, task_id: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        super().update(task_id, **kwargs)
+        now = time.monotonic()
+        if now - self._printed.setdefault(task_id, now) >= self._every:
+            self._line(task_id)
+
+    def advance(self, task_id: Any, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def start(self) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        for task_id, task in list(self._tasks.items()):
+            if self._shown.get(task_id) != task.completed:
+                self._line(task_id)
+
+
+def _line_interval() -> float:
+    """Seconds between progress lines in a log (SAECLI_PROGRESS_EVERY, default 30)."""
+    try:
+        return max(0.0, float(os.environ.get("SAECLI_PROGRESS_EVERY", "30")))
+    except ValueError:
+        return 30.0
+
+
 @contextmanager
-def progress(description: str, total: float | None, unit: str = "tokens", completed: float = 0) -> Iterator[ProgressHandle]:
-    """A rich progress bar with a rate in `unit`/s and live metrics; silent when quiet or not rank 0."""
+def progress(description: str, total: float | None, unit: str = "tokens", completed: float = 0,
+             own_rate: bool = False) -> Iterator[ProgressHandle]:
+    """A rich progress bar with a rate in `unit`/s and live metrics; silent when quiet or not rank 0.
+
+    `own_rate`: the rate shown is the one the caller passes to `update(rate=...)` ("–" until then) instead
+    of rich's estimate, so that the bar and the caller's records show one figure. When stderr is not a
+    terminal (a log file, a pipe), whole plain lines are printed every SAECLI_PROGRESS_EVERY seconds.
+    """
     if _state["quiet"] or not is_main_process():
         yield ProgressHandle(None, None)
         return
@@ -155,8 +216,13 @@ def progress(description: str, total: float | None, unit: str = "tokens", comple
         TimeRemainingColumn(),
         _FieldsColumn(),
     ]
-    with Progress(*columns, console=console, transient=False, refresh_per_second=4) as prog:
-        task = prog.add_task(description, total=total, completed=completed, metrics={})
+    fields: dict[str, Any] = {"metrics": {}, **({"rate": None} if own_rate else {})}
+    if console.is_terminal:
+        bar: Progress = Progress(*columns, console=console, transient=False, refresh_per_second=4)
+    else:
+        bar = _LineProgress(*columns, console=console, every=_line_interval())
+    with bar as prog:
+        task = prog.add_task(description, total=total, completed=completed, **fields)
         yield ProgressHandle(prog, task)
 
 
@@ -220,3 +286,15 @@ def token_contexts(title: str, contexts: Sequence[tuple[str, Sequence[str], Sequ
             else:
                 line.append(shown, style="dim" if shown != tok else "")
         out.print(line, soft_wrap=False, overflow="fold")
+
+
+def stdout_is_terminal() -> bool:
+    """Whether stdout is a terminal (False when piped or redirected: print plain, complete lines)."""
+    return out.is_terminal
+
+
+def plain_lines(lines: Iterable[str]) -> None:
+    """Lines on stdout exactly as given (no markup, no wrapping, no cropping): for pipes and scripts."""
+    if is_main_process():
+        for line in lines:
+            out.print(line, markup=False, highlight=False, soft_wrap=True)

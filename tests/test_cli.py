@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from saecli import __version__
-from saecli.cli import COMMAND_MODULES
+from saecli.cli import COMMAND_MODULES, TOOL_MODULES
 from conftest import write_toml
 
 
@@ -17,7 +17,7 @@ def test_version(cli):
 def test_help_lists_every_registered_command(cli):
     result = cli("--help")
     assert result.exit_code == 0
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES + TOOL_MODULES:
         assert name in result.stdout
 
 
@@ -68,13 +68,18 @@ def test_bad_override_is_exit_2(run_cli, command, tmp_path):
 
 
 def test_shipped_completions_are_current():
-    from typer._completion_shared import get_completion_script
-
+    from saecli.commands import completion_scripts
     from conftest import REPO
 
-    for shell in ("bash", "zsh", "fish"):
-        shipped = (REPO / "completions" / f"saecli.{shell}").read_text()
-        assert shipped == get_completion_script(prog_name="saecli", complete_var="_SAECLI_COMPLETE", shell=shell)
+    for path, script in completion_scripts().items():  # what scripts/make_completions.sh writes
+        assert (REPO / path).read_text() == script, f"{path} is stale: run scripts/make_completions.sh"
+
+
+@pytest.mark.parametrize("command", TOOL_MODULES)
+def test_commands_without_an_experiment_have_help_with_an_example(run_cli, command):
+    result = run_cli(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "saecli " + command in result.stdout
 
 
 def test_completion_callback_completes_commands():

@@ -18,7 +18,7 @@ from saecli.errors import ConfigError
 
 
 def hooks(n: int) -> tuple[list[str], list[str]]:
-    return [f"blocks.{i}.hook_mlp_in" for i in range(n)], [f"blocks.{i}.hook_mlp_out" for i in range(n)]
+    return [f"blocks.{i}.ln2.hook_normalized" for i in range(n)], [f"blocks.{i}.hook_mlp_out" for i in range(n)]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread is faster

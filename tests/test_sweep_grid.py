@@ -165,7 +165,7 @@ def test_different_kinds_that_read_whole_contexts_go_to_another_group(tmp_path):
         [sweep]
         variants = [{"sae.kind" = "sae"}, {"sae.kind" = "lorsa", "sae.n_qk_heads" = 4}]
     ''', base=BASE.replace('hook_points = ["blocks.3.hook_resid_post", "blocks.4.hook_resid_post"]',
-                           'hook_points = ["blocks.3.hook_attn_in", "blocks.3.hook_attn_out"]')))
+                           'hook_points = ["blocks.3.ln1.hook_normalized", "blocks.3.hook_attn_out"]')))
     groups = group_members(plan.members)
     assert len(groups) == 2 and differing_stream_keys(groups) == ["(whole contexts)"]
 

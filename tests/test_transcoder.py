@@ -14,7 +14,7 @@ from saecli.dictionaries.registry import build_dictionary, load_dictionary
 from saecli.dictionaries.transcoder import Transcoder
 from saecli.errors import ConfigError, UsageError
 
-IN, OUT = "blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out"
+IN, OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread is faster
@@ -179,14 +179,14 @@ def test_save_load_round_trip(tmp_path):
 
 def test_hooks_default_to_the_first_two_hook_points_and_must_be_streamed():
     cfg = parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 8, "k": 2}, key="sae")
-    tc = build_dictionary(cfg, 4, ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out", "blocks.2.hook_resid_post"])
-    assert (tc.in_hook, tc.out_hook) == ("blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out")
+    tc = build_dictionary(cfg, 4, ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", "blocks.2.hook_resid_post"])
+    assert (tc.in_hook, tc.out_hook) == ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
     with pytest.raises(ConfigError, match="hook_point_out"):
-        build_dictionary(cfg, 4, ["blocks.1.hook_mlp_in"])
+        build_dictionary(cfg, 4, ["blocks.1.ln2.hook_normalized"])
     cfg = parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 8, "k": 2, "hook_point_out": "blocks.3.hook_mlp_out"},
                 key="sae")
     with pytest.raises(ConfigError, match="not in activations.hook_points"):
-        build_dictionary(cfg, 4, ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"])
+        build_dictionary(cfg, 4, ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"])
     with pytest.raises(ConfigError, match="output space"):
         parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 8, "k": 2, "apply_decoder_bias_to_pre_encoder": True},
               key="sae")
@@ -197,7 +197,7 @@ def test_init_from_mlp_sets_decoder_rows_to_the_mlp_response(tiny_llama):
     from saecli.lm import get_mlp, load_model, run_to_hooks
 
     lm = load_model(ModelConfig(name=str(tiny_llama), device="cpu"))
-    hooks = ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
+    hooks = ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
     tokens = torch.randint(3, lm.vocab_size, (2, 16))
     acts = run_to_hooks(lm, tokens, hooks)
     raw = {h: v.reshape(-1, lm.d_model) for h, v in acts.items()}
@@ -219,7 +219,7 @@ def test_init_from_mlp_sets_decoder_rows_to_the_mlp_response(tiny_llama):
     assert torch.allclose(tc.W_dec.norm(dim=1), norms, atol=1e-6)  # the init's row norms are kept
     bad = build_dictionary(parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 8, "k": 2}, key="sae"), lm.d_model,
                            ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"])
-    with pytest.raises(UsageError, match="hook_mlp_in"):
+    with pytest.raises(UsageError, match="ln2.hook_normalized"):
         bad.init_from_model(lm, [{"blocks.1.hook_resid_post": x}])
 
 

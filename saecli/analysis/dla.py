@@ -179,7 +179,9 @@ def dla_result(dictionary: Any, lm: Any, top: int = 10, progress: Callable[[int]
     from saecli.lm import final_norm_and_unembed
 
     norm, W_U = final_norm_and_unembed(lm)
-    dirs = feature_directions(dictionary)
+    from saecli.lm.hooks import residual_directions
+
+    dirs = residual_directions(lm, list(dictionary.out_hooks), feature_directions(dictionary))  # attn.hook_z: × W_O
     if dirs.shape[1] != W_U.shape[0]:
         raise UsageError(f"the dictionary's directions have {dirs.shape[1]} dimensions but {lm.name}'s "
                          f"residual stream has {W_U.shape[0]}: is it the dictionary of another model?")

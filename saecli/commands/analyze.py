@@ -45,7 +45,9 @@ def ensure_registered(store: Any, exp: Any, dictionary: Any, folder: Path) -> tu
     """(name, series) of the dictionary in the store, registering it when training did not."""
     name, series = exp.analyze.sae_name or exp.run.name, exp.analyze.series
     if store is not None and store.get_sae(name, series) is None:
-        store.put_sae(name, series, path=str(folder.resolve()), cfg=dictionary.config_dict(),
+        from saecli.config.load import experiment_dict
+
+        store.put_sae(name, series, path=str(folder.resolve()), cfg=experiment_dict(exp),  # one cfg shape per run
                       model_name=exp.model.name if exp.model else None, dataset_name=exp.dataset.path)
     return name, series
 

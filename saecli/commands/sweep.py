@@ -30,7 +30,8 @@ class SweepReporter(UiReporter):
 
     def log(self, member: str, record: dict[str, Any]) -> None:
         if self._handle is not None:
-            self._handle.update(member=member.rsplit("/", 1)[-1], **self.metrics(record))
+            self._handle.update(rate=record.get("tokens_per_s"), member=member.rsplit("/", 1)[-1],
+                                **self.metrics(record))
 
 
 def show_plan(plan: Any, groups: list) -> None:
@@ -83,7 +84,7 @@ def sweep(
                                                           "resume from their checkpoints")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard the members' previous runs")] = False,
 ) -> None:
-    """Train every member of a sweep file: a base experiment plus a [sweep] table of a grid and/or variants.
+    """Train every member of a sweep file: a base experiment plus a \\[sweep] table of a grid and/or variants.
 
     Members whose activation stream is the same (same model, data, hook points, batch size, tokens)
     form a group that reads or computes each batch once for all of them; on a GPU, same-shape SAEs in

@@ -13,7 +13,7 @@ from saecli.commands import ExperimentArg, SetOption, load, probe_store
 # the metrics shown next to the progress bar (the rest go to metrics.jsonl and wandb)
 _SHOWN = ("loss", "l0", "explained_variance", "dead", "lr", "k")
 _SUMMARY = ("step", "tokens", "loss", "explained_variance", "mse", "l0", "dead", "almost_dead", "dense",
-            "elapsed_s", "status")
+            "elapsed_s", "tokens_per_s", "status")
 
 
 class UiReporter:
@@ -32,7 +32,7 @@ class UiReporter:
         from saecli import ui
 
         self._handle = self._stack.enter_context(ui.progress(self.title(), total=total_tokens, unit="tokens",
-                                                             completed=done_tokens))
+                                                             completed=done_tokens, own_rate=True))
 
     def advance(self, n_tokens: int) -> None:
         if self._handle is not None:
@@ -43,8 +43,8 @@ class UiReporter:
         return {k: record[k] for k in self.shown if k in record}
 
     def log(self, member: str, record: dict[str, Any]) -> None:
-        if self._handle is not None:
-            self._handle.update(**self.metrics(record))
+        if self._handle is not None:  # the bar's rate is the record's tokens_per_s (one figure everywhere)
+            self._handle.update(rate=record.get("tokens_per_s"), **self.metrics(record))
 
     def warn(self, message: str) -> None:
         from saecli import ui
@@ -66,7 +66,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run folder's latest checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard a previous run in the output folder")] = False,
 ) -> None:
-    """Train the experiment's dictionary (its sae table) on its activations: the cache, or the model live.
+    """Train the experiment's dictionary (its \\[sae] table) on its activations: the cache, or the model live.
 
     Writes to run.output_dir: sae_weights.safetensors + cfg.json (load them with
     saecli.dictionaries.registry.load_dictionary), config.toml, metrics.jsonl, summary.json and the last

@@ -9,6 +9,8 @@ from saecli.config.base import bad, opt
 
 @dataclass
 class AnalyzeConfig:
+    """Feature analysis (`saecli analyze`) and direct logit attribution (`saecli dla`)."""
+
     name: str = opt("default", help="analysis name: re-running with the same name replaces it")
     total_analyzing_tokens: int = opt(1_000_000, help="tokens streamed through model and dictionary")
     context_size: int | None = opt(None, help="tokens per context (default: activations.context_size)")
@@ -51,6 +53,8 @@ class AnalyzeConfig:
 
 @dataclass
 class DashboardConfig:
+    """The static HTML dashboard `saecli analyze --html` writes."""
+
     enabled: bool = opt(False, help="write the HTML site after every `saecli analyze` (same as --html)")
     output_dir: str | None = opt(None, help="site folder (default: <dictionary>/analysis/<name>/html)")
     max_features: int | None = opt(None, help="feature pages to write (the most active first; default: all that fire)")

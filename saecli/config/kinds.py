@@ -40,7 +40,7 @@ class TranscoderConfig(DictionaryConfig):
     """Reads one hook point, reconstructs another (an MLP's input → its output)."""
 
     hook_point_in: str | None = opt(
-        None, help="hook point read (default: the first of activations.hook_points), e.g. blocks.3.hook_mlp_in")
+        None, help="hook point read (default: the first of activations.hook_points), e.g. blocks.3.ln2.hook_normalized")
     hook_point_out: str | None = opt(
         None, help="hook point reconstructed (default: the second of activations.hook_points), e.g. blocks.3.hook_mlp_out")
     skip_connection: bool = opt(False, help="add a learned linear skip x·W_skip (zero-initialised): a skip transcoder")
@@ -133,7 +133,7 @@ class LorsaConfig(DictionaryConfig):
     """Low-rank sparse attention: d_sae rank-1 OV heads sharing n_qk_heads rotary QK heads (whole contexts)."""
 
     hook_point_in: str | None = opt(
-        None, help="hook point read (default: the first of activations.hook_points), e.g. blocks.3.hook_attn_in")
+        None, help="hook point read (default: the first of activations.hook_points), e.g. blocks.3.ln1.hook_normalized")
     hook_point_out: str | None = opt(
         None, help="hook point reconstructed (default: the second of activations.hook_points), e.g. blocks.3.hook_attn_out")
     n_qk_heads: int | None = opt(None, help="number of QK heads; d_sae (the OV heads) must be a multiple of it")
@@ -178,7 +178,7 @@ class MOLTConfig(DictionaryConfig):
     """
 
     hook_point_in: str | None = opt(
-        None, help="hook point read (default: the first of activations.hook_points), e.g. blocks.3.hook_mlp_in")
+        None, help="hook point read (default: the first of activations.hook_points), e.g. blocks.3.ln2.hook_normalized")
     hook_point_out: str | None = opt(
         None, help="hook point reconstructed (default: the second of activations.hook_points), e.g. blocks.3.hook_mlp_out")
     rank_counts: dict[str, int] | None = opt(

@@ -183,10 +183,16 @@ def absolute_paths(exp: Experiment) -> Experiment:
     return exp
 
 
-def experiment_to_toml(exp: Any) -> str:
+def experiment_dict(exp: Any) -> dict:
+    """The resolved experiment as plain TOML-able data: what config.toml holds, and the one `cfg` shape
+    every command records in the store for a run (train, eval and analyze alike)."""
     data = to_dict(exp)
     data.pop("source_file", None)
-    return tomli_w.dumps(data)
+    return data
+
+
+def experiment_to_toml(exp: Any) -> str:
+    return tomli_w.dumps(experiment_dict(exp))
 
 
 def write_resolved(exp: Any, folder: str | Path, name: str = RESOLVED_NAME) -> Path:

@@ -10,6 +10,8 @@ from saecli.config.base import bad, opt
 
 @dataclass
 class RunConfig:
+    """Where this run's outputs go."""
+
     name: str = opt("run", help="a readable name for this run (used in the store and wandb)")
     output_dir: str = opt("runs/run", help="run folder: weights, checkpoints, metrics, resolved config")
     seed: int = opt(0, help="seed for initialisation and training randomness")
@@ -21,6 +23,8 @@ class RunConfig:
 
 @dataclass
 class WandbConfig:
+    """Logging to Weights & Biases (offline works with no network)."""
+
     enabled: bool = opt(False, help="log to Weights & Biases")
     project: str = opt("saecli")
     entity: str | None = opt(None)
@@ -31,6 +35,8 @@ class WandbConfig:
 
 @dataclass
 class StoreConfig:
+    """The results store every command records in (SQLite file or MongoDB)."""
+
     backend: Literal["sqlite", "mongodb", "none"] = opt("sqlite", help="results store")
     path: str = opt("saecli.db", help="SQLite file (relative to the folder saecli runs in)")
     uri: str | None = opt(None, help="MongoDB URI, e.g. mongodb://localhost:27017")

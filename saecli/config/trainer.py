@@ -61,7 +61,7 @@ class TrainerConfig:
     k_schedule_type: Literal["linear", "exponential"] = opt("linear")
     k_exponential_factor: float = opt(3.0)
     jumprelu_lr_factor: float = opt(1.0)
-    amp_dtype: Literal["float32", "bfloat16", "float16"] | None = opt(None, help="autocast dtype (None = off)")
+    amp_dtype: Literal["float32", "float16", "bfloat16"] | None = opt(None, help="autocast dtype (None = off)")
     # statistics, logging, checkpoints
     feature_sampling_window: Steps = opt(0.1, help="window of the dead/dense statistics (steps or fraction)")
     dead_feature_threshold: float = opt(1e-6)

@@ -28,6 +28,7 @@ from saecli.data.producer import context_batches, use_process
 from saecli.data.tokens import Contexts, packer_for
 from saecli.data.writer import ChunkWriter, Job
 from saecli.errors import RunError, UsageError
+from saecli.lm.hooks import HOOK_NAMES, hook_width
 
 _CHUNK_RE = re.compile(r"^chunk-\d{6}\.safetensors$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -46,6 +47,7 @@ def new_manifest(exp: Any, lm: Any, packer: Any, shard: int, n_shards: int, d_mo
     return {
         "format": FORMAT,
         "version": VERSION,
+        "hook_names": HOOK_NAMES,
         "shard": shard,
         "n_shards": n_shards,
         "model": {
@@ -112,7 +114,7 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
     packer = packer_for(lm, acts, exp.model)
     target = shard_target(acts.total_tokens, shard, n_shards)
     store_dtype = DTYPES[acts.override_dtype or exp.model.dtype]
-    manifest = new_manifest(exp, lm, packer, shard, n_shards, {h: int(lm.d_model) for h in hooks})
+    manifest = new_manifest(exp, lm, packer, shard, n_shards, {h: hook_width(lm, h) for h in hooks})
     stored = _resume_state(folder, manifest)
     if stored is not None:
         manifest = stored
@@ -248,7 +250,7 @@ def write_cache(cache_dir: str | Path, chunks: Any, *, hook_points: list[str], d
             tensors["pos"] = chunk["pos"].to(torch.int32).contiguous()
             if writer is None:
                 manifest = {
-                    "format": FORMAT, "version": VERSION, "shard": shard, "n_shards": n_shards,
+                    "format": FORMAT, "version": VERSION, "hook_names": HOOK_NAMES, "shard": shard, "n_shards": n_shards,
                     "model": info.get("model", {"name": "unknown"}), "dataset": info.get("dataset", {}),
                     "hook_points": list(hook_points),
                     "d_model": {h: int(tensors[act_key(h)].shape[1]) for h in hook_points}, "dtype": dtype,

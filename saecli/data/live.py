@@ -59,7 +59,10 @@ class LiveStream(WindowStream):
         buffered = max(1, math.ceil(acts.shuffle_buffer_tokens / per_batch)) if self.shuffle else 1
         self.window_contexts = acts.model_batch_size * buffered
         self.batch_rows = max(1, acts.batch_size // acts.context_size) if contexts else acts.batch_size
-        self.d_model = {h: int(lm.d_model) for h in self.hook_points}
+        from saecli.lm.hooks import hook_width
+
+        # d_model wide, except attn.hook_z (n_heads · d_head)
+        self.d_model = {h: hook_width(lm, h) if h.endswith(".attn.hook_z") else int(lm.d_model) for h in self.hook_points}
         self._norms: dict[str, float] | None = None
         self._docs_seen = dataset.skip_documents
         self._source: tuple[tuple[int, int], Any] | None = None  # ((epoch, next window), contexts iterator)

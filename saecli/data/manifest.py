@@ -82,6 +82,9 @@ def read_manifest(path: str | Path) -> dict:
         raise UsageError(f"{path} is not a saecli activation-cache manifest")
     if data.get("version") != VERSION:
         raise UsageError(f"{path} has cache format version {data.get('version')}; this saecli reads version {VERSION}")
+    from saecli.lm.hooks import check_saved_hook_names
+
+    check_saved_hook_names(list(data.get("hook_points") or []), data.get("hook_names"), f"the cache manifest {path}")
     return data
 
 

@@ -182,6 +182,8 @@ class Dictionary(nn.Module, abc.ABC):
     def config_dict(self) -> dict:
         from dataclasses import asdict
 
+        from saecli.lm.hooks import HOOK_NAMES
+
         return {
             "kind": self.kind,
             "d_model": self.d_model,
@@ -190,6 +192,7 @@ class Dictionary(nn.Module, abc.ABC):
             "out_hooks": self.out_hooks,
             "folded": self.folded,
             "cfg": asdict(self.cfg),
+            "hook_names": HOOK_NAMES,  # hook names mean TransformerLens' (older files are checked on load)
         }
 
     def save(self, folder: str | Path) -> Path:

@@ -1,7 +1,7 @@
 """Low-rank sparse attention (kind = "lorsa"; He et al. 2025, "Towards Understanding the Nature of
 Attention with Low-Rank Sparse Decomposition").
 
-Reads an attention layer's input x (`blocks.L.hook_attn_in`, after the layer's input norm) over whole
+Reads an attention layer's input x (`blocks.L.ln1.hook_normalized`, after the layer's input norm) over whole
 contexts and reconstructs its output (`blocks.L.hook_attn_out`) as a sum of d_sae rank-1 OV heads that
 share n_qk_heads QK heads: OV head h belongs to QK head g(h) = h // G, G = d_sae / n_qk_heads.
 
@@ -354,9 +354,9 @@ class LowRankSparseAttention(Dictionary):
         from saecli.lm.hooks import get_attention, parse_hook
 
         point = parse_hook(self.in_hook)
-        if point.site != "attn_in":
+        if point.site != "ln1.hook_normalized":
             raise UsageError(f"sae.initialize_lorsa_with_mhsa copies the attention's Q/K, which read "
-                             f"blocks.L.hook_attn_in; hook_point_in is {self.in_hook!r}")
+                             f"blocks.L.ln1.hook_normalized; hook_point_in is {self.in_hook!r}")
         layer = self.cfg.attn_layer if self.cfg.attn_layer is not None else point.layer
         attn = get_attention(lm, layer)
         q_proj, k_proj = getattr(attn, "q_proj", None), getattr(attn, "k_proj", None)

@@ -92,6 +92,10 @@ def _check_native(folder: Path) -> tuple[dict, Any, type[Dictionary]]:
     if not isinstance(meta, dict) or "cfg" not in meta or "kind" not in meta:
         raise UsageError(f"{folder / CONFIG_NAME} is not a saecli dictionary config: "
                          f"{_foreign(folder) or 'it has no `kind` and `cfg` keys'} ({expected})")
+    from saecli.lm.hooks import check_saved_hook_names
+
+    check_saved_hook_names([*meta.get("in_hooks", []), *meta.get("out_hooks", [])], meta.get("hook_names"),
+                           str(folder / CONFIG_NAME))
     try:
         # saved configs hold None for unset optional fields; leaving them out restores the same defaults
         cfg = parse(DictionaryConfig, {k: v for k, v in meta["cfg"].items() if v is not None}, key="sae")

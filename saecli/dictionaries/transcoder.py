@@ -114,12 +114,13 @@ class Transcoder(SparseAutoEncoder):
         from saecli.lm.hooks import HookPoint, get_mlp, parse_hook, site_module
 
         point = parse_hook(self.in_hook)
-        if point.site != "mlp_in":
+        if point.site != "ln2.hook_normalized":
             raise UsageError(f"sae.initialize_tc_with_mlp probes the MLP with the transcoder's input, so "
-                             f"hook_point_in must be blocks.L.hook_mlp_in, found {self.in_hook!r}")
+                             f"hook_point_in must be what the MLP reads, blocks.L.ln2.hook_normalized; "
+                             f"found {self.in_hook!r}")
         layer = self.cfg.mlp_layer if self.cfg.mlp_layer is not None else point.layer
         mlp = get_mlp(lm, layer)
-        post, _ = site_module(lm, HookPoint(layer, "mlp_out"))  # a post-MLP norm where the family has one
+        post, _ = site_module(lm, HookPoint(layer, "hook_mlp_out"))  # a post-MLP norm where the family has one
         param = next(mlp.parameters())
 
         def run(z: torch.Tensor) -> torch.Tensor:

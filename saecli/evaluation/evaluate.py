@@ -154,16 +154,14 @@ def _store_update(exp: Any, sae_path: Path, metrics: dict) -> None:
         from saecli.store import open_store
     except ImportError:
         return
-    from saecli.config.base import to_dict
+    from saecli.config.load import experiment_dict
 
     try:
         store = open_store(exp.store)
         try:
             name = exp.run.name
             if store.get_sae(name) is None:
-                cfg = to_dict(exp)
-                cfg.pop("source_file", None)
-                store.put_sae(name, path=str(sae_path.resolve()), cfg=cfg,
+                store.put_sae(name, path=str(sae_path.resolve()), cfg=experiment_dict(exp),
                               model_name=exp.model.name if exp.model is not None else None,
                               dataset_name=exp.dataset.path, metrics={"eval": metrics})
             else:

@@ -36,7 +36,7 @@ def forward_with_replacements(lm: LanguageModel, input_ids: torch.Tensor,
     """Logits [B, T, vocab] of a full forward where each hook's activation is replaced by `fn(activation)`.
 
     Any number of hooks at once (a CLT replaces every layer's mlp_out). A callable may return None to keep
-    the activation (e.g. to stash an mlp_in for a later mlp_out callable). `grad=True` keeps autograd on.
+    the activation (e.g. to stash the MLP input for a later mlp_out callable). `grad=True` keeps autograd on.
     """
 
     def wrap(name: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Callback:
@@ -59,10 +59,10 @@ def forward_with_hook_fn(lm: LanguageModel, input_ids: torch.Tensor,
     far in this (spliced) forward, plus W's own original activation as the last entry (`acts[W]`); it
     returns a dict holding a replacement for W (other keys are ignored). A transcoder:
 
-        fn = lambda acts: {"blocks.3.hook_mlp_out": tc(acts["blocks.3.hook_mlp_in"])}
-        forward_with_hook_fn(lm, tokens, fn, reads=["blocks.3.hook_mlp_in"], writes=["blocks.3.hook_mlp_out"])
+        fn = lambda acts: {"blocks.3.hook_mlp_out": tc(acts["blocks.3.ln2.hook_normalized"])}
+        forward_with_hook_fn(lm, tokens, fn, reads=["blocks.3.ln2.hook_normalized"], writes=["blocks.3.hook_mlp_out"])
 
-    A CLT passes every layer's mlp_in as reads and every mlp_out as writes; its mlp_in at layer L then
+    A CLT passes every layer's ln2.hook_normalized as reads and every mlp_out as writes; its input at layer L then
     already reflects the replaced outputs of layers < L, as in the replacement model. A hook that is both
     read and written is read before it is replaced.
     """

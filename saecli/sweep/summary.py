@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from saecli.sweep.grid import SweepPlan, format_value
+from saecli.sweep.grid import SweepPlan
 
 SUMMARY_JSON = "sweep_summary.json"
 FRONTIER_PNG = "frontier.png"
@@ -66,7 +66,7 @@ def collect_rows(plan: SweepPlan, groups: list[Any]) -> list[dict[str, Any]]:
     rows = []
     for m in plan.members:
         row = member_row(m.name, m.folder, group_of.get(m.name, 0))
-        row["overrides"] = {k: format_value(v) for k, v in m.overrides.items()}
+        row["overrides"] = dict(m.overrides)  # as typed in TOML: 3e-4 stays a number, 32 an integer
         rows.append(row)
     return rows
 

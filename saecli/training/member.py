@@ -78,6 +78,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def tokens_per_second(tokens: int, seconds: float) -> float:
+    """The one throughput figure saecli reports (progress bar, metrics.jsonl, summary.json, wandb):
+    tokens trained ÷ wall time spent training, both over the whole run (resumed sessions included), so
+    `tokens / elapsed_s` of any record gives it back."""
+    return tokens / seconds if seconds > 0 else 0.0
+
+
 class Member:
     """One dictionary + its optimisation state. `feed(batch)` per batch; the loop does the rest."""
 
@@ -283,7 +290,6 @@ class Member:
     def metrics(self) -> dict[str, Any]:
         """Means over the steps since the last log (one sync), then reset the window."""
         now = time.perf_counter()
-        dt = max(now - self._log_clock, 1e-9)
         grad_norm = self._grad_norm
 
         def make(sums: dict[str, float], counts: dict[str, int]) -> dict[str, Any]:
@@ -313,8 +319,8 @@ class Member:
         rec["l1_coefficient"] = self.schedule.l1_at(max(self.step - 1, 0))
         if grad_norm is not None:
             rec["grad_norm"] = float(grad_norm)
-        rec["tokens_per_s"] = (self.tokens - self._log_tokens) / dt
         rec["elapsed_s"] = self._elapsed_before + (now - self._start)
+        rec["tokens_per_s"] = tokens_per_second(self.tokens, rec["elapsed_s"])
         for key, value in (self._last_extra or {}).items():
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = float(value)
@@ -398,6 +404,9 @@ class Member:
     def summary(self) -> dict[str, Any]:
         """The final metrics: the last logged record plus counters."""
         out = {k: v for k, v in self.last_record.items() if isinstance(v, (int, float))}
+        if self.last_record.get("tokens") != self.tokens:  # steps after the last log: time them too
+            elapsed = self._elapsed_before + (time.perf_counter() - self._start)
+            out.update({"elapsed_s": elapsed, "tokens_per_s": tokens_per_second(self.tokens, elapsed)})
         out.update({"step": self.step, "tokens": self.tokens, "status": self.status})
         if self.message:
             out["message"] = self.message

@@ -128,6 +128,7 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
     from saecli.dictionaries.registry import build_dictionary, dictionary_class
 
     exp.require("sae")
+    given_stream = stream is not None
     reporter = reporter or NullReporter()
     sync = sync or default_sync()
     folder = Path(run_dir if run_dir is not None else exp.run.output_dir)
@@ -213,6 +214,8 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
             raise ConfigError(str(exc), file=exp.source_file, key="trainer.total_training_tokens") from None
         member = Member(dictionary, exp.trainer, total_steps=plan.total_steps, batch_tokens=plan.batch_tokens,
                         **common)
+    for line in run_header(exp, stream, member, given=given_stream):
+        reporter.info(line)
     try:
         fit(stream, [member], reporter=reporter, sync=sync)
         if member.status == "diverged":
@@ -226,6 +229,33 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
     if sync.is_main:
         record_in_store(exp, folder, summary, reporter)
     return folder
+
+
+def run_header(exp: Any, stream: Any, member: Member, *, given: bool = False) -> list[str]:
+    """What `train` says before its first step: one line (data source, hook, d_sae, steps, tokens per
+    step, world size), and a second when the cache is smaller than the run, which then loops over it."""
+    from saecli.data.reader import CacheStream
+
+    d = member.dictionary
+    world = member.sync.world_size
+    per_step = member.batch_tokens * member.accumulation * world
+    train_tokens = member.total_steps * per_step
+    cached = stream.index.total_tokens if isinstance(stream, CacheStream) else None
+    if given:
+        source = f"{type(stream).__name__} (given)"
+    elif cached is not None:
+        source = f"cache {exp.activations.cache_dir} ({cached:,} tokens)"
+    else:
+        source = f"live {exp.model.name} on {exp.dataset.path}"
+    ins, outs = list(d.in_hooks), list(d.out_hooks)
+    hook = ", ".join(ins) + ("" if outs == ins else " → " + ", ".join(outs))
+    lines = [f"{exp.run.name}: {source} · {hook} · d_sae {d.d_sae:,} · {member.total_steps:,} steps × "
+             f"{per_step:,} tokens · {world} process{'es' if world > 1 else ''}"]
+    if cached is not None and 0 < cached < train_tokens:
+        lines.append(f"the cache holds {cached:,} tokens, fewer than the {train_tokens:,} to train on: training "
+                     f"loops over it {train_tokens / cached:.1f} times, in a new order each pass (generate a "
+                     "larger cache, activations.total_tokens, for fresh data)")
+    return lines
 
 
 def clear_run_partial(folder: Path) -> None:
@@ -259,6 +289,7 @@ def record_in_store(exp: Any, folder: Path, summary: dict, reporter: Reporter) -
     except ImportError:
         return
     from saecli.config.base import to_dict
+    from saecli.config.load import experiment_dict
 
     try:
         store = open_store(exp.store)
@@ -267,9 +298,7 @@ def record_in_store(exp: Any, folder: Path, summary: dict, reporter: Reporter) -
             if exp.model is not None:
                 store.put_model(exp.model.name, to_dict(exp.model))
             store.put_dataset(exp.dataset.path, to_dict(exp.dataset))
-            cfg = to_dict(exp)
-            cfg.pop("source_file", None)
-            store.put_sae(exp.run.name, path=str(folder.resolve()), cfg=cfg, model_name=model_name,
+            store.put_sae(exp.run.name, path=str(folder.resolve()), cfg=experiment_dict(exp), model_name=model_name,
                           dataset_name=exp.dataset.path, metrics=summary)
         finally:
             store.close()
