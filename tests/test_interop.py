@@ -19,7 +19,7 @@ from saecli.errors import UsageError
 from saecli.interop import SelfCheckError, detect_format, export_dictionary
 
 D, S = 16, 48
-HOOK_IN, HOOK_OUT = "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"
+HOOK_IN, HOOK_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
 
 
 def _dictionary(activation: str, kind: str = "sae", skip: bool = False, **over):

@@ -149,13 +149,13 @@ def test_start_from_converts_into_this_runs_units_exactly(tmp_path, activation):
 
     export_dictionary(tmp_path / "run", "saelens", tmp_path / "sl")
     table = {"d_sae": 48, "activation": activation, "k": 6, "decoder_unit_norm": activation != "topk"}
-    d = build_dictionary(parse(DictionaryConfig, table, key="sae"), 16, ["blocks.1.hook_mlp_in"])
-    d.set_dataset_norm("blocks.1.hook_mlp_in", 3.0)  # what initialize() measured on this run's data
+    d = build_dictionary(parse(DictionaryConfig, table, key="sae"), 16, ["blocks.1.ln2.hook_normalized"])
+    d.set_dataset_norm("blocks.1.ln2.hook_normalized", 3.0)  # what initialize() measured on this run's data
     start_from(d, tmp_path / "sl")
     x = _raw_batch()
     with torch.no_grad():
-        want = src.reconstruct({"blocks.1.hook_mlp_in": x})["blocks.1.hook_mlp_in"]
-        got = d.eval().reconstruct({"blocks.1.hook_mlp_in": x})["blocks.1.hook_mlp_in"]
+        want = src.reconstruct({"blocks.1.ln2.hook_normalized": x})["blocks.1.ln2.hook_normalized"]
+        got = d.eval().reconstruct({"blocks.1.ln2.hook_normalized": x})["blocks.1.ln2.hook_normalized"]
     assert torch.allclose(want, got, rtol=1e-4, atol=1e-4)
 
 
@@ -164,7 +164,7 @@ def test_start_from_a_dictionary_of_another_size_names_the_key(tmp_path):
 
     src = _dictionary("topk")
     src.save(tmp_path / "run")
-    d = build_dictionary(parse(DictionaryConfig, {"d_sae": 64, "k": 6}, key="sae"), 16, ["blocks.1.hook_mlp_in"])
+    d = build_dictionary(parse(DictionaryConfig, {"d_sae": 64, "k": 6}, key="sae"), 16, ["blocks.1.ln2.hook_normalized"])
     with pytest.raises(ConfigError, match="sae.d_sae"):
         start_from(d, tmp_path / "run")
 
@@ -188,7 +188,7 @@ def test_export_errors_are_exit_2_and_say_why(tmp_path, run_cli):
     assert res.exit_code == 2 and "missing" in res.output and "Traceback" not in res.output
     cfg = parse(DictionaryConfig, {"kind": "clt", "d_sae": 4, "k": 1}, key="sae")
     run = build_dictionary(
-        cfg, D, ["blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
+        cfg, D, ["blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
     ).save(tmp_path / "clt")
     res = run_cli("export", run, "--format", "saelens", tmp_path / "out")
     assert res.exit_code == 2 and "circuit-tracer" in " ".join(res.output.split())

@@ -49,7 +49,7 @@ def import_(
 
         saecli cache import acts.npy caches/mine --hook blocks.6.hook_resid_post
 
-        saecli cache import acts.safetensors caches/mine --hook blocks.6.hook_mlp_in --hook blocks.6.hook_mlp_out
+        saecli cache import acts.safetensors caches/mine --hook blocks.6.ln2.hook_normalized --hook blocks.6.hook_mlp_out
 
         saecli train exp.toml --set activations.cache_dir=caches/mine
     """

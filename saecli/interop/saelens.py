@@ -184,4 +184,8 @@ def _need(state: dict[str, torch.Tensor], key: str, folder: Path) -> torch.Tenso
 
 
 def _out_hook(hook_in: str) -> str:
-    return hook_in.replace("mlp_in", "mlp_out") if "mlp_in" in hook_in else hook_in + ".out"
+    """A transcoder's output hook when the file names none: the MLP's output for an MLP input."""
+    for mlp_input in ("ln2.hook_normalized", "hook_mlp_in"):
+        if hook_in.endswith(mlp_input):
+            return hook_in[: -len(mlp_input)] + "hook_mlp_out"
+    return hook_in + ".out"
