@@ -4,6 +4,11 @@ Every test that needs the compiled kernels is skipped where they cannot be built
 tested everywhere (with the kernels switched off by `native.disabled()`)."""
 
 import copy
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,10 +176,85 @@ def test_the_switch_turns_the_compiled_kernels_off(monkeypatch):
     assert native.lib() is None and native.ENV_SWITCH in native.status()
 
 
+# ------------------------------------------------------------------------- the build and its cache
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "gcc") is None, reason="no C compiler")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A native module that has not tried to build yet, caching under tmp_path/kernels; records loads."""
+    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "status": "not built yet"})
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
+    monkeypatch.setenv("SAECLI_CACHE_DIR", str(tmp_path))
+    loaded = []
+    real_load = native._load
+    monkeypatch.setattr(native, "_load", lambda path: (loaded.append(Path(path)), real_load(path))[1])
+    return tmp_path / "kernels", loaded
+
+
+@needs_compiler
+@pytest.mark.parametrize("flags", [native._FLAG_SETS[0], native._FLAG_SETS[-1]])  # OpenMP; no OpenMP
+def test_the_c_source_compiles_without_warnings(tmp_path, flags):
+    src = tmp_path / "k.c"
+    src.write_text(native.source())
+    cmd = native.compile_command(os.environ.get("CC") or "gcc", flags, src, tmp_path / "k.so")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+
+
+@needs_compiler
+def test_the_kernels_build_once_into_a_private_cache(fresh_build):
+    folder, loaded = fresh_build
+    assert native.lib() is not None
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert loaded and loaded[0].parent == folder and str(folder) in native.status()
+    (lib_file,) = folder.glob("sae_kernels_*.so")
+    assert not stat.S_IMODE(lib_file.stat().st_mode) & 0o077
+
+
+@needs_compiler
+@pytest.mark.parametrize("make_unsafe", ["world-writable", "someone else's", "a link"])
+def test_an_unsafe_cache_is_never_loaded_from(fresh_build, monkeypatch, tmp_path, make_unsafe):
+    """Another user could plant a library in a folder they can write or own: build privately instead."""
+    folder, loaded = fresh_build
+    if make_unsafe == "a link":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        folder.symlink_to(tmp_path / "elsewhere")
+    else:
+        folder.mkdir(mode=0o700)
+        if make_unsafe == "world-writable":
+            os.chmod(folder, 0o777)
+        else:  # owned by another uid (as if planted before this user's first run)
+            real_lstat = os.lstat
+
+            def lstat(path, *a, **kw):
+                st = real_lstat(path, *a, **kw)
+                return os.stat_result((*st[:4], st.st_uid + 1, *st[5:])) if Path(path) == folder else st
+
+            monkeypatch.setattr(os, "lstat", lstat)
+    with pytest.raises(native.UnsafeCache):
+        native.check_private(folder)
+    assert native.lib() is not None
+    assert "private temporary folder" in native.status() and "cache refused" in native.status()
+    assert loaded and all(folder not in p.parents and tmp_path not in p.parents for p in loaded)
+    assert not list(folder.glob("sae_kernels_*.so"))  # nothing built where others can reach it
+
+
+@needs_compiler
+def test_a_library_others_can_write_is_rebuilt_before_loading(fresh_build):
+    folder, loaded = fresh_build
+    assert native.lib() is not None
+    (lib_file,) = folder.glob("sae_kernels_*.so")
+    lib_file.unlink()  # (a new file: the loaded one stays mapped in this process)
+    lib_file.write_bytes(b"planted")  # as if someone else wrote it through a group-writable mode
+    os.chmod(lib_file, 0o666)
+    native._state.update(lib=None, tried=False)
+    assert native.lib() is not None and loaded[-1] == lib_file
+    assert lib_file.read_bytes()[:4] == b"\x7fELF" and not stat.S_IMODE(lib_file.stat().st_mode) & 0o022
+
+
 def test_old_kernel_builds_are_pruned(tmp_path):
     """Each source edit or upgrade compiles a new library: only the newest few stay in the cache."""
-    import os
-
     for i in range(7):
         f = tmp_path / f"sae_kernels_{i:016x}.so"
         f.write_bytes(b"")
