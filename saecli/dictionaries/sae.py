@@ -8,13 +8,14 @@ encoder gradient is one CSR product), b_enc [d_sae], W_dec [d_sae, d_model], b_d
 (absent if `use_decoder_bias = false`), and the activation's state under `activation.` (JumpReLU
 `log_threshold`, BatchTopK `threshold`).
 
-Training paths (`last_path` says which ran): "topk-sparse" (custom sparse kernels, see kernels.py),
+Training paths (`last_path` says which ran): "topk-sparse" (sparse products on the backend kernels.py
+chooses once per device: compiled CPU loops, Triton on CUDA, or the pure-torch reference),
 "relu-sparse" (ReLU when few latents fire), "relu-dense-fused" (ReLU-L1 in the dense regime) and
 "dense" (plain autograd: every other case, and the reference the fast paths are tested against).
 In the sparse paths `LossOutput.feature_acts` is a sparse CSR tensor [N, d_sae]; in "relu-dense-fused" it
 is a work buffer that the next `loss()` call overwrites (read it before the next step).
-The GPU choices (CUDA_SPARSE_RELU_MIN_TOKENS, dense TopK under autocast) come from H100 measurements
-with benchmarks/bench_train_step.py.
+The GPU choices (CUDA_SPARSE_RELU_MIN_TOKENS, dense TopK under autocast without Triton) come from H100
+measurements with benchmarks/bench_train_step.py (benchmarks/gpu_check.sh repeats them with Triton).
 """
 
 from __future__ import annotations
@@ -142,8 +143,11 @@ class SparseAutoEncoder(Dictionary):
             return "dense"
         cuda = x.is_cuda
         if self.cfg.activation == "topk":
-            # on a GPU under autocast the bf16 dense step beats the float32 sparse products (measured, H100)
-            return "dense" if cuda and torch.is_autocast_enabled(x.device.type) else "topk-sparse"
+            # under autocast on a GPU the bf16 dense step beat torch's float32 CSR products (H100); the
+            # Triton kernels read bf16 weights directly (benchmarks/gpu_check.sh measures both)
+            if cuda and torch.is_autocast_enabled(x.device.type):
+                return "topk-sparse" if kernels.backend_for(x.device).sparse_under_autocast else "dense"
+            return "topk-sparse"
         if self.cfg.activation == "relu":
             # on a GPU the sparse ReLU path only pays off on large batches (H100: slower at 4k, 2× at 64k tokens)
             if cuda and x.shape[0] < CUDA_SPARSE_RELU_MIN_TOKENS:
@@ -176,10 +180,9 @@ class SparseAutoEncoder(Dictionary):
         return self.W_enc.dtype
 
     def _native_pre(self, x_in: torch.Tensor) -> bool:
-        """The compiled CPU kernels apply the encoder bias (and gate) themselves: the encoder is a plain
+        """The backend's one-pass top-k applies the encoder bias (and gate) itself: the encoder is a plain
         float32 matmul into the buffer (no bias broadcast pass, no gated copy of W_enc)."""
-        return (x_in.device.type == "cpu" and self._matmul_dtype(x_in) == torch.float32
-                and kernels.native_available())
+        return self._matmul_dtype(x_in) == torch.float32 and kernels.backend_for(x_in.device).fused_topk
 
     @torch.no_grad()
     def _pre_into_buffer(self, x_in: torch.Tensor, gate: torch.Tensor | None, raw: bool = False) -> torch.Tensor:
