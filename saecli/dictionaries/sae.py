@@ -241,48 +241,36 @@ class SparseAutoEncoder(Dictionary):
 
     def _auxk_sparse(self, buf: torch.Tensor, x_enc: torch.Tensor, y: torch.Tensor, recon: torch.Tensor,
                      gate: torch.Tensor | None, ctx: StepContext, raw: bool = False) -> torch.Tensor | None:
+        """AuxK (losses.auxk_loss) on the sparse path: selected from the encoder buffer (`raw`: x W_encᵀ
+        without bias, ranked by the gated value; else the gated pre-activations), gathered and decoded
+        with the sparse products."""
         dead = ctx.dead_mask
         if ctx.auxk_coefficient <= 0 or dead is None or self.cfg.activation not in ("topk", "batchtopk"):
             return None
-        with torch.no_grad():
-            dead_idx = torch.nonzero(dead.to(buf.device), as_tuple=True)[0]
-            if dead_idx.numel() == 0:
-                return recon.new_zeros((), dtype=torch.float32)
-            k_aux = min(int(ctx.k_aux or self.d_model // 2), dead_idx.numel())
-            keys = buf.index_select(1, dead_idx)
-            if raw:  # buf holds x W_encᵀ only: add the bias, rank by the gated value, keep h + b_enc
-                pre = keys.add_(self.b_enc.detach()[dead_idx].to(keys.dtype))
-                keys = pre * gate[dead_idx].to(pre.dtype) if gate is not None else pre
-                j = torch.topk(keys, k_aux, dim=-1, sorted=False).indices
-                vals, idx = pre.gather(1, j).float(), dead_idx[j]
-            else:
-                vals, j = torch.topk(keys, k_aux, dim=-1, sorted=False)
-                idx = dead_idx[j]
-                vals = vals.float()
-                if gate is not None:
-                    vals = vals / gate[idx]
-        pattern = kernels.SparsePattern.from_topk(idx, self.d_sae)
-        f = torch.relu(kernels.gather_pre(x_enc, self.W_enc, self.b_enc, vals.reshape(-1), pattern))
-        e_hat = kernels.sparse_decode(f, pattern, self.W_dec)
-        return L.normalized_residual_loss(e_hat, (y - recon).detach())
+        patterns: list[kernels.SparsePattern] = []
+
+        def gather(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            values = values.float()
+            if gate is not None and not raw:  # the buffer held h·‖W_d‖: back to h
+                values = values / gate[idx]
+            patterns.append(kernels.SparsePattern.from_topk(idx, self.d_sae))
+            return kernels.gather_pre(x_enc, self.W_enc, self.b_enc, values.reshape(-1), patterns[-1])
+
+        def decode(acts: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return kernels.sparse_decode(acts, patterns[-1], self.W_dec)
+
+        return L.auxk_loss(buf, dead, int(ctx.k_aux or self.d_model // 2), (y - recon).detach(), decode,
+                           gate if raw else None, bias=self.b_enc if raw else None, gather=gather)
 
     def _sparse_penalty(self, f: torch.Tensor, pattern: kernels.SparsePattern, ctx: StepContext,
                         n_tok: int) -> torch.Tensor | None:
-        """The sparsity penalty on the active values only (inactive latents contribute 0 to each)."""
+        """The sparsity penalty (losses.sparsity_penalty) on the active values only."""
         kind = ctx.sparsity_loss_type or "none"
         if kind in ("none", "l0"):
             return None
-        norms = self._penalty_norms()
-        w = f if norms is None else f * norms[pattern.col.long()]
-        if kind == "power":
-            return (w.abs() if ctx.p == 1.0 else w.abs().pow(ctx.p)).sum() / n_tok
-        t = torch.tanh(ctx.tanh_stretch_coefficient * w)
-        if kind == "tanh":
-            return t.sum() / n_tok
-        if kind == "tanh-quad":
-            p_hat = torch.zeros(self.d_sae, dtype=t.dtype, device=t.device).index_add(0, pattern.col.long(), t) / n_tok
-            return (p_hat * (1.0 + p_hat / ctx.frequency_scale)).sum()
-        raise ValueError(f"unknown sparsity_loss_type {kind!r}")
+        return L.sparsity_penalty(kind, f, self._penalty_norms(), p=ctx.p, c=ctx.tanh_stretch_coefficient,
+                                  frequency_scale=ctx.frequency_scale,
+                                  active=L.Active(pattern.col.long(), n_tok, self.d_sae))
 
     # ------------------------------------------------------------------ fast ReLU
     def _loss_relu_fast(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> LossOutput | None:
