@@ -18,6 +18,7 @@ from saecli.config.dictionary import DictionaryConfig
 from saecli.dictionaries import kernels, native
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.sae import SparseAutoEncoder
+from saecli.errors import UsageError
 
 needs_native = pytest.mark.skipif(native.lib() is None, reason=f"compiled kernels: {native.status()}")
 
@@ -176,6 +177,29 @@ def test_the_switch_turns_the_compiled_kernels_off(monkeypatch):
     assert native.lib() is None and native.ENV_SWITCH in native.status()
 
 
+# ------------------------------------------------------------------------------------ backend choice
+def test_the_backend_is_chosen_in_one_place(monkeypatch):
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    default = "native" if native.lib() is not None else "torch"
+    assert kernels.backend_for("cpu").name == default
+    assert kernels.SparsePattern.from_topk(torch.zeros(2, 1, dtype=torch.long), 4).backend.name == default
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")  # Triton on CPU tensors only in its interpreter:
+    assert kernels.backend_for("cpu").name == "torch"  # a backend that cannot run falls back to torch
+    monkeypatch.setenv(kernels.BACKEND_ENV, "torch")
+    assert kernels.backend_for("cpu").name == "torch"
+    pattern, values = random_pattern(6, 40, 3)
+    assert pattern.backend.name == "torch" and not pattern.native()
+    assert not kernels._native_ok(torch.zeros(2, 2))  # the fused ReLU passes follow the same choice
+    monkeypatch.setenv(kernels.BACKEND_ENV, "fast")
+    with pytest.raises(UsageError, match=kernels.BACKEND_ENV):
+        kernels.backend_for("cpu")
+    monkeypatch.delenv(kernels.BACKEND_ENV)
+    with kernels.forced("torch"):
+        assert kernels.backend_for("cpu").name == "torch"
+    assert kernels.backend_for("cpu").name == default
+
+
 # ------------------------------------------------------------------------- the build and its cache
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "gcc") is None, reason="no C compiler")
 
@@ -262,3 +286,13 @@ def test_old_kernel_builds_are_pruned(tmp_path):
     (tmp_path / "notes.txt").write_text("not a build")
     native.prune_builds(tmp_path, keep=4)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["notes.txt"] + [f"sae_kernels_{i:016x}.so" for i in (3, 4, 5, 6)]
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_end_to_end_in_its_cpu_dry_run():
+    """benchmarks/gpu_check.sh --dry-run: every step of the GPU check at toy sizes on the CPU (~2-4 min)."""
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=root, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0 and "failed steps: none" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "vs sparsify" in res.stdout and "kernel tests on cpu" in res.stdout

@@ -52,13 +52,10 @@ def native_status() -> str:
     return native.status()
 
 
-def native_available() -> bool:
-    """The compiled CPU kernels are loaded (built on the first call)."""
-    return native.lib() is not None
-
-
 def _native_ok(*tensors: torch.Tensor) -> bool:
-    return native.usable(*tensors)
+    """The compiled CPU loops run on these tensors: the native backend is the one chosen for their
+    device (not switched off by SAECLI_KERNELS / `forced`) and they are float32/int32 CPU tensors."""
+    return backend_for(tensors[0].device) is NATIVE and NATIVE.usable(*tensors)
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
