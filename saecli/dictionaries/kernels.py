@@ -107,18 +107,13 @@ def two_level_topk(x: torch.Tensor, k: int, group: int = 8) -> tuple[torch.Tenso
     return vals, torch.gather(cand, 1, pos)
 
 
-def native_topk_ok(h: torch.Tensor) -> bool:
-    """`topk_pre` can run on this buffer (a float32 CPU matrix, the compiled kernels loaded)."""
-    return h.dim() == 2 and _native_ok(h)
-
-
 def topk_pre(h: torch.Tensor, k: int, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact per-row top-k of the keys (h + bias)·gate, for h = x W_encᵀ without its bias (a plain
     matmul): (h + bias at the kept latents [N, k] float32, their indices int32 [N, k]), unsorted.
 
     One pass per row in the compiled kernel (see native.py); the keys are never written to h.
-    Needs `native_topk_ok(h)`."""
+    Needs the native backend (`backend_for(h.device).fused_topk`) and a float32 CPU matrix."""
     f32 = torch.float32
     return native.topk(h, k, None if bias is None else bias.detach().to(f32),
                        None if gate is None else gate.detach().to(f32))
