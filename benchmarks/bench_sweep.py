@@ -4,13 +4,13 @@ Reference measured in the same run: the 8 members trained one after the other wi
 `saecli.training.train` (what 8 `saecli train` commands do; the model is loaded once for the whole
 benchmark unless --reload-model). Compared with it:
 
-    loop      one `run_sweep` with sweep.stack = false: one stream, each batch read or computed once and
-              fed to 8 plain Members (what saev does)
-    stacked   one `run_sweep` with the 8 SAEs stacked: weights [8, ...], one bmm per layer
+    loop      one `run_sweep`: one stream, each batch read or computed once and fed to 8 Members, each
+              taking its own step (what saev does; a stacked [8, ...] variant was removed with
+              saecli/sweep/stacked.py until a GPU measurement shows stacking paying ≥ 1.3×)
 
 on the activation cache (written first by `generate`, not timed) and on the live model. Printed: wall
 time, tokens/s summed over members, and the ratio to sequential (target ≤ 0.35 live, see
-shared/PERFORMANCE.md). Repetitions are interleaved (sequential, loop, stacked per rep); medians shown.
+shared/PERFORMANCE.md). Repetitions are interleaved (sequential, loop per rep); medians shown.
 
     python benchmarks/bench_sweep.py                                  # tiny random llama, CPU
     python benchmarks/bench_sweep.py --model smollm2                  # models/smollm2 GGUF, layer 12
@@ -103,14 +103,14 @@ def run_sequential(base: dict, sweep: dict, source: str, out: Path, device: str)
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def run_group(base: dict, sweep: dict, source: str, out: Path, device: str, stack: bool) -> tuple[float, float]:
+def run_group(base: dict, sweep: dict, source: str, out: Path, device: str) -> tuple[float, float]:
     from saecli.config.base import parse
     from saecli.config.sweep import SweepConfig
     from saecli.sweep.grid import plan_from_dict
     from saecli.sweep.run import run_sweep
     from saecli.training.distributed import LocalSync
 
-    plan = plan_from_dict(with_source(base, source, out), parse(SweepConfig, {**sweep, "stack": stack}, key="sweep"))
+    plan = plan_from_dict(with_source(base, source, out), parse(SweepConfig, sweep, key="sweep"))
     sync(device)
     start, cpu = time.perf_counter(), time.process_time()
     run_sweep(plan, sync=LocalSync())
@@ -183,18 +183,18 @@ def main() -> None:
         warm = {**base, "trainer": {**base["trainer"], "total_training_tokens": base["activations"]["batch_size"]}}
         for source in sources:
             run_group(warm, {"grid": {"sae.k": list(SIZES[args.model]["ks"])}}, source, root / "warm" / source,
-                      args.device, stack=True)
+                      args.device)
             run_sequential(warm, {"grid": {"sae.k": list(SIZES[args.model]["ks"])[:1]}}, source,
                            root / "warm-seq" / source, args.device)
         times: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for rep in range(args.reps):  # interleaved: every variant of every source in each rep
             for source in sources:
-                for variant in ("sequential", "loop", "stacked"):
+                for variant in ("sequential", "loop"):
                     out = root / f"{source}-{variant}-{rep}"
                     if variant == "sequential":
                         t = run_sequential(base, sweep, source, out, args.device)
                     else:
-                        t = run_group(base, sweep, source, out, args.device, stack=(variant == "stacked"))
+                        t = run_group(base, sweep, source, out, args.device)
                     times.setdefault((source, variant), []).append(t)
                     shutil.rmtree(out, ignore_errors=True)
         n_members = len(LRS) * len(SIZES[args.model]["ks"])
@@ -209,16 +209,16 @@ def main() -> None:
         for source in sources:
             ref_wall = statistics.median(w for w, _ in times[(source, "sequential")])
             ref_cpu = statistics.median(c for _, c in times[(source, "sequential")])
-            for variant in ("sequential", "loop", "stacked"):
+            for variant in ("sequential", "loop"):
                 walls = [w for w, _ in times[(source, variant)]]
                 wall, cpu = statistics.median(walls), statistics.median(c for _, c in times[(source, variant)])
                 spread = (max(walls) - min(walls)) / wall if len(walls) > 1 else 0.0
                 print(f"{source:8} {variant:11} {wall:8.2f} {n_members * tokens / wall:13,.0f} {wall / ref_wall:10.3f} "
                       f"{spread:7.1%} {cpu:8.2f} {cpu / ref_cpu:9.3f}")
         if "live" in sources:
-            ratio = (statistics.median(w for w, _ in times[("live", "stacked")])
+            ratio = (statistics.median(w for w, _ in times[("live", "loop")])
                      / statistics.median(w for w, _ in times[("live", "sequential")]))
-            print(f"live stacked / sequential (wall) = {ratio:.3f} (target <= 0.35)")
+            print(f"live loop / sequential (wall) = {ratio:.3f} (target <= 0.35)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -9,9 +9,15 @@ cycled; gradients set to None between steps as the trainer does. Variants, repet
   relu-trained    saecli ReLU-L1 with the encoder bias set so ≈64 latents fire per token
   relu-plain      a plain-PyTorch autograd ReLU-L1 SAE step (reference for both ReLU rows;
                   the dense step's cost does not depend on how many latents fire)
-  <saecli variant>-torch   the same step with the compiled kernels (native.py) switched off: the
-                  pure-torch path (topk-torch is in the default set)
-The path column says which ran: "+native" = the compiled CPU kernels, "+torch" = pure torch.
+  <saecli variant>-torch   the same step on the pure-torch reference backend (no compiled CPU
+                  kernels, no Triton; topk-torch is in the default set)
+  sparsify        EleutherAI sparsify's SparseCoder step (eai-sparsify: its fused encoder, its Triton
+                  decoder on CUDA) on the same batches, same initial weights, fused Adam, unit-norm
+                  decoder as its trainer keeps it (note: its forward always autocasts to bf16 on CUDA)
+The path column says which backend ran the sparse products (kernels.backend_for): "+native" = the
+compiled CPU kernels, "+triton" = the Triton kernels on CUDA, "+torch" = the pure-torch reference.
+On CUDA both rooflines are sampled before every block (float32 and bfloat16 matmul) and both ×roof
+columns are printed; the target at the real size is ≥ 1.5 × the bf16 roof.
 faults/step = minor page faults of the process per timed step (fresh large buffers cost page faults).
 
 ×roof = tokens/s ÷ (R / (6·d_model·d_sae)), R = median GFLOP/s of torch.matmul(4096×576 @ 576×4608,
@@ -22,6 +28,8 @@ out=c) sampled right before every timed block.
     python benchmarks/bench_train_step.py --profile topk   # + where one variant's step time goes
     python benchmarks/bench_train_step.py --device cuda --check            # + gradient check on the GPU
     python benchmarks/bench_train_step.py --device cuda --amp              # autocast bf16 (roofline in bf16)
+    python benchmarks/bench_train_step.py --device cuda --variants topk,topk-torch,sparsify \
+        --batch 8192 --d-model 2048 --d-sae 65536 --k 64      # the real size (benchmarks/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import torch
 
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
-from saecli.dictionaries import native
+from saecli.dictionaries import kernels, native
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.sae import SparseAutoEncoder
 
@@ -93,14 +101,14 @@ def step_fn_saecli(sae: SparseAutoEncoder, ctx: StepContext, batches: list[torch
     def step(i: int) -> None:
         x = batches[i % len(batches)]
         opt.zero_grad(set_to_none=True)  # as the trainer does
-        with native.disabled() if pure_torch else contextlib.nullcontext():
+        with kernels.forced("torch") if pure_torch else contextlib.nullcontext():
             with autocast(device):
                 out = sae.loss({HOOK: x}, {HOOK: x}, ctx)
             out.loss.backward()
+            step.backend = kernels.backend_for(x.device).name
         opt.step()
         sae.post_step()
         step.l0 = out.extra.get("l0")
-        step.native = not pure_torch and native.lib() is not None and x.device.type == "cpu"
 
     return step
 
@@ -119,6 +127,38 @@ def step_fn_plain(model: PlainSAE, batches: list[torch.Tensor], lr: float, devic
     return step
 
 
+def step_fn_sparsify(sae: SparseAutoEncoder, k: int, batches: list[torch.Tensor], lr: float,
+                     device: torch.device) -> Callable[[int], None]:
+    """sparsify's SparseCoder with this SAE's initial weights; one step = its forward (FVU loss, its
+    own autocast), backward, the gradient projection and decoder renormalisation its trainer does."""
+    import os
+
+    if device.type != "cuda":  # its Triton decoder needs a GPU: the eager embedding_bag one elsewhere
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    dtype = sae.W_enc.dtype
+    coder = SparseCoder(sae.d_model, SparseCoderConfig(k=k, num_latents=sae.d_sae), device=device, dtype=dtype)
+    with torch.no_grad():
+        coder.encoder.weight.copy_(sae.W_enc)
+        coder.encoder.bias.copy_(sae.b_enc)
+        coder.W_dec.copy_(sae.W_dec)
+        coder.b_dec.copy_(sae.b_dec)
+    opt = make_adam(coder.parameters(), lr, device)
+
+    def step(i: int) -> None:
+        x = batches[i % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        with autocast(device):
+            out = coder(x)
+        out.fvu.backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        coder.set_decoder_norm_to_unit_norm()
+
+    return step
+
+
 @torch.no_grad()
 def set_bias_for_active(sae: SparseAutoEncoder, x: torch.Tensor, active: int) -> None:
     """b_enc so that each latent's pre-activation exceeds 0 on ≈ active/d_sae of tokens."""
@@ -131,9 +171,9 @@ def set_bias_for_active(sae: SparseAutoEncoder, x: torch.Tensor, active: int) ->
 def check_paths(device: torch.device, dtype_name: str) -> None:
     """The fast paths' loss and gradients against plain autograd (sparse_kernels = false), on `device`:
     with the compiled kernels where they load, then in pure torch."""
-    check_paths_once(device, dtype_name, "native" if native.lib() is not None and device.type == "cpu" else "torch")
-    if native.lib() is not None and device.type == "cpu":
-        with native.disabled():
+    check_paths_once(device, dtype_name, kernels.backend_for(device).name)
+    if kernels.backend_for(device).name != "torch":
+        with kernels.forced("torch"):
             check_paths_once(device, dtype_name, "torch")
 
 
@@ -194,6 +234,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         print(f"compiled kernels: {native.status()}")
+    print(f"sparse products on {device.type}: {kernels.backend_for(device).name} backend")
     dtype = getattr(torch, args.dtype)
     if args.check:
         check_paths(device, args.dtype)
@@ -233,6 +274,8 @@ def main() -> None:
             steps[name] = step_fn_saecli(saes[name], ctx, batches, lr, device, pure_torch=name.endswith("-torch"))
     if "topk-plain" in wanted:
         steps["topk-plain"] = step_fn_plain(PlainSAE(sae_for("topk"), "topk", k, 0.0), batches, lr, device)
+    if "sparsify" in wanted:
+        steps["sparsify"] = step_fn_sparsify(sae_for("topk"), k, batches, lr, device)
     if "relu-plain" in wanted:
         steps["relu-plain"] = step_fn_plain(PlainSAE(trained_relu(), "relu", 0, l1), batches, lr, device)
     unknown = [w for w in wanted if w not in steps]
@@ -248,11 +291,15 @@ def main() -> None:
     faults: dict[str, list[float]] = {name: [] for name in steps}
     roofs: list[float] = []
     roof_by_block: dict[str, list[float]] = {name: [] for name in steps}
+    both = device.type == "cuda"  # float32 and bfloat16 rooflines, each sampled before every block
+    roofs16: list[float] = []
     for rep in range(args.reps):
         for name, fn in steps.items():
             r = roofline(n, d, s, device, AMP or dtype)
             roofs.append(r)
             roof_by_block[name].append(r)
+            if both:
+                roofs16.append(roofline(n, d, s, device, torch.bfloat16))
             sync(device)
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
@@ -267,24 +314,34 @@ def main() -> None:
     prec = f"{args.dtype}" + (" + autocast bf16" if AMP else "")
     print(f"device {device} ({torch.get_num_threads()} threads), {prec}, batch {n}, d_model {d}, d_sae {s}, "
           f"k {k}; {args.reps} reps × {args.steps} steps; total {time.perf_counter() - t_start:.0f} s")
-    print(f"roofline R = {R:.1f} GFLOP/s (samples {min(roofs):.0f}–{max(roofs):.0f}); "
+    print(f"roofline R = {R:.1f} GFLOP/s in {AMP or dtype} (samples {min(roofs):.0f}–{max(roofs):.0f}); "
           f"roof token rate T = {T:.0f} tokens/s")
+    T16 = None
+    if roofs16:
+        R16 = statistics.median(roofs16)
+        T16 = R16 * 1e9 / (6 * d * s)
+        print(f"bf16 roofline = {R16:.1f} GFLOP/s (samples {min(roofs16):.0f}–{max(roofs16):.0f}); "
+              f"bf16 roof token rate = {T16:.0f} tokens/s (the ×bf16roof column)")
     print(f"{'variant':18s} {'path':24s} {'L0':>7s} {'tokens/s':>10s} {'spread':>17s} {'×roof':>6s} "
-          f"{'×roof/blk (min–max)':>20s} {'vs plain':>8s} {'faults/step':>11s}")
+          f"{'×roof/blk (min–max)':>20s} {'vs plain':>8s} {'vs sparsify':>11s} {'faults/step':>11s}"
+          + (f" {'×bf16roof':>9s}" if T16 else ""))
     for name, rs in rates.items():
         med = statistics.median(rs)
         blocks = [r / (rb * 1e9 / (6 * d * s)) for r, rb in zip(rs, roof_by_block[name])]
         if name in saes:
-            path = saes[name].last_path + ("+native" if getattr(steps[name], "native", False) else "+torch")
+            path = f"{saes[name].last_path}+{steps[name].backend}"
         else:
-            path = "plain autograd"
+            path = "sparsify" if name == "sparsify" else "plain autograd"
         l0 = getattr(steps[name], "l0", None)
         l0_txt = f"{float(l0):7.1f}" if l0 is not None else "      -"
         ref = "topk-plain" if name.startswith("topk") else "relu-plain"
         vs = f"{med / statistics.median(rates[ref]):8.2f}" if ref in rates and ref != name else "       -"
         blk = f"{statistics.median(blocks):.2f} ({min(blocks):.2f}–{max(blocks):.2f})"
+        vs_sp = (f"{med / statistics.median(rates['sparsify']):11.2f}" if "sparsify" in rates and name != "sparsify"
+                 and name.startswith("topk") else "          -")
         print(f"{name:18s} {path:24s} {l0_txt} {med:10.0f} {min(rs):8.0f}–{max(rs):8.0f} {med / T:6.2f} "
-              f"{blk:>20s} {vs} {statistics.median(faults[name]):11.0f}")
+              f"{blk:>20s} {vs} {vs_sp} {statistics.median(faults[name]):11.0f}"
+              + (f" {med / T16:9.2f}" if T16 else ""))
     if args.profile:
         if args.profile not in steps:
             p.error(f"--profile {args.profile}: not among the variants run")

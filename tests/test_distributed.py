@@ -94,7 +94,7 @@ def test_accelerate_sweep_spreads_members_over_ranks(tiny_llama, tmp_path):
     assert sorted(m["rank"] for m in info["members"]) == [0, 0, 1, 1]  # one group cut in two halves
     assert (proc.stdout + proc.stderr).count("sweep: 4 members") == 1  # rank 0 reports for all
     plan = load_sweep(toml, ["trainer.total_training_tokens=2560", f'run.output_dir="{tmp_path / "single"}"'])
-    rows = run_sweep(plan)  # the same sweep in one process (all four stacked together)
+    rows = run_sweep(plan)  # the same sweep in one process (all four in one group)
     assert [r["status"] for r in rows] == ["finished"] * 4
     for m in plan.members:
         a = load_file(str(m.folder / "sae_weights.safetensors"))

@@ -4,6 +4,11 @@ Every test that needs the compiled kernels is skipped where they cannot be built
 tested everywhere (with the kernels switched off by `native.disabled()`)."""
 
 import copy
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from saecli.config.dictionary import DictionaryConfig
 from saecli.dictionaries import kernels, native
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.sae import SparseAutoEncoder
+from saecli.errors import UsageError
 
 needs_native = pytest.mark.skipif(native.lib() is None, reason=f"compiled kernels: {native.status()}")
 
@@ -171,10 +177,108 @@ def test_the_switch_turns_the_compiled_kernels_off(monkeypatch):
     assert native.lib() is None and native.ENV_SWITCH in native.status()
 
 
+# ------------------------------------------------------------------------------------ backend choice
+def test_the_backend_is_chosen_in_one_place(monkeypatch):
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    default = "native" if native.lib() is not None else "torch"
+    assert kernels.backend_for("cpu").name == default
+    assert kernels.SparsePattern.from_topk(torch.zeros(2, 1, dtype=torch.long), 4).backend.name == default
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")  # Triton on CPU tensors only in its interpreter:
+    assert kernels.backend_for("cpu").name == "torch"  # a backend that cannot run falls back to torch
+    monkeypatch.setenv(kernels.BACKEND_ENV, "torch")
+    assert kernels.backend_for("cpu").name == "torch"
+    pattern, values = random_pattern(6, 40, 3)
+    assert pattern.backend.name == "torch" and not pattern.native()
+    assert not kernels._native_ok(torch.zeros(2, 2))  # the fused ReLU passes follow the same choice
+    monkeypatch.setenv(kernels.BACKEND_ENV, "fast")
+    with pytest.raises(UsageError, match=kernels.BACKEND_ENV):
+        kernels.backend_for("cpu")
+    monkeypatch.delenv(kernels.BACKEND_ENV)
+    with kernels.forced("torch"):
+        assert kernels.backend_for("cpu").name == "torch"
+    assert kernels.backend_for("cpu").name == default
+
+
+# ------------------------------------------------------------------------- the build and its cache
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "gcc") is None, reason="no C compiler")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A native module that has not tried to build yet, caching under tmp_path/kernels; records loads."""
+    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "status": "not built yet"})
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
+    monkeypatch.setenv("SAECLI_CACHE_DIR", str(tmp_path))
+    loaded = []
+    real_load = native._load
+    monkeypatch.setattr(native, "_load", lambda path: (loaded.append(Path(path)), real_load(path))[1])
+    return tmp_path / "kernels", loaded
+
+
+@needs_compiler
+@pytest.mark.parametrize("flags", [native._FLAG_SETS[0], native._FLAG_SETS[-1]])  # OpenMP; no OpenMP
+def test_the_c_source_compiles_without_warnings(tmp_path, flags):
+    src = tmp_path / "k.c"
+    src.write_text(native.source())
+    cmd = native.compile_command(os.environ.get("CC") or "gcc", flags, src, tmp_path / "k.so")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+
+
+@needs_compiler
+def test_the_kernels_build_once_into_a_private_cache(fresh_build):
+    folder, loaded = fresh_build
+    assert native.lib() is not None
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert loaded and loaded[0].parent == folder and str(folder) in native.status()
+    (lib_file,) = folder.glob("sae_kernels_*.so")
+    assert not stat.S_IMODE(lib_file.stat().st_mode) & 0o077
+
+
+@needs_compiler
+@pytest.mark.parametrize("make_unsafe", ["world-writable", "someone else's", "a link"])
+def test_an_unsafe_cache_is_never_loaded_from(fresh_build, monkeypatch, tmp_path, make_unsafe):
+    """Another user could plant a library in a folder they can write or own: build privately instead."""
+    folder, loaded = fresh_build
+    if make_unsafe == "a link":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        folder.symlink_to(tmp_path / "elsewhere")
+    else:
+        folder.mkdir(mode=0o700)
+        if make_unsafe == "world-writable":
+            os.chmod(folder, 0o777)
+        else:  # owned by another uid (as if planted before this user's first run)
+            real_lstat = os.lstat
+
+            def lstat(path, *a, **kw):
+                st = real_lstat(path, *a, **kw)
+                return os.stat_result((*st[:4], st.st_uid + 1, *st[5:])) if Path(path) == folder else st
+
+            monkeypatch.setattr(os, "lstat", lstat)
+    with pytest.raises(native.UnsafeCache):
+        native.check_private(folder)
+    assert native.lib() is not None
+    assert "private temporary folder" in native.status() and "cache refused" in native.status()
+    assert loaded and all(folder not in p.parents and tmp_path not in p.parents for p in loaded)
+    assert not list(folder.glob("sae_kernels_*.so"))  # nothing built where others can reach it
+
+
+@needs_compiler
+def test_a_library_others_can_write_is_rebuilt_before_loading(fresh_build):
+    folder, loaded = fresh_build
+    assert native.lib() is not None
+    (lib_file,) = folder.glob("sae_kernels_*.so")
+    lib_file.unlink()  # (a new file: the loaded one stays mapped in this process)
+    lib_file.write_bytes(b"planted")  # as if someone else wrote it through a group-writable mode
+    os.chmod(lib_file, 0o666)
+    native._state.update(lib=None, tried=False)
+    assert native.lib() is not None and loaded[-1] == lib_file
+    assert lib_file.read_bytes()[:4] == b"\x7fELF" and not stat.S_IMODE(lib_file.stat().st_mode) & 0o022
+
+
 def test_old_kernel_builds_are_pruned(tmp_path):
     """Each source edit or upgrade compiles a new library: only the newest few stay in the cache."""
-    import os
-
     for i in range(7):
         f = tmp_path / f"sae_kernels_{i:016x}.so"
         f.write_bytes(b"")
@@ -182,3 +286,13 @@ def test_old_kernel_builds_are_pruned(tmp_path):
     (tmp_path / "notes.txt").write_text("not a build")
     native.prune_builds(tmp_path, keep=4)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["notes.txt"] + [f"sae_kernels_{i:016x}.so" for i in (3, 4, 5, 6)]
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_end_to_end_in_its_cpu_dry_run():
+    """benchmarks/gpu_check.sh --dry-run: every step of the GPU check at toy sizes on the CPU (~2-4 min)."""
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=root, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0 and "failed steps: none" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "vs sparsify" in res.stdout and "kernel tests on cpu" in res.stdout

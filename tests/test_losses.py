@@ -119,3 +119,27 @@ def test_auxk_is_zero_with_no_dead_latent():
     e = torch.randn(2, 5)
     assert L.auxk_loss(PRE, torch.zeros(5, dtype=torch.bool), 2, e, L.gather_decode(torch.eye(5))).item() == 0.0
     assert L.auxk_loss(PRE, None, 2, e, L.gather_decode(torch.eye(5))).item() == 0.0
+
+
+# ------------------------------------------------------------------------------- sparse (active) forms
+@pytest.mark.parametrize("kind", ["power", "tanh", "tanh-quad"])
+def test_penalties_on_the_active_values_only_equal_the_dense_ones(kind):
+    """The sparse train steps pass only F's non-zeros: (row 0: latents 0, 2; row 1: latents 1, 2)."""
+    active = L.Active(torch.tensor([0, 2, 1, 2]), n_tokens=2, d_sae=3)
+    values = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    for norms in (N, None):
+        dense = L.sparsity_penalty(kind, F, norms, p=1.0, c=1.0, frequency_scale=0.5)
+        sparse = L.sparsity_penalty(kind, values, norms, p=1.0, c=1.0, frequency_scale=0.5, active=active)
+        assert sparse.item() == pytest.approx(dense.item(), rel=1e-6)
+    assert L.power_penalty(values, N, active=active).item() == pytest.approx((2 + 6.25) / 2)  # as by hand above
+
+
+def test_auxk_on_a_bias_free_buffer_with_a_gather_equals_the_dense_auxk():
+    """sae.py's sparse AuxK: `pre` without its bias (added to the dead columns), a custom gather."""
+    bias = torch.tensor([0.5, -1.0, 0.25, 1.0, 0.0])
+    e = torch.tensor([[5.0, 0.0, 1.0, 3.0, 0.0], [0.0, 0.0, 2.0, 0.0, 1.0]])
+    decode = L.gather_decode(torch.eye(5))
+    dense = L.auxk_loss(PRE + bias, DEAD, 2, e, decode)
+    seen = []
+    sparse = L.auxk_loss(PRE, DEAD, 2, e, decode, bias=bias, gather=lambda v, i: seen.append(i) or v)
+    assert sparse.item() == pytest.approx(dense.item()) and [sorted(r) for r in seen[0].tolist()] == [[0, 3], [0, 2]]

@@ -1,5 +1,5 @@
-"""Training a sweep: stacked members reach the weights of separate `train` runs, mixed shapes fall back to
-plain members on the same batches, a NaN member stops alone, per-member outputs and checkpoints are the
+"""Training a sweep: members reach the weights of separate `train` runs, mixed kinds and shapes train
+side by side on the same batches, a NaN member stops alone, per-member outputs and checkpoints are the
 normal ones, and a killed sweep resumes (finished members skipped) to the uninterrupted result."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from saecli.training.checkpoint import list_checkpoints
 from saecli.training.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = ("tokens_per_s", "elapsed_s", "stacked")
+TIMING = ("tokens_per_s", "elapsed_s")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread is faster
@@ -49,8 +49,8 @@ def base(out: Path, steps: int = 30, **trainer) -> dict:
 
 
 def make_plan(out: Path, sweep: dict, steps: int = 30, **trainer):
-    """A sweep on the synthetic stream; stacking forced on (its default, "auto", stacks on GPUs only)."""
-    return plan_from_dict(base(out, steps, **trainer), parse(SweepConfig, {"stack": True, **sweep}, key="sweep"))
+    """A sweep on the synthetic stream."""
+    return plan_from_dict(base(out, steps, **trainer), parse(SweepConfig, sweep, key="sweep"))
 
 
 def stream(exp=None) -> SyntheticStream:
@@ -81,8 +81,8 @@ def assert_close_metrics(a: Path, b: Path) -> None:
                 assert y[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
-# ------------------------------------------------------------------------------------------ stacking
-def test_a_stacked_group_trains_to_the_weights_of_separate_runs(tmp_path):
+# ------------------------------------------------------------------------------------------ members
+def test_a_group_trains_to_the_weights_of_separate_runs(tmp_path):
     plan = make_plan(tmp_path / "sweep", {"variants": [
         {"trainer.lr": 2e-3, "sae.k": 3}, {"trainer.lr": 1e-2, "sae.k": 6, "run.seed": 1},
         {"trainer.lr": 5e-3, "sae.k": 4, "trainer.auxk_coefficient": 0.0, "trainer.lr_scheduler": "cosineannealing"}]})
@@ -90,7 +90,7 @@ def test_a_stacked_group_trains_to_the_weights_of_separate_runs(tmp_path):
     assert [r["status"] for r in rows] == ["finished"] * 3
     for m in plan.members:
         records = read_metrics(m.folder)
-        assert records[-1]["stacked"] == 3 and records[-1]["l0"] == pytest.approx(m.exp.sae.k)
+        assert records[-1]["l0"] == pytest.approx(m.exp.sae.k)
         ref = alone(m, tmp_path / "alone")
         assert_close_weights(ref, m.folder)
         assert_close_metrics(ref, m.folder)
@@ -100,30 +100,16 @@ def test_a_stacked_group_trains_to_the_weights_of_separate_runs(tmp_path):
         assert (m.folder / "config.toml").exists() and "[sweep]" not in (m.folder / "config.toml").read_text()
 
 
-def test_relu_stacks_and_other_kinds_train_beside_them_on_the_same_batches(tmp_path):
+def test_relu_jumprelu_and_other_shapes_train_side_by_side_on_the_same_batches(tmp_path):
     plan = make_plan(tmp_path / "sweep", {"variants": [
         {"sae.activation": "relu", "trainer.l1_coefficient": 1e-3},
         {"sae.activation": "relu", "trainer.l1_coefficient": 3e-2, "trainer.lr": 1e-2},
-        {"sae.activation": "jumprelu", "trainer.l1_coefficient": 1e-3},   # no stack: a plain member
-        {"sae.d_sae": 32}]}, steps=20)                                     # alone in its shape: plain
+        {"sae.activation": "jumprelu", "trainer.l1_coefficient": 1e-3},
+        {"sae.d_sae": 32}]}, steps=20)
     rows = run_sweep(plan, stream_factory=stream)
     assert [r["status"] for r in rows] == ["finished"] * 4
-    stacked = [read_metrics(m.folder)[-1].get("stacked") for m in plan.members]
-    assert stacked == [2, 2, None, None]
     for m in plan.members:
         assert_close_weights(alone(m, tmp_path / "alone"), m.folder)
-
-
-def test_on_the_cpu_auto_trains_a_loop_of_plain_members_with_the_same_results(tmp_path):
-    sweep = {"grid": {"trainer.lr": [2e-3, 1e-2]}}
-    auto = plan_from_dict(base(tmp_path / "auto", 20), parse(SweepConfig, sweep, key="sweep"))
-    assert auto.sweep.stack == "auto"
-    run_sweep(auto, stream_factory=stream)
-    stacked = make_plan(tmp_path / "stacked", sweep, steps=20)
-    run_sweep(stacked, stream_factory=stream)
-    for a, b in zip(auto.members, stacked.members):
-        assert "stacked" not in read_metrics(a.folder)[-1] and read_metrics(b.folder)[-1]["stacked"] == 2
-        assert_close_weights(a.folder, b.folder)
 
 
 def test_a_nan_member_stops_and_the_others_go_on(tmp_path):
@@ -135,7 +121,7 @@ def test_a_nan_member_stops_and_the_others_go_on(tmp_path):
     info = json.loads((bad / "diverged.json").read_text())
     assert info["step"] < 40 and "NaN/inf" in info["message"]
     assert not (bad / "sae_weights.safetensors").exists()
-    for i in (0, 2):  # untouched by their diverged neighbour in the stack
+    for i in (0, 2):  # untouched by their diverged neighbour
         assert_close_weights(alone(plan.members[i], tmp_path / "alone"), plan.members[i].folder)
     summary = json.loads((tmp_path / "sweep" / SUMMARY_JSON).read_text())
     assert [r["status"] for r in summary] == ["finished", "diverged", "finished"]
@@ -156,7 +142,7 @@ def test_existing_runs_need_resume_or_overwrite_and_finished_members_are_skipped
     assert all(torch.equal(before[k], after[k]) for k in before)  # same seeds, same result
 
 
-def test_a_stacked_members_checkpoint_resumes_as_a_plain_train_run(tmp_path):
+def test_a_sweep_members_checkpoint_resumes_as_a_plain_train_run(tmp_path):
     """Per-member checkpoints hold the member's own optimizer state in torch's Adam format."""
     plan = make_plan(tmp_path / "sweep", {"grid": {"trainer.lr": [2e-3, 8e-3]}}, steps=30)
     run_sweep(plan, stream_factory=stream)
@@ -250,8 +236,8 @@ SCRIPT = textwrap.dedent('''
 
 
 def two_groups(out: Path) -> tuple[dict, dict]:
-    """A short group (one member) then a long one (two stacked members and a plain one)."""
-    sweep = {"name": "variant{index}", "stack": True,
+    """A short group (one member) then a long one (three members, one of another shape)."""
+    sweep = {"name": "variant{index}",
              "variants": [{"trainer.total_training_tokens": 128 * 20, "sae.k": 3}, {"trainer.lr": 2e-3},
                           {"trainer.lr": 8e-3, "sae.k": 6}, {"sae.d_sae": 48}]}
     return base(out, steps=100, n_checkpoints=5, dead_threshold_tokens=512), sweep

@@ -14,7 +14,6 @@ from saecli.config.load import read_toml
 from saecli.errors import ConfigError
 from saecli.sweep.grid import format_value, load_sweep
 from saecli.sweep.grouping import differing_stream_keys, group_members, spread, stream_key_paths
-from saecli.sweep.stacked import stack_key
 
 BASE = '''
 [run]
@@ -117,7 +116,7 @@ def test_an_unknown_key_gets_a_suggestion(tmp_path):
     ('[sweep]\ngrid = {"trainer.lr" = []}\n', "sweep.grid.trainer.lr", "at least one value"),
     ('[sweep]\ngrid = {"trainer.lr" = [1e-4]}\nvariants = [{"trainer.lr" = 1e-3}]\n', "sweep.variants[0].trainer.lr",
      "also in sweep.grid"),
-    ('[sweep]\nstack = true\n', "sweep.grid", "give sweep.grid"),
+    ('[sweep]\neval = true\n', "sweep.grid", "give sweep.grid"),
 ])
 def test_sweep_section_errors(tmp_path, sweep, key, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -168,19 +167,6 @@ def test_different_kinds_that_read_whole_contexts_go_to_another_group(tmp_path):
                            'hook_points = ["blocks.3.ln1.hook_normalized", "blocks.3.hook_attn_out"]')))
     groups = group_members(plan.members)
     assert len(groups) == 2 and differing_stream_keys(groups) == ["(whole contexts)"]
-
-
-def test_stack_keys_allow_per_member_hyper_parameters_only(tmp_path):
-    plan = load_sweep(sweep_file(tmp_path, '''
-        [sweep]
-        variants = [{"sae.k" = 8, "trainer.lr" = 1e-3}, {"sae.k" = 32, "trainer.lr" = 3e-4, "run.seed" = 1},
-                    {"sae.d_sae" = 512}, {"sae.activation" = "jumprelu"}, {"trainer.amp_dtype" = "bfloat16"},
-                    {"trainer.l1_coefficient" = 1e-2, "trainer.auxk_coefficient" = 0.0}]
-    '''))
-    keys = [stack_key(m.exp) for m in plan.members]
-    assert keys[0] == keys[1] == keys[5] and keys[0] is not None
-    assert keys[2] not in (None, keys[0])  # another shape: its own stack
-    assert keys[3] is None and keys[4] is None  # JumpReLU and AMP train as plain members
 
 
 def test_spreading_groups_over_ranks(tmp_path):

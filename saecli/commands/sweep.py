@@ -39,24 +39,11 @@ def show_plan(plan: Any, groups: list) -> None:
     from saecli import ui
     from saecli.sweep.grid import format_value, key_value, short_names
     from saecli.sweep.grouping import differing_stream_keys
-    from saecli.sweep.stacked import planned_stack_key
 
     group_of = {m.name: g.index for g in groups for m in g.members}
-    stacks: dict[tuple, int] = {}
-    counts: dict[tuple, int] = {}
-    for g in groups:
-        for m in g.members:
-            key = planned_stack_key(m.exp, plan.sweep.stack)
-            if key is not None:
-                counts[(g.index, key)] = counts.get((g.index, key), 0) + 1
     rows = []
     for m in plan.members:
-        key = planned_stack_key(m.exp, plan.sweep.stack)
-        gk = (group_of[m.name], key)
-        stack = ""
-        if key is not None and counts.get(gk, 0) > 1:
-            stack = f"s{stacks.setdefault(gk, len(stacks))}"
-        row = {"member": m.name, "group": group_of[m.name], "stack": stack or "-"}
+        row = {"member": m.name, "group": group_of[m.name]}
         shown = plan.varying or list(m.overrides)
         short = short_names(shown)
         row.update({short[k]: format_value(key_value(m.exp, k)) for k in shown})
@@ -67,7 +54,6 @@ def show_plan(plan: Any, groups: list) -> None:
     for g in groups:
         exp = g.members[0].exp
         grow = {"group": g.index, "members": len(g.members),
-                "stacked": sum(n for (gi, _), n in counts.items() if gi == g.index and n > 1),
                 "tokens": exp.trainer.total_training_tokens}
         for key in differ:
             if not key.startswith("("):
@@ -87,8 +73,8 @@ def sweep(
     """Train every member of a sweep file: a base experiment plus a \\[sweep] table of a grid and/or variants.
 
     Members whose activation stream is the same (same model, data, hook points, batch size, tokens)
-    form a group that reads or computes each batch once for all of them; on a GPU, same-shape SAEs in
-    a group train as one stacked computation (sweep.stack). Each member gets its own folder under run.output_dir
+    form a group that reads or computes each batch once for all of them, each member taking its own
+    step on it. Each member gets its own folder under run.output_dir
     (config.toml, metrics.jsonl, checkpoints, sae_weights.safetensors + cfg.json); the sweep's folder
     gets sweep.json, sweep_summary.json and frontier.png (L0 against explained variance). Under
     `accelerate launch` the groups (or parts of a big group) are spread over the processes.

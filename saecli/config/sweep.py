@@ -14,7 +14,7 @@ is the base with its overrides, written to `run.output_dir/<member name>/`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from saecli.config.base import bad, opt
 
@@ -40,9 +40,6 @@ class SweepConfig:
     variants: list[dict[str, Any]] = opt([], help="explicit tables of overrides, e.g. [{\"sae.k\" = 16}, {\"sae.k\" = 64}]")
     name: str | None = opt(None, help="member name template, e.g. 'lr{trainer.lr}-k{sae.k}' (default: the "
                                       "keys that vary, as lr=3e-4,k=32)")
-    stack: Literal["auto"] | bool = opt(
-        "auto", help="train same-shape members as one stacked (batched) computation: true, false, or 'auto' "
-                     "(on CUDA devices; on the CPU a loop over the members measured as fast or faster)")
     eval: bool = opt(False, help="evaluate each member after training (eval.json; loss recovered in the summary)")
 
     def validate(self) -> None:

@@ -18,22 +18,33 @@ everything after the encoder matmul can touch only the active latents (see share
   (no autograd temporaries of size [N, d_sae]); `relu_bias_`: the ReLU pass before it (bias, ReLU,
   non-zero count and column sums).
 
-Where the products run: on the CPU in float32 with int32 patterns, in the compiled loops of native.py
-when they could be built (`native_status()` says; SAECLI_NATIVE_KERNELS=0 turns them off); else on the
-CPU through embedding_bag (2-3× faster than torch's CSR @ dense there) and the sampled CSR product;
-on a GPU as CSR products. Sparse products are float32/float64 only: bf16 parameters are computed in
-float32 and their gradients cast back.
+Where the products run is decided in one place, `backend_for(device)` (each SparsePattern asks once):
+- "native": on the CPU, the compiled loops of native.py when they could be built (`native_status()`
+  says; SAECLI_NATIVE_KERNELS=0 turns them off), float32 with int32 patterns; it also supplies the
+  one-pass top-k (`Backend.fused_topk`) and the fused ReLU passes;
+- "triton": on CUDA, the Triton kernels of triton_kernels.py (bf16/fp16/fp32 operands read as they
+  are, float32 accumulation), when triton imports;
+- "torch": the pure-torch reference everywhere else: embedding_bag for the CSR products (on the CPU
+  2-3× faster than torch's CSR @ dense; it runs on CUDA too) and torch's sampled CSR product, in
+  float32 (bf16 parameters cast, their gradients cast back).
+SAECLI_KERNELS = auto | torch | native | triton overrides the choice (a backend that cannot run on
+the device falls back to torch); `forced(name)` does the same inside a `with` block (tests, benchmarks).
+Sparse products never run under autocast: they choose their own dtypes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import warnings
-from typing import Any
+from types import ModuleType
+from typing import Any, Iterator
 
 import torch
 
 from saecli.dictionaries import native
+from saecli.errors import UsageError
 
 
 def native_status() -> str:
@@ -41,13 +52,10 @@ def native_status() -> str:
     return native.status()
 
 
-def native_available() -> bool:
-    """The compiled CPU kernels are loaded (built on the first call)."""
-    return native.lib() is not None
-
-
 def _native_ok(*tensors: torch.Tensor) -> bool:
-    return native.usable(*tensors)
+    """The compiled CPU loops run on these tensors: the native backend is the one chosen for their
+    device (not switched off by SAECLI_KERNELS / `forced`) and they are float32/int32 CPU tensors."""
+    return backend_for(tensors[0].device) is NATIVE and NATIVE.usable(*tensors)
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -99,21 +107,169 @@ def two_level_topk(x: torch.Tensor, k: int, group: int = 8) -> tuple[torch.Tenso
     return vals, torch.gather(cand, 1, pos)
 
 
-def native_topk_ok(h: torch.Tensor) -> bool:
-    """`topk_pre` can run on this buffer (a float32 CPU matrix, the compiled kernels loaded)."""
-    return h.dim() == 2 and _native_ok(h)
-
-
 def topk_pre(h: torch.Tensor, k: int, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact per-row top-k of the keys (h + bias)·gate, for h = x W_encᵀ without its bias (a plain
     matmul): (h + bias at the kept latents [N, k] float32, their indices int32 [N, k]), unsorted.
 
     One pass per row in the compiled kernel (see native.py); the keys are never written to h.
-    Needs `native_topk_ok(h)`."""
+    Needs the native backend (`backend_for(h.device).fused_topk`) and a float32 CPU matrix."""
     f32 = torch.float32
     return native.topk(h, k, None if bias is None else bias.detach().to(f32),
                        None if gate is None else gate.detach().to(f32))
+
+
+# --------------------------------------------------------------------------------------- backends
+BACKEND_ENV = "SAECLI_KERNELS"
+BACKEND_NAMES = ("auto", "torch", "native", "triton")
+_forced: list[str] = []
+
+
+class TorchBackend:
+    """The pure-torch reference products (any device; float32/float64 operands)."""
+
+    name = "torch"
+    fused_topk = False  # `topk_pre` (bias and gate applied inside the one-pass selection)
+    half_operands = False  # reads bf16/fp16 weights as they are (no float32 copy)
+    sparse_under_autocast = False  # the sparse TopK path is used under autocast (else the dense bf16 step)
+
+    def usable(self, *tensors: torch.Tensor) -> bool:
+        return True
+
+    def operand(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` in a dtype this backend's products read."""
+        if self.half_operands and t.dtype in (torch.bfloat16, torch.float16, torch.float32):
+            return t
+        return t.to(_compute_dtype(t))
+
+    def spmm(self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, B: torch.Tensor,
+             perm: torch.Tensor | None = None, bias: torch.Tensor | None = None, rowsum: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(bias + CSR(values[perm]) @ B, row sums of the values if asked)."""
+        v = values if perm is None else values[perm.long()]
+        out = _bag_sum(col, crow, v, B)
+        if bias is not None:
+            out.add_(bias)
+        sums = None
+        if rowsum:
+            rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=col.device),
+                                           torch.diff(crow.long()), output_size=col.numel())
+            sums = torch.zeros(crow.numel() - 1, dtype=v.dtype, device=v.device).index_add_(0, rows, v)
+        return out, sums
+
+    def sddmm(self, crow: torch.Tensor, col: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        like = torch.zeros(col.numel(), dtype=A.dtype, device=A.device)
+        size = (crow.numel() - 1, B.shape[0])
+        return torch.sparse.sampled_addmm(_csr(crow, col, like, size), A, B.t(), beta=0.0).values()
+
+    def transpose(self, crow: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order, crow_t, rows_t): the CSR of the transpose; order[q] = original position of entry q."""
+        order = torch.argsort(col, stable=True)  # int32 ids: the int64 stable sort is far slower on CPU
+        counts = torch.bincount(col, minlength=n_cols)
+        crow_t = torch.zeros(n_cols + 1, dtype=crow.dtype, device=col.device)
+        torch.cumsum(counts, 0, out=crow_t[1:])
+        row_of = torch.repeat_interleave(torch.arange(n_rows, device=col.device, dtype=crow.dtype),
+                                         torch.diff(crow.long()), output_size=col.numel())
+        return order, crow_t, row_of[order]
+
+
+class NativeBackend(TorchBackend):
+    """The compiled CPU loops (native.py): float32 values/operands, int32 patterns."""
+
+    name = "native"
+    fused_topk = True
+
+    def usable(self, *tensors: torch.Tensor) -> bool:
+        return native.usable(*tensors)
+
+    def spmm(self, crow, col, values, B, perm=None, bias=None, rowsum=False):
+        return native.spmm(crow, col, values, B, perm=perm, bias=bias, rowsum=rowsum)
+
+    def sddmm(self, crow, col, A, B):
+        return native.sddmm(crow, col, A, B)
+
+    def transpose(self, crow, col, n_rows, n_cols):
+        return native.transpose(crow, col, n_cols)
+
+
+class TritonBackend(TorchBackend):
+    """The Triton kernels (triton_kernels.py): bf16/fp16/fp32 operands, float32 accumulation."""
+
+    name = "triton"
+    half_operands = True
+    sparse_under_autocast = True
+
+    def __init__(self, module: ModuleType):
+        self.mod = module
+
+    def usable(self, *tensors: torch.Tensor) -> bool:
+        return all(t.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)
+                   for t in tensors)
+
+    def spmm(self, crow, col, values, B, perm=None, bias=None, rowsum=False):
+        return self.mod.spmm(crow, col, values, B, perm=perm, bias=bias, rowsum=rowsum)
+
+    def sddmm(self, crow, col, A, B):
+        return self.mod.sddmm(crow, col, A, B)
+
+
+TORCH, NATIVE = TorchBackend(), NativeBackend()
+_triton_backend: list[TritonBackend | None] = []
+
+
+def triton_backend() -> TritonBackend | None:
+    """The Triton backend if triton imports (imported on first call only: TRITON_INTERPRET must be set
+    before that to run the kernels on CPU tensors)."""
+    if not _triton_backend:
+        try:
+            from saecli.dictionaries import triton_kernels
+        except ImportError:
+            _triton_backend.append(None)
+        else:
+            _triton_backend.append(TritonBackend(triton_kernels))
+    return _triton_backend[0]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+
+
+def requested_backend() -> str:
+    """The backend asked for: `forced(...)`, else $SAECLI_KERNELS, else "auto"."""
+    if _forced:
+        return _forced[-1]
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in BACKEND_NAMES:
+        raise UsageError(f"{BACKEND_ENV}={choice!r} is not a kernel backend: use one of {', '.join(BACKEND_NAMES)}")
+    return choice
+
+
+def backend_for(device: torch.device | str) -> TorchBackend:
+    """The one place that decides where sparse products run on `device` (see the module docstring)."""
+    dev = torch.device(device).type
+    choice = requested_backend()
+    if choice == "torch":
+        return TORCH
+    if choice in ("auto", "triton") and (dev == "cuda" or (dev == "cpu" and choice == "triton" and _interpreting())):
+        tb = triton_backend()
+        if tb is not None:
+            return tb
+    if dev == "cpu" and choice in ("auto", "native") and native.lib() is not None:
+        return NATIVE
+    return TORCH
+
+
+@contextlib.contextmanager
+def forced(name: str) -> Iterator[None]:
+    """Inside the block, `backend_for` chooses as if SAECLI_KERNELS = name."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown kernel backend {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
 
 
 # ---------------------------------------------------------------------------------------- pattern
@@ -127,6 +283,9 @@ class SparsePattern:
     def __init__(self, crow: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int):
         self.crow, self.col, self.n_rows, self.n_cols = crow, col, n_rows, n_cols
         self._t: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.backend = backend_for(col.device)
+        if not self.backend.usable(crow, col):
+            self.backend = TORCH
 
     @property
     def nnz(self) -> int:
@@ -162,62 +321,46 @@ class SparsePattern:
         return _csr(self.crow, self.col, values, (self.n_rows, self.n_cols))
 
     def native(self) -> bool:
-        """The compiled kernels can use these index arrays (int32 on the CPU)."""
-        return _native_ok(self.crow, self.col)
+        """The compiled CPU kernels run this pattern's products (now: `native.disabled()` may switch them off)."""
+        return self._for(self.crow, self.col) is NATIVE
+
+    def operand(self, t: torch.Tensor) -> torch.Tensor:
+        """A dense operand (weights, inputs, gradients) in a dtype this pattern's products read."""
+        return self.backend.operand(t)
+
+    def _for(self, *tensors: torch.Tensor) -> TorchBackend:
+        return self.backend if self.backend.usable(*tensors) else TORCH
 
     def _transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._t is None and self.native():  # counting sort: no argsort, int32 permutation
-            self._t = native.transpose(self.crow, self.col, self.n_cols)
         if self._t is None:
-            # stable sort of the int32 column ids (the int64 stable sort is far slower on CPU)
-            order = torch.argsort(self.col, stable=True)
-            counts = torch.bincount(self.col, minlength=self.n_cols)
-            crow_t = torch.zeros(self.n_cols + 1, dtype=self.crow.dtype, device=self.col.device)
-            torch.cumsum(counts, 0, out=crow_t[1:])
-            row_of = torch.repeat_interleave(torch.arange(self.n_rows, device=self.col.device, dtype=self.crow.dtype),
-                                             torch.diff(self.crow.long()), output_size=self.nnz)
-            self._t = (order, crow_t, row_of[order])
+            self._t = self._for(self.crow, self.col).transpose(self.crow, self.col, self.n_rows, self.n_cols)
         return self._t
 
     def csr_t(self, values: torch.Tensor) -> torch.Tensor:
         """CSR of the transpose [n_cols, n_rows] with these (row-major ordered) values."""
         order, crow_t, rows_t = self._transpose()
-        return _csr(crow_t, rows_t, values[order], (self.n_cols, self.n_rows))
+        return _csr(crow_t, rows_t, values[order.long()], (self.n_cols, self.n_rows))
 
     def col_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Σ of values per column → [n_cols]."""
         out = torch.zeros(self.n_cols, dtype=values.dtype, device=values.device)
         return out.index_add_(0, self.col, values)
 
-    # products (values: [nnz] in row-major order, float32/float64)
+    # products (values: [nnz] in row-major order)
     def matmul(self, values: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """CSR(values) @ B (+ bias) → [n_rows, d]."""
-        if self.native() and _native_ok(values, B, *(() if bias is None else (bias,))):
-            return native.spmm(self.crow, self.col, values, B, bias=bias)[0]
-        if B.device.type == "cpu":
-            out = _bag_sum(self.col, self.crow, values, B)
-            return out if bias is None else out.add_(bias)
-        if bias is None:
-            return self.csr(values) @ B
-        return torch.addmm(bias.unsqueeze(0).expand(self.n_rows, -1), self.csr(values), B)
+        extra = () if bias is None else (bias,)
+        return self._for(values, B, *extra).spmm(self.crow, self.col, values, B, bias=bias)[0]
 
     def matmul_t(self, values: torch.Tensor, B: torch.Tensor, col_sums: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(CSRᵀ(values) @ B → [n_cols, d] (the weight gradients), Σ values per column if asked)."""
         order, crow_t, rows_t = self._transpose()
-        if self.native() and _native_ok(values, B):
-            return native.spmm(crow_t, rows_t, values, B, perm=order, rowsum=col_sums)
-        sums = self.col_sum(values) if col_sums else None
-        if B.device.type == "cpu":
-            return _bag_sum(rows_t, crow_t, values[order], B), sums
-        return self.csr_t(values) @ B, sums
+        return self._for(values, B, order).spmm(crow_t, rows_t, values, B, perm=order, rowsum=col_sums)
 
     def sampled(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """[nnz]: A[row]·B[col] at every active pair (A [n_rows, d], B [n_cols, d])."""
-        if self.native() and _native_ok(A, B):
-            return native.sddmm(self.crow, self.col, A, B)
-        like = torch.zeros(self.nnz, dtype=A.dtype, device=A.device)
-        return torch.sparse.sampled_addmm(self.csr(like), A, B.t(), beta=0.0).values()
+        return self._for(A, B).sddmm(self.crow, self.col, A, B)
 
 
 def _bag_sum(indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, table: torch.Tensor
@@ -247,14 +390,13 @@ class _GatherPre(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor):
         x, w_enc = ctx.saved_tensors
         pat: SparsePattern = ctx.pattern
-        cd = _compute_dtype(w_enc)
-        g = g.to(cd).contiguous()
+        g = g.to(_compute_dtype(w_enc)).contiguous()
         dx = dw = db = None
         want_db = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[0]:
-            dx = pat.matmul(g, w_enc.to(cd)).to(x.dtype)
+            dx = pat.matmul(g, pat.operand(w_enc)).to(x.dtype)
         if ctx.needs_input_grad[1] or want_db:
-            dw, db = pat.matmul_t(g, x.to(cd), col_sums=want_db)  # dW_enc, and db_enc in the same pass
+            dw, db = pat.matmul_t(g, pat.operand(x), col_sums=want_db)  # dW_enc, and db_enc in the same pass
             dw = dw.to(w_enc.dtype) if ctx.needs_input_grad[1] else None
             db = db.to(w_enc.dtype) if want_db else None
         return dx, dw, db, None, None
@@ -267,26 +409,24 @@ class _SparseDecode(torch.autograd.Function):
     @_autocast_off
     def forward(ctx: Any, values: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor | None,
                 pattern: SparsePattern) -> torch.Tensor:
-        cd = _compute_dtype(w_dec)
-        v = values.to(cd).contiguous()
+        v = values.to(_compute_dtype(w_dec)).contiguous()
         ctx.pattern = pattern
         ctx.has_bias = b_dec is not None
         ctx.save_for_backward(v, w_dec)
-        return pattern.matmul(v, w_dec.to(cd), None if b_dec is None else b_dec.to(cd))
+        return pattern.matmul(v, pattern.operand(w_dec), None if b_dec is None else pattern.operand(b_dec))
 
     @staticmethod
     @_autocast_off
     def backward(ctx: Any, g: torch.Tensor):
         v, w_dec = ctx.saved_tensors
         pat: SparsePattern = ctx.pattern
-        cd = v.dtype
-        g = g.to(cd).contiguous()
+        g = g.to(v.dtype).contiguous()
         dv = dw = db = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g.sum(0).to(w_dec.dtype)
         if ctx.needs_input_grad[0]:
             # dL/dvalues = (dŷ · W_decᵀ) at the active pairs only (a sampled dense-dense product)
-            dv = pat.sampled(g, w_dec.to(cd))
+            dv = pat.sampled(g, pat.operand(w_dec))
         if ctx.needs_input_grad[1]:
             dw = pat.matmul_t(v, g)[0].to(w_dec.dtype)
         return dv, dw, db, None

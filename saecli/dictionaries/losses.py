@@ -9,6 +9,10 @@ Conventions (one everywhere):
 - `f` are latent activations [..., d_sae] (leading dims are tokens: [N] or [B, T]), `n` the decoder
   norms, anything broadcastable to `f`. A kind whose latents span several trailing dims (a CLT's
   [N, n_layers, d_sae] with norms [n_layers, d_sae]) passes `latent_dims=2`.
+- Sparse train steps pass only the active values (`f` [nnz]) with `active=Active(latents, n_tokens,
+  d_sae)`: an inactive latent contributes 0 to every penalty, so the same functions give the same
+  numbers without a dense [N, d_sae] tensor. AuxK likewise takes a `gather` for the sparse paths.
+  Every penalty and AuxK exists once, here.
 
 The `power` penalty is Σ_i (f_i·‖W_d,i‖)^p — the p-th power of the decoder-weighted activation, summed
 over latents. Why not the p-norm ‖f⊙n‖_p (lm_saes, SAELens)? For p ≠ 1 the p-norm couples all latents
@@ -21,15 +25,29 @@ point of the decoder-norm weighting (Anthropic, April 2024 update). For p = 1 al
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from saecli.dictionaries.activations import gated_pre, step
 
 
+class Active(NamedTuple):
+    """`f` holds only the active values [nnz]: `latents` [nnz] (int64) is each value's latent."""
+    latents: torch.Tensor
+    n_tokens: int
+    d_sae: int
+
+
 def _token_mean(per_token: torch.Tensor) -> torch.Tensor:
     return per_token.mean() if per_token.numel() else per_token.sum()
+
+
+def _sum_per_token(per_entry: torch.Tensor, latent_dims: int, active: Active | None) -> torch.Tensor:
+    """mean over tokens of the per-token sum over latents (of the active entries only, if given)."""
+    if active is not None:
+        return per_entry.sum() / max(active.n_tokens, 1)
+    return _token_mean(_per_token(per_entry, latent_dims))
 
 
 def _per_token(t: torch.Tensor, latent_dims: int) -> torch.Tensor:
@@ -77,47 +95,55 @@ def mse_per_element(reconstruction: torch.Tensor, target: torch.Tensor) -> torch
 
 
 # -------------------------------------------------------------------------------------- penalties
-def weighted(f: torch.Tensor, decoder_norm: torch.Tensor | None) -> torch.Tensor:
+def weighted(f: torch.Tensor, decoder_norm: torch.Tensor | None, active: Active | None = None) -> torch.Tensor:
     """f_i·‖W_d,i‖ (or f when no decoder norms are given)."""
-    return f if decoder_norm is None else f * decoder_norm
+    if decoder_norm is None:
+        return f
+    return f * (decoder_norm[active.latents] if active is not None else decoder_norm)
 
 
 def power_penalty(f: torch.Tensor, decoder_norm: torch.Tensor | None, p: float = 1.0,
-                  latent_dims: int = 1) -> torch.Tensor:
+                  latent_dims: int = 1, active: Active | None = None) -> torch.Tensor:
     """mean_tokens Σ_i (|f_i|·‖W_d,i‖)^p  (p = 1: the decoder-weighted L1 of Anthropic's April update)."""
-    w = weighted(f.abs(), decoder_norm)
-    return _token_mean(_per_token(w if p == 1.0 else w.pow(p), latent_dims))
+    w = weighted(f.abs(), decoder_norm, active)
+    return _sum_per_token(w if p == 1.0 else w.pow(p), latent_dims, active)
 
 
 def tanh_penalty(f: torch.Tensor, decoder_norm: torch.Tensor | None, c: float = 4.0,
-                 latent_dims: int = 1) -> torch.Tensor:
+                 latent_dims: int = 1, active: Active | None = None) -> torch.Tensor:
     """mean_tokens Σ_i tanh(c·f_i·‖W_d,i‖)  (a smooth, saturating L0 proxy)."""
-    return _token_mean(_per_token(torch.tanh(c * weighted(f, decoder_norm)), latent_dims))
+    return _sum_per_token(torch.tanh(c * weighted(f, decoder_norm, active)), latent_dims, active)
 
 
 def tanh_quad_penalty(f: torch.Tensor, decoder_norm: torch.Tensor | None, c: float = 4.0,
-                      frequency_scale: float = 0.01, latent_dims: int = 1) -> torch.Tensor:
+                      frequency_scale: float = 0.01, latent_dims: int = 1, active: Active | None = None
+                      ) -> torch.Tensor:
     """Σ_i p̂_i·(1 + p̂_i / frequency_scale), p̂_i = mean_tokens tanh(c·f_i·‖W_d,i‖).
 
     p̂_i estimates latent i's firing frequency; the quadratic part punishes latents that fire on more
     than ~frequency_scale of the tokens much harder than rare ones. (Not a per-token mean: the
     frequency is a batch statistic.)
     """
-    t = torch.tanh(c * weighted(f, decoder_norm))
-    lat = t.shape[t.dim() - latent_dims:]
-    p_hat = t.reshape(-1, *lat).mean(0)
+    t = torch.tanh(c * weighted(f, decoder_norm, active))
+    if active is not None:
+        p_hat = torch.zeros(active.d_sae, dtype=t.dtype, device=t.device).index_add(0, active.latents, t)
+        p_hat = p_hat / active.n_tokens
+    else:
+        lat = t.shape[t.dim() - latent_dims:]
+        p_hat = t.reshape(-1, *lat).mean(0)
     return (p_hat * (1.0 + p_hat / frequency_scale)).sum()
 
 
 def sparsity_penalty(kind: str, f: torch.Tensor, decoder_norm: torch.Tensor | None, *, p: float = 1.0,
-                     c: float = 4.0, frequency_scale: float = 0.01, latent_dims: int = 1) -> torch.Tensor:
+                     c: float = 4.0, frequency_scale: float = 0.01, latent_dims: int = 1,
+                     active: Active | None = None) -> torch.Tensor:
     """Dispatch on `sparsity_loss_type` ("power" | "tanh" | "tanh-quad")."""
     if kind == "power":
-        return power_penalty(f, decoder_norm, p, latent_dims)
+        return power_penalty(f, decoder_norm, p, latent_dims, active)
     if kind == "tanh":
-        return tanh_penalty(f, decoder_norm, c, latent_dims)
+        return tanh_penalty(f, decoder_norm, c, latent_dims, active)
     if kind == "tanh-quad":
-        return tanh_quad_penalty(f, decoder_norm, c, frequency_scale, latent_dims)
+        return tanh_quad_penalty(f, decoder_norm, c, frequency_scale, latent_dims, active)
     raise ValueError(f"unknown sparsity_loss_type {kind!r}")
 
 
@@ -145,19 +171,32 @@ def jumprelu_preact_loss(h: torch.Tensor, theta: torch.Tensor, decoder_norm: tor
 
 
 # -------------------------------------------------------------------------------------------- AuxK
+def auxk_top_dead(pre: torch.Tensor, dead_mask: torch.Tensor, k_aux: int, decoder_norm: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per token the top min(k_aux, #dead) DEAD latents by (gated) pre-activation: (their ungated
+    pre-activations [..., k], their latent indices [..., k]), detached; None when no latent is dead.
+
+    Only the dead columns are read (#dead ≪ d_sae once training is under way). `bias`: added to the
+    dead columns first, for a caller whose `pre` is the bias-free encoder product.
+    """
+    dead_idx = torch.nonzero(dead_mask.to(device=pre.device, dtype=torch.bool), as_tuple=True)[0]
+    if dead_idx.numel() == 0 or k_aux <= 0:
+        return None
+    k = min(int(k_aux), dead_idx.numel())
+    sub = pre.detach().index_select(-1, dead_idx)
+    if bias is not None:
+        sub = sub.add_(bias.detach()[dead_idx].to(sub.dtype))
+    keys = sub if decoder_norm is None else gated_pre(sub, decoder_norm.detach()[..., dead_idx])
+    j = torch.topk(keys, k, dim=-1, sorted=False).indices
+    return sub.gather(-1, j), dead_idx[j]
+
+
 def auxk_select(pre: torch.Tensor, dead_mask: torch.Tensor, k_aux: int,
                 decoder_norm: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Per token, the indices [..., min(k_aux, #dead)] of the top DEAD latents by (gated) pre-activation.
-
-    Returns None when no latent is dead. Selection is not differentiable (indices only).
-    """
-    n_dead = int(dead_mask.sum())
-    if n_dead == 0 or k_aux <= 0:
-        return None
-    k = min(int(k_aux), n_dead)
-    x = gated_pre(pre.detach(), decoder_norm)
-    x = x.masked_fill(~dead_mask.to(torch.bool), float("-inf"))
-    return torch.topk(x, k, dim=-1, sorted=False).indices
+    """Per token, the indices [..., min(k_aux, #dead)] of the top DEAD latents by (gated) pre-activation
+    (None when no latent is dead). Selection is not differentiable (indices only)."""
+    top = auxk_top_dead(pre, dead_mask, k_aux, decoder_norm)
+    return None if top is None else top[1]
 
 
 def normalized_residual_loss(e_hat: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -174,21 +213,25 @@ def normalized_residual_loss(e_hat: torch.Tensor, e: torch.Tensor) -> torch.Tens
 
 def auxk_loss(pre: torch.Tensor, dead_mask: torch.Tensor | None, k_aux: int, residual: torch.Tensor,
               decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-              decoder_norm: torch.Tensor | None = None) -> torch.Tensor:
+              decoder_norm: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
+              gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """AuxK (Gao et al. 2024): the top-k_aux dead latents' ReLU'd pre-activations reconstruct the
     residual e = y − ŷ (detached; no decoder bias in ê); loss = normalised ‖e − ê‖². Zero if none dead.
 
-    `pre` [N, d_sae] pre-activations (with grad), `decode(values [N,k], indices [N,k]) → [N, d]`
-    the kind's sparse decoder without bias.
+    `pre` [N, d_sae] pre-activations (with grad), `decode(values, indices [N,k]) → [N, d]` the kind's
+    sparse decoder without bias. Sparse paths pass `pre` without grad (a reused buffer, `bias` if it
+    lacks the encoder bias) and `gather(values, indices)`: the differentiable pre-activations at the
+    chosen latents from their detached values (sae.py: a sparse encoder gather).
     """
+    zero = pre.new_zeros((), dtype=torch.float32)
     if dead_mask is None:
-        return pre.new_zeros((), dtype=torch.float32)
-    idx = auxk_select(pre, dead_mask, k_aux, decoder_norm)
-    if idx is None:
-        return pre.new_zeros((), dtype=torch.float32)
-    vals = torch.relu(torch.gather(pre, -1, idx))
-    e_hat = decode(vals, idx)
-    return normalized_residual_loss(e_hat, residual.detach())
+        return zero
+    top = auxk_top_dead(pre, dead_mask, k_aux, decoder_norm, bias)
+    if top is None:
+        return zero
+    values, idx = top
+    acts = torch.relu(gather(values, idx) if gather is not None else torch.gather(pre, -1, idx))
+    return normalized_residual_loss(decode(acts, idx), residual.detach())
 
 
 def gather_decode(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -8,13 +8,14 @@ encoder gradient is one CSR product), b_enc [d_sae], W_dec [d_sae, d_model], b_d
 (absent if `use_decoder_bias = false`), and the activation's state under `activation.` (JumpReLU
 `log_threshold`, BatchTopK `threshold`).
 
-Training paths (`last_path` says which ran): "topk-sparse" (custom sparse kernels, see kernels.py),
+Training paths (`last_path` says which ran): "topk-sparse" (sparse products on the backend kernels.py
+chooses once per device: compiled CPU loops, Triton on CUDA, or the pure-torch reference),
 "relu-sparse" (ReLU when few latents fire), "relu-dense-fused" (ReLU-L1 in the dense regime) and
 "dense" (plain autograd: every other case, and the reference the fast paths are tested against).
 In the sparse paths `LossOutput.feature_acts` is a sparse CSR tensor [N, d_sae]; in "relu-dense-fused" it
 is a work buffer that the next `loss()` call overwrites (read it before the next step).
-The GPU choices (CUDA_SPARSE_RELU_MIN_TOKENS, dense TopK under autocast) come from H100 measurements
-with benchmarks/bench_train_step.py.
+The GPU choices (CUDA_SPARSE_RELU_MIN_TOKENS, dense TopK under autocast without Triton) come from H100
+measurements with benchmarks/bench_train_step.py (benchmarks/gpu_check.sh repeats them with Triton).
 """
 
 from __future__ import annotations
@@ -142,8 +143,11 @@ class SparseAutoEncoder(Dictionary):
             return "dense"
         cuda = x.is_cuda
         if self.cfg.activation == "topk":
-            # on a GPU under autocast the bf16 dense step beats the float32 sparse products (measured, H100)
-            return "dense" if cuda and torch.is_autocast_enabled(x.device.type) else "topk-sparse"
+            # under autocast on a GPU the bf16 dense step beat torch's float32 CSR products (H100); the
+            # Triton kernels read bf16 weights directly (benchmarks/gpu_check.sh measures both)
+            if cuda and torch.is_autocast_enabled(x.device.type):
+                return "topk-sparse" if kernels.backend_for(x.device).sparse_under_autocast else "dense"
+            return "topk-sparse"
         if self.cfg.activation == "relu":
             # on a GPU the sparse ReLU path only pays off on large batches (H100: slower at 4k, 2× at 64k tokens)
             if cuda and x.shape[0] < CUDA_SPARSE_RELU_MIN_TOKENS:
@@ -176,10 +180,9 @@ class SparseAutoEncoder(Dictionary):
         return self.W_enc.dtype
 
     def _native_pre(self, x_in: torch.Tensor) -> bool:
-        """The compiled CPU kernels apply the encoder bias (and gate) themselves: the encoder is a plain
+        """The backend's one-pass top-k applies the encoder bias (and gate) itself: the encoder is a plain
         float32 matmul into the buffer (no bias broadcast pass, no gated copy of W_enc)."""
-        return (x_in.device.type == "cpu" and self._matmul_dtype(x_in) == torch.float32
-                and kernels.native_available())
+        return self._matmul_dtype(x_in) == torch.float32 and kernels.backend_for(x_in.device).fused_topk
 
     @torch.no_grad()
     def _pre_into_buffer(self, x_in: torch.Tensor, gate: torch.Tensor | None, raw: bool = False) -> torch.Tensor:
@@ -238,48 +241,36 @@ class SparseAutoEncoder(Dictionary):
 
     def _auxk_sparse(self, buf: torch.Tensor, x_enc: torch.Tensor, y: torch.Tensor, recon: torch.Tensor,
                      gate: torch.Tensor | None, ctx: StepContext, raw: bool = False) -> torch.Tensor | None:
+        """AuxK (losses.auxk_loss) on the sparse path: selected from the encoder buffer (`raw`: x W_encᵀ
+        without bias, ranked by the gated value; else the gated pre-activations), gathered and decoded
+        with the sparse products."""
         dead = ctx.dead_mask
         if ctx.auxk_coefficient <= 0 or dead is None or self.cfg.activation not in ("topk", "batchtopk"):
             return None
-        with torch.no_grad():
-            dead_idx = torch.nonzero(dead.to(buf.device), as_tuple=True)[0]
-            if dead_idx.numel() == 0:
-                return recon.new_zeros((), dtype=torch.float32)
-            k_aux = min(int(ctx.k_aux or self.d_model // 2), dead_idx.numel())
-            keys = buf.index_select(1, dead_idx)
-            if raw:  # buf holds x W_encᵀ only: add the bias, rank by the gated value, keep h + b_enc
-                pre = keys.add_(self.b_enc.detach()[dead_idx].to(keys.dtype))
-                keys = pre * gate[dead_idx].to(pre.dtype) if gate is not None else pre
-                j = torch.topk(keys, k_aux, dim=-1, sorted=False).indices
-                vals, idx = pre.gather(1, j).float(), dead_idx[j]
-            else:
-                vals, j = torch.topk(keys, k_aux, dim=-1, sorted=False)
-                idx = dead_idx[j]
-                vals = vals.float()
-                if gate is not None:
-                    vals = vals / gate[idx]
-        pattern = kernels.SparsePattern.from_topk(idx, self.d_sae)
-        f = torch.relu(kernels.gather_pre(x_enc, self.W_enc, self.b_enc, vals.reshape(-1), pattern))
-        e_hat = kernels.sparse_decode(f, pattern, self.W_dec)
-        return L.normalized_residual_loss(e_hat, (y - recon).detach())
+        patterns: list[kernels.SparsePattern] = []
+
+        def gather(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            values = values.float()
+            if gate is not None and not raw:  # the buffer held h·‖W_d‖: back to h
+                values = values / gate[idx]
+            patterns.append(kernels.SparsePattern.from_topk(idx, self.d_sae))
+            return kernels.gather_pre(x_enc, self.W_enc, self.b_enc, values.reshape(-1), patterns[-1])
+
+        def decode(acts: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return kernels.sparse_decode(acts, patterns[-1], self.W_dec)
+
+        return L.auxk_loss(buf, dead, int(ctx.k_aux or self.d_model // 2), (y - recon).detach(), decode,
+                           gate if raw else None, bias=self.b_enc if raw else None, gather=gather)
 
     def _sparse_penalty(self, f: torch.Tensor, pattern: kernels.SparsePattern, ctx: StepContext,
                         n_tok: int) -> torch.Tensor | None:
-        """The sparsity penalty on the active values only (inactive latents contribute 0 to each)."""
+        """The sparsity penalty (losses.sparsity_penalty) on the active values only."""
         kind = ctx.sparsity_loss_type or "none"
         if kind in ("none", "l0"):
             return None
-        norms = self._penalty_norms()
-        w = f if norms is None else f * norms[pattern.col.long()]
-        if kind == "power":
-            return (w.abs() if ctx.p == 1.0 else w.abs().pow(ctx.p)).sum() / n_tok
-        t = torch.tanh(ctx.tanh_stretch_coefficient * w)
-        if kind == "tanh":
-            return t.sum() / n_tok
-        if kind == "tanh-quad":
-            p_hat = torch.zeros(self.d_sae, dtype=t.dtype, device=t.device).index_add(0, pattern.col.long(), t) / n_tok
-            return (p_hat * (1.0 + p_hat / ctx.frequency_scale)).sum()
-        raise ValueError(f"unknown sparsity_loss_type {kind!r}")
+        return L.sparsity_penalty(kind, f, self._penalty_norms(), p=ctx.p, c=ctx.tanh_stretch_coefficient,
+                                  frequency_scale=ctx.frequency_scale,
+                                  active=L.Active(pattern.col.long(), n_tok, self.d_sae))
 
     # ------------------------------------------------------------------ fast ReLU
     def _loss_relu_fast(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> LossOutput | None:

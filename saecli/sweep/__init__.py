@@ -2,7 +2,6 @@
 
     grid.py      sweep files → validated members with names and folders
     grouping.py  members that share a stream (from the schema's stream keys); spreading over ranks
-    stacked.py   same-shape SAEs as one batched computation (StackedSAE, StackedMember)
     run.py       run_sweep: train every group, resume, per-member outputs
     summary.py   the table of results and the sparsity–fidelity frontier plot
 """

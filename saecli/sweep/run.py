@@ -10,8 +10,9 @@ Per group (members that share the stream, see grouping.py), on one process:
    others start fresh in a second pass;
 2. a fresh member is made exactly as `saecli train` makes it: seed, build, data-dependent init on
    the stream's first batches (read once for the whole group and replayed to each member);
-3. members of one shape are stacked where sweep.stack says so (stacked.py; by default on GPUs), the
-   rest train as plain Members, all in one `training.fit` loop fed each batch once;
+3. every member trains as a plain Member (the one SAE implementation), all in one `training.fit`
+   loop fed each batch once (a stacked [M, ...] SAE was removed: no GPU measurement showed it paying,
+   and on the CPU it was the slower path; it can come back with evidence);
 4. each member's folder gets what `train` writes: config.toml, metrics.jsonl, checkpoints,
    sae_weights.safetensors + cfg.json, summary.json (or diverged.json), wandb_run_id.txt.
 
@@ -33,7 +34,6 @@ import torch
 from saecli.errors import RunError, UsageError
 from saecli.sweep.grid import SweepMember, SweepPlan
 from saecli.sweep.grouping import Group, Unit, group_members, needs_context, spread
-from saecli.sweep.stacked import build_stack, planned_stack_key
 from saecli.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from saecli.training.distributed import LocalSync, Sync, default_sync
 from saecli.training.member import Member, read_diverged, set_rng_state
@@ -134,8 +134,7 @@ def _write_plan(plan: SweepPlan, groups: list[Group], by_rank: list[list[Unit]])
         "world_size": len(by_rank),
         "varying": plan.varying,
         "members": [{"name": m.name, "index": m.index, "group": group_of[m.name], "rank": rank_of.get(m.name),
-                     "folder": str(m.folder), "overrides": m.overrides,
-                     "stackable": planned_stack_key(m.exp, plan.sweep.stack) is not None}
+                     "folder": str(m.folder), "overrides": m.overrides}
                     for m in plan.members],
         "groups": [{"index": g.index, "members": [m.name for m in g.members]} for g in groups],
     })
@@ -320,13 +319,7 @@ def _train_pass(part: list[_Todo], plan: SweepPlan, *, reporter: Reporter, strea
             set_rng_state(shared["rng"])
             at = ", ".join(f"{m.name} step {m.step}" for m in members)
             reporter.info(f"resuming {at}")
-        stacks = {id(m.stack): m.stack for m in members if hasattr(m, "stack")}
-        if stacks:
-            sizes = ", ".join(str(s.M) for s in stacks.values())
-            reporter.info(f"training {len(members)} member(s) on one stream; stacked groups of {sizes}")
         fit(stream, members, reporter=reporter, sync=sync)
-        for stack in stacks.values():
-            stack.release()
         for t, m in zip(part, members):
             exp = exps[t.member.name]
             if m.status == "diverged":
@@ -347,37 +340,17 @@ def _train_pass(part: list[_Todo], plan: SweepPlan, *, reporter: Reporter, strea
 
 def _make_members(part: list[_Todo], exps: dict[str, Any], dictionaries: list[Any], meta: list[dict],
                   plan: SweepPlan, sync: Sync) -> list[Member]:
-    """Stacked members for same-shape sets (when sweep.stack), plain Members for the rest, in order."""
-    keys = [planned_stack_key(exps[t.member.name], plan.sweep.stack) for t in part]
-    by_key: dict[tuple, list[int]] = {}
-    for i, key in enumerate(keys):
-        if key is not None:
-            by_key.setdefault(key, []).append(i)
-    out: list[Member | None] = [None] * len(part)
-    for idx in by_key.values():
-        if len(idx) < 2:
-            continue
-        ds = [dictionaries[i] for i in idx]
-        cfgs = [exps[part[i].member.name].trainer for i in idx]
-        kwargs = {"total_steps": [meta[i]["total_steps"] for i in idx],
-                  "batch_tokens": [meta[i]["batch_tokens"] for i in idx],
-                  "folder": [part[i].member.folder for i in idx],
-                  "name": [exps[part[i].member.name].run.name for i in idx],
-                  "wandb": [_wandb(exps[part[i].member.name], part[i].member.folder) for i in idx]}
-        for i, member in zip(idx, build_stack(ds, cfgs, sync=sync, **kwargs)):
-            out[i] = member
-    for i, t in enumerate(part):
-        if out[i] is None:
-            exp = exps[t.member.name]
-            out[i] = Member(dictionaries[i], exp.trainer, total_steps=meta[i]["total_steps"],
-                            batch_tokens=meta[i]["batch_tokens"], folder=t.member.folder, name=exp.run.name,
-                            sync=sync, wandb=_wandb(exp, t.member.folder))
-    members: list[Member] = [m for m in out if m is not None]
-    for m, info in zip(members, meta):
+    """One plain Member per dictionary, in order (resumed ones get their saved state)."""
+    members: list[Member] = []
+    for t, d, info in zip(part, dictionaries, meta):
+        exp = exps[t.member.name]
+        m = Member(d, exp.trainer, total_steps=info["total_steps"], batch_tokens=info["batch_tokens"],
+                   folder=t.member.folder, name=exp.run.name, sync=sync, wandb=_wandb(exp, t.member.folder))
         if info["state"] is not None:
             m.load_state_dict(info["state"])
             if m.log is not None:
                 m.log.truncate(m.step)
+        members.append(m)
     return members
 
 
