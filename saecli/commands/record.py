@@ -14,7 +14,7 @@ def record(experiment: ExperimentArg, overrides: SetOption = None) -> None:
     metrics (summary.json, eval.json), every analysis under analysis/ and the DLA (dla.json).
 
     Every command works on files when the store is unreachable and says so at its start; this records
-    the run once the store is back. The store is the run's config.toml's [store] (or --set store.*).
+    the run once the store is back. The store is the one the run's config.toml names (or --set store.*).
     Recording again replaces what the store holds for this run.
 
     Examples:
