@@ -11,4 +11,7 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
+# the quality benchmark's peers (benchmarks/bench_quality.py); dictionary-learning without its pins
+python -m pip install -q -e ".[bench]"
+python -m pip install -q --no-deps "dictionary-learning>=0.1"
 echo "saecli installed in $(pwd)/.venv ($(python -c 'import saecli; print(saecli.__version__)'))"
