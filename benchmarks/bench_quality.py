@@ -275,6 +275,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)} ('' = none)")
     p.add_argument("--saecli-row", action="append", default=[], metavar="K=V;K=V",
                    help="an extra saecli row: overrides separated by ';' (repeatable, one row each)")
+    p.add_argument("--no-defaults", action="store_true", help="leave out the 'saecli defaults' row (tuning runs)")
     p.add_argument("--cache-root", type=Path, default=None, help="where the caches go (default runs/cache/quality)")
     p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     return p.parse_args(argv)
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out_root = Path(base.run.output_dir)
 
     coders: list[Coder] = []
-    variants = [("saecli defaults", [])]
+    variants = [] if args.no_defaults else [("saecli defaults", [])]
     for row in args.saecli_row:
         sets = [s.strip() for s in row.split(";") if s.strip()]
         variants.append(("saecli " + " ".join(sets), sets))

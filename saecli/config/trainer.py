@@ -26,7 +26,10 @@ LrScheduler = Literal[
 @dataclass
 class TrainerConfig:
     total_training_tokens: int = opt(10_000_000, help="tokens to train on", stream=True)
-    lr: float = opt(4e-4)
+    lr: float | None = opt(
+        None, help="default 2e-3 × min(1, √(4608 / d_sae)): 2e-3 beat 4e-4 on SmolLM2 layer 12, d_sae 4608 (EV "
+        "0.87 → 0.92 at 1M tokens, 0.71 → 0.83 at 300k); larger dictionaries ∝ 1/√d_sae, as Gao et al. 2024"
+    )
     betas: tuple[float, float] = opt((0.9, 0.999))
     eps: float = opt(1e-8)
     optimizer_foreach: bool = opt(True, help="foreach Adam (fused on CUDA when available)")
@@ -74,7 +77,7 @@ class TrainerConfig:
     def validate(self) -> None:
         if self.total_training_tokens <= 0:
             raise bad("total_training_tokens", "must be > 0")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise bad("lr", f"must be > 0, found {self.lr}")
         for b in self.betas:
             if not 0 <= b < 1:
