@@ -26,7 +26,11 @@ LrScheduler = Literal[
 @dataclass
 class TrainerConfig:
     total_training_tokens: int = opt(10_000_000, help="tokens to train on", stream=True)
-    lr: float = opt(4e-4)
+    lr: float | None = opt(
+        None, help="default 2e-3 × min(1, √(4608 / d_sae)): at d_sae 4608 on SmolLM2 layer 12, 2e-3 beat the old 4e-4 "
+        "(300k tokens: EV 0.34 → 0.55, typical-token EV 0.65 → 0.79, dead 11 % → 2.5 %; 1M: EV 0.87 → 0.92); "
+        "larger dictionaries ∝ 1/√d_sae, as Gao et al. 2024"
+    )
     betas: tuple[float, float] = opt((0.9, 0.999))
     eps: float = opt(1e-8)
     optimizer_foreach: bool = opt(True, help="foreach Adam (fused on CUDA when available)")
@@ -76,7 +80,7 @@ class TrainerConfig:
             raise bad("total_training_tokens", "must be > 0")
         if self.checkpoint_every_seconds < 0:
             raise bad("checkpoint_every_seconds", f"must be >= 0 (0 = off), found {self.checkpoint_every_seconds}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise bad("lr", f"must be > 0, found {self.lr}")
         for b in self.betas:
             if not 0 <= b < 1:

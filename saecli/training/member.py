@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -50,10 +51,27 @@ def default_l1_coefficient(sparsity_loss_type: str) -> float:
     return 5.0 if sparsity_loss_type == "power" else 0.5
 
 
+# The default learning rate: the best measured at d_sae 4608 (SmolLM2 layer 12, bench_quality.py), and
+# ∝ 1/√d_sae for larger dictionaries (Gao et al. 2024 fit lr ∝ n_latents^-0.5; sparsify scales so too).
+DEFAULT_LR = 2e-3
+DEFAULT_LR_D_SAE = 4608
+
+
+def default_lr(d_sae: int) -> float:
+    """`trainer.lr` when not given: 2e-3 × min(1, √(4608 / d_sae)) (never above the measured 2e-3)."""
+    return DEFAULT_LR * min(1.0, math.sqrt(DEFAULT_LR_D_SAE / max(int(d_sae), 1)))
+
+
+def resolved_lr(cfg: Any, d_sae: int) -> float:
+    """The base learning rate a member trains with: `trainer.lr`, else `default_lr(d_sae)`."""
+    return float(cfg.lr) if cfg.lr is not None else default_lr(d_sae)
+
+
 def make_optimizer(dictionary: Dictionary, cfg: Any) -> torch.optim.Adam:
     """Adam over the dictionary's parameter groups: fused where torch has it, else foreach."""
-    groups = dictionary.param_groups(cfg.lr, cfg.jumprelu_lr_factor)
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    lr = resolved_lr(cfg, dictionary.d_sae)
+    groups = dictionary.param_groups(lr, cfg.jumprelu_lr_factor)
+    kwargs = dict(lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.optimizer_foreach:
         device = groups[0]["params"][0].device
         if device.type in ("cuda", "cpu"):
