@@ -35,7 +35,8 @@ def test_generated_docs_are_fresh():
 def test_config_md_lists_every_key_with_its_default():
     text = (REPO / "docs/config.md").read_text()
     assert "| `total_training_tokens` | an integer | `10000000` |" in text
-    assert "| `lr` | a number | `0.0004` |" in text
+    assert "| `auxk_coefficient` | a number | `0.03125` |" in text
+    assert "| `lr` | a number | *(unset)* | default 2e-3 × min(1, √(4608 / d_sae))" in text  # resolved by d_sae
     assert "| `name` | a string | *(required)* |" in text  # [model] name
     assert "(transcoder) " in text and "| `rank_counts` |" in text  # kind-specific [sae] keys say whose they are
     for key in keys():
@@ -50,8 +51,8 @@ def test_every_example_experiment_validates_against_the_schema(validator, path):
 
 def test_schema_describes_types_defaults_docs_and_choices(validator):
     schema = json_schema()
-    lr = schema["properties"]["trainer"]["properties"]["lr"]
-    assert lr["type"] == "number" and lr["default"] == 4e-4
+    auxk = schema["properties"]["trainer"]["properties"]["auxk_coefficient"]
+    assert auxk["type"] == "number" and auxk["default"] == 1 / 32 and auxk["description"]
     activation = schema["properties"]["sae"]["allOf"][0]["then"]["properties"]["activation"]
     assert activation["enum"] == ["relu", "topk", "batchtopk", "jumprelu"] and activation["description"]
     assert schema["properties"]["activations"]["required"] == ["hook_points"]
