@@ -21,7 +21,7 @@ from saecli import __version__, ui
 from saecli.errors import SaecliError
 
 # Commands that work, in the order `--help` lists them. A module registers itself with `register(app)`.
-COMMAND_MODULES: list[str] = ["generate", "check", "hooks", "train", "eval", "analyze", "dla", "sweep"]  # each helper module appends its name when the command works
+COMMAND_MODULES: list[str] = ["generate", "check", "hooks", "train", "eval", "analyze", "dla", "sweep", "autointerp"]  # each helper module appends its name when the command works
 
 app = typer.Typer(
     name="saecli",
