@@ -116,16 +116,28 @@ def scorer_prompt(kind: str, explanation: str, texts: Sequence[str]) -> Messages
 
 # ---------------------------------------------------------------- answers
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
-_OBJECT = re.compile(r"\{.*?\}", re.S)
 _TAGGED = re.compile(r"(?:\[EXPLANATION\]|explanation)\s*[:=]\s*(.+)", re.I)
 _LIST = re.compile(r"\[[^\[\]]*\]")
 _LABEL = re.compile(r"(?<![\w.])(0|1|true|false|yes|no)(?![\w.])", re.I)
 MAX_EXPLANATION_CHARS = 400
 
 
-def _clean(text: str) -> str | None:
-    text = text.strip().strip("\"'`").strip()
+def _clean(text: str, quotes: bool = True) -> str | None:
+    text = text.strip()
+    if quotes and len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":  # a quoted answer
+        text = text[1:-1].strip()
     return text if 0 < len(text) <= MAX_EXPLANATION_CHARS else None
+
+
+def _objects(text: str):
+    """Every JSON object embedded in a text (json's own decoder finds where each one ends)."""
+    decoder = json.JSONDecoder()
+    for start in (i for i, c in enumerate(text) if c == "{"):
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            continue
+        yield value
 
 
 def parse_explanation(answer: str) -> str | None:
@@ -134,13 +146,9 @@ def parse_explanation(answer: str) -> str | None:
     text = answer.strip()
     for fenced in _FENCE.findall(text):
         text = fenced.strip() or text
-    for blob in _OBJECT.findall(text):
-        try:
-            value = json.loads(blob)
-        except json.JSONDecodeError:
-            continue
+    for value in _objects(text):
         if isinstance(value, dict) and isinstance(value.get("explanation"), str):
-            return _clean(value["explanation"])
+            return _clean(value["explanation"], quotes=False)
     tagged = _TAGGED.search(text)
     if tagged:
         return _clean(tagged.group(1).splitlines()[0])

@@ -95,3 +95,15 @@ def interpretation(record: dict) -> dict:
     return {"explanation": record.get("explanation"), "model": record.get("explainer", {}).get("model"),
             "scores": {k: {m: v[m] for m in SCORE_KEYS} for k, v in record.get("scores", {}).items() if v["n"] > 0},
             "autointerp": record.get("run")}
+
+
+def load_interpretations(analysis_folder: str | Path, name: str) -> dict[int, dict]:
+    """{index: interpretation(record)} of autointerp run `name` of an analysis, or of its newest run when
+    there is none of that name (a run folder's config names "default"); empty when autointerp never ran."""
+    folder = results_dir(analysis_folder, name)
+    if not folder.is_dir():
+        runs = [p for p in (Path(analysis_folder) / "autointerp").glob("*/features") if p.is_dir()]
+        if not runs:
+            return {}
+        folder = max(runs, key=lambda p: p.stat().st_mtime).parent
+    return {i: interpretation(r) for i, r in Results(folder).load().items()}
