@@ -7,6 +7,7 @@ scripted answers; tests/test_autointerp_serve.py runs it against transformers' o
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -349,3 +350,22 @@ def test_resume_after_sigkill_pays_for_no_finished_feature_twice(tmp_path, cli):
         assert res.exit_code == 0 and server.count("explain") == 0  # all done: nothing to pay
         res = cli("-q", "autointerp", path, "--force")
         assert res.exit_code == 0 and server.count("explain") == 2  # --force redoes them
+
+
+# ------------------------------------------------------------------ dashboard
+def test_dashboard_shows_explanations_and_sortable_filterable_scores(tmp_path):
+    from saecli.dashboard.site import build_site
+    from test_dashboard import browse, synthetic_result
+
+    site = tmp_path / "site"
+    build_site(synthetic_result(), site, explanations={0: "the nasty token", 1: "weak one"}, title="toy",
+               scores={0: {"detection": 0.25, "fuzzing": 0.9}, 1: {"detection": 0.75, "fuzzing": 0.5}})
+    dom = browse((site / "features" / "0.html").as_uri(), tmp_path, "--dump-dom")
+    assert "the nasty token" in dom and "detection F1 0.25 · fuzzing F1 0.9" in dom
+    dom = browse((site / "index.html").as_uri(), tmp_path, "--dump-dom")
+    assert 'class="sortable">detection F1</th>' in dom and 'class="sortable">fuzzing F1</th>' in dom
+    assert re.search(r"weak one</td><td class=\"num\">0\.75</td><td class=\"num\">0\.5</td>", dom)
+    dom = browse((site / "index.html").as_uri() + "#q=detection%3E0.5", tmp_path, "--dump-dom")
+    assert re.findall(r'<a href="features/(\d+).html">', dom) == ["1"] and "1 of 3 features" in dom
+    dom = browse((site / "index.html").as_uri() + "#q=fuzzing%3E%3D0.9", tmp_path, "--dump-dom")
+    assert re.findall(r'<a href="features/(\d+).html">', dom) == ["0"]
