@@ -194,9 +194,12 @@ class LocalChat:
                                       temperature=self.cfg.temperature if sample else None, top_p=None, top_k=None,
                                       pad_token_id=tok.pad_token_id)
         new = out[:, enc["input_ids"].shape[1]:]
+        stop = self.model.generation_config.eos_token_id
+        stop = torch.tensor([*(stop if isinstance(stop, list) else [stop] if stop is not None else []),
+                             tok.eos_token_id, tok.pad_token_id], device=new.device)
         replies = []
         for row, mask in zip(new, enc["attention_mask"]):
-            ends = (row == tok.eos_token_id).nonzero()
+            ends = torch.isin(row, stop).nonzero()
             n = int(ends[0]) if len(ends) else len(row)
             replies.append(Reply(tok.decode(row[:n], skip_special_tokens=True), int(mask.sum()), n))
         return replies

@@ -8,7 +8,7 @@ so a run killed at any moment loses at most the features in flight.
 from __future__ import annotations
 
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -142,16 +142,23 @@ class Interpreter:
 
 def run_features(interpreter: Interpreter, indices: Sequence[int], results: Results, *, max_workers: int,
                  on_done: Callable[[dict], None]) -> int:
-    """Run every feature, `max_workers` at once; each is written (then `on_done`) as it finishes.
+    """Run every feature, `max_workers` at once; each is written by its worker as it finishes (the fsyncs
+    overlap), then handed to `on_done` on this thread (the store needs no locking).
 
     The first error that is not a bad answer (the endpoint gone, a refused key) stops the run: features in
     flight finish, the rest are not started, and the error is raised."""
     finished, error = 0, None
     pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="saecli-autointerp")
+
+    def job(index: int) -> dict:
+        record = interpreter(index)
+        results.write(record)
+        return record
+
     try:
-        pending = {pool.submit(interpreter, i) for i in indices}
+        pending = {pool.submit(job, i) for i in indices}
         while pending:
-            done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 if fut.cancelled():
                     continue
@@ -161,9 +168,7 @@ def run_features(interpreter: Interpreter, indices: Sequence[int], results: Resu
                         for other in pending:
                             other.cancel()
                     continue
-                record = fut.result()
-                results.write(record)
-                on_done(record)
+                on_done(fut.result())
                 finished += 1
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -42,8 +42,8 @@ def autointerp(
     tokens), then score each explanation as delphi does: detection (does the LLM tell activating contexts
     from others?) and fuzzing (does it tell truly marked tokens from randomly marked ones?).
 
-    Needs `saecli analyze` first. The LLM is any OpenAI-compatible endpoint ([autointerp.explainer]
-    backend = "openai", with the API key in the environment variable that api_key_env names) or a
+    Needs `saecli analyze` first. The LLM is any OpenAI-compatible endpoint (autointerp.explainer.backend
+    = "openai", the API key in the environment variable that autointerp.explainer.api_key_env names) or a
     transformers chat model in this process (backend = "local"). Each finished feature is written at once
     to <dictionary>/analysis/<analysis>/autointerp/<name>/features/<index>.json and to the store, so an
     interrupted run resumes where it stopped; --force redoes finished features.
@@ -52,10 +52,9 @@ def autointerp(
 
         saecli autointerp experiments/tiny/autointerp.toml
 
-        saecli autointerp runs/tiny/topk --set autointerp.explainer.model=gpt-4o-mini \\
-            --set autointerp.explainer.base_url=https://api.openai.com/v1 --set autointerp.explainer.api_key_env=OPENAI_API_KEY
+        OPENAI_API_KEY=... saecli autointerp experiments/smollm2/autointerp.toml --features 0:100
 
-        saecli autointerp exp.toml --features 0:100 --set autointerp.max_workers=16
+        saecli autointerp runs/tiny/topk --set autointerp.explainer.model=my-model --set autointerp.max_workers=16
     """
     from saecli import ui
     from saecli.analysis.dla import DLAResult
