@@ -369,3 +369,25 @@ def test_dashboard_shows_explanations_and_sortable_filterable_scores(tmp_path):
     assert re.findall(r'<a href="features/(\d+).html">', dom) == ["1"] and "1 of 3 features" in dom
     dom = browse((site / "index.html").as_uri() + "#q=fuzzing%3E%3D0.9", tmp_path, "--dump-dom")
     assert re.findall(r'<a href="features/(\d+).html">', dom) == ["0"]
+
+
+# ------------------------------------------------------------------ store backends
+from test_store import backend  # noqa: E402,F401  (sqlite, mongomock, and a real MongoDB when configured)
+
+
+def test_interpretations_land_in_every_store_backend(backend, tmp_path):  # noqa: F811
+    from saecli.autointerp.results import Results, interpretation
+    from saecli.autointerp.runner import Interpreter, run_features
+
+    result = toy_analysis(tmp_path / "sae")
+    with FakeChat() as server, backend.open() as store:
+        store.put_sae("toy", "default", path=str(tmp_path / "sae"), cfg={"kind": "sae"})
+        chat = OpenAIChat(LLMConfig(model="m", base_url=server.url), Usage())
+        interpreter = Interpreter(result, AutointerpConfig(explain_top=3, explain_per_tier=1), chat, chat, None, "default/t")
+        n = run_features(interpreter, [0, 1, 2], Results(tmp_path / "out"), max_workers=2,
+                         on_done=lambda r: store.put_interpretation("toy", "default", r["index"], interpretation(r)))
+        assert n == 3
+        got = store.get_feature("toy", "default", 2)["interpretation"]
+    assert got == {"explanation": "the token ' the' after a verb", "model": "m", "autointerp": "default/t",
+                   "scores": {k: {"accuracy": 4 / 7, "precision": 4 / 7, "recall": 1.0, "f1": pytest.approx(8 / 11),
+                                  "balanced_accuracy": 0.5} for k in ("detection", "fuzzing")}}
