@@ -193,6 +193,19 @@ def test_feature_selection(tmp_path):
         select_features(result, AutointerpConfig(features=[8]))
 
 
+def test_features_option_picks_a_list_or_a_range(tmp_path, run_cli):
+    toy_analysis(tmp_path / "sae")
+    folder = tmp_path / "sae" / "analysis" / "default" / "autointerp" / "default" / "features"
+    with FakeChat() as server:
+        path = experiment(tmp_path, server.url, "features = [0]")
+        assert run_cli("autointerp", path, "--features", "3,5").exit_code == 0
+        assert sorted(p.name for p in folder.iterdir()) == ["3.json", "5.json"]
+        assert run_cli("autointerp", path, "--features", "5:7").exit_code == 0
+        assert sorted(p.name for p in folder.iterdir()) == ["3.json", "5.json", "6.json"]
+        res = run_cli("autointerp", path, "--features", "5-7")
+        assert res.exit_code == 2 and "'100:200'" in res.output
+
+
 def experiment(tmp_path: Path, url: str, extra: str = "", store: str = 'backend = "none"') -> Path:
     path = tmp_path / "autointerp.toml"
     path.write_text(textwrap.dedent(f"""
