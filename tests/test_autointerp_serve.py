@@ -116,3 +116,13 @@ def test_loop_in_process(chat_model, tmp_path, run_cli, one_thread):
     res = run_cli("autointerp", path)
     assert res.exit_code == 0, res.output
     check_run(tmp_path, res.output)
+
+
+@pytest.mark.slow
+def test_tiny_example_runs_as_written_after_train_and_analyze(tmp_path, cli):
+    out = tmp_path / "topk"
+    assert cli("-q", "train", "experiments/tiny/train.toml", "--set", f"run.output_dir={out}").exit_code == 0
+    assert cli("-q", "analyze", out, "--set", "analyze.total_analyzing_tokens=20000").exit_code == 0
+    res = cli("autointerp", "experiments/tiny/autointerp.toml", "--set", f"run.output_dir={out}")
+    assert res.exit_code == 0, res.output
+    assert len(list((out / "analysis/default/autointerp/tiny-local/features").glob("*.json"))) == 4
