@@ -112,6 +112,7 @@ class Interpreter:
             "index": index, "run": self.run, "density": rec["density"], "max_act": rec["max_act"],
             "explanation": explained.value,
             "explainer": {"model": self.explainer.cfg.model, "attempts": explained.attempts,
+                          "answer": explained.answer[:2000],  # what the model said (to judge the parser)
                           **({} if explained.value is not None else {"bad_answer": explained.answer[:2000]})},
             "scores": {},
         }
