@@ -17,7 +17,9 @@ reference time - 1 (target ≤ 10 %). Repetitions are interleaved; medians are r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import re
 import statistics
@@ -64,7 +66,8 @@ def run_saecli(exp: Path, summary: Path, workers: int) -> tuple[float, float]:
 
     t = time.perf_counter()
     try:
-        main(["-q", "autointerp", str(exp), "--force", "--set", f"autointerp.max_workers={workers}"])
+        with contextlib.redirect_stdout(io.StringIO()):  # the final tables
+            main(["-q", "autointerp", str(exp), "--force", "--set", f"autointerp.max_workers={workers}"])
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise RuntimeError(f"saecli autointerp exited with {exc.code}") from None
