@@ -22,7 +22,7 @@ from saecli import __version__, ui
 from saecli.errors import SaecliError, SaecliWarning
 
 # Commands that work, in the order `--help` lists them. A module registers itself with `register(app)`.
-COMMAND_MODULES: list[str] = ["generate", "check", "hooks", "train", "eval", "analyze", "dla", "sweep", "record", "export", "cache"]  # each helper module appends its name when the command works
+COMMAND_MODULES: list[str] = ["generate", "check", "hooks", "train", "eval", "analyze", "dla", "sweep", "autointerp", "record", "export", "cache"]  # each helper module appends its name when the command works
 # Commands that take no experiment file: writing one (init, schema) and browsing the store (runs).
 TOOL_MODULES: list[str] = ["init", "schema", "runs"]
 

@@ -108,7 +108,7 @@ def analyze(
             store.close()
     _summary(result)
     if show is not None:
-        show_feature(result, show)
+        show_feature(result, show, interpretation=_interpretations(exp, folder, result.name, None).get(show))
 
 
 def _load(exp: Any, folder: Path):
@@ -164,7 +164,9 @@ def _dashboard(exp: Any, folder: Path, result: Any, lm: Any, dictionary: Any, st
         from saecli.commands.dla import compute_dla
 
         dla = compute_dla(exp, lm, dictionary, folder, store, exp.analyze.dla_top)
-    explanations = _explanations(exp, store)
+    found = _interpretations(exp, folder, result.name, store)
+    explanations = {i: v["explanation"] for i, v in found.items() if v.get("explanation")}
+    scores = {i: {k: s["f1"] for k, s in v.get("scores", {}).items()} for i, v in found.items()}
     dash = exp.dashboard
     out = Path(dash.output_dir) if dash.output_dir else analysis_dir(folder, result.name) / "html"
     alive = int((result.act_times > 0).sum())
@@ -173,7 +175,7 @@ def _dashboard(exp: Any, folder: Path, result: Any, lm: Any, dictionary: Any, st
     with ui.progress("dashboard", total=pages, unit="pages") as bar:
         return build_site(result, out, dla=dla, explanations=explanations, title=title,
                           window=(dash.window_before, dash.window_after), max_features=dash.max_features,
-                          progress=bar.advance)
+                          progress=bar.advance, scores={i: v for i, v in scores.items() if v})
 
 
 def _store_or_none(exp: Any, folder: Path):
@@ -187,24 +189,28 @@ def _store_or_none(exp: Any, folder: Path):
         return None
 
 
-def _explanations(exp: Any, store: Any) -> dict[int, str]:
-    """Feature explanations recorded in the store (`put_interpretation`), when there are any."""
+def _interpretations(exp: Any, folder: Path, analysis: str, store: Any) -> dict[int, dict]:
+    """Feature interpretations ({explanation, scores: {scorer: {f1, ...}}}): those recorded in the store
+    (`put_interpretation`), overridden by the run folder's `saecli autointerp` results."""
     from saecli import ui
+    from saecli.analysis.records import analysis_dir
+    from saecli.autointerp.results import load_interpretations
     from saecli.errors import SaecliError
 
-    if store is None:
-        return {}
-    out = {}
-    name, series = exp.analyze.sae_name or exp.run.name, exp.analyze.series
-    try:
-        for rec in store.iter_features(name, series, exp.analyze.name):
-            interp = rec.get("interpretation")
-            if isinstance(interp, dict):
-                text = interp.get("explanation") or interp.get("text") or interp.get("final_explanation")
-                if text:
-                    out[int(rec["index"])] = str(text)
-    except SaecliError as exc:  # e.g. the dictionary was never recorded in this store
-        ui.debug(f"no explanations from the store: {exc}")
+    out: dict[int, dict] = {}
+    if store is not None:
+        name, series = exp.analyze.sae_name or exp.run.name, exp.analyze.series
+        try:
+            for rec in store.iter_features(name, series, exp.analyze.name):
+                interp = rec.get("interpretation")
+                if isinstance(interp, dict):
+                    text = interp.get("explanation") or interp.get("text") or interp.get("final_explanation")
+                    if text:
+                        scores = interp.get("scores") if isinstance(interp.get("scores"), dict) else {}
+                        out[int(rec["index"])] = {"explanation": str(text), "scores": scores}
+        except SaecliError as exc:  # e.g. the dictionary was never recorded in this store
+            ui.debug(f"no explanations from the store: {exc}")
+    out.update(load_interpretations(analysis_dir(folder, analysis), exp.autointerp.name))
     return out
 
 
@@ -225,8 +231,10 @@ def _summary(result: Any) -> None:
     })
 
 
-def show_feature(result: Any, index: int, per_sampling: int = 6, window: tuple[int, int] = (20, 6)) -> None:
-    """Print one feature's stats and contexts, each cut to a window around its peak token."""
+def show_feature(result: Any, index: int, per_sampling: int = 6, window: tuple[int, int] = (20, 6),
+                 interpretation: dict | None = None) -> None:
+    """Print one feature's stats, its autointerp explanation and scores, and its contexts (each cut to a
+    window around its peak token)."""
     import numpy as np
 
     from saecli import ui
@@ -234,8 +242,12 @@ def show_feature(result: Any, index: int, per_sampling: int = 6, window: tuple[i
 
     rec = result.feature(index)
     vocab = result.vocab
-    ui.table(f"feature {index}", {"density": rec["density"], "fired on tokens": rec["act_times"],
-                                  "max activation": rec["max_act"]})
+    rows = {"density": rec["density"], "fired on tokens": rec["act_times"], "max activation": rec["max_act"]}
+    if interpretation:
+        rows["explanation"] = interpretation.get("explanation") or "(the explainer gave no usable answer)"
+        for kind, s in interpretation.get("scores", {}).items():
+            rows[f"{kind} F1 / balanced acc."] = f"{s['f1']:.3f} / {s['balanced_accuracy']:.3f}"
+    ui.table(f"feature {index}", rows)
     for s in rec["samplings"]:
         rows = []
         for j in range(min(per_sampling, len(s["tokens"]))):

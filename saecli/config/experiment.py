@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from saecli.config.activations import ActivationsConfig
 from saecli.config.analyze import AnalyzeConfig, DashboardConfig
+from saecli.config.autointerp import AutointerpConfig
 from saecli.config.base import opt
 from saecli.config.dataset import DatasetConfig
 from saecli.config.dictionary import DictionaryConfig
@@ -33,6 +34,7 @@ class Experiment:
     analyze: AnalyzeConfig = opt(factory=AnalyzeConfig)
     dashboard: DashboardConfig = opt(factory=DashboardConfig)
     sweep: SweepConfig | None = opt(None, help="many members from this file (saecli sweep)")
+    autointerp: AutointerpConfig = opt(factory=AutointerpConfig, help="LLM explanations and scores (saecli autointerp)")
 
     source_file: str | None = None  # where it was read from (not a TOML key)
 

@@ -244,8 +244,12 @@ def top_tokens(result: AnalysisResult, index: int, dla: DLAResult | None, n: int
 
 def build_site(result: AnalysisResult, out_dir: str | Path, *, dla: DLAResult | None = None,
                explanations: dict[int, str] | None = None, title: str = "", window: tuple[int, int] = (24, 8),
-               max_features: int | None = None, progress: Callable[[int], None] | None = None) -> Path:
+               max_features: int | None = None, progress: Callable[[int], None] | None = None,
+               scores: dict[int, dict[str, float]] | None = None) -> Path:
     """Write index.html and one page per feature that fired (the most active first when limited).
+
+    `scores` maps a feature to its autointerp F1 per scorer ({"detection": 0.8, "fuzzing": 0.7}); they
+    become sortable columns of the index and a line under the explanation.
 
     The site is built in a staging folder beside `out_dir` that then replaces the previous site in one
     rename, so a reader never sees a half-written site and the pages need no fsync each.
@@ -257,7 +261,7 @@ def build_site(result: AnalysisResult, out_dir: str | Path, *, dla: DLAResult | 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _write_site(result, staging, dla=dla, explanations=explanations or {}, title=title, window=window,
-                    max_features=max_features, progress=progress)
+                    max_features=max_features, progress=progress, scores=scores or {})
         staging.chmod(0o755)
         _swap(staging, out)
     except BaseException:
@@ -278,7 +282,7 @@ def _swap(new: Path, out: Path) -> None:
 
 def _write_site(result: AnalysisResult, out: Path, *, dla: DLAResult | None, explanations: dict[int, str],
                 title: str, window: tuple[int, int], max_features: int | None,
-                progress: Callable[[int], None] | None) -> None:
+                progress: Callable[[int], None] | None, scores: dict[int, dict[str, float]]) -> None:
     title = title or f"analysis {result.name}"
     (out / "features").mkdir(parents=True, exist_ok=True)
     density = result.density()
@@ -289,15 +293,19 @@ def _write_site(result: AnalysisResult, out: Path, *, dla: DLAResult | None, exp
     for j, i in enumerate(pages):
         data = feature_page_data(result, i, dla=dla, explanation=explanations.get(i), title=title, window=window,
                                  prev=pages[j - 1] if j > 0 else None, next_=pages[j + 1] if j + 1 < len(pages) else None)
+        data["scores"] = {k: _num(v, 3) for k, v in scores.get(i, {}).items()}
         (out / "features" / f"{i}.html").write_text(page(f"#{i} · {title}", data, "feature.js"), encoding="utf-8")
         if progress is not None:
             progress(1)
     has_page = set(pages)
+    scorers = sorted({k for v in scores.values() for k in v})
     rows = [[i, int(result.act_times[i]), float(density[i]), _num(result.max_act[i]), top_tokens(result, i, dla),
-             explanations.get(i, ""), i in has_page] for i in range(result.d_sae)]
+             explanations.get(i, ""), i in has_page,
+             *(_num(scores[i][k], 3) if k in scores.get(i, {}) else None for k in scorers)]
+            for i in range(result.d_sae)]
     n_alive = int((result.act_times > 0).sum())
     subtitle = (f"{result.d_sae:,} features · {n_alive:,} fired · {result.n_analyzed_tokens:,} tokens analysed"
                 + (f" · {len(pages):,} pages" if len(pages) < n_alive else ""))
     index = {"title": title, "subtitle": subtitle, "features": rows, "density_svg": density_svg(density),
-             "tokens_label": "promotes (DLA)" if dla is not None else "peak tokens"}
+             "tokens_label": "promotes (DLA)" if dla is not None else "peak tokens", "scorers": scorers}
     write_text(out / "index.html", page(title, index, "index.js"))

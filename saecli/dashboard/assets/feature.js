@@ -27,7 +27,10 @@
   const right = el("div", {});
   const expl = el("div", { class: "card" }, el("h2", { text: "Explanation" }),
     f.explanation ? el("p", { class: "explanation", text: f.explanation })
-                  : el("p", { class: "explanation none", text: "no explanation yet" }));
+                  : el("p", { class: "explanation none", text: "no explanation yet" }),
+    Object.keys(f.scores || {}).length
+      ? el("p", { class: "scores", text: Object.entries(f.scores).map(([k, v]) => k + " F1 " + fmt(v, 3)).join(" · ") })
+      : null);
   right.append(expl);
   if (f.dla) {
     const side = (title, items, cls) => {

@@ -1,8 +1,9 @@
-// The feature table: sortable by index, density and max activation, searchable by explanation or token.
+// The feature table: sortable by index, density, max activation and autointerp scores; searchable by
+// explanation or token, or filtered by score ("detection>0.8", "fuzzing<0.5").
 (function () {
   const app = document.getElementById("app");
   app.textContent = "";
-  // rows: [index, act_times, density, max_act, tokens[], explanation, has_page]
+  // rows: [index, act_times, density, max_act, tokens[], explanation, has_page, score per DATA.scorers...]
   const rows = DATA.features;
   const PAGE = 500;
   let sortKey = 2, asc = false, query = "", shown = PAGE;
@@ -19,7 +20,9 @@
   const count = el("span", { class: "n" });
   app.append(el("div", { class: "toolbar" }, search, count));
 
-  const cols = [["#", 0], ["density", 2], ["max act", 3], [DATA.tokens_label || "tokens", null], ["explanation", null]];
+  const scorers = DATA.scorers || [];
+  const cols = [["#", 0], ["density", 2], ["max act", 3], [DATA.tokens_label || "tokens", null], ["explanation", null],
+                ...scorers.map((s, j) => [s + " F1", 7 + j])];
   const head = el("tr", {});
   const ths = cols.map(([name, key]) => {
     const th = el("th", { class: key === null ? null : "sortable", text: name });
@@ -38,8 +41,15 @@
 
   const maxLogD = Math.log10(Math.max(...rows.map(r => r[2]), 1e-12));
   const minLogD = -7;
+  const value = (r, key) => (r[key] === null || r[key] === undefined ? -1 : r[key]);  // unscored last
   function matches(r) {
     if (!query) return true;
+    const cmp = query.match(/^(\w+)\s*([<>]=?)\s*([\d.]+)$/);
+    if (cmp && scorers.includes(cmp[1])) {
+      const v = r[7 + scorers.indexOf(cmp[1])], x = parseFloat(cmp[3]);
+      if (v === null || v === undefined) return false;
+      return cmp[2] === ">" ? v > x : cmp[2] === ">=" ? v >= x : cmp[2] === "<" ? v < x : v <= x;
+    }
     if (query.startsWith("#")) return String(r[0]) === query.slice(1);
     if (/^\d+$/.test(query) && String(r[0]) === query) return true;
     return (r[5] || "").toLowerCase().includes(query) || r[4].some(t => t.toLowerCase().includes(query));
@@ -49,7 +59,7 @@
       th.classList.toggle("sorted", key === sortKey);
       th.classList.toggle("asc", key === sortKey && asc);
     }
-    const list = rows.filter(matches).sort((a, b) => (asc ? a[sortKey] - b[sortKey] : b[sortKey] - a[sortKey]) || a[0] - b[0]);
+    const list = rows.filter(matches).sort((a, b) => (asc ? value(a, sortKey) - value(b, sortKey) : value(b, sortKey) - value(a, sortKey)) || a[0] - b[0]);
     count.textContent = list.length.toLocaleString() + " of " + rows.length.toLocaleString() + " features";
     body.textContent = "";
     for (const r of list.slice(0, shown)) {
@@ -61,7 +71,8 @@
           el("span", { class: "dbar", style: "width:" + w.toFixed(1) + "px" }), pct(d)),
         el("td", { class: "num", text: fmt(m, 3) }),
         el("td", {}, toks.map(t => el("span", { class: "chip", title: quoted(t), text: chipText(t) }))),
-        el("td", { text: expl || "" })));
+        el("td", { text: expl || "" }),
+        scorers.map((s, j) => el("td", { class: "num", text: r[7 + j] === null ? "–" : fmt(r[7 + j], 3) }))));
     }
     more.style.display = list.length > shown ? "" : "none";
   }

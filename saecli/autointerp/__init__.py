@@ -1,0 +1,1 @@
+"""Automatic interpretation: LLM explanations of dictionary features, scored by detection and fuzzing."""
