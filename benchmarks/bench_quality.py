@@ -216,18 +216,9 @@ def train_saecli(exp: Any, name: str) -> Coder:
     folder = train(exp, overwrite=True)
     seconds = time.perf_counter() - start
     d = load_for_eval(folder)
-    hook = d.in_hooks[0]
-
-    @torch.no_grad()
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        return d.encode(d.normalize({hook: x}))
-
-    @torch.no_grad()
-    def decode(codes: torch.Tensor) -> torch.Tensor:
-        # token-/batch-wise units cannot be undone without the input: those modes are not saecli's default
-        return d.denormalize(hook, d.decode(codes)[hook], raw_input=None)
-
-    return Coder(name, encode, decode, exp.trainer.total_training_tokens / seconds)
+    # d.decode(codes) refuses token-/batch-wise units (they need the input): not saecli's default
+    return Coder(name, torch.no_grad()(d.encode), torch.no_grad()(d.decode),
+                 exp.trainer.total_training_tokens / seconds)
 
 
 def train_peer(name: str, exp: Any, budget: Budget) -> Coder:

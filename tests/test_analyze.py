@@ -183,12 +183,12 @@ class ToyDictionary(Dictionary):
         x = sum(inputs[h] for h in self.in_hooks)
         return torch.relu(x @ self.W_enc.T + self.b_enc)
 
-    def decode(self, feature_acts):
+    def decode_hooks(self, feature_acts, inputs=None):
         return {h: feature_acts @ self.W_dec[i] for i, h in enumerate(self.out_hooks)}
 
     def loss(self, inputs, targets, ctx, mask=None):
         f = self.encode(inputs)
-        recon = self.decode(f)
+        recon = self.decode_hooks(f)
         mse = sum((recon[h] - targets[h]).pow(2).mean() for h in self.out_hooks)
         return LossOutput(mse, {"mse": mse}, f, recon, targets)
 

@@ -119,7 +119,7 @@ def test_training_on_teacher_data_recovers_decoders_and_exclusive_latents():
         idx = torch.rand(n, s, generator=gen).argsort(1)[:, :k]
         f = torch.zeros(n, s).scatter(1, idx, torch.rand(n, k, generator=gen) + 0.5)
         with torch.no_grad():
-            return {h: y + 0.01 * torch.randn(y.shape, generator=gen) for h, y in teacher.decode(f).items()}
+            return {h: y + 0.01 * torch.randn(y.shape, generator=gen) for h, y in teacher.decode_hooks(f).items()}
 
     student = make(d_model=d, d_sae=96, activation="topk", k=k)
     first, final_mse, final = train_with_auxk(student, sample, steps=150, k=k)

@@ -38,12 +38,12 @@ class Mapped(Dictionary):
     def encode(self, inputs, ctx=None):
         return inputs[self.in_hooks[0]]
 
-    def decode(self, feature_acts):
+    def decode_hooks(self, feature_acts, inputs=None):
         return {self.out_hooks[0]: self.fn(feature_acts)}
 
     def loss(self, inputs, targets, ctx, mask=None):
         f = self.encode(inputs)
-        recon = self.decode(f)
+        recon = self.decode_hooks(f)
         return LossOutput(torch.zeros(()), {}, f, recon, targets)
 
     def fold_activation_scale(self):

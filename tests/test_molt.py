@@ -16,7 +16,7 @@ from saecli.data.synthetic import SyntheticStream
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.molt import MixtureOfLinearTransforms
 from saecli.dictionaries.registry import build_dictionary, load_dictionary
-from saecli.errors import ConfigError
+from saecli.errors import ConfigError, UsageError
 
 IN, OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 REPO = Path(__file__).resolve().parents[1]
@@ -85,13 +85,15 @@ def test_decoder_directions_are_the_top_singular_direction():
     assert torch.allclose(m.decoder_directions(), torch.tensor([[0.0, 1], [1, 1], [0, 3]]), atol=1e-6)
 
 
-def test_decode_uses_the_input_of_the_last_encode():
+def test_decode_needs_the_input_the_gates_came_from():
     m = hand_set(activation="relu")
-    with pytest.raises(ValueError, match="depends on its input"):
-        m.decode(torch.ones(5, 3))
     f = m.encode({IN: X})
-    assert torch.allclose(m.decode(f)[OUT], m.decode(f, X)[OUT])
-    assert torch.allclose(m.decode(f)[OUT], torch.tensor([[4.5, 12.5], [12.5, 8.5]]))
+    with pytest.raises(UsageError, match="depends on its input"):
+        m.decode_hooks(f)
+    with pytest.raises(UsageError, match="transforms U_i V_i apply to the input"):
+        m.decode(f)
+    assert torch.allclose(m.decode_hooks(f, {IN: X})[OUT], torch.tensor([[4.5, 12.5], [12.5, 8.5]]))
+    torch.testing.assert_close(m.decode(m.encode(X), X), m(X))
 
 
 # ---------------------------------------------------------------------------------- sparse = dense

@@ -106,7 +106,7 @@ class Scaled(Dictionary):
     def encode(self, inputs, ctx=None):
         return inputs[HOOK] * self.w
 
-    def decode(self, feature_acts):
+    def decode_hooks(self, feature_acts, inputs=None):
         return {HOOK: feature_acts}
 
     def loss(self, inputs, targets, ctx, mask=None):

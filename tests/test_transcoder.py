@@ -42,7 +42,9 @@ def test_forward_math_on_hand_set_weights():
     tc = make(activation="relu", skip_connection=True)
     hand_set(tc)
     assert torch.allclose(tc.encode({IN: x}), torch.tensor([[2.0, 0.0, 2.5]]))
-    assert torch.allclose(tc.decode(tc.encode({IN: x}))[OUT], torch.tensor([[5.0, -2.0]]))  # decode: no skip
+    f = tc.encode({IN: x})
+    assert torch.allclose(tc.decode_hooks(f)[OUT], torch.tensor([[5.0, -2.0]]))  # the latent part, no skip
+    assert torch.allclose(tc.decode_hooks(f, {IN: x})[OUT], torch.tensor([[6.0, 0.0]]))  # with the skip
     assert torch.allclose(tc.reconstruct({IN: x})[OUT], torch.tensor([[6.0, 0.0]]))
     out = tc({IN: x, OUT: torch.tensor([[6.0, 1.0]])})
     assert torch.allclose(out.reconstruction[OUT], torch.tensor([[6.0, 0.0]]))
@@ -97,7 +99,7 @@ def _teacher_data(skip: bool, d: int = 32, s: int = 48, k: int = 3, seed: int = 
         f = torch.zeros(n, s).scatter(1, idx, torch.rand(n, k, generator=gen) + 0.5)
         x = f @ d_in + 0.01 * torch.randn(n, d, generator=gen)
         with torch.no_grad():
-            y = teacher.decode(f)[OUT]
+            y = teacher.decode_hooks(f)[OUT]
             if skip:
                 y = y + teacher.skip(x)
         return {IN: x, OUT: y}

@@ -6,6 +6,10 @@ SAE; MLP-in → MLP-out for a transcoder; several heads for a crosscoder; all la
 Inputs/targets are `dict[hook, Tensor]`. Token dictionaries get [N, d]; dictionaries with
 `needs_context = True` (LORSA) get [B, T, d] plus a [B, T] mask.
 
+Two layers of the same maths: a kind implements `encode(inputs)` and `decode_hooks(f)` on normalised
+`{hook: tensor}` dicts (what the trainer uses); for single-hook kinds the base class adds the plain-tensor
+API in raw units, `f = d.encode(x)`, `d.decode(f)` and `d(x)`, with `d.decode(d.encode(x)) == d(x)`.
+
 Normalisation: a dictionary owns one scale per hook point (`scale.<hook>` buffers). `normalize()`
 multiplies raw activations by it (dataset-wise: √d_model / E‖x‖; token-/batch-wise: computed on the
 fly). `fold_activation_scale()` folds the dataset-wise scales into the weights so that the saved
@@ -63,6 +67,9 @@ class Dictionary(nn.Module, abc.ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "decode" in cls.__dict__:  # decode is the public raw-tensor API below, built on decode_hooks
+            raise TypeError(f"{cls.__name__} defines decode(): a kind implements decode_hooks(feature_acts, "
+                            "inputs=None) (normalised reconstruction per hook); Dictionary.decode gives raw tensors")
         if "encode" in cls.__dict__:  # every kind's encode also takes a plain tensor (see _tensor_encode)
             cls.encode = _tensor_encode(cls.__dict__["encode"])
 
@@ -120,8 +127,44 @@ class Dictionary(nn.Module, abc.ABC):
         """Normalised inputs → latent activations [N, d_sae] (or [B, T, d_sae])."""
 
     @abc.abstractmethod
-    def decode(self, feature_acts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Latent activations → normalised reconstruction per out hook."""
+    def decode_hooks(self, feature_acts: torch.Tensor,
+                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Latent activations → normalised reconstruction per out hook (what training and splicing use).
+
+        `inputs`: the normalised inputs the latents came from, for kinds whose output depends on the input
+        itself, not only on f: a transcoder adds its skip x·W_skip when given them (without them: the
+        latent part f W_dec + b_dec), a MOLT cannot decode without them. Other kinds ignore them."""
+
+    def decode_needs_input(self) -> str:
+        """Why `decode(f)` needs the raw input x as well ('' when f alone determines the reconstruction)."""
+        mode = getattr(self.cfg, "norm_activation", "none")
+        if self.folded or mode not in ("token-wise", "batch-wise"):
+            return ""
+        what = "its own input's norm" if mode == "token-wise" else "the mean norm of its batch's inputs"
+        return f"with norm_activation = \"{mode}\" each reconstruction is scaled back by {what}, which f does not carry"
+
+    def decode(self, feature_acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents → the raw reconstruction tensor of the one output hook, so that `d.decode(d.encode(x))`
+        equals `d(x)` (as in SAELens). Single-output kinds only (the others: `decode_hooks` or `reconstruct`).
+
+        `x`, the raw input the latents came from, is needed where the output depends on more than f
+        (`decode_needs_input()` says why): a transcoder's skip connection, a MOLT's transforms, token-/batch-wise
+        input scaling. Without it those are a UsageError rather than a silently different answer."""
+        from saecli.errors import UsageError
+
+        if len(self.out_hooks) != 1:
+            raise UsageError(
+                f"a {self.kind} reconstructs {len(self.out_hooks)} hook points ({', '.join(self.out_hooks)}): "
+                "decode(f) returns one raw tensor for single-output kinds only; use decode_hooks(f) for the "
+                "normalised reconstruction per hook, or reconstruct({hook: activations}) for raw units")
+        out = self.out_hooks[0]
+        inputs = None
+        if x is not None:
+            inputs = self.normalize({_single(self.in_hooks, "input"): x})
+        elif why := self.decode_needs_input():
+            raise UsageError(f"decode(f) cannot rebuild this {self.kind}'s output from the latents alone: {why}. "
+                             "Pass decode(f, x) with the raw input f was encoded from (or call d(x), which does both)")
+        return self.denormalize(out, self.decode_hooks(feature_acts, inputs)[out], x)
 
     @abc.abstractmethod
     def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
@@ -143,7 +186,7 @@ class Dictionary(nn.Module, abc.ABC):
     def reconstruct(self, raw: dict[str, torch.Tensor], ctx: StepContext | None = None) -> dict[str, torch.Tensor]:
         """Raw inputs → raw reconstructions of the out hooks (what splicing into a model needs)."""
         normed = self.normalize({h: raw[h] for h in self.in_hooks})
-        recon = self.decode(self.encode(normed, ctx))
+        recon = self.decode_hooks(self.encode(normed, ctx), normed)
         return {h: self.denormalize(h, y, raw.get(h, raw[self.in_hooks[0]])) for h, y in recon.items()}
 
     # ------------------------------------------------------------------ training hooks

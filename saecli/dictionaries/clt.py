@@ -303,7 +303,8 @@ class CrossLayerTranscoder(Dictionary):
             outs.append(y + self.b_dec[t] if bias and self.b_dec is not None else y)
         return torch.stack(outs, dim=1)
 
-    def decode(self, feature_acts: torch.Tensor) -> dict[str, torch.Tensor]:
+    def decode_hooks(self, feature_acts: torch.Tensor,
+                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         if feature_acts.layout != torch.strided:
             feature_acts = feature_acts.to_dense()
         y = self.decode_layers(feature_acts)

@@ -127,8 +127,9 @@ class Crosscoder(Dictionary):
     def encode(self, inputs: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
         return self.core.encode({_CONCAT: self._cat(inputs)}, ctx)
 
-    def decode(self, feature_acts: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._split(self.core.decode(feature_acts)[_CONCAT])
+    def decode_hooks(self, feature_acts: torch.Tensor,
+                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        return self._split(self.core.decode_hooks(feature_acts)[_CONCAT])
 
     def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
              mask: torch.Tensor | None = None) -> LossOutput:

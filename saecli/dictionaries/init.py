@@ -95,7 +95,7 @@ def _init_mse(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
 
     h = model.pre_acts(x)
     f = model.activation(h, model._gate(), k=int(model.cfg.k), training=True, update=False)
-    recon = model.decode(f)[model.out_hook]
+    recon = model.decode_hooks(f)[model.out_hook]
     return float(mse(recon, y))
 
 

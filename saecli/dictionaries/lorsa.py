@@ -13,7 +13,7 @@ share n_qk_heads QK heads: OV head h belongs to QK head g(h) = h // G, G = d_sae
 
 Vectorised: values [B, T, d_sae] = x W_Vᵀ + b_V are viewed as [B, n_qk, T, G] and ONE scaled-dot-product
 attention call (`is_causal`) applies each QK head's pattern to its group's values; no loop over heads.
-`feature_acts` are f [B, T, d_sae]; `decode(f)` needs nothing else (the attention is inside z).
+`feature_acts` are f [B, T, d_sae]; `decode_hooks(f)` needs nothing else (the attention is inside z).
 
 Rotary embeddings use the half-rotation convention of llama (HF `rotate_half`), positions 0..T-1 of each
 context, inverse frequencies θ^(−2i/d_qk_head) with θ = `rope_theta` (default: the model's when Q/K are
@@ -263,7 +263,8 @@ class LowRankSparseAttention(Dictionary):
             return self._activate(self.attention_z(x.unsqueeze(0)), ctx)[0]
         return self._activate(self.attention_z(x), ctx)
 
-    def decode(self, feature_acts: torch.Tensor) -> dict[str, torch.Tensor]:
+    def decode_hooks(self, feature_acts: torch.Tensor,
+                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         if feature_acts.layout != torch.strided:
             feature_acts = feature_acts.to_dense()
         y = feature_acts.to(self.W_O.dtype) @ self.W_O
@@ -277,7 +278,7 @@ class LowRankSparseAttention(Dictionary):
             mask = None if mask is None else mask.reshape(1, -1)
         z = self.attention_z(x)
         f = self._activate(z, ctx)
-        recon = self.decode(f)[self.out_hook]
+        recon = self.decode_hooks(f)[self.out_hook]
         mse = L.mse(recon, y, mask)
         norms = self.decoder_norms() if self.cfg.sparsity_include_decoder_norm else None
         extra_loss, terms, extra = latent_terms(
@@ -333,7 +334,7 @@ class LowRankSparseAttention(Dictionary):
             def loss_at(norm: float) -> float:
                 set_norm(norm)
                 f = self._activate(self.attention_z(x1), StepContext(training=True, k=int(self.cfg.k)), update=False)
-                return float(L.mse(self.decode(f)[self.out_hook], y1))
+                return float(L.mse(self.decode_hooks(f)[self.out_hook], y1))
 
             best, _ = grid_search(loss_at, torch.linspace(0.1, 5.0, 50).tolist())
             set_norm(best)

@@ -24,8 +24,8 @@ Sparsity (as in the paper): the gate and every penalty are weighted by each tran
 ‖U_i V_i‖_F (`sparsity_include_decoder_norm`), computed without forming the d×d products:
 ‖U V‖_F² = Σ_ab (UᵀU)_ab (V Vᵀ)_ab with the r×r Gram matrices, one batched product per distinct rank.
 
-`decode(f)` needs the input too (ŷ depends on x): it uses the input of the last `encode` call unless
-`x=` is given; `reconstruct(raw)` passes it explicitly.
+Decoding needs the input too (ŷ depends on x): `decode_hooks(f, inputs)` with the normalised inputs f came
+from, or the raw-tensor `decode(f, x)` (equal to `molt(x)`); without it either is a UsageError.
 
 Folding keeps the gate (f) as trained: W_E ← W_E·s_in, V ← V·s_in, U ← U/s_out, b_D ← b_D/s_out, so
 ‖U_i V_i‖ becomes ·s_in/s_out and gated thresholds θ ← θ·s_in/s_out (ungated ones are unchanged).
@@ -51,6 +51,7 @@ from saecli.dictionaries.activations import SparseActivation
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
 from saecli.dictionaries.helpers import fold_threshold, io_hooks, latent_terms
 from saecli.dictionaries.sae import DTYPES
+from saecli.errors import UsageError
 
 # the sparse path runs when the active transforms own at most this fraction of the R factor rows
 # (benchmarks/bench_molt_paths.py, d 576, 2 CPU threads: sparse/dense 2.1× at 2 %, 1.9× at 6 %, 0.7× at 14 %)
@@ -84,7 +85,6 @@ class MixtureOfLinearTransforms(Dictionary):
             cfg.activation, n, jumprelu_threshold_init=cfg.jumprelu_threshold_init, bandwidth=cfg.jumprelu_bandwidth,
             batchtopk_threshold_decay=cfg.batchtopk_threshold_decay)
         self.last_path = ""
-        self._last_input: torch.Tensor | None = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction
@@ -207,31 +207,29 @@ class MixtureOfLinearTransforms(Dictionary):
 
     # ------------------------------------------------------------------ interface
     def encode(self, inputs: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
-        """Normalised inputs [..., d] → gates f [..., n]; remembers the input for `decode`."""
+        """Normalised inputs [..., d] → gates f [..., n]."""
         x = inputs[self.in_hook]
-        self._last_input = x
         training = bool(ctx.training) if ctx is not None else False
         return self.activation(self.pre_acts(x), self._gate(), k=self._k(ctx), training=training)
 
-    def decode(self, feature_acts: torch.Tensor, x: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Gates f [..., n] (+ the normalised input x [..., d]; default: the last `encode`'s) → ŷ."""
+    def decode_hooks(self, feature_acts: torch.Tensor,
+                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Gates f [..., n] + the normalised inputs {in_hook: x [..., d]} f came from → ŷ."""
         if feature_acts.layout != torch.strided:
             feature_acts = feature_acts.to_dense()
-        x = self._last_input if x is None else x
+        x = None if inputs is None else inputs[self.in_hook]
         if x is None or x.shape[:-1] != feature_acts.shape[:-1]:
-            raise ValueError("a MOLT's output depends on its input: pass decode(f, x=inputs) with the input f came "
-                             "from (or call encode first)")
+            raise UsageError("a MOLT's output depends on its input as well as on the gates f: pass decode(f, x) with "
+                             "the raw input f was encoded from, or decode_hooks(f, inputs) with the normalised one "
+                             f"(gates {tuple(feature_acts.shape)}, input {None if x is None else tuple(x.shape)})")
         lead = feature_acts.shape[:-1]
         y = self.apply_transforms(feature_acts.reshape(-1, self.d_sae), x.reshape(-1, self.d_model))
         if self.b_D is not None:
             y = y + self.b_D
         return {self.out_hook: y.reshape(*lead, self.d_model)}
 
-    def reconstruct(self, raw: dict[str, torch.Tensor], ctx: StepContext | None = None) -> dict[str, torch.Tensor]:
-        normed = self.normalize({self.in_hook: raw[self.in_hook]})
-        f = self.encode(normed, ctx)
-        y = self.decode(f, normed[self.in_hook])[self.out_hook]
-        return {self.out_hook: self.denormalize(self.out_hook, y, raw.get(self.out_hook, raw[self.in_hook]))}
+    def decode_needs_input(self) -> str:
+        return "its transforms U_i V_i apply to the input x, weighted by f"
 
     def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
              mask: torch.Tensor | None = None) -> LossOutput:

@@ -116,7 +116,8 @@ class SparseAutoEncoder(Dictionary):
         training = bool(ctx.training) if ctx is not None else False
         return self.activation(h, self._gate(), k=self._k(ctx), training=training)
 
-    def decode(self, feature_acts: torch.Tensor) -> dict[str, torch.Tensor]:
+    def decode_hooks(self, feature_acts: torch.Tensor,
+                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         y = feature_acts.to(self.W_dec.dtype) @ self.W_dec  # dense or sparse CSR
         if self.b_dec is not None:
             y = y + self.b_dec
@@ -321,7 +322,7 @@ class SparseAutoEncoder(Dictionary):
         h = self.pre_acts(x)
         gate = self._gate()
         f = self.activation(h, gate, k=self._k(ctx), training=bool(ctx.training))
-        recon = self.decode(f)[self.out_hook]
+        recon = self.decode_hooks(f)[self.out_hook]
         terms, extra = self._common_terms(recon, y, mask)
         loss = terms["mse"]
         kind = ctx.sparsity_loss_type or "none"

@@ -7,8 +7,9 @@ output scale s_out apart, in every training path and in folding), plus:
 - `skip_connection = true`: a learned linear skip W_skip [d_model_in, d_model_out], zero at init
   ("skip transcoders", Paulo et al. 2025). The skip is trained through every SAE path (sparse TopK,
   ReLU, dense) by handing them the target y − x W_skip: ‖fW + b + xS − y‖² = ‖fW + b − (y − xS)‖²,
-  with the gradient reaching S through the target. `decode(f)` is the latent part only; `reconstruct(raw)`
-  adds the skip.
+  with the gradient reaching S through the target. `decode_hooks(f)` is the latent part f W_dec + b_dec,
+  `decode_hooks(f, inputs)` adds the skip. The skip needs the input, so the raw-tensor `decode(f)` of a skip
+  transcoder asks for it: `decode(f, x)` equals `tc(x)`; `decode(f)` alone is a UsageError saying so.
 - `init_from_model(lm, raw_batches)` (`initialize_tc_with_mlp`): each decoder row is set to the
   direction in which the MLP's output moves when its input moves from the data mean along that latent's
   encoder direction: W_dec,i ∝ MLP(x̄ + r·û_i) − MLP(x̄), r = mean ‖x − x̄‖ (row norms are kept).
@@ -78,14 +79,17 @@ class Transcoder(SparseAutoEncoder):
         out.target = {self.out_hook: y}
         return out
 
-    def reconstruct(self, raw: dict[str, torch.Tensor], ctx: StepContext | None = None) -> dict[str, torch.Tensor]:
-        """Raw input → raw reconstruction of the output hook, skip included."""
-        normed = self.normalize({self.in_hook: raw[self.in_hook]})
-        y = self.decode(self.encode(normed, ctx))[self.out_hook]
-        s = self.skip(normed[self.in_hook])
-        if s is not None:
-            y = y + s.to(y.dtype)
-        return {self.out_hook: self.denormalize(self.out_hook, y, raw.get(self.out_hook, raw[self.in_hook]))}
+    def decode_hooks(self, feature_acts: torch.Tensor,
+                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """f W_dec + b_dec, plus the skip x W_skip when the normalised `inputs` are given."""
+        y = super().decode_hooks(feature_acts)[self.out_hook]
+        s = None if inputs is None else self.skip(inputs[self.in_hook])
+        return {self.out_hook: y if s is None else y + s.to(y.dtype)}
+
+    def decode_needs_input(self) -> str:
+        if self.W_skip is not None:
+            return "its skip connection adds x·W_skip to f W_dec + b_dec (decode_hooks(f) gives the latent part)"
+        return super().decode_needs_input()
 
     @torch.no_grad()
     def fold_activation_scale(self) -> None:
