@@ -150,7 +150,8 @@ class LocalChat:
         import torch
 
         from saecli.config.model import ModelConfig
-        from saecli.lm.loading import DTYPES, _load_pretrained, _source, resolve_device
+        from saecli.dtypes import DTYPES
+        from saecli.lm.loading import _load_pretrained, _source, resolve_device
 
         self.cfg, self.usage = cfg, usage
         mcfg = ModelConfig(name=cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=cfg.device)

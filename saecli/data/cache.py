@@ -22,16 +22,23 @@ from saecli import fsio
 from saecli.config.base import to_dict
 from saecli.config.load import write_resolved
 from saecli.data.manifest import (
-    FORMAT, MANIFEST, VERSION, act_key, identity_mismatch, read_manifest, shard_dir, shard_target,
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    act_key,
+    identity_mismatch,
+    read_manifest,
+    shard_dir,
+    shard_target,
 )
 from saecli.data.producer import context_batches, use_process
 from saecli.data.tokens import Contexts, packer_for
 from saecli.data.writer import ChunkWriter, Job
+from saecli.dtypes import DTYPES
 from saecli.errors import RunError, UsageError
 from saecli.lm.hooks import HOOK_NAMES, hook_width
 
 _CHUNK_RE = re.compile(r"^chunk-\d{6}\.safetensors$")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def tokens_written(cache_dir: str | Path, shard: int) -> int:

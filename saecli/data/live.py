@@ -18,16 +18,15 @@ from typing import Any, Callable
 
 import torch
 
+from saecli.config.activations import ActivationsConfig
+from saecli.config.dataset import DatasetConfig
 from saecli.data.batch import Batch
 from saecli.data.manifest import act_key
 from saecli.data.shuffle import Rows, Window, WindowStream, permutation
 from saecli.data.text import iter_documents
 from saecli.data.tokens import Packer, packer_for
+from saecli.dtypes import DTYPES
 from saecli.errors import UsageError
-from saecli.config.dataset import DatasetConfig
-from saecli.config.activations import ActivationsConfig
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class LiveStream(WindowStream):
@@ -51,7 +50,7 @@ class LiveStream(WindowStream):
         self.max_norm_ratio = float(acts.max_norm_ratio)
         self.model_batch_size = acts.model_batch_size
         self.context_size = acts.context_size
-        self.dtype = _DTYPES[acts.override_dtype] if acts.override_dtype else None
+        self.dtype = DTYPES[acts.override_dtype] if acts.override_dtype else None
         self.packer = packer or packer_for(lm, acts, model_cfg)
         self._run = run_to_hooks
         per_batch = acts.context_size * acts.model_batch_size

@@ -48,7 +48,7 @@ from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation, gated_pre, threshold
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
 from saecli.dictionaries.crosscoder import per_hook_metrics
-from saecli.dictionaries.sae import DTYPES
+from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError
 
 

@@ -46,8 +46,13 @@ from saecli.config.base import to_dict
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
-from saecli.dictionaries.helpers import fold_threshold, io_hooks, latent_terms, masked_rows
-from saecli.dictionaries.sae import DTYPES
+from saecli.dictionaries.helpers import (
+    fold_threshold,
+    io_hooks,
+    latent_terms,
+    masked_rows,
+)
+from saecli.dtypes import DTYPES
 from saecli.errors import UsageError
 
 DEFAULT_ROPE_THETA = 10000.0

@@ -50,7 +50,7 @@ from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
 from saecli.dictionaries.helpers import fold_threshold, io_hooks, latent_terms
-from saecli.dictionaries.sae import DTYPES
+from saecli.dtypes import DTYPES
 from saecli.errors import UsageError
 
 # the sparse path runs when the active transforms own at most this fraction of the R factor rows

@@ -29,9 +29,7 @@ from saecli.dictionaries import kernels
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
+from saecli.dtypes import DTYPES
 
 # ReLU switches to the sparse path when at most this fraction of (token, latent) pairs fire
 SPARSE_RELU_MAX_DENSITY = 0.05

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from saecli.dictionaries.base import LossOutput, StepContext
-from saecli.dictionaries.sae import DTYPES, SparseAutoEncoder
+from saecli.dictionaries.sae import SparseAutoEncoder
+from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError, UsageError
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from saecli.dtypes import DTYPES
 from saecli.errors import SaecliError, UsageError
 from saecli.interop import dictionary_learning, saelens, sparsify
 from saecli.interop.canonical import Canonical, from_dictionary, to_dictionary
@@ -35,7 +36,6 @@ from saecli.interop.selfcheck import (
 )
 
 FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (saelens, sparsify, dictionary_learning)}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def detect_format(folder: str | Path) -> tuple[str, Path] | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from saecli.dtypes import DTYPES
 from saecli.errors import UsageError
 from saecli.interop.canonical import Canonical
 
@@ -51,7 +52,7 @@ def write(c: Canonical, out: Path, info: dict[str, Any]) -> Path:
 
     arch = architecture(c)
     dtype = info.get("dtype", "float32")
-    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}.get(dtype, torch.float32)
+    dt = DTYPES.get(dtype, torch.float32)
     state = {"W_enc": c.W_enc.T, "b_enc": c.b_enc, "W_dec": c.W_dec, "b_dec": c.b_dec}
     if c.threshold is not None:
         state["threshold"] = c.threshold

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from saecli.dtypes import DTYPES
 from saecli.errors import UsageError
 from saecli.interop.canonical import Canonical
 
@@ -41,7 +42,7 @@ def write(c: Canonical, out: Path, info: dict[str, Any]) -> Path:
 
     check(c)
     transcode = c.kind == "transcoder"
-    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(info.get("dtype", "float32"), torch.float32)
+    dt = DTYPES.get(info.get("dtype", "float32"), torch.float32)
     state = {
         "encoder.weight": c.W_enc,
         "encoder.bias": c.b_enc if transcode else c.encoder_bias_with_input_centering(),

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from saecli.dtypes import DTYPES
 from saecli.errors import UsageError
 from saecli.lm.hooks import Layout, detect_layout, module_at
 
@@ -23,8 +24,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from saecli.config.model import ModelConfig
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass

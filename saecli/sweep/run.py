@@ -29,22 +29,34 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
 
+from saecli.dtypes import DTYPES
 from saecli.errors import RunError, UsageError
 from saecli.sweep.grid import SweepMember, SweepPlan
 from saecli.sweep.grouping import Group, Unit, group_members, needs_context, spread
-from saecli.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from saecli.training.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
 from saecli.training.distributed import LocalSync, Sync, default_sync
 from saecli.training.member import Member, read_diverged, set_rng_state
-from saecli.training.run import (clear_run, clear_run_partial, config_changes, finish, record_in_store,
-                                 resolve_device, run_state, seed_everything, with_absolute_store_path)
+from saecli.training.run import (
+    clear_run,
+    clear_run_partial,
+    config_changes,
+    finish,
+    record_in_store,
+    resolve_device,
+    run_state,
+    seed_everything,
+    with_absolute_store_path,
+)
 from saecli.training.trainer import NullReporter, Reporter, fit, initialize, plan_steps
 
 SWEEP_FILE = "sweep.json"
 _DONE_DIR = ".sweep-done"
 _EVAL_FILES = ("eval.json", "eval_density.png", "eval_latents.safetensors")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 StreamFactory = Callable[[Any], Any]
 
 
@@ -252,7 +264,7 @@ def _build(exp: Any, stream: Any) -> Any:
     hooks = list(stream.hook_points)
     main_hook = getattr(exp.sae, "hook_point", None) or hooks[0]
     d_model = stream.d_model.get(main_hook, next(iter(stream.d_model.values())))
-    return build_dictionary(exp.sae, d_model, hooks).to(device=resolve_device(exp), dtype=_DTYPES[exp.sae.dtype])
+    return build_dictionary(exp.sae, d_model, hooks).to(device=resolve_device(exp), dtype=DTYPES[exp.sae.dtype])
 
 
 def _wandb(exp: Any, folder: Path) -> Any:

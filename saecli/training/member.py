@@ -24,14 +24,19 @@ import torch
 
 from saecli.data.batch import Batch
 from saecli.dictionaries.base import Dictionary, StepContext
-from saecli.training.checkpoint import checkpoint_steps, latest_checkpoint, load_checkpoint, save_checkpoint
+from saecli.dtypes import DTYPES
+from saecli.training.checkpoint import (
+    checkpoint_steps,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from saecli.training.distributed import LocalSync, Sync
 from saecli.training.logger import METRICS_FILE, MetricsLog
 from saecli.training.schedules import Schedule
 from saecli.training.stats import FeatureStats, MetricWindow, firing_counts, flat_rows
 
 DIVERGED_FILE = "diverged.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # parameter groups left out of gradient clipping (JumpReLU thresholds have their own scale)
 _NO_CLIP_GROUPS = ("jumprelu", "threshold")
 
@@ -134,7 +139,7 @@ class Member:
         self._clip_params = [p for g in self.optimizer.param_groups if g.get("clip", True)
                              and not any(s in str(g.get("name", "")) for s in _NO_CLIP_GROUPS) for p in g["params"]]
         self._all_params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.amp_dtype = _DTYPES[cfg.amp_dtype] if cfg.amp_dtype else None
+        self.amp_dtype = DTYPES[cfg.amp_dtype] if cfg.amp_dtype else None
         use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.stats = FeatureStats(dictionary.d_sae, window=self.schedule.sampling_window,

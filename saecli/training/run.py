@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError, RunError, UsageError
 from saecli.training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from saecli.training.distributed import Sync, default_sync
@@ -39,7 +40,6 @@ SUMMARY_FILE = "summary.json"
 # what a run writes in its folder (the only files --overwrite removes)
 RUN_FILES = ("config.toml", METRICS_FILE, "sae_weights.safetensors", "cfg.json", SUMMARY_FILE, WANDB_ID_FILE,
              DIVERGED_FILE)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # keys whose change on resume cannot alter the trained weights
 _HARMLESS = ("wandb.", "store.", "eval.", "run.name", "run.output_dir", "trainer.checkpoint_every_seconds",
              "trainer.log_frequency", "model.device", "sae.device")
@@ -179,7 +179,7 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
     main_hook = getattr(exp.sae, "hook_point", None) or hooks[0]
     d_model = stream.d_model.get(main_hook, next(iter(stream.d_model.values())))
     device = resolve_device(exp)
-    dictionary = build_dictionary(exp.sae, d_model, hooks).to(device=device, dtype=_DTYPES[exp.sae.dtype])
+    dictionary = build_dictionary(exp.sae, d_model, hooks).to(device=device, dtype=DTYPES[exp.sae.dtype])
 
     wandb = None
     if exp.wandb.enabled and sync.is_main:
