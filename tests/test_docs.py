@@ -83,7 +83,7 @@ def test_every_example_experiment_loads(path):
     from saecli.config.load import load_experiment
 
     exp = load_experiment(path)
-    assert exp.activations is not None
+    assert exp.activations is not None or exp.autointerp is not None  # what its command reads
 
 
 TINY = [p for p in EXPERIMENTS if p.parent.name == "tiny" and p.stem not in ("generate", "sweep")]

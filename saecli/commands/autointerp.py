@@ -88,7 +88,7 @@ def autointerp(
     ui.info(f"autointerp {cfg.name}: {len(chosen):,} features selected of {result.d_sae:,}, "
             f"{len(chosen) - len(todo):,} already finished, {len(todo):,} to do "
             f"(explainer {cfg.explainer.model} via {cfg.explainer.backend})")
-    store = open_results_store(exp)
+    store = open_results_store(exp, folder)
     usage = Usage()
     explainer = scorer = None
     try:

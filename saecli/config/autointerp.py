@@ -86,9 +86,11 @@ class AutointerpConfig:
             raise bad("features", "feature indices are >= 0")
         if self.sample is not None and self.sample <= 0:
             raise bad("sample", f"must be > 0, found {self.sample}")
-        if not 0 <= self.min_density < self.max_density <= 1:
-            raise bad("min_density", f"expected 0 <= min_density < max_density <= 1, found "
-                      f"{self.min_density} and {self.max_density}")
+        if not 0 < self.max_density <= 1:
+            raise bad("max_density", f"must be in (0, 1], found {self.max_density}")
+        if not 0 <= self.min_density < self.max_density:
+            raise bad("min_density", f"expected 0 <= min_density < max_density ({self.max_density}), "
+                      f"found {self.min_density}")
         for key in ("explain_top", "examples_per_prompt", "max_workers"):
             if getattr(self, key) <= 0:
                 raise bad(key, f"must be > 0, found {getattr(self, key)}")
