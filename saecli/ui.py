@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping, Sequence

@@ -118,7 +118,7 @@ def _render(kind: str, model: ModelShape, sections: dict[str, dict[str, Any]]) -
     helps.update({f"sae.{f.name}": f.metadata.get("help", "") for f in dataclasses.fields(DICTIONARY_CONFIGS[kind])})
     known = model.n_layers is not None
     lines = [f"# A {kind} on {model.name}, written by `saecli init {kind}`: it runs as written.",
-             "#", f"#     saecli train {{this file}}      then  saecli eval / saecli analyze {{run folder}}",
+             "#", "#     saecli train {this file}      then  saecli eval / saecli analyze {run folder}",
              "#",
              "# Every key is listed with its default in docs/config.md (`saecli schema` for editors); "
              "`--set section.key=value`",
