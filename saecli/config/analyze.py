@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from saecli.config.base import bad, opt
+from saecli.config.base import bad, check_signs, opt
 
 
 @dataclass
@@ -35,15 +35,9 @@ class AnalyzeConfig:
     def validate(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise bad("name", f"must be a plain folder name, found {self.name!r}")
-        for key in ("total_analyzing_tokens", "top_samples", "histogram_bins", "dla_top"):
-            if getattr(self, key) <= 0:
-                raise bad(key, f"must be > 0, found {getattr(self, key)}")
-        for key in ("tier_samples", "non_activating_samples"):
-            if getattr(self, key) < 0:
-                raise bad(key, f"must be >= 0, found {getattr(self, key)}")
-        for key in ("context_size", "batch_contexts"):
-            if getattr(self, key) is not None and getattr(self, key) <= 0:
-                raise bad(key, f"must be > 0, found {getattr(self, key)}")
+        check_signs(self, positive=("total_analyzing_tokens", "top_samples", "histogram_bins", "dla_top",
+                                    "context_size", "batch_contexts"),
+                    non_negative=("tier_samples", "non_activating_samples"))
         if any(not 0 < p < 1 for p in self.tiers):
             raise bad("tiers", f"each tier is a fraction in (0, 1), found {self.tiers}")
         lo, hi = self.histogram_range
@@ -62,8 +56,4 @@ class DashboardConfig:
     window_after: int = opt(8, help="tokens shown after a context's peak")
 
     def validate(self) -> None:
-        if self.max_features is not None and self.max_features <= 0:
-            raise bad("max_features", f"must be > 0, found {self.max_features}")
-        for key in ("window_before", "window_after"):
-            if getattr(self, key) < 0:
-                raise bad(key, f"must be >= 0, found {getattr(self, key)}")
+        check_signs(self, positive=("max_features",), non_negative=("window_before", "window_after"))

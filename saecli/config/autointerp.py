@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from saecli.config.base import bad, opt
+from saecli.config.base import bad, check_signs, opt
 
 Scorer = Literal["detection", "fuzzing"]
 
@@ -44,15 +44,8 @@ class LLMConfig:
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
             raise bad("api_key_env", "must be the NAME of an environment variable (letters, digits, _), not a key: "
                       "if you pasted a key here, revoke it and export it instead")
-        for key in ("batch_size", "max_tokens"):
-            if getattr(self, key) <= 0:
-                raise bad(key, f"must be > 0, found {getattr(self, key)}")
-        for key in ("timeout_s", "retry_initial_s", "retry_max_s"):
-            if getattr(self, key) <= 0:
-                raise bad(key, f"must be > 0, found {getattr(self, key)}")
-        for key in ("max_retries", "temperature", "price_input_per_mtok", "price_output_per_mtok"):
-            if getattr(self, key) < 0:
-                raise bad(key, f"must be >= 0, found {getattr(self, key)}")
+        check_signs(self, positive=("batch_size", "max_tokens", "timeout_s", "retry_initial_s", "retry_max_s"),
+                    non_negative=("max_retries", "temperature", "price_input_per_mtok", "price_output_per_mtok"))
 
 
 @dataclass
@@ -91,12 +84,9 @@ class AutointerpConfig:
         if not 0 <= self.min_density < self.max_density:
             raise bad("min_density", f"expected 0 <= min_density < max_density ({self.max_density}), "
                       f"found {self.min_density}")
-        for key in ("explain_top", "examples_per_prompt", "max_workers"):
-            if getattr(self, key) <= 0:
-                raise bad(key, f"must be > 0, found {getattr(self, key)}")
-        for key in ("explain_per_tier", "window_before", "window_after", "dla_tokens", "max_answer_retries"):
-            if getattr(self, key) < 0:
-                raise bad(key, f"must be >= 0, found {getattr(self, key)}")
+        check_signs(self, positive=("explain_top", "examples_per_prompt", "max_workers"),
+                    non_negative=("explain_per_tier", "window_before", "window_after", "dla_tokens",
+                                  "max_answer_retries"))
         if not 0 < self.threshold < 1:
             raise bad("threshold", f"must be in (0, 1), found {self.threshold}")
 

@@ -38,6 +38,19 @@ def bad(key: str, message: str) -> ConfigError:
     return ConfigError(message, key=key)
 
 
+def check_signs(section: Any, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Raise `bad(key, ...)` for the first of `positive` that is <= 0 or of `non_negative` that is < 0
+    (unset optional keys, None, pass)."""
+    for key in positive:
+        value = getattr(section, key)
+        if value is not None and value <= 0:
+            raise bad(key, f"must be > 0, found {value}")
+    for key in non_negative:
+        value = getattr(section, key)
+        if value is not None and value < 0:
+            raise bad(key, f"must be >= 0, found {value}")
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if tp is type(None):
