@@ -25,7 +25,7 @@ point of the decoder-norm weighting (Anthropic, April 2024 update). For p = 1 al
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -87,6 +87,20 @@ def mse(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor |
     if n_tokens == 0:
         return reconstruction.new_zeros((), dtype=torch.float32)
     return _SquaredError.apply(reconstruction, target, n_tokens)
+
+
+def prefix_mse(decode_prefix: Callable[[int], torch.Tensor], prefixes: Sequence[int], target: torch.Tensor,
+               mask: torch.Tensor | None = None, full_mse: torch.Tensor | None = None) -> torch.Tensor:
+    """Matryoshka reconstruction loss: the mean over prefixes p of `mse(decode_prefix(p), target)`, where
+    `decode_prefix(p)` reconstructs from latents [0, p) only (decoder bias included).
+
+    The mean (equal weights, as Bussmann et al. 2025 and dictionary_learning) keeps the term on the scale
+    of a plain MSE, so the learning rate and the AuxK coefficient mean the same with or without prefixes.
+    `full_mse`: the caller's MSE of the last prefix when it already has it (not recomputed).
+    """
+    losses = [full_mse if full_mse is not None and i == len(prefixes) - 1 else mse(decode_prefix(p), target, mask)
+              for i, p in enumerate(prefixes)]
+    return torch.stack(losses).mean()
 
 
 def mse_per_element(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,11 @@ encoder gradient is one CSR product), b_enc [d_sae], W_dec [d_sae, d_model], b_d
 (absent if `use_decoder_bias = false`), and the activation's state under `activation.` (JumpReLU
 `log_threshold`, BatchTopK `threshold`).
 
+Matryoshka (`matryoshka_prefixes`, Bussmann et al. 2025): the latents [0, p) of each prefix p (and the
+whole dictionary) must reconstruct the input on their own; the loss is the mean of those prefix losses
+(losses.prefix_mse), so early latents learn general features and later ones refine them. Encoding and
+decoding are unchanged: only the training loss differs, in the sparse TopK and the dense paths alike.
+
 Training paths (`last_path` says which ran): "topk-sparse" (sparse products on the backend kernels.py
 chooses once per device: compiled CPU loops, Triton on CUDA, or the pure-torch reference),
 "relu-sparse" (ReLU when few latents fire), "relu-dense-fused" (ReLU-L1 in the dense regime) and
@@ -20,7 +25,7 @@ measurements with benchmarks/bench_train_step.py (benchmarks/gpu_check.sh repeat
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -30,6 +35,7 @@ from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
 from saecli.dtypes import DTYPES
+from saecli.errors import ConfigError
 
 # ReLU switches to the sparse path when at most this fraction of (token, latent) pairs fire
 SPARSE_RELU_MAX_DENSITY = 0.05
@@ -57,6 +63,7 @@ class SparseAutoEncoder(Dictionary):
             cfg.activation, s, jumprelu_threshold_init=cfg.jumprelu_threshold_init,
             bandwidth=cfg.jumprelu_bandwidth,
             batchtopk_threshold_decay=getattr(cfg, "batchtopk_threshold_decay", 0.999))
+        self.prefixes = matryoshka_prefixes(cfg, s)
         self.last_path = ""
         self._work: dict[str, Any] = {}
         self._hooked = 0
@@ -220,7 +227,11 @@ class SparseAutoEncoder(Dictionary):
         pre = kernels.gather_pre(x_enc, self.W_enc, self.b_enc, vals.reshape(-1), pattern)
         f = torch.relu(pre)
         recon = kernels.sparse_decode(f, pattern, self.W_dec, self.b_dec)
-        terms, extra = self._common_terms(recon, y)
+
+        def prefix_recon(p: int) -> torch.Tensor:  # the values of latents >= p zeroed, same pattern
+            return kernels.sparse_decode(f * (pattern.col < p).to(f.dtype), pattern, self.W_dec, self.b_dec)
+
+        terms, extra = self._common_terms(recon, y, prefix_recon=prefix_recon)
         loss = terms["mse"]
         pen = self._sparse_penalty(f, pattern, ctx, n_tok)
         if pen is not None:
@@ -321,7 +332,12 @@ class SparseAutoEncoder(Dictionary):
         gate = self._gate()
         f = self.activation(h, gate, k=self._k(ctx), training=bool(ctx.training))
         recon = self.decode_hooks(f)[self.out_hook]
-        terms, extra = self._common_terms(recon, y, mask)
+
+        def prefix_recon(p: int) -> torch.Tensor:
+            out = f[..., :p].to(self.W_dec.dtype) @ self.W_dec[:p]
+            return out + self.b_dec if self.b_dec is not None else out
+
+        terms, extra = self._common_terms(recon, y, mask, prefix_recon=prefix_recon)
         loss = terms["mse"]
         kind = ctx.sparsity_loss_type or "none"
         norms = self._penalty_norms()
@@ -361,10 +377,21 @@ class SparseAutoEncoder(Dictionary):
         return self._output(loss, terms, f, recon, y, extra)
 
     # ------------------------------------------------------------------ shared
-    def _common_terms(self, recon: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
+    def _common_terms(self, recon: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None,
+                      prefix_recon: Callable[[int], torch.Tensor] | None = None
                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The reconstruction term: the MSE, or with Matryoshka prefixes the mean of the prefixes' MSEs
+        (`prefix_recon(p)`: the reconstruction from latents [0, p) only; the full one is `recon`)."""
         mse = L.mse(recon, y, mask)
-        return {"mse": mse}, {"mse_per_element": mse.detach() / y.shape[-1]}  # same mean, per element
+        extra = {"mse_per_element": mse.detach() / y.shape[-1]}  # same mean, per element
+        if not self.prefixes or prefix_recon is None:
+            return {"mse": mse}, extra
+        full = self.d_sae
+
+        def decode(p: int) -> torch.Tensor:
+            return recon if p == full else prefix_recon(p)
+
+        return {"mse": L.prefix_mse(decode, self.prefixes, y, mask, full_mse=mse)}, extra
 
     def _output(self, loss: torch.Tensor, terms: dict, feature_acts: torch.Tensor, recon: torch.Tensor,
                 y: torch.Tensor, extra: dict) -> LossOutput:
@@ -422,6 +449,16 @@ class SparseAutoEncoder(Dictionary):
             if self.cfg.activation in ("jumprelu", "batchtopk"):
                 self.activation.rescale_threshold(1.0 / (s_out if self.gated else s_in))
         self.folded = True
+
+
+def matryoshka_prefixes(cfg: Any, d_sae: int) -> tuple[int, ...]:
+    """The nested dictionary sizes, ending with d_sae (appended when the list stops short); () = off."""
+    given = getattr(cfg, "matryoshka_prefixes", None)  # only the sae kind's config declares it
+    if not given:
+        return ()
+    if given[-1] > d_sae:  # d_sae from expansion_factor is known only here
+        raise ConfigError(f"prefix {given[-1]} exceeds d_sae ({d_sae})", key="sae.matryoshka_prefixes")
+    return tuple(int(p) for p in given) + (() if given[-1] == d_sae else (d_sae,))
 
 
 @torch.no_grad()
