@@ -24,6 +24,12 @@ the steps for warm-ups, 10 % of the tokens for dead windows: saecli's own fracti
     flock /tmp/saecli-bench.lock nice -n 10 python benchmarks/bench_quality.py --tokens 300000  # ≈ 30 min
     python benchmarks/bench_quality.py --tokens 300000 --saecli-row 'trainer.lr=2e-3'  # + a saecli row
 
+Skip transcoders (MLP input → MLP output; quality-transcoder.toml, the same cache): the same table, EV
+and typical tokens on the MLP's output, CE with the MLP's output replaced by the transcoder's (from the
+MLP's input of the same forward), against sparsify's skip transcoder:
+
+    python benchmarks/bench_quality.py --config experiments/smollm2/quality-transcoder.toml --tokens 300000
+
 A missing peer is a skipped row (`pip install '.[bench]'` installs them).
 """
 
@@ -86,23 +92,36 @@ def _generate(config: Path, overrides: list[str]) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
-def train_batches(exp: Any) -> Iterator[torch.Tensor]:
-    """The training stream saecli's own `train` opens for `exp` (same seed: same batches, same order)."""
+def io_hooks(exp: Any) -> tuple[str, str]:
+    """(hook read, hook reconstructed): the same hook for an SAE, the MLP's input and output for a transcoder."""
+    if exp.sae.kind == "transcoder":
+        hooks = exp.activations.hook_points
+        return exp.sae.hook_point_in or hooks[0], exp.sae.hook_point_out or hooks[1]
+    return exp.activations.hook_points[0], exp.activations.hook_points[0]
+
+
+def train_batches(exp: Any) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The training stream saecli's own `train` opens for `exp` (same seed: same batches, same order):
+    activations, or (input, target) pairs for a transcoder."""
     from saecli.data.open import open_stream
 
-    hook = exp.activations.hook_points[0]
+    hook_in, hook_out = io_hooks(exp)
     for batch in open_stream(exp, purpose="train"):
-        yield batch.acts[hook].float()
+        x = batch.acts[hook_in].float()
+        yield x if hook_in == hook_out else (x, batch.acts[hook_out].float())
 
 
-def heldout_activations(exp: Any) -> torch.Tensor:
-    """Every token of the held-out cache, in order: [M, d] float32."""
+def heldout_activations(exp: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token of the held-out cache, in order: (inputs, targets) [M, d] float32 (one tensor for an SAE)."""
     from saecli.data.reader import CacheStream
 
-    hook = exp.activations.hook_points[0]
-    stream = CacheStream(exp.eval.cache_dir, hook_points=[hook], batch_size=exp.activations.batch_size,
+    hook_in, hook_out = io_hooks(exp)
+    hooks = sorted({hook_in, hook_out})
+    stream = CacheStream(exp.eval.cache_dir, hook_points=hooks, batch_size=exp.activations.batch_size,
                          shuffle=False, epochs=1)
-    return torch.cat([b.acts[hook].float() for b in stream])
+    batches = [(b.acts[hook_in].float(), b.acts[hook_out].float()) for b in stream]
+    x = torch.cat([b[0] for b in batches])
+    return x, (x if hook_in == hook_out else torch.cat([b[1] for b in batches]))
 
 
 def ce_contexts(exp: Any, lm: Any, first_document: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -122,19 +141,21 @@ def ce_contexts(exp: Any, lm: Any, first_document: int, n: int) -> list[tuple[to
 
 
 # ----------------------------------------------------------------------------------------------- scoring
-def reconstruction_scores(coder: Coder, x: torch.Tensor, typical: torch.Tensor, chunk: int = 4096) -> dict:
-    """EV (all / typical tokens), L0 and dead % of one coder on held-out activations `x` [M, d]."""
+def reconstruction_scores(coder: Coder, x: torch.Tensor, y: torch.Tensor, typical: torch.Tensor,
+                          chunk: int = 4096) -> dict:
+    """EV (all / typical tokens) of reconstructing `y` from `x` (the same tensor for an SAE), L0 and dead %
+    of one coder on held-out activations [M, d]."""
     from saecli.evaluation.metrics import ReconstructionStats
 
     every, usual = ReconstructionStats(), ReconstructionStats()
     fired: torch.Tensor | None = None
     nonzero = 0
     for start in range(0, x.shape[0], chunk):
-        xs, keep = x[start:start + chunk], typical[start:start + chunk]
+        xs, ys, keep = x[start:start + chunk], y[start:start + chunk], typical[start:start + chunk]
         codes = coder.encode(xs)
-        x_hat = coder.decode(codes)
-        every.update(xs, x_hat)
-        usual.update(xs[keep], x_hat[keep])
+        y_hat = coder.reconstruct(codes, xs)
+        every.update(ys, y_hat)
+        usual.update(ys[keep], y_hat[keep])
         active = codes != 0
         nonzero += int(active.sum())
         fired = active.any(0) if fired is None else fired | active.any(0)
@@ -150,12 +171,13 @@ def typical_mask(x: torch.Tensor, quantile: float = TYPICAL_QUANTILE) -> torch.T
 
 
 @torch.no_grad()
-def ce_scores(lm: Any, hook: str, contexts: list[tuple[torch.Tensor, torch.Tensor]], coders: list[Coder],
-              mean: torch.Tensor) -> dict[str, dict[str, float]]:
+def ce_scores(lm: Any, hooks: tuple[str, str], contexts: list[tuple[torch.Tensor, torch.Tensor]],
+              coders: list[Coder], mean: torch.Tensor) -> dict[str, dict[str, float]]:
     """CE recovered by every coder against zero- and mean-ablation, sharing the clean/ablated forwards.
 
-    Counted predictions follow saecli.evaluation.splice (`counted_predictions`); positions outside the
-    mask keep their activation in every spliced/ablated forward."""
+    `hooks` (read, replaced): a transcoder's output replaces the MLP's from the MLP's input of the same
+    forward. Counted predictions follow saecli.evaluation.splice (`counted_predictions`); positions outside
+    the mask keep their activation in every spliced/ablated forward."""
     from saecli.evaluation.splice import counted_predictions
     from saecli.lm import forward_with_replacements
 
@@ -165,21 +187,25 @@ def ce_scores(lm: Any, hook: str, contexts: list[tuple[torch.Tensor, torch.Tenso
         counted = counted_predictions(mask)
         targets = tokens[:, 1:]
         n_pred += int(counted.sum())
+        hook_in, hook_out = hooks
         captured: dict[str, torch.Tensor] = {}
 
-        def record(act: torch.Tensor) -> torch.Tensor:
+        def record(act: torch.Tensor) -> None:
             captured["x"] = act
-            return act
 
         def nll(replace: Callable[[torch.Tensor], torch.Tensor] | None) -> float:
-            logits = forward_with_replacements(lm, tokens, {hook: replace or record})
+            fns: dict[str, Callable[[torch.Tensor], torch.Tensor | None]] = {hook_in: record}
+            if replace is not None:
+                fns[hook_out] = replace  # after hook_in in the forward, so captured["x"] is this forward's
+            logits = forward_with_replacements(lm, tokens, fns)
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             return float(-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[counted].sum(dtype=torch.float64))
 
         def splice(make: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
             def fn(act: torch.Tensor) -> torch.Tensor:
                 new = act.clone()
-                new[mask] = make(act[mask].float()).to(act.dtype)
+                src = act if hook_in == hook_out else captured["x"]
+                new[mask] = make(src[mask].float()).to(act.dtype)
                 return new
 
             return fn
@@ -188,7 +214,7 @@ def ce_scores(lm: Any, hook: str, contexts: list[tuple[torch.Tensor, torch.Tenso
                  "zero": nll(splice(torch.zeros_like)),
                  "mean": nll(splice(lambda a: mean.expand_as(a)))}
         for c in coders:
-            parts[c.name] = nll(splice(lambda a, c=c: c.decode(c.encode(a))))
+            parts[c.name] = nll(splice(lambda a, c=c: c.reconstruct(c.encode(a), a)))
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value
     ce = {key: value / max(n_pred, 1) for key, value in sums.items()}
@@ -216,13 +242,17 @@ def train_saecli(exp: Any, name: str) -> Coder:
     folder = train(exp, overwrite=True)
     seconds = time.perf_counter() - start
     d = load_for_eval(folder)
-    # d.decode(codes) refuses token-/batch-wise units (they need the input): not saecli's default
+    # d.decode(codes, x): the skip transcoder's output needs its input
     return Coder(name, torch.no_grad()(d.encode), torch.no_grad()(d.decode),
-                 exp.trainer.total_training_tokens / seconds)
+                 exp.trainer.total_training_tokens / seconds, needs_input=exp.sae.kind == "transcoder")
 
 
 def train_peer(name: str, exp: Any, budget: Budget) -> Coder:
     batches = train_batches(exp)
+    if exp.sae.kind == "transcoder":
+        if name != "sparsify":
+            raise PeerMissing(f"{name} has no skip transcoder here")
+        return train_sparsify(batches, budget, name="sparsify skip transcoder", transcode=True)
     if name == "sparsify":
         return train_sparsify(batches, budget, name=name)
     if name == "sparsify-adam-cut":
@@ -267,7 +297,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--saecli-row", action="append", default=[], metavar="K=V;K=V",
                    help="an extra saecli row: overrides separated by ';' (repeatable, one row each)")
     p.add_argument("--no-defaults", action="store_true", help="leave out the 'saecli defaults' row (tuning runs)")
-    p.add_argument("--cache-root", type=Path, default=None, help="where the caches go (default runs/cache/quality)")
+    p.add_argument("--cache-root", type=Path, default=None,
+                   help="where the caches go (default runs/cache/quality); an existing cache is reused")
+    p.add_argument("--hook", default=None, help="the hook point the SAE rows read (default: the file's first; "
+                   "any hook of the cache, e.g. blocks.6.hook_resid_post for a second layer)")
     p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     return p.parse_args(argv)
 
@@ -281,7 +314,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     n_ce = args.ce_contexts or (2 if args.quick else base.eval.ce_contexts)
     root = args.cache_root or Path(base.activations.cache_dir).parent / "quality"
     cache_overrides, first_heldout = caches(args.config, tokens, eval_tokens, root)
-    common = cache_overrides + [f"trainer.total_training_tokens={tokens}", "store.backend='none'"]
+    read = sorted(set(io_hooks(base))) if base.sae.kind == "transcoder" else [args.hook or io_hooks(base)[0]]
+    common = cache_overrides + [f"trainer.total_training_tokens={tokens}", "store.backend='none'",
+                                "activations.hook_points=[" + ", ".join(f"'{h}'" for h in read) + "]"]
     out_root = Path(base.run.output_dir)
 
     coders: list[Coder] = []
@@ -297,7 +332,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     exp = load(args.config, common)
     budget = Budget(d_model=0, d_sae=exp.sae.d_sae, k=exp.sae.k, steps=tokens // exp.activations.batch_size,
                     batch_tokens=exp.activations.batch_size)
-    x = heldout_activations(exp)[:eval_tokens]
+    x, y = (t[:eval_tokens] for t in heldout_activations(exp))
     budget.d_model = int(x.shape[1])
     skipped: list[dict] = []
     for peer in [p for p in args.peers.split(",") if p]:
@@ -311,16 +346,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from saecli.lm import load_model
 
     lm = load_model(exp.model)
-    typical = typical_mask(x)
-    ce = ce_scores(lm, exp.activations.hook_points[0], ce_contexts(exp, lm, first_heldout, n_ce), coders,
-                   x.mean(0))
+    typical = typical_mask(y)
+    ce = ce_scores(lm, io_hooks(exp), ce_contexts(exp, lm, first_heldout, n_ce), coders, y.mean(0))
     rows = []
     for c in coders:
-        rows.append({"name": c.name, **reconstruction_scores(c, x, typical), **ce[c.name],
+        rows.append({"name": c.name, **reconstruction_scores(c, x, y, typical), **ce[c.name],
                      "tokens_per_s": c.tokens_per_s, "note": c.note})
     rows += skipped
     print(f"\n{tokens:,} training tokens ({budget.steps} steps of {budget.batch_tokens}), "
-          f"{x.shape[0]:,} held-out tokens, {n_ce} CE contexts; hook {exp.activations.hook_points[0]}, "
+          f"{x.shape[0]:,} held-out tokens, {n_ce} CE contexts; {exp.sae.kind} {' → '.join(dict.fromkeys(io_hooks(exp)))}, "
           f"d_sae {exp.sae.d_sae}, k {exp.sae.k}")
     print(table(rows))
     if args.out:

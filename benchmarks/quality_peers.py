@@ -9,6 +9,9 @@ treats every library alike. What each peer's `train(...)` step does is its own l
   gradient ⊥ decoder rows, FVU against the batch's variance, dead counts after each step). README
   defaults: Signum with schedule-free averaging, lr 5e-3/√(latents/2¹⁴), AuxK off. The saved weights
   are the schedule-free average (its `Trainer.save` switches the optimiser to eval first; so do we).
+  Skip transcoder (`transcode=True`, batches of (MLP input, MLP output)): its Trainer's transcoder
+  branch — zero decoder at init, b_enc centring the inputs and b_dec at the outputs' mean at step 0, no
+  decoder normalisation or gradient projection; a linear skip x W_skipᵀ (zero at init).
 - **dictionary_learning** (PyPI `dictionary-learning`): `TopKTrainer.update(step, x)` as its `trainSAE`
   calls it (no activation normalisation, its default). README defaults: lr 2e-4/√(d_sae/2¹⁴), 1000
   warm-up steps, AuxK 1/32 with a 10M-token dead window.
@@ -25,7 +28,7 @@ import os
 import sys
 import types
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -42,9 +45,13 @@ class Coder:
 
     name: str
     encode: Callable[[Tensor], Tensor]
-    decode: Callable[[Tensor], Tensor]
+    decode: Callable[..., Tensor]  # decode(codes), or decode(codes, x) with `needs_input` (a skip transcoder)
     tokens_per_s: float = float("nan")
     note: str = ""
+    needs_input: bool = False
+
+    def reconstruct(self, codes: Tensor, x: Tensor) -> Tensor:
+        return self.decode(codes, x) if self.needs_input else self.decode(codes)
 
 
 @dataclass
@@ -78,10 +85,13 @@ def _need(module: str, package: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- sparsify
-def train_sparsify(batches: Iterable[Tensor], budget: Budget, *, optimizer: str = "signum",
-                   lr_warmup_steps: int = 1000, auxk_alpha: float = 0.0, dead_tokens: int = 10_000_000,
-                   seed: int = 0, name: str = "sparsify") -> Coder:
-    """Train sparsify's SparseCoder with its Trainer's optimiser and step (see the module docstring)."""
+def train_sparsify(batches: Iterable[Tensor] | Iterable[tuple[Tensor, Tensor]], budget: Budget, *,
+                   optimizer: str = "signum", lr_warmup_steps: int = 1000, auxk_alpha: float = 0.0,
+                   dead_tokens: int = 10_000_000, seed: int = 0, name: str = "sparsify",
+                   transcode: bool = False) -> Coder:
+    """Train sparsify's SparseCoder with its Trainer's optimiser and step (see the module docstring).
+
+    `transcode`: a skip transcoder on batches of (input, target) pairs."""
     _need("sparsify", "eai-sparsify")
     if not torch.cuda.is_available():  # its Triton decoder needs a GPU; the eager one is its own fallback
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
@@ -89,8 +99,9 @@ def train_sparsify(batches: Iterable[Tensor], budget: Budget, *, optimizer: str 
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
-    sae = SparseCoder(budget.d_model, SparseCoderConfig(num_latents=budget.d_sae, k=budget.k), "cpu",
-                      dtype=torch.float32)
+    coder_cfg = SparseCoderConfig(num_latents=budget.d_sae, k=budget.k, transcode=transcode,
+                                  skip_connection=transcode)
+    sae = SparseCoder(budget.d_model, coder_cfg, "cpu", dtype=torch.float32)
     scale = math.sqrt(budget.d_sae / 2**14)
     schedulers = []
     if optimizer == "signum":
@@ -106,15 +117,20 @@ def train_sparsify(batches: Iterable[Tensor], budget: Budget, *, optimizer: str 
         raise ValueError(f"unknown sparsify optimizer {optimizer!r}")
     since_fired = torch.zeros(budget.d_sae, dtype=torch.long)
 
-    def step(i: int, x: Tensor) -> None:
+    def step(i: int, batch: Tensor | tuple[Tensor, Tensor]) -> None:
+        x, y = batch if transcode else (batch, batch)
         if i == 0:
-            sae.b_dec.data = x.mean(0).to(sae.dtype)
-        sae.set_decoder_norm_to_unit_norm()
+            if transcode:
+                sae.encoder.bias.data = -x.mean(0).to(sae.dtype) @ sae.encoder.weight.data.T
+            sae.b_dec.data = y.mean(0).to(sae.dtype)
+        if not transcode:
+            sae.set_decoder_norm_to_unit_norm()
         dead = since_fired > dead_tokens if auxk_alpha > 0 else None
-        total_variance = (x - x.mean(0)).pow(2).sum()
-        out = sae(x=x, y=x, dead_mask=dead, total_variance=total_variance)
+        total_variance = (y - y.mean(0)).pow(2).sum()
+        out = sae(x=x, y=y, dead_mask=dead, total_variance=total_variance)
         (out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8).backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
+        if not transcode:
+            sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
         for s in schedulers:
@@ -122,7 +138,7 @@ def train_sparsify(batches: Iterable[Tensor], budget: Budget, *, optimizer: str 
         with torch.no_grad():
             fired = torch.zeros(budget.d_sae, dtype=torch.bool)
             fired[out.latent_indices.flatten()] = True
-            since_fired.add_(x.shape[0])
+            since_fired.add_(y.shape[0])
             since_fired[fired] = 0
 
     seconds = _run(batches, budget, step)
@@ -136,10 +152,11 @@ def train_sparsify(batches: Iterable[Tensor], budget: Budget, *, optimizer: str 
         return torch.zeros(x.shape[0], budget.d_sae, dtype=x.dtype).scatter_(-1, enc.top_indices, enc.top_acts)
 
     @torch.no_grad()
-    def decode(codes: Tensor) -> Tensor:
-        return codes @ sae.W_dec + sae.b_dec
+    def decode(codes: Tensor, x: Tensor | None = None) -> Tensor:
+        out = codes @ sae.W_dec + sae.b_dec
+        return out + x @ sae.W_skip.mT if transcode and x is not None else out
 
-    return Coder(name, encode, decode, budget.tokens / seconds)
+    return Coder(name, encode, decode, budget.tokens / seconds, needs_input=transcode)
 
 
 # ----------------------------------------------------------------------------------- dictionary_learning
@@ -185,7 +202,7 @@ def train_dictionary_learning(batches: Iterable[Tensor], budget: Budget, *, warm
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _run(batches: Iterable[Tensor], budget: Budget, step: Callable[[int, Tensor], object]) -> float:
+def _run(batches: Iterable, budget: Budget, step: Callable[[int, Any], object]) -> float:
     """Feed `budget.steps` batches to `step(i, x)`; the wall seconds it took (reading batches included)."""
     import time
 
