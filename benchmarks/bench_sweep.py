@@ -1,7 +1,7 @@
 """Sweep benchmark: an 8-member group (same shape, lr and k differ) against 8 sequential `train` runs.
 
 Reference measured in the same run: the 8 members trained one after the other with
-`saecli.training.train` (what 8 `saecli train` commands do; the model is loaded once for the whole
+`saecli.runs.train` (what 8 `saecli train` commands do; the model is loaded once for the whole
 benchmark unless --reload-model). Compared with it:
 
     loop      one `run_sweep`: one stream, each batch read or computed once and fed to 8 Members, each
@@ -92,7 +92,7 @@ def run_sequential(base: dict, sweep: dict, source: str, out: Path, device: str)
     from saecli.config.base import parse
     from saecli.config.sweep import SweepConfig
     from saecli.sweep.grid import plan_from_dict
-    from saecli.training import train
+    from saecli.runs import train
 
     plan = plan_from_dict(with_source(base, source, out), parse(SweepConfig, sweep, key="sweep"))
     sync(device)
@@ -107,7 +107,7 @@ def run_group(base: dict, sweep: dict, source: str, out: Path, device: str) -> t
     from saecli.config.base import parse
     from saecli.config.sweep import SweepConfig
     from saecli.sweep.grid import plan_from_dict
-    from saecli.sweep.run import run_sweep
+    from saecli.runs import run_sweep
     from saecli.training.distributed import LocalSync
 
     plan = plan_from_dict(with_source(base, source, out), parse(SweepConfig, sweep, key="sweep"))
