@@ -19,7 +19,7 @@ _SUMMARY = ("step", "tokens", "loss", "explained_variance", "mse", "l0", "dead",
 class UiReporter:
     """Draws the loop's progress with saecli.ui: a live bar with the latest metrics, and messages."""
 
-    shown = _SHOWN
+    shown: tuple[str, ...] = _SHOWN
 
     def __init__(self) -> None:
         self._stack = contextlib.ExitStack()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saecli.config.experiment import Experiment
 from saecli.data.stream import ActivationStream
@@ -25,6 +25,9 @@ from saecli.runs.outputs import evaluate_member, finish, record_in_store, run_he
 from saecli.training.distributed import Sync
 from saecli.training.member import Member, set_rng_state
 from saecli.training.trainer import Reporter, fit
+
+if TYPE_CHECKING:
+    from saecli.lm.loading import LanguageModel
 
 
 @dataclass
@@ -75,8 +78,8 @@ def prepare(jobs: list[Job], *, sync: Sync, reporter: Reporter) -> list[Job]:
     return ready
 
 
-def train_pass(jobs: list[Job], stream: ActivationStream, *, sync: Sync, reporter: Reporter, lm: Any = None,
-               evaluate: bool = False, given: bool = False) -> list[RunResult]:
+def train_pass(jobs: list[Job], stream: ActivationStream, *, sync: Sync, reporter: Reporter,
+               lm: LanguageModel | None = None, evaluate: bool = False, given: bool = False) -> list[RunResult]:
     """Train `jobs` (all fresh, or all resuming from checkpoints at one stream position) on one pass of
     `stream`; save, record and (when `evaluate`) evaluate each member that did not diverge.
 
@@ -94,14 +97,16 @@ def train_pass(jobs: list[Job], stream: ActivationStream, *, sync: Sync, reporte
                 members.append(fresh_member(job.exp, job.folder, stream, replay, sync=sync, model=model))
         else:
             shared: dict[str, Any] = {}
-            for job in jobs:
-                member, state = resumed_member(job.exp, job.folder, job.checkpoint[1], stream, sync=sync)
+            paths = [job.checkpoint[1] for job in jobs if job.checkpoint is not None]
+            assert len(paths) == len(jobs), "a pass is all fresh or all resumed"
+            for job, path in zip(jobs, paths):
+                member, state = resumed_member(job.exp, job.folder, path, stream, sync=sync)
                 members.append(member)
                 shared = shared or state
             stream.load_state_dict(shared["stream"][sync.rank])
             set_rng_state(shared["rng"])
             reporter.info("resuming " + ", ".join(f"{m.name} from step {m.step} of {m.total_steps}" for m in members)
-                          + (f" ({jobs[0].checkpoint[1]})" if len(jobs) == 1 else ""))
+                          + (f" ({paths[0]})" if len(paths) == 1 else ""))
         lines = [line for job, m in zip(jobs, members) for line in run_header(job.exp, stream, m, given=given)]
         for line in dict.fromkeys(lines):  # the cache note once per pass
             reporter.info(line)

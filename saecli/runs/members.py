@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
+from saecli.config.dictionary import DictionaryConfig
 from saecli.config.experiment import Experiment
 from saecli.data.batch import Batch
 from saecli.data.stream import ActivationStream
@@ -26,6 +27,10 @@ from saecli.training.distributed import Sync
 from saecli.training.member import Member
 from saecli.training.trainer import initialize, plan_steps
 
+if TYPE_CHECKING:
+    from saecli.lm.loading import LanguageModel
+    from saecli.training.logger import WandbLogger
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -33,9 +38,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sae_config(exp: Experiment) -> DictionaryConfig:
+    """The experiment's [sae] table (a ConfigError naming it when there is none)."""
+    exp.require("sae")
+    assert exp.sae is not None  # require raised otherwise
+    return exp.sae
+
+
 def resolve_device(exp: Experiment) -> torch.device:
     """`sae.device`; 'auto' = the model's device when one is set, else cuda when present, else cpu."""
-    name = exp.sae.device
+    name = sae_config(exp).device
     if name == "auto" and exp.model is not None and exp.model.device != "auto":
         name = exp.model.device
     if name == "auto":
@@ -50,10 +62,11 @@ def build(exp: Experiment, stream: ActivationStream) -> Dictionary:
     from saecli.dictionaries.registry import build_dictionary
 
     seed_everything(exp.run.seed)  # the same seed gives the same start, alone or in a sweep
+    sae = sae_config(exp)
     hooks = list(stream.hook_points)
-    main_hook = getattr(exp.sae, "hook_point", None) or hooks[0]
+    main_hook = getattr(sae, "hook_point", None) or hooks[0]
     d_model = stream.d_model.get(main_hook, next(iter(stream.d_model.values())))
-    return build_dictionary(exp.sae, d_model, hooks).to(device=resolve_device(exp), dtype=DTYPES[exp.sae.dtype])
+    return build_dictionary(sae, d_model, hooks).to(device=resolve_device(exp), dtype=DTYPES[sae.dtype])
 
 
 class Replay:
@@ -85,7 +98,7 @@ class Replay:
         pass
 
 
-def wandb_logger(exp: Experiment, folder: Path, sync: Sync) -> Any:
+def wandb_logger(exp: Experiment, folder: Path, sync: Sync) -> WandbLogger | None:
     """The member's wandb run (resumed under its id), on the writing rank only; None when disabled."""
     if not exp.wandb.enabled or not sync.is_main:
         return None
@@ -100,14 +113,15 @@ class ModelForInit:
     """The language model for kinds that initialise from it (`needs_model_init`): the one given (the
     live stream's, or the sweep's), else loaded from `[model]` on first use, once per pass."""
 
-    def __init__(self, lm: Any = None):
+    def __init__(self, lm: LanguageModel | None = None):
         self.lm = lm
 
-    def get(self, exp: Experiment) -> Any:
+    def get(self, exp: Experiment) -> LanguageModel:
         if self.lm is None:
             from saecli.lm import load_model
 
             exp.require("model")  # a cached stream has no model: load it for the init alone
+            assert exp.model is not None  # require raised otherwise
             self.lm = load_model(exp.model)
         return self.lm
 

@@ -4,13 +4,16 @@ and the line `train`/`sweep` say about each member before the first step."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saecli.config.experiment import Experiment
 from saecli.data.stream import ActivationStream
 from saecli.runs.folders import SUMMARY_FILE
 from saecli.training.member import Member
 from saecli.training.trainer import Reporter
+
+if TYPE_CHECKING:
+    from saecli.lm.loading import LanguageModel
 
 
 def finish(member: Member, *, fold: bool) -> dict[str, Any]:
@@ -59,7 +62,7 @@ def record_in_store(exp: Experiment, folder: Path, summary: dict[str, Any], repo
                       f"the results are in {folder} (record them later with `saecli record {folder}`)")
 
 
-def evaluate_member(exp: Experiment, folder: Path, lm: Any, reporter: Reporter) -> None:
+def evaluate_member(exp: Experiment, folder: Path, lm: LanguageModel | None, reporter: Reporter) -> None:
     """Held-out evaluation of a finished member (eval.json beside its weights); a failure only warns."""
     try:
         from saecli.evaluation.evaluate import evaluate
@@ -79,12 +82,12 @@ def run_header(exp: Experiment, stream: ActivationStream, member: Member, *, giv
     per_step = member.batch_tokens * member.accumulation * world
     train_tokens = member.total_steps * per_step
     cached = stream.index.total_tokens if isinstance(stream, CacheStream) else None
-    if given:
-        source = f"{type(stream).__name__} (given)"
-    elif cached is not None:
+    if cached is not None and not given and exp.activations is not None:
         source = f"cache {exp.activations.cache_dir} ({cached:,} tokens)"
-    else:
+    elif exp.model is not None and not given:
         source = f"live {exp.model.name} on {exp.dataset.path}"
+    else:
+        source = f"{type(stream).__name__} (given)"
     ins, outs = list(d.in_hooks), list(d.out_hooks)
     hook = ", ".join(ins) + ("" if outs == ins else " → " + ", ".join(outs))
     lines = [f"{exp.run.name}: {source} · {hook} · d_sae {d.d_sae:,} · {member.total_steps:,} steps × "

@@ -23,7 +23,7 @@ from __future__ import annotations
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from saecli.config.experiment import Experiment
 from saecli.data.stream import ActivationStream
@@ -36,6 +36,9 @@ from saecli.sweep.grouping import Group, Unit, group_members, needs_context, spr
 from saecli.training.checkpoint import latest_checkpoint, list_checkpoints
 from saecli.training.distributed import LocalSync, Sync, default_sync
 from saecli.training.trainer import NullReporter, Reporter
+
+if TYPE_CHECKING:
+    from saecli.lm.loading import LanguageModel
 
 SWEEP_FILE = "sweep.json"
 _DONE_DIR = ".sweep-done"
@@ -151,7 +154,7 @@ def _train_unit(unit: Unit, plan: SweepPlan, *, reporter: Reporter, stream_facto
     if not todo:
         return
     resumed, fresh = _common_position(todo, reporter)
-    lm = None
+    lm: LanguageModel | None = None
     if stream_factory is None:
         from saecli.data.open import uses_cache
 
@@ -200,7 +203,7 @@ def _common_position(todo: list[Job], reporter: Reporter) -> tuple[list[Job], li
     return resumed, fresh
 
 
-def _open(exp: Experiment, stream_factory: StreamFactory | None, lm: Any) -> ActivationStream:
+def _open(exp: Experiment, stream_factory: StreamFactory | None, lm: LanguageModel | None) -> ActivationStream:
     if stream_factory is not None:
         return stream_factory(exp)
     from saecli.data.open import open_stream
