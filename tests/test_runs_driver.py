@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_topk_toml
 from safetensors.torch import load_file
 
-from conftest import tiny_topk_toml
 from saecli.config.base import parse
 from saecli.config.load import load_experiment
 from saecli.config.sweep import SweepConfig

@@ -23,8 +23,8 @@ from saecli.config.sweep import SweepConfig
 from saecli.data.synthetic import SyntheticStream
 from saecli.dictionaries.registry import load_dictionary
 from saecli.errors import UsageError
-from saecli.sweep.grid import plan_from_dict
 from saecli.runs import run_sweep, train
+from saecli.sweep.grid import plan_from_dict
 from saecli.sweep.summary import FRONTIER_PNG, SUMMARY_JSON, pareto_front
 from saecli.training.checkpoint import list_checkpoints
 from saecli.training.logger import read_metrics

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from saecli.config.experiment import Experiment
 from saecli.data.stream import ActivationStream
