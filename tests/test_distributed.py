@@ -25,9 +25,9 @@ from conftest import tiny_topk_toml
 from safetensors.torch import load_file
 
 from saecli.config.load import load_experiment
-from saecli.sweep.grid import load_sweep
 from saecli.runs import run_sweep, train
 from saecli.runs.sweep import SWEEP_FILE
+from saecli.sweep.grid import load_sweep
 from saecli.training.checkpoint import list_checkpoints
 from saecli.training.logger import read_metrics
 
