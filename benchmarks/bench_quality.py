@@ -45,14 +45,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_peers import (Budget, Coder, PeerMissing, cut_steps, cut_tokens,  # noqa: E402
-                           train_dictionary_learning, train_sparsify)
+from quality_peers import Budget, Coder, PeerMissing, cut_steps, cut_tokens, train_dictionary_learning, train_sparsify  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "experiments" / "smollm2" / "quality.toml"
@@ -185,29 +185,29 @@ def ce_scores(lm: Any, hooks: tuple[str, str], contexts: list[tuple[torch.Tensor
 
     sums: dict[str, float] = {}
     n_pred = 0
+    hook_in, hook_out = hooks
     for tokens, mask in contexts:
         counted = counted_predictions(mask)
         targets = tokens[:, 1:]
         n_pred += int(counted.sum())
-        hook_in, hook_out = hooks
         captured: dict[str, torch.Tensor] = {}
 
         def record(act: torch.Tensor) -> None:
-            captured["x"] = act
+            captured["x"] = act  # noqa: B023 (called within this iteration only)
 
         def nll(replace: Callable[[torch.Tensor], torch.Tensor] | None) -> float:
-            fns: dict[str, Callable[[torch.Tensor], torch.Tensor | None]] = {hook_in: record}
+            fns: dict[str, Callable[[torch.Tensor], torch.Tensor | None]] = {hook_in: record}  # noqa: B023
             if replace is not None:
                 fns[hook_out] = replace  # after hook_in in the forward, so captured["x"] is this forward's
-            logits = forward_with_replacements(lm, tokens, fns)
+            logits = forward_with_replacements(lm, tokens, fns)  # noqa: B023
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            return float(-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[counted].sum(dtype=torch.float64))
+            return float(-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[counted].sum(dtype=torch.float64))  # noqa: B023
 
         def splice(make: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
             def fn(act: torch.Tensor) -> torch.Tensor:
                 new = act.clone()
-                src = act if hook_in == hook_out else captured["x"]
-                new[mask] = make(src[mask].float()).to(act.dtype)
+                src = act if hook_in == hook_out else captured["x"]  # noqa: B023
+                new[mask] = make(src[mask].float()).to(act.dtype)  # noqa: B023
                 return new
 
             return fn
@@ -238,10 +238,10 @@ def recovered(clean: float, spliced: float, ablated: float) -> float:
 def train_saecli(exp: Any, name: str) -> Coder:
     """`saecli train` on the experiment (its defaults), then the saved dictionary as a coder."""
     from saecli.evaluation.evaluate import load_for_eval
-    from saecli.training.run import train
+    from saecli.runs import train
 
     start = time.perf_counter()
-    folder = train(exp, overwrite=True)
+    folder = train(exp, overwrite=True).folder
     seconds = time.perf_counter() - start
     d = load_for_eval(folder)
     # d.decode(codes, x): the skip transcoder's output needs its input

@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_topk_toml
+
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
 from saecli.config.load import experiment_from_dict

@@ -10,6 +10,7 @@ import typer
 from saecli.commands import ExperimentArg, SetOption
 from saecli.commands.train import UiReporter
 
+
 class SweepReporter(UiReporter):
     """One progress bar per pass over a stream; the latest metrics of the member that logged last."""
 
@@ -104,7 +105,7 @@ def sweep(
     from saecli.commands import probe_store
 
     probe_store(plan.members[0].exp, plan.output_dir)
-    from saecli.sweep.run import run_sweep
+    from saecli.runs import run_sweep
     from saecli.sweep.summary import FRONTIER_PNG, SUMMARY_JSON, table_rows
 
     reporter = SweepReporter()
