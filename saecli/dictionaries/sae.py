@@ -25,7 +25,8 @@ measurements with benchmarks/bench_train_step.py (benchmarks/gpu_check.sh repeat
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
