@@ -55,6 +55,9 @@ class TrainerConfig:
     lp_coefficient: float = opt(0.0, help="JumpReLU pre-activation loss weight")
     auxk_coefficient: float = opt(1 / 32, help="AuxK loss weight (topk/batchtopk); 0 = off")
     k_aux: int | None = opt(None, help="latents in AuxK (default d_model / 2)")
+    multi_topk_coefficient: float = opt(
+        0.0, help="Multi-TopK (Gao et al. 2024, sparsify's 1/8): also reconstruct from the top 4k latents with this "
+        "weight, so 4× as many latents get a gradient each step (topk/batchtopk; 0 = off)")
     dead_threshold_tokens: int | None = opt(
         None, help="a latent is dead after this many tokens without firing (default: a fraction of the run)"
     )
@@ -90,6 +93,8 @@ class TrainerConfig:
             v = getattr(self, name)
             if v < 0 or (isinstance(v, float) and v > 1):
                 raise bad(name, f"a step count (int >= 0) or a fraction of the run in [0, 1], found {v}")
+        if self.multi_topk_coefficient < 0:
+            raise bad("multi_topk_coefficient", f"must be >= 0 (0 = off), found {self.multi_topk_coefficient}")
         if self.gradient_accumulation_steps < 1:
             raise bad("gradient_accumulation_steps", "must be >= 1")
         if self.log_frequency < 1:

@@ -39,6 +39,7 @@ class StepContext:
     lp_coefficient: float = 0.0
     auxk_coefficient: float = 0.0
     k_aux: int = 0
+    multi_topk_coefficient: float = 0.0  # weight of the top-(MULTI_TOPK_FACTOR·k) reconstruction (topk/batchtopk)
     dead_mask: torch.Tensor | None = None  # [d_sae] bool: latents counted dead (for AuxK)
     sparsity_loss_type: str = "none"  # "power" | "tanh" | "tanh-quad" | "l0" (JumpReLU step STE) | "none"
     p: float = 1.0

@@ -13,6 +13,10 @@ whole dictionary) must reconstruct the input on their own; the loss is the mean 
 (losses.prefix_mse), so early latents learn general features and later ones refine them. Encoding and
 decoding are unchanged: only the training loss differs, in the sparse TopK and the dense paths alike.
 
+Multi-TopK (`trainer.multi_topk_coefficient` > 0, Gao et al. 2024; sparsify trains every TopK dictionary
+with it): the top MULTI_TOPK_FACTOR·k latents reconstruct the target too, that loss weighted in, so four
+times as many latents get a gradient each step and fewer die young. Encoding keeps the top k.
+
 Training paths (`last_path` says which ran): "topk-sparse" (sparse products on the backend kernels.py
 chooses once per device: compiled CPU loops, Triton on CUDA, or the pure-torch reference),
 "relu-sparse" (ReLU when few latents fire), "relu-dense-fused" (ReLU-L1 in the dense regime) and
@@ -42,6 +46,7 @@ from saecli.errors import ConfigError
 SPARSE_RELU_MAX_DENSITY = 0.05
 CUDA_SPARSE_RELU_MIN_TOKENS = 16384
 RELU_REPROBE_STEPS = 50
+MULTI_TOPK_FACTOR = 4  # Multi-TopK reconstructs from the top 4k latents too (Gao et al. 2024)
 
 
 class SparseAutoEncoder(Dictionary):
@@ -211,18 +216,23 @@ class SparseAutoEncoder(Dictionary):
     def _loss_topk_sparse(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> LossOutput:
         n_tok, s = x.shape[0], self.d_sae
         k = min(self._k(ctx), s)
+        k_wide = min(MULTI_TOPK_FACTOR * k, s) if ctx.multi_topk_coefficient > 0 else k
         x_in = self.encoder_input(x)
         gate = self._gate()
         raw = self._native_pre(x_in)
         buf = self._pre_into_buffer(x_in, gate, raw)
         with torch.no_grad():
             if raw:  # one compiled pass: top-k of (h + b_enc)·gate, returning h + b_enc
-                vals, idx = kernels.topk_pre(buf, k, self.b_enc, gate)
+                vals, idx = kernels.topk_pre(buf, k_wide, self.b_enc, gate)
             else:
-                vals, idx = kernels.two_level_topk(buf, k)
+                vals, idx = kernels.two_level_topk(buf, k_wide)
                 vals = vals.float()
                 if gate is not None:
                     vals = vals / gate[idx]
+            wide = (vals, idx)
+            if k_wide > k:  # the top k among the top 4k, by the same (gated) key
+                pick = torch.topk(vals if gate is None else vals * gate[idx.long()], k, dim=1, sorted=False).indices
+                vals, idx = vals.gather(1, pick), idx.gather(1, pick)
         pattern = kernels.SparsePattern.from_topk(idx, s)
         x_enc = x_in.to(self.W_enc.dtype) if x_in.dtype != self.W_enc.dtype else x_in
         pre = kernels.gather_pre(x_enc, self.W_enc, self.b_enc, vals.reshape(-1), pattern)
@@ -239,6 +249,11 @@ class SparseAutoEncoder(Dictionary):
             terms["sparsity"] = ctx.l1_coefficient * pen
             extra["raw/sparsity"] = pen.detach()
             loss = loss + terms["sparsity"]
+        if k_wide > k:
+            wide_pattern = kernels.SparsePattern.from_topk(wide[1], s)
+            f_wide = torch.relu(kernels.gather_pre(x_enc, self.W_enc, self.b_enc, wide[0].reshape(-1), wide_pattern))
+            loss = self._add_multi_topk(loss, kernels.sparse_decode(f_wide, wide_pattern, self.W_dec, self.b_dec),
+                                        y, None, ctx, terms, extra)
         aux = self._auxk_sparse(buf, x_enc, y, recon, gate, ctx, raw)
         if aux is not None:
             terms["aux"] = ctx.auxk_coefficient * aux
@@ -355,6 +370,10 @@ class SparseAutoEncoder(Dictionary):
             terms["sparsity"] = ctx.l1_coefficient * pen
             extra["raw/sparsity"] = pen.detach()
             loss = loss + terms["sparsity"]
+        if act in ("topk", "batchtopk") and ctx.multi_topk_coefficient > 0:
+            k_wide = min(MULTI_TOPK_FACTOR * self._k(ctx), self.d_sae)
+            f_wide = self.activation(h, gate, k=k_wide, training=True, update=False)
+            loss = self._add_multi_topk(loss, self.decode_hooks(f_wide)[self.out_hook], y, mask, ctx, terms, extra)
         if act in ("topk", "batchtopk") and ctx.auxk_coefficient > 0 and ctx.dead_mask is not None:
             aux = L.auxk_loss(h, ctx.dead_mask.to(h.device), int(ctx.k_aux or self.d_model // 2),
                               (y - recon).detach(), L.gather_decode(self.W_dec), gate)
@@ -393,6 +412,15 @@ class SparseAutoEncoder(Dictionary):
             return recon if p == full else prefix_recon(p)
 
         return {"mse": L.prefix_mse(decode, self.prefixes, y, mask, full_mse=mse)}, extra
+
+    @staticmethod
+    def _add_multi_topk(loss: torch.Tensor, recon_wide: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
+                        ctx: StepContext, terms: dict, extra: dict) -> torch.Tensor:
+        """loss + coefficient × the MSE of the top-4k reconstruction (the Multi-TopK term)."""
+        wide = L.mse(recon_wide, y, mask)
+        terms["multi_topk"] = ctx.multi_topk_coefficient * wide
+        extra["raw/multi_topk"] = wide.detach()
+        return loss + terms["multi_topk"]
 
     def _output(self, loss: torch.Tensor, terms: dict, feature_acts: torch.Tensor, recon: torch.Tensor,
                 y: torch.Tensor, extra: dict) -> LossOutput:

@@ -184,6 +184,7 @@ class Member:
         return StepContext(
             k=self.schedule.k_at(self.step), l1_coefficient=self.schedule.l1_at(self.step),
             lp_coefficient=cfg.lp_coefficient, auxk_coefficient=cfg.auxk_coefficient, k_aux=self.k_aux,
+            multi_topk_coefficient=cfg.multi_topk_coefficient,
             dead_mask=self.stats.dead_mask(), sparsity_loss_type=self.sparsity_loss_type, p=cfg.p,
             tanh_stretch_coefficient=cfg.tanh_stretch_coefficient, frequency_scale=cfg.frequency_scale,
             training=True,
