@@ -124,3 +124,21 @@ def test_grid_search_init_norm_picks_the_lowest_initial_loss():
             sae.W_dec.copy_(directions * other)
             sae.W_enc.copy_(sae.W_dec)
         assert _init_mse(sae, batches[0]["x"], batches[0]["x"]) >= chosen - 1e-6
+
+
+def test_a_transcoder_s_encoder_is_untied_by_default_and_tied_when_asked():
+    """A transcoder's encoder reads another space than its decoder writes: by default it is drawn on its own
+    (U(±1/√d)); `init_encoder_with_decoder_transpose = true` still ties it. An SAE ties by default."""
+    from saecli.dictionaries.transcoder import Transcoder
+
+    cfg = parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 32, "k": 4}, key="sae")
+    tc = Transcoder(cfg, D, "in", "out")
+    I.initialize(tc, InitConfig(), seed=0)
+    assert not torch.equal(tc.W_enc, tc.W_dec)
+    assert tc.W_enc.abs().max() <= D ** -0.5 and tc.W_enc.abs().max() > 0.5 * D ** -0.5
+    I.initialize(tc, InitConfig(init_encoder_with_decoder_transpose=True), seed=0)
+    assert torch.equal(tc.W_enc, tc.W_dec)
+    sae = make()
+    I.initialize(sae, InitConfig(), seed=0)
+    assert torch.equal(sae.W_enc, sae.W_dec)
+    assert InitConfig().tie_encoder() and not InitConfig(init_encoder_with_decoder_transpose=False).tie_encoder()

@@ -16,7 +16,9 @@ class InitConfig:
     decoder_init_norm: float | None = opt(
         None, help="rescale each decoder row to this norm at init (default: keep the uniform draw's norms; 1 with decoder_unit_norm)"
     )
-    init_encoder_with_decoder_transpose: bool = opt(True)
+    init_encoder_with_decoder_transpose: bool | None = opt(
+        None, help="start the encoder as the decoder's transpose; default: yes, except for a transcoder, whose encoder "
+        "reads another space (SmolLM2 layer-12 MLP, 300k tokens: 50 % of its latents dead tied, 16 % untied)")
     init_encoder_with_decoder_transpose_factor: float = opt(1.0)
     bias_init_method: Literal["zero", "geometric_median", "mean"] = opt(
         "geometric_median", help="b_dec at init: zero, the mean, or the geometric median of a sample"
@@ -27,6 +29,12 @@ class InitConfig:
     )
     grid_search_init_norm: bool = opt(False, help="pick the decoder norm with the lowest initial loss on a batch")
     init_batches: int = opt(4, help="batches drawn for data-dependent init and the dataset-wise norm")
+
+    def tie_encoder(self, same_space: bool = True) -> bool:
+        """Whether the encoder starts as the decoder's transpose: the key when set, else `same_space`
+        (the dictionary's encoder reads the space its decoder writes)."""
+        tied = self.init_encoder_with_decoder_transpose
+        return same_space if tied is None else tied
 
     def validate(self) -> None:
         if self.init_batches <= 0:

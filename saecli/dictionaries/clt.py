@@ -159,7 +159,7 @@ class CrossLayerTranscoder(Dictionary):
             self._normalise_decoder(1.0)
         elif icfg.decoder_init_norm is not None:
             self._normalise_decoder(icfg.decoder_init_norm)
-        if icfg.init_encoder_with_decoder_transpose:
+        if icfg.tie_encoder():
             self.W_enc.copy_(self.W_dec[self._diagonal()] * icfg.init_encoder_with_decoder_transpose_factor)
         else:
             self.W_enc.copy_(((torch.rand(self.W_enc.shape) * 2 - 1) * self.d_model ** -0.5).to(self.W_enc.dtype))
@@ -201,7 +201,7 @@ class CrossLayerTranscoder(Dictionary):
                 self.b_enc.sub_(self.pre_acts(x).float().mean(0).to(self.b_enc.dtype))
 
         if icfg.grid_search_init_norm and not self.cfg.decoder_unit_norm:
-            tied = icfg.init_encoder_with_decoder_transpose
+            tied = icfg.tie_encoder()
             diag = self._diagonal()
 
             def loss_at(norm: float) -> float:

@@ -3,7 +3,8 @@
 - `initialize(model, init_cfg, seed)`: data-independent. W_dec ~ U(±bound) (default bound 1/√d_sae,
   so rows start small: ‖row‖ ≈ √(d/(3·d_sae))), rows rescaled to `decoder_init_norm` when given (to 1
   with `decoder_unit_norm`), W_enc = W_dec (our W_enc is stored like W_dec, [d_sae, d], so this is the
-  "encoder = decoder transpose" of the papers) × factor, biases zero.
+  "encoder = decoder transpose" of the papers) × factor — by default only when the encoder reads the space
+  the decoder writes (a transcoder's encoder is drawn U(±1/√d) on its own) — biases zero.
 - `init_sae_from_data(model, batches, init_cfg)`: the full initialisation the trainer asks for
   (`Dictionary.init_from_data`): `initialize` with the global RNG, then b_dec at the zero / mean /
   geometric median of the (normalised) targets, `init_encoder_bias_with_mean_hidden_pre`, and
@@ -21,6 +22,13 @@ from typing import Any
 import torch
 
 from saecli.config.init import InitConfig
+
+
+def _tied(model: Any, cfg: InitConfig) -> bool:
+    """Encoder = decoder transpose: by default only when the encoder reads the space the decoder writes
+    (an SAE, not a transcoder: there the tie made 50 % of the latents die, untied 16 %, bench_quality.py)."""
+    same_space = getattr(model, "in_hook", None) == getattr(model, "out_hook", None)
+    return cfg.tie_encoder(same_space) and model.W_enc.shape == model.W_dec.shape
 
 
 def _unit_rows(w: torch.Tensor) -> torch.Tensor:
@@ -42,7 +50,7 @@ def initialize(model: Any, init_cfg: InitConfig | None = None, seed: int | None 
         w = _unit_rows(w) * cfg.decoder_init_norm
     w_dec.copy_(w.to(w_dec.device, w_dec.dtype))
     w_enc = model.W_enc
-    if cfg.init_encoder_with_decoder_transpose and w_enc.shape == w_dec.shape:
+    if _tied(model, cfg):
         w_enc.copy_(w_dec * cfg.init_encoder_with_decoder_transpose_factor)
     else:
         b = 1.0 / math.sqrt(w_enc.shape[-1])
@@ -122,7 +130,7 @@ def init_sae_from_data(model: Any, batches: list[dict[str, torch.Tensor]], init_
             model.b_dec.copy_(geometric_median(y[:median_rows].float()).to(dt))
     n_first = batches[0][model.in_hook].reshape(-1, x.shape[-1]).shape[0]
     x1, y1 = x[:n_first], y[:n_first]
-    tied = cfg.init_encoder_with_decoder_transpose and model.W_enc.shape == model.W_dec.shape
+    tied = _tied(model, cfg)
     if cfg.grid_search_init_norm and not getattr(model.cfg, "decoder_unit_norm", False):
         directions = _unit_rows(model.W_dec.float())
 

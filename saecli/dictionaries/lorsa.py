@@ -153,7 +153,7 @@ class LowRankSparseAttention(Dictionary):
         elif cfg.decoder_init_norm is not None:
             w_o = _unit_rows(w_o) * cfg.decoder_init_norm
         self.W_O.copy_(w_o)
-        if cfg.init_encoder_with_decoder_transpose:
+        if cfg.tie_encoder():
             self.W_V.copy_(w_o * cfg.init_encoder_with_decoder_transpose_factor)
         else:
             self.W_V.copy_((torch.rand(s, d) * 2 - 1) / math.sqrt(d))
@@ -320,7 +320,7 @@ class LowRankSparseAttention(Dictionary):
         x1 = batches[0][self.in_hook].to(dev)
         x1 = x1.unsqueeze(0) if x1.dim() == 2 else x1
         y1 = batches[0][self.out_hook].to(dev).reshape(x1.shape)
-        tied = cfg.init_encoder_with_decoder_transpose
+        tied = cfg.tie_encoder()
 
         def set_bias() -> None:
             if cfg.init_encoder_bias_with_mean_hidden_pre:
