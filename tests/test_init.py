@@ -136,9 +136,23 @@ def test_a_transcoder_s_encoder_is_untied_by_default_and_tied_when_asked():
     I.initialize(tc, InitConfig(), seed=0)
     assert not torch.equal(tc.W_enc, tc.W_dec)
     assert tc.W_enc.abs().max() <= D ** -0.5 and tc.W_enc.abs().max() > 0.5 * D ** -0.5
-    I.initialize(tc, InitConfig(init_encoder_with_decoder_transpose=True), seed=0)
+    I.initialize(tc, InitConfig(init_encoder_with_decoder_transpose=True, init_encoder_with_decoder_transpose_factor=1.0),
+                 seed=0)
     assert torch.equal(tc.W_enc, tc.W_dec)
     sae = make()
     I.initialize(sae, InitConfig(), seed=0)
-    assert torch.equal(sae.W_enc, sae.W_dec)
+    assert torch.allclose(sae.W_enc, sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True) * 3 ** -0.5)
     assert InitConfig().tie_encoder() and not InitConfig(init_encoder_with_decoder_transpose=False).tie_encoder()
+
+
+def test_a_tied_encoder_s_rows_start_at_norm_one_over_root_3_whatever_d_sae():
+    """The default tied encoder: the decoder's directions, rows of an nn.Linear's norm (U(±1/√d): 1/√3), so
+    pre-activations start at the same scale for any d_sae; an explicit factor multiplies W_dec instead."""
+    for d_sae in (32, 512):
+        sae = make(d_sae=d_sae)
+        I.initialize(sae, InitConfig(), seed=1)
+        assert torch.allclose(sae.W_enc.norm(dim=1), torch.full((d_sae,), 3 ** -0.5), atol=1e-6)
+        cos = torch.nn.functional.cosine_similarity(sae.W_enc, sae.W_dec, dim=1)
+        assert torch.allclose(cos, torch.ones(d_sae), atol=1e-6)
+        assert sae.W_dec.norm(dim=1).mean() < 0.9 * 3 ** -0.5  # the decoder keeps its own (small) rows
+    assert InitConfig().tie_factor() == 1.0 and InitConfig(init_encoder_with_decoder_transpose_factor=2).tie_factor() == 2

@@ -91,7 +91,7 @@ def test_sparse_topk_with_a_penalty_and_no_decoder_bias():
 def test_relu_sparse_path_matches_dense():
     sae = make("relu", d_sae=256)
     with torch.no_grad():
-        sae.b_enc.fill_(-2.0)  # few latents fire: the sparse regime
+        sae.b_enc.fill_(-3.0)  # few latents fire: the sparse regime
     ctx = StepContext(l1_coefficient=0.3, sparsity_loss_type="power")
     assert_same_step(sae, ctx, torch.randn(50, D), "relu-sparse")
 

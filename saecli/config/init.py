@@ -19,7 +19,10 @@ class InitConfig:
     init_encoder_with_decoder_transpose: bool | None = opt(
         None, help="start the encoder as the decoder's transpose; default: yes, except for a transcoder, whose encoder "
         "reads another space (SmolLM2 layer-12 MLP, 300k tokens: 50 % of its latents dead tied, 16 % untied)")
-    init_encoder_with_decoder_transpose_factor: float = opt(1.0)
+    init_encoder_with_decoder_transpose_factor: float | None = opt(
+        None, help="tied encoder = decoder × this; default: SAE/transcoder encoder rows at norm 1/√3 (an nn.Linear "
+        "row's, sparsify's encoder; SmolLM2 layer 12, 300k tokens: dead 3.3 % → 1.3 %, EV 0.791 → 0.803), "
+        "other kinds × 1")
     bias_init_method: Literal["zero", "geometric_median", "mean"] = opt(
         "geometric_median", help="b_dec at init: zero, the mean, or the geometric median of a sample"
     )
@@ -35,6 +38,11 @@ class InitConfig:
         (the dictionary's encoder reads the space its decoder writes)."""
         tied = self.init_encoder_with_decoder_transpose
         return same_space if tied is None else tied
+
+    def tie_factor(self) -> float:
+        """The tied encoder's factor for kinds without a default row norm (CLT, Lorsa): the key, else 1."""
+        f = self.init_encoder_with_decoder_transpose_factor
+        return 1.0 if f is None else f
 
     def validate(self) -> None:
         if self.init_batches <= 0:

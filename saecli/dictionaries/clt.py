@@ -160,7 +160,7 @@ class CrossLayerTranscoder(Dictionary):
         elif icfg.decoder_init_norm is not None:
             self._normalise_decoder(icfg.decoder_init_norm)
         if icfg.tie_encoder():
-            self.W_enc.copy_(self.W_dec[self._diagonal()] * icfg.init_encoder_with_decoder_transpose_factor)
+            self.W_enc.copy_(self.W_dec[self._diagonal()] * icfg.tie_factor())
         else:
             self.W_enc.copy_(((torch.rand(self.W_enc.shape) * 2 - 1) * self.d_model ** -0.5).to(self.W_enc.dtype))
         self.b_enc.zero_()
@@ -207,7 +207,7 @@ class CrossLayerTranscoder(Dictionary):
             def loss_at(norm: float) -> float:
                 self._normalise_decoder(norm)
                 if tied:
-                    self.W_enc.copy_(self.W_dec[diag] * icfg.init_encoder_with_decoder_transpose_factor)
+                    self.W_enc.copy_(self.W_dec[diag] * icfg.tie_factor())
                 set_bias()
                 out = self.loss({h: first[h] for h in self.in_hooks}, {h: first[h] for h in self.out_hooks},
                                 StepContext(training=False))

@@ -154,7 +154,7 @@ class LowRankSparseAttention(Dictionary):
             w_o = _unit_rows(w_o) * cfg.decoder_init_norm
         self.W_O.copy_(w_o)
         if cfg.tie_encoder():
-            self.W_V.copy_(w_o * cfg.init_encoder_with_decoder_transpose_factor)
+            self.W_V.copy_(w_o * cfg.tie_factor())
         else:
             self.W_V.copy_((torch.rand(s, d) * 2 - 1) / math.sqrt(d))
         self.W_Q.copy_(torch.randn(self.W_Q.shape) / math.sqrt(d))
@@ -333,7 +333,7 @@ class LowRankSparseAttention(Dictionary):
             def set_norm(norm: float) -> None:
                 self.W_O.copy_((directions * norm).to(self.W_O.dtype))
                 if tied:
-                    self.W_V.copy_(self.W_O * cfg.init_encoder_with_decoder_transpose_factor)
+                    self.W_V.copy_(self.W_O * cfg.tie_factor())
                 set_bias()
 
             def loss_at(norm: float) -> float:
