@@ -13,16 +13,16 @@ from saecli.training import Member
 from saecli.training.member import default_lr, resolved_lr
 
 
-def test_default_lr_is_2e3_at_d_sae_4608_and_falls_as_one_over_root_d_sae_above():
-    assert default_lr(4608) == pytest.approx(2e-3)
-    assert default_lr(4 * 4608) == pytest.approx(1e-3)  # 4× the latents: half the lr
-    assert default_lr(2**16) == pytest.approx(2e-3 * (4608 / 2**16) ** 0.5)  # ≈ 5.3e-4
-    assert default_lr(64) == pytest.approx(2e-3)  # never above the measured best
+def test_default_lr_is_4e3_at_d_sae_4608_and_falls_as_one_over_root_d_sae_above():
+    assert default_lr(4608) == pytest.approx(4e-3)
+    assert default_lr(4 * 4608) == pytest.approx(2e-3)  # 4× the latents: half the lr
+    assert default_lr(2**16) == pytest.approx(4e-3 * (4608 / 2**16) ** 0.5)  # ≈ 1.06e-3
+    assert default_lr(64) == pytest.approx(4e-3)  # never above the measured best
 
 
 def test_an_explicit_lr_wins_and_none_means_the_default():
     assert resolved_lr(parse(TrainerConfig, {"lr": 3e-4}), 4608) == 3e-4
-    assert resolved_lr(parse(TrainerConfig, {}), 18432) == pytest.approx(1e-3)
+    assert resolved_lr(parse(TrainerConfig, {}), 18432) == pytest.approx(2e-3)
     with pytest.raises(ConfigError, match="lr"):
         parse(TrainerConfig, {"lr": 0.0})
 
@@ -31,4 +31,4 @@ def test_a_member_trains_with_the_default_lr_of_its_dictionary():
     d = build_dictionary(parse(DictionaryConfig, {"d_sae": 4 * 4608, "k": 4, "activation": "topk"}), 16, ["x"])
     cfg = parse(TrainerConfig, {"lr_scheduler": "constant", "n_checkpoints": 0, "checkpoint_every_seconds": 0})
     m = Member(d, cfg, total_steps=10, batch_tokens=8)
-    assert [g["lr"] for g in m.optimizer.param_groups] == pytest.approx([1e-3] * len(m.optimizer.param_groups))
+    assert [g["lr"] for g in m.optimizer.param_groups] == pytest.approx([2e-3] * len(m.optimizer.param_groups))

@@ -36,7 +36,7 @@ def test_config_md_lists_every_key_with_its_default():
     text = (REPO / "docs/config.md").read_text()
     assert "| `total_training_tokens` | an integer | `10000000` |" in text
     assert "| `auxk_coefficient` | a number | `0.03125` |" in text
-    assert "| `lr` | a number | *(unset)* | default 2e-3 × min(1, √(4608 / d_sae))" in text  # resolved by d_sae
+    assert "| `lr` | a number | *(unset)* | default 4e-3 × min(1, √(4608 / d_sae))" in text  # resolved by d_sae
     assert "| `name` | a string | *(required)* |" in text  # [model] name
     assert "(transcoder) " in text and "| `rank_counts` |" in text  # kind-specific [sae] keys say whose they are
     for key in keys():

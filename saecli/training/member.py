@@ -58,12 +58,12 @@ def default_l1_coefficient(sparsity_loss_type: str) -> float:
 
 # The default learning rate: the best measured at d_sae 4608 (SmolLM2 layer 12, bench_quality.py), and
 # ∝ 1/√d_sae for larger dictionaries (Gao et al. 2024 fit lr ∝ n_latents^-0.5; sparsify scales so too).
-DEFAULT_LR = 2e-3
+DEFAULT_LR = 4e-3
 DEFAULT_LR_D_SAE = 4608
 
 
 def default_lr(d_sae: int) -> float:
-    """`trainer.lr` when not given: 2e-3 × min(1, √(4608 / d_sae)) (never above the measured 2e-3)."""
+    """`trainer.lr` when not given: 4e-3 × min(1, √(4608 / d_sae)) (never above the measured 4e-3)."""
     return DEFAULT_LR * min(1.0, math.sqrt(DEFAULT_LR_D_SAE / max(int(d_sae), 1)))
 
 
