@@ -218,7 +218,8 @@ def test_init_from_mlp_sets_decoder_rows_to_the_mlp_response(tiny_llama):
         probe = mlp((mean + radius * u)[None, None])[0, 0] - mlp(mean[None, None])[0, 0]
     cos = torch.nn.functional.cosine_similarity(tc.W_dec[5], probe, dim=0)
     assert cos.item() == pytest.approx(1.0, abs=1e-5)
-    assert torch.allclose(tc.W_dec.norm(dim=1), norms, atol=1e-6)  # the init's row norms are kept
+    kept = torch.where(norms > 0, norms, torch.ones_like(norms))  # the init's row norms; unit from a zero decoder
+    assert torch.allclose(tc.W_dec.norm(dim=1), kept, atol=1e-6)
     bad = build_dictionary(parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 8, "k": 2}, key="sae"), lm.d_model,
                            ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"])
     with pytest.raises(UsageError, match="ln2.hook_normalized"):

@@ -47,6 +47,9 @@ class TranscoderConfig(DictionaryConfig):
     initialize_tc_with_mlp: bool = opt(
         False, help="set decoder rows from the model's MLP probed along each encoder direction (needs [model])")
     mlp_layer: int | None = opt(None, help="layer whose MLP initialises the decoder (default: hook_point_in's layer)")
+    sparsity_include_decoder_norm: bool = opt(
+        False, help="rank/weight latents by decoder row norms; off for transcoders, whose decoder starts at zero "
+        "(init.decoder_init_norm; SmolLM2 layer-12 MLP: dead 16 % gated vs 14 % ungated, same EV)")
 
     def validate(self) -> None:
         super().validate()

@@ -12,7 +12,8 @@ output scale s_out apart, in every training path and in folding), plus:
   transcoder asks for it: `decode(f, x)` equals `tc(x)`; `decode(f)` alone is a UsageError saying so.
 - `init_from_model(lm, raw_batches)` (`initialize_tc_with_mlp`): each decoder row is set to the
   direction in which the MLP's output moves when its input moves from the data mean along that latent's
-  encoder direction: W_dec,i ∝ MLP(x̄ + r·û_i) − MLP(x̄), r = mean ‖x − x̄‖ (row norms are kept).
+  encoder direction: W_dec,i ∝ MLP(x̄ + r·û_i) − MLP(x̄), r = mean ‖x − x̄‖ (row norms are kept; unit
+  where the decoder starts at zero, the default: init.decoder_init_norm).
 
 Normalisation: dataset-wise (default) or none; the config refuses token-/batch-wise, whose scaling of the
 output needs the output's own norm, which a spliced transcoder does not have.
@@ -144,5 +145,7 @@ class Transcoder(SparseAutoEncoder):
         p_norm = probes.norm(dim=1, keepdim=True)
         ok = p_norm.squeeze(1) > 1e-8 * radius.clamp_min(1e-12)
         rows = self.W_dec.float()
-        new = probes / p_norm.clamp_min(1e-12) * rows.norm(dim=1, keepdim=True)
+        keep = rows.norm(dim=1, keepdim=True)
+        keep = torch.where(keep > 0, keep, torch.ones_like(keep))  # a zero decoder at init: unit rows
+        new = probes / p_norm.clamp_min(1e-12) * keep
         self.W_dec.copy_(torch.where(ok.unsqueeze(1), new, rows).to(self.W_dec.dtype))
