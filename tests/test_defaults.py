@@ -32,3 +32,18 @@ def test_a_member_trains_with_the_default_lr_of_its_dictionary():
     cfg = parse(TrainerConfig, {"lr_scheduler": "constant", "n_checkpoints": 0, "checkpoint_every_seconds": 0})
     m = Member(d, cfg, total_steps=10, batch_tokens=8)
     assert [g["lr"] for g in m.optimizer.param_groups] == pytest.approx([2e-3] * len(m.optimizer.param_groups))
+
+
+def test_the_init_defaults_follow_their_rules():
+    """SAE: encoder tied to the decoder, rows at norm 1/√3; transcoder: ungated, untied, zero decoder
+    (the measurements: saecli/dictionaries/init.py and bench_quality.py)."""
+    from saecli.config.init import InitConfig
+    from saecli.dictionaries import init as I
+
+    assert I.TIED_ENCODER_ROW_NORM == pytest.approx(3 ** -0.5)
+    sae = build_dictionary(parse(DictionaryConfig, {"d_sae": 64, "k": 4}), 16, ["x"])
+    tc = build_dictionary(parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 64, "k": 4}), 16, ["a", "b"])
+    assert (I._tied(sae, InitConfig()), I._decoder_row_norm(sae, InitConfig())) == (True, None)
+    assert (I._tied(tc, InitConfig()), I._decoder_row_norm(tc, InitConfig())) == (False, 0.0)
+    assert sae.gated and not tc.gated
+    assert parse(TrainerConfig, {}).auxk_coefficient == pytest.approx(1 / 32)
