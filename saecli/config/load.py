@@ -17,6 +17,7 @@ else:  # pragma: no cover
 import tomli_w
 
 from saecli.config.base import parse, to_dict
+from saecli.config.defaults import resolve
 from saecli.config.experiment import Experiment
 from saecli.errors import ConfigError, UsageError
 
@@ -83,6 +84,7 @@ def experiment_from_dict(data: dict, *, file: str | None = None) -> Experiment:
             raise ConfigError(_message(exc), file=file, key=exc.key) from None
         raise
     check_cross_keys(exp, file=file)
+    exp = resolve(exp)
     exp.source_file = file
     return exp
 

@@ -280,6 +280,7 @@ def _wandb(exp: Any, folder: Path) -> Any:
 def _train_pass(part: list[_Todo], plan: SweepPlan, *, reporter: Reporter, stream_factory: StreamFactory | None,
                 lm: Any) -> None:
     """One pass over the group's stream for members that start at the same position."""
+    from saecli.config.defaults import resolved_for_run
     from saecli.config.load import write_resolved
 
     exps = {}
@@ -325,6 +326,8 @@ def _train_pass(part: list[_Todo], plan: SweepPlan, *, reporter: Reporter, strea
             meta.append({"total_steps": ms["total_steps"], "batch_tokens": ms["batch_tokens"], "state": ms})
             shared = shared or {k: v for k, v in state.items() if k != "member"}
     members = _make_members(part, exps, dictionaries, meta, plan, sync)
+    for t, m in zip(part, members):  # config.toml again, with the defaults the stream decided (d_model, steps)
+        write_resolved(resolved_for_run(exps[t.member.name], m.cfg, m.dictionary.d_model), t.member.folder)
     try:
         if shared is not None:
             stream.load_state_dict(shared["stream"][0])

@@ -101,10 +101,10 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(old_toml: Path, exp: Any) -> list[str]:
     """Keys (that matter for the weights) whose value differs from the run's saved config.toml."""
     from saecli.config.base import to_dict
-    from saecli.config.load import read_toml
+    from saecli.config.load import experiment_dict, experiment_from_dict, read_toml
 
-    try:
-        old = _flat(read_toml(old_toml))
+    try:  # resolved as it loads: a folder written before a default was recorded compares by its value
+        old = _flat(experiment_dict(experiment_from_dict(read_toml(old_toml))))
     except Exception:  # an unreadable old config: nothing to compare with
         return []
     from saecli.config.load import absolute_paths
@@ -112,7 +112,8 @@ def config_changes(old_toml: Path, exp: Any) -> list[str]:
     new = to_dict(absolute_paths(exp))
     new.pop("source_file", None)
     new = _flat(new)
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # a key the file leaves to the stream (trainer.k_aux, ...) is resolved again as before: not a change
+    keys = sorted(k for k in new if old.get(k) != new[k])
     return [k for k in keys if not k.startswith(_HARMLESS)]
 
 
@@ -124,6 +125,7 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
     without it an existing run in the folder is an error unless `overwrite`. `stream` replaces the
     stream `open_stream(exp)` would build (e.g. `saecli.data.synthetic.SyntheticStream`).
     """
+    from saecli.config.defaults import resolved_for_run
     from saecli.config.load import write_resolved
     from saecli.dictionaries.registry import build_dictionary, dictionary_class
 
@@ -214,6 +216,8 @@ def train(exp: Any, *, resume: bool = False, overwrite: bool = False, reporter: 
             raise ConfigError(str(exc), file=exp.source_file, key="trainer.total_training_tokens") from None
         member = Member(dictionary, exp.trainer, total_steps=plan.total_steps, batch_tokens=plan.batch_tokens,
                         **common)
+    if sync.is_main:  # now with the defaults the stream decided (d_model, the step plan): what this run uses
+        write_resolved(resolved_for_run(exp, member.cfg, dictionary.d_model), folder)
     for line in run_header(exp, stream, member, given=given_stream):
         reporter.info(line)
     try:
