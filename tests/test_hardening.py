@@ -22,8 +22,8 @@ HOOK = "blocks.1.hook_resid_post"
 
 
 def _saved_sae(folder: Path, d_model: int = 64, hook: str = HOOK) -> Path:
-    from saecli.config.dictionary import SAEConfig
     from saecli.dictionaries.registry import build_dictionary
+    from saecli.dictionaries.sae_config import SAEConfig
 
     torch.manual_seed(0)
     build_dictionary(SAEConfig(d_sae=32, k=4), d_model, [hook]).save(folder)
