@@ -124,8 +124,8 @@ def test_sweep_summary_keeps_override_types(tmp_path):
     text = (REPO / "experiments/tiny/sweep.toml").read_text().replace('"runs/tiny/sweep"', f'"{tmp_path}"')
     plan = load_sweep(write_toml(tmp_path / "sweep.toml", text))
     rows = collect_rows(plan, group_members(plan.members))
-    assert rows[0]["overrides"] == {"trainer.lr": 1e-3, "sae.k": 8}
-    assert isinstance(rows[0]["overrides"]["sae.k"], int) and isinstance(rows[0]["overrides"]["trainer.lr"], float)
+    assert rows[0]["overrides"] == {"trainer.lr": 1e-3, "dictionary.k": 8}
+    assert isinstance(rows[0]["overrides"]["dictionary.k"], int) and isinstance(rows[0]["overrides"]["trainer.lr"], float)
 
 
 def test_store_keeps_one_cfg_shape_per_run(tmp_path):

@@ -104,7 +104,7 @@ RESOLVED = ("lr", "sparsity_loss_type", "l1_coefficient", "k_aux", "dead_thresho
 
 def experiment(folder, **sae):
     return experiment_from_dict({"run": {"output_dir": str(folder), "name": "syn"},
-                                 "sae": {"expansion_factor": 4, "k": 3, "activation": "topk", **sae},
+                                 "dictionary": {"expansion_factor": 4, "k": 3, "activation": "topk", **sae},
                                  "trainer": TRAINER, "store": {"backend": "none"}})
 
 
@@ -118,7 +118,7 @@ def test_config_toml_holds_the_numbers_the_run_used_and_an_old_folder_resumes_th
     # 60 steps × 128 tokens; d_sae = 4 × 16 = 64 latents (lr: 2e-3 below 4608), k_aux = 16 / 2
     assert {k: written["trainer"][k] for k in RESOLVED} == {
         "lr": 2e-3, "sparsity_loss_type": "none", "l1_coefficient": 0.5, "k_aux": 8, "dead_threshold_tokens": 768}
-    assert written["sae"]["d_sae"] == 64
+    assert written["dictionary"]["d_sae"] == 64
 
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):

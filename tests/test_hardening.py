@@ -94,7 +94,7 @@ def test_relative_paths_resolve_against_the_current_directory_for_every_key(tmp_
 
 
 # 2 ---------------------------------------------------------------- sweeps validate their base whole
-@pytest.mark.parametrize("override, key", [('sae.k="lots"', "sae.k"), ("sae.k=-9", "sae.k"),
+@pytest.mark.parametrize("override, key", [('dictionary.k="lots"', "dictionary.k"), ("sae.k=-9", "dictionary.k"),
                                            ('trainer.lr="lots"', "trainer.lr"), ("trainer.lr=-1", "trainer.lr")])
 def test_a_sweep_refuses_a_bad_base_value_that_its_grid_overrides(run_cli, override, key):
     from conftest import REPO

@@ -74,7 +74,7 @@ def test_nested_tables_variants_and_a_name_template(tmp_path):
     assert names(plan) == ["topk-lr0.001-0", "relu-lr0.001-1", "topk-lr0.002-2", "relu-lr0.002-3"]
     relu = plan.members[1]
     assert relu.exp.sae.activation == "relu" and relu.exp.trainer.l1_coefficient == 5e-4 and relu.exp.trainer.lr == 1e-3
-    assert plan.members[0].exp.trainer.l1_coefficient is None  # the base (per-penalty default) where a variant is silent
+    assert plan.members[0].exp.trainer.l1_coefficient == 0.5  # topk's default (resolved) where a variant is silent
 
 
 def test_value_formatting():

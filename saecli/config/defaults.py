@@ -6,8 +6,8 @@ what an old run folder means: its config.toml already says (a folder written bef
 recorded resolves to the same numbers, since the formulas below are the ones it ran with).
 
 What each default needs, and so when it is known:
-- `sparsity_loss_type` ← `sae.activation`; `l1_coefficient` ← the penalty: when the file is loaded.
-- `lr` ← d_sae: when the file is loaded if it gives `sae.d_sae` (or a MOLT's `rank_counts`); with
+- `sparsity_loss_type` ← `dictionary.activation`; `l1_coefficient` ← the penalty: when the file is loaded.
+- `lr` ← d_sae: when the file is loaded if it gives `dictionary.d_sae` (or a MOLT's `rank_counts`); with
   `expansion_factor`, d_sae = expansion_factor × d_model and d_model is known once the stream opens.
 - `k_aux` ← d_model: once the stream opens.
 - `dead_threshold_tokens` ← the run's tokens (steps × tokens per step, the first batch tells its size):
@@ -72,7 +72,7 @@ def resolve_trainer(cfg: TrainerConfig, *, activation: str | None = None, d_sae:
                     d_model: int | None = None, run_tokens: int | None = None) -> TrainerConfig:
     """`cfg` with each unset default filled from the arguments given (a value already set is kept).
 
-    `activation`: the dictionary's (sae.activation); `d_sae`, `d_model`: the dictionary's sizes;
+    `activation`: the dictionary's (dictionary.activation); `d_sae`, `d_model`: the dictionary's sizes;
     `run_tokens`: optimizer steps × tokens per step (all ranks, accumulation included).
     """
     filled: dict[str, object] = {}
@@ -100,9 +100,10 @@ def resolve(exp: Experiment) -> Experiment:
     """The file's own defaults written in (`load_experiment` runs this after validation): the [trainer]
     keys that the dictionary's activation and size decide. d_model and the step plan come later, with
     the stream; `resolved_for_run` records those."""
-    if exp.sae is None:
+    if exp.dictionary is None:
         return exp
-    trainer = resolve_trainer(exp.trainer, activation=exp.sae.activation, d_sae=exp.sae.known_latents())
+    trainer = resolve_trainer(exp.trainer, activation=exp.dictionary.activation,
+                              d_sae=exp.dictionary.known_latents())
     return dataclasses.replace(exp, trainer=trainer) if trainer is not exp.trainer else exp
 
 
@@ -110,7 +111,7 @@ def resolved_for_run(exp: Experiment, trainer: TrainerConfig, d_model: int) -> E
     """`exp` as one member trains it, for its config.toml: `trainer` is the member's own config (every
     default filled once the stream gave d_model and the step plan: `Member.cfg`), and a d_sae given as
     expansion_factor × d_model is written as the number of latents it came to."""
-    sae = exp.sae
-    if sae is not None and sae.d_sae is None:
-        sae = dataclasses.replace(sae, d_sae=sae.resolved_d_sae(d_model))
-    return dataclasses.replace(exp, trainer=trainer, sae=sae)
+    dictionary = exp.dictionary
+    if dictionary is not None and dictionary.d_sae is None:
+        dictionary = dataclasses.replace(dictionary, d_sae=dictionary.resolved_d_sae(d_model))
+    return dataclasses.replace(exp, trainer=trainer, dictionary=dictionary)

@@ -81,8 +81,10 @@ def key_value(obj: Any, key: str) -> Any:
 
 
 def _set_path(data: dict, key: str, value: Any, where: str) -> None:
+    from saecli.config.load import as_spelled
+
     node = data
-    parts = key.split(".")
+    parts = as_spelled(data, key.split("."))  # `sae.k` or `dictionary.k`: the table the file has
     for part in parts[:-1]:
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):

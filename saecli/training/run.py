@@ -42,7 +42,7 @@ RUN_FILES = ("config.toml", METRICS_FILE, "sae_weights.safetensors", "cfg.json",
              DIVERGED_FILE)
 # keys whose change on resume cannot alter the trained weights
 _HARMLESS = ("wandb.", "store.", "eval.", "run.name", "run.output_dir", "trainer.checkpoint_every_seconds",
-             "trainer.log_frequency", "model.device", "sae.device")
+             "trainer.log_frequency", "model.device", "dictionary.device")
 
 
 def run_state(folder: str | Path) -> str:
