@@ -23,7 +23,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING
 
-from saecli.config.trainer import TrainerConfig
+from saecli.config.trainer import SparsityLoss, TrainerConfig
 
 if TYPE_CHECKING:
     from saecli.config.experiment import Experiment
@@ -42,9 +42,9 @@ def default_lr(d_sae: int) -> float:
     return DEFAULT_LR * min(1.0, math.sqrt(DEFAULT_LR_D_SAE / max(int(d_sae), 1)))
 
 
-def default_sparsity_loss(activation: str) -> str:
+def default_sparsity_loss(activation: str) -> SparsityLoss:
     """power (L1) for relu, tanh for jumprelu, none for the top-k family."""
-    return {"relu": "power", "jumprelu": "tanh"}.get(activation, "none")
+    return "power" if activation == "relu" else "tanh" if activation == "jumprelu" else "none"
 
 
 def default_l1_coefficient(sparsity_loss_type: str) -> float:
@@ -75,19 +75,20 @@ def resolve_trainer(cfg: TrainerConfig, *, activation: str | None = None, d_sae:
     `activation`: the dictionary's (dictionary.activation); `d_sae`, `d_model`: the dictionary's sizes;
     `run_tokens`: optimizer steps × tokens per step (all ranks, accumulation included).
     """
-    filled: dict[str, object] = {}
     penalty = cfg.sparsity_loss_type
     if penalty is None and activation is not None:
-        penalty = filled["sparsity_loss_type"] = default_sparsity_loss(activation)
-    if cfg.l1_coefficient is None and penalty is not None:
-        filled["l1_coefficient"] = default_l1_coefficient(penalty)
-    if cfg.lr is None and d_sae is not None:
-        filled["lr"] = default_lr(d_sae)
-    if cfg.k_aux is None and d_model is not None:
-        filled["k_aux"] = default_k_aux(d_model)
-    if cfg.dead_threshold_tokens is None and run_tokens is not None:
-        filled["dead_threshold_tokens"] = default_dead_threshold_tokens(run_tokens)
-    return dataclasses.replace(cfg, **filled) if filled else cfg
+        penalty = default_sparsity_loss(activation)
+    l1, lr, k_aux, dead = cfg.l1_coefficient, cfg.lr, cfg.k_aux, cfg.dead_threshold_tokens
+    if l1 is None and penalty is not None:
+        l1 = default_l1_coefficient(penalty)
+    if lr is None and d_sae is not None:
+        lr = default_lr(d_sae)
+    if k_aux is None and d_model is not None:
+        k_aux = default_k_aux(d_model)
+    if dead is None and run_tokens is not None:
+        dead = default_dead_threshold_tokens(run_tokens)
+    return dataclasses.replace(cfg, sparsity_loss_type=penalty, l1_coefficient=l1, lr=lr, k_aux=k_aux,
+                               dead_threshold_tokens=dead)
 
 
 def unresolved(cfg: TrainerConfig) -> list[str]:
@@ -104,7 +105,7 @@ def resolve(exp: Experiment) -> Experiment:
         return exp
     trainer = resolve_trainer(exp.trainer, activation=exp.dictionary.activation,
                               d_sae=exp.dictionary.known_latents())
-    return dataclasses.replace(exp, trainer=trainer) if trainer is not exp.trainer else exp
+    return dataclasses.replace(exp, trainer=trainer)
 
 
 def resolved_for_run(exp: Experiment, trainer: TrainerConfig, d_model: int) -> Experiment:

@@ -15,6 +15,7 @@ from typing import Literal
 from saecli.config.base import bad, opt
 
 Steps = int | float
+SparsityLoss = Literal["power", "tanh", "tanh-quad", "l0", "none"]
 
 LrScheduler = Literal[
     "constant",
@@ -49,7 +50,7 @@ class TrainerConfig:
         "decoder norms, as Anthropic's April 2024 update with E‖x‖ = √d_model), 0.5 for tanh, tanh-quad and l0"
     )
     l1_coefficient_warmup_steps: Steps = opt(0.05)
-    sparsity_loss_type: Literal["power", "tanh", "tanh-quad", "l0", "none"] | None = opt(
+    sparsity_loss_type: SparsityLoss | None = opt(
         None, help="default: power (L1) for relu, tanh for jumprelu, none for topk"
     )
     p: float = opt(1.0, help="p of the power penalty")

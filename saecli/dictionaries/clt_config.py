@@ -35,9 +35,8 @@ class CLTConfig(DictionaryConfig):
 
     def known_latents(self) -> int | None:
         """n_layers × d_sae, when the file names the layers (else the stream's hook points decide)."""
-        if self.d_sae is None or self.hook_points_in is None:
-            return None
-        return len(self.hook_points_in) * self.d_sae
+        layers = self.hook_points_in
+        return None if self.d_sae is None or layers is None else len(layers) * self.d_sae
 
     def validate(self) -> None:
         super().validate()
