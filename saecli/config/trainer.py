@@ -64,7 +64,7 @@ class TrainerConfig:
         "at most 10M, written into the run's config.toml)"
     )
     # k schedule
-    initial_k: int | None = opt(None, help="k at the start, annealed to sae.k")
+    initial_k: int | None = opt(None, help="k at the start, annealed to dictionary.k")
     k_warmup_steps: Steps = opt(0.1)
     k_cold_booting_steps: Steps = opt(0)
     k_schedule_type: Literal["linear", "exponential"] = opt("linear")

@@ -29,7 +29,7 @@ class CLTConfig(DictionaryConfig):
     hook_points_out: list[str] | None = opt(
         None, help="the output of each layer, same order (default: the second half of activations.hook_points)")
     layer_k: list[int] | None = opt(
-        None, help="k of each layer (topk/batchtopk; default sae.k everywhere); the k schedule scales them all")
+        None, help="k of each layer (topk/batchtopk; default dictionary.k everywhere); the k schedule scales them all")
     decoder_norm_reduction: DecoderNormReduction = opt(
         "norm", help="a latent's decoder norm over its target layers: L2 norm of the concatenation, or sum")
 

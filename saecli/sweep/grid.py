@@ -186,7 +186,7 @@ def plan_from_dict(base: dict, sweep: SweepConfig, *, file: str | None = None) -
         if name in seen:
             raise ConfigError(f"members {seen[name]} ({_describe(all_overrides[seen[name]])}) and {i} "
                               f"({_describe(all_overrides[i])}) both get the name {name!r}: set sweep.name to a "
-                              "template naming the keys that tell them apart, e.g. 'lr{trainer.lr}-k{sae.k}'",
+                              "template naming the keys that tell them apart, e.g. 'lr{trainer.lr}-k{dictionary.k}'",
                               file=file, key="sweep.name")
         seen[name] = i
     members = []
