@@ -131,3 +131,23 @@ def test_config_toml_holds_the_numbers_the_run_used_and_an_old_folder_resumes_th
     train(load_experiment(cut), stream=stream(), resume=True)
     assert_same_weights(ref, cut)
     assert read_toml(cut / "config.toml")["trainer"] == written["trainer"]  # and its config.toml says so now
+
+
+def test_a_sweep_member_records_the_same_numbers_as_a_train_of_it(tmp_path):
+    from saecli.config.sweep import SweepConfig
+    from saecli.sweep.grid import plan_from_dict
+    from saecli.sweep.run import run_sweep
+
+    data = {"run": {"output_dir": str(tmp_path / "sweep"), "name": "syn"},
+            "dictionary": {"expansion_factor": 4, "k": 3, "activation": "topk"},
+            "trainer": {**TRAINER, "total_training_tokens": 128 * 20}, "store": {"backend": "none"}}
+    plan = plan_from_dict(data, SweepConfig(grid={"dictionary.expansion_factor": [2, 4]}))
+    run_sweep(plan, stream_factory=lambda exp: stream())
+    for member, d_sae in zip(plan.members, (32, 64)):
+        written = read_toml(member.folder / "config.toml")
+        assert written["dictionary"]["d_sae"] == d_sae
+        assert {k: written["trainer"][k] for k in RESOLVED} == {
+            "lr": 2e-3, "sparsity_loss_type": "none", "l1_coefficient": 0.5, "k_aux": 8, "dead_threshold_tokens": 256}
+    alone = train(experiment_from_dict({**data, "run": {"output_dir": str(tmp_path / "alone")},
+                                        "dictionary": {**data["dictionary"], "expansion_factor": 2}}), stream=stream())
+    assert read_toml(alone / "config.toml")["trainer"] == read_toml(plan.members[0].folder / "config.toml")["trainer"]
