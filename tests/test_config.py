@@ -32,7 +32,7 @@ def error_of(data: dict) -> str:
 
 def test_defaults_fill_every_section():
     exp = experiment_from_dict(BASE)
-    assert exp.sae.kind == "sae" and exp.sae.activation == "topk" and exp.sae.k == 16
+    assert exp.dictionary.kind == "sae" and exp.dictionary.activation == "topk" and exp.dictionary.k == 16
     assert exp.trainer.lr_scheduler == "constantwithwarmup"
     assert exp.dataset.path == "builtin:python-docs"
     assert exp.activations.context_size == 256
@@ -125,7 +125,7 @@ def test_overrides_are_typed_like_toml():
     assert parse_override("wandb.enabled=true") == (["wandb", "enabled"], True)
     data = apply_overrides(BASE, ["sae.k=8", "trainer.lr=0.01"])
     exp = experiment_from_dict(data)
-    assert exp.sae.k == 8 and exp.trainer.lr == 0.01
+    assert exp.dictionary.k == 8 and exp.trainer.lr == 0.01
     assert BASE["sae"]["k"] == 16  # the original dict is untouched
 
 
@@ -158,6 +158,8 @@ NEW = {**{k: v for k, v in BASE.items() if k != "sae"}, "dictionary": BASE["sae"
 
 def test_dictionary_is_the_table_and_sae_its_older_name():
     assert experiment_from_dict(NEW) == experiment_from_dict(BASE)  # BASE spells it [sae]
+    exp = experiment_from_dict(BASE)
+    assert exp.sae is exp.dictionary  # the older attribute name, while callers move to exp.dictionary
     assert experiment_from_dict({**NEW, "dictionary": {"kind": "crosscoder", "d_sae": 64}}).dictionary.kind == "crosscoder"
     written = read_toml_text(experiment_to_toml(experiment_from_dict(BASE)))
     assert "dictionary" in written and "sae" not in written  # config.toml names it for what it holds
