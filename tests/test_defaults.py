@@ -5,6 +5,7 @@ so a run folder says what ran and an older folder without these keys resumes to 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 from kinds_contract import CtrlCAt, assert_same_weights
@@ -123,12 +124,16 @@ def test_config_toml_holds_the_numbers_the_run_used_and_an_old_folder_resumes_th
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         train(experiment(cut), stream=stream(), reporter=CtrlCAt(14))
-    # a folder written before these keys were recorded: its config.toml has none of them
-    text = (cut / "config.toml").read_text()
+    # a folder written before these keys were recorded: none of them, and the table under its older name
+    text = (cut / "config.toml").read_text().replace("[dictionary]", "[sae]")
     kept = [line for line in text.splitlines() if line.split(" = ")[0] not in (*RESOLVED, "d_sae")]
     (cut / "config.toml").write_text("\n".join(kept) + "\n")
-    assert "k_aux" not in read_toml(cut / "config.toml")["trainer"]
-    train(load_experiment(cut), stream=stream(), resume=True)
+    old = read_toml(cut / "config.toml")
+    assert "k_aux" not in old["trainer"] and "d_sae" not in old["sae"] and "dictionary" not in old
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(load_experiment(cut), stream=stream(), resume=True)
+    assert not [w for w in caught if "differ" in str(w.message)]  # the keys it lacks resolve as they did
     assert_same_weights(ref, cut)
     assert read_toml(cut / "config.toml")["trainer"] == written["trainer"]  # and its config.toml says so now
 
