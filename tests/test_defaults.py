@@ -26,7 +26,8 @@ from saecli.config.trainer import TrainerConfig
 from saecli.data.synthetic import SyntheticStream
 from saecli.dictionaries.registry import build_dictionary
 from saecli.errors import ConfigError
-from saecli.training import Member, train
+from saecli.runs import run_sweep, train
+from saecli.training import Member
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,7 +115,7 @@ def stream() -> SyntheticStream:
 
 
 def test_config_toml_holds_the_numbers_the_run_used_and_an_old_folder_resumes_the_same(tmp_path):
-    ref = train(experiment(tmp_path / "ref"), stream=stream())
+    ref = train(experiment(tmp_path / "ref"), stream=stream()).folder
     written = read_toml(ref / "config.toml")
     # 60 steps × 128 tokens; d_sae = 4 × 16 = 64 latents (lr: 2e-3 below 4608), k_aux = 16 / 2
     assert {k: written["trainer"][k] for k in RESOLVED} == {
@@ -141,7 +142,6 @@ def test_config_toml_holds_the_numbers_the_run_used_and_an_old_folder_resumes_th
 def test_a_sweep_member_records_the_same_numbers_as_a_train_of_it(tmp_path):
     from saecli.config.sweep import SweepConfig
     from saecli.sweep.grid import plan_from_dict
-    from saecli.sweep.run import run_sweep
 
     data = {"run": {"output_dir": str(tmp_path / "sweep"), "name": "syn"},
             "dictionary": {"expansion_factor": 4, "k": 3, "activation": "topk"},
@@ -154,5 +154,5 @@ def test_a_sweep_member_records_the_same_numbers_as_a_train_of_it(tmp_path):
         assert {k: written["trainer"][k] for k in RESOLVED} == {
             "lr": 2e-3, "sparsity_loss_type": "none", "l1_coefficient": 0.5, "k_aux": 8, "dead_threshold_tokens": 256}
     alone = train(experiment_from_dict({**data, "run": {"output_dir": str(tmp_path / "alone")},
-                                        "dictionary": {**data["dictionary"], "expansion_factor": 2}}), stream=stream())
+                                        "dictionary": {**data["dictionary"], "expansion_factor": 2}}), stream=stream()).folder
     assert read_toml(alone / "config.toml")["trainer"] == read_toml(plan.members[0].folder / "config.toml")["trainer"]
