@@ -245,6 +245,8 @@ def run_header(exp: Any, stream: Any, member: Member, *, given: bool = False) ->
         source = f"{type(stream).__name__} (given)"
     elif cached is not None:
         source = f"cache {exp.activations.cache_dir} ({cached:,} tokens)"
+    elif getattr(stream, "describe", ""):  # a stream that says what it reads (several models: data/models.py)
+        source = stream.describe
     else:
         source = f"live {exp.model.name} on {exp.dataset.path}"
     ins, outs = list(d.in_hooks), list(d.out_hooks)
