@@ -12,6 +12,9 @@ Writes next to the dictionary (all atomically):
     eval_density.png           the log10 latent-density histogram
     eval_latents.safetensors   per-latent fires, frequency, mean activation (when firing), max activation
 
+A crosscoder over several models ([models.<label>]) adds "model_diff" to eval.json: EV per model and
+the relative decoder norms (model_diff.py).
+
 Reconstruction metrics are in raw activation units (see metrics.py); the CE/KL splice runs when a
 [model] is configured and `eval.ce_loss` (see splice.py). When a results store is configured the
 metrics are merged into the dictionary's record under "eval" (a failure there only warns).
@@ -33,6 +36,7 @@ from saecli.errors import UsageError
 from saecli.evaluation.density import log_density_histogram, save_density_png, show_density
 from saecli.evaluation.heldout import HeldOut, plan_heldout
 from saecli.evaluation.metrics import EvalAccumulator, Thresholds
+from saecli.evaluation.model_diff import model_diff_report, show_model_diff
 from saecli.evaluation.splice import splice_eval
 
 EVAL_FILE = "eval.json"
@@ -240,12 +244,16 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
     splice = None
     if ev.ce_loss and lm is not None:
         splice = _splice(exp, lm, dictionary, held)
+    elif ev.ce_loss and getattr(exp, "models", None):
+        ui.info("several models: the CE/KL splice is skipped (a reconstruction of one model's hook reads every "
+                "model's activations); see the per-model numbers (model_diff)")
     elif ev.ce_loss:
         ui.info("no model configured: the CE/KL splice evaluation is skipped")
 
     per_latent = acc.per_latent()
     hist = log_density_histogram(per_latent["frequency"], acc.n_tokens, ev.bins_per_decade)
     metrics = {k: v for k, v in recon.items() if not isinstance(v, dict)}
+    diff = model_diff_report(dictionary, recon.get("per_hook", {}))
     if splice:
         metrics.update(splice)
     result = {
@@ -260,6 +268,7 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
         "thresholds": recon["thresholds"],
         "data": {**held.to_dict(), "outlier_tokens_dropped": outliers},
         "density": hist.to_dict(),
+        **({"model_diff": diff} if diff else {}),
         "files": {"density_png": DENSITY_FILE, "latents": LATENTS_FILE},
         "seconds": round(time.time() - started, 3),
     }
@@ -276,6 +285,8 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
         if result["per_hook"]:
             ui.table("per out hook", [{"hook": h, **{k: m[k] for k in ("explained_variance", "mse", "cosine_similarity")}}
                                       for h, m in result["per_hook"].items()])
+        if diff:
+            show_model_diff(diff)
     return result
 
 

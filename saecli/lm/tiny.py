@@ -94,7 +94,7 @@ def make_tiny_model(folder: str | Path, family: str = "llama", *, d_model: int =
 
 
 def make_tiny_variant(source: str | Path, folder: str | Path, *, layers: tuple[int, ...] = (2, 3),
-                      scale: float = 0.5, seed: int = 1) -> Path:
+                      scale: float = 2.0, seed: int = 1) -> Path:
     """A copy of the tiny model at `source` whose MLP weights in `layers` get relative Gaussian noise of
     `scale` (same tokenizer, same earlier layers): a stand-in for a fine-tuned model in model-diffing
     examples, so that a crosscoder finds shared latents and latents of one model only."""
