@@ -253,6 +253,10 @@ def run_header(exp: Any, stream: Any, member: Member, *, given: bool = False) ->
     hook = ", ".join(ins) + ("" if outs == ins else " → " + ", ".join(outs))
     lines = [f"{exp.run.name}: {source} · {hook} · d_sae {d.d_sae:,} · {member.total_steps:,} steps × "
              f"{per_step:,} tokens · {world} process{'es' if world > 1 else ''}"]
+    if world > 1:  # multi-process: world size, mesh, per-rank batch
+        from saecli.training.topology import topology_line
+
+        lines.append(topology_line(world, member.batch_tokens, member.accumulation))
     if cached is not None and 0 < cached < train_tokens:
         lines.append(f"the cache holds {cached:,} tokens, fewer than the {train_tokens:,} to train on: training "
                      f"loops over it {train_tokens / cached:.1f} times, in a new order each pass (generate a "
