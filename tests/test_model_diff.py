@@ -236,6 +236,7 @@ def test_crosscoder_trains_and_evaluates_per_model(tmp_path, tiny_llama, chat_mo
     assert diff["explained_variance"]["base"] == pytest.approx(result["per_hook"][f"base/{HOOK}"]["explained_variance"])
     assert sum(diff["labels"].values()) == 32 and sum(diff["relative_decoder_norm"]["counts"]) == 32
     assert result["data"]["source"] == "live"  # held out from the live text, not the (absent) cache
+    assert result["data"]["skip_documents"] > 0  # past the documents training read (found with the first model)
 
 
 # ----------------------------------------------------------------------------------------------- dashboard

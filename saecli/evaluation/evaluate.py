@@ -38,6 +38,7 @@ from saecli.evaluation.heldout import HeldOut, plan_heldout
 from saecli.evaluation.metrics import EvalAccumulator, Thresholds
 from saecli.evaluation.model_diff import model_diff_report, show_model_diff
 from saecli.evaluation.splice import splice_eval
+from saecli.data.open import open_stream, uses_cache
 
 EVAL_FILE = "eval.json"
 DENSITY_FILE = "eval_density.png"
@@ -208,7 +209,15 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
 
         lm = load_model(exp.model)
     dictionary = dictionary.to(_device(lm))
-    held = plan_heldout(exp, Path(run_folder) if run_folder else folder, lm)
+    plan_lm, lms = lm, None
+    if plan_lm is None and getattr(exp, "models", None) and not uses_cache(exp):
+        # several models: the first one's tokenizer packed the training text; it finds the held-out documents
+        from saecli.lm import load_model
+
+        first = next(iter(exp.models))
+        plan_lm = load_model(exp.models[first])
+        lms = {first: plan_lm}
+    held = plan_heldout(exp, Path(run_folder) if run_folder else folder, plan_lm)
     for note in held.notes:
         ui.warn(note)
     if held.overlap:
@@ -220,11 +229,9 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
         where += f" from {held.exp.activations.cache_dir}"
     ui.info(f"evaluating {folder} ({dictionary.kind}, {dictionary.d_sae} latents) on {where}")
 
-    from saecli.data.open import open_stream
-
     hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
     stream = open_stream(held.exp, purpose="eval", contexts=dictionary.needs_context, hook_points=hooks,
-                         skip_documents=held.skip_documents if held.source == "live" else None, lm=lm)
+                         skip_documents=held.skip_documents if held.source == "live" else None, lm=lms or lm)
     ev = exp.eval
     thresholds = Thresholds(ev.dead_threshold, ev.almost_dead_threshold, ev.dense_threshold)
     try:

@@ -91,7 +91,10 @@ def live_documents_consumed(exp: Any, lm: Any, tokens: int, world_size: int = 1)
     end, exhausted = exp.dataset.skip_documents, False
     per_rank = math.ceil(tokens / world_size)
     for rank in range(world_size):
-        stream = LiveStream(lm, exp.dataset, exp.activations, rank=rank, world_size=world_size, model_cfg=exp.model)
+        model_cfg = exp.model
+        if model_cfg is None and getattr(exp, "models", None):  # several models: the first one packs the text
+            model_cfg = next(iter(exp.models.values()))
+        stream = LiveStream(lm, exp.dataset, exp.activations, rank=rank, world_size=world_size, model_cfg=model_cfg)
         seen = 0
         docs = iter_documents(exp.dataset, rank, world_size)
         for ctx in stream.packer.contexts(docs, stream.window_contexts):
