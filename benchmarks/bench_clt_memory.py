@@ -16,13 +16,12 @@ import statistics
 import time
 
 import torch
+from protocol import sync
 
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.registry import build_dictionary
-
-from protocol import sync
 
 
 def predicted_bytes(n_layers: int, d: int, s: int, n_tok: int, bytes_per: int = 4) -> dict[str, float]:

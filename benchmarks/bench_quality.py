@@ -37,14 +37,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_peers import (Budget, Coder, PeerMissing, cut_steps, cut_tokens,  # noqa: E402
-                           train_dictionary_learning, train_sparsify)
+from quality_peers import Budget, Coder, PeerMissing, cut_steps, cut_tokens, train_dictionary_learning, train_sparsify  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "experiments" / "smollm2" / "quality.toml"
@@ -168,18 +168,18 @@ def ce_scores(lm: Any, hook: str, contexts: list[tuple[torch.Tensor, torch.Tenso
         captured: dict[str, torch.Tensor] = {}
 
         def record(act: torch.Tensor) -> torch.Tensor:
-            captured["x"] = act
+            captured["x"] = act  # noqa: B023 (called within this iteration only)
             return act
 
         def nll(replace: Callable[[torch.Tensor], torch.Tensor] | None) -> float:
-            logits = forward_with_replacements(lm, tokens, {hook: replace or record})
+            logits = forward_with_replacements(lm, tokens, {hook: replace or record})  # noqa: B023
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            return float(-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[counted].sum(dtype=torch.float64))
+            return float(-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[counted].sum(dtype=torch.float64))  # noqa: B023
 
         def splice(make: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
             def fn(act: torch.Tensor) -> torch.Tensor:
                 new = act.clone()
-                new[mask] = make(act[mask].float()).to(act.dtype)
+                new[mask] = make(act[mask].float()).to(act.dtype)  # noqa: B023
                 return new
 
             return fn

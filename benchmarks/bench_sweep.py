@@ -126,9 +126,9 @@ def with_source(base: dict, source: str, out: Path) -> dict:
 
 
 def generate_cache(base: dict, root: Path) -> None:
-    from saecli.commands.generate import generate
-
     import tomli_w
+
+    from saecli.commands.generate import generate
 
     path = root / "generate.toml"
     path.write_text(tomli_w.dumps({k: v for k, v in base.items() if k in ("model", "dataset", "activations")}))

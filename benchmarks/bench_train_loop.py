@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from protocol import roofline, sync
 
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
@@ -29,8 +30,6 @@ from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.registry import build_dictionary
 from saecli.training import Member, fit
 from saecli.training.member import make_optimizer
-
-from protocol import roofline, sync
 
 HOOK = "x"
 
@@ -120,7 +119,7 @@ def main() -> None:
     for _ in range(args.reps):
         for name, fn in variants.items():
             roofs.append(roofline(n, d, s, device))
-            dt = timed(lambda: fn(args.steps))
+            dt = timed(lambda: fn(args.steps))  # noqa: B023 (timed() calls it at once)
             rates[name].append(args.steps * n / dt)
     R = statistics.median(roofs)
     roof_rate = R * 1e9 / (6 * d * s)

@@ -39,17 +39,16 @@ import contextlib
 import resource
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+from protocol import roofline, sync
 
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
 from saecli.dictionaries import kernels, native
 from saecli.dictionaries.base import StepContext
 from saecli.dictionaries.sae import SparseAutoEncoder
-
-from protocol import roofline, sync
 
 HOOK = "x"
 
@@ -283,7 +282,7 @@ def main() -> None:
         p.error(f"unknown variants {unknown}")
 
     t_start = time.perf_counter()
-    for name, fn in steps.items():  # warm-up (allocations, MKL/cuBLAS plans)
+    for fn in steps.values():  # warm-up (allocations, MKL/cuBLAS plans)
         for i in range(args.warmup):
             fn(i)
         sync(device)
@@ -293,7 +292,7 @@ def main() -> None:
     roof_by_block: dict[str, list[float]] = {name: [] for name in steps}
     both = device.type == "cuda"  # float32 and bfloat16 rooflines, each sampled before every block
     roofs16: list[float] = []
-    for rep in range(args.reps):
+    for _ in range(args.reps):
         for name, fn in steps.items():
             r = roofline(n, d, s, device, AMP or dtype)
             roofs.append(r)

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import torch
+from protocol import SMOLLM2_DIR
+from protocol import SMOLLM2_GGUF as GGUF
 
 from saecli.config.model import ModelConfig
 from saecli.lm import load_model, run_to_hooks, wrap_model
-
-from protocol import SMOLLM2_DIR
-from protocol import SMOLLM2_GGUF as GGUF
 
 
 def smollm2_random(dtype: torch.dtype, device: str):

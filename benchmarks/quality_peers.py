@@ -24,8 +24,8 @@ import math
 import os
 import sys
 import types
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 

@@ -14,11 +14,11 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from saecli.errors import RunError, UsageError
-
 
 # temporaries live in a private folder named after the writing host and process, so that a later run can
 # tell an abandoned one (its process is gone) from one being written right now

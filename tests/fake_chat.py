@@ -77,7 +77,7 @@ class FakeChat:
         with self.lock:
             return sum(k == kind and s == 200 for k, s in self.log)
 
-    def __enter__(self) -> "FakeChat":
+    def __enter__(self) -> FakeChat:
         self.thread.start()
         return self
 

@@ -247,8 +247,8 @@ def analyze_tiny(lm, dictionary, tokens: int = 1500, **overrides):
 
 def test_analysis_contexts_match_a_fresh_forward(tiny_lm):
     """A kept context re-run through model + SAE gives the stored activations, and (doc, pos) locate it."""
-    from saecli.data.text import iter_documents
     from saecli.config.dataset import DatasetConfig
+    from saecli.data.text import iter_documents
     from saecli.lm import run_to_hooks
 
     sae = real_sae()

@@ -17,12 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fake_chat import FakeChat
+
 from saecli.analysis.records import AnalysisResult, analysis_dir
 from saecli.autointerp.backends import OpenAIChat, Usage
-from saecli.autointerp.prompts import (EXPLAIN_SYSTEM, Example, explainer_prompt, highlight, parse_explanation,
-                                       parse_labels, scorer_prompt)
+from saecli.autointerp.prompts import (
+    EXPLAIN_SYSTEM,
+    Example,
+    explainer_prompt,
+    highlight,
+    parse_explanation,
+    parse_labels,
+    scorer_prompt,
+)
 from saecli.autointerp.results import summarize
 from saecli.autointerp.scorers import FeatureExamples, Sample, feature_examples, fuzzing_samples, score
 from saecli.config.autointerp import AutointerpConfig, LLMConfig
@@ -367,8 +374,9 @@ def test_resume_after_sigkill_pays_for_no_finished_feature_twice(tmp_path, cli):
 
 # ------------------------------------------------------------------ dashboard
 def test_dashboard_shows_explanations_and_sortable_filterable_scores(tmp_path):
-    from saecli.dashboard.site import build_site
     from test_dashboard import browse, synthetic_result
+
+    from saecli.dashboard.site import build_site
 
     site = tmp_path / "site"
     build_site(synthetic_result(), site, explanations={0: "the nasty token", 1: "weak one"}, title="toy",

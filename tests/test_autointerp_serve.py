@@ -16,7 +16,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from test_autointerp import experiment, toy_analysis
 
 REPO = Path(__file__).resolve().parents[1]

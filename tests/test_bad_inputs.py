@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 import torch
-
 from conftest import REPO, write_toml
+
 from saecli.config.load import read_toml
 from saecli.config.sweep import flatten_keys
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import write_toml
+
 from saecli.data.cache import generate_shard, write_cache
 from saecli.data.manifest import identity_mismatch, open_cache, shard_plan, shard_target
 from saecli.data.reader import CacheStream

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_toml
 from safetensors.torch import load_file, save
 
-from conftest import write_toml
 from saecli.data.verify import check_against, check_cache
 
 

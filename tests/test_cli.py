@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import write_toml
 
 from saecli import __version__
 from saecli.cli import COMMAND_MODULES, TOOL_MODULES
-from conftest import write_toml
 
 
 def test_version(cli):
@@ -68,8 +68,9 @@ def test_bad_override_is_exit_2(run_cli, command, tmp_path):
 
 
 def test_shipped_completions_are_current():
-    from saecli.commands import completion_scripts
     from conftest import REPO
+
+    from saecli.commands import completion_scripts
 
     for path, script in completion_scripts().items():  # what scripts/make_completions.sh writes
         assert (REPO / path).read_text() == script, f"{path} is stale: run scripts/make_completions.sh"

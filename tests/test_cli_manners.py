@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, write_toml
 from rich.console import Console
 
 from saecli import ui
@@ -18,7 +19,6 @@ from saecli.config.load import experiment_dict
 from saecli.data.synthetic import SyntheticStream
 from saecli.training import train
 from saecli.training.logger import read_metrics
-from conftest import REPO, write_toml
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,9 +82,9 @@ def test_one_tokens_per_second_figure(tmp_path):
 def test_train_header_and_small_cache_note(tmp_path):
     from saecli.data.cache import write_cache
     from saecli.data.reader import CacheStream
-    from saecli.training.run import run_header
-    from saecli.training.member import Member
     from saecli.dictionaries.registry import build_dictionary
+    from saecli.training.member import Member
+    from saecli.training.run import run_header
 
     hook = "blocks.0.hook_resid_post"
     n = 1000

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from kinds_contract import assert_resume_after_ctrl_c_is_exact
+
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
 from saecli.data.synthetic import SyntheticStream

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_topk_toml
 from safetensors.torch import load_file
 
-from conftest import tiny_topk_toml
 from saecli.config.load import load_experiment
 from saecli.sweep.grid import load_sweep
 from saecli.sweep.run import SWEEP_FILE, run_sweep

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_analyze import ToyDictionary
 
 from saecli.analysis.dla import DLAResult, NormAsLinear, direct_logit_attribution, dla_result, feature_directions
 from saecli.config.model import ModelConfig
 from saecli.lm import final_norm_and_unembed, load_model
-from test_analyze import ToyDictionary
 
 D = 64
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_toml
 
 from saecli.config.model import ModelConfig
 from saecli.dictionaries.base import Dictionary, LossOutput
 from saecli.evaluation.splice import counted_predictions, splice_batch, splice_eval
-from conftest import write_toml
 
 RESID = "blocks.1.hook_resid_post"
 
@@ -354,8 +354,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 @pytest.mark.slow
 @pytest.mark.skipif(not (SMOLLM2_DIR / SMOLLM2_GGUF).is_file(), reason="SmolLM2 GGUF not present")
 def test_splice_on_smollm2_identity_and_zero_ablation():
-    from saecli.data.text import iter_documents
     from saecli.config.dataset import DatasetConfig
+    from saecli.data.text import iter_documents
     from saecli.data.tokens import Packer, default_ignore_ids
     from saecli.lm import load_model
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, write_toml
 from safetensors.torch import load_file
 
-from conftest import REPO, write_toml
 from saecli.config.load import load_experiment
 from saecli.data.manifest import act_key, open_cache
 from saecli.errors import UsageError

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_toml
+
 from saecli.errors import RunError, UsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -380,10 +380,11 @@ def test_loss_recovered_by_hand_and_undefined_when_the_ablation_barely_moves_the
 
 
 def test_a_reconstruction_by_the_mean_scores_as_the_mean_ablation(tiny_llama):
+    from test_eval import Mapped, _batch
+
     from saecli.config.model import ModelConfig
     from saecli.evaluation.splice import splice_batch
     from saecli.lm import load_model
-    from test_eval import Mapped, _batch
 
     lm = load_model(ModelConfig(name=str(tiny_llama), device="cpu"))
     tokens, mask = _batch()

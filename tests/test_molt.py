@@ -2,14 +2,14 @@
 penalty, teacher → student recovery, save/load, folding on raw activations, config parsing."""
 
 import math
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
+from kinds_contract import assert_fold_keeps_raw_outputs, assert_resume_after_ctrl_c_is_exact
 
 import saecli.dictionaries.molt as molt_module
-from kinds_contract import assert_fold_keeps_raw_outputs, assert_resume_after_ctrl_c_is_exact
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
 from saecli.data.synthetic import SyntheticStream

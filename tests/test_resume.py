@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_topk_toml
 from kinds_contract import CtrlCAt, assert_same_weights
+
 from saecli.config.base import parse
 from saecli.config.experiment import Experiment
 from saecli.data.synthetic import SyntheticStream

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import jsonschema
 import pytest
+from conftest import REPO
 
 from saecli.config.load import load_experiment, tomllib
 from saecli.config.schema import json_schema
 from saecli.config.starter import KINDS, ModelShape, starter_toml
 from saecli.errors import UsageError
-from conftest import REPO
 
 SMOLLM2 = ModelShape("HuggingFaceTB/SmolLM2-135M", n_layers=30, d_model=576, n_heads=9)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, write_toml
+
 from saecli.data.cache import write_cache
 from saecli.data.reader import CacheStream
 from saecli.errors import UsageError

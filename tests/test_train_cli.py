@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-
 from conftest import tiny_topk_toml
+
 from saecli.config.load import load_experiment
 from saecli.dictionaries.registry import load_dictionary
 from saecli.training.logger import read_metrics

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kinds_contract import assert_resume_after_ctrl_c_is_exact, train_with_auxk
+
 from saecli.config.base import parse
 from saecli.config.dictionary import DictionaryConfig
 from saecli.data.synthetic import SyntheticStream

@@ -26,9 +26,10 @@ for which that sum is wrong (a crosscoder whose heads each reconstruct the whole
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +130,7 @@ class DLAResult:
         return path
 
     @classmethod
-    def load(cls, folder: str | Path) -> "DLAResult | None":
+    def load(cls, folder: str | Path) -> DLAResult | None:
         import json
 
         path = Path(folder) / DLA_FILE
@@ -144,7 +145,7 @@ class DLAResult:
 
 
 @torch.no_grad()
-def direct_logit_attribution(directions: torch.Tensor, norm: "Callable[[torch.Tensor], torch.Tensor] | NormAsLinear",
+def direct_logit_attribution(directions: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor] | NormAsLinear,
                              W_U: torch.Tensor, top: int = 10, *, chunk_elements: int = 1 << 24,
                              progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, ...]:
     """(pos_logits, pos_ids, neg_logits, neg_ids), each [d_sae, top]; neg sorted most negative first.

@@ -20,9 +20,9 @@ A feature record (what the store holds per feature, see `feature()`):
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -139,7 +139,7 @@ class AnalysisResult:
         return path
 
     @classmethod
-    def load(cls, folder: str | Path) -> "AnalysisResult":
+    def load(cls, folder: str | Path) -> AnalysisResult:
         from safetensors import safe_open
 
         path = Path(folder) / FEATURES_FILE

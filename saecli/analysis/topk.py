@@ -85,7 +85,7 @@ def default_specs(top: int, tiers: list[float], tier_n: int, non_activating: int
 class ContextSet:
     """A read-only view of one sampling's kept contexts inside a FeatureBook."""
 
-    def __init__(self, book: "FeatureBook", index: int):
+    def __init__(self, book: FeatureBook, index: int):
         self.book, self.index, self.spec = book, index, book.specs[index]
 
     def sorted(self) -> dict[str, torch.Tensor]:

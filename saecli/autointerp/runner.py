@@ -8,9 +8,9 @@ so a run killed at any moment loses at most the features in flight.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -124,7 +124,7 @@ class Interpreter:
                 bad = 0
                 for batch in batches(samples, cfg.examples_per_prompt):
                     msgs = scorer_prompt(kind, str(explained.value), [s.text for s in batch])
-                    got = ask(self.scorer, msgs, lambda a, n=len(batch): parse_labels(a, n), cfg.max_answer_retries,
+                    got = ask(self.scorer, msgs, lambda a, n=len(batch): parse_labels(a, n), cfg.max_answer_retries,  # noqa: B008 (binds n per batch)
                               "JSON list")
                     spent_s.append(got)
                     bad += got.value is None

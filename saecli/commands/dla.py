@@ -9,7 +9,11 @@ import typer
 
 from saecli.commands import ExperimentArg, SetOption, load
 from saecli.commands.analyze import (
-    SaeOption, check_dictionary_folder, ensure_registered, open_results_store, sae_folder,
+    SaeOption,
+    check_dictionary_folder,
+    ensure_registered,
+    open_results_store,
+    sae_folder,
 )
 
 

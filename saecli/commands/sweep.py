@@ -10,6 +10,7 @@ import typer
 from saecli.commands import ExperimentArg, SetOption
 from saecli.commands.train import UiReporter
 
+
 class SweepReporter(UiReporter):
     """One progress bar per pass over a stream; the latest metrics of the member that logged last."""
 

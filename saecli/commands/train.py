@@ -83,7 +83,8 @@ def train(
     """
     from saecli import ui
     from saecli.errors import UsageError
-    from saecli.training.run import SUMMARY_FILE, train as run_train
+    from saecli.training.run import SUMMARY_FILE
+    from saecli.training.run import train as run_train
 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: choose one")

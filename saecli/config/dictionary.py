@@ -16,7 +16,7 @@ from saecli.errors import ConfigError
 Activation = Literal["relu", "topk", "batchtopk", "jumprelu"]
 NormActivation = Literal["token-wise", "batch-wise", "dataset-wise", "none"]
 
-DICTIONARY_CONFIGS: dict[str, type["DictionaryConfig"]] = {}
+DICTIONARY_CONFIGS: dict[str, type[DictionaryConfig]] = {}
 
 
 def register_config(kind: str):

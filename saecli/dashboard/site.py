@@ -25,9 +25,10 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -33,7 +33,7 @@ class Batch:
     def is_context(self) -> bool:
         return self.tokens.dim() == 2
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         acts = {k: v.to(device=device, dtype=dtype or v.dtype, non_blocking=True) for k, v in self.acts.items()}
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(acts, mv(self.tokens), mv(self.doc), mv(self.pos), mv(self.mask), dict(self.meta))

@@ -14,7 +14,8 @@ Data-parallel rank r of world_size reads the documents whose index is r modulo w
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

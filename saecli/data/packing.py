@@ -5,7 +5,8 @@ See tokens.py for the packing rules; this module holds the part that runs wherev
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 

@@ -14,8 +14,9 @@ import pickle
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from saecli.config.dataset import DatasetConfig
 from saecli.errors import RunError, UsageError

@@ -8,7 +8,8 @@ their `rank`/`world_size` and each gets a disjoint part.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 from saecli.data.batch import Batch
 

@@ -16,7 +16,7 @@ Extra hook points get a fixed random linear map of the first one (a target for t
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 

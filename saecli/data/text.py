@@ -17,8 +17,9 @@ import functools
 import itertools
 import os
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from saecli.config.dataset import DatasetConfig
 from saecli.errors import UsageError
@@ -111,7 +112,7 @@ def _read(path: Path) -> str:
         return ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def module_docstrings(path: Path) -> str:
     """One document per module: its docstring and every class/function docstring, in source order.
 

@@ -11,8 +11,9 @@ so that tokens, activations and (doc, pos) stay aligned. A trailing partial wind
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch

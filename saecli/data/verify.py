@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load as st_load

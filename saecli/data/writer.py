@@ -23,7 +23,6 @@ from saecli import fsio
 from saecli.data.manifest import MANIFEST, act_key, chunk_name, mean_norms
 from saecli.errors import RunError
 
-
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
              torch.bool: "BOOL"}

@@ -269,7 +269,7 @@ def _tensor_encode(encode: Any) -> Any:
     import functools
 
     @functools.wraps(encode)
-    def wrapper(self: "Dictionary", inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def wrapper(self: Dictionary, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if isinstance(inputs, torch.Tensor):
             hook = _single(self.in_hooks, "input")
             inputs = self.normalize({hook: inputs})

@@ -99,7 +99,7 @@ class CrossLayerTranscoder(Dictionary):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> "CrossLayerTranscoder":
+    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> CrossLayerTranscoder:
         if cfg.hook_points_in is not None:
             ins, outs = list(cfg.hook_points_in), list(cfg.hook_points_out)
             missing = [h for h in ins + outs if h not in hook_points]
@@ -116,7 +116,7 @@ class CrossLayerTranscoder(Dictionary):
         return cls(cfg, d_model, ins, outs)
 
     @classmethod
-    def from_saved(cls, cfg: Any, meta: dict) -> "CrossLayerTranscoder":
+    def from_saved(cls, cfg: Any, meta: dict) -> CrossLayerTranscoder:
         return cls(cfg, int(meta["d_model"]), meta["in_hooks"], meta["out_hooks"])
 
     def config_dict(self) -> dict:

@@ -106,7 +106,7 @@ class Crosscoder(Dictionary):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> "Crosscoder":
+    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> Crosscoder:
         heads = list(cfg.hook_points or hook_points)
         missing = [h for h in heads if h not in hook_points]
         if missing:
@@ -115,7 +115,7 @@ class Crosscoder(Dictionary):
         return cls(cfg, d_model, heads)
 
     @classmethod
-    def from_saved(cls, cfg: Any, meta: dict) -> "Crosscoder":
+    def from_saved(cls, cfg: Any, meta: dict) -> Crosscoder:
         return cls(cfg, int(meta["d_model"]), meta["in_hooks"])
 
     # ------------------------------------------------------------------ views

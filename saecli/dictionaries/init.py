@@ -15,7 +15,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -75,7 +76,7 @@ def geometric_median(points: torch.Tensor, max_iter: int = 200, tol: float = 1e-
 def grid_search(loss_at: Callable[[float], float], coarse: Sequence[float], fine_radius: float = 0.1,
                 fine_points: int = 20) -> tuple[float, float]:
     """Lowest `loss_at(v)` over `coarse`, then over linspace(best ± fine_radius, fine_points): (v, loss)."""
-    best = min(((loss_at(float(v)), float(v)) for v in coarse))
+    best = min((loss_at(float(v)), float(v)) for v in coarse)
     lo = max(best[1] - fine_radius, 1e-6)
     fine = torch.linspace(lo, best[1] + fine_radius, fine_points).tolist()
     best = min([best] + [(loss_at(float(v)), float(v)) for v in fine])

@@ -38,8 +38,9 @@ import contextlib
 import functools
 import os
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -292,7 +293,7 @@ class SparsePattern:
         return self.col.numel()
 
     @classmethod
-    def from_topk(cls, indices: torch.Tensor, n_cols: int) -> "SparsePattern":
+    def from_topk(cls, indices: torch.Tensor, n_cols: int) -> SparsePattern:
         """Rows with exactly k entries each (indices [N, k])."""
         n, k = indices.shape
         itype = torch.int32 if n * max(k, 1) < 2**31 - 1 and n_cols < 2**31 - 1 else torch.int64
@@ -301,7 +302,7 @@ class SparsePattern:
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor, row_counts: torch.Tensor | None = None
-                   ) -> tuple["SparsePattern", torch.Tensor]:
+                   ) -> tuple[SparsePattern, torch.Tensor]:
         """Pattern of the non-zeros of a 2-D tensor, and their values [nnz]. With `row_counts` (non-zeros
         per row, int32, as `relu_bias_` returns them) the compiled kernel extracts them in one pass."""
         n, d = dense.shape

@@ -109,11 +109,11 @@ class LowRankSparseAttention(Dictionary):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> "LowRankSparseAttention":
+    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> LowRankSparseAttention:
         return cls(cfg, d_model, *io_hooks(cfg, hook_points, "LORSA"))
 
     @classmethod
-    def from_saved(cls, cfg: Any, meta: dict) -> "LowRankSparseAttention":
+    def from_saved(cls, cfg: Any, meta: dict) -> LowRankSparseAttention:
         return cls(cfg, int(meta["d_model"]), meta["in_hooks"][0], meta["out_hooks"][0])
 
     def config_dict(self) -> dict:

@@ -25,7 +25,8 @@ point of the decoder-norm weighting (Anthropic, April 2024 update). For p = 1 al
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 

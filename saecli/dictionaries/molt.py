@@ -89,11 +89,11 @@ class MixtureOfLinearTransforms(Dictionary):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> "MixtureOfLinearTransforms":
+    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> MixtureOfLinearTransforms:
         return cls(cfg, d_model, *io_hooks(cfg, hook_points, "MOLT"))
 
     @classmethod
-    def from_saved(cls, cfg: Any, meta: dict) -> "MixtureOfLinearTransforms":
+    def from_saved(cls, cfg: Any, meta: dict) -> MixtureOfLinearTransforms:
         return cls(cfg, int(meta["d_model"]), meta["in_hooks"][0], meta["out_hooks"][0])
 
     def config_dict(self) -> dict:

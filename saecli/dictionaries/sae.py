@@ -68,12 +68,12 @@ class SparseAutoEncoder(Dictionary):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> "SparseAutoEncoder":
+    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> SparseAutoEncoder:
         hook = getattr(cfg, "hook_point", None) or hook_points[0]
         return cls(cfg, d_model, hook)
 
     @classmethod
-    def from_saved(cls, cfg: Any, meta: dict) -> "SparseAutoEncoder":
+    def from_saved(cls, cfg: Any, meta: dict) -> SparseAutoEncoder:
         return cls(cfg, int(meta["d_model"]), meta["in_hooks"][0], meta["out_hooks"][0])
 
     # ------------------------------------------------------------------ pieces of the math

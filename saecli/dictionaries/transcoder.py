@@ -44,7 +44,7 @@ class Transcoder(SparseAutoEncoder):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> "Transcoder":
+    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> Transcoder:
         hook_in = cfg.hook_point_in or hook_points[0]
         if cfg.hook_point_out:
             hook_out = cfg.hook_point_out

@@ -29,8 +29,8 @@ concatenation of its out hooks plus one block of reconstruction metrics per hook
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 

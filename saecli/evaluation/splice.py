@@ -39,8 +39,9 @@ Choices, and why:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -63,7 +64,7 @@ class SpliceSums:
     kl_zero: float = 0.0
     kl_mean: float = 0.0
 
-    def add(self, other: "SpliceSums") -> None:
+    def add(self, other: SpliceSums) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 

@@ -22,8 +22,9 @@ The lower-level writer is `saecli.data.cache.write_cache(cache_dir, chunks, hook
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

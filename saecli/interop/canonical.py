@@ -93,7 +93,7 @@ class Canonical:
     def decoder_norms(self) -> torch.Tensor:
         return self.W_dec.float().norm(dim=1)
 
-    def unit_decoder(self, target: float = 1.0) -> "Canonical":
+    def unit_decoder(self, target: float = 1.0) -> Canonical:
         """The same function with decoder rows of norm `target`: ‖W_dec,i‖/target moves into latent i's
         encoder row, bias and threshold (features scale by it; reconstructions are unchanged). Exact for
         ReLU and JumpReLU; for TopK only when the rows already have one norm (else the ranking would change)."""

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -121,7 +122,7 @@ class HookPoint:
         """True when the activation is a module's input (read by a forward pre-hook)."""
         return self.site in INPUT_SITES
 
-    def __lt__(self, other: "HookPoint") -> bool:
+    def __lt__(self, other: HookPoint) -> bool:
         return self.order < other.order
 
     def __str__(self) -> str:
@@ -245,11 +246,11 @@ def detect_layout(model: nn.Module) -> Layout:
     )
 
 
-def layout_of(lm: "LanguageModel") -> Layout:
+def layout_of(lm: LanguageModel) -> Layout:
     return lm.layout if getattr(lm, "layout", None) is not None else detect_layout(lm.model)
 
 
-def is_parallel(lm: "LanguageModel") -> bool:
+def is_parallel(lm: LanguageModel) -> bool:
     """Whether attention and MLP both read the block input (gpt-j, phi, pythia...)."""
     p = layout_of(lm).parallel
     return bool(getattr(lm.model.config, p, False)) if isinstance(p, str) else p
@@ -259,35 +260,35 @@ def is_parallel(lm: "LanguageModel") -> bool:
 # Modules
 
 
-def _check_layer(lm: "LanguageModel", layer: int) -> None:
+def _check_layer(lm: LanguageModel, layer: int) -> None:
     if not 0 <= layer < lm.n_layers:
         raise UsageError(f"layer {layer} is out of range: {lm.name} has {lm.n_layers} layers (0–{lm.n_layers - 1})")
 
 
-def get_blocks(lm: "LanguageModel") -> nn.ModuleList:
+def get_blocks(lm: LanguageModel) -> nn.ModuleList:
     return module_at(lm.model, layout_of(lm).layers)
 
 
-def get_block(lm: "LanguageModel", layer: int) -> nn.Module:
+def get_block(lm: LanguageModel, layer: int) -> nn.Module:
     _check_layer(lm, layer)
     return get_blocks(lm)[layer]
 
 
-def get_attention(lm: "LanguageModel", layer: int) -> nn.Module:
+def get_attention(lm: LanguageModel, layer: int) -> nn.Module:
     return module_at(get_block(lm, layer), layout_of(lm).attn)
 
 
-def get_mlp(lm: "LanguageModel", layer: int) -> nn.Module:
+def get_mlp(lm: LanguageModel, layer: int) -> nn.Module:
     return module_at(get_block(lm, layer), layout_of(lm).mlp)
 
 
-def get_norms(lm: "LanguageModel", layer: int) -> tuple[nn.Module | None, nn.Module | None]:
+def get_norms(lm: LanguageModel, layer: int) -> tuple[nn.Module | None, nn.Module | None]:
     """(norm before attention, norm before the MLP); None where the family has none (olmo2) or shares ln1."""
     layout, block = layout_of(lm), get_block(lm, layer)
     return tuple(module_at(block, path) if path else None for path in (layout.ln1, layout.ln2))  # type: ignore[return-value]
 
 
-def final_norm_and_unembed(lm: "LanguageModel") -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+def final_norm_and_unembed(lm: LanguageModel) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
     """(final norm as the model applies it, W_U [d_model, vocab]) so that logits = norm(resid) @ W_U.
 
     The norm is the model's own module (RMSNorm, LayerNorm, gemma's (1 + w) RMSNorm). W_U is read from
@@ -298,7 +299,7 @@ def final_norm_and_unembed(lm: "LanguageModel") -> tuple[Callable[[torch.Tensor]
     return norm, lm.model.get_output_embeddings().weight.detach().T
 
 
-def unembed_bias(lm: "LanguageModel") -> torch.Tensor | None:
+def unembed_bias(lm: LanguageModel) -> torch.Tensor | None:
     """The unembedding bias [vocab] (phi has one), or None."""
     bias = getattr(lm.model.get_output_embeddings(), "bias", None)
     return None if bias is None else bias.detach()
@@ -308,7 +309,7 @@ def unembed_bias(lm: "LanguageModel") -> torch.Tensor | None:
 # Names
 
 
-def unserved_reason(lm: "LanguageModel", site: str) -> str | None:
+def unserved_reason(lm: LanguageModel, site: str) -> str | None:
     """Why `site` has no meaning in `lm` (None when it does): resid_mid with parallel attention and MLP,
     and the pre-norm MLP input of a layout guessed from module names."""
     if site == "hook_resid_mid" and is_parallel(lm):
@@ -320,13 +321,13 @@ def unserved_reason(lm: "LanguageModel", site: str) -> str | None:
     return None
 
 
-def hook_names(lm: "LanguageModel") -> list[str]:
+def hook_names(lm: LanguageModel) -> list[str]:
     """Every valid hook name for `lm`, in forward order."""
     sites = [s for s in SITES if unserved_reason(lm, s) is None]
     return [HookPoint(layer, site).name for layer in range(lm.n_layers) for site in sites]
 
 
-def validate_hooks(lm: "LanguageModel", names: list[str]) -> list[HookPoint]:
+def validate_hooks(lm: LanguageModel, names: list[str]) -> list[HookPoint]:
     """Parse and range-check `names`; UsageError naming the bad one and the closest valid names."""
     points = []
     for name in names:
@@ -344,7 +345,7 @@ def validate_hooks(lm: "LanguageModel", names: list[str]) -> list[HookPoint]:
     return points
 
 
-def residual_directions(lm: "LanguageModel", out_hooks: list[str], directions: torch.Tensor) -> torch.Tensor:
+def residual_directions(lm: LanguageModel, out_hooks: list[str], directions: torch.Tensor) -> torch.Tensor:
     """[n, d_model]: directions written at `out_hooks` as residual-stream directions. Those at
     attn.hook_z ([n, n_heads · d_head], W_O's input) go through W_O without its bias; the rest are already
     residual directions."""
@@ -359,7 +360,7 @@ def residual_directions(lm: "LanguageModel", out_hooks: list[str], directions: t
     return directions @ (w.T if isinstance(o, nn.Linear) else w)  # Linear: [out, in]; GPT-2's Conv1D: [in, out]
 
 
-def hook_width(lm: "LanguageModel", name: str) -> int:
+def hook_width(lm: LanguageModel, name: str) -> int:
     """Width of the activation at `name`: d_model, except attn.hook_z (n_heads · d_head, W_O's input)."""
     point = parse_hook(name)
     if point.site != "attn.hook_z":
@@ -372,7 +373,7 @@ def hook_width(lm: "LanguageModel", name: str) -> int:
 # Torch hooks
 
 
-def site_module(lm: "LanguageModel", point: HookPoint) -> tuple[nn.Module, bool]:
+def site_module(lm: LanguageModel, point: HookPoint) -> tuple[nn.Module, bool]:
     """(module, is_input): the activation is that module's first input (pre-hook) or its output.
 
     resid_mid and mlp_in are the input of the MLP's norm (or of the MLP in a family without one, olmo2);
@@ -459,7 +460,7 @@ def _resid_mid(callback: Callback) -> tuple[Callback, Callback]:
 
 
 @contextmanager
-def attached(lm: "LanguageModel", callbacks: Mapping[str, Callback]) -> Iterator[None]:
+def attached(lm: LanguageModel, callbacks: Mapping[str, Callback]) -> Iterator[None]:
     """Register one callback per hook name for the duration of the block; always removes them.
 
     A callback gets the activation and returns its replacement or None. While a callback runs the hooks

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
 class LanguageModel:
     """A frozen (eval, no grad) causal LM, its tokenizer, and the facts the rest of saecli needs."""
 
-    model: "PreTrainedModel"
-    tokenizer: "PreTrainedTokenizerBase | None"
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
     name: str
     family: str
     n_layers: int
@@ -67,7 +68,7 @@ def _short(exc: BaseException, limit: int = 400) -> str:
     return f"{type(exc).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
 
 
-def _source(cfg: "ModelConfig") -> tuple[str, str | None]:
+def _source(cfg: ModelConfig) -> tuple[str, str | None]:
     """(folder or hub name, gguf file name) after checking what can be checked locally."""
     name, gguf = cfg.name, cfg.gguf_file
     path = Path(name).expanduser()
@@ -121,7 +122,7 @@ def _no_weight_progress_bar() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_pretrained(cfg: "ModelConfig", source: str, gguf: str | None, dtype: torch.dtype):
+def _load_pretrained(cfg: ModelConfig, source: str, gguf: str | None, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if gguf is not None and importlib.util.find_spec("gguf") is None:
@@ -150,7 +151,7 @@ def _load_pretrained(cfg: "ModelConfig", source: str, gguf: str | None, dtype: t
     return model, tokenizer
 
 
-def _bos(cfg: "ModelConfig", tokenizer, model) -> tuple[int | None, bool]:
+def _bos(cfg: ModelConfig, tokenizer, model) -> tuple[int | None, bool]:
     """(BOS id, whether the tokenizer adds it by itself)."""
     if cfg.bos_token is not None:
         vocab = tokenizer.get_vocab()
@@ -203,7 +204,7 @@ def wrap_model(model, tokenizer=None, *, name: str | None = None, prepend_bos: b
     )
 
 
-def load_model(cfg: "ModelConfig") -> LanguageModel:
+def load_model(cfg: ModelConfig) -> LanguageModel:
     """Load `cfg` (hub name, local folder, or folder + gguf_file) frozen on its device, in its dtype."""
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]

@@ -9,8 +9,8 @@ into a bfloat16 model.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from typing import Callable, Mapping
 
 import torch
 

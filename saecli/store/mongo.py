@@ -22,7 +22,14 @@ from pymongo.errors import BulkWriteError, ConfigurationError, DuplicateKeyError
 from saecli.errors import ConfigError, RunError
 from saecli.store.arrays import MARK, no_arrays, plain, restore
 from saecli.store.base import (
-    DEFAULT_SERIES, REPLACED, Store, analysis_view, check_order, feature_index, guarded, merged,
+    DEFAULT_SERIES,
+    REPLACED,
+    Store,
+    analysis_view,
+    check_order,
+    feature_index,
+    guarded,
+    merged,
 )
 
 GRIDFS_BYTES = 8 << 20  # arrays beyond this much per document go to GridFS (documents stop at 16 MB)

@@ -21,7 +21,14 @@ import numpy as np
 from saecli.errors import RunError
 from saecli.store.arrays import no_arrays, pack, plain, unpack
 from saecli.store.base import (
-    DEFAULT_SERIES, REPLACED, Store, analysis_view, check_order, feature_index, guarded, merged,
+    DEFAULT_SERIES,
+    REPLACED,
+    Store,
+    analysis_view,
+    check_order,
+    feature_index,
+    guarded,
+    merged,
 )
 
 SCHEMA_VERSION = 1

@@ -26,9 +26,9 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
+from typing import Any
 
 from saecli.dtypes import DTYPES
 from saecli.errors import RunError, UsageError

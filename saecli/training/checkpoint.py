@@ -161,7 +161,7 @@ def checkpoint_bytes(weights: dict[str, torch.Tensor], state: Any) -> int:
 def prune(root: str | Path, keep: int = 2) -> None:
     """Remove all but the newest `keep` complete checkpoints, and leftovers of interrupted writes."""
     folder = Path(root) / CHECKPOINTS_DIR
-    for old_step, path in list_checkpoints(root)[:-keep] if keep > 0 else []:
+    for _step, path in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
     if folder.is_dir():
         for p in folder.iterdir():

@@ -9,7 +9,8 @@ stream position for the checkpoint it alone writes.
 from __future__ import annotations
 
 import atexit
-from typing import Any, Iterable, Protocol
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import torch
 

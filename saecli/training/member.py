@@ -406,7 +406,7 @@ class Member:
         return save_checkpoint(self.folder, self.step, self.dictionary.state_dict(), state)
 
     @classmethod
-    def from_checkpoint(cls, dictionary: Dictionary, cfg: Any, path: str | Path, **kwargs) -> tuple["Member", dict]:
+    def from_checkpoint(cls, dictionary: Dictionary, cfg: Any, path: str | Path, **kwargs) -> tuple[Member, dict]:
         """A member restored from a checkpoint folder, and the checkpoint's shared state (stream, RNG)."""
         device = next(dictionary.parameters()).device
         weights, state = load_checkpoint(path, device=device)

@@ -20,9 +20,10 @@ Learning-rate factors (multiplying `lr`), T = total steps, W = warm-up, C = cool
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, get_args
+from typing import get_args
 
 from saecli.config.trainer import LrScheduler
 
@@ -129,7 +130,7 @@ class Schedule:
 
     @classmethod
     def from_config(cls, cfg, *, total_steps: int, tokens_per_step: int, k: int,
-                    l1_coefficient: float | None = None) -> "Schedule":
+                    l1_coefficient: float | None = None) -> Schedule:
         """Resolve a TrainerConfig (any object with its fields) for a run of `total_steps` steps.
 
         `l1_coefficient` replaces the config's (the member resolves its per-penalty default).

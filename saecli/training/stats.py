@@ -12,7 +12,7 @@ A latent "fires" on a token when its activation is non-zero. Both objects have e
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

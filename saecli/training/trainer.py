@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -161,7 +162,7 @@ class _StopFlag:
         self._old: dict[int, Any] = {}
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> _StopFlag:
         if self.enabled:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
