@@ -189,9 +189,9 @@ def test_decoder_norm_ratios_and_labels_by_hand():
 
 def test_per_model_explained_variance_by_hand():
     """Heads reconstructed exactly (model a) or by their mean only (model b): EV 1 and 0 per head."""
+    from saecli.data.batch import Batch
     from saecli.evaluation.evaluate import reconstruction_metrics
     from saecli.evaluation.metrics import Thresholds
-    from saecli.data.batch import Batch
     from saecli.evaluation.model_diff import model_diff_report
 
     cc = crafted_crosscoder(k=2)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import tiny_topk_toml
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,8 +20,9 @@ per label; resuming needs the same labels.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ class ModelsStream:
     def documents_consumed(self) -> int:
         return max(int(s.documents_consumed()) for s in self.children.values())
 
-    def __iter__(self) -> "ModelsStream":
+    def __iter__(self) -> ModelsStream:
         return self
 
     def __next__(self) -> Batch:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from saecli import ui
+from saecli.data.open import open_stream, uses_cache
 from saecli.dictionaries.base import Dictionary
 from saecli.errors import UsageError
 from saecli.evaluation.density import log_density_histogram, save_density_png, show_density
@@ -39,7 +40,6 @@ from saecli.evaluation.heldout import HeldOut, plan_heldout
 from saecli.evaluation.metrics import EvalAccumulator, Thresholds
 from saecli.evaluation.model_diff import model_diff_report, show_model_diff
 from saecli.evaluation.splice import splice_eval
-from saecli.data.open import open_stream, uses_cache
 
 EVAL_FILE = "eval.json"
 DENSITY_FILE = "eval_density.png"
