@@ -239,6 +239,42 @@ def test_crosscoder_trains_and_evaluates_per_model(tmp_path, tiny_llama, chat_mo
     assert result["data"]["skip_documents"] > 0  # past the documents training read (found with the first model)
 
 
+def test_crosscoder_finds_latents_of_one_model_on_a_synthetic_pair(tmp_path):
+    """Two 'models' built from one sparse dictionary: atoms 0-7 exist in base only, 8-15 in chat only,
+    16-23 in both (same tokens, same coefficients: two SyntheticStreams of one seed, zipped by the
+    ModelsStream). The trained crosscoder's latent for each atom has r ≈ 0, ≈ 1 and ≈ 0.5."""
+    from saecli.config.base import parse
+    from saecli.config.experiment import Experiment
+    from saecli.data.models import ModelsStream
+    from saecli.data.synthetic import SyntheticStream
+    from saecli.dictionaries.registry import load_dictionary
+    from saecli.evaluation.model_diff import model_diff_report
+    from saecli.training.run import train
+
+    def child() -> SyntheticStream:
+        return SyntheticStream(d_model=16, n_atoms=24, k=3, batch_size=256, hook_points=["h"], seed=3)
+
+    base, chat = child(), child()
+    atoms = base.true_dictionary.clone()
+    base.true_dictionary, chat.true_dictionary = atoms.clone(), atoms.clone()
+    base.true_dictionary[8:16] = 0
+    chat.true_dictionary[0:8] = 0
+    exp = parse(Experiment, {
+        "run": {"name": "syn", "output_dir": str(tmp_path / "run")}, "store": {"backend": "none"},
+        "sae": {"kind": "crosscoder", "d_sae": 48, "activation": "topk", "k": 3, "norm_activation": "none"},
+        "trainer": {"total_training_tokens": 256 * 800, "lr": 3e-3, "n_checkpoints": 0, "log_frequency": 200}})
+    cc = load_dictionary(train(exp, stream=ModelsStream({"base": base, "chat": chat})))
+    assert cc.heads == ["base/h", "chat/h"]
+    target = torch.nn.functional.normalize(torch.cat([base.true_dictionary, chat.true_dictionary], 1), dim=-1)
+    cos = target @ torch.nn.functional.normalize(cc.W_dec.detach().reshape(cc.d_sae, -1), dim=-1).T
+    assert cos.max(1).values.min() > 0.95  # every atom recovered
+    best = cos.argmax(1)
+    _, r = cc.relative_decoder_norm()
+    assert (r[best[:8]] < 0.1).all() and (r[best[8:16]] > 0.9).all() and ((r[best[16:]] - 0.5).abs() < 0.1).all()
+    report = model_diff_report(cc, {})
+    assert report["labels"]["base-only"] >= 8 and report["labels"]["chat-only"] >= 8
+
+
 # ----------------------------------------------------------------------------------------------- dashboard
 
 

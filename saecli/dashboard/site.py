@@ -255,9 +255,10 @@ def diff_models(result: AnalysisResult) -> tuple[str, str] | None:
     if "relative_decoder_norm" not in result.extras:
         return None
     labels = list(dict.fromkeys(split_head(h)[0] for h in result.meta.get("out_hooks", [])))
-    if len(labels) != 2 or None in labels:
+    first, second = (labels + [None, None])[:2]
+    if len(labels) != 2 or first is None or second is None:
         return None
-    return labels[0], labels[1]
+    return first, second
 
 
 def model_of_feature(result: AnalysisResult, index: int, models: tuple[str, str]) -> dict:

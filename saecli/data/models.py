@@ -69,7 +69,7 @@ class ModelsStream:
         return getattr(self.children[self.labels[0]], "lm", None)
 
     def documents_consumed(self) -> int:
-        return max(int(s.documents_consumed()) for s in self.children.values())
+        return max(int(s.documents_consumed()) for s in self.children.values())  # type: ignore[attr-defined]
 
     def __iter__(self) -> ModelsStream:
         return self
@@ -184,7 +184,7 @@ def open_models_stream(exp: Any, *, purpose: str, rank: int, world_size: int, co
     if purpose == "eval":
         acts = dataclasses.replace(acts, shuffle=False)
     quiet = dataclasses.replace(acts, max_norm_ratio=0.0)  # outliers leave the merged batch, never one model's
-    children: dict[str, ActivationStream] = {}
+    children: dict[str, Any] = {}  # LiveStream / CacheStream: ActivationStreams with documents_consumed()
     if use_cache:
         children = _cache_children(exp, quiet, per_model, contexts, rank, world_size, epochs)
         describe = f"caches {acts.cache_dir}/{{{','.join(exp.models)}}}"
