@@ -221,7 +221,7 @@ def test_per_model_explained_variance_by_hand():
 # ----------------------------------------------------------------------------------------------- train, eval
 
 
-def test_crosscoder_trains_and_evaluates_per_model(tmp_path, tiny_llama, chat_model):
+def test_crosscoder_trains_and_evaluates_per_model(tmp_path, tiny_llama, chat_model, run_cli):
     from saecli.evaluation import evaluate
     from saecli.training.run import train
 
@@ -237,6 +237,14 @@ def test_crosscoder_trains_and_evaluates_per_model(tmp_path, tiny_llama, chat_mo
     assert sum(diff["labels"].values()) == 32 and sum(diff["relative_decoder_norm"]["counts"]) == 32
     assert result["data"]["source"] == "live"  # held out from the live text, not the (absent) cache
     assert result["data"]["skip_documents"] > 0  # past the documents training read (found with the first model)
+    # analyze + dashboard on both models' contexts: every feature has its model label
+    out = run_cli("analyze", folder, "--html", "--set", "analyze.total_analyzing_tokens=256")
+    assert out.exit_code == 0, out.output
+    index = (folder / "analysis" / "default" / "html" / "index.html").read_text()
+    data = json.loads(re.search(r'id="data">(.*?)</script>', index, re.S).group(1))
+    col = data["model_diff"]["col"]
+    assert {r[col + 1] for r in data["features"]} <= {"base-only", "shared", "chat-only"}
+    assert len(data["features"]) == 32
 
 
 def test_crosscoder_finds_latents_of_one_model_on_a_synthetic_pair(tmp_path):
