@@ -223,10 +223,10 @@ def test_per_model_explained_variance_by_hand():
 
 def test_crosscoder_trains_and_evaluates_per_model(tmp_path, tiny_llama, chat_model, run_cli):
     from saecli.evaluation import evaluate
-    from saecli.training.run import train
+    from saecli.runs import train
 
     exp = experiment_from_dict(diff_config(tiny_llama, chat_model, tmp_path))
-    folder = train(exp)
+    folder = train(exp).folder
     cfg = json.loads((folder / "cfg.json").read_text())
     assert f"chat/{HOOK}" in json.dumps(cfg)
     result = evaluate(exp, folder, show=False)
@@ -257,7 +257,7 @@ def test_crosscoder_finds_latents_of_one_model_on_a_synthetic_pair(tmp_path):
     from saecli.data.synthetic import SyntheticStream
     from saecli.dictionaries.registry import load_dictionary
     from saecli.evaluation.model_diff import model_diff_report
-    from saecli.training.run import train
+    from saecli.runs import train
 
     def child() -> SyntheticStream:
         return SyntheticStream(d_model=16, n_atoms=24, k=3, batch_size=256, hook_points=["h"], seed=3)
@@ -271,7 +271,7 @@ def test_crosscoder_finds_latents_of_one_model_on_a_synthetic_pair(tmp_path):
         "run": {"name": "syn", "output_dir": str(tmp_path / "run")}, "store": {"backend": "none"},
         "sae": {"kind": "crosscoder", "d_sae": 48, "activation": "topk", "k": 3, "norm_activation": "none"},
         "trainer": {"total_training_tokens": 256 * 800, "lr": 3e-3, "n_checkpoints": 0, "log_frequency": 200}})
-    cc = load_dictionary(train(exp, stream=ModelsStream({"base": base, "chat": chat})))
+    cc = load_dictionary(train(exp, stream=ModelsStream({"base": base, "chat": chat})).folder)
     assert cc.heads == ["base/h", "chat/h"]
     target = torch.nn.functional.normalize(torch.cat([base.true_dictionary, chat.true_dictionary], 1), dim=-1)
     cos = target @ torch.nn.functional.normalize(cc.W_dec.detach().reshape(cc.d_sae, -1), dim=-1).T

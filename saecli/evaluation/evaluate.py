@@ -209,15 +209,18 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
         from saecli.lm import load_model
 
         lm = load_model(exp.model)
-    dictionary = dictionary.to(_device(lm))
     plan_lm, lms = lm, None
-    if plan_lm is None and getattr(exp, "models", None) and not uses_cache(exp):
-        # several models: the first one's tokenizer packed the training text; it finds the held-out documents
-        from saecli.lm import load_model
-
+    if getattr(exp, "models", None):
+        # several models: a given `lm` is the first one; its tokenizer packed the training text, so it finds the
+        # held-out documents; it splices nothing (lm = None: a reconstruction reads every model)
         first = next(iter(exp.models))
-        plan_lm = load_model(exp.models[first])
-        lms = {first: plan_lm}
+        if plan_lm is None and not uses_cache(exp):
+            from saecli.lm import load_model
+
+            plan_lm = load_model(exp.models[first])
+        lms = {first: plan_lm} if plan_lm is not None else None
+        lm = None
+    dictionary = dictionary.to(_device(plan_lm))
     held = plan_heldout(exp, Path(run_folder) if run_folder else folder, plan_lm)
     for note in held.notes:
         ui.warn(note)
