@@ -106,6 +106,22 @@ def test_live_stream_gives_both_models_on_the_same_tokens_in_order(tmp_path, tin
         open_stream(other).load_state_dict(state)
 
 
+def test_misaligned_streams_are_refused_batch_by_batch():
+    from saecli.data.models import ModelsStream
+    from saecli.data.synthetic import SyntheticStream
+    from saecli.errors import UsageError
+
+    same = ModelsStream({"a": SyntheticStream(seed=1, n_batches=2), "b": SyntheticStream(seed=1, n_batches=2)})
+    batches = list(same)
+    assert len(batches) == 2 and list(batches[0].acts) == ["a/synthetic.0", "b/synthetic.0"]
+    other = ModelsStream({"a": SyntheticStream(seed=1), "b": SyntheticStream(seed=2)})
+    with pytest.raises(UsageError, match="different tokens"):
+        next(other)
+    for n_a, n_b in ((2, 1), (1, 2)):  # like zip: the pass ends with the shortest stream
+        short = ModelsStream({"a": SyntheticStream(seed=1, n_batches=n_a), "b": SyntheticStream(seed=1, n_batches=n_b)})
+        assert len(list(short)) == 1
+
+
 def test_different_tokenizers_are_refused_naming_the_keys(tmp_path, tiny_llama):
     from saecli.data.open import open_stream
     from saecli.lm.tiny import make_tiny_model

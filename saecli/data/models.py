@@ -80,10 +80,7 @@ class ModelsStream:
         parts: dict[str, Batch] = {}
         for label, it in self._iters.items():
             b = next(it, None)
-            if b is None:
-                if parts:
-                    raise UsageError(f"the activations of model {label!r} ended before those of "
-                                     f"{next(iter(parts))!r}: the models' streams are not of the same text")
+            if b is None:  # like zip: the pass ends with the shortest (a longer cache's extra tokens unused)
                 raise StopIteration
             parts[label] = b
         batch = self._merge(parts)
