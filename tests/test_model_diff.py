@@ -140,6 +140,7 @@ def test_cached_pair_is_checked_and_zipped(tmp_path, tiny_llama, chat_model, run
 
     from saecli.data.models import ModelsStream
     from saecli.data.open import open_stream
+    from saecli.errors import UsageError
 
     cfg = diff_config(tiny_llama, chat_model, tmp_path, source="auto", cache_dir=str(tmp_path / "cache"),
                       total_tokens=512, chunk_tokens=128)
@@ -157,14 +158,23 @@ def test_cached_pair_is_checked_and_zipped(tmp_path, tiny_llama, chat_model, run
     assert torch.equal(b.tokens, want.tokens)
     for h in want.acts:
         torch.testing.assert_close(b.acts[h], want.acts[h], rtol=1e-5, atol=1e-5)
-    # a cache of other text is refused at open
-    chunk = next((tmp_path / "cache" / "chat" / "shard-000").glob("chunk-*.safetensors"))
-    from safetensors.torch import load_file, save_file
+    # a "chat" cache of other text (from document 3 on; same size and chunks) is refused at open
+    import shutil
 
-    tensors = load_file(str(chunk))
-    tensors["tokens"] = tensors["tokens"].flip(0).contiguous()
-    save_file(tensors, str(chunk))
-    with pytest.raises(Exception, match="not of the same text"):
+    shutil.rmtree(tmp_path / "cache" / "chat")
+    other = {**cfg, "model": cfg["models"]["chat"], "dataset": {"path": "builtin:python-docs", "skip_documents": 3},
+             "activations": {**cfg["activations"], "cache_dir": str(tmp_path / "cache" / "chat")}}
+    other.pop("models")
+    path.write_text(tomli_w.dumps(other))
+    assert run_cli("generate", path).exit_code == 0
+    with pytest.raises(UsageError, match="not of the same text"):
+        open_stream(exp)
+    # same text, other chunks: refused before reading any token
+    shutil.rmtree(tmp_path / "cache" / "chat")
+    other["dataset"], other["activations"]["chunk_tokens"] = {"path": "builtin:python-docs"}, 64
+    path.write_text(tomli_w.dumps(other))
+    assert run_cli("generate", path).exit_code == 0
+    with pytest.raises(UsageError, match="different chunks"):
         open_stream(exp)
 
 

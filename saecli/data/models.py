@@ -226,14 +226,23 @@ def _cache_children(exp: Any, acts: Any, per_model: dict[str, list[str]], contex
         raise UsageError(f"no activation cache in {', '.join(missing)}: with [models], activations.cache_dir holds "
                          "one cache per model label (`saecli generate` writes them)")
     labels = list(dirs)
+    dtype = getattr(torch, acts.override_dtype) if acts.override_dtype else None
+    children = {label: CacheStream(dirs[label], hook_points=per_model[label], batch_size=acts.batch_size,
+                                   shuffle=acts.shuffle, buffer_tokens=acts.shuffle_buffer_tokens, seed=acts.seed,
+                                   rank=rank, world_size=world_size, epochs=epochs, dtype=dtype,
+                                   max_norm_ratio=0.0, verify=acts.verify_chunks)
+                for label in labels}
+    # cheap first: equal chunks ⇒ equal windows and permutations ⇒ aligned batches (each batch is still checked)
+    layout = {label: [c.n_tokens for c in s.index.chunks] for label, s in children.items()}
     for label in labels[1:]:
+        if layout[label] != layout[labels[0]]:
+            raise UsageError(f"the caches of {labels[0]!r} and {label!r} are cut into different chunks "
+                             f"({len(layout[labels[0]])} vs {len(layout[label])} chunks, "
+                             f"{sum(layout[labels[0]]):,} vs {sum(layout[label]):,} tokens): generate them with "
+                             "the same activations.total_tokens and chunk_tokens (`saecli generate` with [models])")
+    for label in labels[1:]:  # then every token id, document and position (`saecli check --against`)
         problems = check_against(dirs[labels[0]], dirs[label])
         if problems:
             p = problems[0]
             raise UsageError(f"the caches of {labels[0]!r} and {label!r} are not of the same text: {p.file}: {p.detail}")
-    dtype = getattr(torch, acts.override_dtype) if acts.override_dtype else None
-    return {label: CacheStream(dirs[label], hook_points=per_model[label], batch_size=acts.batch_size,
-                               shuffle=acts.shuffle, buffer_tokens=acts.shuffle_buffer_tokens, seed=acts.seed,
-                               rank=rank, world_size=world_size, epochs=epochs, dtype=dtype, max_norm_ratio=0.0,
-                               verify=acts.verify_chunks)
-            for label in labels}
+    return children
