@@ -6,8 +6,9 @@ One child stream per model ([models.<label>], see saecli/config/models.py), zipp
            children); at open, `check_tokenizers` tokenises a sample of the text with every model's
            tokenizer and stops (ConfigError naming models.<label>.name) if any differs from the first.
     cache  activations.cache_dir holds one cache per model, in <cache_dir>/<label>/ (`saecli generate`
-           with [models] writes them so); at open every cache is checked against the first with
-           `check --against`'s verification (same token ids, documents, positions in the same order).
+           with [models] writes them so); at open their chunk layouts must be equal, then every cache
+           is checked against the first with `check --against`'s verification (same token ids,
+           documents, positions in the same order).
 
 The children share seed, shuffle and window sizes, so their permutations are equal and their
 batches hold the same tokens in the same order; every batch is still checked (tokens, doc, pos must
