@@ -59,7 +59,7 @@ def _decoder_row_norm(model: Any, cfg: InitConfig) -> float | None:
     if norm == 0.0 and getattr(model, "gated", False):
         from saecli.errors import ConfigError
 
-        raise ConfigError("a zero decoder cannot rank latents by h·‖W_dec‖: set sae.sparsity_include_decoder_norm "
+        raise ConfigError("a zero decoder cannot rank latents by h·‖W_dec‖: set dictionary.sparsity_include_decoder_norm "
                           "= false", key="init.decoder_init_norm")
     return norm
 

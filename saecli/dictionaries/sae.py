@@ -486,7 +486,7 @@ def matryoshka_prefixes(cfg: Any, d_sae: int) -> tuple[int, ...]:
     if not given:
         return ()
     if given[-1] > d_sae:  # d_sae from expansion_factor is known only here
-        raise ConfigError(f"prefix {given[-1]} exceeds d_sae ({d_sae})", key="sae.matryoshka_prefixes")
+        raise ConfigError(f"prefix {given[-1]} exceeds d_sae ({d_sae})", key="dictionary.matryoshka_prefixes")
     return tuple(int(p) for p in given) + (() if given[-1] == d_sae else (d_sae,))
 
 
