@@ -23,7 +23,7 @@ the steps for warm-ups, 10 % of the tokens for dead windows: saecli's own fracti
     flock /tmp/saecli-bench.lock nice -n 10 python benchmarks/bench_quality.py --quick          # ≈ 5 min
     flock /tmp/saecli-bench.lock nice -n 10 python benchmarks/bench_quality.py --tokens 300000  # ≈ 30 min
     python benchmarks/bench_quality.py --tokens 300000 --saecli-row 'trainer.lr=2e-3'  # + a saecli row
-    python benchmarks/bench_quality.py --tokens 300000 --saecli-row 'sae.matryoshka_prefixes=[256, 1024]'
+    python benchmarks/bench_quality.py --tokens 300000 --saecli-row 'dictionary.matryoshka_prefixes=[256, 1024]'
     python benchmarks/bench_quality.py --tokens 300000 --hook blocks.6.hook_resid_post   # a second layer
 
 Skip transcoders (MLP input → MLP output; quality-transcoder.toml, the same cache): the same table, EV
