@@ -39,6 +39,14 @@ def test_default_lr_is_4e3_at_d_sae_4608_and_falls_as_one_over_root_d_sae_above(
     assert default_lr(64) == pytest.approx(4e-3)  # never above the measured best
 
 
+def test_default_lr_falls_as_one_over_root_run_tokens_beyond_300k():
+    assert default_lr(4608, 300_000) == default_lr(4608, 1000) == pytest.approx(4e-3)
+    assert default_lr(4608, 1_200_000) == pytest.approx(2e-3)  # 4× the tokens: half the lr (measured: 2e-3 won)
+    assert default_lr(4 * 4608, 10_000_000) == pytest.approx(2e-3 * (0.03 ** 0.5))  # both factors multiply
+    assert resolve_trainer(parse(TrainerConfig, {"total_training_tokens": 1_200_000}), d_sae=4608).lr == \
+        pytest.approx(2e-3)
+
+
 def test_the_penalty_and_its_weight_default_by_activation():
     assert [default_sparsity_loss(a) for a in ("relu", "jumprelu", "topk", "batchtopk")] == \
         ["power", "tanh", "none", "none"]
@@ -58,7 +66,7 @@ def test_resolve_fills_what_it_is_given_and_keeps_what_is_set():
     assert unresolved(bare) == ["trainer.sparsity_loss_type", "trainer.l1_coefficient", "trainer.lr",
                                 "trainer.k_aux", "trainer.dead_threshold_tokens"]
     part = resolve_trainer(bare, activation="relu", d_sae=18432)
-    assert (part.sparsity_loss_type, part.l1_coefficient, part.lr) == ("power", 5.0, pytest.approx(2e-3))
+    assert (part.sparsity_loss_type, part.l1_coefficient, part.lr) == ("power", 5.0, pytest.approx(default_lr(18432, 10_000_000)))
     assert unresolved(part) == ["trainer.k_aux", "trainer.dead_threshold_tokens"]
     full = resolve_trainer(part, activation="topk", d_sae=64, d_model=576, run_tokens=51_200)
     assert (full.sparsity_loss_type, full.lr, full.k_aux, full.dead_threshold_tokens) == \
@@ -77,23 +85,24 @@ def load(sae: dict, **sections) -> object:
 def test_loading_a_file_writes_in_the_defaults_the_file_decides():
     exp = load({"d_sae": 4 * 4608, "activation": "relu"})
     assert (exp.trainer.lr, exp.trainer.sparsity_loss_type, exp.trainer.l1_coefficient) == \
-        (pytest.approx(2e-3), "power", 5.0)
+        (pytest.approx(2e-3 * 0.03 ** 0.5), "power", 5.0)  # 4 × 4608 latents, 10M tokens
     assert exp.trainer.k_aux is None and exp.trainer.dead_threshold_tokens is None  # they wait for the stream
     # d_sae from expansion_factor × d_model: the lr waits for d_model
     assert load({"expansion_factor": 8, "activation": "jumprelu"}).trainer.lr is None
     # a CLT's d_sae counts one layer: the lr follows all n_layers × d_sae latents
     clt = load({"kind": "clt", "d_sae": 4608, "hook_points_in": ["a", "b"], "hook_points_out": ["c", "d"]})
-    assert clt.trainer.lr == pytest.approx(default_lr(2 * 4608)) == pytest.approx(4e-3 / math.sqrt(2))
+    assert clt.trainer.lr == pytest.approx(default_lr(2 * 4608, 10_000_000)) == \
+        pytest.approx(4e-3 / math.sqrt(2) * math.sqrt(0.03))
     # a MOLT's size is Σ rank_counts
     molt = load({"kind": "molt", "rank_counts": {"4": 9000, "16": 216}, "hook_point_in": "a", "hook_point_out": "b"})
-    assert molt.trainer.lr == pytest.approx(default_lr(9216))
+    assert molt.trainer.lr == pytest.approx(default_lr(9216, 10_000_000))
 
 
 def test_a_member_trains_with_the_defaults_of_its_dictionary():
     d = build_dictionary(parse(DictionaryConfig, {"d_sae": 4 * 4608, "k": 4, "activation": "topk"}), 16, ["x"])
     cfg = parse(TrainerConfig, {"lr_scheduler": "constant", "n_checkpoints": 0, "checkpoint_every_seconds": 0})
     m = Member(d, cfg, total_steps=10, batch_tokens=8)
-    assert [g["lr"] for g in m.optimizer.param_groups] == pytest.approx([2e-3] * len(m.optimizer.param_groups))
+    assert [g["lr"] for g in m.optimizer.param_groups] == pytest.approx([default_lr(4 * 4608, 10_000_000)] * len(m.optimizer.param_groups))
     assert (m.cfg.k_aux, m.k_aux, m.cfg.dead_threshold_tokens, m.schedule.dead_threshold_tokens) == (8, 8, 8, 8)
     assert unresolved(m.cfg) == []
 
