@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,13 +29,17 @@ from saecli.data.tokens import Packer, packer_for
 from saecli.dtypes import DTYPES
 from saecli.errors import UsageError
 
+if TYPE_CHECKING:
+    from saecli.config.model import ModelConfig
+    from saecli.lm.loading import LanguageModel
+
 
 class LiveStream(WindowStream):
     """Activation batches computed from a loaded model; implements saecli.data.stream.ActivationStream."""
 
-    def __init__(self, lm: Any, dataset: DatasetConfig, acts: ActivationsConfig, *, hook_points: list[str] | None = None,
+    def __init__(self, lm: LanguageModel, dataset: DatasetConfig, acts: ActivationsConfig, *, hook_points: list[str] | None = None,
                  contexts: bool = False, rank: int = 0, world_size: int = 1, epochs: int | None = None,
-                 run_to_hooks: Callable | None = None, packer: Packer | None = None, model_cfg: Any = None):
+                 run_to_hooks: Callable | None = None, packer: Packer | None = None, model_cfg: ModelConfig | None = None):
         if run_to_hooks is None:
             from saecli.lm import run_to_hooks
         if not 0 <= rank < world_size:

@@ -9,11 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from saecli.data.manifest import MANIFEST, SHARD_GLOB
 from saecli.data.stream import ActivationStream
+from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from saecli.config.activations import ActivationsConfig
+    from saecli.config.experiment import Experiment
+    from saecli.config.model import ModelConfig
+    from saecli.lm.loading import LanguageModel
+
+
+def need_activations(exp: Experiment) -> ActivationsConfig:
+    """`exp.activations`, a ConfigError naming the section when the file has none (what every command that
+    streams activations requires; typed, so the callers need no None checks)."""
+    if exp.activations is None:
+        raise ConfigError("this command needs an [activations] section", file=exp.source_file)
+    return exp.activations
+
+
+def need_model(exp: Experiment) -> ModelConfig:
+    """`exp.model`, a ConfigError naming the section when the file has none."""
+    if exp.model is None:
+        raise ConfigError("this command needs a [model] section", file=exp.source_file)
+    return exp.model
 
 
 def cache_exists(cache_dir: str | Path | None) -> bool:
@@ -23,7 +45,7 @@ def cache_exists(cache_dir: str | Path | None) -> bool:
     return root.is_dir() and any((p / MANIFEST).exists() for p in root.glob(SHARD_GLOB))
 
 
-def uses_cache(exp: Any) -> bool:
+def uses_cache(exp: Experiment) -> bool:
     """Whether `open_stream` would read the cache for this experiment."""
     acts = exp.activations
     if acts is None:
@@ -31,20 +53,16 @@ def uses_cache(exp: Any) -> bool:
     return acts.source == "cache" or (acts.source == "auto" and cache_exists(acts.cache_dir))
 
 
-def open_stream(exp: Any, *, purpose: Literal["train", "eval"] = "train", rank: int = 0, world_size: int = 1,
+def open_stream(exp: Experiment, *, purpose: Literal["train", "eval"] = "train", rank: int = 0, world_size: int = 1,
                 contexts: bool = False, hook_points: list[str] | None = None, skip_documents: int | None = None,
-                lm: Any = None) -> ActivationStream:
+                lm: LanguageModel | None = None) -> ActivationStream:
     """The activation stream an experiment describes (see the module docstring)."""
     if purpose not in ("train", "eval"):
         raise ValueError(f"purpose must be 'train' or 'eval', found {purpose!r}")
-    acts = exp.activations
-    if acts is None:
-        raise ConfigError("this command needs an [activations] section", file=exp.source_file)
+    acts = need_activations(exp)
     hooks = list(hook_points or acts.hook_points)
     epochs = 1 if purpose == "eval" else None
     if uses_cache(exp):
-        import torch
-
         from saecli.data.reader import CacheStream
 
         if contexts:
@@ -52,19 +70,19 @@ def open_stream(exp: Any, *, purpose: Literal["train", "eval"] = "train", rank: 
                 f"this dictionary needs whole contexts (e.g. LORSA), which a token cache ({acts.cache_dir}) cannot give: "
                 "set activations.source = 'live' to compute them from [model]"
             )
-        dtype = getattr(torch, acts.override_dtype) if acts.override_dtype else None
+        dtype = DTYPES[acts.override_dtype] if acts.override_dtype else None
         return CacheStream(
-            acts.cache_dir, hook_points=hooks, batch_size=acts.batch_size, shuffle=acts.shuffle,
+            str(acts.cache_dir), hook_points=hooks, batch_size=acts.batch_size, shuffle=acts.shuffle,
             buffer_tokens=acts.shuffle_buffer_tokens, seed=acts.seed, rank=rank, world_size=world_size,
             epochs=epochs, dtype=dtype, max_norm_ratio=acts.max_norm_ratio, verify=acts.verify_chunks,
         )
     from saecli.data.live import LiveStream
 
-    exp.require("model")
+    model_cfg = need_model(exp)
     if lm is None:
         from saecli.lm import load_model
 
-        lm = load_model(exp.model)
+        lm = load_model(model_cfg)
     from saecli.lm import validate_hooks
 
     validate_hooks(lm, hooks)
@@ -74,4 +92,4 @@ def open_stream(exp: Any, *, purpose: Literal["train", "eval"] = "train", rank: 
     if skip_documents is not None:
         dataset = dataclasses.replace(dataset, skip_documents=skip_documents)
     return LiveStream(lm, dataset, acts, hook_points=hooks, contexts=contexts, rank=rank, world_size=world_size,
-                      epochs=epochs, model_cfg=exp.model)
+                      epochs=epochs, model_cfg=model_cfg)

@@ -36,7 +36,7 @@ def initialize(model: Any, init_cfg: InitConfig | None = None, seed: int | None 
     d_sae = w_dec.shape[-2]
     bound = cfg.decoder_uniform_bound if cfg.decoder_uniform_bound is not None else 1.0 / math.sqrt(d_sae)
     w = (torch.rand(w_dec.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
-    if getattr(model.cfg, "decoder_unit_norm", False):
+    if model.cfg.decoder_unit_norm:
         w = _unit_rows(w)
     elif cfg.decoder_init_norm is not None:
         w = _unit_rows(w) * cfg.decoder_init_norm
@@ -123,7 +123,7 @@ def init_sae_from_data(model: Any, batches: list[dict[str, torch.Tensor]], init_
     n_first = batches[0][model.in_hook].reshape(-1, x.shape[-1]).shape[0]
     x1, y1 = x[:n_first], y[:n_first]
     tied = cfg.init_encoder_with_decoder_transpose and model.W_enc.shape == model.W_dec.shape
-    if cfg.grid_search_init_norm and not getattr(model.cfg, "decoder_unit_norm", False):
+    if cfg.grid_search_init_norm and not model.cfg.decoder_unit_norm:
         directions = _unit_rows(model.W_dec.float())
 
         def set_norm(norm: float) -> None:

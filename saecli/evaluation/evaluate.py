@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,11 @@ from saecli.evaluation.density import log_density_histogram, save_density_png, s
 from saecli.evaluation.heldout import HeldOut, plan_heldout
 from saecli.evaluation.metrics import EvalAccumulator, Thresholds
 from saecli.evaluation.splice import splice_eval
+
+if TYPE_CHECKING:
+    from saecli.config.experiment import Experiment
+    from saecli.lm.loading import LanguageModel
+
 
 EVAL_FILE = "eval.json"
 DENSITY_FILE = "eval_density.png"
@@ -61,7 +66,7 @@ def load_for_eval(sae_path: str | Path, device: torch.device | str = "cpu") -> D
     return load_dictionary(folder, device=device).eval()
 
 
-def _device(lm: Any) -> torch.device:
+def _device(lm: LanguageModel) -> torch.device:
     if lm is not None:
         return torch.device(lm.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,7 +121,7 @@ def reconstruction_metrics(dictionary: Dictionary, batches: Iterator[Any], total
     return acc
 
 
-def _ce_batches(exp: Any, lm: Any, skip: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _ce_batches(exp: Experiment, lm: LanguageModel, skip: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`eval.ce_contexts` packed windows of held-out text, in model batches of (tokens, mask)."""
     from saecli.data.text import iter_documents
     from saecli.data.tokens import packer_for
@@ -132,7 +137,7 @@ def _ce_batches(exp: Any, lm: Any, skip: int | None) -> Iterator[tuple[torch.Ten
         yield tokens, mask
 
 
-def _splice(exp: Any, lm: Any, dictionary: Dictionary, held: HeldOut) -> dict[str, float] | None:
+def _splice(exp: Experiment, lm: LanguageModel, dictionary: Dictionary, held: HeldOut) -> dict[str, float] | None:
     batches = list(_ce_batches(exp, lm, held.skip_documents))
     if not batches:
         ui.warn("no held-out text left for the CE/KL splice evaluation; skipped")
@@ -147,7 +152,7 @@ def _splice(exp: Any, lm: Any, dictionary: Dictionary, held: HeldOut) -> dict[st
     return result
 
 
-def _store_update(exp: Any, sae_path: Path, metrics: dict) -> None:
+def _store_update(exp: Experiment, sae_path: Path, metrics: dict) -> None:
     """Merge the eval metrics into the store's record of this dictionary (created when missing)."""
     if exp.store.backend == "none":
         return
@@ -186,8 +191,8 @@ def _write_latents(path: Path, per_latent: dict[str, torch.Tensor]) -> None:
     write_with(path, lambda p: save_file(tensors, str(p), metadata={"format": "saecli-eval-latents"}))
 
 
-def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | Path | None = None,
-             show: bool = True, lm: Any = None) -> dict:
+def evaluate(exp: Experiment, sae_path: str | Path | None = None, *, run_folder: str | Path | None = None,
+             show: bool = True, lm: LanguageModel | None = None) -> dict:
     """Evaluate the dictionary at `sae_path` (default: eval.sae_path, else run.output_dir) on held-out data.
 
     `run_folder` is where the training run's summary.json/checkpoints are (default: the dictionary's
@@ -227,11 +232,9 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
     try:
         acc = reconstruction_metrics(dictionary, iter(stream), ev.total_eval_tokens, thresholds)
     finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+        stream.close()
     recon = acc.result()
-    outliers = int(getattr(stream, "dropped_tokens", 0))
+    outliers = stream.dropped_tokens
     if outliers:
         ui.info(f"{outliers:,} massive-activation tokens left out (activations.max_norm_ratio = "
                 f"{held.exp.activations.max_norm_ratio:g}; 0 keeps them)")

@@ -23,14 +23,19 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from saecli.config.experiment import Experiment
+    from saecli.lm.loading import LanguageModel
+
 
 SUMMARY_FILE = "summary.json"
 
 
 @dataclass
 class HeldOut:
-    exp: Any  # the experiment to open the eval stream with (its [activations] source may be changed)
+    exp: Experiment  # the experiment to open the eval stream with (its [activations] source may be changed)
     source: str  # "live" | "cache"
     skip_documents: int | None  # first document of the eval text (live stream, CE contexts)
     training_documents: tuple[int, int] | None  # [start, end) of the documents training read, when known
@@ -79,7 +84,7 @@ def _training_world_size(run_folder: Path | None) -> int:
         return 1
 
 
-def live_documents_consumed(exp: Any, lm: Any, tokens: int, world_size: int = 1) -> tuple[int, bool]:
+def live_documents_consumed(exp: Experiment, lm: LanguageModel, tokens: int, world_size: int = 1) -> tuple[int, bool]:
     """(D, exhausted): a skip_documents past every document a live training stream read for `tokens`.
 
     Replays the live stream's packing (its windows of `window_contexts` contexts per rank) without
@@ -118,7 +123,7 @@ def _same_text(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def plan_heldout(exp: Any, run_folder: Path | None, lm: Any | None) -> HeldOut:
+def plan_heldout(exp: Experiment, run_folder: Path | None, lm: LanguageModel | None) -> HeldOut:
     """Decide where the eval activations and CE contexts come from (see the module docstring)."""
     from saecli.config.base import to_dict
     from saecli.data.open import uses_cache
@@ -177,5 +182,5 @@ def plan_heldout(exp: Any, run_folder: Path | None, lm: Any | None) -> HeldOut:
     return HeldOut(exp, "cache", None, training, how, overlap, notes)
 
 
-def _with_activations(exp: Any, **changes: Any) -> Any:
+def _with_activations(exp: Experiment, **changes: Any) -> Any:
     return dataclasses.replace(exp, activations=dataclasses.replace(exp.activations, **changes))

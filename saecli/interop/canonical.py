@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from saecli.errors import UsageError
+
+if TYPE_CHECKING:
+    from saecli.dictionaries.base import Dictionary
+
 
 SINGLE_HOOK_KINDS = ("sae", "transcoder")
 
@@ -115,7 +119,7 @@ class Canonical:
 
 
 # ---------------------------------------------------------------------------------------- saecli ↔ canonical
-def from_dictionary(dictionary: Any) -> Canonical:
+def from_dictionary(dictionary: Dictionary) -> Canonical:
     """A saecli SAE or transcoder → the canonical form, mapping raw activations to raw reconstructions
     exactly as `dictionary.reconstruct` does (the dataset-wise scale folded in on a copy)."""
     from saecli.dictionaries.sae import SparseAutoEncoder
@@ -128,7 +132,7 @@ def from_dictionary(dictionary: Any) -> Canonical:
             + (" (circuit-tracer's CLT layout is not written yet)" if dictionary.kind == "clt" else "")
         )
     cfg = dictionary.cfg
-    mode = getattr(cfg, "norm_activation", "none")
+    mode = cfg.norm_activation
     if mode == "batch-wise" and not dictionary.folded:
         raise UsageError(
             "batch-wise input scaling depends on each batch: no format can hold it (train with "
@@ -214,7 +218,7 @@ def to_dictionary(c: Canonical) -> Any:
 
 
 @torch.no_grad()
-def load_weights(d: Any, c: Canonical, s_in: float = 1.0, s_out: float = 1.0) -> None:
+def load_weights(d: Dictionary, c: Canonical, s_in: float = 1.0, s_out: float = 1.0) -> None:
     """Write `c`'s weights into saecli dictionary `d` whose inputs/outputs are scaled by s_in/s_out
     (the inverse of `fold_activation_scale`; 1 for a folded or unscaled dictionary). `d` must agree with
     `c` on activation, gating and decoder bias (see saecli.interop.pretrained for the checks)."""
@@ -242,7 +246,7 @@ def load_weights(d: Any, c: Canonical, s_in: float = 1.0, s_out: float = 1.0) ->
             d.activation.threshold.fill_(float(theta.mean()))
 
 
-def skip_matrix(d: Any) -> torch.Tensor | None:
+def skip_matrix(d: Dictionary) -> torch.Tensor | None:
     """A transcoder's skip matrix W_skip [d_in, d_out] (None without one, and for an SAE)."""
     from saecli.dictionaries.transcoder import Transcoder
 

@@ -146,7 +146,7 @@ def export_dictionary(source: str | Path, fmt: str, out: str | Path, *, overwrit
         # the reference: saecli's own reconstruction; the features as the written file defines them
         written = fmt_mod.read(where)
         scale = float(d.d_model) ** 0.5
-        if getattr(d.cfg, "norm_activation", "none") == "dataset-wise":
+        if d.cfg.norm_activation == "dataset-wise":
             scale = scale / float(d.scale(c.hook_in))
         x = reference_inputs(c.W_enc, c.b_dec if c.kind == "sae" else None, scale)
         with torch.no_grad():

@@ -238,6 +238,7 @@ class _Replay:
         stream.load_state_dict(start)
         self.mean_norms = getattr(stream, "mean_norms", None)
         self.hook_points = list(stream.hook_points)
+        self.lm = stream.lm  # for kinds that initialise from the model (trainer.initialize reads it)
 
     def __iter__(self) -> Iterator:
         return iter(self.batches)
