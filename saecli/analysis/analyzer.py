@@ -150,8 +150,8 @@ class FeatureAnalyzer:
             acts = forward(tokens)
             inputs = d.normalize({h: acts[h].to(device=self.device, dtype=self.dtype) for h in d.in_hooks})
             got = d.context_extras(inputs, torch.from_numpy(ids).to(self.device), peaks.to(self.device))
-            for key, value in got.items():
-                value = value.detach().float().cpu().numpy()
+            for key, tensor in got.items():
+                value = tensor.detach().float().cpu().numpy()
                 if key not in out:
                     out[key] = np.zeros((d.d_sae, *value.shape[1:]), dtype=np.float32)
                 out[key][ids] = value
@@ -243,7 +243,7 @@ def decoder_for(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], lis
     table = _byte_decoder()
 
     def one(i: int) -> str:
-        text = tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        text = str(tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False))
         if "\ufffd" not in text:
             return text
         raw = tokenizer.convert_ids_to_tokens(i)

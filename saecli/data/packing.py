@@ -89,7 +89,7 @@ class WindowPacker:
                 tokens, doc, pos = _take(parts, body)
                 held -= body
                 if self.prepend_bos:
-                    tokens = np.concatenate(([self.bos_id], tokens))
+                    tokens = np.concatenate((np.array([self.bos_id], dtype=tokens.dtype), tokens))
                     doc = np.concatenate((doc[:1], doc))
                     pos = np.concatenate((np.array([-1], dtype=np.int32), pos))
                 yield tokens, doc, pos

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any
 
 from saecli.config.dataset import DatasetConfig
 from saecli.errors import RunError, UsageError
@@ -99,7 +99,7 @@ class _ProcessBatches(Iterator[Any]):
             self._proc.kill()
 
 
-def _read_messages(stream: BinaryIO) -> Iterator[tuple]:
+def _read_messages(stream: IO[bytes]) -> Iterator[tuple]:
     while True:
         head = stream.read(_LEN.size)
         if len(head) < _LEN.size:

@@ -215,7 +215,7 @@ class CacheStream(WindowStream):
 
 
 def _read_exactly(f, dest: torch.Tensor, nbytes: int) -> None:
-    view = memoryview(dest.view(torch.uint8).numpy()).cast("B")
+    view = dest.view(torch.uint8).numpy().data.cast("B")
     if len(view) != nbytes:
         raise RunError(f"{f.name}: a tensor takes {nbytes} bytes on disk but {len(view)} in memory")
     got = 0

@@ -221,4 +221,6 @@ def _builder_of(files: list[str], cfg: DatasetConfig) -> str:
     suffixes = {_LOCAL_SUFFIXES.get(Path(f).suffix.lower()) for f in files}
     if len(suffixes) != 1 or None in suffixes:
         raise UsageError(f"dataset.data_files must share one of {', '.join(sorted(_LOCAL_SUFFIXES))}, found {files}")
-    return suffixes.pop()
+    (builder,) = suffixes
+    assert builder is not None  # excluded just above
+    return builder

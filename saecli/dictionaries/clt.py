@@ -65,6 +65,12 @@ class CrossLayerTranscoder(Dictionary):
     kind = "clt"
 
     cfg: CLTConfig
+    pair_source: torch.Tensor  # buffers
+    pair_target: torch.Tensor
+    target_norm_weight: torch.Tensor
+    batchtopk_threshold: torch.Tensor  # batchtopk only
+    batchtopk_weight: torch.Tensor
+    activation: SparseActivation | None  # jumprelu only (the other rules are per layer, below)
 
     def __init__(self, cfg: CLTConfig, d_model: int, in_hooks: list[str], out_hooks: list[str]):
         if len(in_hooks) != len(out_hooks) or not in_hooks:
@@ -129,6 +135,12 @@ class CrossLayerTranscoder(Dictionary):
         out = super().config_dict()
         out["d_sae_layer"] = self.d_sae_layer  # "d_sae" stays the number of latents, L·d_sae_layer
         return out
+
+    def _jumprelu(self) -> SparseActivation:
+        """The JumpReLU threshold module (activation = "jumprelu"; the other rules are per layer here)."""
+        if self.activation is None:
+            raise ValueError(f"a CLT with activation {self.cfg.activation!r} has no JumpReLU threshold")
+        return self.activation
 
     def pairs(self) -> list[tuple[int, int]]:
         """(source layer, target layer) of each decoder block, in storage order."""
@@ -272,7 +284,7 @@ class CrossLayerTranscoder(Dictionary):
         if name == "relu":
             return torch.relu(h)
         if name == "jumprelu":
-            return self.activation(h, gate)
+            return self._jumprelu()(h, gate)
         if name == "topk":
             return layer_topk(h, self.layer_ks(ctx), gate)
         if not training:  # batchtopk at inference: the per-layer threshold
@@ -349,8 +361,9 @@ class CrossLayerTranscoder(Dictionary):
         if kind == "l0":
             if act != "jumprelu":
                 raise ValueError("sparsity_loss_type 'l0' needs activation = 'jumprelu'")
-            pen = L.jumprelu_l0(h, self.activation.theta(), self.activation.bandwidth, gate, latent_dims=2)
+            pen = L.jumprelu_l0(h, self._jumprelu().theta(), self._jumprelu().bandwidth, gate, latent_dims=2)
         elif kind != "none":
+            assert f3 is not None, "the sparse path runs without a sparsity penalty (_sparse_path)"
             pen = L.sparsity_penalty(kind, f3, norms, p=ctx.p, c=ctx.tanh_stretch_coefficient,
                                      frequency_scale=ctx.frequency_scale, latent_dims=2)
         if pen is not None:
@@ -363,12 +376,12 @@ class CrossLayerTranscoder(Dictionary):
             extra["raw/aux"] = aux.detach()
             loss = loss + terms["aux"]
         if act == "jumprelu" and ctx.lp_coefficient > 0:
-            lp = L.jumprelu_preact_loss(h, self.activation.theta(), norms, gated=self.gated, latent_dims=2)
+            lp = L.jumprelu_preact_loss(h, self._jumprelu().theta(), norms, gated=self.gated, latent_dims=2)
             terms["lp"] = ctx.lp_coefficient * lp
             extra["raw/lp"] = lp.detach()
             loss = loss + terms["lp"]
         if act == "jumprelu":
-            extra["mean_threshold"] = self.activation.theta().detach().mean()
+            extra["mean_threshold"] = self._jumprelu().theta().detach().mean()
         extra["path"] = self.last_path
         per_layer = fires.float() / max(n_tok, 1)
         extra["l0"] = per_layer.sum()
@@ -435,6 +448,7 @@ class CrossLayerTranscoder(Dictionary):
             return self.decode_sparse(values, indices, bias=False).reshape(n_tok, -1)
 
         k_aux = int(ctx.k_aux or self.d_model // 2)
+        assert ctx.dead_mask is not None, "AuxK runs only when the trainer passes the dead latents"
         flat_gate = gate.reshape(-1) if gate is not None else None
         return L.auxk_loss(h.reshape(n_tok, -1), ctx.dead_mask.to(h.device).reshape(-1), k_aux, residual, decode,
                            flat_gate)
@@ -524,8 +538,8 @@ class CrossLayerTranscoder(Dictionary):
         for name in ("batchtopk_threshold", "batchtopk_weight"):
             self._buffers.pop(name, None)
         self._make_activation_state()
-        self.activation.to(dev)
-        self.activation.log_threshold.copy_(theta.log())
+        jump = self._jumprelu().to(dev)
+        jump.log_threshold.copy_(theta.log())
         return theta
 
 

@@ -48,6 +48,8 @@ _CONCAT = "heads"  # the internal hook name of the concatenated heads
 class _HeadsSAE(SparseAutoEncoder):
     """The SAE over concatenated heads; only its decoder norms differ (reduced per head)."""
 
+    head_norm_weight: torch.Tensor
+
     def __init__(self, cfg: CrosscoderConfig, n_heads: int, d_head: int, reduction: str):
         super().__init__(cfg, n_heads * d_head, _CONCAT)
         del self._buffers[_scale_name(_CONCAT)]  # never normalises: the crosscoder does, per head

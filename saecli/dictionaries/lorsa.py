@@ -56,7 +56,7 @@ from saecli.dictionaries.helpers import (
     masked_rows,
 )
 from saecli.dtypes import DTYPES
-from saecli.errors import UsageError
+from saecli.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     from saecli.lm.loading import LanguageModel
@@ -91,7 +91,9 @@ class LowRankSparseAttention(Dictionary):
     def __init__(self, cfg: LorsaConfig, d_model: int, in_hook: str, out_hook: str):
         super().__init__(cfg, d_model, [in_hook], [out_hook])
         self.in_hook, self.out_hook = in_hook, out_hook
-        s, h = self.d_sae, int(cfg.n_qk_heads)
+        if cfg.n_qk_heads is None:  # validated when the config was read; a hand-made config may lack it
+            raise ConfigError("a LORSA needs n_qk_heads", key="sae.n_qk_heads")
+        s, h = self.d_sae, cfg.n_qk_heads
         if s % h:
             raise ValueError(f"d_sae ({s}) must be a multiple of n_qk_heads ({h})")
         e = int(cfg.d_qk_head or d_model // h)
@@ -141,7 +143,7 @@ class LowRankSparseAttention(Dictionary):
         return torch.tensor([0.0 if v is None else float(v) for v in values], dtype=torch.float64)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        updates = {name: float(v) for name, v in zip(self._CFG_IN_STATE, state.tolist()) if v > 0}
+        updates: dict[str, Any] = {name: float(v) for name, v in zip(self._CFG_IN_STATE, state.tolist()) if v > 0}
         if updates:
             self.cfg = replace(self.cfg, **updates)
 
@@ -411,11 +413,12 @@ class LowRankSparseAttention(Dictionary):
         self.W_K.copy_((wk.repeat_interleave(rep, 0) / s_in).to(dev, dt))
         self.b_Q.copy_(bq.repeat_interleave(rep, 0).to(dev, dt) if bq is not None else torch.zeros_like(self.b_Q))
         self.b_K.copy_(bk.repeat_interleave(rep, 0).to(dev, dt) if bk is not None else torch.zeros_like(self.b_K))
-        updates = {}
+        updates: dict[str, Any] = {}
         if self.cfg.rope_theta is None:
             updates["rope_theta"] = theta
-        if self.cfg.attention_scale is None and isinstance(getattr(attn, "scaling", None), (int, float)):
-            updates["attention_scale"] = float(attn.scaling)
+        scaling = getattr(attn, "scaling", None)  # HF attention modules of most families (not all)
+        if self.cfg.attention_scale is None and isinstance(scaling, (int, float)):
+            updates["attention_scale"] = float(scaling)
         if updates:
             self.cfg = replace(self.cfg, **updates)
 

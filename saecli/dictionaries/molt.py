@@ -65,6 +65,9 @@ class MixtureOfLinearTransforms(Dictionary):
     kind = "molt"
 
     cfg: MOLTConfig
+    rank_of: torch.Tensor  # buffers: each transform's rank, its first row in U/V, each row's transform
+    row_start: torch.Tensor
+    owner: torch.Tensor
 
     def __init__(self, cfg: MOLTConfig, d_model: int, in_hook: str, out_hook: str):
         super().__init__(cfg, d_model, [in_hook], [out_hook])

@@ -42,6 +42,9 @@ RELU_REPROBE_STEPS = 50
 class SparseAutoEncoder(Dictionary):
     kind = "sae"
 
+    b_dec: nn.Parameter | None  # None when cfg.use_decoder_bias is off
+    activation: SparseActivation
+
     def __init__(self, cfg: DictionaryConfig, d_model: int, in_hook: str, out_hook: str | None = None):
         out_hook = out_hook or in_hook
         super().__init__(cfg, d_model, [in_hook], [out_hook])
@@ -193,7 +196,8 @@ class SparseAutoEncoder(Dictionary):
         if raw:
             with torch.autocast(x_in.device.type, enabled=False):
                 return torch.mm(x_in.to(dt), self.W_enc.to(dt).t(), out=buf)
-        w, b = self.W_enc, self.b_enc
+        w: torch.Tensor = self.W_enc
+        b: torch.Tensor = self.b_enc
         if gate is not None:  # rank h·‖W_d‖: scale the encoder rows instead of the [N, d_sae] output
             w = torch.mul(w, gate.to(w.dtype).unsqueeze(1), out=self._buffer("w_gated", w.shape, w.dtype, w.device))
             b = b * gate.to(b.dtype)

@@ -41,6 +41,7 @@ class Transcoder(SparseAutoEncoder):
     kind = "transcoder"
 
     cfg: TranscoderConfig
+    W_skip: nn.Parameter | None  # the skip connection, when cfg.skip_connection
 
     def __init__(self, cfg: TranscoderConfig, d_model: int, in_hook: str, out_hook: str):
         super().__init__(cfg, d_model, in_hook, out_hook)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from saecli import ui
+from saecli.data.open import need_activations
 from saecli.dictionaries.base import Dictionary
 from saecli.errors import UsageError
 from saecli.evaluation.density import log_density_histogram, save_density_png, show_density
@@ -66,7 +67,7 @@ def load_for_eval(sae_path: str | Path, device: torch.device | str = "cpu") -> D
     return load_dictionary(folder, device=device).eval()
 
 
-def _device(lm: LanguageModel) -> torch.device:
+def _device(lm: LanguageModel | None) -> torch.device:
     if lm is not None:
         return torch.device(lm.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,9 +128,10 @@ def _ce_batches(exp: Experiment, lm: LanguageModel, skip: int | None) -> Iterato
     from saecli.data.tokens import packer_for
 
     dataset = exp.dataset if skip is None else dataclasses.replace(exp.dataset, skip_documents=skip)
-    packer = packer_for(lm, exp.activations, exp.model)
+    acts = need_activations(exp)
+    packer = packer_for(lm, acts, exp.model)
     left = exp.eval.ce_contexts
-    for ctx in packer.contexts(iter_documents(dataset), exp.activations.model_batch_size):
+    for ctx in packer.contexts(iter_documents(dataset), acts.model_batch_size):
         if left <= 0:
             break
         tokens, mask = ctx.tokens[:left], ctx.mask[:left]
@@ -198,7 +200,7 @@ def evaluate(exp: Experiment, sae_path: str | Path | None = None, *, run_folder:
     `run_folder` is where the training run's summary.json/checkpoints are (default: the dictionary's
     folder, which is where `train` writes them). Returns what eval.json holds.
     """
-    exp.require("activations")
+    need_activations(exp)
     folder = Path(sae_path or exp.eval.sae_path or exp.run.output_dir)
     started = time.time()
     dictionary = load_for_eval(folder)  # first: a wrong path fails before the model loads
@@ -219,7 +221,7 @@ def evaluate(exp: Experiment, sae_path: str | Path | None = None, *, run_folder:
     if held.source == "live" and held.skip_documents is not None:
         where += f" from document {held.skip_documents}"
     elif held.source == "cache":
-        where += f" from {held.exp.activations.cache_dir}"
+        where += f" from {need_activations(held.exp).cache_dir}"
     ui.info(f"evaluating {folder} ({dictionary.kind}, {dictionary.d_sae} latents) on {where}")
 
     from saecli.data.open import open_stream
@@ -237,7 +239,7 @@ def evaluate(exp: Experiment, sae_path: str | Path | None = None, *, run_folder:
     outliers = stream.dropped_tokens
     if outliers:
         ui.info(f"{outliers:,} massive-activation tokens left out (activations.max_norm_ratio = "
-                f"{held.exp.activations.max_norm_ratio:g}; 0 keeps them)")
+                f"{need_activations(held.exp).max_norm_ratio:g}; 0 keeps them)")
     if acc.n_tokens < ev.total_eval_tokens:
         ui.warn(f"the held-out data ran out after {acc.n_tokens:,} of eval.total_eval_tokens = {ev.total_eval_tokens:,} tokens")
 

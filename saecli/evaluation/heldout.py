@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from saecli.data.open import need_activations
+
 if TYPE_CHECKING:
     from saecli.config.experiment import Experiment
     from saecli.lm.loading import LanguageModel
@@ -49,7 +51,7 @@ class HeldOut:
             "skip_documents": self.skip_documents,
             "training_documents": list(self.training_documents) if self.training_documents else None,
             "training_documents_from": self.how,
-            "cache_dir": self.exp.activations.cache_dir if self.source == "cache" else None,
+            "cache_dir": need_activations(self.exp).cache_dir if self.source == "cache" else None,
             "overlaps_training": self.overlap is not None,
             "overlap": self.overlap,
         }
@@ -96,7 +98,7 @@ def live_documents_consumed(exp: Experiment, lm: LanguageModel, tokens: int, wor
     end, exhausted = exp.dataset.skip_documents, False
     per_rank = math.ceil(tokens / world_size)
     for rank in range(world_size):
-        stream = LiveStream(lm, exp.dataset, exp.activations, rank=rank, world_size=world_size, model_cfg=exp.model)
+        stream = LiveStream(lm, exp.dataset, need_activations(exp), rank=rank, world_size=world_size, model_cfg=exp.model)
         seen = 0
         docs = iter_documents(exp.dataset, rank, world_size)
         for ctx in stream.packer.contexts(docs, stream.window_contexts):
@@ -128,14 +130,15 @@ def plan_heldout(exp: Experiment, run_folder: Path | None, lm: LanguageModel | N
     from saecli.config.base import to_dict
     from saecli.data.open import uses_cache
 
+    acts = need_activations(exp)
     ev = exp.eval
     train_text = to_dict(exp.dataset)
     training: tuple[int, int] | None = None
     how = "unknown"
     notes: list[str] = []
-    if uses_cache(exp):
-        train_text, start, end = _cache_range(exp.activations.cache_dir)
-        training, how = (start, end), f"the training cache's manifest ({exp.activations.cache_dir})"
+    if uses_cache(exp) and acts.cache_dir:
+        train_text, start, end = _cache_range(acts.cache_dir)
+        training, how = (start, end), f"the training cache's manifest ({acts.cache_dir})"
     else:
         summary = _read_summary(run_folder)
         start = exp.dataset.skip_documents
@@ -156,7 +159,7 @@ def plan_heldout(exp: Experiment, run_folder: Path | None, lm: LanguageModel | N
     if ev.cache_dir:
         eval_text, e_start, e_end = _cache_range(ev.cache_dir)
         overlap = None
-        if Path(ev.cache_dir).resolve() == Path(exp.activations.cache_dir or "\0").resolve():
+        if Path(ev.cache_dir).resolve() == Path(acts.cache_dir or "\0").resolve():
             overlap = f"eval.cache_dir is the training cache ({ev.cache_dir})"
         elif training and _same_text(eval_text, train_text) and e_start < training[1] and training[0] < e_end:
             overlap = (f"the eval cache holds documents [{e_start}, {e_end}) and training read "
@@ -178,9 +181,9 @@ def plan_heldout(exp: Experiment, run_folder: Path | None, lm: LanguageModel | N
         return HeldOut(_with_activations(exp, source="live"), "live", skip, training, how, overlap, notes)
 
     overlap = (f"no [model] to compute held-out activations and no eval.cache_dir: evaluating on the training "
-               f"cache {exp.activations.cache_dir}")
+               f"cache {acts.cache_dir}")
     return HeldOut(exp, "cache", None, training, how, overlap, notes)
 
 
-def _with_activations(exp: Experiment, **changes: Any) -> Any:
-    return dataclasses.replace(exp, activations=dataclasses.replace(exp.activations, **changes))
+def _with_activations(exp: Experiment, **changes: Any) -> Experiment:
+    return dataclasses.replace(exp, activations=dataclasses.replace(need_activations(exp), **changes))

@@ -22,6 +22,7 @@ from saecli.interop.selfcheck import Reference, compare, metrics, reference_inpu
 if TYPE_CHECKING:
     from saecli.config.experiment import Experiment
     from saecli.dictionaries.base import Dictionary
+    from saecli.dictionaries.sae import SparseAutoEncoder
 
 
 def start_from(d: Dictionary, path: str | Path, key: str = "sae.pretrained") -> Canonical:
@@ -51,7 +52,7 @@ def start_from(d: Dictionary, path: str | Path, key: str = "sae.pretrained") -> 
     return c
 
 
-def _check(d: Dictionary, c: Canonical, path: str | Path, key: str) -> None:
+def _check(d: SparseAutoEncoder, c: Canonical, path: str | Path, key: str) -> None:
     where = f"the pretrained dictionary ({path})"
     if c.kind != d.kind:
         raise ConfigError(f"{where} is a {c.kind}, the experiment trains a {d.kind}", key="sae.kind")
@@ -98,7 +99,7 @@ def _check(d: Dictionary, c: Canonical, path: str | Path, key: str) -> None:
 
 
 @torch.no_grad()
-def _verify(d: Dictionary, c: Canonical, path: str | Path) -> None:
+def _verify(d: SparseAutoEncoder, c: Canonical, path: str | Path) -> None:
     """The loaded dictionary reconstructs raw probe inputs as the pretrained folder does."""
     scale = float(d.d_model) ** 0.5 / (float(d.scale(d.in_hook)) if d.cfg.norm_activation == "dataset-wise" else 1.0)
     x = reference_inputs(c.W_enc, c.b_dec if c.kind == "sae" else None, scale)
