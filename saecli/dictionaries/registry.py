@@ -26,6 +26,11 @@ _KIND_MODULES = {
 }
 
 
+def kinds() -> list[str]:
+    """Every registered kind name (tests/test_kind_contract.py checks each against the Dictionary interface)."""
+    return sorted(_KIND_MODULES)
+
+
 def dictionary_class(kind: str) -> type[Dictionary]:
     if kind not in _KIND_MODULES:
         raise UsageError(f"unknown dictionary kind {kind!r} (known: {', '.join(sorted(_KIND_MODULES))})")
