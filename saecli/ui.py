@@ -173,13 +173,13 @@ class _LineProgress(Progress):
         self._printed[task_id] = time.monotonic()
         self._shown[task_id] = task.completed
 
-    def update(self, task_id: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:  # type: ignore[override]
         super().update(task_id, **kwargs)
         now = time.monotonic()
         if now - self._printed.setdefault(task_id, now) >= self._every:
             self._line(task_id)
 
-    def advance(self, task_id: Any, advance: float = 1) -> None:
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
         self.update(task_id, advance=advance)
 
     def start(self) -> None:

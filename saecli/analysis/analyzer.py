@@ -27,7 +27,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from saecli.config.activations import ActivationsConfig
+    from saecli.config.analyze import AnalyzeConfig
     from saecli.config.dataset import DatasetConfig
     from saecli.dictionaries.base import Dictionary
     from saecli.lm.loading import LanguageModel
@@ -56,7 +57,7 @@ def _param(dictionary: torch.nn.Module) -> torch.Tensor:
 class FeatureAnalyzer:
     """Encodes context batches and feeds the per-feature bookkeeping (`FeatureBook`)."""
 
-    def __init__(self, dictionary: Dictionary, cfg: Any, context_size: int):
+    def __init__(self, dictionary: Dictionary, cfg: AnalyzeConfig, context_size: int):
         self.dictionary = dictionary
         self.cfg = cfg
         self.context_size = context_size
@@ -64,7 +65,7 @@ class FeatureAnalyzer:
         self.device, self.dtype = p.device, p.dtype
         specs = default_specs(cfg.top_samples, list(cfg.tiers), cfg.tier_samples, cfg.non_activating_samples)
         self.book = FeatureBook(dictionary.d_sae, context_size, specs, bins=cfg.histogram_bins,
-                                hist_range=tuple(cfg.histogram_range), seed=cfg.seed, device=self.device)
+                                hist_range=(float(cfg.histogram_range[0]), float(cfg.histogram_range[1])), seed=cfg.seed, device=self.device)
         self.started = time.perf_counter()
 
     @torch.no_grad()

@@ -59,6 +59,8 @@ from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
     from saecli.lm.loading import LanguageModel
 
 DEFAULT_ROPE_THETA = 10000.0
@@ -462,7 +464,7 @@ def _causal_key_mask(key_mask: torch.Tensor, t: int) -> torch.Tensor:
     return ((causal & key_mask.to(torch.bool)[:, None, None, :]) | eye)
 
 
-def _model_rope_theta(config: Any) -> float:
+def _model_rope_theta(config: PretrainedConfig) -> float:
     """The model's rotary base; UsageError for RoPE variants other than the default (scaled, partial)."""
     params = getattr(config, "rope_parameters", None) or {}
     if isinstance(params, dict) and "rope_theta" in params:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -14,6 +15,8 @@ from saecli.errors import UsageError
 
 if TYPE_CHECKING:
     from saecli.config.dictionary import DictionaryConfig
+
+T = TypeVar("T")
 
 # kind → module defining a Dictionary subclass with `kind = <name>` and a `from_config` classmethod
 _KIND_MODULES = {
@@ -128,7 +131,7 @@ def _build(folder: Path, cls: type[Dictionary], cfg: DictionaryConfig, meta: dic
                          "was it edited by hand?") from None
 
 
-def _safetensors(path: Path, read: Any) -> Any:
+def _safetensors(path: Path, read: Callable[[], T]) -> T:
     """`read()`, with a damaged safetensors file at `path` turned into a UsageError naming it."""
     from safetensors import SafetensorError
 

@@ -44,6 +44,7 @@ class SparseAutoEncoder(Dictionary):
 
     b_dec: nn.Parameter | None  # None when cfg.use_decoder_bias is off
     activation: SparseActivation
+    init_norm: float  # the decoder row norm init's grid search chose (set when it runs; dictionaries/init.py)
 
     def __init__(self, cfg: DictionaryConfig, d_model: int, in_hook: str, out_hook: str | None = None):
         out_hook = out_hook or in_hook

@@ -219,7 +219,7 @@ def _rechunk(
 
 
 # ------------------------------------------------------------------------------------------ runs
-def cache_data_source(exp: Experiment) -> Any:
+def cache_data_source(exp: Experiment) -> Experiment:
     """`exp` with [dataset] naming the imported activations when it trains on an imported cache (so the
     run's config.toml records where its data came from, not the default text it never read)."""
     from saecli.data.manifest import MANIFEST, read_manifest, shard_dir
