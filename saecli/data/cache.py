@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -252,7 +252,7 @@ def _job(pieces: list[dict[str, torch.Tensor]], consumed: int, documents: int, c
     return Job(tensors, consumed, documents, complete, norm_sums=sums, ready=ready)
 
 
-def write_cache(cache_dir: str | Path, chunks: Any, *, hook_points: list[str], dtype: str = "float32",
+def write_cache(cache_dir: str | Path, chunks: Iterable[dict[str, torch.Tensor]], *, hook_points: list[str], dtype: str = "float32",
                 chunk_tokens: int | None = None, shard: int = 0, n_shards: int = 1, info: dict | None = None) -> dict:
     """Write activations you already have as a cache that every reader accepts.
 
