@@ -8,10 +8,11 @@ import torch
 from test_streams import _exp, synthetic_cache
 
 from saecli.data.batch import Batch
-from saecli.data.stream import ActivationStream
+from saecli.data.stream import ActivationStream, BatchSource
 from saecli.lm.loading import LanguageModel
 
-MEMBERS = sorted({n for n in vars(ActivationStream) if not n.startswith("_")} | {"__iter__"})
+MEMBERS = sorted({n for proto in (ActivationStream, BatchSource) for n in vars(proto) if not n.startswith("_")}
+                 | {"__iter__"})
 
 
 @pytest.fixture(scope="module")

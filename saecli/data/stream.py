@@ -22,8 +22,24 @@ if TYPE_CHECKING:
     from saecli.lm.loading import LanguageModel
 
 
+class BatchSource(Protocol):
+    """The part of a stream `training.initialize` reads: batches, a position to rewind to and the known
+    norms. Every ActivationStream is one; so is the run driver's replay of a stream's first batches."""
+
+    @property
+    def mean_norms(self) -> dict[str, float] | None:
+        """Mean ‖x‖ per hook point when known (a cache's manifest, a live stream's first window), for the
+        dataset-wise normalisation; None: the trainer estimates it on its first batches."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @runtime_checkable
-class ActivationStream(Protocol):
+class ActivationStream(BatchSource, Protocol):
     @property
     def hook_points(self) -> list[str]:
         """The hook points every batch carries, in order."""
@@ -31,11 +47,6 @@ class ActivationStream(Protocol):
     @property
     def d_model(self) -> dict[str, int]:
         """Width of each hook point's activations."""
-
-    @property
-    def mean_norms(self) -> dict[str, float] | None:
-        """Mean ‖x‖ per hook point when known (a cache's manifest, a live stream's first window), for the
-        dataset-wise normalisation; None: the trainer estimates it on its first batches."""
 
     @property
     def contexts(self) -> bool:
@@ -49,12 +60,6 @@ class ActivationStream(Protocol):
     @property
     def dropped_tokens(self) -> int:
         """Massive-activation tokens dropped so far (activations.max_norm_ratio; see data/outliers.py)."""
-
-    def __iter__(self) -> Iterator[Batch]: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
 
     def close(self) -> None:
         """Stop background work (prefetch threads); the stream must not be iterated afterwards."""

@@ -33,7 +33,7 @@ from saecli.training.stats import flat_rows
 
 if TYPE_CHECKING:
     from saecli.config.init import InitConfig
-    from saecli.data.stream import ActivationStream
+    from saecli.data.stream import ActivationStream, BatchSource
     from saecli.lm.loading import LanguageModel
 
 
@@ -107,7 +107,7 @@ def estimate_mean_norms(batches: list[Batch], hooks: Iterable[str]) -> dict[str,
 
 
 @torch.no_grad()
-def initialize(stream: ActivationStream, dictionaries: list[tuple[Dictionary, InitConfig]], *,
+def initialize(stream: BatchSource, dictionaries: list[tuple[Dictionary, InitConfig]], *,
                sync: Sync | None = None, lm: LanguageModel | None = None) -> int:
     """Data-dependent start of fresh dictionaries; returns the tokens of one batch (on this rank).
 
@@ -116,8 +116,8 @@ def initialize(stream: ActivationStream, dictionaries: list[tuple[Dictionary, In
     them, else estimated on those batches), calls `init_from_data` with the normalised batches, then
     rewinds the stream to where it was. A kind that initialises from the model itself (a transcoder
     from its MLP, LORSA from the attention) says so with `needs_model_init` and gets
-    `init_from_model(lm, raw_batches)` (lm: the one given, else the live stream's). With several ranks,
-    rank 0's result is broadcast.
+    `init_from_model(lm, raw_batches)` with the `lm` given (the run driver passes the live stream's, or
+    loads `[model]`). With several ranks, rank 0's result is broadcast.
     """
     sync = sync or LocalSync()
     n = max(int(init.init_batches) for _, init in dictionaries)
@@ -147,7 +147,7 @@ def initialize(stream: ActivationStream, dictionaries: list[tuple[Dictionary, In
         dictionary.init_from_data(normed, init_cfg)
         if dictionary.needs_model_init:
             raw = [{h: b.acts[h].to(device, dtype) for h in hooks} for b in picked]
-            dictionary.init_from_model(lm if lm is not None else stream.lm, raw)
+            dictionary.init_from_model(lm, raw)
         if dictionary.cfg.pretrained:  # continue from a saved dictionary (any format)
             from saecli.interop.pretrained import start_from
 
