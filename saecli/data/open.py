@@ -1,8 +1,9 @@
 """`open_stream`: the one function train/eval/analyze/sweep call to get activations.
 
 The cache when `activations.source` is "cache" (or "auto" and `activations.cache_dir` holds one),
-else a live stream from `[model]` (pass an already loaded `lm` to reuse it). Train streams loop over
-epochs; eval streams make one pass, so an evaluation never counts a token twice.
+else a live stream from `[model]` (pass an already loaded `lm` to reuse it). With [models.<label>]
+(model diffing) it is a `ModelsStream` (models.py): one cache or live stream per model, zipped. Train
+streams loop over epochs; eval streams make one pass, so an evaluation never counts a token twice.
 """
 
 from __future__ import annotations
@@ -50,16 +51,29 @@ def uses_cache(exp: Experiment) -> bool:
     acts = exp.activations
     if acts is None:
         return False
-    return acts.source == "cache" or (acts.source == "auto" and cache_exists(acts.cache_dir))
+    root = acts.cache_dir
+    if exp.models and root:  # one cache per model: <cache_dir>/<label>
+        root = str(Path(root) / next(iter(exp.models)))
+    return acts.source == "cache" or (acts.source == "auto" and cache_exists(root))
 
 
 def open_stream(exp: Experiment, *, purpose: Literal["train", "eval"] = "train", rank: int = 0, world_size: int = 1,
                 contexts: bool = False, hook_points: list[str] | None = None, skip_documents: int | None = None,
-                lm: LanguageModel | None = None) -> ActivationStream:
-    """The activation stream an experiment describes (see the module docstring)."""
+                lm: LanguageModel | dict[str, LanguageModel] | None = None) -> ActivationStream:
+    """The activation stream an experiment describes (see the module docstring). `lm`: the loaded model to
+    reuse, or {label: model} for a [models] experiment."""
     if purpose not in ("train", "eval"):
         raise ValueError(f"purpose must be 'train' or 'eval', found {purpose!r}")
     acts = need_activations(exp)
+    if exp.models:
+        from saecli.data.models import open_models_stream
+
+        lms = lm if isinstance(lm, dict) else None
+        return open_models_stream(exp, purpose=purpose, rank=rank, world_size=world_size, contexts=contexts,
+                                  hook_points=hook_points, skip_documents=skip_documents, lms=lms,
+                                  use_cache=uses_cache(exp))
+    if isinstance(lm, dict):
+        raise UsageError("a model per label serves a [models] experiment; this one has a single [model]")
     hooks = list(hook_points or acts.hook_points)
     epochs = 1 if purpose == "eval" else None
     if uses_cache(exp):
