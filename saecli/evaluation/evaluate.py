@@ -259,7 +259,7 @@ def evaluate(exp: Experiment, sae_path: str | Path | None = None, *, run_folder:
     splice = None
     if ev.ce_loss and lm is not None:
         splice = _splice(exp, lm, dictionary, held)
-    elif ev.ce_loss and getattr(exp, "models", None):
+    elif ev.ce_loss and exp.models:
         ui.info("several models: the CE/KL splice is skipped (a reconstruction of one model's hook reads every "
                 "model's activations); see the per-model numbers (model_diff)")
     elif ev.ce_loss:

@@ -172,7 +172,7 @@ def plan_heldout(exp: Experiment, run_folder: Path | None, lm: LanguageModel | N
         skip = ev.skip_documents if ev.skip_documents is not None else (training[1] if training else None)
         return HeldOut(use, "cache", skip, training, how, overlap, notes)
 
-    if exp.model is not None or getattr(exp, "models", None):
+    if exp.model is not None or exp.models:
         skip = ev.skip_documents if ev.skip_documents is not None else (training[1] if training else None)
         overlap = None
         if training and skip is not None and skip < training[1] and _same_text(to_dict(exp.dataset), train_text):
