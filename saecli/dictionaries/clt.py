@@ -45,11 +45,11 @@ from torch import nn
 
 from saecli.config.dictionary import DictionaryConfig
 from saecli.config.init import InitConfig
-from saecli.config.kinds import CLTConfig
 from saecli.dictionaries import kernels
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation, gated_pre, threshold
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, own_config
+from saecli.dictionaries.clt_config import CLTConfig
 from saecli.dictionaries.crosscoder import per_hook_metrics
 from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError

@@ -43,10 +43,10 @@ import torch
 
 from saecli.config.dictionary import DictionaryConfig
 from saecli.config.init import InitConfig
-from saecli.config.kinds import CrosscoderConfig
 from saecli.config.models import split_head
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, _scale_name, own_config
+from saecli.dictionaries.crosscoder_config import CrosscoderConfig
 from saecli.dictionaries.sae import SparseAutoEncoder
 from saecli.errors import ConfigError
 

@@ -45,7 +45,6 @@ from torch import nn
 from saecli.config.base import to_dict
 from saecli.config.dictionary import DictionaryConfig
 from saecli.config.init import InitConfig
-from saecli.config.kinds import LorsaConfig
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, own_config
@@ -55,6 +54,7 @@ from saecli.dictionaries.helpers import (
     latent_terms,
     masked_rows,
 )
+from saecli.dictionaries.lorsa_config import LorsaConfig
 from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError, UsageError
 

@@ -47,12 +47,12 @@ from torch import nn
 from saecli.config.base import to_dict
 from saecli.config.dictionary import DictionaryConfig
 from saecli.config.init import InitConfig
-from saecli.config.kinds import MOLTConfig
 from saecli.dictionaries import kernels
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, own_config
 from saecli.dictionaries.helpers import fold_threshold, io_hooks, latent_terms
+from saecli.dictionaries.molt_config import MOLTConfig
 from saecli.dtypes import DTYPES
 from saecli.errors import UsageError
 

@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from saecli.config.dictionary import DictionaryConfig, SAEConfig
+from saecli.config.dictionary import DictionaryConfig
 from saecli.config.init import InitConfig
 from saecli.dictionaries import kernels
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, own_config
+from saecli.dictionaries.sae_config import SAEConfig
 from saecli.dtypes import DTYPES
 
 # ReLU switches to the sparse path when at most this fraction of (token, latent) pairs fire

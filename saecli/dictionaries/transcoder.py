@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from saecli.config.dictionary import DictionaryConfig
-from saecli.config.kinds import TranscoderConfig
 from saecli.dictionaries.base import LossOutput, StepContext, own_config
 from saecli.dictionaries.helpers import io_hooks
 from saecli.dictionaries.sae import SparseAutoEncoder
+from saecli.dictionaries.transcoder_config import TranscoderConfig
 from saecli.dtypes import DTYPES
 from saecli.errors import UsageError
 
