@@ -90,7 +90,10 @@ class DictionaryConfig:
             raise bad("batchtopk_threshold_decay", "must be in [0, 1)")
 
     def resolved_d_sae(self, d_model: int) -> int:
-        return int(self.d_sae if self.d_sae is not None else round(self.expansion_factor * d_model))
+        if self.d_sae is not None:
+            return int(self.d_sae)
+        assert self.expansion_factor is not None  # validate() requires one of the two
+        return int(round(self.expansion_factor * d_model))
 
     def known_latents(self) -> int | None:
         """The dictionary's number of latents when the file alone decides it (else None: it waits for

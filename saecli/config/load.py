@@ -7,7 +7,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -184,6 +184,10 @@ def as_run_folder(exp: Experiment, folder: Path) -> Experiment:
     return exp
 
 
+@overload
+def _absolute(value: str, *, only_existing: bool = False) -> str: ...
+@overload
+def _absolute(value: None, *, only_existing: bool = False) -> None: ...
 def _absolute(value: str | None, *, only_existing: bool = False) -> str | None:
     """`value` as an absolute path (against the current directory); hub names and `builtin:` stay as they are."""
     if value is None or ":" in value and not Path(value).exists():

@@ -45,7 +45,8 @@ class CLTConfig(DictionaryConfig):
         if (self.hook_points_in is None) != (self.hook_points_out is None):
             raise bad("hook_points_out" if self.hook_points_out is None else "hook_points_in",
                       "give both hook_points_in and hook_points_out, or neither")
-        if self.hook_points_in is not None and len(self.hook_points_in) != len(self.hook_points_out):
+        if self.hook_points_in is not None and self.hook_points_out is not None \
+                and len(self.hook_points_in) != len(self.hook_points_out):
             raise bad("hook_points_out", f"needs one hook per layer: {len(self.hook_points_in)} in, "
                                          f"{len(self.hook_points_out)} out")
         if self.apply_decoder_bias_to_pre_encoder:

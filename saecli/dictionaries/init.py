@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from saecli.config.init import InitConfig
 
+if TYPE_CHECKING:
+    from saecli.dictionaries.sae import SparseAutoEncoder
 
-def _tied(model: Any, cfg: InitConfig) -> bool:
+
+def _tied(model: SparseAutoEncoder, cfg: InitConfig) -> bool:
     """Encoder = decoder transpose: by default only when the encoder reads the space the decoder writes
     (an SAE, not a transcoder: there the tie made 50 % of the latents die, untied 16 %, bench_quality.py)."""
-    same_space = getattr(model, "in_hook", None) == getattr(model, "out_hook", None)
-    return cfg.tie_encoder(same_space) and model.W_enc.shape == model.W_dec.shape
+    return cfg.tie_encoder(model.in_hook == model.out_hook) and model.W_enc.shape == model.W_dec.shape
 
 
 # a tied encoder's row norm when init_encoder_with_decoder_transpose_factor is unset: an nn.Linear row's,
@@ -44,19 +46,18 @@ def _tied_encoder(w_dec: torch.Tensor, cfg: InitConfig) -> torch.Tensor:
     return w_dec * f if f is not None else _unit_rows(w_dec.float()).to(w_dec.dtype) * TIED_ENCODER_ROW_NORM
 
 
-def _decoder_row_norm(model: Any, cfg: InitConfig) -> float | None:
+def _decoder_row_norm(model: SparseAutoEncoder, cfg: InitConfig) -> float | None:
     """The decoder rows' norm at init: `decoder_init_norm` when set; unset, ZERO for a transcoder without
     decoder-norm gating, else None (the uniform draw's norms). With a zero decoder the encoder gets no
     gradient until the decoder rows have learned where their latents should write, so no latent is pushed
     below zero by a random decoder direction first (sparsify's transcoder init). SmolLM2 layer-12 skip
     transcoder, 300k tokens, lr 4e-3, untied, ungated: dead 13.9 % → 2.1 %, EV 0.713 → 0.717."""
+    norm: float | None
     if cfg.decoder_init_norm is not None:
         norm = float(cfg.decoder_init_norm)
     else:
-        norm = None if getattr(model, "in_hook", None) == getattr(model, "out_hook", None) else 0.0
-        if norm == 0.0 and getattr(model, "gated", False):
-            norm = None  # gating divides by the decoder norms: keep the drawn rows
-    if norm == 0.0 and getattr(model, "gated", False):
+        norm = None if model.in_hook == model.out_hook or model.gated else 0.0  # gating divides by the norms
+    if norm == 0.0 and model.gated:
         from saecli.errors import ConfigError
 
         raise ConfigError("a zero decoder cannot rank latents by h·‖W_dec‖: set dictionary.sparsity_include_decoder_norm "
@@ -69,7 +70,7 @@ def _unit_rows(w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def initialize(model: Any, init_cfg: InitConfig | None = None, seed: int | None = None) -> None:
+def initialize(model: SparseAutoEncoder, init_cfg: InitConfig | None = None, seed: int | None = None) -> None:
     """Data-independent init; `seed` → a private generator (None: torch's global RNG)."""
     cfg = init_cfg or InitConfig()
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
@@ -78,7 +79,7 @@ def initialize(model: Any, init_cfg: InitConfig | None = None, seed: int | None 
     bound = cfg.decoder_uniform_bound if cfg.decoder_uniform_bound is not None else 1.0 / math.sqrt(d_sae)
     w = (torch.rand(w_dec.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
     norm = _decoder_row_norm(model, cfg)
-    if getattr(model.cfg, "decoder_unit_norm", False):
+    if model.cfg.decoder_unit_norm:
         w = _unit_rows(w)
     elif norm is not None and norm > 0:
         w = _unit_rows(w) * norm
@@ -90,7 +91,7 @@ def initialize(model: Any, init_cfg: InitConfig | None = None, seed: int | None 
         b = 1.0 / math.sqrt(w_enc.shape[-1])
         w_enc.copy_(((torch.rand(w_enc.shape, generator=gen) * 2 - 1) * b).to(w_enc.device, w_enc.dtype))
     model.b_enc.zero_()
-    if getattr(model, "b_dec", None) is not None:
+    if model.b_dec is not None:
         model.b_dec.zero_()
 
 
@@ -132,7 +133,7 @@ def _stack(batches: list[dict[str, torch.Tensor]], hook: str, max_rows: int | No
 
 
 @torch.no_grad()
-def _init_mse(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+def _init_mse(model: SparseAutoEncoder, x: torch.Tensor, y: torch.Tensor) -> float:
     """Reconstruction loss of the current weights on one batch (no threshold estimate is updated)."""
     from saecli.dictionaries.losses import mse
 
@@ -143,13 +144,13 @@ def _init_mse(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _set_encoder_bias_to_mean_pre(model: Any, x: torch.Tensor) -> None:
+def _set_encoder_bias_to_mean_pre(model: SparseAutoEncoder, x: torch.Tensor) -> None:
     model.b_enc.zero_()
     model.b_enc.sub_(model.pre_acts(x).float().mean(0).to(model.b_enc.dtype))
 
 
 @torch.no_grad()
-def init_sae_from_data(model: Any, batches: list[dict[str, torch.Tensor]], init_cfg: InitConfig | None,
+def init_sae_from_data(model: SparseAutoEncoder, batches: list[dict[str, torch.Tensor]], init_cfg: InitConfig | None,
                        median_rows: int = 16384) -> None:
     """Full initialisation of an SAE-like model from a few batches of NORMALISED activations."""
     cfg = init_cfg or InitConfig()
@@ -157,7 +158,7 @@ def init_sae_from_data(model: Any, batches: list[dict[str, torch.Tensor]], init_
     dev, dt = model.W_dec.device, model.W_dec.dtype
     x = _stack(batches, model.in_hook).to(dev)
     y = _stack(batches, model.out_hook).to(dev)
-    if getattr(model, "b_dec", None) is not None:
+    if model.b_dec is not None:
         if cfg.bias_init_method == "mean":
             model.b_dec.copy_(y.float().mean(0).to(dt))
         elif cfg.bias_init_method == "geometric_median":
@@ -165,7 +166,7 @@ def init_sae_from_data(model: Any, batches: list[dict[str, torch.Tensor]], init_
     n_first = batches[0][model.in_hook].reshape(-1, x.shape[-1]).shape[0]
     x1, y1 = x[:n_first], y[:n_first]
     tied = _tied(model, cfg)
-    if cfg.grid_search_init_norm and not getattr(model.cfg, "decoder_unit_norm", False):
+    if cfg.grid_search_init_norm and not model.cfg.decoder_unit_norm:
         directions = _unit_rows(model.W_dec.float())
 
         def set_norm(norm: float) -> None:

@@ -86,7 +86,7 @@ class Replay:
         stream.load_state_dict(start)
         if not self.batches:
             raise RunError("the activation stream yielded no batch")
-        self.mean_norms = getattr(stream, "mean_norms", None)
+        self.mean_norms = stream.mean_norms
         self.hook_points = list(stream.hook_points)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -131,7 +131,7 @@ def fresh_member(exp: Experiment, folder: Path, stream: ActivationStream, replay
                  model: ModelForInit) -> Member:
     """Build, initialise on the replayed first batches (rank 0's result broadcast) and plan a new member."""
     dictionary = build(exp, stream)
-    lm = model.get(exp) if getattr(dictionary, "needs_model_init", False) else None
+    lm = model.get(exp) if dictionary.needs_model_init else None
     batch_tokens = initialize(replay, [(dictionary, exp.init)], sync=sync, lm=lm)
     try:
         plan = plan_steps(exp.trainer.total_training_tokens, batch_tokens,

@@ -25,7 +25,7 @@ def finish(member: Member, *, fold: bool) -> dict[str, Any]:
     if member.folder is None or not member.sync.is_main:
         return summary
     d = member.dictionary
-    if fold and getattr(d.cfg, "norm_activation", "none") == "dataset-wise" and not d.folded:
+    if fold and d.cfg.norm_activation == "dataset-wise" and not d.folded:
         d.fold_activation_scale()
     d.save(member.folder)
     write_json(member.folder / SUMMARY_FILE, summary)

@@ -234,7 +234,7 @@ class Member:
         elif log_now:
             grads = [p.grad for p in self._all_params if p.grad is not None]
             self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
-        self._lr_used = self.scheduler.get_last_lr()[0]
+        self._lr_used = float(self.scheduler.get_last_lr()[0])
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -398,7 +398,7 @@ class Member:
     # ------------------------------------------------------------------ end
     def summary(self) -> dict[str, Any]:
         """The final metrics: the last logged record plus counters."""
-        out = {k: v for k, v in self.last_record.items() if isinstance(v, (int, float))}
+        out: dict[str, Any] = {k: v for k, v in self.last_record.items() if isinstance(v, (int, float))}
         if self.last_record.get("tokens") != self.tokens:  # steps after the last log: time them too
             elapsed = self._elapsed_before + (time.perf_counter() - self._start)
             out.update({"elapsed_s": elapsed, "tokens_per_s": tokens_per_second(self.tokens, elapsed)})
