@@ -24,7 +24,7 @@ class InitConfig:
     init_encoder_with_decoder_transpose_factor: float | None = opt(
         None, help="tied encoder = decoder × this; default: SAE/transcoder encoder rows at norm 1/√3 (an nn.Linear "
         "row's, sparsify's encoder; SmolLM2 layer 12, 300k tokens: dead 3.3 % → 1.3 %, EV 0.791 → 0.803), "
-        "other kinds × 1")
+        "other kinds (crosscoder, CLT, Lorsa) × 1")
     bias_init_method: Literal["zero", "geometric_median", "mean"] = opt(
         "geometric_median", help="b_dec at init: zero, the mean, or the geometric median of a sample"
     )

@@ -40,10 +40,13 @@ def _tied(model: SparseAutoEncoder, cfg: InitConfig) -> bool:
 TIED_ENCODER_ROW_NORM = 3 ** -0.5
 
 
-def _tied_encoder(w_dec: torch.Tensor, cfg: InitConfig) -> torch.Tensor:
-    """The tied encoder: W_dec × factor, or W_dec's directions at norm TIED_ENCODER_ROW_NORM by default."""
+def _tied_encoder(model: SparseAutoEncoder, w_dec: torch.Tensor, cfg: InitConfig) -> torch.Tensor:
+    """The tied encoder: W_dec × factor; by default, for the sae kind (where it was measured), W_dec's
+    directions at norm TIED_ENCODER_ROW_NORM, for the others (a crosscoder's concatenated heads) W_dec × 1."""
     f = cfg.init_encoder_with_decoder_transpose_factor
-    return w_dec * f if f is not None else _unit_rows(w_dec.float()).to(w_dec.dtype) * TIED_ENCODER_ROW_NORM
+    if f is None and model.cfg.kind == "sae":
+        return _unit_rows(w_dec.float()).to(w_dec.dtype) * TIED_ENCODER_ROW_NORM
+    return w_dec * cfg.tie_factor()
 
 
 def _decoder_row_norm(model: SparseAutoEncoder, cfg: InitConfig) -> float | None:
@@ -86,7 +89,7 @@ def initialize(model: SparseAutoEncoder, init_cfg: InitConfig | None = None, see
     w_dec.copy_(w.to(w_dec.device, w_dec.dtype) if norm != 0 else torch.zeros_like(w_dec))
     w_enc = model.W_enc
     if _tied(model, cfg):  # from the drawn directions (a zero decoder has none)
-        w_enc.copy_(_tied_encoder(w.to(w_enc.device, w_enc.dtype), cfg))
+        w_enc.copy_(_tied_encoder(model, w.to(w_enc.device, w_enc.dtype), cfg))
     else:
         b = 1.0 / math.sqrt(w_enc.shape[-1])
         w_enc.copy_(((torch.rand(w_enc.shape, generator=gen) * 2 - 1) * b).to(w_enc.device, w_enc.dtype))
@@ -172,7 +175,7 @@ def init_sae_from_data(model: SparseAutoEncoder, batches: list[dict[str, torch.T
         def set_norm(norm: float) -> None:
             model.W_dec.copy_((directions * norm).to(dt))
             if tied:
-                model.W_enc.copy_(_tied_encoder(model.W_dec, cfg))
+                model.W_enc.copy_(_tied_encoder(model, model.W_dec, cfg))
             if cfg.init_encoder_bias_with_mean_hidden_pre:
                 _set_encoder_bias_to_mean_pre(model, x1)
 
