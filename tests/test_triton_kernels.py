@@ -88,7 +88,8 @@ def make_sae(dtype="float32", d=12, s=64):
     cfg = parse(DictionaryConfig, {"d_sae": s, "activation": "topk", "k": 4, "dtype": dtype}, key="sae")
     torch.manual_seed(0)
     sae = SparseAutoEncoder(cfg, d, "x")
-    with torch.no_grad():
+    with torch.no_grad():  # the encoder = the decoder's rows (tiny pre-activations: no bf16 near-ties in the top-k)
+        sae.W_enc.copy_(sae.W_dec)
         sae.b_enc.copy_(0.1 * torch.randn(s))
         sae.b_dec.copy_(0.1 * torch.randn(d))
     return sae.to(DEVICE)
