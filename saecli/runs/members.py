@@ -65,7 +65,7 @@ def build(exp: Experiment, stream: ActivationStream) -> Dictionary:
     seed_everything(exp.run.seed)  # the same seed gives the same start, alone or in a sweep
     sae = sae_config(exp)
     hooks = list(stream.hook_points)
-    main_hook = getattr(sae, "hook_point", None) or hooks[0]
+    main_hook = sae.main_hook() or hooks[0]
     d_model = stream.d_model.get(main_hook, next(iter(stream.d_model.values())))
     return build_dictionary(sae, d_model, hooks).to(device=resolve_device(exp), dtype=DTYPES[sae.dtype])
 

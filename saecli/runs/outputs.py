@@ -75,6 +75,7 @@ def evaluate_member(exp: Experiment, folder: Path, lm: LanguageModel | None, rep
 def run_header(exp: Experiment, stream: ActivationStream, member: Member, *, given: bool = False) -> list[str]:
     """What is said before a member's first step: one line (data source, hook, d_sae, steps, tokens per
     step, world size), and a second when the cache is smaller than the run, which then loops over it."""
+    from saecli.data.models import ModelsStream
     from saecli.data.reader import CacheStream
 
     d = member.dictionary
@@ -82,7 +83,7 @@ def run_header(exp: Experiment, stream: ActivationStream, member: Member, *, giv
     per_step = member.batch_tokens * member.accumulation * world
     train_tokens = member.total_steps * per_step
     cached = stream.index.total_tokens if isinstance(stream, CacheStream) else None
-    describe = str(getattr(stream, "describe", ""))
+    describe = stream.describe if isinstance(stream, ModelsStream) else ""
     if cached is not None and not given and exp.activations is not None:
         source = f"cache {exp.activations.cache_dir} ({cached:,} tokens)"
     elif exp.model is not None and not given:

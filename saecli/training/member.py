@@ -98,10 +98,10 @@ class Member:
         dcfg = dictionary.cfg
         # The driver's config is resolved already (config.toml records it); a bare TrainerConfig (tests,
         # benchmarks) gets the same defaults here: `cfg` is what this member trains with, every key set.
-        cfg = self.cfg = resolve_trainer(cfg, activation=getattr(dcfg, "activation", ""), d_sae=dictionary.d_sae,
+        cfg = self.cfg = resolve_trainer(cfg, activation=dcfg.activation, d_sae=dictionary.d_sae,
                                          d_model=dictionary.d_model, run_tokens=self.total_steps * tokens_per_step)
         self.sparsity_loss_type = cfg.sparsity_loss_type
-        self.schedule = Schedule.from_config(cfg, total_steps=self.total_steps, k=int(getattr(dcfg, "k", 0) or 0))
+        self.schedule = Schedule.from_config(cfg, total_steps=self.total_steps, k=int(dcfg.k or 0))
         first = next(dictionary.parameters())
         self.device, self.param_dtype = first.device, first.dtype
         self.hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
