@@ -16,7 +16,7 @@ loop over pairs) and exactly the FLOPs of the sum. `pairs()` lists the (source, 
 
 The latents are numbered layer-major: latent i·d_sae + j is latent j of layer i; `feature_acts` is
 [N, L·d_sae] and `self.d_sae` is L·d_sae (the trainer's dead/density statistics count every latent);
-`d_sae_layer` is the per-layer count (`sae.d_sae` in the config).
+`d_sae_layer` is the per-layer count (`dictionary.d_sae` in the config).
 
 A latent's decoder norm (gating, penalties) is the `decoder_norm_reduction` over its target layers of
 ‖W_dec[i→t]_j‖: "norm" (default: the norm of its concatenated decoders, as in Circuit Tracing) or "sum".
@@ -79,7 +79,7 @@ class CrossLayerTranscoder(Dictionary):
         n, s = len(in_hooks), self.d_sae
         self.n_layers, self.d_sae_layer, self.d_sae = n, s, n * s
         if cfg.layer_k is not None and len(cfg.layer_k) != n:
-            raise ConfigError(f"layer_k needs one k per layer ({n}), found {len(cfg.layer_k)}", key="sae.layer_k")
+            raise ConfigError(f"layer_k needs one k per layer ({n}), found {len(cfg.layer_k)}", key="dictionary.layer_k")
         dtype = DTYPES[cfg.dtype]
         source, target = pair_index(n)
         self.register_buffer("pair_source", source, persistent=False)
@@ -117,12 +117,12 @@ class CrossLayerTranscoder(Dictionary):
             missing = [h for h in ins + outs if h not in hook_points]
             if missing:
                 raise ConfigError(f"{', '.join(missing)} not in activations.hook_points: the stream must carry "
-                                  "every hook the CLT reads or writes", key="sae.hook_points_in")
+                                  "every hook the CLT reads or writes", key="dictionary.hook_points_in")
         else:
             if len(hook_points) < 2 or len(hook_points) % 2:
                 raise ConfigError("a CLT reads one hook and writes one hook per layer: list the L inputs, then the L "
                                   f"outputs in activations.hook_points (found {len(hook_points)}), or set "
-                                  "sae.hook_points_in / sae.hook_points_out", key="sae.hook_points_in")
+                                  "dictionary.hook_points_in / sae.hook_points_out", key="dictionary.hook_points_in")
             half = len(hook_points) // 2
             ins, outs = list(hook_points[:half]), list(hook_points[half:])
         return cls(cfg, d_model, ins, outs)

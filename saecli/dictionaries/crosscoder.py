@@ -119,7 +119,7 @@ class Crosscoder(Dictionary):
         missing = [h for h in heads if h not in hook_points]
         if missing:
             raise ConfigError(f"{', '.join(missing)} not in activations.hook_points ({', '.join(hook_points)}): "
-                              "the stream must carry every head", key="sae.hook_points")
+                              "the stream must carry every head", key="dictionary.hook_points")
         return cls(cfg, d_model, heads)
 
     @classmethod
