@@ -185,10 +185,9 @@ def checkpoint_all(stream: Any, members: list[Member], sync: Sync, batches_seen:
             m.check_finite()
     sound = [m for m in members if m.status in ("running", "finished")]
     states = sync.gather_objects(stream.state_dict())
-    if sync.is_main:
-        shared = {"stream": states, "rng": rng_state(), "batches_seen": batches_seen}
-        for m in sound:
-            m.save_checkpoint(shared)
+    shared = {"stream": states, "rng": rng_state(), "batches_seen": batches_seen}
+    for m in sound:  # on every rank: rank 0 writes, except a sharded member's collective save
+        m.save_checkpoint(shared)
     sync.barrier()
 
 
@@ -222,8 +221,8 @@ def fit(stream: Any, members: list[Member], *, reporter: Reporter | None = None,
             if not alive:
                 break
             stop_now, time_due = stop.signum is not None, timer.due()
-            if sync.world_size > 1:  # every rank takes the same decision
-                flags = sync.all_reduce_sum_(torch.tensor([int(stop_now), int(time_due)]))
+            if sync.world_size > 1 or getattr(sync, "tp", 1) > 1:  # every rank takes the same decision
+                flags = sync.any_rank(torch.tensor([int(stop_now), int(time_due)]))
                 stop_now, time_due = bool(flags[0] > 0), bool(flags[1] > 0)
             pending = pending or time_due
             if (pending or stop_now) and all(m.at_boundary for m in alive):

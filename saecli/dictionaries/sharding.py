@@ -1,0 +1,197 @@
+"""Latent (tensor) parallelism: the operations a kind needs when its latents are split over ranks.
+
+Each rank of the tensor-parallel ("tp") axis of a device mesh holds a contiguous slice of the latents:
+rows [offset, offset + d_local) of W_enc, b_enc, W_dec (and every other parameter a kind lists in its
+`latent_axes`), as DTensor shards. A kind's sharded loss runs on the local slices (`DTensor.to_local()`,
+which keeps autograd to the sharded parameter) and calls the operations below, which are the only
+places that communicate:
+
+- `select(...)`: the activation. ReLU/JumpReLU are per latent (no communication). TopK and BatchTopK
+  need the *global* top-k: each rank takes its own top-k candidates (values + global indices), ONE
+  all-gather over the tp group (values and indices packed in one float64 tensor: indices < 2^53 and
+  float32 values are exact there), then every rank computes the exact global top-k of the candidates
+  (the global top-k is always among the union of the per-rank top-k's: no approximation) and keeps the
+  selected latents that are its own.
+- `reduce(partial)`: the decoder's partial sums f_local W_dec,local summed over tp ranks, autograd-aware
+  through DTensor: a `Partial()` tensor redistributed to `Replicate()` (forward all-reduce, backward
+  identity — the gradient of the replicated loss w.r.t. each rank's partial sum is the gradient w.r.t.
+  the sum). `torch.distributed.nn.functional.all_reduce` would all-reduce the gradient as well, which
+  multiplies it by the tp size when every rank computes the same loss.
+- `auxk(...)`: AuxK's top-k_aux over the dead latents, the same candidates-then-gather pattern.
+- `gather_latents(t)`: a per-latent statistic [..., d_local] → [..., d_sae] (firing counts for metrics).
+
+Why DTensor and not FSDP2 (`fully_shard`): FSDP2 shards parameters for *memory* but all-gathers each
+parameter before computing with it, so every rank still computes the full [N, d_sae] pre-activations;
+the latent dimension of the computation is not split. Splitting it is tensor parallelism, which is
+what lm_saes does with DTensor (its `DeviceMesh` with a "model" axis, sharding W_E/W_D along d_sae and
+a distributed top-k). DTensor also gives torch.distributed.checkpoint the placements it needs to
+reshard a checkpoint into any world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+from saecli.dictionaries import losses as L
+from saecli.dictionaries.activations import SparseActivation, gated_pre, jumprelu_gated
+
+
+def local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The rank's own part of a (possibly) DTensor parameter, differentiable; plain tensors unchanged."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@dataclass(frozen=True)
+class LatentShard:
+    """This rank's slice of the latents: `mesh` is the 1-D tp mesh, latents [offset, offset + d_local)."""
+
+    mesh: DeviceMesh
+    d_sae: int
+
+    @property
+    def size(self) -> int:
+        return self.mesh.size()
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.get_local_rank()
+
+    @property
+    def d_local(self) -> int:
+        return self.d_sae // self.size
+
+    @property
+    def offset(self) -> int:
+        return self.rank * self.d_local
+
+    # ------------------------------------------------------------------ communication
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Σ over tp ranks of each rank's `partial` (decoder partial sums, per-shard penalty sums)."""
+        if self.size == 1:
+            return partial
+        t = DTensor.from_local(partial, self.mesh, [Partial()], run_check=False)
+        return t.redistribute(self.mesh, [Replicate()]).to_local()
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[n, ...] from every tp rank → [size·n, ...] in rank order (no gradient)."""
+        if self.size == 1:
+            return t
+        return DTensor.from_local(t.contiguous(), self.mesh, [Shard(0)], run_check=False).full_tensor()
+
+    def gather_latents(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-latent tensor [..., d_local] → [..., d_sae] (the latent axis last)."""
+        if self.size == 1:
+            return t
+        parts = self.all_gather(t.movedim(-1, 0))  # [d_sae, ...]
+        return parts.movedim(0, -1)
+
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        """The local slice [..., d_local] of a global per-latent tensor [..., d_sae]."""
+        return t[..., self.offset: self.offset + self.d_local]
+
+    # ------------------------------------------------------------------ global selections
+    def _gather_candidates(self, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each rank's candidates [rows, c] (values, global indices) → everyone's [rows, size·c], in one
+        all-gather of a packed float64 tensor."""
+        packed = torch.stack([values.double(), indices.double()], dim=-1)  # [rows, c, 2]
+        every = self.all_gather(packed.unsqueeze(0))  # [size, rows, c, 2]
+        every = every.permute(1, 0, 2, 3).reshape(packed.shape[0], -1, 2)
+        return every[..., 0], every[..., 1].long()
+
+    def topk_rows(self, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact per-row global top-k of `keys` [N, d_local] (this rank's columns of [N, d_sae]):
+        (selected values [N, k], global indices [N, k]), identical on every tp rank."""
+        v, i = torch.topk(keys, min(k, keys.shape[-1]), dim=-1, sorted=False)
+        return self.topk_rows_from(v, i + self.offset, k)
+
+    def mine(self, global_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(is this rank's, local index clamped into range) for global latent indices."""
+        ok = (global_idx >= self.offset) & (global_idx < self.offset + self.d_local)
+        return ok, (global_idx - self.offset).clamp(0, self.d_local - 1)
+
+    def topk_mask(self, keys: torch.Tensor, k: int) -> torch.Tensor:
+        """[N, d_local] bool: the latents of this rank among each row's global top-k."""
+        _, gidx = self.topk_rows(keys, k)
+        ok, lidx = self.mine(gidx)
+        hits = torch.zeros(keys.shape, dtype=torch.int32, device=keys.device)
+        return hits.scatter_add_(-1, lidx, ok.to(torch.int32)) > 0  # add: clamped foreign indices add 0
+
+    def batch_topk_mask(self, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """BatchTopK's k·N largest of relu(keys) over the whole [N, d_sae] batch: (this rank's [N, d_local]
+        kept mask, the smallest kept positive value — NaN if none — identical on every rank)."""
+        n, d_local = keys.shape
+        flat = torch.relu(keys).reshape(-1)
+        n_keep = min(k * n, n * self.d_sae)
+        v, i = torch.topk(flat, min(n_keep, flat.numel()), sorted=False)
+        global_flat = (i // d_local) * self.d_sae + (i % d_local) + self.offset  # row·d_sae + global column
+        v_all, g_all = self._gather_candidates(v.unsqueeze(0), global_flat.unsqueeze(0))
+        top_v, j = torch.topk(v_all[0], n_keep, sorted=False)
+        g = g_all[0][j]
+        rows, cols = g // self.d_sae, g % self.d_sae
+        ok, lcol = self.mine(cols)
+        ok = ok & (top_v > 0)
+        keep = torch.zeros(n * d_local, dtype=torch.bool, device=keys.device)
+        keep[(rows * d_local + lcol)[ok]] = True
+        positive = top_v[top_v > 0]
+        smallest = positive.min().float() if positive.numel() else torch.full((), float("nan"), device=keys.device)
+        return keep.view(n, d_local), smallest
+
+    # ------------------------------------------------------------------ the activation
+    def select(self, activation: SparseActivation, h: torch.Tensor, gate: torch.Tensor | None,
+               k: int | None, training: bool) -> torch.Tensor:
+        """`activation(h, gate, k, training)` on this rank's columns h [N, d_local] with the global
+        selection; `gate` [d_local] (detached decoder norms) or None. Same values as the unsharded
+        activation at this rank's latents."""
+        name = activation.name
+        if name == "relu":
+            return torch.relu(h)
+        if name == "jumprelu":
+            return jumprelu_gated(h, local(activation.log_threshold).exp(), activation.bandwidth, gate)
+        keys = gated_pre(h, gate).detach()
+        if name == "topk":
+            assert k is not None, "topk needs k"
+            keep = self.topk_mask(keys, int(k))
+        elif training:
+            assert k is not None, "batchtopk needs k"
+            keep, smallest = self.batch_topk_mask(keys, int(k))
+            activation.update_threshold(smallest)
+        else:
+            keep = keys > activation.threshold.to(keys.dtype)
+            return torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device))
+        return torch.where(keep, torch.relu(h), torch.zeros((), dtype=h.dtype, device=h.device))
+
+    # ------------------------------------------------------------------ AuxK
+    def auxk(self, h: torch.Tensor, dead_mask: torch.Tensor, k_aux: int, residual: torch.Tensor,
+             w_dec: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """`losses.auxk_loss` with the dead latents spread over ranks. `h` [N, d_local] pre-activations
+        (with grad), `dead_mask` the GLOBAL [d_sae] mask, `w_dec` [d_local, d] this rank's decoder rows."""
+        dead = dead_mask.to(device=h.device, dtype=torch.bool)
+        n_dead = int(dead.sum())
+        zero = h.new_zeros((), dtype=torch.float32)
+        if n_dead == 0 or k_aux <= 0:
+            return zero
+        k = min(int(k_aux), n_dead)
+        dead_idx = torch.nonzero(self.own(dead), as_tuple=True)[0]  # local indices of local dead latents
+        sub = h.detach().index_select(-1, dead_idx)
+        keys = sub if gate is None else gated_pre(sub, gate.detach()[dead_idx])
+        c = min(k, dead_idx.numel())
+        v, j = torch.topk(keys, c, dim=-1, sorted=False)
+        # pad every rank to k candidates (ranks hold different numbers of dead latents): -inf never wins
+        pad = k - c
+        v = torch.cat([v, v.new_full((v.shape[0], pad), float("-inf"))], -1)
+        gidx = torch.cat([dead_idx[j] + self.offset, j.new_full((j.shape[0], pad), -1)], -1)
+        _, g = self.topk_rows_from(v, gidx, k)
+        ok, lidx = self.mine(g)
+        acts = torch.relu(torch.gather(h, -1, lidx)) * ok.to(h.dtype)
+        partial = L.gather_decode(w_dec)(acts, lidx)
+        return L.normalized_residual_loss(self.reduce(partial), residual.detach())
+
+    def topk_rows_from(self, values: torch.Tensor, gidx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global top-k of candidates already chosen per rank: (values, global indices) [N, k]."""
+        v_all, i_all = self._gather_candidates(values, gidx)
+        top_v, j = torch.topk(v_all, min(k, v_all.shape[-1]), dim=-1, sorted=False)
+        return top_v, i_all.gather(-1, j)
