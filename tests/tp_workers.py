@@ -130,7 +130,30 @@ def sharded_runs(rank: int, world: int, store: str, out: str, tp: int) -> None:
         if rank == 0:
             torch.save({"state": state, "fired": m.fired, "bytes": state_bytes(d, m.optimizer), "aux": m.aux,
                         "world": dist.get_world_size(), "mesh": tuple(mesh.shape)}, Path(out) / f"{case}.pt")
+    data_parallel_runs(rank, world, out)
     dist.destroy_process_group()
+
+
+def data_parallel_runs(rank: int, world: int, out: str) -> None:
+    """The ("dp", "tp") = (world, 1) mesh against today's data parallel (`TorchSync`): each rank its own
+    batches; rank 0 saves both results to `out`/dp.pt (called from `sharded_runs`)."""
+    from saecli.training.distributed import TorchSync
+    from saecli.training.tensor_parallel import ShardedMember, make_mesh, shard_dictionary
+
+    case, states = "topk", {}
+    for name in ("today", "sharded"):
+        if name == "sharded":
+            mesh = make_mesh(1)
+            d = shard_dictionary(dictionary(case), mesh)
+            m: Member = ShardedMember(d, trainer_cfg(), mesh=mesh, total_steps=STEPS, batch_tokens=N_TOK)
+        else:
+            d = dictionary(case)
+            m = Member(d, trainer_cfg(), total_steps=STEPS, batch_tokens=N_TOK, sync=TorchSync())
+        for step in range(STEPS):
+            m.feed(batch(case, world * step + rank))
+        states[name] = full_state(d)
+    if rank == 0:
+        torch.save({**states, "mesh": tuple(mesh.shape)}, Path(out) / "dp.pt")
 
 
 def resume_runs(rank: int, world: int, store: str, out: str, tp: int) -> None:
