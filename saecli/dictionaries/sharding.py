@@ -23,9 +23,9 @@ places that communicate:
 Why DTensor and not FSDP2 (`fully_shard`): FSDP2 shards parameters for *memory* but all-gathers each
 parameter before computing with it, so every rank still computes the full [N, d_sae] pre-activations;
 the latent dimension of the computation is not split. Splitting it is tensor parallelism, which is
-what lm_saes does with DTensor (its `DeviceMesh` with a "model" axis, sharding W_E/W_D along d_sae and
-a distributed top-k). DTensor also gives torch.distributed.checkpoint the placements it needs to
-reshard a checkpoint into any world size.
+what lm_saes does with DTensor (its docs/distributed-guidelines.md: a DeviceMesh with `data` and `model`
+axes, every parameter sharded on `model` along its d_sae dimension). DTensor also gives
+torch.distributed.checkpoint the placements it needs to reshard a checkpoint into any world size.
 """
 
 from __future__ import annotations
