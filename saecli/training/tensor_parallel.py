@@ -54,6 +54,56 @@ def check_tensor_parallel(kind: str, latent_axes: dict[str, int] | None, d_sae: 
                           key=KEY)
 
 
+def check_run(kind: str, d_sae: int | None, tp: int) -> None:
+    """`check_tensor_parallel` at the start of a run (this process group's size; d_sae when already known)."""
+    from saecli.dictionaries.registry import dictionary_class
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if 1 < tp and world < tp:
+        raise ConfigError(f"{KEY} = {tp} needs at least {tp} processes, this run has {world} (launch it with "
+                          f"`accelerate launch --num_processes {tp} -m saecli ...` or torchrun)", key=KEY)
+    axes = getattr(dictionary_class(kind), "latent_axes", None)
+    check_tensor_parallel(kind, axes, d_sae if d_sae is not None else tp, tp, world)
+
+
+def run_sync(tp: int, base: Any, device_type: str = "cpu") -> Any:
+    """A run's `Sync`: `base` (data parallel over every process) when tp = 1, else a `TensorParallelSync`
+    on a new ("dp", "tp") mesh over the same processes."""
+    return base if tp == 1 else TensorParallelSync(make_mesh(tp, device_type))
+
+
+def mesh_line(sync: Any, batch_tokens: int) -> str:
+    """What a run says at start: world size, mesh shape, per-rank batch."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    dp, tp = sync.world_size, getattr(sync, "tp", 1)
+    return (f"world size {world} · mesh dp {dp} × tp {tp} · {batch_tokens:,} tokens per rank per batch"
+            + (f" (the {tp} ranks of a tp group read the same batch)" if tp > 1 else ""))
+
+
+def new_member(dictionary: Dictionary, cfg: Any, *, sync: Any, **kwargs: Any) -> Member:
+    """A fresh member: sharded over the mesh when `sync` is a `TensorParallelSync`, else an ordinary one."""
+    if isinstance(sync, TensorParallelSync):
+        return ShardedMember(shard_dictionary(dictionary, sync.mesh), cfg, mesh=sync.mesh, sync=sync, **kwargs)
+    return Member(dictionary, cfg, sync=sync, **kwargs)
+
+
+def resumed_member(dictionary: Dictionary, cfg: Any, checkpoint: Path, *, sync: Any, **kwargs: Any
+                   ) -> tuple[Member, dict]:
+    """A member restored from `checkpoint` (ordinary or DCP, resharded to this run's mesh either way)."""
+    if isinstance(sync, TensorParallelSync):
+        return ShardedMember.from_checkpoint(shard_dictionary(dictionary, sync.mesh), cfg, checkpoint,
+                                             mesh=sync.mesh, sync=sync, **kwargs)
+    return Member.from_checkpoint(dictionary, cfg, checkpoint, sync=sync, **kwargs)
+
+
+def to_save(dictionary: Dictionary) -> Dictionary | None:
+    """The dictionary a run saves: itself, or gathered unsharded on rank 0 (None on the other ranks).
+    Collective for a sharded dictionary: every rank calls."""
+    if getattr(dictionary, "latent_shard", None) is None:
+        return dictionary
+    return unshard(dictionary)
+
+
 def make_mesh(tp: int, device_type: str = "cpu") -> DeviceMesh:
     """The ("dp", "tp") mesh over the initialised process group: dp = world // tp."""
     world = dist.get_world_size()
