@@ -210,10 +210,10 @@ def recovered(clean: float, spliced: float, ablated: float) -> float:
 def train_saecli(exp: Any, name: str) -> Coder:
     """`saecli train` on the experiment (its defaults), then the saved dictionary as a coder."""
     from saecli.evaluation.evaluate import load_for_eval
-    from saecli.training.run import train
+    from saecli.runs import train
 
     start = time.perf_counter()
-    folder = train(exp, overwrite=True)
+    folder = train(exp, overwrite=True).folder
     seconds = time.perf_counter() - start
     d = load_for_eval(folder)
     # d.decode(codes) refuses token-/batch-wise units (they need the input): not saecli's default

@@ -1,7 +1,7 @@
 """Sweep benchmark: an 8-member group (same shape, lr and k differ) against 8 sequential `train` runs.
 
 Reference measured in the same run: the 8 members trained one after the other with
-`saecli.training.train` (what 8 `saecli train` commands do; the model is loaded once for the whole
+`saecli.runs.train` (what 8 `saecli train` commands do; the model is loaded once for the whole
 benchmark unless --reload-model). Compared with it:
 
     loop      one `run_sweep`: one stream, each batch read or computed once and fed to 8 Members, each
@@ -91,8 +91,8 @@ def sync(device: str) -> None:
 def run_sequential(base: dict, sweep: dict, source: str, out: Path, device: str) -> tuple[float, float]:
     from saecli.config.base import parse
     from saecli.config.sweep import SweepConfig
+    from saecli.runs import train
     from saecli.sweep.grid import plan_from_dict
-    from saecli.training import train
 
     plan = plan_from_dict(with_source(base, source, out), parse(SweepConfig, sweep, key="sweep"))
     sync(device)
@@ -106,8 +106,8 @@ def run_sequential(base: dict, sweep: dict, source: str, out: Path, device: str)
 def run_group(base: dict, sweep: dict, source: str, out: Path, device: str) -> tuple[float, float]:
     from saecli.config.base import parse
     from saecli.config.sweep import SweepConfig
+    from saecli.runs import run_sweep
     from saecli.sweep.grid import plan_from_dict
-    from saecli.sweep.run import run_sweep
     from saecli.training.distributed import LocalSync
 
     plan = plan_from_dict(with_source(base, source, out), parse(SweepConfig, sweep, key="sweep"))

@@ -16,7 +16,8 @@ from saecli.config.base import parse
 from saecli.config.experiment import Experiment
 from saecli.data.stream import ActivationStream
 from saecli.dictionaries.base import LossOutput, StepContext
-from saecli.training import NullReporter, train
+from saecli.runs import train
+from saecli.training import NullReporter
 
 
 class CtrlCAt(NullReporter):
@@ -52,7 +53,7 @@ def assert_resume_after_ctrl_c_is_exact(tmp_path: Path, sae: dict, trainer: dict
             "trainer": {"lr": 5e-3, "n_checkpoints": 2, "checkpoint_every_seconds": 0, **trainer},
             "store": {"backend": "none"}})
 
-    ref = train(experiment(tmp_path / "ref"), stream=stream())
+    ref = train(experiment(tmp_path / "ref"), stream=stream()).folder
     cut = experiment(tmp_path / "cut")
     with pytest.raises(KeyboardInterrupt):
         train(cut, stream=stream(), reporter=CtrlCAt(at))

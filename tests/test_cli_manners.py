@@ -17,7 +17,7 @@ from saecli.config import Experiment
 from saecli.config.base import parse
 from saecli.config.load import experiment_dict
 from saecli.data.synthetic import SyntheticStream
-from saecli.training import train
+from saecli.runs import train
 from saecli.training.logger import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,7 +67,7 @@ def test_set_completes_key_paths_in_every_shell(cli, shell, env, expected):
 
 # ------------------------------------------------------------------------------------------ train output
 def test_one_tokens_per_second_figure(tmp_path):
-    folder = train(experiment(tmp_path / "run"), stream=stream())
+    folder = train(experiment(tmp_path / "run"), stream=stream()).folder
     import json
 
     summary = json.loads((folder / "summary.json").read_text())
@@ -83,8 +83,8 @@ def test_train_header_and_small_cache_note(tmp_path):
     from saecli.data.cache import write_cache
     from saecli.data.reader import CacheStream
     from saecli.dictionaries.registry import build_dictionary
+    from saecli.runs.outputs import run_header
     from saecli.training.member import Member
-    from saecli.training.run import run_header
 
     hook = "blocks.0.hook_resid_post"
     n = 1000
@@ -134,7 +134,7 @@ def test_store_keeps_one_cfg_shape_per_run(tmp_path):
 
     store_cfg = {"backend": "sqlite", "path": str(tmp_path / "s.db")}
     exp = experiment(tmp_path / "run", **store_cfg)
-    folder = train(exp, stream=stream())
+    folder = train(exp, stream=stream()).folder
     with open_store(exp.store) as store:
         trained = store.get_sae("syn")["cfg"]
         assert trained == experiment_dict(exp)

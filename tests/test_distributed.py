@@ -25,9 +25,9 @@ from conftest import tiny_topk_toml
 from safetensors.torch import load_file
 
 from saecli.config.load import load_experiment
+from saecli.runs import run_sweep, train
+from saecli.runs.sweep import SWEEP_FILE
 from saecli.sweep.grid import load_sweep
-from saecli.sweep.run import SWEEP_FILE, run_sweep
-from saecli.training import train
 from saecli.training.checkpoint import list_checkpoints
 from saecli.training.logger import read_metrics
 
@@ -74,7 +74,7 @@ def test_accelerate_train_is_data_parallel(tiny_llama, tmp_path):
     assert (proc.stdout + proc.stderr).count("final metrics") == 1  # only rank 0 prints
     # one process, the same tokens per optimizer step (2 batches accumulated), other documents
     single = train(load_experiment(toml, [f'run.output_dir="{tmp_path / "single"}"',
-                                          "trainer.gradient_accumulation_steps=2"]))
+                                          "trainer.gradient_accumulation_steps=2"])).folder
     ref = read_metrics(single)
     assert [r["step"] for r in ref] == [5, 10, 15, 20] and ref[-1]["tokens"] == 10240
     assert records[-1]["explained_variance"] == pytest.approx(ref[-1]["explained_variance"], abs=0.1)

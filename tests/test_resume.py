@@ -18,7 +18,7 @@ from kinds_contract import CtrlCAt, assert_same_weights
 from saecli.config.base import parse
 from saecli.config.experiment import Experiment
 from saecli.data.synthetic import SyntheticStream
-from saecli.training import train
+from saecli.runs import train
 from saecli.training.checkpoint import list_checkpoints
 from saecli.training.logger import read_metrics
 
@@ -71,7 +71,7 @@ def stream() -> SyntheticStream:
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(tmp_path):
-    ref = train(experiment(tmp_path / "ref"), stream=stream())
+    ref = train(experiment(tmp_path / "ref"), stream=stream()).folder
     exp = experiment(tmp_path / "cut")
     with pytest.raises(KeyboardInterrupt):
         train(exp, stream=stream(), reporter=CtrlCAt(14))
@@ -84,7 +84,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(tmp_path):
 
 
 def test_a_run_killed_while_saving_its_outputs_finishes_on_resume(tmp_path):
-    ref = train(experiment(tmp_path / "ref"), stream=stream())
+    ref = train(experiment(tmp_path / "ref"), stream=stream()).folder
     expected = (ref / "sae_weights.safetensors").read_bytes()
     for name in ("summary.json", "sae_weights.safetensors", "cfg.json"):  # as if killed before writing them
         (ref / name).unlink()
@@ -117,7 +117,7 @@ SCRIPT = textwrap.dedent('''
     from saecli.config.experiment import Experiment
     from saecli.data.synthetic import SyntheticStream
     import saecli.training.checkpoint as ck
-    from saecli.training import train
+    from saecli.runs import train
 
     out, mode = sys.argv[1], sys.argv[2]
 

@@ -23,10 +23,9 @@ from saecli.config.sweep import SweepConfig
 from saecli.data.synthetic import SyntheticStream
 from saecli.dictionaries.registry import load_dictionary
 from saecli.errors import UsageError
+from saecli.runs import run_sweep, train
 from saecli.sweep.grid import plan_from_dict
-from saecli.sweep.run import run_sweep
 from saecli.sweep.summary import FRONTIER_PNG, SUMMARY_JSON, pareto_front
-from saecli.training import train
 from saecli.training.checkpoint import list_checkpoints
 from saecli.training.logger import read_metrics
 
@@ -61,7 +60,7 @@ def alone(member, root: Path, **kw) -> Path:
     """The same member trained by `saecli train`'s function on its own stream."""
     exp = member.exp
     exp = dataclasses.replace(exp, run=dataclasses.replace(exp.run, output_dir=str(root / member.name)))
-    return train(exp, stream=stream(), **kw)
+    return train(exp, stream=stream(), **kw).folder
 
 
 def assert_close_weights(a: Path, b: Path, atol: float = 2e-6) -> None:
@@ -220,7 +219,7 @@ SCRIPT = textwrap.dedent('''
     from saecli.config.sweep import SweepConfig
     from saecli.data.synthetic import SyntheticStream
     from saecli.sweep.grid import plan_from_dict
-    from saecli.sweep.run import run_sweep
+    from saecli.runs import run_sweep, train
 
     spec, mode = json.loads(open(sys.argv[1]).read()), sys.argv[2]
 

@@ -19,7 +19,8 @@ from saecli.data.synthetic import SyntheticStream
 from saecli.dictionaries.base import Dictionary, LossOutput
 from saecli.dictionaries.registry import build_dictionary
 from saecli.errors import RunError, UsageError
-from saecli.training import Member, fit, initialize, train
+from saecli.runs import train
+from saecli.training import Member, fit, initialize
 from saecli.training.checkpoint import latest_checkpoint, list_checkpoints
 from saecli.training.logger import read_metrics
 from saecli.training.stats import FeatureStats, firing_counts
@@ -75,7 +76,7 @@ def test_topk_sae_recovers_the_true_dictionary():
 
 def test_loss_goes_down_and_metrics_are_logged(tmp_path):
     torch.manual_seed(0)
-    folder = train(experiment(tmp_path), stream=stream())
+    folder = train(experiment(tmp_path), stream=stream()).folder
     records = read_metrics(folder)
     assert [r["step"] for r in records] == [20, 40, 60, 80, 100]
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
@@ -227,7 +228,7 @@ def test_gradient_accumulation_steps_every_n_batches(tmp_path):
     exp = experiment(tmp_path, trainer={"gradient_accumulation_steps": 2, "total_training_tokens": 128 * 40,
                                         "log_frequency": 5, "n_checkpoints": 2})
     s = stream()
-    folder = train(exp, stream=s)
+    folder = train(exp, stream=s).folder
     records = read_metrics(folder)
     assert [r["step"] for r in records] == [5, 10, 15, 20]  # 40 batches → 20 optimizer steps
     assert records[-1]["tokens"] == 40 * 128
@@ -249,10 +250,11 @@ def test_grad_clipping_bounds_the_update():
 # ------------------------------------------------------------------------------------------ run folder
 def test_an_existing_run_needs_resume_or_overwrite(tmp_path):
     exp = experiment(tmp_path, trainer={"total_training_tokens": 128 * 10, "n_checkpoints": 1})
-    folder = train(exp, stream=stream())
+    folder = train(exp, stream=stream()).folder
     with pytest.raises(UsageError, match="--resume"):
         train(exp, stream=stream())
-    assert train(exp, stream=stream(), resume=True) == folder  # finished: nothing to do
+    again = train(exp, stream=stream(), resume=True)  # finished: nothing to do, the summary read back
+    assert again.folder == folder and again.summary == json.loads((folder / "summary.json").read_text())
     first = (folder / "sae_weights.safetensors").read_bytes()
     train(exp, stream=stream(), overwrite=True)
     assert (folder / "sae_weights.safetensors").read_bytes() == first  # same seed, same result
@@ -264,7 +266,7 @@ def test_a_finished_run_is_recorded_in_the_store(tmp_path):
 
     exp = experiment(tmp_path, store={"backend": "sqlite", "path": str(tmp_path / "results.db")},
                      trainer={"total_training_tokens": 128 * 10})
-    folder = train(exp, stream=stream())
+    folder = train(exp, stream=stream()).folder
     store = open_store(exp.store)
     try:
         record = store.get_sae("syn")
@@ -277,7 +279,7 @@ def test_a_finished_run_is_recorded_in_the_store(tmp_path):
 def test_bfloat16_autocast_trains(tmp_path):
     exp = experiment(tmp_path, trainer={"amp_dtype": "bfloat16", "total_training_tokens": 128 * 40,
                                         "log_frequency": 10})
-    records = read_metrics(train(exp, stream=stream()))
+    records = read_metrics(train(exp, stream=stream()).folder)
     assert records[-1]["loss"] < records[0]["loss"]
 
 # ------------------------------------------------------------------------------------------ data parallel

@@ -105,7 +105,7 @@ def sweep(
     from saecli.commands import probe_store
 
     probe_store(plan.members[0].exp, plan.output_dir)
-    from saecli.sweep.run import run_sweep
+    from saecli.runs import run_sweep
     from saecli.sweep.summary import FRONTIER_PNG, SUMMARY_JSON, table_rows
 
     reporter = SweepReporter()

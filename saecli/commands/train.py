@@ -19,7 +19,7 @@ _SUMMARY = ("step", "tokens", "loss", "explained_variance", "mse", "l0", "dead",
 class UiReporter:
     """Draws the loop's progress with saecli.ui: a live bar with the latest metrics, and messages."""
 
-    shown = _SHOWN
+    shown: tuple[str, ...] = _SHOWN
 
     def __init__(self) -> None:
         self._stack = contextlib.ExitStack()
@@ -83,8 +83,7 @@ def train(
     """
     from saecli import ui
     from saecli.errors import UsageError
-    from saecli.training.run import SUMMARY_FILE
-    from saecli.training.run import train as run_train
+    from saecli.runs import train as run_train
 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: choose one")
@@ -99,16 +98,11 @@ def train(
     probe_store(exp, run_dir or exp.run.output_dir)
     reporter = UiReporter()
     try:
-        folder = run_train(exp, resume=resume, overwrite=overwrite, reporter=reporter, run_dir=run_dir)
+        result = run_train(exp, resume=resume, overwrite=overwrite, reporter=reporter, run_dir=run_dir)
     finally:
         reporter.close()
-    import json
-
-    summary_path = folder / SUMMARY_FILE
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        ui.table(f"{exp.run.name}: final metrics", {k: summary[k] for k in _SUMMARY if k in summary})
-    ui.result(f"trained dictionary saved in {folder}")
+    ui.table(f"{exp.run.name}: final metrics", {k: result.summary[k] for k in _SUMMARY if k in result.summary})
+    ui.result(f"trained dictionary saved in {result.folder}")
 
 
 def register(app: typer.Typer) -> None:
