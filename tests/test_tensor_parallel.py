@@ -16,7 +16,7 @@ import torch
 import tp_workers as W
 
 from saecli.errors import ConfigError
-from saecli.training.checkpoint import latest_checkpoint
+from saecli.training.checkpoint import latest_checkpoint, list_checkpoints
 from saecli.training.member import Member
 from saecli.training.tensor_parallel import check_tensor_parallel
 
@@ -98,3 +98,41 @@ def test_config_errors_name_the_key():
         with pytest.raises(ConfigError, match=words) as err:
             check_tensor_parallel(*args)
         assert err.value.key == "trainer.tensor_parallel"
+
+
+def test_accelerate_train_with_tensor_parallel_then_resume_in_one_process(tiny_llama, tmp_path):
+    """`saecli train` on 2 ranks with trainer.tensor_parallel = 2: the mesh line, DCP checkpoints, an
+    unsharded sae_weights.safetensors; then the step-20 checkpoint resumed in one process (tp = 1) ends
+    where the sharded run ended."""
+    from safetensors.torch import load_file
+    from test_distributed import accelerate, tiny_experiment
+
+    from saecli.config.load import load_experiment
+    from saecli.runs import train
+    from saecli.training.logger import read_metrics
+
+    toml = tiny_experiment(tmp_path / "exp.toml", tiny_llama, tmp_path / "tp")
+    proc = accelerate("train", toml, "--set", "trainer.tensor_parallel=2")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "world size 2 · mesh dp 1 × tp 2 · 256 tokens per rank per batch" in log
+    out = tmp_path / "tp"
+    (s20, _), (s40, p40) = list_checkpoints(out)
+    assert (s20, s40) == (20, 40)  # dp = 1: 10240 tokens / 256 per step
+    assert (p40 / "dcp" / ".metadata").exists() and len(list((p40 / "dcp").glob("*.distcp"))) == 2
+    sharded = load_file(str(out / "sae_weights.safetensors"))
+    assert sharded["W_enc"].shape == (128, 64) and sharded["W_dec"].shape == (128, 64)  # gathered whole
+    assert [r["step"] for r in read_metrics(out)][-1] == 40
+    # back to step 20, resumed by one process without tensor parallelism
+    import shutil
+
+    shutil.rmtree(p40)
+    for name in ("summary.json", "sae_weights.safetensors"):
+        (out / name).unlink()
+    exp = load_experiment(toml, ["trainer.tensor_parallel=1"])
+    result = train(exp, resume=True)
+    assert result.summary["step"] == 40
+    single = load_file(str(out / "sae_weights.safetensors"))
+    for key in sharded:
+        assert torch.allclose(single[key], sharded[key], rtol=0, atol=1e-5), key
+

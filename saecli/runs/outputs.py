@@ -21,10 +21,14 @@ def finish(member: Member, *, fold: bool) -> dict[str, Any]:
     Returns the summary (on every rank; only the writing rank writes)."""
     from saecli.fsio import write_json
 
+    from saecli.training.tensor_parallel import to_save
+
     summary = member.summary()
-    if member.folder is None or not member.sync.is_main:
+    if member.folder is None:
         return summary
-    d = member.dictionary
+    d = to_save(member.dictionary)  # a sharded dictionary is gathered (on every rank), kept on rank 0
+    if d is None or not member.sync.is_main:
+        return summary
     if fold and getattr(d.cfg, "norm_activation", "none") == "dataset-wise" and not d.folded:
         d.fold_activation_scale()
     d.save(member.folder)
@@ -92,6 +96,10 @@ def run_header(exp: Experiment, stream: ActivationStream, member: Member, *, giv
     hook = ", ".join(ins) + ("" if outs == ins else " → " + ", ".join(outs))
     lines = [f"{exp.run.name}: {source} · {hook} · d_sae {d.d_sae:,} · {member.total_steps:,} steps × "
              f"{per_step:,} tokens · {world} process{'es' if world > 1 else ''}"]
+    if world > 1 or getattr(member.sync, "tp", 1) > 1:
+        from saecli.training.tensor_parallel import mesh_line
+
+        lines.append(f"{exp.run.name}: " + mesh_line(member.sync, member.batch_tokens))
     if cached is not None and 0 < cached < train_tokens:
         lines.append(f"the cache holds {cached:,} tokens, fewer than the {train_tokens:,} to train on: training "
                      f"loops over it {train_tokens / cached:.1f} times, in a new order each pass (generate a "

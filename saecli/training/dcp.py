@@ -21,6 +21,7 @@ share (one machine, or a network filesystem across nodes).
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,11 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str |
     """Fill `model` and `optimizer` (sharded or not, any tp size) from the DCP folder of checkpoint `path`."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=str(Path(path) / DCP_DIR))
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():  # one process without a process group is intended here (resharding to tp 1)
+        if single:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(sd, checkpoint_id=str(Path(path) / DCP_DIR), no_dist=single)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
