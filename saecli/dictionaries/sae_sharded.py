@@ -14,7 +14,7 @@ W_skip) get identical gradients on every rank, and sharded ones get the gradient
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,8 +22,11 @@ from saecli.dictionaries import losses as L
 from saecli.dictionaries.base import LossOutput, StepContext
 from saecli.dictionaries.sharding import LatentShard, local
 
+if TYPE_CHECKING:
+    from saecli.dictionaries.sae import SparseAutoEncoder
 
-def sharded_loss(sae: Any, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, shard: LatentShard) -> LossOutput:
+
+def sharded_loss(sae: SparseAutoEncoder, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, shard: LatentShard) -> LossOutput:
     """LossOutput of one step; `feature_acts` are this rank's columns [N, d_local] (dense)."""
     w_enc, b_enc, w_dec, b_dec = local(sae.W_enc), local(sae.b_enc), local(sae.W_dec), local(sae.b_dec)
     x_in = x - b_dec.to(x.dtype) if (sae.cfg.apply_decoder_bias_to_pre_encoder and b_dec is not None) else x
@@ -46,7 +49,7 @@ def sharded_loss(sae: Any, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, s
         loss = loss + terms[name]
 
     if act == "jumprelu":
-        theta = local(sae.activation.log_threshold).exp()
+        theta = local(sae.activation.theta_parameter()).exp()
     if kind == "l0":
         if act != "jumprelu":
             raise ValueError("sparsity_loss_type 'l0' needs activation = 'jumprelu'")
@@ -60,7 +63,7 @@ def sharded_loss(sae: Any, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, s
     if act == "jumprelu" and ctx.lp_coefficient > 0:
         add("lp", ctx.lp_coefficient, shard.reduce(L.jumprelu_preact_loss(h, theta, pen_norms, gated=sae.gated)))
     if act == "batchtopk":
-        extra["threshold"] = sae.activation.threshold.detach().clone()
+        extra["threshold"] = sae.activation.theta().detach().clone()
     sae.last_path = "tensor-parallel"
     extra["path"] = sae.last_path
     return sae._output(loss, terms, f, recon, y, extra)

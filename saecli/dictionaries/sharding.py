@@ -31,6 +31,7 @@ torch.distributed.checkpoint the placements it needs to reshard a checkpoint int
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Protocol, cast, overload
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -40,9 +41,40 @@ from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation, gated_pre, jumprelu_gated
 
 
+@overload
+def local(t: torch.Tensor) -> torch.Tensor: ...
+
+
+@overload
+def local(t: None) -> None: ...
+
+
 def local(t: torch.Tensor | None) -> torch.Tensor | None:
     """The rank's own part of a (possibly) DTensor parameter, differentiable; plain tensors unchanged."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+class Shardable(Protocol):
+    """What a kind declares to be split over tensor-parallel ranks: its parameters with a latent dimension
+    (dotted names, as in `named_parameters()`) and that dimension's axis, and where its shard is recorded."""
+
+    latent_axes: ClassVar[dict[str, int]]
+    latent_shard: LatentShard | None
+
+
+def latent_axes(module: object) -> dict[str, int]:
+    """A kind's `latent_axes` ({} for a kind that cannot be split)."""
+    return dict(getattr(module, "latent_axes", None) or {})
+
+
+def shard_of(module: object) -> LatentShard | None:
+    """The shard a dictionary was split into by `tensor_parallel.shard_dictionary`, or None."""
+    shard = getattr(module, "latent_shard", None)
+    return shard if isinstance(shard, LatentShard) else None
+
+
+def set_shard(module: object, shard: LatentShard) -> None:
+    cast(Shardable, module).latent_shard = shard
 
 
 @dataclass(frozen=True)
@@ -150,7 +182,7 @@ class LatentShard:
         if name == "relu":
             return torch.relu(h)
         if name == "jumprelu":
-            return jumprelu_gated(h, local(activation.log_threshold).exp(), activation.bandwidth, gate)
+            return jumprelu_gated(h, local(activation.theta_parameter()).exp(), activation.bandwidth, gate)
         keys = gated_pre(h, gate).detach()
         if name == "topk":
             assert k is not None, "topk needs k"
@@ -160,7 +192,7 @@ class LatentShard:
             keep, smallest = self.batch_topk_mask(keys, int(k))
             activation.update_threshold(smallest)
         else:
-            keep = keys > activation.threshold.to(keys.dtype)
+            keep = keys > activation.theta().to(keys.dtype)
             return torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device))
         return torch.where(keep, torch.relu(h), torch.zeros((), dtype=h.dtype, device=h.device))
 

@@ -20,7 +20,6 @@ def finish(member: Member, *, fold: bool) -> dict[str, Any]:
     """Save the trained dictionary (scale folded when asked) and summary.json (last: the finished mark).
     Returns the summary (on every rank; only the writing rank writes)."""
     from saecli.fsio import write_json
-
     from saecli.training.tensor_parallel import to_save
 
     summary = member.summary()

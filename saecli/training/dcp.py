@@ -48,7 +48,7 @@ def _barrier() -> None:
 def save_sharded_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                             state: dict[str, Any], *, is_main: bool, keep: int = 2) -> Path:
     """Collective: write checkpoint `step` of run folder `root` (every rank its shards); keep `keep`."""
-    final = step_dir(root, step)
+    final = step_dir(Path(root), step)
     tmp = final.parent / f".{final.name}.tmp-dcp"
     if is_main and not final.exists():
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def save_sharded_checkpoint(root: str | Path, step: int, model: nn.Module, optim
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
     """Fill `model` and `optimizer` (sharded or not, any tp size) from the DCP folder of checkpoint `path`."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    sd = {"model": model_sd, "optim": optim_sd}
+    sd: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     single = not (dist.is_available() and dist.is_initialized())
     with warnings.catch_warnings():  # one process without a process group is intended here (resharding to tp 1)
         if single:
@@ -82,7 +82,7 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str |
 
 def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """An unsharded state dict into a (sharded) model: each rank keeps its shards."""
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, dict[str, Any](weights), options=StateDictOptions(full_state_dict=True))
 
 
 def load_full_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
@@ -94,6 +94,6 @@ def load_full_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, save
     if len(saved_ids) != len(order):
         raise ValueError(f"the checkpoint's optimizer has {len(saved_ids)} parameters, this dictionary {len(order)}")
     fqn = dict(zip(saved_ids, order, strict=True))
-    osd = {"state": {fqn[i]: st for i, st in saved["state"].items()},
+    osd: dict[str, Any] = {"state": {fqn[i]: st for i, st in saved["state"].items()},
            "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in saved["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))

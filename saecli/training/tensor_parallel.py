@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from saecli.dictionaries.base import Dictionary
-from saecli.dictionaries.sharding import LatentShard, local
+from saecli.dictionaries.sharding import LatentShard, latent_axes, local, set_shard, shard_of
 from saecli.errors import ConfigError
 from saecli.training.member import Member
 from saecli.training.stats import firing_counts
@@ -62,7 +62,7 @@ def check_run(kind: str, d_sae: int | None, tp: int) -> None:
     if 1 < tp and world < tp:
         raise ConfigError(f"{KEY} = {tp} needs at least {tp} processes, this run has {world} (launch it with "
                           f"`accelerate launch --num_processes {tp} -m saecli ...` or torchrun)", key=KEY)
-    axes = getattr(dictionary_class(kind), "latent_axes", None)
+    axes = latent_axes(dictionary_class(kind))
     check_tensor_parallel(kind, axes, d_sae if d_sae is not None else tp, tp, world)
 
 
@@ -99,7 +99,7 @@ def resumed_member(dictionary: Dictionary, cfg: Any, checkpoint: Path, *, sync: 
 def to_save(dictionary: Dictionary) -> Dictionary | None:
     """The dictionary a run saves: itself, or gathered unsharded on rank 0 (None on the other ranks).
     Collective for a sharded dictionary: every rank calls."""
-    if getattr(dictionary, "latent_shard", None) is None:
+    if shard_of(dictionary) is None:
         return dictionary
     return unshard(dictionary)
 
@@ -114,7 +114,7 @@ def shard_dictionary(dictionary: Dictionary, mesh: DeviceMesh) -> Dictionary:
     """Turn every parameter into a DTensor on `mesh` (latent ones sharded on "tp"), in place; rank 0's
     values are the source (distribute_tensor scatters them), and its buffers (scales, thresholds) are
     broadcast, so ranks need not have initialised identically. Returns the dictionary."""
-    axes: dict[str, int] = dict(getattr(dictionary, "latent_axes", {}) or {})
+    axes = latent_axes(dictionary)
     check_tensor_parallel(dictionary.kind, axes, dictionary.d_sae, mesh["tp"].size(), mesh.size())
 
     # (distribute_module would turn the buffers into DTensors too; they stay plain, replicated tensors)
@@ -126,7 +126,7 @@ def shard_dictionary(dictionary: Dictionary, mesh: DeviceMesh) -> Dictionary:
             module.register_parameter(name, nn.Parameter(sharded, requires_grad=p.requires_grad))
     for buf in dictionary.buffers():
         dist.broadcast(buf, src=0)
-    dictionary.latent_shard = LatentShard(mesh["tp"], dictionary.d_sae)
+    set_shard(dictionary, LatentShard(mesh["tp"], dictionary.d_sae))
     return dictionary
 
 
@@ -141,7 +141,8 @@ def unshard(dictionary: Dictionary) -> Dictionary | None:
     full = get_model_state_dict(dictionary, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
-    plain = dictionary_class(dictionary.kind).from_saved(dictionary.cfg, dictionary.config_dict())
+    cls = dictionary_class(dictionary.kind)
+    plain = cls.from_saved(dictionary.cfg, dictionary.config_dict())  # type: ignore[attr-defined]  # every kind has it
     plain.load_state_dict(full)
     plain.folded = dictionary.folded
     return plain
@@ -216,14 +217,15 @@ class ShardedMember(Member):
     (statistics and the AuxK dead mask stay global and identical on every rank), checkpoints are DCP."""
 
     def __init__(self, dictionary: Dictionary, cfg: Any, *, mesh: DeviceMesh, **kwargs: Any):
-        if dictionary.latent_shard is None:
+        shard = shard_of(dictionary)
+        if shard is None:
             raise ValueError("shard_dictionary(dictionary, mesh) first")
-        self.mesh = mesh
+        self.mesh, self.shard = mesh, shard
         kwargs.setdefault("sync", TensorParallelSync(mesh))
         super().__init__(dictionary, cfg, **kwargs)
 
     def latent_counts(self, feature_acts: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.dictionary.latent_shard.gather_latents(firing_counts(feature_acts, mask))
+        return self.shard.gather_latents(firing_counts(feature_acts, mask))
 
     def save_checkpoint(self, shared: dict[str, Any]) -> Path | None:
         """Collective: every rank writes its shards, rank 0 the member state."""
