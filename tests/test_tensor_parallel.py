@@ -46,12 +46,12 @@ def test_sharded_run_equals_unsharded(sharded, case):
     assert len(got["fired"]) == len(ref["fired"]) == W.STEPS
     for step, (a, b) in enumerate(zip(ref["fired"], got["fired"], strict=True)):
         assert torch.equal(a, b), f"step {step}: active latents differ"
-    if case in ("topk", "batchtopk", "transcoder"):
+    if case in ("topk", "batchtopk", "transcoder", "crosscoder"):
         assert sum(v > 0 for v in ref["aux"]) >= 10  # AuxK really ran on dead latents
         assert got["aux"] == pytest.approx(ref["aux"], rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.parametrize("case", ["topk", "jumprelu", "transcoder"])
+@pytest.mark.parametrize("case", ["topk", "jumprelu", "transcoder", "crosscoder"])
 def test_each_rank_holds_half_the_latent_state(sharded, case):
     """Parameter + Adam bytes of one rank = half of the latent tensors + all of the replicated ones."""
     got = torch.load(sharded / f"{case}.pt", weights_only=False)
@@ -90,6 +90,14 @@ def test_resume_across_tensor_parallel_sizes(tmp_path):
     assert m2.step == W.STEPS // 2 and m2.optimizer.state  # Adam moments came back too
     W.train(m2, case, m2.step, W.STEPS)
     assert max(_max_diff(ref["state"], W.full_state(m2.dictionary)).values()) <= 1e-5
+
+
+def test_covered_kinds_are_the_ones_declaring_latent_axes():
+    from saecli.dictionaries.registry import _KIND_MODULES, dictionary_class
+    from saecli.dictionaries.sharding import latent_axes
+    from saecli.training.tensor_parallel import COVERED
+
+    assert tuple(k for k in _KIND_MODULES if latent_axes(dictionary_class(k))) == COVERED
 
 
 def test_config_errors_name_the_key():

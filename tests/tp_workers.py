@@ -27,11 +27,12 @@ CASES: dict[str, dict[str, Any]] = {
     "jumprelu": {"kind": "sae", "activation": "jumprelu", "jumprelu_threshold_init": 0.05},
     "transcoder": {"kind": "transcoder", "activation": "topk", "k": 4, "skip_connection": True,
                    "hook_point_in": HIN, "hook_point_out": HOUT},
+    "crosscoder": {"kind": "crosscoder", "activation": "batchtopk", "k": 4, "hook_points": [HIN, HOUT]},
 }
 
 
 def hooks(case: str) -> list[str]:
-    return [HIN, HOUT] if CASES[case]["kind"] == "transcoder" else [HIN]
+    return [HIN] if CASES[case]["kind"] == "sae" else [HIN, HOUT]
 
 
 def trainer_cfg(**kw: Any) -> TrainerConfig:
@@ -54,7 +55,7 @@ def batch(case: str, step: int) -> Batch:
     codes = torch.relu(torch.randn(N_TOK, 8, generator=g)) ** 2
     x = codes @ basis + 0.05 * torch.randn(N_TOK, D_MODEL, generator=g)
     acts = {HIN: x}
-    if CASES[case]["kind"] == "transcoder":
+    if CASES[case]["kind"] != "sae":
         acts[HOUT] = torch.tanh(x) @ torch.randn(D_MODEL, D_MODEL, generator=torch.Generator().manual_seed(8)) * 0.3
     return Batch(acts=acts, tokens=torch.zeros(N_TOK, dtype=torch.long))
 

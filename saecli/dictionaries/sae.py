@@ -88,7 +88,11 @@ class SparseAutoEncoder(Dictionary):
 
     def decoder_norms(self) -> torch.Tensor:
         """[d_sae] ‖W_dec,i‖ in float32 (differentiable)."""
-        return self.W_dec.float().norm(dim=1)
+        return self.norms_of(self.W_dec)
+
+    def norms_of(self, w_dec: torch.Tensor) -> torch.Tensor:
+        """The decoder norm of each row of `w_dec` (all latents, or a tensor-parallel rank's rows)."""
+        return w_dec.float().norm(dim=1)
 
     def decoder_directions(self, hook: str | None = None) -> torch.Tensor:
         return self.W_dec

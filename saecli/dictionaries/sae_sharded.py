@@ -31,7 +31,7 @@ def sharded_loss(sae: SparseAutoEncoder, x: torch.Tensor, y: torch.Tensor, ctx: 
     w_enc, b_enc, w_dec, b_dec = local(sae.W_enc), local(sae.b_enc), local(sae.W_dec), local(sae.b_dec)
     x_in = x - b_dec.to(x.dtype) if (sae.cfg.apply_decoder_bias_to_pre_encoder and b_dec is not None) else x
     h = torch.nn.functional.linear(x_in.to(w_enc.dtype), w_enc, b_enc)
-    norms = w_dec.float().norm(dim=1)  # [d_local], differentiable
+    norms = sae.norms_of(w_dec)  # [d_local], differentiable
     gate = norms.detach() if sae.gated else None
     f = shard.select(sae.activation, h, gate, sae._k(ctx), bool(ctx.training))
     recon = shard.reduce(f.to(w_dec.dtype) @ w_dec)

@@ -35,6 +35,7 @@ from saecli.training.member import Member
 from saecli.training.stats import firing_counts
 
 KEY = "trainer.tensor_parallel"
+COVERED = ("sae", "transcoder", "crosscoder")  # the kinds that declare `latent_axes` (tests check the list)
 
 
 def check_tensor_parallel(kind: str, latent_axes: dict[str, int] | None, d_sae: int, tp: int, world_size: int) -> None:
@@ -45,7 +46,7 @@ def check_tensor_parallel(kind: str, latent_axes: dict[str, int] | None, d_sae: 
         return
     if not latent_axes:
         raise ConfigError(f"{KEY} = {tp}: kind {kind!r} cannot be split over ranks (tensor parallelism covers "
-                          "kind = \"sae\" and \"transcoder\"); set it to 1", key=KEY)
+                          f"the kinds {', '.join(COVERED)}); set it to 1", key=KEY)
     if world_size % tp:
         raise ConfigError(f"{KEY} = {tp} does not divide the {world_size} processes (data parallel × tensor "
                           "parallel must equal the world size)", key=KEY)
@@ -126,7 +127,10 @@ def shard_dictionary(dictionary: Dictionary, mesh: DeviceMesh) -> Dictionary:
             module.register_parameter(name, nn.Parameter(sharded, requires_grad=p.requires_grad))
     for buf in dictionary.buffers():
         dist.broadcast(buf, src=0)
-    set_shard(dictionary, LatentShard(mesh["tp"], dictionary.d_sae))
+    shard = LatentShard(mesh["tp"], dictionary.d_sae)
+    for module in dictionary.modules():  # the dictionary, and a core it delegates to (a crosscoder's SAE)
+        if latent_axes(module):
+            set_shard(module, shard)
     return dictionary
 
 
