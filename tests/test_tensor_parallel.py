@@ -144,3 +144,22 @@ def test_accelerate_train_with_tensor_parallel_then_resume_in_one_process(tiny_l
     for key in sharded:
         assert torch.allclose(single[key], sharded[key], rtol=0, atol=1e-5), key
 
+
+
+def test_sweep_with_tensor_parallel_is_a_config_error(tiny_llama, tmp_path):
+    """A sweep spreads whole members over the ranks (one stream per group, shared by its members); a member
+    split over tp ranks would need all of them: refused before any work, naming the key."""
+    from test_distributed import tiny_experiment
+
+    from saecli.runs.sweep import run_sweep
+    from saecli.sweep.grid import load_sweep
+
+    toml = tiny_experiment(tmp_path / "sweep.toml", tiny_llama, tmp_path / "sw", extra='''
+        [sweep]
+        grid = {"trainer.lr" = [2e-3, 8e-3]}
+    ''')
+    plan = load_sweep(toml, ["trainer.tensor_parallel=2"])
+    with pytest.raises(ConfigError, match="a sweep trains each member on one process") as err:
+        run_sweep(plan)
+    assert err.value.key == "trainer.tensor_parallel"
+    assert not (tmp_path / "sw").exists()  # nothing written
