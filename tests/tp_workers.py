@@ -18,6 +18,8 @@ from saecli.dictionaries.registry import build_dictionary
 from saecli.training.member import Member
 
 HIN, HOUT = "blocks.0.hook_resid_pre", "blocks.0.hook_mlp_out"
+HIN1, HOUT1 = "blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out"  # a CLT's second layer
+CLT_HOOKS = [HIN, HIN1, HOUT, HOUT1]
 D_MODEL, D_SAE, N_TOK, STEPS = 16, 64, 64, 50
 
 CASES: dict[str, dict[str, Any]] = {
@@ -28,11 +30,17 @@ CASES: dict[str, dict[str, Any]] = {
     "transcoder": {"kind": "transcoder", "activation": "topk", "k": 4, "skip_connection": True,
                    "hook_point_in": HIN, "hook_point_out": HOUT},
     "crosscoder": {"kind": "crosscoder", "activation": "batchtopk", "k": 4, "hook_points": [HIN, HOUT]},
+    # d_sae is per layer: 32 latents × 2 layers; layers keep different k (one all-gather for both)
+    "clt": {"kind": "clt", "activation": "topk", "k": 4, "layer_k": [4, 2], "d_sae": 32,
+            "hook_points_in": [HIN, HIN1], "hook_points_out": [HOUT, HOUT1]},
+    "clt-batchtopk": {"kind": "clt", "activation": "batchtopk", "k": 3, "d_sae": 32,
+                      "hook_points_in": [HIN, HIN1], "hook_points_out": [HOUT, HOUT1]},
 }
 
 
 def hooks(case: str) -> list[str]:
-    return [HIN] if CASES[case]["kind"] == "sae" else [HIN, HOUT]
+    kind = CASES[case]["kind"]
+    return [HIN] if kind == "sae" else CLT_HOOKS if kind == "clt" else [HIN, HOUT]
 
 
 def trainer_cfg(**kw: Any) -> TrainerConfig:
@@ -57,6 +65,9 @@ def batch(case: str, step: int) -> Batch:
     acts = {HIN: x}
     if CASES[case]["kind"] != "sae":
         acts[HOUT] = torch.tanh(x) @ torch.randn(D_MODEL, D_MODEL, generator=torch.Generator().manual_seed(8)) * 0.3
+    if CASES[case]["kind"] == "clt":
+        acts[HIN1] = x + acts[HOUT]
+        acts[HOUT1] = torch.tanh(acts[HIN1]) @ torch.randn(D_MODEL, D_MODEL, generator=torch.Generator().manual_seed(9)) * 0.3
     return Batch(acts=acts, tokens=torch.zeros(N_TOK, dtype=torch.long))
 
 

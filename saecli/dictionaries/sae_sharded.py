@@ -59,7 +59,8 @@ def sharded_loss(sae: SparseAutoEncoder, x: torch.Tensor, y: torch.Tensor, ctx: 
             kind, f, pen_norms, p=ctx.p, c=ctx.tanh_stretch_coefficient, frequency_scale=ctx.frequency_scale)))
     if act in ("topk", "batchtopk") and ctx.auxk_coefficient > 0 and ctx.dead_mask is not None:
         add("aux", ctx.auxk_coefficient,
-            shard.auxk(h, ctx.dead_mask, int(ctx.k_aux or sae.d_model // 2), y - recon, w_dec, gate))
+            shard.auxk(h, ctx.dead_mask, int(ctx.k_aux or sae.d_model // 2), y - recon,
+                       L.gather_decode(w_dec), gate))
     if act == "jumprelu" and ctx.lp_coefficient > 0:
         add("lp", ctx.lp_coefficient, shard.reduce(L.jumprelu_preact_loss(h, theta, pen_norms, gated=sae.gated)))
     if act == "batchtopk":

@@ -30,6 +30,7 @@ torch.distributed.checkpoint the placements it needs to reshard a checkpoint int
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, cast, overload
 
@@ -79,10 +80,17 @@ def set_shard(module: object, shard: LatentShard) -> None:
 
 @dataclass(frozen=True)
 class LatentShard:
-    """This rank's slice of the latents: `mesh` is the 1-D tp mesh, latents [offset, offset + d_local)."""
+    """This rank's slice of the latents: `mesh` is the 1-D tp mesh, latents [offset, offset + d_local) of
+    each of `blocks` blocks of `d_sae` (a CLT: one block per layer; latent b·d_sae + j is latent j of block
+    b, and a rank holds columns [offset, offset + d_local) of every block, stored block-major)."""
 
     mesh: DeviceMesh
     d_sae: int
+    blocks: int = 1
+
+    def per_block(self) -> LatentShard:
+        """The same slice seen as one block (for a selection within one block's [rows, d_local])."""
+        return LatentShard(self.mesh, self.d_sae)
 
     @property
     def size(self) -> int:
@@ -115,15 +123,22 @@ class LatentShard:
         return DTensor.from_local(t.contiguous(), self.mesh, [Shard(0)], run_check=False).full_tensor()
 
     def gather_latents(self, t: torch.Tensor) -> torch.Tensor:
-        """A per-latent tensor [..., d_local] → [..., d_sae] (the latent axis last)."""
+        """A per-latent tensor [..., blocks·d_local] → [..., blocks·d_sae] (the latent axis last)."""
         if self.size == 1:
             return t
-        parts = self.all_gather(t.movedim(-1, 0))  # [d_sae, ...]
-        return parts.movedim(0, -1)
+        lead = t.shape[:-1]
+        parts = self.all_gather(t.reshape(*lead, self.blocks, self.d_local).movedim(-1, 0))  # [d_sae, ..., blocks]
+        return parts.movedim(0, -1).reshape(*lead, self.blocks * self.d_sae)
 
     def own(self, t: torch.Tensor) -> torch.Tensor:
-        """The local slice [..., d_local] of a global per-latent tensor [..., d_sae]."""
-        return t[..., self.offset: self.offset + self.d_local]
+        """The local slice [..., blocks·d_local] of a global per-latent tensor [..., blocks·d_sae]."""
+        lead = t.shape[:-1]
+        blocked = t.reshape(*lead, self.blocks, self.d_sae)[..., self.offset: self.offset + self.d_local]
+        return blocked.reshape(*lead, self.blocks * self.d_local)
+
+    def to_global(self, local_idx: torch.Tensor) -> torch.Tensor:
+        """Global latent ids of local ones (block-major on both sides)."""
+        return (local_idx // self.d_local) * self.d_sae + self.offset + local_idx % self.d_local
 
     # ------------------------------------------------------------------ global selections
     def _gather_candidates(self, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,21 +149,25 @@ class LatentShard:
         every = every.permute(1, 0, 2, 3).reshape(packed.shape[0], -1, 2)
         return every[..., 0], every[..., 1].long()
 
-    def topk_rows(self, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact per-row global top-k of `keys` [N, d_local] (this rank's columns of [N, d_sae]):
-        (selected values [N, k], global indices [N, k]), identical on every tp rank."""
+    def topk_rows(self, keys: torch.Tensor, k: int, ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact per-row global top-k of `keys` [N, blocks·d_local] (this rank's columns of [N, blocks·d_sae]):
+        (selected values [N, k], global indices [N, k]), identical on every tp rank; `ordered`: largest first."""
         v, i = torch.topk(keys, min(k, keys.shape[-1]), dim=-1, sorted=False)
-        return self.topk_rows_from(v, i + self.offset, k)
+        return self.topk_rows_from(v, self.to_global(i), k, ordered)
 
     def mine(self, global_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(is this rank's, local index clamped into range) for global latent indices."""
-        ok = (global_idx >= self.offset) & (global_idx < self.offset + self.d_local)
-        return ok, (global_idx - self.offset).clamp(0, self.d_local - 1)
+        """(is this rank's, local index — clamped into range where not) for global latent indices."""
+        block, j = global_idx // self.d_sae, global_idx % self.d_sae
+        ok = (global_idx >= 0) & (j >= self.offset) & (j < self.offset + self.d_local)
+        return ok, block.clamp_min(0) * self.d_local + (j - self.offset).clamp(0, self.d_local - 1)
 
-    def topk_mask(self, keys: torch.Tensor, k: int) -> torch.Tensor:
-        """[N, d_local] bool: the latents of this rank among each row's global top-k."""
-        _, gidx = self.topk_rows(keys, k)
+    def topk_mask(self, keys: torch.Tensor, k: int, row_k: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, d_local] bool: the latents of this rank among each row's global top-k (top `row_k[r]` of
+        row r when given, all ≤ k: one all-gather for rows that keep different numbers)."""
+        _, gidx = self.topk_rows(keys, k, ordered=row_k is not None)
         ok, lidx = self.mine(gidx)
+        if row_k is not None:
+            ok = ok & (torch.arange(gidx.shape[-1], device=gidx.device) < row_k.unsqueeze(-1))
         hits = torch.zeros(keys.shape, dtype=torch.int32, device=keys.device)
         return hits.scatter_add_(-1, lidx, ok.to(torch.int32)) > 0  # add: clamped foreign indices add 0
 
@@ -198,9 +217,10 @@ class LatentShard:
 
     # ------------------------------------------------------------------ AuxK
     def auxk(self, h: torch.Tensor, dead_mask: torch.Tensor, k_aux: int, residual: torch.Tensor,
-             w_dec: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """`losses.auxk_loss` with the dead latents spread over ranks. `h` [N, d_local] pre-activations
-        (with grad), `dead_mask` the GLOBAL [d_sae] mask, `w_dec` [d_local, d] this rank's decoder rows."""
+             decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], gate: torch.Tensor | None) -> torch.Tensor:
+        """`losses.auxk_loss` with the dead latents spread over ranks. `h` [N, blocks·d_local] pre-activations
+        (with grad), `dead_mask` the GLOBAL [blocks·d_sae] mask, `decode(values, local ids)` [N, k] → [N, d]
+        this rank's part of the decoder (no bias), e.g. `losses.gather_decode(w_dec_local)`."""
         dead = dead_mask.to(device=h.device, dtype=torch.bool)
         n_dead = int(dead.sum())
         zero = h.new_zeros((), dtype=torch.float32)
@@ -215,15 +235,16 @@ class LatentShard:
         # pad every rank to k candidates (ranks hold different numbers of dead latents): -inf never wins
         pad = k - c
         v = torch.cat([v, v.new_full((v.shape[0], pad), float("-inf"))], -1)
-        gidx = torch.cat([dead_idx[j] + self.offset, j.new_full((j.shape[0], pad), -1)], -1)
+        gidx = torch.cat([self.to_global(dead_idx[j]), j.new_full((j.shape[0], pad), -1)], -1)
         _, g = self.topk_rows_from(v, gidx, k)
         ok, lidx = self.mine(g)
         acts = torch.relu(torch.gather(h, -1, lidx)) * ok.to(h.dtype)
-        partial = L.gather_decode(w_dec)(acts, lidx)
+        partial = decode(acts, lidx)
         return L.normalized_residual_loss(self.reduce(partial), residual.detach())
 
-    def topk_rows_from(self, values: torch.Tensor, gidx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk_rows_from(self, values: torch.Tensor, gidx: torch.Tensor, k: int, ordered: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """The global top-k of candidates already chosen per rank: (values, global indices) [N, k]."""
         v_all, i_all = self._gather_candidates(values, gidx)
-        top_v, j = torch.topk(v_all, min(k, v_all.shape[-1]), dim=-1, sorted=False)
+        top_v, j = torch.topk(v_all, min(k, v_all.shape[-1]), dim=-1, sorted=ordered)
         return top_v, i_all.gather(-1, j)

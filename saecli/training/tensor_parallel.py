@@ -35,7 +35,7 @@ from saecli.training.member import Member
 from saecli.training.stats import firing_counts
 
 KEY = "trainer.tensor_parallel"
-COVERED = ("sae", "transcoder", "crosscoder")  # the kinds that declare `latent_axes` (tests check the list)
+COVERED = ("sae", "transcoder", "crosscoder", "clt")  # the kinds that declare `latent_axes` (tests check the list)
 
 
 def check_tensor_parallel(kind: str, latent_axes: dict[str, int] | None, d_sae: int, tp: int, world_size: int) -> None:
@@ -116,7 +116,10 @@ def shard_dictionary(dictionary: Dictionary, mesh: DeviceMesh) -> Dictionary:
     values are the source (distribute_tensor scatters them), and its buffers (scales, thresholds) are
     broadcast, so ranks need not have initialised identically. Returns the dictionary."""
     axes = latent_axes(dictionary)
-    check_tensor_parallel(dictionary.kind, axes, dictionary.d_sae, mesh["tp"].size(), mesh.size())
+    params = dict(dictionary.named_parameters())
+    # latents per block: the latent axis of the first latent parameter (d_sae; a CLT's per-layer d_sae)
+    width = next((params[n].shape[a] for n, a in axes.items() if n in params), dictionary.d_sae)
+    check_tensor_parallel(dictionary.kind, axes, width, mesh["tp"].size(), mesh.size())
 
     # (distribute_module would turn the buffers into DTensors too; they stay plain, replicated tensors)
     for prefix, module in dictionary.named_modules():
@@ -127,7 +130,7 @@ def shard_dictionary(dictionary: Dictionary, mesh: DeviceMesh) -> Dictionary:
             module.register_parameter(name, nn.Parameter(sharded, requires_grad=p.requires_grad))
     for buf in dictionary.buffers():
         dist.broadcast(buf, src=0)
-    shard = LatentShard(mesh["tp"], dictionary.d_sae)
+    shard = LatentShard(mesh["tp"], width, blocks=dictionary.d_sae // width)
     for module in dictionary.modules():  # the dictionary, and a core it delegates to (a crosscoder's SAE)
         if latent_axes(module):
             set_shard(module, shard)
