@@ -42,7 +42,7 @@ class TrainerConfig:
     gradient_accumulation_steps: int = opt(1)
     tensor_parallel: int = opt(
         1, help="split the latents over this many ranks (DTensor on a (dp, tp) mesh; dp = processes / this); "
-        "kinds sae and transcoder; checkpoints become torch.distributed.checkpoint folders"
+        "kinds sae, transcoder, crosscoder, clt; checkpoints become torch.distributed.checkpoint folders"
     )
     # sparsity
     l1_coefficient: float | None = opt(
