@@ -72,6 +72,17 @@ def test_dp_mesh_equals_todays_data_parallel(sharded):
     assert max(diffs.values()) <= 1e-6, diffs
 
 
+def test_2d_mesh_dp2_tp2_equals_data_parallel(sharded):
+    """4 processes, mesh (dp 2, tp 2): the same weights as today's data parallel on 2 processes (same
+    batches per dp rank), so the two axes compose."""
+    W.spawn(W.two_d_runs, 4, sharded)
+    got = torch.load(sharded / "2d.pt", weights_only=False)
+    assert got["mesh"] == (2, 2) and got["dp"] == (0, 2)
+    today = torch.load(sharded / "dp.pt", weights_only=False)["today"]
+    diffs = _max_diff(today, got["state"])
+    assert max(diffs.values()) <= 1e-5, diffs
+
+
 def test_resume_across_tensor_parallel_sizes(tmp_path):
     """1 → 2: an unsharded checkpoint at step 25 resumed on tp = 2; 2 → 1: a tp = 2 DCP checkpoint at step
     25 resumed in one process without a process group. Both end where the uninterrupted run ends."""

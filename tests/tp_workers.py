@@ -168,6 +168,27 @@ def data_parallel_runs(rank: int, world: int, out: str) -> None:
         torch.save({**states, "mesh": tuple(mesh.shape)}, Path(out) / "dp.pt")
 
 
+def two_d_runs(rank: int, world: int, store: str, out: str) -> None:
+    """4 processes on a ("dp", "tp") = (2, 2) mesh: each dp group reads the batches `data_parallel_runs`
+    gives its dp rank; rank 0 saves the gathered weights to `out`/2d.pt."""
+    import torch.distributed as dist
+
+    from saecli.training.tensor_parallel import ShardedMember, make_mesh, shard_dictionary
+
+    _init(rank, world, store)
+    mesh = make_mesh(2)
+    case = "topk"
+    d = shard_dictionary(dictionary(case), mesh)
+    m = ShardedMember(d, trainer_cfg(), mesh=mesh, total_steps=STEPS, batch_tokens=N_TOK)
+    dp_rank, dp_size = m.sync.rank, m.sync.world_size
+    for step in range(STEPS):
+        m.feed(batch(case, dp_size * step + dp_rank))
+    state = full_state(d)
+    if rank == 0:
+        torch.save({"state": state, "mesh": tuple(mesh.shape), "dp": (dp_rank, dp_size)}, Path(out) / "2d.pt")
+    dist.destroy_process_group()
+
+
 def resume_runs(rank: int, world: int, store: str, out: str, tp: int) -> None:
     """2 → 1: 25 steps with tp ranks, a DCP checkpoint; 1 → 2: resume the unsharded checkpoint the test
     process wrote in `out`/plain and go on to 50 steps (rank 0 writes the weights)."""
