@@ -72,6 +72,9 @@ def test_accelerate_train_is_data_parallel(tiny_llama, tmp_path):
     assert [r["step"] for r in records] == [5, 10, 15, 20]  # one writer: no line twice
     assert records[-1]["tokens"] == 10240  # both ranks' tokens
     assert (proc.stdout + proc.stderr).count("final metrics") == 1  # only rank 0 prints
+    # the start header: world size (machines × processes), mesh, per-rank batch — printed once
+    assert (proc.stdout + proc.stderr).count(
+        "world size 2 (1 machine × 2 processes) · mesh dp=2 · per rank 256 tokens per step") == 1
     # one process, the same tokens per optimizer step (2 batches accumulated), other documents
     single = train(load_experiment(toml, [f'run.output_dir="{tmp_path / "single"}"',
                                           "trainer.gradient_accumulation_steps=2"])).folder
@@ -93,6 +96,7 @@ def test_accelerate_sweep_spreads_members_over_ranks(tiny_llama, tmp_path):
     assert info["world_size"] == 2
     assert sorted(m["rank"] for m in info["members"]) == [0, 0, 1, 1]  # one group cut in two halves
     assert (proc.stdout + proc.stderr).count("sweep: 4 members") == 1  # rank 0 reports for all
+    assert (proc.stdout + proc.stderr).count("sweep: world size 2 (1 machine × 2 processes) · mesh dp=2") == 1
     plan = load_sweep(toml, ["trainer.total_training_tokens=2560", f'run.output_dir="{tmp_path / "single"}"'])
     rows = run_sweep(plan)  # the same sweep in one process (all four in one group)
     assert [r["status"] for r in rows] == ["finished"] * 4

@@ -40,7 +40,7 @@ def test_config_md_lists_every_key_with_its_default():
     assert "| `name` | a string | *(required)* |" in text  # [model] name
     assert "(transcoder) " in text and "| `rank_counts` |" in text  # kind-specific [sae] keys say whose they are
     for key in keys():
-        assert f"| `{key.path.split('.', 1)[1]}` |" in text
+        assert f"| `{key.path.rsplit('.', 1)[1]}` |" in text
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO)))

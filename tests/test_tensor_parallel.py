@@ -134,7 +134,7 @@ def test_accelerate_train_with_tensor_parallel_then_resume_in_one_process(tiny_l
     proc = accelerate("train", toml, "--set", "trainer.tensor_parallel=2")
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
-    assert "world size 2 · mesh dp 1 × tp 2 · 256 tokens per rank per batch" in log
+    assert log.count("world size 2 (1 machine × 2 processes) · mesh dp=1 × tp=2 · per rank 256 tokens per step") == 1
     out = tmp_path / "tp"
     (s20, _), (s40, p40) = list_checkpoints(out)
     assert (s20, s40) == (20, 40)  # dp = 1: 10240 tokens / 256 per step

@@ -89,7 +89,8 @@ def analyze(
             if html or exp.dashboard.enabled:  # only for explanations: the site is built without a store too
                 store = _store_or_none(exp, folder)
         else:
-            exp.require("model")
+            if not exp.models:
+                exp.require("model")
             check_dictionary_folder(folder)
             store = open_results_store(exp, folder)
             lm, dictionary = _load(exp, folder)
@@ -101,7 +102,7 @@ def analyze(
 
                 ui.info(f"recorded {n:,} features of {name} in {describe(exp.store)}")
         if html or exp.dashboard.enabled:
-            index = _dashboard(exp, folder, result, lm, dictionary, store)
+            index = _dashboard(exp, folder, result, None if exp.models else lm, dictionary, store)  # no DLA across models
             ui.result(f"dashboard: {index}")
     finally:
         if store is not None:
@@ -115,6 +116,11 @@ def _load(exp: Any, folder: Path):
     from saecli.dictionaries.registry import load_dictionary
     from saecli.lm import load_model, validate_hooks
 
+    if exp.models:  # model diffing: every model, keyed by label (the first one's tokenizer decodes)
+        lms = {label: load_model(cfg) for label, cfg in exp.models.items()}
+        dictionary = load_dictionary(folder, device=next(iter(lms.values())).device)
+        dictionary.eval()
+        return lms, dictionary
     lm = load_model(exp.model)
     dictionary = load_dictionary(folder, device=lm.device)
     dictionary.eval()
@@ -138,16 +144,28 @@ def _run(exp: Any, lm: Any, dictionary: Any, folder: Path):
     mib = analyzer.book.memory_bytes() / 2**20
     ui.info(f"analysing {dictionary.d_sae:,} features of {folder} on {cfg.total_analyzing_tokens:,} tokens "
             f"of {dataset.path} ({context_size}-token contexts, {mib:,.0f} MiB of kept contexts)")
-    batches = context_batches(lm, dataset, acts, list(dictionary.in_hooks), context_size=context_size,
-                              batch_contexts=batch_contexts)
+    if isinstance(lm, dict):  # several models: their zipped stream of whole contexts, heads '<label>/<hook>'
+        from saecli.data.open import open_stream
+
+        diff_exp = dataclasses.replace(exp, dataset=dataset, activations=dataclasses.replace(
+            acts, context_size=context_size, batch_size=context_size * batch_contexts,
+            shuffle_buffer_tokens=max(acts.shuffle_buffer_tokens, context_size * batch_contexts)))
+        batches = iter(open_stream(diff_exp, purpose="eval", contexts=True, hook_points=list(dictionary.in_hooks),
+                                   lm=lm))
+        models, lm = " vs ".join(f"{k}={v.name}" for k, v in exp.models.items()), next(iter(lm.values()))
+    else:
+        batches = context_batches(lm, dataset, acts, list(dictionary.in_hooks), context_size=context_size,
+                                  batch_contexts=batch_contexts)
+        models = exp.model.name
     with ui.progress("analyze", total=cfg.total_analyzing_tokens, unit="tokens") as bar:
         done = run_analysis(analyzer, batches, cfg.total_analyzing_tokens, progress=bar.advance)
         bar.finish(done)
     if done < cfg.total_analyzing_tokens:
         ui.warn(f"the text ran out after {done:,} of {cfg.total_analyzing_tokens:,} tokens")
-    forward = lambda tokens: run_to_hooks(lm, tokens.to(lm.device), list(dictionary.in_hooks))  # noqa: E731
+    forward = None if exp.models else (  # context extras re-run one model; no kind needs them across models
+        lambda tokens: run_to_hooks(lm, tokens.to(lm.device), list(dictionary.in_hooks)))
     result = analyzer.result(decode=decoder_for(lm.tokenizer), forward=forward, batch_contexts=batch_contexts,
-                             meta={"model": exp.model.name, "dataset": dataset.path, "sae_path": str(folder)})
+                             meta={"model": models, "dataset": dataset.path, "sae_path": str(folder)})
     path = result.save(analysis_dir(folder, cfg.name))
     ui.info(f"wrote {path}")
     return result

@@ -22,13 +22,41 @@ def generate(experiment: ExperimentArg, overrides: SetOption = None) -> None:
         saecli generate exp.toml --set activations.total_tokens=2000000 --set activations.override_dtype=bfloat16
 
         accelerate launch --multi_gpu --num_processes 2 -m saecli generate exp.toml
+
+    With [models.<label>] (model diffing) it writes one cache per model, <cache_dir>/<label>, of the same
+    tokens (the tokenizers are checked to agree first); train/eval read them together.
     """
+    exp = load(experiment, overrides)
+    if exp.models:  # model diffing: one cache per model, <cache_dir>/<label>, after checking the tokenizers agree
+        _generate_models(exp)
+        return
+    _generate_one(exp)
+
+
+def _generate_models(exp) -> None:
+    import dataclasses
+    from pathlib import Path
+
+    from saecli.data.models import check_tokenizers
+    from saecli.errors import ConfigError
+    from saecli.lm import load_model
+
+    exp.require("activations")
+    if not exp.activations.cache_dir:
+        raise ConfigError("generate needs activations.cache_dir (one cache per model is written in <cache_dir>/<label>)",
+                          file=exp.source_file, key="activations.cache_dir")
+    check_tokenizers({label: load_model(cfg) for label, cfg in exp.models.items()}, exp.dataset)
+    for label, cfg in exp.models.items():
+        acts = dataclasses.replace(exp.activations, cache_dir=str(Path(exp.activations.cache_dir) / label))
+        _generate_one(dataclasses.replace(exp, model=cfg, models=None, activations=acts))
+
+
+def _generate_one(exp) -> None:
     from saecli import ui
     from saecli.data.manifest import shard_plan, shard_target
     from saecli.data.text import check_dataset
     from saecli.errors import ConfigError
 
-    exp = load(experiment, overrides)
     exp.require("model", "activations")
     acts = exp.activations
     if not acts.cache_dir:

@@ -23,6 +23,9 @@ from saecli.errors import ConfigError
 class Experiment:
     run: RunConfig = opt(factory=RunConfig)
     model: ModelConfig | None = opt(None, help="the language model (needed for live activations and generate)")
+    models: dict[str, ModelConfig] | None = opt(
+        None, help="model diffing: [models.<label>] tables (instead of [model]), each with [model]'s keys; the "
+        "first model's tokenizer packs the text for all; heads are named '<label>/<hook point>'", stream=True)
     dataset: DatasetConfig = opt(factory=DatasetConfig)
     activations: ActivationsConfig | None = opt(None)
     sae: DictionaryConfig | None = opt(None, help="the dictionary to train")

@@ -93,8 +93,11 @@ _SAE_HOOK_KEYS = ("hook_point", "hook_point_in", "hook_point_out", "hook_points"
 
 def check_cross_keys(exp: Experiment, *, file: str | None = None) -> None:
     """Rules between sections, checked when the file is loaded (not after minutes of work): each names both keys."""
+    from saecli.config.models import check_models, stream_hook_points
+
+    check_models(exp, file=file)
     if exp.sae is not None and exp.activations is not None:
-        listed = list(exp.activations.hook_points)
+        listed = stream_hook_points(exp)
         for key in _SAE_HOOK_KEYS:
             value = getattr(exp.sae, key, None)
             for hook in [value] if isinstance(value, str) else (value or []):
@@ -170,6 +173,9 @@ def absolute_paths(exp: Experiment) -> Experiment:
     exp.run = dataclasses.replace(exp.run, output_dir=_absolute(exp.run.output_dir))
     if exp.model is not None:
         exp.model = dataclasses.replace(exp.model, name=_absolute(exp.model.name, only_existing=True))
+    if exp.models is not None:
+        exp.models = {label: dataclasses.replace(m, name=_absolute(m.name, only_existing=True))
+                      for label, m in exp.models.items()}
     exp.dataset = dataclasses.replace(exp.dataset, path=_absolute(exp.dataset.path, only_existing=True))
     if exp.activations is not None:
         exp.activations = dataclasses.replace(exp.activations, cache_dir=_absolute(exp.activations.cache_dir))

@@ -62,12 +62,28 @@ def _section_class(tp: Any) -> type | None:
     return tp if dataclasses.is_dataclass(tp) else None
 
 
+LABEL = "<label>"  # a table of sections ([models.<label>]) is documented as the section `models.<label>`
+
+
+def _table_class(tp: Any) -> type | None:
+    """The dataclass of a table of sections (`dict[str, ModelConfig] | None` → ModelConfig)."""
+    arms = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    for arm in arms:
+        if get_origin(arm) is dict and dataclasses.is_dataclass(get_args(arm)[1]):
+            return get_args(arm)[1]
+    return None
+
+
 def sections() -> list[tuple[str, type, str]]:
     """(name, dataclass, description) of every [section], in file order."""
     hints = typing.get_type_hints(Experiment)
     out = []
     for f in dataclasses.fields(Experiment):
         cls = _section_class(hints[f.name]) if _is_key(f) else None
+        table = _table_class(hints[f.name]) if _is_key(f) and cls is None else None
+        if table is not None:
+            out.append((f"{f.name}.{LABEL}", table, f.metadata.get("help", "")))
+            continue
         if cls is None:
             continue
         own = cls.__doc__ or ""
@@ -209,6 +225,10 @@ def json_schema() -> dict:
     """A JSON Schema (draft-07) of an experiment file: types, defaults, help texts and choices of every key."""
     props = {}
     for name, cls, description in sections():
+        if name.endswith("." + LABEL):  # a table of sections: any label, each a section of its own
+            props[name.split(".")[0]] = {"type": "object", "additionalProperties": _object_schema(cls),
+                                         "description": description}
+            continue
         props[name] = _sae_schema() if cls is DictionaryConfig else _object_schema(cls)
         props[name]["description"] = description
     return {"$schema": "http://json-schema.org/draft-07/schema#", "$id": SCHEMA_ID,
@@ -239,7 +259,7 @@ def markdown() -> str:
              "and `saecli init KIND` writes a commented starter.", ""]
     by_section: dict[str, list[Key]] = {}
     for key in keys():
-        by_section.setdefault(key.path.split(".", 1)[0], []).append(key)
+        by_section.setdefault(key.path.rsplit(".", 1)[0], []).append(key)
     for name, _, description in sections():
         lines += [f"## [{name}]", "", (description[0].upper() + description[1:] + ".") if description else "", ""]
         lines += ["| key | type | default | what it does |", "|---|---|---|---|"]
@@ -249,13 +269,13 @@ def markdown() -> str:
             text = key.help
             if key.kinds:
                 text = f"({', '.join(key.kinds)}) {text}"
-            lines.append(f"| `{key.path.split('.', 1)[1]}` | {_cell(key.type)} | {_cell(default)} | {_cell(text)} |")
+            lines.append(f"| `{key.path.rsplit('.', 1)[1]}` | {_cell(key.type)} | {_cell(default)} | {_cell(text)} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def _required(key: Key) -> bool:
-    section, name = key.path.split(".", 1)
+    section, name = key.path.rsplit(".", 1)
     for sec, cls, _ in sections():
         if sec == section and cls is not DictionaryConfig:
             return any(f.name == name and _default(f) is _UNSET for f, _ in _fields(cls))

@@ -9,6 +9,11 @@ Every page carries its own CSS and JS inline (from `assets/`) and its data as JS
 `<script type="application/json">` element with `<`, `>` and `&` escaped; the scripts put text into
 the page only through `textContent`, so a token such as `</script>` or `<b>` shows as itself. The two
 SVG charts are generated here from numbers (and escaped labels).
+
+A crosscoder over two models (model diffing, heads "<label>/<hook>") also shows which model each feature
+belongs to: its relative decoder norm r = ‖d_B‖/(‖d_A‖+‖d_B‖) and the label "A-only" (r <= 0.1),
+"shared" or "B-only" (r >= 0.9) (`saecli.dictionaries.crosscoder.diff_label`), as a sortable and
+searchable column of the index (with the histogram of r) and a line of each feature page.
 """
 
 from __future__ import annotations
@@ -243,6 +248,27 @@ def top_tokens(result: AnalysisResult, index: int, dla: DLAResult | None, n: int
     return [texts.get(int(t), str(int(t))) for t, _ in Counter(ids.tolist()).most_common(n)]
 
 
+def diff_models(result: AnalysisResult) -> tuple[str, str] | None:
+    """(A, B): the two model labels when the analysed dictionary is a two-model crosscoder, else None."""
+    from saecli.config.models import split_head
+
+    if "relative_decoder_norm" not in result.extras:
+        return None
+    labels = list(dict.fromkeys(split_head(h)[0] for h in result.meta.get("out_hooks", [])))
+    first, second = (labels + [None, None])[:2]
+    if len(labels) != 2 or first is None or second is None:
+        return None
+    return first, second
+
+
+def model_of_feature(result: AnalysisResult, index: int, models: tuple[str, str]) -> dict:
+    """{"ratio": r, "label": 'A-only' | 'shared' | 'B-only', "models": [A, B]} of one feature."""
+    from saecli.dictionaries.crosscoder import diff_label
+
+    r = float(result.extras["relative_decoder_norm"][index])
+    return {"ratio": _num(r, 3), "label": diff_label(r, *models), "models": list(models)}
+
+
 def build_site(result: AnalysisResult, out_dir: str | Path, *, dla: DLAResult | None = None,
                explanations: dict[int, str] | None = None, title: str = "", window: tuple[int, int] = (24, 8),
                max_features: int | None = None, progress: Callable[[int], None] | None = None,
@@ -291,10 +317,13 @@ def _write_site(result: AnalysisResult, out: Path, *, dla: DLAResult | None, exp
     if max_features is not None and len(alive) > max_features:
         alive = np.sort(alive[np.argsort(-result.act_times[alive], kind="stable")[:max_features]])
     pages = [int(i) for i in alive]
+    models = diff_models(result)
     for j, i in enumerate(pages):
         data = feature_page_data(result, i, dla=dla, explanation=explanations.get(i), title=title, window=window,
                                  prev=pages[j - 1] if j > 0 else None, next_=pages[j + 1] if j + 1 < len(pages) else None)
         data["scores"] = {k: _num(v, 3) for k, v in scores.get(i, {}).items()}
+        if models is not None:
+            data["model"] = model_of_feature(result, i, models)
         (out / "features" / f"{i}.html").write_text(page(f"#{i} · {title}", data, "feature.js"), encoding="utf-8")
         if progress is not None:
             progress(1)
@@ -304,9 +333,23 @@ def _write_site(result: AnalysisResult, out: Path, *, dla: DLAResult | None, exp
              explanations.get(i, ""), i in has_page,
              *(_num(scores[i][k], 3) if k in scores.get(i, {}) else None for k in scorers)]
             for i in range(result.d_sae)]
+    diff = None
+    if models is not None:  # two more columns per row: r and its label
+        for i, row in enumerate(rows):
+            m = model_of_feature(result, i, models)
+            row += [m["ratio"], m["label"]]
+        from saecli.dictionaries.crosscoder import EXCLUSIVE_RATIO
+
+        r = np.asarray(result.extras["relative_decoder_norm"], dtype=np.float64)
+        edges = np.linspace(0.0, 1.0, 21)
+        counts, _ = np.histogram(np.clip(r, 0.0, 1.0), bins=edges)
+        diff = {"models": list(models), "col": 7 + len(scorers), "exclusive_ratio": EXCLUSIVE_RATIO,
+                "svg": histogram_svg(counts, edges, width=560, height=130,
+                                     caption=f"‖d_{models[1]}‖ / (‖d_{models[0]}‖ + ‖d_{models[1]}‖)")}
     n_alive = int((result.act_times > 0).sum())
     subtitle = (f"{result.d_sae:,} features · {n_alive:,} fired · {result.n_analyzed_tokens:,} tokens analysed"
                 + (f" · {len(pages):,} pages" if len(pages) < n_alive else ""))
     index = {"title": title, "subtitle": subtitle, "features": rows, "density_svg": density_svg(density),
-             "tokens_label": "promotes (DLA)" if dla is not None else "peak tokens", "scorers": scorers}
+             "tokens_label": "promotes (DLA)" if dla is not None else "peak tokens", "scorers": scorers,
+             "model_diff": diff}
     write_text(out / "index.html", page(title, index, "index.js"))

@@ -1,8 +1,9 @@
 """`open_stream`: the one function train/eval/analyze/sweep call to get activations.
 
 The cache when `activations.source` is "cache" (or "auto" and `activations.cache_dir` holds one),
-else a live stream from `[model]` (pass an already loaded `lm` to reuse it). Train streams loop over
-epochs; eval streams make one pass, so an evaluation never counts a token twice.
+else a live stream from `[model]` (pass an already loaded `lm` to reuse it). With [models.<label>]
+(model diffing) it is a `ModelsStream` (models.py): one cache or live stream per model, zipped. Train
+streams loop over epochs; eval streams make one pass, so an evaluation never counts a token twice.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def uses_cache(exp: Any) -> bool:
     acts = exp.activations
     if acts is None:
         return False
-    return acts.source == "cache" or (acts.source == "auto" and cache_exists(acts.cache_dir))
+    root = acts.cache_dir
+    if getattr(exp, "models", None) and root:  # one cache per model: <cache_dir>/<label>
+        root = str(Path(root) / next(iter(exp.models)))
+    return acts.source == "cache" or (acts.source == "auto" and cache_exists(root))
 
 
 def open_stream(exp: Any, *, purpose: Literal["train", "eval"] = "train", rank: int = 0, world_size: int = 1,
@@ -40,6 +44,13 @@ def open_stream(exp: Any, *, purpose: Literal["train", "eval"] = "train", rank: 
     acts = exp.activations
     if acts is None:
         raise ConfigError("this command needs an [activations] section", file=exp.source_file)
+    if getattr(exp, "models", None):
+        from saecli.data.models import open_models_stream
+
+        lms = lm if isinstance(lm, dict) else None
+        return open_models_stream(exp, purpose=purpose, rank=rank, world_size=world_size, contexts=contexts,
+                                  hook_points=hook_points, skip_documents=skip_documents, lms=lms,
+                                  use_cache=uses_cache(exp))
     hooks = list(hook_points or acts.hook_points)
     epochs = 1 if purpose == "eval" else None
     if uses_cache(exp):

@@ -21,6 +21,13 @@ Model diffing: `decoder_norm_ratios()` [n_heads, d_sae] is each head's share of 
 (Σ over heads = 1); a latent exclusive to head h has share ≈ 1 there (for two heads, share[1] is the
 "relative decoder norm" ‖d_1‖/(‖d_0‖+‖d_1‖) of the paper).
 
+Heads of several models (model diffing, [models.<label>]) are named "<label>/<hook point>"
+(saecli/config/models.py). `model_norm_shares()` sums a latent's head norms per model: [n_models, d_sae],
+columns sum to 1. For two models A, B the relative decoder norm r = ‖d_B‖/(‖d_A‖+‖d_B‖) (Lindsey et al.
+2024, "model diffing") labels each latent (`diff_label`): r <= EXCLUSIVE_RATIO "A-only", r >= 1 -
+EXCLUSIVE_RATIO "B-only", else "shared" (0.1 / 0.9: the ends of the paper's histogram, where a latent's
+decoder in one model is under a ninth of its decoder in the other).
+
 Folding (dataset-wise scales s_h, one per head): the latents keep their training units —
 W_enc[h] ← W_enc[h]·s_h, W_dec[h] ← W_dec[h]/s_h, b_dec[h] ← b_dec[h]/s_h, and the per-head norms
 used for gating/penalties are measured as ‖W_dec[h]‖·s_h (buffer `head_norm_weight`), so every
@@ -34,12 +41,34 @@ from typing import Any, ClassVar
 
 import torch
 
+from saecli.config.models import split_head
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, _scale_name
 from saecli.dictionaries.sae import SparseAutoEncoder
 from saecli.errors import ConfigError
 
 _CONCAT = "heads"  # the internal hook name of the concatenated heads
+EXCLUSIVE_RATIO = 0.1  # model diffing: r <= this → first model only, r >= 1 - this → second model only
+
+
+def diff_label(ratio: float, first: str, second: str) -> str:
+    """'<first>-only', 'shared' or '<second>-only' for a relative decoder norm ‖d_2‖/(‖d_1‖+‖d_2‖)."""
+    if ratio <= EXCLUSIVE_RATIO:
+        return f"{first}-only"
+    if ratio >= 1 - EXCLUSIVE_RATIO:
+        return f"{second}-only"
+    return "shared"
+
+
+def heads_by_model(heads: list[str]) -> dict[str, list[int]]:
+    """{model label: indices of its heads}, in head order; empty unless the heads span two models or more."""
+    out: dict[str, list[int]] = {}
+    for i, name in enumerate(heads):
+        label, _ = split_head(name)
+        if label is None:
+            return {}
+        out.setdefault(label, []).append(i)
+    return out if len(out) >= 2 else {}
 
 
 class _HeadsSAE(SparseAutoEncoder):
@@ -159,6 +188,29 @@ class Crosscoder(Dictionary):
         """
         norms = self.head_decoder_norms()
         return norms / norms.sum(0, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def model_norm_shares(self) -> tuple[list[str], torch.Tensor] | None:
+        """(model labels, [n_models, d_sae] each model's share of a latent's decoder norm, Σ over its heads);
+        None when the heads are of one model."""
+        groups = heads_by_model(self.heads)
+        if not groups:
+            return None
+        norms = self.head_decoder_norms()
+        per_model = torch.stack([norms[idx].sum(0) for idx in groups.values()])
+        return list(groups), per_model / per_model.sum(0, keepdim=True).clamp_min(1e-12)
+
+    def relative_decoder_norm(self) -> tuple[list[str], torch.Tensor] | None:
+        """([A, B], [d_sae] ‖d_B‖/(‖d_A‖+‖d_B‖)) for a crosscoder over exactly two models, else None."""
+        shares = self.model_norm_shares()
+        if shares is None or len(shares[0]) != 2:
+            return None
+        return shares[0], shares[1][1]
+
+    def analysis_extras(self) -> dict[str, torch.Tensor]:
+        """Per-feature arrays for `analyze` and the dashboard: the relative decoder norm of a two-model diff."""
+        rel = self.relative_decoder_norm()
+        return {} if rel is None else {"relative_decoder_norm": rel[1]}
 
     def decoder_directions(self, hook: str | None = None) -> torch.Tensor:
         """[d_sae, d_model]: the decoder of head `hook` (default: the last head), as stored (normalised units

@@ -12,6 +12,9 @@ Writes next to the dictionary (all atomically):
     eval_density.png           the log10 latent-density histogram
     eval_latents.safetensors   per-latent fires, frequency, mean activation (when firing), max activation
 
+A crosscoder over several models ([models.<label>]) adds "model_diff" to eval.json: EV per model and
+the relative decoder norms (model_diff.py).
+
 Reconstruction metrics are in raw activation units (see metrics.py); the CE/KL splice runs when a
 [model] is configured and `eval.ce_loss` (see splice.py). When a results store is configured the
 metrics are merged into the dictionary's record under "eval" (a failure there only warns).
@@ -29,11 +32,13 @@ from typing import Any
 import torch
 
 from saecli import ui
+from saecli.data.open import open_stream, uses_cache
 from saecli.dictionaries.base import Dictionary
 from saecli.errors import UsageError
 from saecli.evaluation.density import log_density_histogram, save_density_png, show_density
 from saecli.evaluation.heldout import HeldOut, plan_heldout
 from saecli.evaluation.metrics import EvalAccumulator, Thresholds
+from saecli.evaluation.model_diff import model_diff_report, show_model_diff
 from saecli.evaluation.splice import splice_eval
 
 EVAL_FILE = "eval.json"
@@ -204,8 +209,19 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
         from saecli.lm import load_model
 
         lm = load_model(exp.model)
-    dictionary = dictionary.to(_device(lm))
-    held = plan_heldout(exp, Path(run_folder) if run_folder else folder, lm)
+    plan_lm, lms = lm, None
+    if getattr(exp, "models", None):
+        # several models: a given `lm` is the first one; its tokenizer packed the training text, so it finds the
+        # held-out documents; it splices nothing (lm = None: a reconstruction reads every model)
+        first = next(iter(exp.models))
+        if plan_lm is None and not uses_cache(exp):
+            from saecli.lm import load_model
+
+            plan_lm = load_model(exp.models[first])
+        lms = {first: plan_lm} if plan_lm is not None else None
+        lm = None
+    dictionary = dictionary.to(_device(plan_lm))
+    held = plan_heldout(exp, Path(run_folder) if run_folder else folder, plan_lm)
     for note in held.notes:
         ui.warn(note)
     if held.overlap:
@@ -217,11 +233,9 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
         where += f" from {held.exp.activations.cache_dir}"
     ui.info(f"evaluating {folder} ({dictionary.kind}, {dictionary.d_sae} latents) on {where}")
 
-    from saecli.data.open import open_stream
-
     hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
     stream = open_stream(held.exp, purpose="eval", contexts=dictionary.needs_context, hook_points=hooks,
-                         skip_documents=held.skip_documents if held.source == "live" else None, lm=lm)
+                         skip_documents=held.skip_documents if held.source == "live" else None, lm=lms or lm)
     ev = exp.eval
     thresholds = Thresholds(ev.dead_threshold, ev.almost_dead_threshold, ev.dense_threshold)
     try:
@@ -241,12 +255,16 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
     splice = None
     if ev.ce_loss and lm is not None:
         splice = _splice(exp, lm, dictionary, held)
+    elif ev.ce_loss and getattr(exp, "models", None):
+        ui.info("several models: the CE/KL splice is skipped (a reconstruction of one model's hook reads every "
+                "model's activations); see the per-model numbers (model_diff)")
     elif ev.ce_loss:
         ui.info("no model configured: the CE/KL splice evaluation is skipped")
 
     per_latent = acc.per_latent()
     hist = log_density_histogram(per_latent["frequency"], acc.n_tokens, ev.bins_per_decade)
     metrics = {k: v for k, v in recon.items() if not isinstance(v, dict)}
+    diff = model_diff_report(dictionary, recon.get("per_hook", {}))
     if splice:
         metrics.update(splice)
     result = {
@@ -261,6 +279,7 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
         "thresholds": recon["thresholds"],
         "data": {**held.to_dict(), "outlier_tokens_dropped": outliers},
         "density": hist.to_dict(),
+        **({"model_diff": diff} if diff else {}),
         "files": {"density_png": DENSITY_FILE, "latents": LATENTS_FILE},
         "seconds": round(time.time() - started, 3),
     }
@@ -277,6 +296,8 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
         if result["per_hook"]:
             ui.table("per out hook", [{"hook": h, **{k: m[k] for k in ("explained_variance", "mse", "cosine_similarity")}}
                                       for h, m in result["per_hook"].items()])
+        if diff:
+            show_model_diff(diff)
     return result
 
 

@@ -91,7 +91,10 @@ def live_documents_consumed(exp: Any, lm: Any, tokens: int, world_size: int = 1)
     end, exhausted = exp.dataset.skip_documents, False
     per_rank = math.ceil(tokens / world_size)
     for rank in range(world_size):
-        stream = LiveStream(lm, exp.dataset, exp.activations, rank=rank, world_size=world_size, model_cfg=exp.model)
+        model_cfg = exp.model
+        if model_cfg is None and getattr(exp, "models", None):  # several models: the first one packs the text
+            model_cfg = next(iter(exp.models.values()))
+        stream = LiveStream(lm, exp.dataset, exp.activations, rank=rank, world_size=world_size, model_cfg=model_cfg)
         seen = 0
         docs = iter_documents(exp.dataset, rank, world_size)
         for ctx in stream.packer.contexts(docs, stream.window_contexts):
@@ -160,7 +163,7 @@ def plan_heldout(exp: Any, run_folder: Path | None, lm: Any | None) -> HeldOut:
         skip = ev.skip_documents if ev.skip_documents is not None else (training[1] if training else None)
         return HeldOut(use, "cache", skip, training, how, overlap, notes)
 
-    if exp.model is not None:
+    if exp.model is not None or getattr(exp, "models", None):
         skip = ev.skip_documents if ev.skip_documents is not None else (training[1] if training else None)
         overlap = None
         if training and skip is not None and skip < training[1] and _same_text(to_dict(exp.dataset), train_text):

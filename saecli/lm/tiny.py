@@ -4,6 +4,7 @@ Tests and `experiments/tiny/` use these: no download, seconds to build. The toke
 byte-level BPE trained on the built-in Python-docs text, so token ids are real and stable.
 
     python -m saecli.lm.tiny experiments/tiny/model --family llama
+    python -m saecli.lm.tiny experiments/tiny/model_chat --variant-of experiments/tiny/model   # a "fine-tune"
 """
 
 from __future__ import annotations
@@ -92,13 +93,41 @@ def make_tiny_model(folder: str | Path, family: str = "llama", *, d_model: int =
     return folder
 
 
+def make_tiny_variant(source: str | Path, folder: str | Path, *, layers: tuple[int, ...] = (2, 3),
+                      scale: float = 2.0, seed: int = 1) -> Path:
+    """A copy of the tiny model at `source` whose MLP weights in `layers` get relative Gaussian noise of
+    `scale` (same tokenizer, same earlier layers): a stand-in for a fine-tuned model in model-diffing
+    examples, so that a crosscoder finds shared latents and latents of one model only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    model = AutoModelForCausalLM.from_pretrained(source)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            parts = name.split(".")
+            if "mlp" in parts and any(f"layers.{i}." in name or f"h.{i}." in name for i in layers):
+                p.add_(torch.randn(p.shape, generator=gen) * scale * p.std())
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder")
     parser.add_argument("--family", default="llama", choices=FAMILIES)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layers", type=int, default=4)
+    parser.add_argument("--variant-of", metavar="SOURCE", default=None,
+                        help="copy the tiny model at SOURCE with noise on its layer 2 and 3 MLPs (a 'fine-tune')")
     args = parser.parse_args()
+    if args.variant_of:
+        print(make_tiny_variant(args.variant_of, args.folder))
+        return
     print(make_tiny_model(args.folder, args.family, d_model=args.d_model, n_layers=args.n_layers))
 
 

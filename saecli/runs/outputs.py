@@ -81,24 +81,30 @@ def run_header(exp: Experiment, stream: ActivationStream, member: Member, *, giv
     from saecli.data.reader import CacheStream
 
     d = member.dictionary
-    world = member.sync.world_size
+    world = member.sync.world_size  # data-parallel ranks (each tensor-parallel group reads one batch)
+    procs = world * getattr(member.sync, "tp", 1)
     per_step = member.batch_tokens * member.accumulation * world
     train_tokens = member.total_steps * per_step
     cached = stream.index.total_tokens if isinstance(stream, CacheStream) else None
+    describe = str(getattr(stream, "describe", ""))
     if cached is not None and not given and exp.activations is not None:
         source = f"cache {exp.activations.cache_dir} ({cached:,} tokens)"
     elif exp.model is not None and not given:
         source = f"live {exp.model.name} on {exp.dataset.path}"
+    elif describe and not given:  # a stream that says what it reads (several models: data/models.py)
+        source = describe
     else:
         source = f"{type(stream).__name__} (given)"
     ins, outs = list(d.in_hooks), list(d.out_hooks)
     hook = ", ".join(ins) + ("" if outs == ins else " → " + ", ".join(outs))
     lines = [f"{exp.run.name}: {source} · {hook} · d_sae {d.d_sae:,} · {member.total_steps:,} steps × "
-             f"{per_step:,} tokens · {world} process{'es' if world > 1 else ''}"]
-    if world > 1 or getattr(member.sync, "tp", 1) > 1:
-        from saecli.training.tensor_parallel import mesh_line
+             f"{per_step:,} tokens · {procs} process{'es' if procs > 1 else ''}"]
+    tp = getattr(member.sync, "tp", 1)
+    if procs > 1:  # multi-process: world size (machines × processes), mesh, per-rank batch
+        from saecli.training.topology import topology_line
 
-        lines.append(f"{exp.run.name}: " + mesh_line(member.sync, member.batch_tokens))
+        mesh = {"dp": world, "tp": tp} if tp > 1 else None
+        lines.append(topology_line(procs, member.batch_tokens, member.accumulation, mesh=mesh))
     if cached is not None and 0 < cached < train_tokens:
         lines.append(f"the cache holds {cached:,} tokens, fewer than the {train_tokens:,} to train on: training "
                      f"loops over it {train_tokens / cached:.1f} times, in a new order each pass (generate a "

@@ -71,6 +71,11 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, overwrite: bool = False,
     mine = plan_by_rank[sync.rank]
     if sync.world_size > 1:
         names = ", ".join(m.name for u in mine for m in u.members) or "nothing"
+        if sync.is_main:  # world size, mesh, and per-rank batch (each rank streams whole groups)
+            from saecli.training.topology import topology_line
+
+            acts = plan.members[0].exp.activations if plan.members else None
+            reporter.info("sweep: " + topology_line(sync.world_size, acts.batch_size if acts else 0))
         reporter.info(f"rank {sync.rank} of {sync.world_size}: {names}")
     try:
         for unit in mine:

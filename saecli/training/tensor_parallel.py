@@ -73,14 +73,6 @@ def run_sync(tp: int, base: Any, device_type: str = "cpu") -> Any:
     return base if tp == 1 else TensorParallelSync(make_mesh(tp, device_type))
 
 
-def mesh_line(sync: Any, batch_tokens: int) -> str:
-    """What a run says at start: world size, mesh shape, per-rank batch."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    dp, tp = sync.world_size, getattr(sync, "tp", 1)
-    return (f"world size {world} · mesh dp {dp} × tp {tp} · {batch_tokens:,} tokens per rank per batch"
-            + (f" (the {tp} ranks of a tp group read the same batch)" if tp > 1 else ""))
-
-
 def new_member(dictionary: Dictionary, cfg: Any, *, sync: Any, **kwargs: Any) -> Member:
     """A fresh member: sharded over the mesh when `sync` is a `TensorParallelSync`, else an ordinary one."""
     if isinstance(sync, TensorParallelSync):

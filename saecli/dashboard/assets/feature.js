@@ -18,6 +18,7 @@
   stat("density", pct(f.density));
   stat("fired on", f.act_times.toLocaleString() + " of " + f.n_tokens.toLocaleString() + " tokens");
   stat("max activation", fmt(f.max_act, 4));
+  if (f.model) stat("model", f.model.label + " (‖d_" + f.model.models[1] + "‖ / Σ‖d‖ = " + fmt(f.model.ratio, 3) + ")");
   for (const [k, v] of Object.entries(f.scalars || {})) stat(k.replace(/_/g, " "), fmt(v, 4));
   const hist = el("div", { class: "card" }, el("h2", { text: "Activation histogram" }));
   if (f.hist_svg) { const box = el("div"); box.innerHTML = f.hist_svg; hist.append(box); }  // built by saecli: numbers only

@@ -3,7 +3,8 @@
 (function () {
   const app = document.getElementById("app");
   app.textContent = "";
-  // rows: [index, act_times, density, max_act, tokens[], explanation, has_page, score per DATA.scorers...]
+  // rows: [index, act_times, density, max_act, tokens[], explanation, has_page, score per DATA.scorers...,
+  //        (two-model crosscoder) relative decoder norm, model label]
   const rows = DATA.features;
   const PAGE = 500;
   let sortKey = 2, asc = false, query = "", shown = PAGE;
@@ -15,6 +16,15 @@
     const holder = el("div"); holder.innerHTML = DATA.density_svg;  // built by saecli: numbers only
     box.append(holder); app.append(box);
   }
+  const diff = DATA.model_diff;  // two-model crosscoder: rows end with [ratio, label]
+  if (diff) {
+    const [a, b] = diff.models, t = diff.exclusive_ratio;
+    const box = el("div", { class: "card" }, el("h2", { text: "Which model each feature belongs to" }),
+      el("p", { class: "sub", text: "relative decoder norm r = ‖d_" + b + "‖ / (‖d_" + a + "‖ + ‖d_" + b + "‖): " +
+        a + "-only when r ≤ " + t + ", " + b + "-only when r ≥ " + (1 - t) + ", shared between" }));
+    const holder = el("div"); holder.innerHTML = diff.svg;  // built by saecli: numbers only
+    box.append(holder); app.append(box);
+  }
   const search = el("input", { type: "search", placeholder: "search explanations or tokens, or #index",
                                "aria-label": "search" });
   const count = el("span", { class: "n" });
@@ -22,7 +32,7 @@
 
   const scorers = DATA.scorers || [];
   const cols = [["#", 0], ["density", 2], ["max act", 3], [DATA.tokens_label || "tokens", null], ["explanation", null],
-                ...scorers.map((s, j) => [s + " F1", 7 + j])];
+                ...scorers.map((s, j) => [s + " F1", 7 + j]), ...(diff ? [["model (r)", diff.col]] : [])];
   const head = el("tr", {});
   const ths = cols.map(([name, key]) => {
     const th = el("th", { class: key === null ? null : "sortable", text: name });
@@ -52,6 +62,7 @@
     }
     if (query.startsWith("#")) return String(r[0]) === query.slice(1);
     if (/^\d+$/.test(query) && String(r[0]) === query) return true;
+    if (diff && r[diff.col + 1].toLowerCase() === query) return true;  // "shared", "chat-only"...
     return (r[5] || "").toLowerCase().includes(query) || r[4].some(t => t.toLowerCase().includes(query));
   }
   function draw() {
@@ -72,7 +83,8 @@
         el("td", { class: "num", text: fmt(m, 3) }),
         el("td", {}, toks.map(t => el("span", { class: "chip", title: quoted(t), text: chipText(t) }))),
         el("td", { text: expl || "" }),
-        scorers.map((s, j) => el("td", { class: "num", text: r[7 + j] === null ? "–" : fmt(r[7 + j], 3) }))));
+        scorers.map((s, j) => el("td", { class: "num", text: r[7 + j] === null ? "–" : fmt(r[7 + j], 3) })),
+        diff ? el("td", { class: "model", text: r[diff.col + 1] + " (" + fmt(r[diff.col], 2) + ")" }) : null));
     }
     more.style.display = list.length > shown ? "" : "none";
   }
