@@ -112,11 +112,18 @@ def test_covered_kinds_are_the_ones_declaring_latent_axes():
 
 
 def test_config_errors_name_the_key():
-    for args, words in [(("crosscoder", {}, 64, 2, 2), "cannot be split"), (("sae", {"W_enc": 0}, 64, 3, 4), "divide the 4"),
+    from saecli.training.tensor_parallel import check_run
+
+    for args, words in [(("molt", {}, 64, 2, 2), "kind 'molt' cannot be split"),
+                        (("sae", {"W_enc": 0}, 64, 3, 4), "divide the 4"),
                         (("sae", {"W_enc": 0}, 64, 3, 3), "d_sae = 64"), (("sae", {"W_enc": 0}, 64, 0, 2), ">= 1")]:
         with pytest.raises(ConfigError, match=words) as err:
             check_tensor_parallel(*args)
         assert err.value.key == "trainer.tensor_parallel"
+    with pytest.raises(ConfigError, match="needs at least 2 processes") as err:  # a plain `saecli train`
+        check_run("sae", 64, 2)
+    assert err.value.key == "trainer.tensor_parallel"
+    check_run("molt", 64, 1)  # tp = 1: every kind
 
 
 def test_accelerate_train_with_tensor_parallel_then_resume_in_one_process(tiny_llama, tmp_path):

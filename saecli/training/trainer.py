@@ -221,9 +221,8 @@ def fit(stream: Any, members: list[Member], *, reporter: Reporter | None = None,
             if not alive:
                 break
             stop_now, time_due = stop.signum is not None, timer.due()
-            if sync.world_size > 1 or getattr(sync, "tp", 1) > 1:  # every rank takes the same decision
-                flags = sync.any_rank(torch.tensor([int(stop_now), int(time_due)]))
-                stop_now, time_due = bool(flags[0] > 0), bool(flags[1] > 0)
+            flags = sync.any_rank(torch.tensor([int(stop_now), int(time_due)]))  # every rank decides alike
+            stop_now, time_due = bool(flags[0] > 0), bool(flags[1] > 0)
             pending = pending or time_due
             if (pending or stop_now) and all(m.at_boundary for m in alive):
                 checkpoint_all(stream, members, sync, batches_seen)
