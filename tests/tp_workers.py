@@ -191,7 +191,8 @@ def two_d_runs(rank: int, world: int, store: str, out: str) -> None:
 
 def resume_runs(rank: int, world: int, store: str, out: str, tp: int) -> None:
     """2 → 1: 25 steps with tp ranks, a DCP checkpoint; 1 → 2: resume the unsharded checkpoint the test
-    process wrote in `out`/plain and go on to 50 steps (rank 0 writes the weights)."""
+    process wrote in `out`/plain and go on to 50 steps; 2 → 2: the DCP checkpoint resumed sharded (rank 0
+    writes the weights)."""
     import torch.distributed as dist
 
     from saecli.training.checkpoint import latest_checkpoint
@@ -208,10 +209,18 @@ def resume_runs(rank: int, world: int, store: str, out: str, tp: int) -> None:
     d2 = shard_dictionary(dictionary(case), mesh)
     path = latest_checkpoint(Path(out) / "plain")[1]
     m2, _ = ShardedMember.from_checkpoint(d2, trainer_cfg(), path, mesh=mesh)
+    resumed = [m2.step]
     train(m2, case, m2.step, STEPS)
     state = full_state(d2)
+    # 2 → 2: the sharded checkpoint resumed sharded (DCP into DTensors)
+    d3 = shard_dictionary(dictionary(case), mesh)
+    m3, _ = ShardedMember.from_checkpoint(d3, trainer_cfg(), latest_checkpoint(Path(out) / "sharded")[1], mesh=mesh)
+    resumed.append(m3.step)
+    train(m3, case, m3.step, STEPS)
+    state3 = full_state(d3)
     if rank == 0:
-        torch.save({"state": state, "step_resumed": STEPS // 2}, Path(out) / "one_to_two.pt")
+        torch.save({"state": state, "step_resumed": resumed[0]}, Path(out) / "one_to_two.pt")
+        torch.save({"state": state3, "step_resumed": resumed[1]}, Path(out) / "two_to_two.pt")
     dist.barrier()
     dist.destroy_process_group()
 
