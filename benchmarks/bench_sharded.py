@@ -8,7 +8,9 @@ Workload: a TopK SAE (d_model 576, d_sae 4608 by default, k 32), batch 1024 toke
 For tp2 the time inside collectives is measured by timing every call of the tensor-parallel
 communication points (LatentShard.all_gather / reduce: the candidates' all-gather, the decoder and
 penalty reductions, the firing-count gather); gloo collectives on CPU return when done, so their
-wall time is their cost. Reported: median step time (ms), tokens/s, and comm / step.
+wall time is their cost (including waiting for the slower rank). Reported: median step time (ms),
+tokens/s, comm / step, and the CPU time one rank spends per step (the work each rank does: on a machine
+busier than its cores, the wall times of 2 processes are inflated, their CPU times are not).
 
     flock /tmp/saecli-bench.lock nice -n 10 python benchmarks/bench_sharded.py
     python benchmarks/bench_sharded.py --d-sae 16384 --steps 20 --threads 1
@@ -61,20 +63,23 @@ def half_dead(member: Member) -> None:
     member.stats.since_fired[::2] = 10**9
 
 
-def timed(member: Member, data: list[Batch], steps: int, comm: list[float] | None = None) -> tuple[float, float]:
-    """(median step seconds, median communication seconds per step)."""
+def timed(member: Member, data: list[Batch], steps: int, comm: list[float] | None = None
+          ) -> tuple[float, float, float]:
+    """(median step seconds, median communication seconds per step, median CPU seconds per step of this
+    process — the work a rank does, which a busy shared machine does not inflate as it does wall time)."""
     for b in data[:2]:  # warm-up
         member.feed(b)
-    times, comms = [], []
+    times, comms, cpus = [], [], []
     for i in range(steps):
         half_dead(member)
         if comm is not None:
             comm.clear()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         member.feed(data[i % len(data)])
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
         comms.append(sum(comm) if comm is not None else 0.0)
-    return statistics.median(times), statistics.median(comms)
+    return statistics.median(times), statistics.median(comms), statistics.median(cpus)
 
 
 def worker(rank: int, world: int, store: str, out: str, args: argparse.Namespace) -> None:
@@ -100,9 +105,9 @@ def worker(rank: int, world: int, store: str, out: str, args: argparse.Namespace
         setattr(LatentShard, name, wrapped)
     d = shard_dictionary(build(args), mesh)
     m = ShardedMember(d, trainer(args), mesh=mesh, total_steps=10_000, batch_tokens=args.tokens)
-    step, c = timed(m, batches(args), args.steps, comm)
+    step, c, cpu = timed(m, batches(args), args.steps, comm)
     if rank == 0:
-        Path(out).write_text(f"{step} {c}")
+        Path(out).write_text(f"{step} {c} {cpu}")
     dist.destroy_process_group()
 
 
@@ -119,21 +124,22 @@ def main() -> None:
     rows = []
     for name, sparse in (("unsharded", True), ("dense-1", False)):
         m = Member(build(args, sparse), trainer(args), total_steps=10_000, batch_tokens=args.tokens)
-        step, _ = timed(m, batches(args), args.steps)
-        rows.append((name, 1, step, 0.0))
+        step, _, cpu = timed(m, batches(args), args.steps)
+        rows.append((name, 1, step, 0.0, cpu))
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "tp2.txt")
         mp.start_processes(worker, args=(2, os.path.join(tmp, "store"), out, args), nprocs=2, start_method="spawn")
-        step, comm = map(float, Path(out).read_text().split())
-    rows.append(("tp2", 2, step, comm))
+        step, comm, cpu = map(float, Path(out).read_text().split())
+    rows.append(("tp2", 2, step, comm, cpu))
     print(f"d_model {args.d_model} · d_sae {args.d_sae} · k {args.k} · {args.tokens} tokens/step · "
           f"{args.threads} thread(s)/process · median of {args.steps} steps")
-    print(f"{'variant':<10} {'procs':>5} {'step ms':>8} {'tok/s':>9} {'comm ms':>8} {'comm/step':>9}")
-    for name, procs, step, comm in rows:
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall times suffer when it exceeds them)")
+    print(f"{'variant':<10} {'procs':>5} {'step ms':>8} {'tok/s':>9} {'comm ms':>8} {'comm/step':>9} {'cpu ms/rank':>11}")
+    for name, procs, step, comm, cpu in rows:
         print(f"{name:<10} {procs:>5} {step * 1e3:>8.1f} {args.tokens / step:>9.0f} {comm * 1e3:>8.1f} "
-              f"{comm / step:>9.1%}")
+              f"{comm / step:>9.1%} {cpu * 1e3:>11.1f}")
 
 
 if __name__ == "__main__":
