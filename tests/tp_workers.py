@@ -25,6 +25,7 @@ D_MODEL, D_SAE, N_TOK, STEPS = 16, 64, 64, 50
 CASES: dict[str, dict[str, Any]] = {
     "topk": {"kind": "sae", "activation": "topk", "k": 4},
     "batchtopk": {"kind": "sae", "activation": "batchtopk", "k": 4},
+    "topk-dense": {"kind": "sae", "activation": "topk", "k": 4, "sparse_kernels": False},  # the dense reference
     "relu": {"kind": "sae", "activation": "relu"},
     "jumprelu": {"kind": "sae", "activation": "jumprelu", "jumprelu_threshold_init": 0.05},
     "transcoder": {"kind": "transcoder", "activation": "topk", "k": 4, "skip_connection": True,

@@ -168,8 +168,7 @@ class LatentShard:
         ok, lidx = self.mine(gidx)
         if row_k is not None:
             ok = ok & (torch.arange(gidx.shape[-1], device=gidx.device) < row_k.unsqueeze(-1))
-        hits = torch.zeros(keys.shape, dtype=torch.int32, device=keys.device)
-        return hits.scatter_add_(-1, lidx, ok.to(torch.int32)) > 0  # add: clamped foreign indices add 0
+        return self.scatter_mask(ok, lidx, keys.shape[-1])
 
     def batch_topk_mask(self, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """BatchTopK's k·N largest of relu(keys) over the whole [N, d_sae] batch: (this rank's [N, d_local]
@@ -216,31 +215,44 @@ class LatentShard:
         return torch.where(keep, torch.relu(h), torch.zeros((), dtype=h.dtype, device=h.device))
 
     # ------------------------------------------------------------------ AuxK
-    def auxk(self, h: torch.Tensor, dead_mask: torch.Tensor, k_aux: int, residual: torch.Tensor,
-             decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], gate: torch.Tensor | None) -> torch.Tensor:
-        """`losses.auxk_loss` with the dead latents spread over ranks. `h` [N, blocks·d_local] pre-activations
-        (with grad), `dead_mask` the GLOBAL [blocks·d_sae] mask, `decode(values, local ids)` [N, k] → [N, d]
-        this rank's part of the decoder (no bias), e.g. `losses.gather_decode(w_dec_local)`."""
+    def auxk_select(self, h: torch.Tensor, dead_mask: torch.Tensor, k_aux: int, gate: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per row the global top-min(k_aux, #dead) DEAD latents by (gated) pre-activation `h` [N,
+        blocks·d_local] (this rank's columns), as (is this rank's, local index) [N, k]; None when none is
+        dead. `dead_mask` is the GLOBAL [blocks·d_sae] mask; ranks hold different numbers of dead latents,
+        so each pads its candidates to k with -inf (never selected) before the one all-gather."""
         dead = dead_mask.to(device=h.device, dtype=torch.bool)
         n_dead = int(dead.sum())
-        zero = h.new_zeros((), dtype=torch.float32)
         if n_dead == 0 or k_aux <= 0:
-            return zero
+            return None
         k = min(int(k_aux), n_dead)
         dead_idx = torch.nonzero(self.own(dead), as_tuple=True)[0]  # local indices of local dead latents
         sub = h.detach().index_select(-1, dead_idx)
         keys = sub if gate is None else gated_pre(sub, gate.detach()[dead_idx])
-        c = min(k, dead_idx.numel())
-        v, j = torch.topk(keys, c, dim=-1, sorted=False)
-        # pad every rank to k candidates (ranks hold different numbers of dead latents): -inf never wins
-        pad = k - c
+        v, j = torch.topk(keys, min(k, dead_idx.numel()), dim=-1, sorted=False)
+        pad = k - v.shape[-1]
         v = torch.cat([v, v.new_full((v.shape[0], pad), float("-inf"))], -1)
         gidx = torch.cat([self.to_global(dead_idx[j]), j.new_full((j.shape[0], pad), -1)], -1)
         _, g = self.topk_rows_from(v, gidx, k)
-        ok, lidx = self.mine(g)
+        return self.mine(g)
+
+    def auxk(self, h: torch.Tensor, dead_mask: torch.Tensor, k_aux: int, residual: torch.Tensor,
+             decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], gate: torch.Tensor | None) -> torch.Tensor:
+        """`losses.auxk_loss` with the dead latents spread over ranks: `auxk_select` on `h` (with grad),
+        the chosen latents' ReLU'd pre-activations decoded by `decode(values, local ids)` [N, k] → [N, d]
+        (this rank's part of the decoder, no bias; e.g. `losses.gather_decode(w_dec_local)`), summed over
+        ranks, against the residual."""
+        chosen = self.auxk_select(h, dead_mask, k_aux, gate)
+        if chosen is None:
+            return h.new_zeros((), dtype=torch.float32)
+        ok, lidx = chosen
         acts = torch.relu(torch.gather(h, -1, lidx)) * ok.to(h.dtype)
-        partial = decode(acts, lidx)
-        return L.normalized_residual_loss(self.reduce(partial), residual.detach())
+        return L.normalized_residual_loss(self.reduce(decode(acts, lidx)), residual.detach())
+
+    def scatter_mask(self, ok: torch.Tensor, lidx: torch.Tensor, n_cols: int) -> torch.Tensor:
+        """[N, n_cols] bool: True at (row, lidx) where ok (clamped foreign indices add nothing)."""
+        hits = torch.zeros(ok.shape[0], n_cols, dtype=torch.int32, device=ok.device)
+        return hits.scatter_add_(-1, lidx, ok.to(torch.int32)) > 0
 
     def topk_rows_from(self, values: torch.Tensor, gidx: torch.Tensor, k: int, ordered: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor]:
