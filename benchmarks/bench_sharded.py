@@ -17,8 +17,11 @@ busier than its cores, the wall times of 2 processes are inflated, their CPU tim
 
 Measured here (2 shared cores, load average 3.3, defaults): unsharded 185 ms/step (sparse kernels),
 dense-1 427 ms, tp2 283 ms wall with 48.5 ms in collectives (17 % of the step) and 188 ms of CPU per
-rank: at this size each rank's halved matmuls are offset by the selection's gather, building the CSR
-patterns and gloo, so tensor parallelism buys memory (each rank half the latent bytes), not speed, on CPU.
+rank. --d-sae 16384 --steps 5 (load 4.7): unsharded 953 ms (475 ms CPU), dense-1 2718 ms, tp2 1602 ms
+wall, 110 ms in collectives (6.9 %), 477 ms CPU per rank. The CPU per rank does not halve here: the
+selection's gather, building the CSR patterns and gloo (whose waits for the slower rank of an
+oversubscribed machine count as CPU time) offset the halved matmuls, so on this CPU tensor parallelism
+buys memory (each rank half the latent bytes), not speed; a GPU run is still to be measured.
 """
 
 from __future__ import annotations
