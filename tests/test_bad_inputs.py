@@ -158,9 +158,9 @@ DAMAGES = {
 
 
 def _run_folder(root: Path) -> Path:
-    from saecli.config.dictionary import SAEConfig
     from saecli.config.load import load_experiment, write_resolved
     from saecli.dictionaries.registry import build_dictionary
+    from saecli.dictionaries.sae_config import SAEConfig
 
     folder = root / "run"
     exp = write_toml(root / "exp.toml", textwrap.dedent(f'''

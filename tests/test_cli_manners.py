@@ -124,12 +124,13 @@ def test_sweep_summary_keeps_override_types(tmp_path):
     text = (REPO / "experiments/tiny/sweep.toml").read_text().replace('"runs/tiny/sweep"', f'"{tmp_path}"')
     plan = load_sweep(write_toml(tmp_path / "sweep.toml", text))
     rows = collect_rows(plan, group_members(plan.members))
-    assert rows[0]["overrides"] == {"trainer.lr": 1e-3, "sae.k": 8}
-    assert isinstance(rows[0]["overrides"]["sae.k"], int) and isinstance(rows[0]["overrides"]["trainer.lr"], float)
+    assert rows[0]["overrides"] == {"trainer.lr": 1e-3, "dictionary.k": 8}
+    assert isinstance(rows[0]["overrides"]["dictionary.k"], int) and isinstance(rows[0]["overrides"]["trainer.lr"], float)
 
 
 def test_store_keeps_one_cfg_shape_per_run(tmp_path):
     from saecli.commands.analyze import ensure_registered
+    from saecli.config.load import read_toml
     from saecli.store import open_store
 
     store_cfg = {"backend": "sqlite", "path": str(tmp_path / "s.db")}
@@ -137,7 +138,8 @@ def test_store_keeps_one_cfg_shape_per_run(tmp_path):
     folder = train(exp, stream=stream()).folder
     with open_store(exp.store) as store:
         trained = store.get_sae("syn")["cfg"]
-        assert trained == experiment_dict(exp)
+        assert trained == read_toml(folder / "config.toml")  # what config.toml says: every default resolved
+        assert trained["trainer"]["k_aux"] == 8 and "k_aux" not in experiment_dict(exp)["trainer"]
         analyzed = parse(Experiment, {**experiment_dict(exp), "run": {"name": "other", "output_dir": str(folder)}})
         ensure_registered(store, analyzed, None, folder)  # analyze registering a run training did not
         assert store.get_sae("other")["cfg"] == experiment_dict(analyzed)

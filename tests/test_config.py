@@ -32,7 +32,7 @@ def error_of(data: dict) -> str:
 
 def test_defaults_fill_every_section():
     exp = experiment_from_dict(BASE)
-    assert exp.sae.kind == "sae" and exp.sae.activation == "topk" and exp.sae.k == 16
+    assert exp.dictionary.kind == "sae" and exp.dictionary.activation == "topk" and exp.dictionary.k == 16
     assert exp.trainer.lr_scheduler == "constantwithwarmup"
     assert exp.dataset.path == "builtin:python-docs"
     assert exp.activations.context_size == 256
@@ -125,7 +125,7 @@ def test_overrides_are_typed_like_toml():
     assert parse_override("wandb.enabled=true") == (["wandb", "enabled"], True)
     data = apply_overrides(BASE, ["sae.k=8", "trainer.lr=0.01"])
     exp = experiment_from_dict(data)
-    assert exp.sae.k == 8 and exp.trainer.lr == 0.01
+    assert exp.dictionary.k == 8 and exp.trainer.lr == 0.01
     assert BASE["sae"]["k"] == 16  # the original dict is untouched
 
 
@@ -149,4 +149,45 @@ def test_resolved_config_round_trips(tmp_path):
 def test_stream_keys_come_from_the_schema():
     keys = stream_keys(Experiment)
     assert "model.name" in keys and "activations.hook_points" in keys and "dataset.path" in keys
-    assert "trainer.lr" not in keys and "sae.k" not in keys
+    assert "trainer.lr" not in keys and "dictionary.k" not in keys and "dictionary.d_sae" not in keys
+
+
+# ------------------------------------------------------------------------------------------ [dictionary] / [sae]
+NEW = {**{k: v for k, v in BASE.items() if k != "sae"}, "dictionary": BASE["sae"]}
+
+
+def test_dictionary_is_the_table_and_sae_its_older_name():
+    assert experiment_from_dict(NEW) == experiment_from_dict(BASE)  # BASE spells it [sae]
+    exp = experiment_from_dict(BASE)
+    assert exp.sae is exp.dictionary  # the older attribute name, while callers move to exp.dictionary
+    assert experiment_from_dict({**NEW, "dictionary": {"kind": "crosscoder", "d_sae": 64}}).dictionary.kind == "crosscoder"
+    written = read_toml_text(experiment_to_toml(experiment_from_dict(BASE)))
+    assert "dictionary" in written and "sae" not in written  # config.toml names it for what it holds
+    msg = error_of({**BASE, "dictionary": {"k": 8}})
+    assert "`[dictionary]` and `[sae]`" in msg and "give one of them" in msg
+
+
+def test_errors_name_the_table_as_the_file_spells_it():
+    assert "key `sae.k`" in error_of({**BASE, "sae": {"d_sae": 8, "k": 0}})
+    assert "key `dictionary.k`" in error_of({**NEW, "dictionary": {"d_sae": 8, "k": 0}})
+    assert "did you mean `k`" in error_of({**NEW, "dictionary": {"d_sae": 8, "kk": 3}})
+    assert "did you mean `dictionary`" in error_of({**NEW, "dictionry": {}})
+
+
+def test_overrides_and_sweep_keys_reach_the_table_under_either_name():
+    for data in (BASE, NEW):
+        for key in ("sae.k", "dictionary.k"):
+            assert experiment_from_dict(apply_overrides(data, [f"{key}=8"])).dictionary.k == 8, (data, key)
+    from saecli.config.sweep import SweepConfig
+    from saecli.sweep.grid import plan_from_dict
+
+    for key in ("sae.k", "dictionary.k"):
+        plan = plan_from_dict(NEW, SweepConfig(grid={key: [4, 8]}))
+        assert [m.exp.dictionary.k for m in plan.members] == [4, 8]
+        assert [m.name for m in plan.members] == ["k=4", "k=8"]
+
+
+def read_toml_text(text: str) -> dict:
+    import tomllib
+
+    return tomllib.loads(text)

@@ -53,13 +53,15 @@ def test_schema_describes_types_defaults_docs_and_choices(validator):
     schema = json_schema()
     auxk = schema["properties"]["trainer"]["properties"]["auxk_coefficient"]
     assert auxk["type"] == "number" and auxk["default"] == 1 / 32 and auxk["description"]
-    activation = schema["properties"]["sae"]["allOf"][0]["then"]["properties"]["activation"]
+    activation = schema["properties"]["dictionary"]["allOf"][0]["then"]["properties"]["activation"]
     assert activation["enum"] == ["relu", "topk", "batchtopk", "jumprelu"] and activation["description"]
     assert schema["properties"]["activations"]["required"] == ["hook_points"]
     # what load_experiment refuses, the schema refuses too
     bad = [
         {"trainer": {"lr": "fast"}},                                      # wrong type
-        {"sae": {"activation": "topq"}},                                  # not a choice
+        {"sae": {"activation": "topq"}},                                  # not a choice (under the older name)
+        {"dictionary": {"activation": "topq"}},                           # ... and the canonical one
+        {"dictionary": {"k": 8}, "sae": {"k": 16}},                       # one table under both names
         {"trainer": {"lrr": 1e-3}},                                       # unknown key
         {"sae": {"kind": "sae", "hook_point_in": "blocks.0.hook_resid_post"}},   # a transcoder's key on an sae
         {"sae": {"kind": "molt", "rank_counts": {"4": "many"}}},          # nested value type
@@ -67,9 +69,10 @@ def test_schema_describes_types_defaults_docs_and_choices(validator):
     ]
     for doc in bad:
         assert list(validator.iter_errors(doc)), doc
-    good = {"sae": {"kind": "transcoder", "hook_point_in": "blocks.0.ln2.hook_normalized", "d_sae": 64},
+    good = {"dictionary": {"kind": "transcoder", "hook_point_in": "blocks.0.ln2.hook_normalized", "d_sae": 64},
             "trainer": {"lr_warm_up_steps": 0.05, "total_training_tokens": 1000}}
     assert not list(validator.iter_errors(good))
+    assert not list(validator.iter_errors({"sae": good["dictionary"]}))  # [sae]: the older name, still read
 
 
 def test_schema_command_prints_the_schema(run_cli):

@@ -22,8 +22,8 @@ HOOK = "blocks.1.hook_resid_post"
 
 
 def _saved_sae(folder: Path, d_model: int = 64, hook: str = HOOK) -> Path:
-    from saecli.config.dictionary import SAEConfig
     from saecli.dictionaries.registry import build_dictionary
+    from saecli.dictionaries.sae_config import SAEConfig
 
     torch.manual_seed(0)
     build_dictionary(SAEConfig(d_sae=32, k=4), d_model, [hook]).save(folder)
@@ -94,7 +94,7 @@ def test_relative_paths_resolve_against_the_current_directory_for_every_key(tmp_
 
 
 # 2 ---------------------------------------------------------------- sweeps validate their base whole
-@pytest.mark.parametrize("override, key", [('sae.k="lots"', "sae.k"), ("sae.k=-9", "sae.k"),
+@pytest.mark.parametrize("override, key", [('dictionary.k="lots"', "dictionary.k"), ("sae.k=-9", "dictionary.k"),
                                            ('trainer.lr="lots"', "trainer.lr"), ("trainer.lr=-1", "trainer.lr")])
 def test_a_sweep_refuses_a_bad_base_value_that_its_grid_overrides(run_cli, override, key):
     from conftest import REPO

@@ -185,8 +185,8 @@ def crafted_crosscoder(k: int = 1):
     """Two models, one head each, d_model 2, three latents whose decoder norms are set by hand:
     latent 0 ‖d_a‖ = 5, ‖d_b‖ = 0 (r = 0); latent 1 1 and 1 (r = 0.5); latent 2 1 and 19 (r = 0.95)."""
     from saecli.config.dictionary import DictionaryConfig  # noqa: F401 - registers the kinds
-    from saecli.config.kinds import CrosscoderConfig
     from saecli.dictionaries.crosscoder import Crosscoder
+    from saecli.dictionaries.crosscoder_config import CrosscoderConfig
 
     cfg = CrosscoderConfig(kind="crosscoder", d_sae=3, k=k, norm_activation="none")
     cc = Crosscoder(cfg, 2, ["a/h", "b/h"])

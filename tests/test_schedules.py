@@ -12,16 +12,22 @@ import pytest
 import torch
 
 from saecli.config.base import parse
+from saecli.config.defaults import default_dead_threshold_tokens, resolve_trainer
 from saecli.config.trainer import TrainerConfig
 from saecli.training.checkpoint import checkpoint_steps
 from saecli.training.schedules import (
     Schedule,
-    default_dead_threshold_tokens,
     k_at,
     lr_factor,
     resolve_steps,
     warmup,
 )
+
+
+def schedule(cfg: TrainerConfig, *, total_steps: int, tokens_per_step: int, k: int) -> Schedule:
+    """The schedule a member of a top-k dictionary gets: the config's defaults resolved for the run first."""
+    cfg = resolve_trainer(cfg, activation="topk", run_tokens=total_steps * tokens_per_step)
+    return Schedule.from_config(cfg, total_steps=total_steps, k=k)
 
 
 def lr(step: int, name: str, T: int, W: int = 0, C: int = 0, r: float = 1 / 32) -> float:
@@ -96,7 +102,7 @@ def test_constant_and_unknown():
 def test_lambdalr_applies_the_factor_to_the_optimizer():
     cfg = parse(TrainerConfig, {"lr": 0.01, "lr_scheduler": "constantwithwarmup", "lr_warm_up_steps": 4,
                                 "lr_cool_down_steps": 0.5, "lr_end_ratio": 0.5})
-    s = Schedule.from_config(cfg, total_steps=8, tokens_per_step=100, k=4)
+    s = schedule(cfg, total_steps=8, tokens_per_step=100, k=4)
     assert (s.lr_warmup_steps, s.lr_cooldown_steps) == (4, 4)
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=cfg.lr)
@@ -112,13 +118,13 @@ def test_lambdalr_applies_the_factor_to_the_optimizer():
 
 def test_l1_coefficient_warmup():
     cfg = parse(TrainerConfig, {"l1_coefficient": 1e-3, "l1_coefficient_warmup_steps": 10})
-    s = Schedule.from_config(cfg, total_steps=100, tokens_per_step=1, k=4)
+    s = schedule(cfg, total_steps=100, tokens_per_step=1, k=4)
     assert s.l1_at(0) == pytest.approx(1e-4)
     assert s.l1_at(4) == pytest.approx(5e-4)
     assert s.l1_at(9) == pytest.approx(1e-3)
     assert s.l1_at(50) == pytest.approx(1e-3)
     cfg0 = parse(TrainerConfig, {"l1_coefficient": 1e-3, "l1_coefficient_warmup_steps": 0})
-    assert Schedule.from_config(cfg0, total_steps=100, tokens_per_step=1, k=4).l1_at(0) == pytest.approx(1e-3)
+    assert schedule(cfg0, total_steps=100, tokens_per_step=1, k=4).l1_at(0) == pytest.approx(1e-3)
 
 
 def test_k_schedule_linear():
@@ -146,13 +152,13 @@ def test_k_without_initial_k_is_constant():
 
 def test_defaults_scale_with_the_run():
     cfg = parse(TrainerConfig, {})
-    short = Schedule.from_config(cfg, total_steps=200, tokens_per_step=256, k=8)
+    short = schedule(cfg, total_steps=200, tokens_per_step=256, k=8)
     assert short.lr_warmup_steps == 2  # 0.01 × 200
     assert short.lr_cooldown_steps == 40  # 0.2 × 200
     assert short.sampling_window == 20  # 0.1 × 200
     assert short.dead_threshold_tokens == 5120  # 10 % of 51 200 tokens
     assert default_dead_threshold_tokens(10**10) == 10_000_000  # Gao et al.'s 10M for long runs
-    tiny = Schedule.from_config(cfg, total_steps=3, tokens_per_step=1, k=8)
+    tiny = schedule(cfg, total_steps=3, tokens_per_step=1, k=8)
     assert tiny.sampling_window == 1 and tiny.dead_threshold_tokens == 1
 
 

@@ -51,7 +51,7 @@ def test_grid_is_a_cartesian_product_with_readable_names_and_own_folders(tmp_pat
     '''))
     assert names(plan) == ["lr=1e-4,k=16", "lr=1e-4,k=32", "lr=3e-4,k=16", "lr=3e-4,k=32"]
     m = plan.members[3]
-    assert m.exp.trainer.lr == 3e-4 and m.exp.sae.k == 32
+    assert m.exp.trainer.lr == 3e-4 and m.exp.dictionary.k == 32
     assert m.overrides == {"trainer.lr": 3e-4, "sae.k": 32}
     assert m.folder == tmp_path / "runs" / "lr=3e-4,k=32"
     assert m.exp.run.output_dir == str(m.folder) and m.exp.run.name == "sw/lr=3e-4,k=32"
@@ -73,8 +73,8 @@ def test_nested_tables_variants_and_a_name_template(tmp_path):
     '''))
     assert names(plan) == ["topk-lr0.001-0", "relu-lr0.001-1", "topk-lr0.002-2", "relu-lr0.002-3"]
     relu = plan.members[1]
-    assert relu.exp.sae.activation == "relu" and relu.exp.trainer.l1_coefficient == 5e-4 and relu.exp.trainer.lr == 1e-3
-    assert plan.members[0].exp.trainer.l1_coefficient is None  # the base (per-penalty default) where a variant is silent
+    assert relu.exp.dictionary.activation == "relu" and relu.exp.trainer.l1_coefficient == 5e-4 and relu.exp.trainer.lr == 1e-3
+    assert plan.members[0].exp.trainer.l1_coefficient == 0.5  # topk's default (resolved) where a variant is silent
 
 
 def test_value_formatting():

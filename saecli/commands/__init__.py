@@ -16,8 +16,13 @@ ExperimentArg = Annotated[
 
 def complete_set(incomplete: str) -> list[tuple[str, str]]:
     """Shell completion of `--set`: key paths (`trainer.l` → trainer.lr, ...), then a key's choices after `=`."""
+    from saecli.config.load import as_spelled
     from saecli.config.schema import keys, toml_value
 
+    head, dot, rest = incomplete.partition(".")
+    section = as_spelled({}, [head])[0] if dot else head
+    if section != head:  # `sae.` (the older name of `dictionary.`): completed under the name typed
+        return [(head + path[len(section):], text) for path, text in complete_set(section + dot + rest)]
     if "=" in incomplete:
         path, _ = incomplete.split("=", 1)
         for key in keys():

@@ -30,7 +30,9 @@ def describe(record: dict) -> dict[str, Any]:
     are read too.
     """
     cfg = record.get("cfg") or {}
-    sae = cfg.get("sae") if isinstance(cfg.get("sae"), dict) else cfg.get("cfg") or {}
+    from saecli.config.load import dictionary_table
+
+    sae = dictionary_table(cfg) or cfg.get("cfg") or {}
     kind = sae.get("kind") or cfg.get("kind") or "sae"
     ins, outs = _hooks(cfg, sae)
     metrics = record.get("metrics") or {}
@@ -202,9 +204,11 @@ def show(
             "d_sae": row["d_sae"], "updated": row["updated"]}
     ui.table(f"run {name}", {k: v for k, v in head.items() if v not in (None, "")})
     cfg = record.get("cfg") or {}
-    sae = cfg.get("sae") if isinstance(cfg.get("sae"), dict) else cfg.get("cfg") or {}
+    from saecli.config.load import dictionary_table
+
+    sae = dictionary_table(cfg) or cfg.get("cfg") or {}
     if sae:
-        ui.table("dictionary (the sae table)", {k: _short(v) for k, v in sae.items()})
+        ui.table("dictionary", {k: _short(v) for k, v in sae.items()})
     metrics = _flat(record.get("metrics") or {})
     if metrics:
         ui.table("metrics", metrics)

@@ -20,9 +20,11 @@ from saecli.errors import ConfigError
 _MISSING = dataclasses.MISSING
 
 
-def opt(default: Any = _MISSING, *, help: str = "", stream: bool = False, factory: Any = _MISSING):
-    """A dataclass field with help text and the `stream` flag (True: changes the data stream)."""
-    meta = {"help": help, "stream": stream}
+def opt(default: Any = _MISSING, *, help: str = "", stream: bool = False, factory: Any = _MISSING,
+        aliases: tuple[str, ...] = ()):
+    """A dataclass field with help text, the `stream` flag (True: changes the data stream) and `aliases`:
+    older names a file may still use for this key (giving two names of one key is an error)."""
+    meta = {"help": help, "stream": stream, "aliases": aliases}
     if factory is not _MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     if default is _MISSING:
@@ -165,16 +167,22 @@ def parse(cls: type, table: Any, *, key: str = "") -> Any:
         cls = dispatch(table, key)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    old_names = aliases(cls)
     kwargs = {}
-    for name, value in table.items():
-        sub = f"{key}.{name}" if key else name
+    for written, value in table.items():
+        sub = f"{key}.{written}" if key else written  # errors name the key as the file spells it
+        name = old_names.get(written, written)
         if name not in fields:
-            close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(written, [*fields, *old_names], n=1, cutoff=0.6)
             if close:
                 hint = f"; did you mean `{close[0]}`?"
             else:
                 hint = f" (known keys here: {', '.join(sorted(fields))})"
             raise ConfigError(f"unknown key `{sub}`{hint}", key=None)
+        if written != name and name in table:
+            both = f"{key}.{name}` and `{sub}" if key else f"[{name}]` and `[{written}]"
+            raise ConfigError(f"`{both}` are the same table ({written} is its older name): give one of them",
+                              key=None)
         kwargs[name] = convert(value, hints[name], sub)
     for name, f in fields.items():
         if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:
@@ -190,6 +198,11 @@ def parse(cls: type, table: Any, *, key: str = "") -> Any:
                 raise ConfigError(_strip_prefix(exc), key=f"{key}.{exc.key}") from None
             raise
     return obj
+
+
+def aliases(cls: type) -> dict[str, str]:
+    """{older name: field name} of the fields of dataclass `cls` declared with `opt(aliases=...)`."""
+    return {alias: f.name for f in dataclasses.fields(cls) for alias in f.metadata.get("aliases", ())}
 
 
 def _strip_prefix(exc: ConfigError) -> str:

@@ -15,6 +15,7 @@ from saecli.errors import ConfigError
 
 Activation = Literal["relu", "topk", "batchtopk", "jumprelu"]
 NormActivation = Literal["token-wise", "batch-wise", "dataset-wise", "none"]
+DecoderNormReduction = Literal["sum", "norm"]
 
 DICTIONARY_CONFIGS: dict[str, type[DictionaryConfig]] = {}
 
@@ -91,23 +92,50 @@ class DictionaryConfig:
     def resolved_d_sae(self, d_model: int) -> int:
         return int(self.d_sae if self.d_sae is not None else round(self.expansion_factor * d_model))
 
-
-@register_config("sae")
-@dataclass
-class SAEConfig(DictionaryConfig):
-    hook_point: str | None = opt(None, help="hook point read and reconstructed (default: the first of activations.hook_points)")
+    def known_latents(self) -> int | None:
+        """The dictionary's number of latents when the file alone decides it (else None: it waits for
+        d_model). The default lr scales with it (`saecli.config.defaults.default_lr`)."""
+        return self.d_sae
 
 
 def _load_kinds() -> None:
-    """Import the modules that register further kinds' configs (kept lazy to avoid import cycles)."""
+    """Import every kind's config module (`saecli/dictionaries/<kind>_config.py`, torch-free), which
+    registers its class: the kind list is the dictionary registry's (`saecli.dictionaries.kinds`)."""
     import importlib
 
-    for mod in ("saecli.config.kinds",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:  # the kinds module is optional while it is being written
-            if exc.name != mod:
-                raise
+    from saecli.dictionaries.kinds import KIND_MODULES, config_module
+
+    for kind in KIND_MODULES:
+        importlib.import_module(config_module(kind))
+
+
+def check_hooks(key: str, hooks: list[str] | None, *, at_least: int = 1) -> None:
+    """A list of hook points of a kind's table: at least `at_least`, none twice."""
+    if hooks is None:
+        return
+    if len(hooks) < at_least:
+        raise bad(key, f"must list at least {at_least} hook point(s), found {len(hooks)}")
+    dup = sorted({h for h in hooks if hooks.count(h) > 1})
+    if dup:
+        raise bad(key, f"lists {', '.join(dup)} more than once")
+
+
+def check_output_scaling(cfg: DictionaryConfig) -> None:
+    """Kinds whose outputs are other hooks than their inputs cannot scale outputs per token or per batch:
+    mapping a reconstruction back needs the output's own norm, which a spliced dictionary does not have."""
+    if cfg.norm_activation in ("token-wise", "batch-wise"):
+        raise bad("norm_activation", f"{cfg.norm_activation} scaling of the output needs the output's own norm, "
+                                     "which a spliced dictionary does not have: use dataset-wise or none")
+
+
+def check_io_hooks(cfg: Any) -> None:
+    """Shared checks of the kinds that read one hook and write another (LORSA, MOLT)."""
+    if cfg.hook_point_in is not None and cfg.hook_point_in == cfg.hook_point_out:
+        raise bad("hook_point_out", "equals hook_point_in: these kinds reconstruct another hook point")
+    if cfg.apply_decoder_bias_to_pre_encoder:
+        raise bad("apply_decoder_bias_to_pre_encoder",
+                  "the decoder bias lives in the output space; it cannot be subtracted from the input")
+    check_output_scaling(cfg)
 
 
 def known_kinds() -> list[str]:

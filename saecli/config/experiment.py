@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from saecli.config.activations import ActivationsConfig
 from saecli.config.analyze import AnalyzeConfig, DashboardConfig
 from saecli.config.autointerp import AutointerpConfig
-from saecli.config.base import opt
+from saecli.config.base import aliases, opt
 from saecli.config.dataset import DatasetConfig
 from saecli.config.dictionary import DictionaryConfig
 from saecli.config.evaluation import EvalConfig
@@ -28,7 +28,8 @@ class Experiment:
         "first model's tokenizer packs the text for all; heads are named '<label>/<hook point>'", stream=True)
     dataset: DatasetConfig = opt(factory=DatasetConfig)
     activations: ActivationsConfig | None = opt(None)
-    sae: DictionaryConfig | None = opt(None, help="the dictionary to train")
+    dictionary: DictionaryConfig | None = opt(None, help="the dictionary to train; `kind` picks which",
+                                              aliases=("sae",))
     init: InitConfig = opt(factory=InitConfig)
     trainer: TrainerConfig = opt(factory=TrainerConfig)
     eval: EvalConfig = opt(factory=EvalConfig)
@@ -41,8 +42,18 @@ class Experiment:
 
     source_file: str | None = None  # where it was read from (not a TOML key)
 
+    @property
+    def sae(self) -> DictionaryConfig | None:
+        """The [dictionary] table under its older name, for callers not yet moved to `exp.dictionary`."""
+        return self.dictionary
+
+    @sae.setter
+    def sae(self, value: DictionaryConfig | None) -> None:
+        self.dictionary = value
+
     def require(self, *sections: str) -> None:
         """Raise a ConfigError naming the first missing section a command needs."""
         for name in sections:
+            name = aliases(Experiment).get(name, name)
             if getattr(self, name) is None:
                 raise ConfigError(f"this command needs a [{name}] section", file=self.source_file)

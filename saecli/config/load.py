@@ -16,7 +16,8 @@ else:  # pragma: no cover
 
 import tomli_w
 
-from saecli.config.base import parse, to_dict
+from saecli.config.base import aliases, parse, to_dict
+from saecli.config.defaults import resolve
 from saecli.config.experiment import Experiment
 from saecli.errors import ConfigError, UsageError
 
@@ -61,10 +62,32 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def as_spelled(data: dict, parts: list[str]) -> list[str]:
+    """A key path with its section named as `data` names it: `sae.k` and `dictionary.k` both set the
+    table a file has, whichever of its two names the file uses (the canonical one when it has neither)."""
+    if not parts:
+        return parts
+    names = aliases(Experiment)
+    section = names.get(parts[0], parts[0])
+    spellings = [section, *(old for old, new in names.items() if new == section)]
+    present = [name for name in spellings if name in data]
+    return [present[0] if present else section, *parts[1:]]
+
+
+def dictionary_table(data: dict) -> dict | None:
+    """The [dictionary] table of experiment data (a file, a config.toml, a store record's cfg) under
+    whichever of its names the data uses (`[sae]` in files and records written before the rename)."""
+    for name in ("dictionary", *(old for old, new in aliases(Experiment).items() if new == "dictionary")):
+        if isinstance(data.get(name), dict):
+            return data[name]
+    return None
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data)
     for text in overrides or []:
         parts, value = parse_override(text)
+        parts = as_spelled(data, parts)
         node = data
         for part in parts[:-1]:
             nxt = node.setdefault(part, {})
@@ -76,43 +99,49 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def experiment_from_dict(data: dict, *, file: str | None = None) -> Experiment:
+    """Parse, check the rules between sections, and write in the defaults the file decides
+    (`saecli.config.defaults.resolve`): every command reads an experiment through here."""
     try:
         exp = parse(Experiment, data)
     except ConfigError as exc:
         if file and exc.file is None:
             raise ConfigError(_message(exc), file=file, key=exc.key) from None
         raise
-    check_cross_keys(exp, file=file)
+    check_cross_keys(exp, file=file, table=as_spelled(data, ["dictionary"])[0])
+    exp = resolve(exp)
     exp.source_file = file
     return exp
 
 
-# keys naming a hook point (or a list of them) in a [sae] table of any kind
+# keys naming a hook point (or a list of them) in a [dictionary] table of any kind
 _SAE_HOOK_KEYS = ("hook_point", "hook_point_in", "hook_point_out", "hook_points", "hook_points_in", "hook_points_out")
 
 
-def check_cross_keys(exp: Experiment, *, file: str | None = None) -> None:
-    """Rules between sections, checked when the file is loaded (not after minutes of work): each names both keys."""
+def check_cross_keys(exp: Experiment, *, file: str | None = None, table: str = "dictionary") -> None:
+    """Rules between sections, checked when the file is loaded (not after minutes of work): each names both
+    keys (the dictionary's under `table`, the name the file gives it)."""
     from saecli.config.models import check_models, stream_hook_points
 
     check_models(exp, file=file)
-    if exp.sae is not None and exp.activations is not None:
+    d = exp.dictionary
+    if d is not None and exp.activations is not None:
         listed = stream_hook_points(exp)
         for key in _SAE_HOOK_KEYS:
-            value = getattr(exp.sae, key, None)
+            value = getattr(d, key, None)
             for hook in [value] if isinstance(value, str) else (value or []):
                 if hook not in listed:
                     raise ConfigError(f"`{hook}` is not among activations.hook_points ({', '.join(listed)}): "
-                                      f"add it there, or set sae.{key} to one of them", file=file, key=f"sae.{key}")
-        if exp.sae.kind in ("transcoder", "lorsa", "molt") and getattr(exp.sae, "hook_point_out", None) is None \
+                                      f"add it there, or set {table}.{key} to one of them", file=file,
+                                      key=f"{table}.{key}")
+        if d.kind in ("transcoder", "lorsa", "molt") and getattr(d, "hook_point_out", None) is None \
                 and len(listed) < 2:
-            raise ConfigError(f"a {exp.sae.kind} reads one hook point and reconstructs another: set sae.hook_point_out "
-                              f"or list a second hook in activations.hook_points", file=file,
-                              key="activations.hook_points")
-        if exp.sae.kind == "clt" and getattr(exp.sae, "hook_points_in", None) is None and len(listed) % 2:
-            raise ConfigError(f"a CLT without sae.hook_points_in/out takes the first half of activations.hook_points "
-                              f"as inputs and the second as outputs: it needs an even number, found {len(listed)}",
+            raise ConfigError(f"a {d.kind} reads one hook point and reconstructs another: set "
+                              f"{table}.hook_point_out or list a second hook in activations.hook_points",
                               file=file, key="activations.hook_points")
+        if d.kind == "clt" and getattr(d, "hook_points_in", None) is None and len(listed) % 2:
+            raise ConfigError(f"a CLT without {table}.hook_points_in/out takes the first half of "
+                              "activations.hook_points as inputs and the second as outputs: it needs an even "
+                              f"number, found {len(listed)}", file=file, key="activations.hook_points")
 
 
 def _message(exc: ConfigError) -> str:

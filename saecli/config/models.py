@@ -8,7 +8,7 @@
 Each table takes every [model] key; [models] replaces [model] (giving both is an error). Every model
 runs on the same tokens; the stream names its activations "<label>/<hook point>" ("base/blocks.3.
 hook_resid_post", "chat/blocks.3.hook_resid_post"), in table order then activations.hook_points order.
-Those are the names dictionary keys (e.g. a crosscoder's sae.hook_points) refer to.
+Those are the names dictionary keys (e.g. a crosscoder's dictionary.hook_points) refer to.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ the key reference (docs/config.md), `--set` completion and `saecli init` comment
 so none of them can drift from what `load_experiment` accepts.
 
     keys()          [Key(path="trainer.lr", type="a number", default=0.0004, help=..., kinds=None), ...]
-    json_schema()   a JSON Schema (draft-07) of a whole experiment file; `[sae]` switches on `kind`
+    json_schema()   a JSON Schema (draft-07) of a whole experiment file; `[dictionary]` switches on `kind`
     markdown()      docs/config.md
 """
 
@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
-from saecli.config.base import _type_name
+from saecli.config.base import _type_name, aliases
 from saecli.config.dictionary import DICTIONARY_CONFIGS, DictionaryConfig, known_kinds
 from saecli.config.experiment import Experiment
 
@@ -26,7 +26,7 @@ _UNSET = object()
 
 @dataclass(frozen=True)
 class Key:
-    """One settable key: its dotted path, type in words, default (`None`: unset), help, and for [sae]
+    """One settable key: its dotted path, type in words, default (`None`: unset), help, and for [dictionary]
     keys the kinds that have it (None: every kind)."""
 
     path: str
@@ -111,11 +111,11 @@ def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
 
 
 def keys() -> list[Key]:
-    """Every key of an experiment file, section by section; [sae] lists the union over the kinds."""
+    """Every key of an experiment file, section by section; [dictionary] lists the union over the kinds."""
     out: list[Key] = []
     for name, cls, _ in sections():
         if cls is DictionaryConfig:
-            out += _sae_keys()
+            out += _dictionary_keys(name)
             continue
         for f, tp in _fields(cls):
             d = _default(f)
@@ -124,7 +124,7 @@ def keys() -> list[Key]:
     return out
 
 
-def _sae_keys() -> list[Key]:
+def _dictionary_keys(section: str) -> list[Key]:
     kinds = known_kinds()
     seen: dict[str, tuple[dataclasses.Field, Any, list[str]]] = {}
     for kind in kinds:
@@ -138,7 +138,7 @@ def _sae_keys() -> list[Key]:
             help_text, choices = "dictionary kind (picks the keys below)", tuple(kinds)
         else:
             choices = _choices(tp)
-        out.append(Key(f"sae.{name}", _type_name(tp), None if d is _UNSET else d, help_text,
+        out.append(Key(f"{section}.{name}", _type_name(tp), None if d is _UNSET else d, help_text,
                        None if len(having) == len(kinds) else tuple(having), choices))
     return out
 
@@ -204,8 +204,8 @@ def _object_schema(cls: type, *, skip: tuple[str, ...] = ()) -> dict:
     return out
 
 
-def _sae_schema() -> dict:
-    """[sae]: `kind` picks the dataclass, so each kind's keys apply only under its own `kind`."""
+def _dictionary_schema() -> dict:
+    """[dictionary]: `kind` picks the dataclass, so each kind's keys apply only under its own `kind`."""
     kinds = known_kinds()
     branches = []
     for kind in kinds:
@@ -224,16 +224,28 @@ def _sae_schema() -> dict:
 def json_schema() -> dict:
     """A JSON Schema (draft-07) of an experiment file: types, defaults, help texts and choices of every key."""
     props = {}
+    one_of_two_names = []
     for name, cls, description in sections():
         if name.endswith("." + LABEL):  # a table of sections: any label, each a section of its own
             props[name.split(".")[0]] = {"type": "object", "additionalProperties": _object_schema(cls),
                                          "description": description}
             continue
-        props[name] = _sae_schema() if cls is DictionaryConfig else _object_schema(cls)
+        props[name] = _dictionary_schema() if cls is DictionaryConfig else _object_schema(cls)
         props[name]["description"] = description
-    return {"$schema": "http://json-schema.org/draft-07/schema#", "$id": SCHEMA_ID,
-            "title": "saecli experiment", "description": "An experiment file for saecli (TOML).",
-            "type": "object", "properties": props, "additionalProperties": False}
+        for old in _older_names(name):  # still read: the same table, never both
+            props[old] = {"$ref": f"#/properties/{name}"}
+            one_of_two_names.append({"not": {"required": [name, old]}})
+    out = {"$schema": "http://json-schema.org/draft-07/schema#", "$id": SCHEMA_ID,
+           "title": "saecli experiment", "description": "An experiment file for saecli (TOML).",
+           "type": "object", "properties": props, "additionalProperties": False}
+    if one_of_two_names:
+        out["allOf"] = one_of_two_names
+    return out
+
+
+def _older_names(section: str) -> list[str]:
+    """The older names an experiment file may still give a section (`[sae]` for `[dictionary]`)."""
+    return [old for old, name in aliases(Experiment).items() if name == section]
 
 
 # ------------------------------------------------------------------------------------------ docs/config.md
@@ -261,7 +273,9 @@ def markdown() -> str:
     for key in keys():
         by_section.setdefault(key.path.rsplit(".", 1)[0], []).append(key)
     for name, _, description in sections():
-        lines += [f"## [{name}]", "", (description[0].upper() + description[1:] + ".") if description else "", ""]
+        lines += [f"## [{name}]", "", (description[0].upper() + description[1:] + ".") if description else ""]
+        lines += [f"(`[{old}]`, its older name, is read too; a file gives one of the two.)" for old in _older_names(name)]
+        lines += [""]
         lines += ["| key | type | default | what it does |", "|---|---|---|---|"]
         for key in by_section.get(name, []):
             default = "*(required)*" if key.default is None and key.help and _required(key) else (

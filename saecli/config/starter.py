@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from saecli.config.schema import keys, toml_value
+from saecli.dictionaries.kinds import KIND_MODULES
 from saecli.errors import UsageError
 
-KINDS = ("sae", "transcoder", "crosscoder", "clt", "lorsa", "molt")
+KINDS = tuple(KIND_MODULES)
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
 
 
@@ -35,7 +36,7 @@ def _hook_layer(hook: str) -> int:
 
 
 def _hooks(kind: str, model: ModelShape, hook: str | None) -> tuple[list[str], dict[str, Any]]:
-    """(activations.hook_points, the [sae] keys naming hooks) for a kind; `hook` is what it reads."""
+    """(activations.hook_points, the [dictionary] keys naming hooks) for a kind; `hook` is what it reads."""
     layer = _hook_layer(hook) if hook else (model.n_layers // 2 if model.n_layers else 6)
     if kind == "sae":
         h = hook or f"blocks.{layer}.hook_resid_post"
@@ -59,7 +60,7 @@ def _hooks(kind: str, model: ModelShape, hook: str | None) -> tuple[list[str], d
     return ins + outs, {"hook_points_in": ins, "hook_points_out": outs}
 
 
-def _sae_table(kind: str, model: ModelShape, hook_keys: dict[str, Any]) -> dict[str, Any]:
+def _dictionary_table(kind: str, model: ModelShape, hook_keys: dict[str, Any]) -> dict[str, Any]:
     d = model.d_model
     table: dict[str, Any] = {"kind": kind, **hook_keys, "activation": "topk"}
     if kind == "molt":
@@ -97,7 +98,7 @@ def starter_toml(kind: str, model: ModelShape, hook: str | None = None, tokens: 
         "dataset": {"path": "builtin:python-docs"},
         "activations": {"hook_points": points, "context_size": 256, "batch_size": batch,
                         "shuffle_buffer_tokens": max(batch, min(262_144, tokens))},
-        "sae": _sae_table(kind, model, hook_keys),
+        "dictionary": _dictionary_table(kind, model, hook_keys),
         "trainer": {"total_training_tokens": tokens, "lr": 4e-4},
         "eval": {"total_eval_tokens": small},
         "analyze": {"total_analyzing_tokens": small},
@@ -115,7 +116,7 @@ def _render(kind: str, model: ModelShape, sections: dict[str, dict[str, Any]]) -
 
     known_kinds()  # registers every kind's config class
     helps = {k.path: k.help for k in keys()}
-    helps.update({f"sae.{f.name}": f.metadata.get("help", "") for f in dataclasses.fields(DICTIONARY_CONFIGS[kind])})
+    helps.update({f"dictionary.{f.name}": f.metadata.get("help", "") for f in dataclasses.fields(DICTIONARY_CONFIGS[kind])})
     known = model.n_layers is not None
     lines = [f"# A {kind} on {model.name}, written by `saecli init {kind}`: it runs as written.",
              "#", "#     saecli train {this file}      then  saecli eval / saecli analyze {run folder}",

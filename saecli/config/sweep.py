@@ -1,9 +1,9 @@
 """[sweep]: many dictionaries from one experiment file, trained together where they share a stream.
 
     [sweep]
-    grid = {"trainer.lr" = [1e-4, 3e-4], "sae.k" = [16, 32]}     # cartesian product: 4 members
-    variants = [{"sae.activation" = "relu", "trainer.l1_coefficient" = 2.0}, {}]   # × each variant
-    name = "lr{trainer.lr}-k{sae.k}"                                # optional folder/name template
+    grid = {"trainer.lr" = [1e-4, 3e-4], "dictionary.k" = [16, 32]}     # cartesian product: 4 members
+    variants = [{"dictionary.activation" = "relu", "trainer.l1_coefficient" = 2.0}, {}]   # × each variant
+    name = "lr{trainer.lr}-k{dictionary.k}"                                # optional folder/name template
 
 Keys are key paths of the experiment (`section.key`); a nested TOML table (`[sweep.grid.trainer]`
 with `lr = [...]`) means the same. With both `grid` and `variants`, every grid point is combined with
@@ -36,9 +36,9 @@ def flatten_keys(table: dict, prefix: str = "", *, leaf_lists: bool = False) -> 
 
 @dataclass
 class SweepConfig:
-    grid: dict[str, Any] = opt({}, help='values per key path, e.g. {"trainer.lr" = [1e-4, 3e-4], "sae.k" = [16, 32]}')
-    variants: list[dict[str, Any]] = opt([], help="explicit tables of overrides, e.g. [{\"sae.k\" = 16}, {\"sae.k\" = 64}]")
-    name: str | None = opt(None, help="member name template, e.g. 'lr{trainer.lr}-k{sae.k}' (default: the "
+    grid: dict[str, Any] = opt({}, help='values per key path, e.g. {"trainer.lr" = [1e-4, 3e-4], "dictionary.k" = [16, 32]}')
+    variants: list[dict[str, Any]] = opt([], help="explicit tables of overrides, e.g. [{\"dictionary.k\" = 16}, {\"dictionary.k\" = 64}]")
+    name: str | None = opt(None, help="member name template, e.g. 'lr{trainer.lr}-k{dictionary.k}' (default: the "
                                       "keys that vary, as lr=3e-4,k=32)")
     eval: bool = opt(False, help="evaluate each member after training (eval.json; loss recovered in the summary)")
 

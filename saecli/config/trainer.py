@@ -1,5 +1,8 @@
 """[trainer]: optimisation, schedules, sparsity terms, logging and checkpoints.
 
+A key whose default is a formula (lr, l1_coefficient, sparsity_loss_type, k_aux, dead_threshold_tokens)
+is None here until `saecli.config.defaults` fills it; a run's config.toml holds the number it used.
+
 Step counts (`*_steps`) accept an integer number of steps or a float in (0, 1) meaning that
 fraction of the run, so the same file is sensible for a 1k-step and a 100k-step run.
 """
@@ -12,6 +15,7 @@ from typing import Literal
 from saecli.config.base import bad, opt
 
 Steps = int | float
+SparsityLoss = Literal["power", "tanh", "tanh-quad", "l0", "none"]
 
 LrScheduler = Literal[
     "constant",
@@ -50,7 +54,7 @@ class TrainerConfig:
         "decoder norms, as Anthropic's April 2024 update with E‖x‖ = √d_model), 0.5 for tanh, tanh-quad and l0"
     )
     l1_coefficient_warmup_steps: Steps = opt(0.05)
-    sparsity_loss_type: Literal["power", "tanh", "tanh-quad", "l0", "none"] | None = opt(
+    sparsity_loss_type: SparsityLoss | None = opt(
         None, help="default: power (L1) for relu, tanh for jumprelu, none for topk"
     )
     p: float = opt(1.0, help="p of the power penalty")
@@ -58,12 +62,13 @@ class TrainerConfig:
     frequency_scale: float = opt(0.01)
     lp_coefficient: float = opt(0.0, help="JumpReLU pre-activation loss weight")
     auxk_coefficient: float = opt(1 / 32, help="AuxK loss weight (topk/batchtopk); 0 = off")
-    k_aux: int | None = opt(None, help="latents in AuxK (default d_model / 2)")
+    k_aux: int | None = opt(None, help="latents in AuxK (default d_model / 2, written into the run's config.toml)")
     dead_threshold_tokens: int | None = opt(
-        None, help="a latent is dead after this many tokens without firing (default: a fraction of the run)"
+        None, help="a latent is dead after this many tokens without firing (default: 10 % of the run's tokens, "
+        "at most 10M, written into the run's config.toml)"
     )
     # k schedule
-    initial_k: int | None = opt(None, help="k at the start, annealed to sae.k")
+    initial_k: int | None = opt(None, help="k at the start, annealed to dictionary.k")
     k_warmup_steps: Steps = opt(0.1)
     k_cold_booting_steps: Steps = opt(0)
     k_schedule_type: Literal["linear", "exponential"] = opt("linear")

@@ -1,4 +1,4 @@
-"""Kind name → Dictionary class. A new kind adds one line to `_KIND_MODULES`."""
+"""Kind name → Dictionary class. A new kind adds one line to `saecli.dictionaries.kinds.KIND_MODULES`."""
 
 from __future__ import annotations
 
@@ -10,27 +10,18 @@ from typing import Any
 import torch
 
 from saecli.dictionaries.base import CONFIG_NAME, WEIGHTS_NAME, Dictionary
+from saecli.dictionaries.kinds import KIND_MODULES
 from saecli.errors import UsageError
-
-# kind → module defining a Dictionary subclass with `kind = <name>` and a `from_config` classmethod
-_KIND_MODULES = {
-    "sae": "saecli.dictionaries.sae",
-    "transcoder": "saecli.dictionaries.transcoder",
-    "crosscoder": "saecli.dictionaries.crosscoder",
-    "clt": "saecli.dictionaries.clt",
-    "lorsa": "saecli.dictionaries.lorsa",
-    "molt": "saecli.dictionaries.molt",
-}
 
 
 def dictionary_class(kind: str) -> type[Dictionary]:
-    if kind not in _KIND_MODULES:
-        raise UsageError(f"unknown dictionary kind {kind!r} (known: {', '.join(sorted(_KIND_MODULES))})")
-    module = importlib.import_module(_KIND_MODULES[kind])
+    if kind not in KIND_MODULES:
+        raise UsageError(f"unknown dictionary kind {kind!r} (known: {', '.join(sorted(KIND_MODULES))})")
+    module = importlib.import_module(KIND_MODULES[kind])
     for obj in vars(module).values():
         if isinstance(obj, type) and issubclass(obj, Dictionary) and getattr(obj, "kind", None) == kind:
             return obj
-    raise RuntimeError(f"module {_KIND_MODULES[kind]} defines no Dictionary of kind {kind!r}")
+    raise RuntimeError(f"module {KIND_MODULES[kind]} defines no Dictionary of kind {kind!r}")
 
 
 def build_dictionary(cfg: Any, d_model: int, hook_points: list[str]) -> Dictionary:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from saecli.config.defaults import resolved_for_run
 from saecli.config.experiment import Experiment
+from saecli.config.load import write_resolved
 from saecli.data.stream import ActivationStream
 from saecli.runs.folders import CONFIG_FILE, clear_run_partial, config_changes
 from saecli.runs.members import ModelForInit, Replay, fresh_member, resumed_member
@@ -57,7 +59,7 @@ def prepare(jobs: list[Job], *, sync: Sync, reporter: Reporter) -> list[Job]:
     """The jobs with their experiments as config.toml records them (absolute paths, an imported cache as
     the data source), that config.toml written (by the writing rank), and a warning when a resumed member's
     settings differ from the ones it started with."""
-    from saecli.config.load import absolute_paths, write_resolved
+    from saecli.config.load import absolute_paths
     from saecli.fsio import require_writable
     from saecli.interop.activations import cache_data_source
 
@@ -107,6 +109,13 @@ def train_pass(jobs: list[Job], stream: ActivationStream, *, sync: Sync, reporte
             set_rng_state(shared["rng"])
             reporter.info("resuming " + ", ".join(f"{m.name} from step {m.step} of {m.total_steps}" for m in members)
                           + (f" ({paths[0]})" if len(paths) == 1 else ""))
+        # every default resolved now that the stream gave d_model and the step plan: config.toml and the store
+        # record what each member trains with (saecli.config.defaults)
+        jobs = [Job(resolved_for_run(job.exp, m.cfg, m.dictionary.d_model), job.folder, job.checkpoint)
+                for job, m in zip(jobs, members)]
+        if sync.is_main:
+            for job in jobs:
+                write_resolved(job.exp, job.folder)
         lines = [line for job, m in zip(jobs, members) for line in run_header(job.exp, stream, m, given=given)]
         for line in dict.fromkeys(lines):  # the cache note once per pass
             reporter.info(line)

@@ -34,7 +34,7 @@ RUN_FILES = (CONFIG_FILE, METRICS_FILE, "sae_weights.safetensors", "cfg.json", S
              DIVERGED_FILE, *EVAL_FILES)
 # keys whose change on resume cannot alter the trained weights
 _HARMLESS = ("wandb.", "store.", "eval.", "run.name", "run.output_dir", "trainer.checkpoint_every_seconds",
-             "trainer.log_frequency", "model.device", "sae.device")
+             "trainer.log_frequency", "model.device", "dictionary.device")
 
 
 def run_state(folder: str | Path) -> str:
@@ -81,12 +81,13 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(old_toml: Path, exp: Experiment) -> list[str]:
     """Keys (that matter for the weights) whose value differs from the run's saved config.toml."""
-    from saecli.config.load import absolute_paths, experiment_dict, read_toml
+    from saecli.config.load import absolute_paths, experiment_dict, experiment_from_dict, read_toml
 
-    try:
-        old = _flat(read_toml(old_toml))
+    try:  # resolved as it loads: a folder written before a default was recorded compares by its value
+        old = _flat(experiment_dict(experiment_from_dict(read_toml(old_toml))))
     except Exception:  # an unreadable old config: nothing to compare with
         return []
     new = _flat(experiment_dict(absolute_paths(exp)))
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # a key the file leaves to the stream (trainer.k_aux, ...) is resolved again as before: not a change
+    keys = sorted(k for k in new if old.get(k) != new[k])
     return [k for k in keys if not k.startswith(_HARMLESS)]

@@ -81,8 +81,10 @@ def key_value(obj: Any, key: str) -> Any:
 
 
 def _set_path(data: dict, key: str, value: Any, where: str) -> None:
+    from saecli.config.load import as_spelled
+
     node = data
-    parts = key.split(".")
+    parts = as_spelled(data, key.split("."))  # `sae.k` or `dictionary.k`: the table the file has
     for part in parts[:-1]:
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
@@ -184,7 +186,7 @@ def plan_from_dict(base: dict, sweep: SweepConfig, *, file: str | None = None) -
         if name in seen:
             raise ConfigError(f"members {seen[name]} ({_describe(all_overrides[seen[name]])}) and {i} "
                               f"({_describe(all_overrides[i])}) both get the name {name!r}: set sweep.name to a "
-                              "template naming the keys that tell them apart, e.g. 'lr{trainer.lr}-k{sae.k}'",
+                              "template naming the keys that tell them apart, e.g. 'lr{trainer.lr}-k{dictionary.k}'",
                               file=file, key="sweep.name")
         seen[name] = i
     members = []

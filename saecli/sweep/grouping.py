@@ -39,11 +39,11 @@ def stream_key_paths() -> list[str]:
 
 def needs_context(exp: Any) -> bool:
     """Whether the member's kind reads whole contexts (LORSA) rather than shuffled tokens."""
-    if exp.sae is None:
+    if exp.dictionary is None:
         return False
     from saecli.dictionaries.registry import dictionary_class
 
-    return bool(dictionary_class(exp.sae.kind).needs_context)
+    return bool(dictionary_class(exp.dictionary.kind).needs_context)
 
 
 def stream_signature(exp: Any, paths: list[str] | None = None) -> tuple:

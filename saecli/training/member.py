@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from saecli.config.defaults import resolve_trainer
 from saecli.data.batch import Batch
 from saecli.dictionaries.base import Dictionary, StepContext
 from saecli.dtypes import DTYPES
@@ -41,40 +41,9 @@ DIVERGED_FILE = "diverged.json"
 _NO_CLIP_GROUPS = ("jumprelu", "threshold")
 
 
-def default_sparsity_loss(activation: str) -> str:
-    """power (L1) for relu, tanh for jumprelu, none for the top-k family."""
-    return {"relu": "power", "jumprelu": "tanh"}.get(activation, "none")
-
-
-def default_l1_coefficient(sparsity_loss_type: str) -> float:
-    """The penalty weight when `trainer.l1_coefficient` is not given, per penalty (dataset-wise units).
-
-    Measured on SmolLM2-135M layer 12, d_sae 4608, 300k tokens: power (L1 × ‖W_dec‖) at 5 gives L0 ≈ 36
-    (EV 0.68); tanh at 0.5 gives L0 ≈ 85 (EV 0.85), tanh-quad at 0.5 L0 ≈ 34. A weight of 8e-5 left L0 ≈ 860
-    (relu) and ≈ 1200 (jumprelu): no sparsity at all in these units.
-    """
-    return 5.0 if sparsity_loss_type == "power" else 0.5
-
-
-# The default learning rate: the best measured at d_sae 4608 (SmolLM2 layer 12, bench_quality.py), and
-# ∝ 1/√d_sae for larger dictionaries (Gao et al. 2024 fit lr ∝ n_latents^-0.5; sparsify scales so too).
-DEFAULT_LR = 2e-3
-DEFAULT_LR_D_SAE = 4608
-
-
-def default_lr(d_sae: int) -> float:
-    """`trainer.lr` when not given: 2e-3 × min(1, √(4608 / d_sae)) (never above the measured 2e-3)."""
-    return DEFAULT_LR * min(1.0, math.sqrt(DEFAULT_LR_D_SAE / max(int(d_sae), 1)))
-
-
-def resolved_lr(cfg: Any, d_sae: int) -> float:
-    """The base learning rate a member trains with: `trainer.lr`, else `default_lr(d_sae)`."""
-    return float(cfg.lr) if cfg.lr is not None else default_lr(d_sae)
-
-
 def make_optimizer(dictionary: Dictionary, cfg: Any) -> torch.optim.Adam:
     """Adam over the dictionary's parameter groups: fused where torch has it, else foreach."""
-    lr = resolved_lr(cfg, dictionary.d_sae)
+    lr = float(cfg.lr)
     groups = dictionary.param_groups(lr, cfg.jumprelu_lr_factor)
     kwargs = dict(lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.optimizer_foreach:
@@ -127,10 +96,12 @@ class Member:
         self.accumulation = int(cfg.gradient_accumulation_steps)
         tokens_per_step = self.batch_tokens * self.accumulation * self.sync.world_size
         dcfg = dictionary.cfg
-        self.sparsity_loss_type = cfg.sparsity_loss_type or default_sparsity_loss(getattr(dcfg, "activation", ""))
-        l1 = cfg.l1_coefficient if cfg.l1_coefficient is not None else default_l1_coefficient(self.sparsity_loss_type)
-        self.schedule = Schedule.from_config(cfg, total_steps=self.total_steps, tokens_per_step=tokens_per_step,
-                                             k=int(getattr(dcfg, "k", 0) or 0), l1_coefficient=l1)
+        # The driver's config is resolved already (config.toml records it); a bare TrainerConfig (tests,
+        # benchmarks) gets the same defaults here: `cfg` is what this member trains with, every key set.
+        cfg = self.cfg = resolve_trainer(cfg, activation=getattr(dcfg, "activation", ""), d_sae=dictionary.d_sae,
+                                         d_model=dictionary.d_model, run_tokens=self.total_steps * tokens_per_step)
+        self.sparsity_loss_type = cfg.sparsity_loss_type
+        self.schedule = Schedule.from_config(cfg, total_steps=self.total_steps, k=int(getattr(dcfg, "k", 0) or 0))
         first = next(dictionary.parameters())
         self.device, self.param_dtype = first.device, first.dtype
         self.hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
@@ -145,7 +116,7 @@ class Member:
         self.stats = FeatureStats(dictionary.d_sae, window=self.schedule.sampling_window,
                                   dead_threshold_tokens=self.schedule.dead_threshold_tokens, device=self.device)
         self.window = MetricWindow(self.device)
-        self.k_aux = int(cfg.k_aux) if cfg.k_aux is not None else max(1, dictionary.d_model // 2)
+        self.k_aux = int(cfg.k_aux)
         self.checkpoint_at = set(checkpoint_steps(self.total_steps, cfg.n_checkpoints, cfg.check_point_save_mode))
         self.step = 0  # completed optimizer steps
         self.micro = 0  # batches fed since the last optimizer step

@@ -29,10 +29,6 @@ from saecli.config.trainer import LrScheduler
 
 LR_SCHEDULERS: tuple[str, ...] = get_args(LrScheduler)
 
-# Gao et al. (2024) call a latent dead after 10M tokens without firing; short runs use a fraction instead.
-DEFAULT_DEAD_TOKENS = 10_000_000
-DEFAULT_DEAD_FRACTION = 0.1
-
 
 def resolve_steps(value: int | float, total_steps: int) -> int:
     """A step count given as steps (int) or as a fraction of the run (float in [0, 1]) → steps."""
@@ -103,11 +99,6 @@ def k_at(step: int, *, k: int, initial_k: int | None, cold_steps: int = 0, warmu
     return max(k, math.ceil(value - 1e-9))
 
 
-def default_dead_threshold_tokens(total_tokens: int) -> int:
-    """AuxK's "dead after N tokens without firing": 10M tokens, or 10 % of a shorter run."""
-    return max(1, min(DEFAULT_DEAD_TOKENS, int(total_tokens * DEFAULT_DEAD_FRACTION)))
-
-
 @dataclass(frozen=True)
 class Schedule:
     """Every schedule of one member, resolved to steps for a run of `total_steps` optimizer steps."""
@@ -129,23 +120,17 @@ class Schedule:
     dead_threshold_tokens: int  # AuxK: dead after this many tokens without firing
 
     @classmethod
-    def from_config(cls, cfg, *, total_steps: int, tokens_per_step: int, k: int,
-                    l1_coefficient: float | None = None) -> Schedule:
-        """Resolve a TrainerConfig (any object with its fields) for a run of `total_steps` steps.
-
-        `l1_coefficient` replaces the config's (the member resolves its per-penalty default).
-        """
+    def from_config(cls, cfg, *, total_steps: int, k: int) -> Schedule:
+        """A TrainerConfig whose defaults are resolved (`saecli.config.defaults.resolve_trainer`: the
+        penalty weight and the dead threshold are numbers) for a run of `total_steps` steps."""
         steps = partial(resolve_steps, total_steps=total_steps)
-        dead = cfg.dead_threshold_tokens
-        if dead is None:
-            dead = default_dead_threshold_tokens(total_steps * tokens_per_step)
         return cls(
             total_steps=total_steps,
             lr_scheduler=cfg.lr_scheduler,
             lr_warmup_steps=steps(cfg.lr_warm_up_steps),
             lr_cooldown_steps=steps(cfg.lr_cool_down_steps),
             lr_end_ratio=cfg.lr_end_ratio,
-            l1_coefficient=float(l1_coefficient if l1_coefficient is not None else (cfg.l1_coefficient or 0.0)),
+            l1_coefficient=float(cfg.l1_coefficient),
             l1_warmup_steps=steps(cfg.l1_coefficient_warmup_steps),
             k=k,
             initial_k=cfg.initial_k,
@@ -154,7 +139,7 @@ class Schedule:
             k_kind=cfg.k_schedule_type,
             k_exponential_factor=cfg.k_exponential_factor,
             sampling_window=max(1, steps(cfg.feature_sampling_window)),
-            dead_threshold_tokens=int(dead),
+            dead_threshold_tokens=int(cfg.dead_threshold_tokens),
         )
 
     def lr_lambda(self) -> Callable[[int], float]:
