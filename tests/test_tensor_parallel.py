@@ -106,11 +106,12 @@ def test_resume_across_tensor_parallel_sizes(tmp_path):
 
 
 def test_covered_kinds_are_the_ones_declaring_latent_axes():
-    from saecli.dictionaries.registry import _KIND_MODULES, dictionary_class
+    from saecli.dictionaries.kinds import KIND_MODULES
+    from saecli.dictionaries.registry import dictionary_class
     from saecli.dictionaries.sharding import latent_axes
     from saecli.training.tensor_parallel import COVERED
 
-    assert tuple(k for k in _KIND_MODULES if latent_axes(dictionary_class(k))) == COVERED
+    assert tuple(k for k in KIND_MODULES if latent_axes(dictionary_class(k))) == COVERED
 
 
 def test_config_errors_name_the_key():
