@@ -16,7 +16,7 @@ import typer
 try:  # typer >= 0.25 vendors click
     from typer._click import exceptions as _click_exc
 except ImportError:  # pragma: no cover
-    from click import exceptions as _click_exc
+    from click import exceptions as _click_exc  # type: ignore[no-redef]
 
 from saecli import __version__, ui
 from saecli.errors import SaecliError, SaecliWarning

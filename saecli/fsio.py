@@ -171,7 +171,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
 
 

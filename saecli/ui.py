@@ -16,6 +16,8 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
+    Task,
+    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -146,6 +148,14 @@ class ProgressHandle:
         self._progress.update(self._task, **kwargs)
 
 
+def _cell(col: object, task: Task) -> Text:
+    """One column of a plain progress line (rich's columns render Text; a plain string column is itself)."""
+    if not isinstance(col, ProgressColumn):
+        return Text(str(col))
+    out = col(task)
+    return out if isinstance(out, Text) else Text(str(out))
+
+
 class _LineProgress(Progress):
     """Progress for logs and pipes (stderr not a terminal): no live redraw, whose cropped last frame is
     all a log would keep, but a whole plain line at most every `every` seconds and at the end."""
@@ -156,21 +166,20 @@ class _LineProgress(Progress):
         self._printed: dict[Any, float] = {}
         self._shown: dict[Any, float] = {}  # `completed` at the last line printed
 
-    def _line(self, task_id: Any) -> None:
+    def _line(self, task_id: TaskID) -> None:
         task = self._tasks[task_id]
-        row = Text(" ").join(col(task) if isinstance(col, ProgressColumn) else Text(str(col))
-                             for col in self.columns if not isinstance(col, BarColumn))
+        row = Text(" ").join(_cell(col, task) for col in self.columns if not isinstance(col, BarColumn))
         self.console.print(row, soft_wrap=True, highlight=False)
         self._printed[task_id] = time.monotonic()
         self._shown[task_id] = task.completed
 
-    def update(self, task_id: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:  # type: ignore[override]
         super().update(task_id, **kwargs)
         now = time.monotonic()
         if now - self._printed.setdefault(task_id, now) >= self._every:
             self._line(task_id)
 
-    def advance(self, task_id: Any, advance: float = 1) -> None:
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
         self.update(task_id, advance=advance)
 
     def start(self) -> None:
@@ -221,7 +230,7 @@ def progress(description: str, total: float | None, unit: str = "tokens", comple
     else:
         bar = _LineProgress(*columns, console=console, every=_line_interval())
     with bar as prog:
-        task = prog.add_task(description, total=total, completed=completed, **fields)
+        task = prog.add_task(description, total=total, completed=completed, **fields)  # type: ignore[arg-type]  # rich takes floats (its stub says int)
         yield ProgressHandle(prog, task)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from saecli.analysis.topk import FeatureBook, default_specs, hashed_uniform
+from saecli.config.dictionary import DictionaryConfig
 from saecli.dictionaries.base import Dictionary, LossOutput
 
 F, T, B, N_BATCHES = 7, 6, 5, 6
@@ -174,7 +174,7 @@ class ToyDictionary(Dictionary):
 
     def __init__(self, d_model: int, d_sae: int, in_hooks: list[str], out_hooks: list[str] | None = None,
                  norm: str = "none", seed: int = 0):
-        super().__init__(SimpleNamespace(d_sae=d_sae, norm_activation=norm), d_model, in_hooks, out_hooks or in_hooks)
+        super().__init__(DictionaryConfig(d_sae=d_sae, norm_activation=norm), d_model, in_hooks, out_hooks or in_hooks)
         g = torch.Generator().manual_seed(seed)
         self.W_enc = torch.nn.Parameter(torch.randn(d_sae, d_model, generator=g) / d_model**0.5)
         self.b_enc = torch.nn.Parameter(torch.full((d_sae,), -0.1))

@@ -5,24 +5,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import write_toml
 
+from saecli.config.dictionary import DictionaryConfig
 from saecli.config.model import ModelConfig
 from saecli.dictionaries.base import Dictionary, LossOutput
 from saecli.evaluation.splice import counted_predictions, splice_batch, splice_eval
 
 RESID = "blocks.1.hook_resid_post"
-
-
-@dataclass
-class _Cfg:
-    d_sae: int
-    norm_activation: str = "none"
 
 
 class Mapped(Dictionary):
@@ -31,7 +25,7 @@ class Mapped(Dictionary):
     kind = "test-mapped"
 
     def __init__(self, d_model: int, in_hook: str, out_hook: str, fn):
-        super().__init__(_Cfg(d_sae=d_model), d_model, [in_hook], [out_hook])
+        super().__init__(DictionaryConfig(d_sae=d_model, norm_activation="none"), d_model, [in_hook], [out_hook])
         self.fn = fn
         self.dummy = torch.nn.Parameter(torch.zeros(()))  # gives the dictionary a device and a dtype
 

@@ -4,7 +4,6 @@ numbers, several members share one stream exactly, and a diverging member stops 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,7 +99,7 @@ class Scaled(Dictionary):
     kind = "test-scaled"
 
     def __init__(self, d_model: int, w: float):
-        cfg = SimpleNamespace(d_sae=d_model, norm_activation="none", activation="relu", k=0)
+        cfg = DictionaryConfig(d_sae=d_model, norm_activation="none", activation="relu", k=0)
         super().__init__(cfg, d_model, [HOOK], [HOOK])
         self.w = nn.Parameter(torch.tensor(float(w)))
 
@@ -258,7 +257,6 @@ def test_an_existing_run_needs_resume_or_overwrite(tmp_path):
     first = (folder / "sae_weights.safetensors").read_bytes()
     train(exp, stream=stream(), overwrite=True)
     assert (folder / "sae_weights.safetensors").read_bytes() == first  # same seed, same result
-
 
 
 def test_a_finished_run_is_recorded_in_the_store(tmp_path):

@@ -27,7 +27,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +35,17 @@ import torch
 from saecli.analysis.records import AnalysisResult, analysis_dir
 from saecli.analysis.topk import FeatureBook, default_specs
 from saecli.data.batch import Batch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from saecli.config.activations import ActivationsConfig
+    from saecli.config.analyze import AnalyzeConfig
+    from saecli.config.dataset import DatasetConfig
+    from saecli.dictionaries.base import Dictionary
+    from saecli.lm.loading import LanguageModel
+    from saecli.store.base import Store
+
 
 Forward = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
@@ -46,7 +57,7 @@ def _param(dictionary: torch.nn.Module) -> torch.Tensor:
 class FeatureAnalyzer:
     """Encodes context batches and feeds the per-feature bookkeeping (`FeatureBook`)."""
 
-    def __init__(self, dictionary: Any, cfg: Any, context_size: int):
+    def __init__(self, dictionary: Dictionary, cfg: AnalyzeConfig, context_size: int):
         self.dictionary = dictionary
         self.cfg = cfg
         self.context_size = context_size
@@ -54,7 +65,7 @@ class FeatureAnalyzer:
         self.device, self.dtype = p.device, p.dtype
         specs = default_specs(cfg.top_samples, list(cfg.tiers), cfg.tier_samples, cfg.non_activating_samples)
         self.book = FeatureBook(dictionary.d_sae, context_size, specs, bins=cfg.histogram_bins,
-                                hist_range=tuple(cfg.histogram_range), seed=cfg.seed, device=self.device)
+                                hist_range=(float(cfg.histogram_range[0]), float(cfg.histogram_range[1])), seed=cfg.seed, device=self.device)
         self.started = time.perf_counter()
 
     @torch.no_grad()
@@ -93,7 +104,7 @@ class FeatureAnalyzer:
             s = cs.sorted()
             samplings[cs.spec.name] = {k: v.cpu().numpy() for k, v in s.items()}
         extras, extra_meta = static_extras(self.dictionary)
-        if forward is not None and callable(getattr(self.dictionary, "context_extras", None)) and "top" in samplings:
+        if forward is not None and self.dictionary.has_context_extras() and "top" in samplings:
             extras.update(self._context_extras(samplings["top"], forward, batch_contexts))
         vocab: dict[str, str] = {}
         if decode is not None:
@@ -140,15 +151,15 @@ class FeatureAnalyzer:
             acts = forward(tokens)
             inputs = d.normalize({h: acts[h].to(device=self.device, dtype=self.dtype) for h in d.in_hooks})
             got = d.context_extras(inputs, torch.from_numpy(ids).to(self.device), peaks.to(self.device))
-            for key, value in got.items():
-                value = value.detach().float().cpu().numpy()
+            for key, tensor in got.items():
+                value = tensor.detach().float().cpu().numpy()
                 if key not in out:
                     out[key] = np.zeros((d.d_sae, *value.shape[1:]), dtype=np.float32)
                 out[key][ids] = value
         return out
 
 
-def static_extras(dictionary: Any) -> tuple[dict[str, np.ndarray], dict]:
+def static_extras(dictionary: Dictionary) -> tuple[dict[str, np.ndarray], dict]:
     """Per-feature arrays from the dictionary's weights: decoder norms (per out hook when several)."""
     out: dict[str, np.ndarray] = {}
     meta: dict = {}
@@ -164,17 +175,15 @@ def static_extras(dictionary: Any) -> tuple[dict[str, np.ndarray], dict]:
                 meta["extra_columns"] = {"decoder_norm_per_hook": list(dictionary.out_hooks)}
             except NotImplementedError:
                 pass
-        hook = getattr(dictionary, "analysis_extras", None)
-        if callable(hook):
-            for key, value in hook().items():
-                out[key] = value.detach().float().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+        for key, value in dictionary.analysis_extras().items():
+            out[key] = value.detach().float().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
     return out, meta
 
 
 # ---------------------------------------------------------------------------------------------- live data
 
 
-def context_batches(lm: Any, dataset_cfg: Any, acts_cfg: Any, hooks: list[str], *, context_size: int,
+def context_batches(lm: LanguageModel, dataset_cfg: DatasetConfig, acts_cfg: ActivationsConfig, hooks: list[str], *, context_size: int,
                     batch_contexts: int) -> Iterator[Batch]:
     """Whole packed contexts from the dataset with the model's activations at `hooks` ([B, T, d]).
 
@@ -192,7 +201,7 @@ def context_batches(lm: Any, dataset_cfg: Any, acts_cfg: Any, hooks: list[str], 
         for ctx in contexts:
             acts = run_to_hooks(lm, ctx.tokens.to(lm.device), hooks)
             batch = Batch(acts, ctx.tokens, ctx.doc, ctx.pos, ctx.mask)
-            if getattr(acts_cfg, "max_norm_ratio", 0):
+            if acts_cfg.max_norm_ratio:
                 batch, _ = drop_outliers(batch, acts_cfg.max_norm_ratio)
             yield batch
     finally:
@@ -226,7 +235,7 @@ def _byte_decoder() -> dict[str, int]:
     return chars
 
 
-def decoder_for(tokenizer: Any) -> Callable[[list[int]], list[str]]:
+def decoder_for(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], list[str]]:
     """Token ids → the text each token stands for on its own.
 
     A token holding part of a multi-byte character decodes to U+FFFD; it is shown by its bytes instead
@@ -235,7 +244,7 @@ def decoder_for(tokenizer: Any) -> Callable[[list[int]], list[str]]:
     table = _byte_decoder()
 
     def one(i: int) -> str:
-        text = tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        text = str(tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False))
         if "\ufffd" not in text:
             return text
         raw = tokenizer.convert_ids_to_tokens(i)
@@ -249,7 +258,7 @@ def decoder_for(tokenizer: Any) -> Callable[[list[int]], list[str]]:
     return decode
 
 
-def publish(result: AnalysisResult, sae_folder: str | Path, store: Any = None, *, sae_name: str = "",
+def publish(result: AnalysisResult, sae_folder: str | Path, store: Store | None = None, *, sae_name: str = "",
             series: str = "default") -> Path:
     """Write the analysis file (atomic) and then replace the analysis in the store (atomic)."""
     folder = analysis_dir(sae_folder, result.name)

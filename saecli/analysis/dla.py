@@ -29,7 +29,7 @@ import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,16 +37,21 @@ import torch
 from saecli.errors import UsageError
 from saecli.fsio import write_json
 
+if TYPE_CHECKING:
+    from saecli.dictionaries.base import Dictionary
+    from saecli.lm.loading import LanguageModel
+
+
 DLA_FILE = "dla.json"
 
 
 @torch.no_grad()
-def feature_directions(dictionary: Any) -> torch.Tensor:
+def feature_directions(dictionary: Dictionary) -> torch.Tensor:
     """[d_sae, d_model] raw-unit directions each feature writes (summed over out hooks)."""
-    own = getattr(dictionary, "dla_directions", None)
-    if callable(own):
-        return own().detach()
-    mode = getattr(dictionary.cfg, "norm_activation", "none")
+    own = dictionary.dla_directions()
+    if own is not None:
+        return own.detach()
+    mode = dictionary.cfg.norm_activation
     total = None
     for hook in dictionary.out_hooks:
         d = dictionary.decoder_directions(hook).detach()
@@ -174,7 +179,7 @@ def direct_logit_attribution(directions: torch.Tensor, norm: Callable[[torch.Ten
     return tuple(out)
 
 
-def dla_result(dictionary: Any, lm: Any, top: int = 10, progress: Callable[[int], None] | None = None) -> DLAResult:
+def dla_result(dictionary: Dictionary, lm: LanguageModel, top: int = 10, progress: Callable[[int], None] | None = None) -> DLAResult:
     """DLA of every feature of `dictionary` through `lm`'s final norm and unembedding."""
     from saecli.analysis.analyzer import decoder_for
     from saecli.lm import final_norm_and_unembed

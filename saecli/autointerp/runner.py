@@ -7,6 +7,7 @@ so a run killed at any moment loses at most the features in flight.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -19,7 +20,7 @@ from saecli.analysis.records import AnalysisResult
 from saecli.autointerp.backends import ChatBackend, Reply
 from saecli.autointerp.prompts import Messages, explainer_prompt, parse_explanation, parse_labels, scorer_prompt
 from saecli.autointerp.results import Results
-from saecli.autointerp.scorers import batches, feature_examples, samples_for, score
+from saecli.autointerp.scorers import FeatureExamples, batches, feature_examples, samples_for, score
 from saecli.config.autointerp import AutointerpConfig, LLMConfig
 from saecli.errors import ConfigError
 
@@ -94,7 +95,7 @@ class Interpreter:
             return []
         return [self.dla.vocab.get(int(t), str(int(t))) for t in self.dla.pos_ids[index, :self.cfg.dla_tokens]]
 
-    def prompt(self, index: int) -> tuple[Messages, object]:
+    def prompt(self, index: int) -> tuple[Messages, tuple[FeatureExamples, np.random.Generator, dict]]:
         """The explainer's messages for a feature, and the feature's examples (for scoring)."""
         cfg = self.cfg
         rec = self.result.feature(index)
@@ -124,7 +125,7 @@ class Interpreter:
                 bad = 0
                 for batch in batches(samples, cfg.examples_per_prompt):
                     msgs = scorer_prompt(kind, str(explained.value), [s.text for s in batch])
-                    got = ask(self.scorer, msgs, lambda a, n=len(batch): parse_labels(a, n), cfg.max_answer_retries,  # noqa: B008 (binds n per batch)
+                    got = ask(self.scorer, msgs, functools.partial(parse_labels, n=len(batch)), cfg.max_answer_retries,
                               "JSON list")
                     spent_s.append(got)
                     bad += got.value is None

@@ -267,14 +267,14 @@ def show_feature(result: Any, index: int, per_sampling: int = 6, window: tuple[i
             rows[f"{kind} F1 / balanced acc."] = f"{s['f1']:.3f} / {s['balanced_accuracy']:.3f}"
     ui.table(f"feature {index}", rows)
     for s in rec["samplings"]:
-        rows = []
+        contexts: list[tuple[str, list[str], list[float]]] = []
         for j in range(min(per_sampling, len(s["tokens"]))):
             acts = s["acts"][j].astype(np.float32)
             lo, hi = peak_window(len(acts), int(acts.argmax()) if acts.max() > 0 else -1, *window)
             toks = [vocab.get(int(t), f"<{int(t)}>") for t in s["tokens"][j, lo:hi]]
-            rows.append((f"{float(s['max'][j]):7.3g}", toks, acts[lo:hi].tolist()))
-        if rows:
-            ui.token_contexts(f"{s['name']} ({len(s['tokens'])} contexts)", rows, rec["max_act"])
+            contexts.append((f"{float(s['max'][j]):7.3g}", toks, acts[lo:hi].tolist()))
+        if contexts:
+            ui.token_contexts(f"{s['name']} ({len(s['tokens'])} contexts)", contexts, rec["max_act"])
 
 
 def register(app: typer.Typer) -> None:

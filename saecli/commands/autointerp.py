@@ -5,12 +5,17 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from saecli.commands import ExperimentArg, SetOption, load
 from saecli.commands.analyze import SaeOption, sae_folder
+
+if TYPE_CHECKING:
+    from saecli.config.experiment import Experiment
+    from saecli.store.base import Store
+
 
 FeaturesOption = Annotated[
     Optional[str], typer.Option("--features", help="features to explain: '3,17,42' or a range '100:200' "
@@ -121,7 +126,7 @@ def autointerp(
     _report(summary, len(todo), elapsed, path)
 
 
-def _registered(store: Any, exp: Any, folder: Path) -> tuple[str, str]:
+def _registered(store: Store, exp: Experiment, folder: Path) -> tuple[str, str]:
     """(name, series) of the dictionary in the store, registering it when `analyze` did not."""
     name, series = exp.analyze.sae_name or exp.run.name, exp.analyze.series
     if store is not None and store.get_sae(name, series) is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -16,8 +16,15 @@ from saecli.commands.analyze import (
     sae_folder,
 )
 
+if TYPE_CHECKING:
+    from saecli.config.experiment import Experiment
+    from saecli.dictionaries.base import Dictionary
+    from saecli.lm.loading import LanguageModel
+    from saecli.store.base import Store
 
-def compute_dla(exp: Any, lm: Any, dictionary: Any, folder: Path, store: Any, top: int):
+
+
+def compute_dla(exp: Experiment, lm: LanguageModel, dictionary: Dictionary, folder: Path, store: Store, top: int):
     """DLA of every feature → <dictionary>/dla.json and the store; returns the DLAResult."""
     from saecli import ui
     from saecli.analysis.dla import dla_result

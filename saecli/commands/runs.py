@@ -29,14 +29,14 @@ def describe(record: dict) -> dict[str, Any]:
     before that was so held the dictionary's own config ({kind, d_sae, in_hooks, out_hooks, cfg}) and
     are read too.
     """
-    cfg = record.get("cfg") or {}
+    cfg: dict[str, Any] = record.get("cfg") or {}
     from saecli.config.load import dictionary_table
 
-    sae = dictionary_table(cfg) or cfg.get("cfg") or {}
+    sae: dict[str, Any] = dictionary_table(cfg) or cfg.get("cfg") or {}
     kind = sae.get("kind") or cfg.get("kind") or "sae"
     ins, outs = _hooks(cfg, sae)
     metrics = record.get("metrics") or {}
-    ev = metrics.get("eval") if isinstance(metrics.get("eval"), dict) else {}
+    ev: dict[str, Any] = metrics["eval"] if isinstance(metrics.get("eval"), dict) else {}
     hook = ins[0] if len(ins) == 1 else (f"{ins[0]} … ({len(ins)})" if ins else "")
     if outs and outs != ins:
         hook += f" → {outs[0] if len(outs) == 1 else f'{outs[0]} … ({len(outs)})'}"

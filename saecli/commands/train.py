@@ -88,7 +88,7 @@ def train(
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: choose one")
     exp = load(experiment, overrides)
-    if getattr(exp, "sweep", None) is not None:
+    if exp.sweep is not None:
         raise UsageError(f"{experiment} has a [sweep] section: train its members with `saecli sweep {experiment}` "
                          "(or remove the section to train the base experiment alone)")
     run_dir = None

@@ -65,8 +65,8 @@ def _type_name(tp: Any) -> str:
         args = [a for a in get_args(tp) if a is not Ellipsis]
         return f"a list of {_type_name(args[0])}" if args else "a list"
     if origin is dict:
-        args = get_args(tp)
-        return f"a table of {_type_name(args[1])}" if args else "a table"
+        kv = get_args(tp)
+        return f"a table of {_type_name(kv[1])}" if kv else "a table"
     if dataclasses.is_dataclass(tp):
         return "a table"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
@@ -145,7 +145,7 @@ def convert(value: Any, tp: Any, key: str) -> Any:
                 ck = convert(k, kt, key) if kt is not str else k
                 out[ck] = convert(v, vt, f"{key}.{k}")
             return out
-    elif dataclasses.is_dataclass(tp):
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return parse(tp, value, key=key)
     else:  # pragma: no cover - a programming error in a schema
         raise TypeError(f"unsupported config type {tp!r} at {key}")
@@ -239,6 +239,6 @@ def stream_keys(cls: type, prefix: str = "") -> set[str]:
         if get_origin(tp) in (Union, types.UnionType):
             arms = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
             tp = arms[0] if arms else tp
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             out |= stream_keys(tp, path + ".")
     return out

@@ -57,9 +57,9 @@ def _default(f: dataclasses.Field) -> Any:
 def _section_class(tp: Any) -> type | None:
     """The dataclass behind a section annotation (`ModelConfig | None` → ModelConfig)."""
     if get_origin(tp) in (Union, types.UnionType):
-        arms = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
+        arms = [a for a in get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)]
         return arms[0] if arms else None
-    return tp if dataclasses.is_dataclass(tp) else None
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
 
 
 LABEL = "<label>"  # a table of sections ([models.<label>]) is documented as the section `models.<label>`
@@ -133,6 +133,7 @@ def _dictionary_keys(section: str) -> list[Key]:
     out = []
     for name, (f, tp, having) in seen.items():
         d = _default(f)
+        choices: tuple[Any, ...] | None
         help_text = f.metadata.get("help", "")
         if name == "kind":
             help_text, choices = "dictionary kind (picks the keys below)", tuple(kinds)
@@ -178,7 +179,7 @@ def _type_schema(tp: Any) -> dict:
     if origin is dict:
         _, vt = get_args(tp) or (str, Any)
         return {"type": "object", "additionalProperties": _type_schema(vt)}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _object_schema(tp)
     raise TypeError(f"no JSON Schema for config type {tp!r}")  # pragma: no cover - a schema bug
 

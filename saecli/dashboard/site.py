@@ -41,7 +41,7 @@ STORED_WINDOW_FACTOR = 3  # a context keeps 3× the shown window around its peak
 
 
 def _asset(name: str) -> str:
-    return resources.files("saecli.dashboard").joinpath("assets", name).read_text(encoding="utf-8")
+    return resources.files("saecli.dashboard").joinpath("assets").joinpath(name).read_text(encoding="utf-8")
 
 
 def script_json(obj: Any) -> str:
@@ -197,7 +197,7 @@ def feature_page_data(result: AnalysisResult, index: int, *, dla: DLAResult | No
             continue
         arr = np.asarray(value, dtype=np.float64)
         if arr.ndim == 0:
-            scalars[name] = _num(arr)
+            scalars[name] = _num(float(arr))
         elif arr.ndim == 1 and arr.shape[0] == T and samplings and samplings[0]["contexts"]:
             # a per-token pattern over the top context (e.g. an attention pattern row)
             top = rec["samplings"][0]

@@ -35,5 +35,8 @@ class Batch:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         acts = {k: v.to(device=device, dtype=dtype or v.dtype, non_blocking=True) for k, v in self.acts.items()}
-        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(acts, mv(self.tokens), mv(self.doc), mv(self.pos), mv(self.mask), dict(self.meta))
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        tokens = self.tokens.to(device, non_blocking=True)
+        return Batch(acts, tokens, mv(self.doc), mv(self.pos), mv(self.mask), dict(self.meta))

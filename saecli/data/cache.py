@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,12 +32,20 @@ from saecli.data.manifest import (
     shard_dir,
     shard_target,
 )
+from saecli.data.open import need_activations, need_model
 from saecli.data.producer import context_batches, use_process
 from saecli.data.tokens import Contexts, packer_for
 from saecli.data.writer import ChunkWriter, Job
 from saecli.dtypes import DTYPES
-from saecli.errors import RunError, UsageError
+from saecli.errors import ConfigError, RunError, UsageError
 from saecli.lm.hooks import HOOK_NAMES, hook_width
+
+if TYPE_CHECKING:
+    from saecli.config.activations import ActivationsConfig
+    from saecli.config.experiment import Experiment
+    from saecli.data.tokens import Packer
+    from saecli.lm.loading import LanguageModel
+
 
 _CHUNK_RE = re.compile(r"^chunk-\d{6}\.safetensors$")
 
@@ -50,8 +58,8 @@ def tokens_written(cache_dir: str | Path, shard: int) -> int:
     return int(read_manifest(path)["total_tokens"])
 
 
-def new_manifest(exp: Any, lm: Any, packer: Any, shard: int, n_shards: int, d_model: dict[str, int]) -> dict:
-    acts = exp.activations
+def new_manifest(exp: Experiment, lm: LanguageModel, packer: Packer, shard: int, n_shards: int, d_model: dict[str, int]) -> dict:
+    acts, model = need_activations(exp), need_model(exp)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -59,13 +67,13 @@ def new_manifest(exp: Any, lm: Any, packer: Any, shard: int, n_shards: int, d_mo
         "shard": shard,
         "n_shards": n_shards,
         "model": {
-            "name": exp.model.name, "gguf_file": exp.model.gguf_file, "revision": exp.model.revision,
-            "dtype": exp.model.dtype, "family": lm.family, "d_model": int(lm.d_model), "n_layers": int(lm.n_layers),
+            "name": model.name, "gguf_file": model.gguf_file, "revision": model.revision,
+            "dtype": model.dtype, "family": lm.family, "d_model": int(lm.d_model), "n_layers": int(lm.n_layers),
         },
         "dataset": to_dict(exp.dataset),
         "hook_points": list(acts.hook_points),
         "d_model": d_model,
-        "dtype": acts.override_dtype or exp.model.dtype,
+        "dtype": acts.override_dtype or model.dtype,
         "context_size": acts.context_size,
         "model_batch_size": acts.model_batch_size,
         "chunk_tokens": acts.chunk_tokens,
@@ -109,24 +117,25 @@ def _resume_state(folder: Path, wanted: dict) -> dict | None:
     return stored
 
 
-def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shards: int,
+def generate_shard(exp: Experiment, lm: LanguageModel, run_to_hooks: Callable, shard: int, n_shards: int,
                    progress: Callable[[int, dict], None] | None = None) -> dict:
     """Fill `cache_dir/shard-{shard}` up to this shard's token target; returns its final manifest.
 
     `progress(n_new_tokens, metrics)` is called after each model batch.
     """
-    acts = exp.activations
+    acts, model = need_activations(exp), need_model(exp)
+    root = cache_root(acts)
     hooks = list(acts.hook_points)
-    folder = shard_dir(acts.cache_dir, shard)
+    folder = shard_dir(root, shard)
     folder.mkdir(parents=True, exist_ok=True)
-    packer = packer_for(lm, acts, exp.model)
+    packer = packer_for(lm, acts, model)
     target = shard_target(acts.total_tokens, shard, n_shards)
-    store_dtype = DTYPES[acts.override_dtype or exp.model.dtype]
+    store_dtype = DTYPES[acts.override_dtype or model.dtype]
     manifest = new_manifest(exp, lm, packer, shard, n_shards, {h: hook_width(lm, h) for h in hooks})
     stored = _resume_state(folder, manifest)
     if stored is not None:
         manifest = stored
-    write_resolved(exp, acts.cache_dir)
+    write_resolved(exp, root)
     manifest["target_tokens"] = target
     done = int(manifest["total_tokens"])
     if done >= target or manifest.get("exhausted"):
@@ -175,14 +184,22 @@ def generate_shard(exp: Any, lm: Any, run_to_hooks: Callable, shard: int, n_shar
     return manifest
 
 
-def check_space(exp: Any, d_model: dict[str, int], shard: int, n_shards: int) -> None:
+def cache_root(acts: ActivationsConfig) -> str:
+    """`activations.cache_dir`, a ConfigError naming the key when it is unset (generate writes there)."""
+    if not acts.cache_dir:
+        raise ConfigError("generating a cache needs activations.cache_dir", key="activations.cache_dir")
+    return acts.cache_dir
+
+
+def check_space(exp: Experiment, d_model: dict[str, int], shard: int, n_shards: int) -> None:
     """Refuse (UsageError) when the disk holding the cache cannot take this shard's remaining tokens."""
-    acts = exp.activations
-    todo = shard_target(acts.total_tokens, shard, n_shards) - min(tokens_written(acts.cache_dir, shard),
+    acts, model = need_activations(exp), need_model(exp)
+    root = cache_root(acts)
+    todo = shard_target(acts.total_tokens, shard, n_shards) - min(tokens_written(root, shard),
                                                                    shard_target(acts.total_tokens, shard, n_shards))
     if todo > 0:
-        dtype = DTYPES[acts.override_dtype or exp.model.dtype]
-        fsio.require_space(shard_dir(acts.cache_dir, shard), estimated_bytes(d_model, dtype, todo),
+        dtype = DTYPES[acts.override_dtype or model.dtype]
+        fsio.require_space(shard_dir(root, shard), estimated_bytes(d_model, dtype, todo),
                            f"the cache's remaining {todo:,} tokens")
 
 
@@ -197,7 +214,7 @@ def writer_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 4)) if torch.cuda.is_available() else 1
 
 
-def _forward(lm: Any, run_to_hooks: Callable, ctx: Contexts, hooks: list[str], dtype: torch.dtype,
+def _forward(lm: LanguageModel, run_to_hooks: Callable, ctx: Contexts, hooks: list[str], dtype: torch.dtype,
              limit: int) -> dict[str, torch.Tensor]:
     """The kept tokens of one model batch (at most `limit`): activations and norm sums stay on the device."""
     keep = ctx.kept()[: max(limit, 0)]
@@ -235,7 +252,7 @@ def _job(pieces: list[dict[str, torch.Tensor]], consumed: int, documents: int, c
     return Job(tensors, consumed, documents, complete, norm_sums=sums, ready=ready)
 
 
-def write_cache(cache_dir: str | Path, chunks: Any, *, hook_points: list[str], dtype: str = "float32",
+def write_cache(cache_dir: str | Path, chunks: Iterable[dict[str, torch.Tensor]], *, hook_points: list[str], dtype: str = "float32",
                 chunk_tokens: int | None = None, shard: int = 0, n_shards: int = 1, info: dict | None = None) -> dict:
     """Write activations you already have as a cache that every reader accepts.
 

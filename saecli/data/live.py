@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,15 +29,21 @@ from saecli.data.tokens import Packer, packer_for
 from saecli.dtypes import DTYPES
 from saecli.errors import UsageError
 
+if TYPE_CHECKING:
+    from saecli.config.model import ModelConfig
+    from saecli.lm.loading import LanguageModel
+
 
 class LiveStream(WindowStream):
     """Activation batches computed from a loaded model; implements saecli.data.stream.ActivationStream."""
 
-    def __init__(self, lm: Any, dataset: DatasetConfig, acts: ActivationsConfig, *, hook_points: list[str] | None = None,
+    def __init__(self, lm: LanguageModel, dataset: DatasetConfig, acts: ActivationsConfig, *, hook_points: list[str] | None = None,
                  contexts: bool = False, rank: int = 0, world_size: int = 1, epochs: int | None = None,
-                 run_to_hooks: Callable | None = None, packer: Packer | None = None, model_cfg: Any = None):
+                 run_to_hooks: Callable | None = None, packer: Packer | None = None, model_cfg: ModelConfig | None = None):
         if run_to_hooks is None:
-            from saecli.lm import run_to_hooks
+            from saecli.lm import run_to_hooks as model_forward
+
+            run_to_hooks = model_forward
         if not 0 <= rank < world_size:
             raise UsageError(f"rank {rank} is outside [0, world_size={world_size})")
         self.lm = lm
@@ -53,7 +59,7 @@ class LiveStream(WindowStream):
         self.context_size = acts.context_size
         self.dtype = DTYPES[acts.override_dtype] if acts.override_dtype else None
         self.packer = packer or packer_for(lm, acts, model_cfg)
-        self._run = run_to_hooks
+        self._run: Callable[..., dict[str, torch.Tensor]] = run_to_hooks
         per_batch = acts.context_size * acts.model_batch_size
         # unshuffled, a window is one model batch: the first batch comes after one forward, not a buffer's worth
         buffered = max(1, math.ceil(acts.shuffle_buffer_tokens / per_batch)) if self.shuffle else 1

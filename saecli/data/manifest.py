@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +49,9 @@ def shard_plan(n_shards: int, start_shard: int, env: dict[str, str] | None = Non
 
     With WORLD_SIZE > 1 and the default n_shards = 1 the text is split into WORLD_SIZE shards.
     """
-    env = os.environ if env is None else env
-    world = int(env.get("WORLD_SIZE", "1") or 1)
-    rank = int(env.get("RANK", "0") or 0)
+    given: Mapping[str, str] = os.environ if env is None else env
+    world = int(given.get("WORLD_SIZE", "1") or 1)
+    rank = int(given.get("RANK", "0") or 0)
     if world <= 1:
         return start_shard, n_shards
     if n_shards == 1 and start_shard == 0:

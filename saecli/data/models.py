@@ -21,9 +21,9 @@ per label; resuming needs the same labels.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,7 +31,12 @@ from saecli.config.models import head_name
 from saecli.data.batch import Batch
 from saecli.data.outliers import drop_outliers
 from saecli.data.stream import ActivationStream
+from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from saecli.data.reader import CacheStream
+    from saecli.lm.loading import LanguageModel
 
 TOKENIZER_SAMPLE_DOCUMENTS = 64  # documents tokenised by every model's tokenizer at open
 
@@ -39,7 +44,7 @@ TOKENIZER_SAMPLE_DOCUMENTS = 64  # documents tokenised by every model's tokenize
 class ModelsStream:
     """Zip of per-model streams; implements saecli.data.stream.ActivationStream."""
 
-    def __init__(self, children: dict[str, ActivationStream], *, max_norm_ratio: float = 0.0,
+    def __init__(self, children: Mapping[str, ActivationStream], *, max_norm_ratio: float = 0.0,
                  describe: str = ""):
         if len(children) < 2:
             raise UsageError(f"a models stream zips at least two streams, found {len(children)}")
@@ -65,9 +70,9 @@ class ModelsStream:
         return out
 
     @property
-    def lm(self) -> Any:
+    def lm(self) -> LanguageModel | None:
         """The first model (what a dictionary's model-based init would read), or None for caches."""
-        return getattr(self.children[self.labels[0]], "lm", None)
+        return self.children[self.labels[0]].lm
 
     def documents_consumed(self) -> int:
         return max(int(s.documents_consumed()) for s in self.children.values())  # type: ignore[attr-defined]
@@ -115,9 +120,7 @@ class ModelsStream:
 
     def close(self) -> None:
         for s in self.children.values():
-            close = getattr(s, "close", None)
-            if close is not None:
-                close()
+            s.close()
 
 
 # --------------------------------------------------------------------------- opening
@@ -213,7 +216,7 @@ def open_models_stream(exp: Any, *, purpose: str, rank: int, world_size: int, co
 
 
 def _cache_children(exp: Any, acts: Any, per_model: dict[str, list[str]], contexts: bool, rank: int,
-                    world_size: int, epochs: int | None) -> dict[str, ActivationStream]:
+                    world_size: int, epochs: int | None) -> dict[str, CacheStream]:
     from saecli.data.open import cache_exists
     from saecli.data.reader import CacheStream
     from saecli.data.verify import check_against
@@ -227,7 +230,7 @@ def _cache_children(exp: Any, acts: Any, per_model: dict[str, list[str]], contex
         raise UsageError(f"no activation cache in {', '.join(missing)}: with [models], activations.cache_dir holds "
                          "one cache per model label (`saecli generate` writes them)")
     labels = list(dirs)
-    dtype = getattr(torch, acts.override_dtype) if acts.override_dtype else None
+    dtype = DTYPES[acts.override_dtype] if acts.override_dtype else None
     children = {label: CacheStream(dirs[label], hook_points=per_model[label], batch_size=acts.batch_size,
                                    shuffle=acts.shuffle, buffer_tokens=acts.shuffle_buffer_tokens, seed=acts.seed,
                                    rank=rank, world_size=world_size, epochs=epochs, dtype=dtype,

@@ -10,11 +10,33 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from saecli.data.manifest import MANIFEST, SHARD_GLOB
 from saecli.data.stream import ActivationStream
+from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from saecli.config.activations import ActivationsConfig
+    from saecli.config.experiment import Experiment
+    from saecli.config.model import ModelConfig
+    from saecli.lm.loading import LanguageModel
+
+
+def need_activations(exp: Experiment) -> ActivationsConfig:
+    """`exp.activations`, a ConfigError naming the section when the file has none (what every command that
+    streams activations requires; typed, so the callers need no None checks)."""
+    if exp.activations is None:
+        raise ConfigError("this command needs an [activations] section", file=exp.source_file)
+    return exp.activations
+
+
+def need_model(exp: Experiment) -> ModelConfig:
+    """`exp.model`, a ConfigError naming the section when the file has none."""
+    if exp.model is None:
+        raise ConfigError("this command needs a [model] section", file=exp.source_file)
+    return exp.model
 
 
 def cache_exists(cache_dir: str | Path | None) -> bool:
@@ -24,38 +46,37 @@ def cache_exists(cache_dir: str | Path | None) -> bool:
     return root.is_dir() and any((p / MANIFEST).exists() for p in root.glob(SHARD_GLOB))
 
 
-def uses_cache(exp: Any) -> bool:
+def uses_cache(exp: Experiment) -> bool:
     """Whether `open_stream` would read the cache for this experiment."""
     acts = exp.activations
     if acts is None:
         return False
     root = acts.cache_dir
-    if getattr(exp, "models", None) and root:  # one cache per model: <cache_dir>/<label>
+    if exp.models and root:  # one cache per model: <cache_dir>/<label>
         root = str(Path(root) / next(iter(exp.models)))
     return acts.source == "cache" or (acts.source == "auto" and cache_exists(root))
 
 
-def open_stream(exp: Any, *, purpose: Literal["train", "eval"] = "train", rank: int = 0, world_size: int = 1,
+def open_stream(exp: Experiment, *, purpose: Literal["train", "eval"] = "train", rank: int = 0, world_size: int = 1,
                 contexts: bool = False, hook_points: list[str] | None = None, skip_documents: int | None = None,
-                lm: Any = None) -> ActivationStream:
-    """The activation stream an experiment describes (see the module docstring)."""
+                lm: LanguageModel | dict[str, LanguageModel] | None = None) -> ActivationStream:
+    """The activation stream an experiment describes (see the module docstring). `lm`: the loaded model to
+    reuse, or {label: model} for a [models] experiment."""
     if purpose not in ("train", "eval"):
         raise ValueError(f"purpose must be 'train' or 'eval', found {purpose!r}")
-    acts = exp.activations
-    if acts is None:
-        raise ConfigError("this command needs an [activations] section", file=exp.source_file)
-    if getattr(exp, "models", None):
+    acts = need_activations(exp)
+    if exp.models:
         from saecli.data.models import open_models_stream
 
         lms = lm if isinstance(lm, dict) else None
         return open_models_stream(exp, purpose=purpose, rank=rank, world_size=world_size, contexts=contexts,
                                   hook_points=hook_points, skip_documents=skip_documents, lms=lms,
                                   use_cache=uses_cache(exp))
+    if isinstance(lm, dict):
+        raise UsageError("a model per label serves a [models] experiment; this one has a single [model]")
     hooks = list(hook_points or acts.hook_points)
     epochs = 1 if purpose == "eval" else None
     if uses_cache(exp):
-        import torch
-
         from saecli.data.reader import CacheStream
 
         if contexts:
@@ -63,19 +84,19 @@ def open_stream(exp: Any, *, purpose: Literal["train", "eval"] = "train", rank: 
                 f"this dictionary needs whole contexts (e.g. LORSA), which a token cache ({acts.cache_dir}) cannot give: "
                 "set activations.source = 'live' to compute them from [model]"
             )
-        dtype = getattr(torch, acts.override_dtype) if acts.override_dtype else None
+        dtype = DTYPES[acts.override_dtype] if acts.override_dtype else None
         return CacheStream(
-            acts.cache_dir, hook_points=hooks, batch_size=acts.batch_size, shuffle=acts.shuffle,
+            str(acts.cache_dir), hook_points=hooks, batch_size=acts.batch_size, shuffle=acts.shuffle,
             buffer_tokens=acts.shuffle_buffer_tokens, seed=acts.seed, rank=rank, world_size=world_size,
             epochs=epochs, dtype=dtype, max_norm_ratio=acts.max_norm_ratio, verify=acts.verify_chunks,
         )
     from saecli.data.live import LiveStream
 
-    exp.require("model")
+    model_cfg = need_model(exp)
     if lm is None:
         from saecli.lm import load_model
 
-        lm = load_model(exp.model)
+        lm = load_model(model_cfg)
     from saecli.lm import validate_hooks
 
     validate_hooks(lm, hooks)
@@ -85,4 +106,4 @@ def open_stream(exp: Any, *, purpose: Literal["train", "eval"] = "train", rank: 
     if skip_documents is not None:
         dataset = dataclasses.replace(dataset, skip_documents=skip_documents)
     return LiveStream(lm, dataset, acts, hook_points=hooks, contexts=contexts, rank=rank, world_size=world_size,
-                      epochs=epochs, model_cfg=exp.model)
+                      epochs=epochs, model_cfg=model_cfg)

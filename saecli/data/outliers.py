@@ -57,4 +57,5 @@ def drop_outliers(batch: Batch, ratio: float) -> tuple[Batch, int]:
         return None if t is None else t.index_select(0, rows.to(t.device))
 
     acts = {h: a.index_select(0, rows) for h, a in batch.acts.items()}
-    return Batch(acts, take(batch.tokens), take(batch.doc), take(batch.pos), take(batch.mask), dict(batch.meta)), dropped
+    tokens = batch.tokens.index_select(0, rows.to(batch.tokens.device))
+    return Batch(acts, tokens, take(batch.doc), take(batch.pos), take(batch.mask), dict(batch.meta)), dropped

@@ -6,9 +6,13 @@ See tokens.py for the packing rules; this module holds the part that runs wherev
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 Encode = Callable[[list[str]], list[list[int]]]
 Windows = tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens int64 [T], doc int64 [T], pos int32 [T]
@@ -27,14 +31,14 @@ class FastEncoder:
 class CallEncoder:
     """Any tokenizer called like a Hugging Face one."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def encoder_for(tokenizer: Any) -> Encode:
+def encoder_for(tokenizer: PreTrainedTokenizerBase) -> Encode:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch"):
         return FastEncoder(backend)
@@ -85,7 +89,7 @@ class WindowPacker:
                 tokens, doc, pos = _take(parts, body)
                 held -= body
                 if self.prepend_bos:
-                    tokens = np.concatenate(([self.bos_id], tokens))
+                    tokens = np.concatenate((np.array([self.bos_id], dtype=tokens.dtype), tokens))
                     doc = np.concatenate((doc[:1], doc))
                     pos = np.concatenate((np.array([-1], dtype=np.int32), pos))
                 yield tokens, doc, pos

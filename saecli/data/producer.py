@@ -16,23 +16,29 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any
 
 from saecli.config.dataset import DatasetConfig
 from saecli.errors import RunError, UsageError
 
+if TYPE_CHECKING:
+    import torch
+
+    from saecli.data.tokens import Packer
+
+
 _LEN = struct.Struct("<Q")
 
 
-def use_process(device: Any) -> bool:
+def use_process(device: torch.device | str) -> bool:
     """Tokenise in a child process for a GPU model (env SAECLI_TOKENIZE_PROCESS=1/0 forces either way)."""
     forced = os.environ.get("SAECLI_TOKENIZE_PROCESS")
     if forced is not None:
         return forced not in ("", "0", "false")
-    return getattr(device, "type", str(device)).startswith("cuda")
+    return str(device).startswith("cuda")  # str(torch.device("cuda", 0)) == "cuda:0"
 
 
-def context_batches(packer: Any, dataset: DatasetConfig, shard: int, n_shards: int, batch_size: int, *,
+def context_batches(packer: Packer, dataset: DatasetConfig, shard: int, n_shards: int, batch_size: int, *,
                     skip: int = 0, process: bool = False, ahead: int = 8):
     """An iterator of `Contexts` (with `close()`) over shard `shard` of the text, after `skip` windows."""
     from saecli.data.prefetch import Prefetch
@@ -46,7 +52,7 @@ def context_batches(packer: Any, dataset: DatasetConfig, shard: int, n_shards: i
 
 
 class _ProcessBatches(Iterator[Any]):
-    def __init__(self, packer: Any, job: tuple, ahead: int):
+    def __init__(self, packer: Packer, job: tuple, ahead: int):
         from saecli.data.prefetch import Prefetch
 
         self.packer = packer
@@ -93,7 +99,7 @@ class _ProcessBatches(Iterator[Any]):
             self._proc.kill()
 
 
-def _read_messages(stream: BinaryIO) -> Iterator[tuple]:
+def _read_messages(stream: IO[bytes]) -> Iterator[tuple]:
     while True:
         head = stream.read(_LEN.size)
         if len(head) < _LEN.size:

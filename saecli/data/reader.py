@@ -20,13 +20,19 @@ import struct
 import threading
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from saecli.data.batch import Batch
 from saecli.data.manifest import CacheIndex, ChunkRef, act_key, open_cache
 from saecli.data.shuffle import Rows, Window, WindowStream, permutation
+from saecli.dtypes import DTYPES
 from saecli.errors import RunError, SaecliWarning, UsageError
+
+if TYPE_CHECKING:
+    from saecli.lm.loading import LanguageModel
+
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32}
@@ -37,6 +43,7 @@ class CacheStream(WindowStream):
     """Token batches from an activation cache; implements saecli.data.stream.ActivationStream."""
 
     contexts = False
+    lm: LanguageModel | None = None  # a cache has no model behind it
 
     def __init__(self, cache: CacheIndex | str | Path, *, hook_points: list[str] | None = None, batch_size: int = 4096,
                  shuffle: bool = True, buffer_tokens: int = 262144, seed: int = 42, rank: int = 0,
@@ -77,7 +84,7 @@ class CacheStream(WindowStream):
         self.dtype = dtype
         self.prefetch = prefetch
         self.window_chunks = max(1, buffer_tokens // max(1, self.index.chunk_tokens))
-        self._stored = getattr(torch, self.index.dtype)
+        self._stored = DTYPES[self.index.dtype]
         self._capacity = self.window_chunks * max(c.n_tokens for c in self.index.chunks)
         self._free: list[Rows] = []
         self._lock = threading.Lock()
@@ -208,7 +215,7 @@ class CacheStream(WindowStream):
 
 
 def _read_exactly(f, dest: torch.Tensor, nbytes: int) -> None:
-    view = memoryview(dest.view(torch.uint8).numpy()).cast("B")
+    view = dest.view(torch.uint8).numpy().data.cast("B")
     if len(view) != nbytes:
         raise RunError(f"{f.name}: a tensor takes {nbytes} bytes on disk but {len(view)} in memory")
     got = 0

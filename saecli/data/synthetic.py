@@ -17,14 +17,21 @@ Extra hook points get a fixed random linear map of the first one (a target for t
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from saecli.data.batch import Batch
 
+if TYPE_CHECKING:
+    from saecli.lm.loading import LanguageModel
+
 
 class SyntheticStream:
     """Seeded sparse combinations of a known dictionary; implements the ActivationStream protocol."""
+
+    lm: LanguageModel | None = None  # no model behind synthetic data
+    dropped_tokens: int = 0  # nothing is dropped
 
     def __init__(self, *, d_model: int = 32, n_atoms: int = 64, k: int = 4, batch_size: int = 256,
                  n_batches: int | None = None, hook_points: Sequence[str] = ("synthetic.0",), seed: int = 0,
@@ -101,3 +108,6 @@ class SyntheticStream:
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"state is for seed {state['seed']}, this stream has seed {self.seed}")
         self.position = int(state["position"])
+
+    def close(self) -> None:
+        """Nothing runs in the background."""

@@ -19,10 +19,14 @@ import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saecli.config.dataset import DatasetConfig
 from saecli.errors import UsageError
+
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset
+
 
 BUILTIN = "builtin:python-docs"
 BUILTIN_SOURCES = (BUILTIN,)
@@ -174,7 +178,7 @@ def _dataset_documents(cfg: DatasetConfig, start: int) -> Iterator[tuple[int, st
         yield index, text if isinstance(text, str) else ("" if text is None else str(text))
 
 
-def load_text_dataset(cfg: DatasetConfig) -> Any:
+def load_text_dataset(cfg: DatasetConfig) -> Dataset | IterableDataset:
     """`datasets.load_dataset` for a hub name, a local file/folder, or explicit `data_files`."""
     import datasets
 
@@ -221,4 +225,6 @@ def _builder_of(files: list[str], cfg: DatasetConfig) -> str:
     suffixes = {_LOCAL_SUFFIXES.get(Path(f).suffix.lower()) for f in files}
     if len(suffixes) != 1 or None in suffixes:
         raise UsageError(f"dataset.data_files must share one of {', '.join(sorted(_LOCAL_SUFFIXES))}, found {files}")
-    return suffixes.pop()
+    (builder,) = suffixes
+    assert builder is not None  # excluded just above
+    return builder

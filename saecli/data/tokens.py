@@ -13,13 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from saecli.data.packing import WindowPacker, encoder_for
 from saecli.errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from saecli.config.activations import ActivationsConfig
+    from saecli.config.model import ModelConfig
+    from saecli.lm.loading import LanguageModel
 
 
 @dataclass
@@ -43,7 +50,7 @@ class Contexts:
 class Packer:
     """Tokenise and pack documents (packing.py does the numpy part) and mark the tokens that count."""
 
-    def __init__(self, tokenizer: Any, context_size: int, *, prepend_bos: bool, bos_id: int | None,
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, context_size: int, *, prepend_bos: bool, bos_id: int | None,
                  sep_id: int | None, ignore_ids: Sequence[int], doc_batch: int = 64):
         if prepend_bos and bos_id is None:
             raise UsageError("prepend_bos needs a BOS token: set model.bos_token (e.g. '<|im_start|>')")
@@ -80,13 +87,13 @@ class Packer:
         return ~torch.isin(tokens, self._ignore)
 
 
-def separator_id(tokenizer: Any, bos_id: int | None) -> int | None:
+def separator_id(tokenizer: PreTrainedTokenizerBase, bos_id: int | None) -> int | None:
     """The token put between documents: EOS when the tokenizer has one, else BOS."""
-    eos = getattr(tokenizer, "eos_token_id", None)
+    eos = tokenizer.eos_token_id
     return int(eos) if eos is not None else bos_id
 
 
-def packer_for(lm: Any, acts_cfg: Any, model_cfg: Any = None) -> Packer:
+def packer_for(lm: LanguageModel, acts_cfg: ActivationsConfig, model_cfg: ModelConfig | None = None) -> Packer:
     """The packer a language model and an [activations] section describe.
 
     Documents are tokenised without special tokens, so BOS is ours to add: it is prepended when
@@ -95,17 +102,19 @@ def packer_for(lm: Any, acts_cfg: Any, model_cfg: Any = None) -> Packer:
     ignore = acts_cfg.ignore_token_ids
     if ignore is None:
         ignore = default_ignore_ids(lm)
-    explicit = getattr(model_cfg, "prepend_bos", None)
-    prepend = explicit if explicit is not None else bool(lm.prepend_bos or getattr(lm, "tokenizer_adds_bos", False))
+    explicit = model_cfg.prepend_bos if model_cfg is not None else None
+    prepend = explicit if explicit is not None else bool(lm.prepend_bos or lm.tokenizer_adds_bos)
+    if lm.tokenizer is None:
+        raise UsageError(f"the model {lm.name} has no tokenizer: it cannot read text (give [model] one that has)")
     return Packer(
         lm.tokenizer, acts_cfg.context_size, prepend_bos=prepend, bos_id=lm.bos_token_id,
         sep_id=separator_id(lm.tokenizer, lm.bos_token_id), ignore_ids=ignore,
     )
 
 
-def default_ignore_ids(lm: Any) -> list[int]:
+def default_ignore_ids(lm: LanguageModel) -> list[int]:
     """The tokenizer's special token ids, BOS included."""
-    ids = {int(i) for i in (getattr(lm, "special_token_ids", None) or [])}
+    ids = {int(i) for i in lm.special_token_ids}
     if lm.bos_token_id is not None:
         ids.add(int(lm.bos_token_id))
     return sorted(ids)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from saecli.data.manifest import MANIFEST, SHARD_GLOB, act_key, mean_norms, read_manifest
+from saecli.dtypes import DTYPES
 from saecli.errors import SaecliError
 
 _CHUNK_RE = re.compile(r"^chunk-\d{6}\.safetensors$")
@@ -140,7 +141,7 @@ def _check_chunk(root: Path, path: Path, c: dict, m: dict) -> list[Problem]:
             out.append(Problem(name, "keys", f"no `{key}` tensor"))
         elif t.dtype != dtype or tuple(t.shape) != (n,):
             out.append(Problem(name, "shape", f"`{key}` is {t.dtype} {tuple(t.shape)}, expected {dtype} ({n},)"))
-    want_dtype = getattr(torch, m["dtype"])
+    want_dtype = DTYPES[m["dtype"]]
     for h in m["hook_points"]:
         key = act_key(h)
         t = tensors.get(key)

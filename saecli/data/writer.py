@@ -38,18 +38,20 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     """
     items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
-    views, offset = [], 0
+    views: list[bytes | memoryview] = []
+    offset = 0
     for name, t in items:
         t = t.detach().contiguous().cpu()
         nbytes = t.numel() * t.element_size()
         header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        views.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b""))
+        views.append(t.reshape(-1).view(torch.uint8).numpy().data if nbytes else b"")
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     digest = hashlib.sha256()
     with open(path, "wb") as f:
-        for part in (struct.pack("<Q", len(text)), text, *views):
+        parts: list[bytes | memoryview] = [struct.pack("<Q", len(text)), text, *views]
+        for part in parts:
             for start in range(0, len(part), 1 << 24):  # 16 MiB pieces: GIL released in hash and write
                 piece = part[start : start + (1 << 24)]
                 digest.update(piece)

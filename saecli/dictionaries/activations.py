@@ -157,6 +157,10 @@ class SparseActivation(nn.Module):
     `threshold` and `threshold_weight` (batchtopk: the running estimate and its EMA weight).
     """
 
+    log_threshold: nn.Parameter  # jumprelu only
+    threshold: torch.Tensor  # batchtopk only (buffers)
+    threshold_weight: torch.Tensor
+
     def __init__(self, name: str, shape: int | tuple[int, ...], *, jumprelu_threshold_init: float = 0.1,
                  bandwidth: float = 2.0, batchtopk_threshold_decay: float = 0.999,
                  dtype: torch.dtype = torch.float32):

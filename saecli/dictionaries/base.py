@@ -17,17 +17,28 @@ dictionary maps raw activations to raw reconstructions (thresholds included).
 
 Weights are saved as `sae_weights.safetensors` + `cfg.json` in a folder; `load_dictionary(folder)`
 rebuilds the right kind through the registry.
+
+Optional capabilities are declared here with their defaults, so callers use plain attribute access and a
+kind overrides only what it has: `needs_model_init` / `init_from_model` (transcoder, LORSA), `analysis_extras`
+(MOLT), `context_extras` (LORSA; `has_context_extras()` says whether a kind defines it), `dla_directions`
+(crosscoder). tests/test_kind_contract.py checks every registered kind against this interface.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from saecli.config.dictionary import DictionaryConfig
+    from saecli.config.init import InitConfig
+    from saecli.lm.loading import LanguageModel
 
 
 @dataclass
@@ -71,13 +82,15 @@ class Dictionary(nn.Module, abc.ABC):
             raise TypeError(f"{cls.__name__} defines decode(): a kind implements decode_hooks(feature_acts, "
                             "inputs=None) (normalised reconstruction per hook); Dictionary.decode gives raw tensors")
         if "encode" in cls.__dict__:  # every kind's encode also takes a plain tensor (see _tensor_encode)
-            cls.encode = _tensor_encode(cls.__dict__["encode"])
+            cls.encode = _tensor_encode(cls.__dict__["encode"])  # type: ignore[method-assign]
 
-    def __init__(self, cfg: Any, d_model: int, in_hooks: list[str], out_hooks: list[str]):
+    cfg: DictionaryConfig
+
+    def __init__(self, cfg: DictionaryConfig, d_model: int, in_hooks: list[str], out_hooks: list[str]):
         super().__init__()
         self.cfg = cfg
         self.d_model = d_model
-        self.d_sae = cfg.resolved_d_sae(d_model) if hasattr(cfg, "resolved_d_sae") else cfg.d_sae
+        self.d_sae = cfg.resolved_d_sae(d_model)
         self.in_hooks = list(in_hooks)
         self.out_hooks = list(out_hooks)
         for hook in dict.fromkeys(self.in_hooks + self.out_hooks):
@@ -86,7 +99,7 @@ class Dictionary(nn.Module, abc.ABC):
 
     # ------------------------------------------------------------------ normalisation
     def scale(self, hook: str) -> torch.Tensor:
-        return getattr(self, _scale_name(hook))
+        return self.get_buffer(_scale_name(hook))
 
     def set_dataset_norm(self, hook: str, mean_norm: float) -> None:
         """Dataset-wise normalisation: scale so that E‖x‖ = √d_model."""
@@ -94,7 +107,7 @@ class Dictionary(nn.Module, abc.ABC):
 
     def normalize(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Raw activations → the units the dictionary trains in (per `cfg.norm_activation`)."""
-        mode = getattr(self.cfg, "norm_activation", "none")
+        mode = self.cfg.norm_activation
         if self.folded or mode == "none":
             return acts
         out = {}
@@ -111,7 +124,7 @@ class Dictionary(nn.Module, abc.ABC):
 
     def denormalize(self, hook: str, y: torch.Tensor, raw_input: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised reconstruction → raw units (token-/batch-wise need the raw input's norms)."""
-        mode = getattr(self.cfg, "norm_activation", "none")
+        mode = self.cfg.norm_activation
         if self.folded or mode == "none":
             return y
         if mode == "dataset-wise":
@@ -137,7 +150,7 @@ class Dictionary(nn.Module, abc.ABC):
 
     def decode_needs_input(self) -> str:
         """Why `decode(f)` needs the raw input x as well ('' when f alone determines the reconstruction)."""
-        mode = getattr(self.cfg, "norm_activation", "none")
+        mode = self.cfg.norm_activation
         if self.folded or mode not in ("token-wise", "batch-wise"):
             return ""
         what = "its own input's norm" if mode == "token-wise" else "the mean norm of its batch's inputs"
@@ -205,8 +218,43 @@ class Dictionary(nn.Module, abc.ABC):
         return groups
 
     @torch.no_grad()
-    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:
+    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: InitConfig) -> None:
         """Data-dependent initialisation (bias at the data's centre, ...) on a few normalised batches."""
+
+    @property
+    def needs_model_init(self) -> bool:
+        """True when the trainer must call `init_from_model(lm, raw_batches)` after `init_from_data` (a
+        transcoder copying its MLP, a LORSA its attention, when their config asks). Default: never."""
+        return False
+
+    @torch.no_grad()
+    def init_from_model(self, lm: LanguageModel | None, raw_batches: list[dict[str, torch.Tensor]]) -> None:
+        """Initialise from the language model's own weights; `raw_batches`: a few batches of RAW
+        activations. Called only when `needs_model_init`; a kind without such an init has nothing to do."""
+
+    # ------------------------------------------------------------------ analysis extras
+    def analysis_extras(self) -> dict[str, torch.Tensor]:
+        """Static per-feature arrays (first dimension d_sae) the analysis stores beside its own, e.g. a
+        MOLT's rank per transform. Default: none."""
+        return {}
+
+    def context_extras(self, inputs: dict[str, torch.Tensor], features: torch.Tensor,
+                       positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-context extras of each feature's top context (normalised in-hook activations [B, T, d], the
+        feature index [B] and its peak position [B]) → {name: [B, ...]}; e.g. LORSA's attention row.
+        Default: none (and the analysis does not re-run contexts: see `has_context_extras`)."""
+        return {}
+
+    @classmethod
+    def has_context_extras(cls) -> bool:
+        """Whether this kind defines `context_extras`, so the analysis re-runs each feature's top context."""
+        return cls.context_extras is not Dictionary.context_extras
+
+    def dla_directions(self) -> torch.Tensor | None:
+        """[d_sae, d_model] raw-unit directions direct logit attribution reads, when a kind needs other than
+        the default (each out hook's decoder in raw units, summed), e.g. a crosscoder's last head. Default:
+        None, the default rule."""
+        return None
 
     def decoder_norms(self) -> torch.Tensor:
         """[d_sae] norm of each latent's decoder direction(s), for metrics and DLA."""
@@ -221,8 +269,21 @@ class Dictionary(nn.Module, abc.ABC):
     def fold_activation_scale(self) -> None:
         """Fold the dataset-wise scales into the weights (then `folded = True`, normalize() = identity)."""
 
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: DictionaryConfig, d_model: int, hook_points: list[str]) -> Dictionary:
+        """A fresh dictionary of this kind for `cfg` on these hook points (which of them it reads and writes
+        is the kind's choice). Every registered kind defines it (registry.build_dictionary calls it)."""
+        raise NotImplementedError(f"{cls.__name__} is not built from a config")
+
+    @classmethod
+    def from_saved(cls, cfg: DictionaryConfig, meta: dict[str, Any]) -> Dictionary:
+        """The dictionary a saved `cfg.json` (`meta`, as `config_dict()` wrote it) describes, weights not yet
+        loaded. Every registered kind defines it (registry.load_dictionary calls it)."""
+        raise NotImplementedError(f"{cls.__name__} is not rebuilt from a saved folder")
+
     # ------------------------------------------------------------------ persistence
-    def config_dict(self) -> dict:
+    def config_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
         from saecli.lm.hooks import HOOK_NAMES
@@ -263,19 +324,30 @@ def _single(hooks: list[str], what: str) -> str:
     return hooks[0]
 
 
-def _tensor_encode(encode: Any) -> Any:
+def _tensor_encode(encode: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """`encode(x)` with a plain tensor x: raw activations of the one input hook (normalised here, so that
     `d.encode(x)` gives the latents `d(x)` decodes); a dict keeps meaning normalised inputs per hook."""
     import functools
 
     @functools.wraps(encode)
-    def wrapper(self: Dictionary, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def wrapper(self: Dictionary, inputs: dict[str, torch.Tensor] | torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if isinstance(inputs, torch.Tensor):
             hook = _single(self.in_hooks, "input")
             inputs = self.normalize({hook: inputs})
         return encode(self, inputs, *args, **kwargs)
 
     return wrapper
+
+
+C = TypeVar("C")
+
+
+def own_config(cfg: DictionaryConfig, cls: type[C]) -> C:
+    """`cfg` as the kind's own config class: the registry builds each kind from the `[sae]` table of its own
+    `kind`, so anything else is a programming error, said here rather than as a missing attribute later."""
+    if not isinstance(cfg, cls):
+        raise TypeError(f"expected a {cls.__name__}, got a {type(cfg).__name__}")
+    return cfg
 
 
 WEIGHTS_NAME = "sae_weights.safetensors"

@@ -43,10 +43,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from saecli.config.dictionary import DictionaryConfig
+from saecli.config.init import InitConfig
 from saecli.dictionaries import kernels
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation, gated_pre, threshold
-from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
+from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, own_config
+from saecli.dictionaries.clt_config import CLTConfig
 from saecli.dictionaries.crosscoder import per_hook_metrics
 from saecli.dictionaries.sharding import LatentShard, local
 from saecli.dtypes import DTYPES
@@ -65,7 +68,15 @@ class CrossLayerTranscoder(Dictionary):
     latent_axes: ClassVar[dict[str, int]] = {"W_enc": 1, "b_enc": 1, "W_dec": 1, "activation.log_threshold": 1}
     latent_shard: LatentShard | None = None  # set by tensor_parallel.shard_dictionary
 
-    def __init__(self, cfg: Any, d_model: int, in_hooks: list[str], out_hooks: list[str]):
+    cfg: CLTConfig
+    pair_source: torch.Tensor  # buffers
+    pair_target: torch.Tensor
+    target_norm_weight: torch.Tensor
+    batchtopk_threshold: torch.Tensor  # batchtopk only
+    batchtopk_weight: torch.Tensor
+    activation: SparseActivation | None  # jumprelu only (the other rules are per layer, below)
+
+    def __init__(self, cfg: CLTConfig, d_model: int, in_hooks: list[str], out_hooks: list[str]):
         if len(in_hooks) != len(out_hooks) or not in_hooks:
             raise ValueError(f"a CLT needs one in and one out hook per layer, got {len(in_hooks)} and {len(out_hooks)}")
         super().__init__(cfg, d_model, in_hooks, out_hooks)
@@ -73,7 +84,7 @@ class CrossLayerTranscoder(Dictionary):
         self.n_layers, self.d_sae_layer, self.d_sae = n, s, n * s
         if cfg.layer_k is not None and len(cfg.layer_k) != n:
             raise ConfigError(f"layer_k needs one k per layer ({n}), found {len(cfg.layer_k)}", key="sae.layer_k")
-        dtype = DTYPES[getattr(cfg, "dtype", "float32")]
+        dtype = DTYPES[cfg.dtype]
         source, target = pair_index(n)
         self.register_buffer("pair_source", source, persistent=False)
         self.register_buffer("pair_target", target, persistent=False)
@@ -103,8 +114,9 @@ class CrossLayerTranscoder(Dictionary):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> CrossLayerTranscoder:
-        if cfg.hook_points_in is not None:
+    def from_config(cls, cfg: DictionaryConfig, d_model: int, hook_points: list[str]) -> CrossLayerTranscoder:
+        cfg = own_config(cfg, CLTConfig)
+        if cfg.hook_points_in is not None and cfg.hook_points_out is not None:  # both or neither (validated)
             ins, outs = list(cfg.hook_points_in), list(cfg.hook_points_out)
             missing = [h for h in ins + outs if h not in hook_points]
             if missing:
@@ -120,13 +132,19 @@ class CrossLayerTranscoder(Dictionary):
         return cls(cfg, d_model, ins, outs)
 
     @classmethod
-    def from_saved(cls, cfg: Any, meta: dict) -> CrossLayerTranscoder:
-        return cls(cfg, int(meta["d_model"]), meta["in_hooks"], meta["out_hooks"])
+    def from_saved(cls, cfg: DictionaryConfig, meta: dict[str, Any]) -> CrossLayerTranscoder:
+        return cls(own_config(cfg, CLTConfig), int(meta["d_model"]), meta["in_hooks"], meta["out_hooks"])
 
     def config_dict(self) -> dict:
         out = super().config_dict()
         out["d_sae_layer"] = self.d_sae_layer  # "d_sae" stays the number of latents, L·d_sae_layer
         return out
+
+    def _jumprelu(self) -> SparseActivation:
+        """The JumpReLU threshold module (activation = "jumprelu"; the other rules are per layer here)."""
+        if self.activation is None:
+            raise ValueError(f"a CLT with activation {self.cfg.activation!r} has no JumpReLU threshold")
+        return self.activation
 
     def pairs(self) -> list[tuple[int, int]]:
         """(source layer, target layer) of each decoder block, in storage order."""
@@ -147,7 +165,7 @@ class CrossLayerTranscoder(Dictionary):
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
-    def reset_parameters(self, init_cfg: Any = None) -> None:
+    def reset_parameters(self, init_cfg: InitConfig | None = None) -> None:
         """Data-independent init: block i→t ~ U(±b/√(t+1)), b = decoder_uniform_bound or 1/√d_sae (a target
         sums t+1 source layers, so its initial output is the size of one SAE's); W_enc[i] = W_dec[i→i] × factor
         (the tied init of the papers) or U(±1/√d_model); biases zero; JumpReLU thresholds from the config."""
@@ -180,7 +198,7 @@ class CrossLayerTranscoder(Dictionary):
         w.mul_(factor.unsqueeze(-1).to(w.dtype))
 
     @torch.no_grad()
-    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:
+    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: InitConfig) -> None:
         """`reset_parameters`, then b_dec[t] at the zero / mean / geometric median of layer t's targets,
         the encoder bias at −mean(h) when asked, and the decoder-norm grid search when asked."""
         from saecli.config.init import InitConfig
@@ -273,7 +291,7 @@ class CrossLayerTranscoder(Dictionary):
         if name == "relu":
             return torch.relu(h)
         if name == "jumprelu":
-            return self.activation(h, gate)
+            return self._jumprelu()(h, gate)
         if name == "topk":
             return layer_topk(h, self.layer_ks(ctx), gate)
         if not training:  # batchtopk at inference: the per-layer threshold
@@ -356,8 +374,9 @@ class CrossLayerTranscoder(Dictionary):
         if kind == "l0":
             if act != "jumprelu":
                 raise ValueError("sparsity_loss_type 'l0' needs activation = 'jumprelu'")
-            pen = L.jumprelu_l0(h, self.activation.theta(), self.activation.bandwidth, gate, latent_dims=2)
+            pen = L.jumprelu_l0(h, self._jumprelu().theta(), self._jumprelu().bandwidth, gate, latent_dims=2)
         elif kind != "none":
+            assert f3 is not None, "the sparse path runs without a sparsity penalty (_sparse_path)"
             pen = L.sparsity_penalty(kind, f3, norms, p=ctx.p, c=ctx.tanh_stretch_coefficient,
                                      frequency_scale=ctx.frequency_scale, latent_dims=2)
         if pen is not None:
@@ -370,12 +389,12 @@ class CrossLayerTranscoder(Dictionary):
             extra["raw/aux"] = aux.detach()
             loss = loss + terms["aux"]
         if act == "jumprelu" and ctx.lp_coefficient > 0:
-            lp = L.jumprelu_preact_loss(h, self.activation.theta(), norms, gated=self.gated, latent_dims=2)
+            lp = L.jumprelu_preact_loss(h, self._jumprelu().theta(), norms, gated=self.gated, latent_dims=2)
             terms["lp"] = ctx.lp_coefficient * lp
             extra["raw/lp"] = lp.detach()
             loss = loss + terms["lp"]
         if act == "jumprelu":
-            extra["mean_threshold"] = self.activation.theta().detach().mean()
+            extra["mean_threshold"] = self._jumprelu().theta().detach().mean()
         extra["path"] = self.last_path
         per_layer = fires.float() / max(n_tok, 1)
         extra["l0"] = per_layer.sum()
@@ -390,7 +409,7 @@ class CrossLayerTranscoder(Dictionary):
     # ------------------------------------------------------------------ sparse TopK path
     def _sparse_path(self, ctx: StepContext) -> bool:
         """TopK training without a sparsity penalty: decode only the k active latents of each layer."""
-        return (self.cfg.activation == "topk" and getattr(self.cfg, "sparse_kernels", True) and bool(ctx.training)
+        return (self.cfg.activation == "topk" and self.cfg.sparse_kernels and bool(ctx.training)
                 and torch.is_grad_enabled() and (ctx.sparsity_loss_type or "none") == "none")
 
     def _topk_entries(self, h: torch.Tensor, ctx: StepContext, gate: torch.Tensor | None
@@ -443,6 +462,7 @@ class CrossLayerTranscoder(Dictionary):
             return self.decode_sparse(values, indices, bias=False).reshape(n_tok, -1)
 
         k_aux = int(ctx.k_aux or self.d_model // 2)
+        assert ctx.dead_mask is not None, "AuxK runs only when the trainer passes the dead latents"
         flat_gate = gate.reshape(-1) if gate is not None else None
         return L.auxk_loss(h.reshape(n_tok, -1), ctx.dead_mask.to(h.device).reshape(-1), k_aux, residual, decode,
                            flat_gate)
@@ -469,7 +489,7 @@ class CrossLayerTranscoder(Dictionary):
 
     @torch.no_grad()
     def fold_activation_scale(self) -> None:
-        mode = getattr(self.cfg, "norm_activation", "none")
+        mode = self.cfg.norm_activation
         if self.folded or mode in ("token-wise", "batch-wise"):
             return
         if mode == "dataset-wise":
@@ -532,8 +552,8 @@ class CrossLayerTranscoder(Dictionary):
         for name in ("batchtopk_threshold", "batchtopk_weight"):
             self._buffers.pop(name, None)
         self._make_activation_state()
-        self.activation.to(dev)
-        self.activation.log_threshold.copy_(theta.log())
+        jump = self._jumprelu().to(dev)
+        jump.log_threshold.copy_(theta.log())
         return theta
 
 

@@ -14,6 +14,7 @@ from saecli.config.dictionary import (
     check_output_scaling,
     register_config,
 )
+from saecli.errors import ConfigError
 
 
 @register_config("clt")
@@ -38,6 +39,13 @@ class CLTConfig(DictionaryConfig):
         layers = self.hook_points_in
         return None if self.d_sae is None or layers is None else len(layers) * self.d_sae
 
+    def check_stream_hooks(self, listed: list[str]) -> None:
+        super().check_stream_hooks(listed)
+        if self.hook_points_in is None and len(listed) % 2:
+            raise ConfigError("a CLT without hook_points_in/out in this table takes the first half of "
+                              "activations.hook_points as inputs and the second as outputs: it needs an even "
+                              f"number, found {len(listed)}", key="activations.hook_points")
+
     def validate(self) -> None:
         super().validate()
         check_hooks("hook_points_in", self.hook_points_in)
@@ -45,7 +53,8 @@ class CLTConfig(DictionaryConfig):
         if (self.hook_points_in is None) != (self.hook_points_out is None):
             raise bad("hook_points_out" if self.hook_points_out is None else "hook_points_in",
                       "give both hook_points_in and hook_points_out, or neither")
-        if self.hook_points_in is not None and len(self.hook_points_in) != len(self.hook_points_out):
+        if self.hook_points_in is not None and self.hook_points_out is not None \
+                and len(self.hook_points_in) != len(self.hook_points_out):
             raise bad("hook_points_out", f"needs one hook per layer: {len(self.hook_points_in)} in, "
                                          f"{len(self.hook_points_out)} out")
         if self.apply_decoder_bias_to_pre_encoder:

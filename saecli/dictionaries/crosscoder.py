@@ -41,9 +41,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from saecli.config.dictionary import DictionaryConfig
+from saecli.config.init import InitConfig
 from saecli.config.models import split_head
 from saecli.dictionaries import losses as L
-from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, _scale_name
+from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, _scale_name, own_config
+from saecli.dictionaries.crosscoder_config import CrosscoderConfig
 from saecli.dictionaries.sae import SparseAutoEncoder
 from saecli.errors import ConfigError
 
@@ -74,7 +77,9 @@ def heads_by_model(heads: list[str]) -> dict[str, list[int]]:
 class _HeadsSAE(SparseAutoEncoder):
     """The SAE over concatenated heads; only its decoder norms differ (reduced per head)."""
 
-    def __init__(self, cfg: Any, n_heads: int, d_head: int, reduction: str):
+    head_norm_weight: torch.Tensor
+
+    def __init__(self, cfg: CrosscoderConfig, n_heads: int, d_head: int, reduction: str):
         super().__init__(cfg, n_heads * d_head, _CONCAT)
         del self._buffers[_scale_name(_CONCAT)]  # never normalises: the crosscoder does, per head
         self.n_heads, self.d_head, self.reduction = n_heads, d_head, reduction
@@ -100,7 +105,9 @@ class Crosscoder(Dictionary):
     # tensor parallelism splits the core SAE's latents (training/tensor_parallel.py)
     latent_axes: ClassVar[dict[str, int]] = {f"core.{k}": v for k, v in SparseAutoEncoder.latent_axes.items()}
 
-    def __init__(self, cfg: Any, d_model: int, heads: list[str]):
+    cfg: CrosscoderConfig
+
+    def __init__(self, cfg: CrosscoderConfig, d_model: int, heads: list[str]):
         super().__init__(cfg, d_model, heads, heads)
         self.heads = list(heads)
         core_cfg = replace(cfg, d_sae=self.d_sae, expansion_factor=None)  # d_sae counts per head's d_model
@@ -108,7 +115,8 @@ class Crosscoder(Dictionary):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> Crosscoder:
+    def from_config(cls, cfg: DictionaryConfig, d_model: int, hook_points: list[str]) -> Crosscoder:
+        cfg = own_config(cfg, CrosscoderConfig)
         heads = list(cfg.hook_points or hook_points)
         missing = [h for h in heads if h not in hook_points]
         if missing:
@@ -117,8 +125,8 @@ class Crosscoder(Dictionary):
         return cls(cfg, d_model, heads)
 
     @classmethod
-    def from_saved(cls, cfg: Any, meta: dict) -> Crosscoder:
-        return cls(cfg, int(meta["d_model"]), meta["in_hooks"])
+    def from_saved(cls, cfg: DictionaryConfig, meta: dict[str, Any]) -> Crosscoder:
+        return cls(own_config(cfg, CrosscoderConfig), int(meta["d_model"]), meta["in_hooks"])
 
     # ------------------------------------------------------------------ views
     @property
@@ -222,7 +230,7 @@ class Crosscoder(Dictionary):
         """What direct logit attribution reads: the LAST head's decoder in raw units (the deepest layer, or
         the last model of a diff), not the sum over heads — heads of different models share no residual."""
         w = self.W_dec[:, -1, :]
-        mode = getattr(self.cfg, "norm_activation", "none")
+        mode = self.cfg.norm_activation
         return w if self.folded or mode != "dataset-wise" else w / self.scale(self.heads[-1]).to(w.dtype)
 
     # ------------------------------------------------------------------ training hooks
@@ -233,13 +241,13 @@ class Crosscoder(Dictionary):
         return self.core.param_groups(lr, jumprelu_lr_factor)
 
     @torch.no_grad()
-    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:
+    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: InitConfig) -> None:
         """The SAE initialisation on the concatenated heads (b_dec at the median of the concatenation)."""
         self.core.init_from_data([{_CONCAT: self._cat(b)} for b in batches], init_cfg)
 
     @torch.no_grad()
     def fold_activation_scale(self) -> None:
-        mode = getattr(self.cfg, "norm_activation", "none")
+        mode = self.cfg.norm_activation
         if self.folded or mode in ("token-wise", "batch-wise"):
             return
         if mode == "dataset-wise":

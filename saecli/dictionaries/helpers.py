@@ -20,11 +20,14 @@ from saecli.dictionaries.base import StepContext
 from saecli.errors import ConfigError
 
 
-def io_hooks(cfg: Any, hook_points: list[str], kind: str) -> tuple[str, str]:
-    """(hook read, hook reconstructed) for a kind with `hook_point_in` / `hook_point_out` config keys."""
-    hook_in = cfg.hook_point_in or hook_points[0]
-    if cfg.hook_point_out:
-        hook_out = cfg.hook_point_out
+def io_hooks(hook_point_in: str | None, hook_point_out: str | None, hook_points: list[str], kind: str,
+             same: str = "") -> tuple[str, str]:
+    """(hook read, hook reconstructed) for a kind with `hook_point_in` / `hook_point_out` config keys (the
+    transcoder, LORSA, MOLT); unset, the first listed hook and the next other one. `same`: the advice when
+    both are the same hook."""
+    hook_in = hook_point_in or hook_points[0]
+    if hook_point_out:
+        hook_out = hook_point_out
     else:
         rest = [h for h in hook_points if h != hook_in]
         if not rest:
@@ -36,7 +39,7 @@ def io_hooks(cfg: Any, hook_points: list[str], kind: str) -> tuple[str, str]:
             raise ConfigError(f"{hook!r} is not in activations.hook_points ({', '.join(hook_points)}): the stream "
                               f"must carry every hook the {kind} reads or writes", key=f"sae.{key}")
     if hook_in == hook_out:
-        raise ConfigError(f"hook_point_in equals hook_point_out: a {kind} reconstructs another hook point",
+        raise ConfigError(f"hook_point_in equals hook_point_out: {same or f'a {kind} reconstructs another hook point'}",
                           key="sae.hook_point_out")
     return hook_in, hook_out
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from saecli.config.init import InitConfig
+
+if TYPE_CHECKING:
+    from saecli.dictionaries.sae import SparseAutoEncoder
 
 
 def _unit_rows(w: torch.Tensor) -> torch.Tensor:
@@ -28,7 +31,7 @@ def _unit_rows(w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def initialize(model: Any, init_cfg: InitConfig | None = None, seed: int | None = None) -> None:
+def initialize(model: SparseAutoEncoder, init_cfg: InitConfig | None = None, seed: int | None = None) -> None:
     """Data-independent init; `seed` → a private generator (None: torch's global RNG)."""
     cfg = init_cfg or InitConfig()
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
@@ -36,7 +39,7 @@ def initialize(model: Any, init_cfg: InitConfig | None = None, seed: int | None 
     d_sae = w_dec.shape[-2]
     bound = cfg.decoder_uniform_bound if cfg.decoder_uniform_bound is not None else 1.0 / math.sqrt(d_sae)
     w = (torch.rand(w_dec.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
-    if getattr(model.cfg, "decoder_unit_norm", False):
+    if model.cfg.decoder_unit_norm:
         w = _unit_rows(w)
     elif cfg.decoder_init_norm is not None:
         w = _unit_rows(w) * cfg.decoder_init_norm
@@ -48,7 +51,7 @@ def initialize(model: Any, init_cfg: InitConfig | None = None, seed: int | None 
         b = 1.0 / math.sqrt(w_enc.shape[-1])
         w_enc.copy_(((torch.rand(w_enc.shape, generator=gen) * 2 - 1) * b).to(w_enc.device, w_enc.dtype))
     model.b_enc.zero_()
-    if getattr(model, "b_dec", None) is not None:
+    if model.b_dec is not None:
         model.b_dec.zero_()
 
 
@@ -90,7 +93,7 @@ def _stack(batches: list[dict[str, torch.Tensor]], hook: str, max_rows: int | No
 
 
 @torch.no_grad()
-def _init_mse(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+def _init_mse(model: SparseAutoEncoder, x: torch.Tensor, y: torch.Tensor) -> float:
     """Reconstruction loss of the current weights on one batch (no threshold estimate is updated)."""
     from saecli.dictionaries.losses import mse
 
@@ -101,13 +104,13 @@ def _init_mse(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _set_encoder_bias_to_mean_pre(model: Any, x: torch.Tensor) -> None:
+def _set_encoder_bias_to_mean_pre(model: SparseAutoEncoder, x: torch.Tensor) -> None:
     model.b_enc.zero_()
     model.b_enc.sub_(model.pre_acts(x).float().mean(0).to(model.b_enc.dtype))
 
 
 @torch.no_grad()
-def init_sae_from_data(model: Any, batches: list[dict[str, torch.Tensor]], init_cfg: InitConfig | None,
+def init_sae_from_data(model: SparseAutoEncoder, batches: list[dict[str, torch.Tensor]], init_cfg: InitConfig | None,
                        median_rows: int = 16384) -> None:
     """Full initialisation of an SAE-like model from a few batches of NORMALISED activations."""
     cfg = init_cfg or InitConfig()
@@ -115,7 +118,7 @@ def init_sae_from_data(model: Any, batches: list[dict[str, torch.Tensor]], init_
     dev, dt = model.W_dec.device, model.W_dec.dtype
     x = _stack(batches, model.in_hook).to(dev)
     y = _stack(batches, model.out_hook).to(dev)
-    if getattr(model, "b_dec", None) is not None:
+    if model.b_dec is not None:
         if cfg.bias_init_method == "mean":
             model.b_dec.copy_(y.float().mean(0).to(dt))
         elif cfg.bias_init_method == "geometric_median":
@@ -123,7 +126,7 @@ def init_sae_from_data(model: Any, batches: list[dict[str, torch.Tensor]], init_
     n_first = batches[0][model.in_hook].reshape(-1, x.shape[-1]).shape[0]
     x1, y1 = x[:n_first], y[:n_first]
     tied = cfg.init_encoder_with_decoder_transpose and model.W_enc.shape == model.W_dec.shape
-    if cfg.grid_search_init_norm and not getattr(model.cfg, "decoder_unit_norm", False):
+    if cfg.grid_search_init_norm and not model.cfg.decoder_unit_norm:
         directions = _unit_rows(model.W_dec.float())
 
         def set_norm(norm: float) -> None:

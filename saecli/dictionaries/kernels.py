@@ -399,7 +399,7 @@ class _GatherPre(torch.autograd.Function):
         if ctx.needs_input_grad[1] or want_db:
             dw, db = pat.matmul_t(g, pat.operand(x), col_sums=want_db)  # dW_enc, and db_enc in the same pass
             dw = dw.to(w_enc.dtype) if ctx.needs_input_grad[1] else None
-            db = db.to(w_enc.dtype) if want_db else None
+            db = db.to(w_enc.dtype) if db is not None else None  # None unless want_db
         return dx, dw, db, None, None
 
 
@@ -509,7 +509,7 @@ def relu_bias_(h: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, torch.T
         return native.relu_bias_(h, None if bias is None else bias.detach().to(h.dtype))
     if bias is not None:
         h.add_(bias.detach().to(h.dtype))
-    torch.nn.functional.threshold_(h, 0.0, 0.0)  # ReLU that writes +0 for −0 too
+    torch.nn.functional.threshold_(h, 0.0, 0.0)  # type: ignore[attr-defined]  # ReLU writing +0 for −0 too (not in the stubs)
     return count_nonzero(h), None, None
 
 

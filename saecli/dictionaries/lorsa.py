@@ -36,24 +36,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from saecli.config.base import to_dict
+from saecli.config.dictionary import DictionaryConfig
+from saecli.config.init import InitConfig
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation
-from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
+from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, own_config
 from saecli.dictionaries.helpers import (
     fold_threshold,
     io_hooks,
     latent_terms,
     masked_rows,
 )
+from saecli.dictionaries.lorsa_config import LorsaConfig
 from saecli.dtypes import DTYPES
-from saecli.errors import UsageError
+from saecli.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from saecli.lm.loading import LanguageModel
 
 DEFAULT_ROPE_THETA = 10000.0
 
@@ -80,17 +88,21 @@ class LowRankSparseAttention(Dictionary):
     kind = "lorsa"
     needs_context = True
 
-    def __init__(self, cfg: Any, d_model: int, in_hook: str, out_hook: str):
+    cfg: LorsaConfig
+
+    def __init__(self, cfg: LorsaConfig, d_model: int, in_hook: str, out_hook: str):
         super().__init__(cfg, d_model, [in_hook], [out_hook])
         self.in_hook, self.out_hook = in_hook, out_hook
-        s, h = self.d_sae, int(cfg.n_qk_heads)
+        if cfg.n_qk_heads is None:  # validated when the config was read; a hand-made config may lack it
+            raise ConfigError("a LORSA needs n_qk_heads", key="sae.n_qk_heads")
+        s, h = self.d_sae, cfg.n_qk_heads
         if s % h:
             raise ValueError(f"d_sae ({s}) must be a multiple of n_qk_heads ({h})")
         e = int(cfg.d_qk_head or d_model // h)
         if e <= 0 or (cfg.use_rotary and e % 2):
             raise ValueError(f"d_qk_head must be positive (and even with rotary embeddings), found {e}")
         self.n_qk_heads, self.d_qk_head, self.heads_per_qk = h, e, s // h
-        dtype = DTYPES[getattr(cfg, "dtype", "float32")]
+        dtype = DTYPES[cfg.dtype]
         self.W_Q = nn.Parameter(torch.empty(h, d_model, e, dtype=dtype))
         self.b_Q = nn.Parameter(torch.zeros(h, e, dtype=dtype))
         self.W_K = nn.Parameter(torch.empty(h, d_model, e, dtype=dtype))
@@ -109,12 +121,13 @@ class LowRankSparseAttention(Dictionary):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> LowRankSparseAttention:
-        return cls(cfg, d_model, *io_hooks(cfg, hook_points, "LORSA"))
+    def from_config(cls, cfg: DictionaryConfig, d_model: int, hook_points: list[str]) -> LowRankSparseAttention:
+        cfg = own_config(cfg, LorsaConfig)
+        return cls(cfg, d_model, *io_hooks(cfg.hook_point_in, cfg.hook_point_out, hook_points, "LORSA"))
 
     @classmethod
-    def from_saved(cls, cfg: Any, meta: dict) -> LowRankSparseAttention:
-        return cls(cfg, int(meta["d_model"]), meta["in_hooks"][0], meta["out_hooks"][0])
+    def from_saved(cls, cfg: DictionaryConfig, meta: dict[str, Any]) -> LowRankSparseAttention:
+        return cls(own_config(cfg, LorsaConfig), int(meta["d_model"]), meta["in_hooks"][0], meta["out_hooks"][0])
 
     def config_dict(self) -> dict:
         out = super().config_dict()
@@ -132,12 +145,12 @@ class LowRankSparseAttention(Dictionary):
         return torch.tensor([0.0 if v is None else float(v) for v in values], dtype=torch.float64)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        updates = {name: float(v) for name, v in zip(self._CFG_IN_STATE, state.tolist()) if v > 0}
+        updates: dict[str, Any] = {name: float(v) for name, v in zip(self._CFG_IN_STATE, state.tolist()) if v > 0}
         if updates:
             self.cfg = replace(self.cfg, **updates)
 
     @torch.no_grad()
-    def reset_parameters(self, init_cfg: Any = None) -> None:
+    def reset_parameters(self, init_cfg: InitConfig | None = None) -> None:
         """Data-independent init (global RNG), following [init] where it applies:
         W_O ~ U(±decoder_uniform_bound, default 1/√d_sae) (rows at `decoder_init_norm`, or unit with
         decoder_unit_norm); W_V = W_O × factor when `init_encoder_with_decoder_transpose`, else
@@ -303,7 +316,7 @@ class LowRankSparseAttention(Dictionary):
             self.W_O.copy_(_unit_rows(self.W_O.float()).to(self.W_O.dtype))
 
     @torch.no_grad()
-    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:
+    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: InitConfig | None) -> None:
         """`reset_parameters(init_cfg)`, then b_O at the zero / mean / geometric median of the (normalised)
         targets, b_V ← −mean z (`init_encoder_bias_with_mean_hidden_pre`), and with `grid_search_init_norm`
         the common W_O row norm (W_V tied) with the lowest loss on the first batch."""
@@ -349,10 +362,10 @@ class LowRankSparseAttention(Dictionary):
     @property
     def needs_model_init(self) -> bool:
         """True when the trainer must call `init_from_model(lm, raw_batches)` after `init_from_data`."""
-        return bool(getattr(self.cfg, "initialize_lorsa_with_mhsa", False))
+        return self.cfg.initialize_lorsa_with_mhsa
 
     @torch.no_grad()
-    def init_from_model(self, lm: Any, raw_batches: list[dict[str, torch.Tensor]] | None = None) -> None:
+    def init_from_model(self, lm: LanguageModel | None, raw_batches: list[dict[str, torch.Tensor]] | None = None) -> None:
         """Copy Q/K from the model's attention (see the module docstring). `raw_batches` (RAW activations)
         give the input scale when the dictionary has no dataset-wise one (norm_activation = "none": 1)."""
         if lm is None:
@@ -402,16 +415,17 @@ class LowRankSparseAttention(Dictionary):
         self.W_K.copy_((wk.repeat_interleave(rep, 0) / s_in).to(dev, dt))
         self.b_Q.copy_(bq.repeat_interleave(rep, 0).to(dev, dt) if bq is not None else torch.zeros_like(self.b_Q))
         self.b_K.copy_(bk.repeat_interleave(rep, 0).to(dev, dt) if bk is not None else torch.zeros_like(self.b_K))
-        updates = {}
+        updates: dict[str, Any] = {}
         if self.cfg.rope_theta is None:
             updates["rope_theta"] = theta
-        if self.cfg.attention_scale is None and isinstance(getattr(attn, "scaling", None), (int, float)):
-            updates["attention_scale"] = float(attn.scaling)
+        scaling = getattr(attn, "scaling", None)  # HF attention modules of most families (not all)
+        if self.cfg.attention_scale is None and isinstance(scaling, (int, float)):
+            updates["attention_scale"] = float(scaling)
         if updates:
             self.cfg = replace(self.cfg, **updates)
 
     def _input_scale(self, raw_batches: list[dict[str, torch.Tensor]] | None) -> float:
-        mode = getattr(self.cfg, "norm_activation", "none")
+        mode = self.cfg.norm_activation
         if self.folded or mode == "none":
             return 1.0
         if mode == "dataset-wise":
@@ -424,7 +438,7 @@ class LowRankSparseAttention(Dictionary):
     @torch.no_grad()
     def fold_activation_scale(self) -> None:
         """See the module docstring: latents unchanged, raw x ↦ raw ŷ with no normalisation afterwards."""
-        mode = getattr(self.cfg, "norm_activation", "none")
+        mode = self.cfg.norm_activation
         if self.folded or mode in ("token-wise", "batch-wise"):
             return
         if mode == "dataset-wise":
@@ -450,7 +464,7 @@ def _causal_key_mask(key_mask: torch.Tensor, t: int) -> torch.Tensor:
     return ((causal & key_mask.to(torch.bool)[:, None, None, :]) | eye)
 
 
-def _model_rope_theta(config: Any) -> float:
+def _model_rope_theta(config: PretrainedConfig) -> float:
     """The model's rotary base; UsageError for RoPE variants other than the default (scaled, partial)."""
     params = getattr(config, "rope_parameters", None) or {}
     if isinstance(params, dict) and "rope_theta" in params:

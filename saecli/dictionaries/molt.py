@@ -45,11 +45,14 @@ import torch
 from torch import nn
 
 from saecli.config.base import to_dict
+from saecli.config.dictionary import DictionaryConfig
+from saecli.config.init import InitConfig
 from saecli.dictionaries import kernels
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation
-from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
+from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, own_config
 from saecli.dictionaries.helpers import fold_threshold, io_hooks, latent_terms
+from saecli.dictionaries.molt_config import MOLTConfig
 from saecli.dtypes import DTYPES
 from saecli.errors import UsageError
 
@@ -61,7 +64,12 @@ SPARSE_MAX_DENSITY = 0.10
 class MixtureOfLinearTransforms(Dictionary):
     kind = "molt"
 
-    def __init__(self, cfg: Any, d_model: int, in_hook: str, out_hook: str):
+    cfg: MOLTConfig
+    rank_of: torch.Tensor  # buffers: each transform's rank, its first row in U/V, each row's transform
+    row_start: torch.Tensor
+    owner: torch.Tensor
+
+    def __init__(self, cfg: MOLTConfig, d_model: int, in_hook: str, out_hook: str):
         super().__init__(cfg, d_model, [in_hook], [out_hook])
         self.in_hook, self.out_hook = in_hook, out_hook
         self.groups: list[tuple[int, int]] = cfg.ranks()  # [(rank, count)] by rank
@@ -71,7 +79,7 @@ class MixtureOfLinearTransforms(Dictionary):
         self.register_buffer("rank_of", rank_of, persistent=False)
         self.register_buffer("row_start", torch.cumsum(rank_of, 0) - rank_of, persistent=False)
         self.register_buffer("owner", torch.repeat_interleave(torch.arange(self.d_sae), rank_of), persistent=False)
-        dtype = DTYPES[getattr(cfg, "dtype", "float32")]
+        dtype = DTYPES[cfg.dtype]
         n, d, r = self.d_sae, d_model, self.total_rank
         self.W_E = nn.Parameter(torch.empty(n, d, dtype=dtype))
         self.b_E = nn.Parameter(torch.zeros(n, dtype=dtype))
@@ -89,12 +97,13 @@ class MixtureOfLinearTransforms(Dictionary):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> MixtureOfLinearTransforms:
-        return cls(cfg, d_model, *io_hooks(cfg, hook_points, "MOLT"))
+    def from_config(cls, cfg: DictionaryConfig, d_model: int, hook_points: list[str]) -> MixtureOfLinearTransforms:
+        cfg = own_config(cfg, MOLTConfig)
+        return cls(cfg, d_model, *io_hooks(cfg.hook_point_in, cfg.hook_point_out, hook_points, "MOLT"))
 
     @classmethod
-    def from_saved(cls, cfg: Any, meta: dict) -> MixtureOfLinearTransforms:
-        return cls(cfg, int(meta["d_model"]), meta["in_hooks"][0], meta["out_hooks"][0])
+    def from_saved(cls, cfg: DictionaryConfig, meta: dict[str, Any]) -> MixtureOfLinearTransforms:
+        return cls(own_config(cfg, MOLTConfig), int(meta["d_model"]), meta["in_hooks"][0], meta["out_hooks"][0])
 
     def config_dict(self) -> dict:
         out = super().config_dict()
@@ -110,7 +119,7 @@ class MixtureOfLinearTransforms(Dictionary):
         return out
 
     @torch.no_grad()
-    def reset_parameters(self, init_cfg: Any = None) -> None:
+    def reset_parameters(self, init_cfg: InitConfig | None = None) -> None:
         """Data-independent init (global RNG): W_E ~ U(±1/√d); V ~ N(0, 1/d) (so V_i x is O(1) for
         ‖x‖ ≈ √d); U ~ U(±decoder_uniform_bound, default 1/√n), then ‖U_i V_i‖_F set to `decoder_init_norm`
         (1 with decoder_unit_norm) when given; biases zero. (No encoder-decoder tie: the gate and the
@@ -177,7 +186,7 @@ class MixtureOfLinearTransforms(Dictionary):
 
     def _choose_path(self, f: torch.Tensor) -> str:
         # JumpReLU's threshold gradient needs ∂L/∂f at gates that stayed shut, which only the dense path has
-        if not getattr(self.cfg, "sparse_kernels", True) or f.shape[0] == 0 or self.activation.name == "jumprelu":
+        if not self.cfg.sparse_kernels or f.shape[0] == 0 or self.activation.name == "jumprelu":
             return "dense"
         with torch.no_grad():
             active_rows = float(((f != 0).to(torch.float32) @ self.rank_of.to(torch.float32)).sum())
@@ -293,7 +302,7 @@ class MixtureOfLinearTransforms(Dictionary):
             self.set_transform_norms(1.0)
 
     @torch.no_grad()
-    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:
+    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: InitConfig | None) -> None:
         """`reset_parameters(init_cfg)`, b_D at the zero / mean / geometric median of the (normalised)
         targets, b_E ← −mean pre-activation (`init_encoder_bias_with_mean_hidden_pre`), and with
         `grid_search_init_norm` the common ‖U_i V_i‖_F with the lowest loss on the first batch."""
@@ -325,7 +334,7 @@ class MixtureOfLinearTransforms(Dictionary):
     @torch.no_grad()
     def fold_activation_scale(self) -> None:
         """See the module docstring: the gate unchanged, raw x ↦ raw ŷ with no normalisation afterwards."""
-        mode = getattr(self.cfg, "norm_activation", "none")
+        mode = self.cfg.norm_activation
         if self.folded or mode in ("token-wise", "batch-wise"):
             return
         if mode == "dataset-wise":

@@ -51,7 +51,7 @@ SOURCE_NAME = "sae_kernels.c"  # in csrc/ beside this file, shipped as package d
 
 def source() -> str:
     """The C source of the kernels (saecli/dictionaries/csrc/sae_kernels.c)."""
-    return resources.files("saecli.dictionaries").joinpath("csrc", SOURCE_NAME).read_text()
+    return resources.files("saecli.dictionaries").joinpath("csrc").joinpath(SOURCE_NAME).read_text()
 
 
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -190,6 +190,14 @@ def lib() -> ctypes.CDLL | None:
     return _state["lib"]
 
 
+def _loaded() -> ctypes.CDLL:
+    """The compiled kernels, for the wrappers below (callers check `available()` first)."""
+    handle = lib()
+    if handle is None:
+        raise RuntimeError(f"the native kernels are not available ({_state['status']})")
+    return handle
+
+
 def _try_lib() -> tuple[ctypes.CDLL | None, str]:
     if not enabled_by_env():
         return None, f"disabled by {ENV_SWITCH}"
@@ -280,7 +288,7 @@ def topk(h: torch.Tensor, k: int, bias: torch.Tensor | None = None, gate: torch.
     idx = torch.empty(n, k, dtype=torch.int32)
     bias = None if bias is None else bias.contiguous()
     gate = None if gate is None else gate.contiguous()
-    lib().sae_topk(n, s, h.data_ptr(), h.stride(0), _p(bias), _p(gate), k, vals.data_ptr(), idx.data_ptr(),
+    _loaded().sae_topk(n, s, h.data_ptr(), h.stride(0), _p(bias), _p(gate), k, vals.data_ptr(), idx.data_ptr(),
                    torch.get_num_threads())
     return vals, idx
 
@@ -296,7 +304,7 @@ def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, B: torch.T
     sums = torch.empty(n_rows, dtype=torch.float32) if rowsum else None
     values = values.contiguous()
     bias = None if bias is None else bias.contiguous()
-    lib().sae_spmm(n_rows, crow.data_ptr(), col.data_ptr(), values.data_ptr(), _p(perm), B.data_ptr(),
+    _loaded().sae_spmm(n_rows, crow.data_ptr(), col.data_ptr(), values.data_ptr(), _p(perm), B.data_ptr(),
                    B.stride(0), d, _p(bias), out.data_ptr(), d, _p(sums), torch.get_num_threads())
     return out, sums
 
@@ -306,7 +314,7 @@ def sddmm(crow: torch.Tensor, col: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     """[nnz]: A[row]·B[col] at every stored (row, col)."""
     A, B = _rows(A), _rows(B)
     out = torch.empty(col.numel(), dtype=torch.float32)
-    lib().sae_sddmm(crow.numel() - 1, crow.data_ptr(), col.data_ptr(), A.data_ptr(), A.stride(0), B.data_ptr(),
+    _loaded().sae_sddmm(crow.numel() - 1, crow.data_ptr(), col.data_ptr(), A.data_ptr(), A.stride(0), B.data_ptr(),
                     B.stride(0), A.shape[1], out.data_ptr(), torch.get_num_threads())
     return out
 
@@ -318,7 +326,7 @@ def transpose(crow: torch.Tensor, col: torch.Tensor, n_cols: int) -> tuple[torch
     crow_t = torch.empty(n_cols + 1, dtype=torch.int32)
     rows_t = torch.empty(nnz, dtype=torch.int32)
     perm = torch.empty(nnz, dtype=torch.int32)
-    lib().sae_transpose(crow.numel() - 1, n_cols, crow.data_ptr(), col.data_ptr(), crow_t.data_ptr(),
+    _loaded().sae_transpose(crow.numel() - 1, n_cols, crow.data_ptr(), col.data_ptr(), crow_t.data_ptr(),
                         rows_t.data_ptr(), perm.data_ptr())
     return perm, crow_t, rows_t
 
@@ -332,7 +340,7 @@ def relu_bias_(h: torch.Tensor, bias: torch.Tensor | None, colsum: bool = True
     counts = torch.empty(n, dtype=torch.int32)
     sums = torch.empty(s, dtype=torch.float32) if colsum else None
     bias = None if bias is None else bias.contiguous()
-    nnz = lib().sae_relu_bias(n, s, h.data_ptr(), h.stride(0), _p(bias), counts.data_ptr(), _p(sums),
+    nnz = _loaded().sae_relu_bias(n, s, h.data_ptr(), h.stride(0), _p(bias), counts.data_ptr(), _p(sums),
                               torch.get_num_threads())
     return int(nnz), counts, sums
 
@@ -344,7 +352,7 @@ def relu_backward_(df: torch.Tensor, f: torch.Tensor, colterm: torch.Tensor | No
     n, s = df.shape
     sums = torch.empty(s, dtype=torch.float32)
     colterm = None if colterm is None else colterm.contiguous()
-    lib().sae_relu_backward(n, s, df.data_ptr(), df.stride(0), f.data_ptr(), f.stride(0), _p(colterm),
+    _loaded().sae_relu_backward(n, s, df.data_ptr(), df.stride(0), f.data_ptr(), f.stride(0), _p(colterm),
                             sums.data_ptr(), torch.get_num_threads())
     return sums
 
@@ -359,6 +367,6 @@ def dense_to_csr(h: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, t
     nnz = int(crow[-1])
     col = torch.empty(nnz, dtype=torch.int32)
     val = torch.empty(nnz, dtype=torch.float32)
-    lib().sae_dense_to_csr(n, s, h.data_ptr(), h.stride(0), crow.data_ptr(), col.data_ptr(), val.data_ptr(),
+    _loaded().sae_dense_to_csr(n, s, h.data_ptr(), h.stride(0), crow.data_ptr(), col.data_ptr(), val.data_ptr(),
                            torch.get_num_threads())
     return crow, col, val

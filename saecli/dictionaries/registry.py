@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -13,18 +14,28 @@ from saecli.dictionaries.base import CONFIG_NAME, WEIGHTS_NAME, Dictionary
 from saecli.dictionaries.kinds import KIND_MODULES
 from saecli.errors import UsageError
 
+if TYPE_CHECKING:
+    from saecli.config.dictionary import DictionaryConfig
+
+T = TypeVar("T")
+
+
+def kinds() -> list[str]:
+    """Every registered kind name (tests/test_kind_contract.py checks each against the Dictionary interface)."""
+    return sorted(KIND_MODULES)
+
 
 def dictionary_class(kind: str) -> type[Dictionary]:
     if kind not in KIND_MODULES:
         raise UsageError(f"unknown dictionary kind {kind!r} (known: {', '.join(sorted(KIND_MODULES))})")
     module = importlib.import_module(KIND_MODULES[kind])
     for obj in vars(module).values():
-        if isinstance(obj, type) and issubclass(obj, Dictionary) and getattr(obj, "kind", None) == kind:
+        if isinstance(obj, type) and issubclass(obj, Dictionary) and obj.kind == kind:
             return obj
     raise RuntimeError(f"module {KIND_MODULES[kind]} defines no Dictionary of kind {kind!r}")
 
 
-def build_dictionary(cfg: Any, d_model: int, hook_points: list[str]) -> Dictionary:
+def build_dictionary(cfg: DictionaryConfig, d_model: int, hook_points: list[str]) -> Dictionary:
     """A fresh (untrained, un-initialised from data) dictionary for `cfg` on these hook points."""
     return dictionary_class(cfg.kind).from_config(cfg, d_model=d_model, hook_points=hook_points)
 
@@ -66,7 +77,7 @@ def check_saved(folder: str | Path) -> None:
         _check_native(Path(folder))
 
 
-def _check_native(folder: Path) -> tuple[dict, Any, type[Dictionary]]:
+def _check_native(folder: Path) -> tuple[dict[str, Any], DictionaryConfig, type[Dictionary]]:
     """(cfg.json, its parsed config, the kind's class) of a saecli dictionary folder, its weights' header
     checked without reading the weights."""
     from safetensors import safe_open
@@ -103,7 +114,7 @@ def _check_native(folder: Path) -> tuple[dict, Any, type[Dictionary]]:
     return meta, cfg, cls
 
 
-def _build(folder: Path, cls: type[Dictionary], cfg: Any, meta: dict) -> Dictionary:
+def _build(folder: Path, cls: type[Dictionary], cfg: DictionaryConfig, meta: dict[str, Any]) -> Dictionary:
     try:
         return cls.from_saved(cfg, meta)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -111,7 +122,7 @@ def _build(folder: Path, cls: type[Dictionary], cfg: Any, meta: dict) -> Diction
                          "was it edited by hand?") from None
 
 
-def _safetensors(path: Path, read: Any) -> Any:
+def _safetensors(path: Path, read: Callable[[], T]) -> T:
     """`read()`, with a damaged safetensors file at `path` turned into a UsageError naming it."""
     from safetensors import SafetensorError
 

@@ -25,10 +25,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from saecli.config.dictionary import DictionaryConfig
+from saecli.config.init import InitConfig
 from saecli.dictionaries import kernels
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation
-from saecli.dictionaries.base import Dictionary, LossOutput, StepContext
+from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, own_config
+from saecli.dictionaries.sae_config import SAEConfig
 from saecli.dictionaries.sharding import LatentShard, local
 from saecli.dtypes import DTYPES
 
@@ -44,11 +47,15 @@ class SparseAutoEncoder(Dictionary):
     latent_axes: ClassVar[dict[str, int]] = {"W_enc": 0, "b_enc": 0, "W_dec": 0, "activation.log_threshold": 0}
     latent_shard: LatentShard | None = None  # set by tensor_parallel.shard_dictionary
 
-    def __init__(self, cfg: Any, d_model: int, in_hook: str, out_hook: str | None = None):
+    b_dec: nn.Parameter | None  # None when cfg.use_decoder_bias is off
+    activation: SparseActivation
+    init_norm: float  # the decoder row norm init's grid search chose (set when it runs; dictionaries/init.py)
+
+    def __init__(self, cfg: DictionaryConfig, d_model: int, in_hook: str, out_hook: str | None = None):
         out_hook = out_hook or in_hook
         super().__init__(cfg, d_model, [in_hook], [out_hook])
         self.in_hook, self.out_hook = in_hook, out_hook
-        dtype = DTYPES[getattr(cfg, "dtype", "float32")]
+        dtype = DTYPES[cfg.dtype]
         s = self.d_sae
         self.W_enc = nn.Parameter(torch.empty(s, d_model, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(s, dtype=dtype))
@@ -60,7 +67,7 @@ class SparseAutoEncoder(Dictionary):
         self.activation = SparseActivation(
             cfg.activation, s, jumprelu_threshold_init=cfg.jumprelu_threshold_init,
             bandwidth=cfg.jumprelu_bandwidth,
-            batchtopk_threshold_decay=getattr(cfg, "batchtopk_threshold_decay", 0.999))
+            batchtopk_threshold_decay=cfg.batchtopk_threshold_decay)
         self.last_path = ""
         self._work: dict[str, Any] = {}
         self._hooked = 0
@@ -72,12 +79,12 @@ class SparseAutoEncoder(Dictionary):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> SparseAutoEncoder:
-        hook = getattr(cfg, "hook_point", None) or hook_points[0]
+    def from_config(cls, cfg: DictionaryConfig, d_model: int, hook_points: list[str]) -> SparseAutoEncoder:
+        hook = own_config(cfg, SAEConfig).hook_point or hook_points[0]
         return cls(cfg, d_model, hook)
 
     @classmethod
-    def from_saved(cls, cfg: Any, meta: dict) -> SparseAutoEncoder:
+    def from_saved(cls, cfg: DictionaryConfig, meta: dict[str, Any]) -> SparseAutoEncoder:
         return cls(cfg, int(meta["d_model"]), meta["in_hooks"][0], meta["out_hooks"][0])
 
     # ------------------------------------------------------------------ pieces of the math
@@ -148,7 +155,7 @@ class SparseAutoEncoder(Dictionary):
 
     # ------------------------------------------------------------------ path choice
     def _choose_path(self, x: torch.Tensor, ctx: StepContext, mask: torch.Tensor | None) -> str:
-        ok = (getattr(self.cfg, "sparse_kernels", True) and ctx.training and torch.is_grad_enabled()
+        ok = (self.cfg.sparse_kernels and ctx.training and torch.is_grad_enabled()
               and x.dim() == 2 and mask is None and x.shape[0] > 0)
         if not ok:
             return "dense"
@@ -203,7 +210,8 @@ class SparseAutoEncoder(Dictionary):
         if raw:
             with torch.autocast(x_in.device.type, enabled=False):
                 return torch.mm(x_in.to(dt), self.W_enc.to(dt).t(), out=buf)
-        w, b = self.W_enc, self.b_enc
+        w: torch.Tensor = self.W_enc
+        b: torch.Tensor = self.b_enc
         if gate is not None:  # rank h·‖W_d‖: scale the encoder rows instead of the [N, d_sae] output
             w = torch.mul(w, gate.to(w.dtype).unsqueeze(1), out=self._buffer("w_gated", w.shape, w.dtype, w.device))
             b = b * gate.to(b.dtype)
@@ -402,7 +410,7 @@ class SparseAutoEncoder(Dictionary):
             w.copy_(self._unit_rows(w.float()).to(w.dtype))
 
     @torch.no_grad()
-    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: Any) -> None:
+    def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: InitConfig) -> None:
         from saecli.dictionaries.init import init_sae_from_data
 
         init_sae_from_data(self, batches, init_cfg)
@@ -420,7 +428,7 @@ class SparseAutoEncoder(Dictionary):
         TopK's ranking is unchanged (every h, or h·‖W_d‖, is divided by the same positive number).
         Token-/batch-wise normalisation depends on each input and cannot be folded: a no-op there.
         """
-        mode = getattr(self.cfg, "norm_activation", "none")
+        mode = self.cfg.norm_activation
         if self.folded or mode in ("token-wise", "batch-wise"):
             return
         if mode == "dataset-wise":

@@ -15,3 +15,6 @@ from saecli.config.dictionary import DictionaryConfig, register_config
 @dataclass
 class SAEConfig(DictionaryConfig):
     hook_point: str | None = opt(None, help="hook point read and reconstructed (default: the first of activations.hook_points)")
+
+    def main_hook(self) -> str | None:
+        return self.hook_point

@@ -20,48 +20,44 @@ output needs the output's own norm, which a spliced transcoder does not have.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from saecli.dictionaries.base import LossOutput, StepContext
+from saecli.config.dictionary import DictionaryConfig
+from saecli.dictionaries.base import LossOutput, StepContext, own_config
+from saecli.dictionaries.helpers import io_hooks
 from saecli.dictionaries.sae import SparseAutoEncoder
 from saecli.dictionaries.sharding import local
+from saecli.dictionaries.transcoder_config import TranscoderConfig
 from saecli.dtypes import DTYPES
-from saecli.errors import ConfigError, UsageError
+from saecli.errors import UsageError
+
+if TYPE_CHECKING:
+    from saecli.lm.loading import LanguageModel
 
 
 class Transcoder(SparseAutoEncoder):
     kind = "transcoder"
 
-    def __init__(self, cfg: Any, d_model: int, in_hook: str, out_hook: str):
+    cfg: TranscoderConfig
+    W_skip: nn.Parameter | None  # the skip connection, when cfg.skip_connection
+
+    def __init__(self, cfg: TranscoderConfig, d_model: int, in_hook: str, out_hook: str):
         super().__init__(cfg, d_model, in_hook, out_hook)
-        if getattr(cfg, "skip_connection", False):
-            dtype = DTYPES[getattr(cfg, "dtype", "float32")]
+        if cfg.skip_connection:
+            dtype = DTYPES[cfg.dtype]
             self.W_skip = nn.Parameter(torch.zeros(d_model, d_model, dtype=dtype))
         else:
             self.register_parameter("W_skip", None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: Any, d_model: int, hook_points: list[str]) -> Transcoder:
-        hook_in = cfg.hook_point_in or hook_points[0]
-        if cfg.hook_point_out:
-            hook_out = cfg.hook_point_out
-        else:
-            rest = [h for h in hook_points if h != hook_in]
-            if not rest:
-                raise ConfigError("a transcoder reads one hook point and reconstructs another: list both in "
-                                  "activations.hook_points or set sae.hook_point_out", key="sae.hook_point_out")
-            hook_out = rest[0]
-        for key, hook in (("hook_point_in", hook_in), ("hook_point_out", hook_out)):
-            if hook not in hook_points:
-                raise ConfigError(f"{hook!r} is not in activations.hook_points ({', '.join(hook_points)}): "
-                                  "the stream must carry every hook the transcoder reads or writes", key=f"sae.{key}")
-        if hook_in == hook_out:
-            raise ConfigError("hook_point_in equals hook_point_out: use kind = \"sae\"", key="sae.hook_point_out")
-        return cls(cfg, d_model, hook_in, hook_out)
+    def from_config(cls, cfg: DictionaryConfig, d_model: int, hook_points: list[str]) -> Transcoder:
+        cfg = own_config(cfg, TranscoderConfig)
+        hooks = io_hooks(cfg.hook_point_in, cfg.hook_point_out, hook_points, "transcoder", same='use kind = "sae"')
+        return cls(cfg, d_model, *hooks)
 
     # ------------------------------------------------------------------ the skip
     def skip(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -98,7 +94,7 @@ class Transcoder(SparseAutoEncoder):
     def fold_activation_scale(self) -> None:
         """The SAE's folding (s_in ≠ s_out kept apart, thresholds included) plus W_skip ← W_skip·s_in/s_out:
         the skip's raw output is (s_in·x_raw)W_skip / s_out."""
-        mode = getattr(self.cfg, "norm_activation", "none")
+        mode = self.cfg.norm_activation
         if self.W_skip is not None and not self.folded and mode == "dataset-wise":
             self.W_skip.mul_(float(self.scale(self.in_hook)) / float(self.scale(self.out_hook)))
         super().fold_activation_scale()
@@ -107,10 +103,10 @@ class Transcoder(SparseAutoEncoder):
     @property
     def needs_model_init(self) -> bool:
         """True when the trainer must call `init_from_model(lm, raw_batches)` after `init_from_data`."""
-        return bool(getattr(self.cfg, "initialize_tc_with_mlp", False))
+        return self.cfg.initialize_tc_with_mlp
 
     @torch.no_grad()
-    def init_from_model(self, lm: Any, raw_batches: list[dict[str, torch.Tensor]], chunk: int = 1024) -> None:
+    def init_from_model(self, lm: LanguageModel | None, raw_batches: list[dict[str, torch.Tensor]], chunk: int = 1024) -> None:
         """Set decoder rows from the MLP this transcoder replaces (see the module docstring).
 
         `raw_batches`: a few batches of RAW activations (as the stream yields them); only the input

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from saecli.config.base import bad, opt
-from saecli.config.dictionary import DictionaryConfig, check_output_scaling, register_config
+from saecli.config.dictionary import DictionaryConfig, check_output_hook_listed, check_output_scaling, register_config
 
 
 @register_config("transcoder")
@@ -23,6 +23,10 @@ class TranscoderConfig(DictionaryConfig):
     initialize_tc_with_mlp: bool = opt(
         False, help="set decoder rows from the model's MLP probed along each encoder direction (needs [model])")
     mlp_layer: int | None = opt(None, help="layer whose MLP initialises the decoder (default: hook_point_in's layer)")
+
+    def check_stream_hooks(self, listed: list[str]) -> None:
+        super().check_stream_hooks(listed)
+        check_output_hook_listed(self, self.hook_point_out, listed)
 
     def validate(self) -> None:
         super().validate()

@@ -27,12 +27,12 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from saecli import ui
-from saecli.data.open import open_stream, uses_cache
+from saecli.data.open import need_activations, open_stream, uses_cache
 from saecli.dictionaries.base import Dictionary
 from saecli.errors import UsageError
 from saecli.evaluation.density import log_density_histogram, save_density_png, show_density
@@ -40,6 +40,11 @@ from saecli.evaluation.heldout import HeldOut, plan_heldout
 from saecli.evaluation.metrics import EvalAccumulator, Thresholds
 from saecli.evaluation.model_diff import model_diff_report, show_model_diff
 from saecli.evaluation.splice import splice_eval
+
+if TYPE_CHECKING:
+    from saecli.config.experiment import Experiment
+    from saecli.lm.loading import LanguageModel
+
 
 EVAL_FILE = "eval.json"
 DENSITY_FILE = "eval_density.png"
@@ -66,7 +71,7 @@ def load_for_eval(sae_path: str | Path, device: torch.device | str = "cpu") -> D
     return load_dictionary(folder, device=device).eval()
 
 
-def _device(lm: Any) -> torch.device:
+def _device(lm: LanguageModel | None) -> torch.device:
     if lm is not None:
         return torch.device(lm.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,15 +126,16 @@ def reconstruction_metrics(dictionary: Dictionary, batches: Iterator[Any], total
     return acc
 
 
-def _ce_batches(exp: Any, lm: Any, skip: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _ce_batches(exp: Experiment, lm: LanguageModel, skip: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`eval.ce_contexts` packed windows of held-out text, in model batches of (tokens, mask)."""
     from saecli.data.text import iter_documents
     from saecli.data.tokens import packer_for
 
     dataset = exp.dataset if skip is None else dataclasses.replace(exp.dataset, skip_documents=skip)
-    packer = packer_for(lm, exp.activations, exp.model)
+    acts = need_activations(exp)
+    packer = packer_for(lm, acts, exp.model)
     left = exp.eval.ce_contexts
-    for ctx in packer.contexts(iter_documents(dataset), exp.activations.model_batch_size):
+    for ctx in packer.contexts(iter_documents(dataset), acts.model_batch_size):
         if left <= 0:
             break
         tokens, mask = ctx.tokens[:left], ctx.mask[:left]
@@ -137,7 +143,7 @@ def _ce_batches(exp: Any, lm: Any, skip: int | None) -> Iterator[tuple[torch.Ten
         yield tokens, mask
 
 
-def _splice(exp: Any, lm: Any, dictionary: Dictionary, held: HeldOut) -> dict[str, float] | None:
+def _splice(exp: Experiment, lm: LanguageModel, dictionary: Dictionary, held: HeldOut) -> dict[str, float] | None:
     batches = list(_ce_batches(exp, lm, held.skip_documents))
     if not batches:
         ui.warn("no held-out text left for the CE/KL splice evaluation; skipped")
@@ -152,7 +158,7 @@ def _splice(exp: Any, lm: Any, dictionary: Dictionary, held: HeldOut) -> dict[st
     return result
 
 
-def _store_update(exp: Any, sae_path: Path, metrics: dict) -> None:
+def _store_update(exp: Experiment, sae_path: Path, metrics: dict) -> None:
     """Merge the eval metrics into the store's record of this dictionary (created when missing)."""
     if exp.store.backend == "none":
         return
@@ -191,14 +197,14 @@ def _write_latents(path: Path, per_latent: dict[str, torch.Tensor]) -> None:
     write_with(path, lambda p: save_file(tensors, str(p), metadata={"format": "saecli-eval-latents"}))
 
 
-def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | Path | None = None,
-             show: bool = True, lm: Any = None) -> dict:
+def evaluate(exp: Experiment, sae_path: str | Path | None = None, *, run_folder: str | Path | None = None,
+             show: bool = True, lm: LanguageModel | None = None) -> dict:
     """Evaluate the dictionary at `sae_path` (default: eval.sae_path, else run.output_dir) on held-out data.
 
     `run_folder` is where the training run's summary.json/checkpoints are (default: the dictionary's
     folder, which is where `train` writes them). Returns what eval.json holds.
     """
-    exp.require("activations")
+    need_activations(exp)
     folder = Path(sae_path or exp.eval.sae_path or exp.run.output_dir)
     started = time.time()
     dictionary = load_for_eval(folder)  # first: a wrong path fails before the model loads
@@ -210,7 +216,7 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
 
         lm = load_model(exp.model)
     plan_lm, lms = lm, None
-    if getattr(exp, "models", None):
+    if exp.models:
         # several models: a given `lm` is the first one; its tokenizer packed the training text, so it finds the
         # held-out documents; it splices nothing (lm = None: a reconstruction reads every model)
         first = next(iter(exp.models))
@@ -230,7 +236,7 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
     if held.source == "live" and held.skip_documents is not None:
         where += f" from document {held.skip_documents}"
     elif held.source == "cache":
-        where += f" from {held.exp.activations.cache_dir}"
+        where += f" from {need_activations(held.exp).cache_dir}"
     ui.info(f"evaluating {folder} ({dictionary.kind}, {dictionary.d_sae} latents) on {where}")
 
     hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
@@ -241,21 +247,19 @@ def evaluate(exp: Any, sae_path: str | Path | None = None, *, run_folder: str | 
     try:
         acc = reconstruction_metrics(dictionary, iter(stream), ev.total_eval_tokens, thresholds)
     finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+        stream.close()
     recon = acc.result()
-    outliers = int(getattr(stream, "dropped_tokens", 0))
+    outliers = stream.dropped_tokens
     if outliers:
         ui.info(f"{outliers:,} massive-activation tokens left out (activations.max_norm_ratio = "
-                f"{held.exp.activations.max_norm_ratio:g}; 0 keeps them)")
+                f"{need_activations(held.exp).max_norm_ratio:g}; 0 keeps them)")
     if acc.n_tokens < ev.total_eval_tokens:
         ui.warn(f"the held-out data ran out after {acc.n_tokens:,} of eval.total_eval_tokens = {ev.total_eval_tokens:,} tokens")
 
     splice = None
     if ev.ce_loss and lm is not None:
         splice = _splice(exp, lm, dictionary, held)
-    elif ev.ce_loss and getattr(exp, "models", None):
+    elif ev.ce_loss and exp.models:
         ui.info("several models: the CE/KL splice is skipped (a reconstruction of one model's hook reads every "
                 "model's activations); see the per-model numbers (model_diff)")
     elif ev.ce_loss:

@@ -23,14 +23,21 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from saecli.data.open import need_activations
+
+if TYPE_CHECKING:
+    from saecli.config.experiment import Experiment
+    from saecli.lm.loading import LanguageModel
+
 
 SUMMARY_FILE = "summary.json"
 
 
 @dataclass
 class HeldOut:
-    exp: Any  # the experiment to open the eval stream with (its [activations] source may be changed)
+    exp: Experiment  # the experiment to open the eval stream with (its [activations] source may be changed)
     source: str  # "live" | "cache"
     skip_documents: int | None  # first document of the eval text (live stream, CE contexts)
     training_documents: tuple[int, int] | None  # [start, end) of the documents training read, when known
@@ -44,7 +51,7 @@ class HeldOut:
             "skip_documents": self.skip_documents,
             "training_documents": list(self.training_documents) if self.training_documents else None,
             "training_documents_from": self.how,
-            "cache_dir": self.exp.activations.cache_dir if self.source == "cache" else None,
+            "cache_dir": need_activations(self.exp).cache_dir if self.source == "cache" else None,
             "overlaps_training": self.overlap is not None,
             "overlap": self.overlap,
         }
@@ -79,7 +86,7 @@ def _training_world_size(run_folder: Path | None) -> int:
         return 1
 
 
-def live_documents_consumed(exp: Any, lm: Any, tokens: int, world_size: int = 1) -> tuple[int, bool]:
+def live_documents_consumed(exp: Experiment, lm: LanguageModel, tokens: int, world_size: int = 1) -> tuple[int, bool]:
     """(D, exhausted): a skip_documents past every document a live training stream read for `tokens`.
 
     Replays the live stream's packing (its windows of `window_contexts` contexts per rank) without
@@ -92,9 +99,10 @@ def live_documents_consumed(exp: Any, lm: Any, tokens: int, world_size: int = 1)
     per_rank = math.ceil(tokens / world_size)
     for rank in range(world_size):
         model_cfg = exp.model
-        if model_cfg is None and getattr(exp, "models", None):  # several models: the first one packs the text
+        if model_cfg is None and exp.models:  # several models: the first one packs the text
             model_cfg = next(iter(exp.models.values()))
-        stream = LiveStream(lm, exp.dataset, exp.activations, rank=rank, world_size=world_size, model_cfg=model_cfg)
+        stream = LiveStream(lm, exp.dataset, need_activations(exp), rank=rank, world_size=world_size,
+                            model_cfg=model_cfg)
         seen = 0
         docs = iter_documents(exp.dataset, rank, world_size)
         for ctx in stream.packer.contexts(docs, stream.window_contexts):
@@ -121,19 +129,20 @@ def _same_text(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def plan_heldout(exp: Any, run_folder: Path | None, lm: Any | None) -> HeldOut:
+def plan_heldout(exp: Experiment, run_folder: Path | None, lm: LanguageModel | None) -> HeldOut:
     """Decide where the eval activations and CE contexts come from (see the module docstring)."""
     from saecli.config.base import to_dict
     from saecli.data.open import uses_cache
 
+    acts = need_activations(exp)
     ev = exp.eval
     train_text = to_dict(exp.dataset)
     training: tuple[int, int] | None = None
     how = "unknown"
     notes: list[str] = []
-    if uses_cache(exp):
-        train_text, start, end = _cache_range(exp.activations.cache_dir)
-        training, how = (start, end), f"the training cache's manifest ({exp.activations.cache_dir})"
+    if uses_cache(exp) and acts.cache_dir:
+        train_text, start, end = _cache_range(acts.cache_dir)
+        training, how = (start, end), f"the training cache's manifest ({acts.cache_dir})"
     else:
         summary = _read_summary(run_folder)
         start = exp.dataset.skip_documents
@@ -154,7 +163,7 @@ def plan_heldout(exp: Any, run_folder: Path | None, lm: Any | None) -> HeldOut:
     if ev.cache_dir:
         eval_text, e_start, e_end = _cache_range(ev.cache_dir)
         overlap = None
-        if Path(ev.cache_dir).resolve() == Path(exp.activations.cache_dir or "\0").resolve():
+        if Path(ev.cache_dir).resolve() == Path(acts.cache_dir or "\0").resolve():
             overlap = f"eval.cache_dir is the training cache ({ev.cache_dir})"
         elif training and _same_text(eval_text, train_text) and e_start < training[1] and training[0] < e_end:
             overlap = (f"the eval cache holds documents [{e_start}, {e_end}) and training read "
@@ -163,7 +172,7 @@ def plan_heldout(exp: Any, run_folder: Path | None, lm: Any | None) -> HeldOut:
         skip = ev.skip_documents if ev.skip_documents is not None else (training[1] if training else None)
         return HeldOut(use, "cache", skip, training, how, overlap, notes)
 
-    if exp.model is not None or getattr(exp, "models", None):
+    if exp.model is not None or exp.models:
         skip = ev.skip_documents if ev.skip_documents is not None else (training[1] if training else None)
         overlap = None
         if training and skip is not None and skip < training[1] and _same_text(to_dict(exp.dataset), train_text):
@@ -176,9 +185,9 @@ def plan_heldout(exp: Any, run_folder: Path | None, lm: Any | None) -> HeldOut:
         return HeldOut(_with_activations(exp, source="live"), "live", skip, training, how, overlap, notes)
 
     overlap = (f"no [model] to compute held-out activations and no eval.cache_dir: evaluating on the training "
-               f"cache {exp.activations.cache_dir}")
+               f"cache {acts.cache_dir}")
     return HeldOut(exp, "cache", None, training, how, overlap, notes)
 
 
-def _with_activations(exp: Any, **changes: Any) -> Any:
-    return dataclasses.replace(exp, activations=dataclasses.replace(exp.activations, **changes))
+def _with_activations(exp: Experiment, **changes: Any) -> Experiment:
+    return dataclasses.replace(exp, activations=dataclasses.replace(need_activations(exp), **changes))

@@ -136,7 +136,7 @@ class LatentStats:
             abs_sum = f.abs().sum(dtype=_F64)
         else:
             counts, sums, maxs, abs_sum = _sparse_column_stats(f)
-        if self.counts is None:
+        if self.counts is None or self.sums is None or self.maxs is None:  # the first batch (all three set)
             self.counts, self.sums, self.maxs = counts, sums, maxs
         else:
             self.counts += counts
@@ -147,7 +147,7 @@ class LatentStats:
 
     def per_latent(self) -> dict[str, torch.Tensor]:
         """[F] tensors on the CPU: fires, frequency, mean activation when firing, max activation."""
-        if self.counts is None:
+        if self.counts is None or self.sums is None or self.maxs is None:
             raise ValueError("no batch was added")
         counts = self.counts.cpu()
         freq = counts.to(_F64) / max(self.n, 1)

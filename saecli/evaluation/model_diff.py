@@ -18,20 +18,26 @@ around 0.5 (shared). Labels use `saecli.dictionaries.crosscoder.diff_label`'s th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from saecli.dictionaries.base import Dictionary
+
 
 HIST_BINS = 20
 
 
-def model_diff_report(dictionary: Any, per_hook: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The "model_diff" block for a dictionary with heads of several models, else None."""
-    shares_of = getattr(dictionary, "model_norm_shares", None)
-    shares = shares_of() if callable(shares_of) else None
+def model_diff_report(dictionary: Dictionary, per_hook: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The "model_diff" block for a dictionary with heads of several models (a crosscoder), else None."""
+    from saecli.dictionaries.crosscoder import EXCLUSIVE_RATIO, Crosscoder, diff_label, heads_by_model
+
+    if not isinstance(dictionary, Crosscoder):
+        return None
+    shares = dictionary.model_norm_shares()
     if shares is None:
         return None
-    from saecli.dictionaries.crosscoder import EXCLUSIVE_RATIO, diff_label, heads_by_model
 
     labels, share = shares
     groups = heads_by_model(list(dictionary.heads))

@@ -41,11 +41,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from saecli.dictionaries.base import Dictionary
+
+if TYPE_CHECKING:
+    from saecli.lm.loading import LanguageModel
+
 
 MIN_ABLATION_GAP = 0.05  # nats: an ablation that moves the CE less than this makes a ratio meaningless
 
@@ -93,7 +97,6 @@ class SpliceSums:
         return out
 
 
-
 def recovered(clean: float, spliced: float, ablated: float, min_gap: float, what: str) -> tuple[float | None, str | None]:
     """(CE_ablated − CE_spliced) / (CE_ablated − CE_clean), or (None, why) when the ablation barely moves the loss."""
     gap = ablated - clean
@@ -103,7 +106,7 @@ def recovered(clean: float, spliced: float, ablated: float, min_gap: float, what
     return (ablated - spliced) / gap, None
 
 
-def _forward(lm: Any, tokens: torch.Tensor, replacements: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+def _forward(lm: LanguageModel, tokens: torch.Tensor, replacements: dict[str, Callable[[torch.Tensor], torch.Tensor]],
              attention_mask: torch.Tensor | None) -> torch.Tensor:
     from saecli.lm import forward_with_replacements
 
@@ -151,7 +154,7 @@ def reconstruct_hooks(dictionary: Dictionary, acts: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def splice_batch(lm: Any, dictionary: Dictionary, tokens: torch.Tensor, mask: torch.Tensor,
+def splice_batch(lm: LanguageModel, dictionary: Dictionary, tokens: torch.Tensor, mask: torch.Tensor,
                  attention_mask: torch.Tensor | None = None) -> SpliceSums:
     """The three forwards on one [B, T] batch of contexts; `mask` [B, T] marks counted positions."""
     hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
@@ -211,15 +214,13 @@ def _masked_kl(logp_ref: torch.Tensor, logp: torch.Tensor, counted: torch.Tensor
     return float(kl.sum(dtype=torch.float64))
 
 
-def splice_eval(lm: Any, dictionary: Dictionary, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def splice_eval(lm: LanguageModel, dictionary: Dictionary, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                 on_batch: Callable[[SpliceSums], None] | None = None,
                 min_gap: float = MIN_ABLATION_GAP) -> dict[str, Any]:
     """Run `splice_batch` over (tokens [B, T], mask [B, T]) batches and return the averaged metrics."""
     total = SpliceSums()
-    device = getattr(lm, "device", None)
     for tokens, mask in batches:
-        if device is not None:
-            tokens, mask = tokens.to(device), mask.to(device)
+        tokens, mask = tokens.to(lm.device), mask.to(lm.device)
         part = splice_batch(lm, dictionary, tokens, mask)
         total.add(part)
         if on_batch is not None:

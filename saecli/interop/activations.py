@@ -24,12 +24,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from saecli.errors import UsageError
+
+if TYPE_CHECKING:
+    from saecli.config.experiment import Experiment
+
 
 IMPORTED = "imported:"
 _TOKEN_KEYS = ("tokens", "input_ids")
@@ -215,13 +219,13 @@ def _rechunk(
 
 
 # ------------------------------------------------------------------------------------------ runs
-def cache_data_source(exp: Any) -> Any:
+def cache_data_source(exp: Experiment) -> Experiment:
     """`exp` with [dataset] naming the imported activations when it trains on an imported cache (so the
     run's config.toml records where its data came from, not the default text it never read)."""
     from saecli.data.manifest import MANIFEST, read_manifest, shard_dir
     from saecli.data.open import uses_cache
 
-    acts = getattr(exp, "activations", None)
+    acts = exp.activations
     if acts is None or not acts.cache_dir or not uses_cache(exp):
         return exp
     path = shard_dir(acts.cache_dir, 0) / MANIFEST

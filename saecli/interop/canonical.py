@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from saecli.errors import UsageError
+
+if TYPE_CHECKING:
+    from saecli.dictionaries.base import Dictionary
+    from saecli.dictionaries.sae import SparseAutoEncoder
+
 
 SINGLE_HOOK_KINDS = ("sae", "transcoder")
 
@@ -41,6 +46,18 @@ class Canonical:
     norm: str = "none"  # "none" | "token-wise"
     batchtopk: bool = False
     info: dict[str, Any] = field(default_factory=dict)  # model, dataset, dtype, ... (metadata only)
+
+    def top_k(self) -> int:
+        """k of a TopK (or BatchTopK) dictionary; a ValueError for the others, which have none."""
+        if self.k is None:
+            raise ValueError(f"a {self.activation} dictionary has no k")
+        return int(self.k)
+
+    def theta(self) -> torch.Tensor:
+        """The per-latent thresholds of a JumpReLU (or BatchTopK) dictionary; a ValueError for the others."""
+        if self.threshold is None:
+            raise ValueError(f"a {self.activation} dictionary has no threshold")
+        return self.threshold
 
     @property
     def d_in(self) -> int:
@@ -66,7 +83,7 @@ class Canonical:
         if self.activation == "relu":
             return torch.relu(h)
         if self.activation == "topk":
-            vals, idx = torch.topk(h, min(int(self.k), h.shape[-1]), dim=-1, sorted=False)
+            vals, idx = torch.topk(h, min(self.top_k(), h.shape[-1]), dim=-1, sorted=False)
             return torch.zeros_like(h).scatter(-1, idx, torch.relu(vals))
         assert self.threshold is not None
         return h * (h > self.threshold.to(h.dtype))
@@ -115,7 +132,7 @@ class Canonical:
 
 
 # ---------------------------------------------------------------------------------------- saecli ↔ canonical
-def from_dictionary(dictionary: Any) -> Canonical:
+def from_dictionary(dictionary: Dictionary) -> Canonical:
     """A saecli SAE or transcoder → the canonical form, mapping raw activations to raw reconstructions
     exactly as `dictionary.reconstruct` does (the dataset-wise scale folded in on a copy)."""
     from saecli.dictionaries.sae import SparseAutoEncoder
@@ -128,7 +145,7 @@ def from_dictionary(dictionary: Any) -> Canonical:
             + (" (circuit-tracer's CLT layout is not written yet)" if dictionary.kind == "clt" else "")
         )
     cfg = dictionary.cfg
-    mode = getattr(cfg, "norm_activation", "none")
+    mode = cfg.norm_activation
     if mode == "batch-wise" and not dictionary.folded:
         raise UsageError(
             "batch-wise input scaling depends on each batch: no format can hold it (train with "
@@ -172,11 +189,12 @@ def from_dictionary(dictionary: Any) -> Canonical:
     )
 
 
-def to_dictionary(c: Canonical) -> Any:
+def to_dictionary(c: Canonical) -> SparseAutoEncoder:
     """The canonical form → a saecli dictionary (ungated, already folded) computing the same function."""
     from saecli.config.base import parse
     from saecli.config.dictionary import DictionaryConfig
     from saecli.dictionaries.registry import dictionary_class
+    from saecli.dictionaries.sae import SparseAutoEncoder
 
     if c.d_in != c.d_out:
         raise UsageError(
@@ -198,7 +216,7 @@ def to_dictionary(c: Canonical) -> Any:
         ),
     }
     if c.activation == "topk":
-        table["k"] = min(int(c.k), c.d_sae)
+        table["k"] = min(c.top_k(), c.d_sae)
     elif c.k is not None:
         table["k"] = min(int(c.k), c.d_sae)
     if kind == "transcoder":
@@ -208,13 +226,14 @@ def to_dictionary(c: Canonical) -> Any:
     cfg = parse(DictionaryConfig, table, key="sae")
     cls = dictionary_class(kind)
     d = cls.from_saved(cfg, {"d_model": c.d_in, "in_hooks": [c.hook_in], "out_hooks": [c.hook_out]})
+    assert isinstance(d, SparseAutoEncoder), kind  # the canonical form holds the single-hook kinds only
     load_weights(d, c)
     d.folded = c.norm == "none"  # raw units; token-wise scaling stays a per-input step
     return d
 
 
 @torch.no_grad()
-def load_weights(d: Any, c: Canonical, s_in: float = 1.0, s_out: float = 1.0) -> None:
+def load_weights(d: SparseAutoEncoder, c: Canonical, s_in: float = 1.0, s_out: float = 1.0) -> None:
     """Write `c`'s weights into saecli dictionary `d` whose inputs/outputs are scaled by s_in/s_out
     (the inverse of `fold_activation_scale`; 1 for a folded or unscaled dictionary). `d` must agree with
     `c` on activation, gating and decoder bias (see saecli.interop.pretrained for the checks)."""
@@ -227,10 +246,9 @@ def load_weights(d: Any, c: Canonical, s_in: float = 1.0, s_out: float = 1.0) ->
     d.W_dec.copy_((c.W_dec.float() * (s_out / s_in)).to(dt))
     if d.b_dec is not None:
         d.b_dec.copy_((c.b_dec.float() * s_out).to(dt))
-    if skip_matrix(d) is not None:
-        d.W_skip.copy_(
-            (c.W_skip.float() * (s_out / s_in)).to(dt) if c.W_skip is not None else torch.zeros_like(d.W_skip)
-        )
+    skip = skip_matrix(d)
+    if skip is not None:
+        skip.copy_((c.W_skip.float() * (s_out / s_in)).to(dt) if c.W_skip is not None else torch.zeros_like(skip))
     if c.threshold is not None and d.cfg.activation in ("jumprelu", "batchtopk"):
         # saecli's θ compares h (ungated) or h·‖W_d‖ (gated); the canonical θ compares the raw h
         theta = c.threshold.float() * (s_out if d.gated else s_in)
@@ -242,7 +260,7 @@ def load_weights(d: Any, c: Canonical, s_in: float = 1.0, s_out: float = 1.0) ->
             d.activation.threshold.fill_(float(theta.mean()))
 
 
-def skip_matrix(d: Any) -> torch.Tensor | None:
+def skip_matrix(d: SparseAutoEncoder) -> torch.Tensor | None:
     """A transcoder's skip matrix W_skip [d_in, d_out] (None without one, and for an SAE)."""
     from saecli.dictionaries.transcoder import Transcoder
 

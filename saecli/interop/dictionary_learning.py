@@ -47,11 +47,11 @@ def write(c: Canonical, out: Path, info: dict[str, Any]) -> Path:
     if cls == "AutoEncoder":
         state = {"bias": c.b_dec, "encoder.weight": c.W_enc, "encoder.bias": centred, "decoder.weight": c.W_dec.T}
     elif cls == "JumpReluAutoEncoder":
-        state = {"W_enc": c.W_enc.T, "b_enc": c.b_enc, "W_dec": c.W_dec, "b_dec": c.b_dec, "threshold": c.threshold}
+        state = {"W_enc": c.W_enc.T, "b_enc": c.b_enc, "W_dec": c.W_dec, "b_dec": c.b_dec, "threshold": c.theta()}
     else:
-        theta = float(c.threshold[0]) if cls == "BatchTopKSAE" else -1.0
+        theta = float(c.theta()[0]) if cls == "BatchTopKSAE" else -1.0
         state = {
-            "k": torch.tensor(int(c.k), dtype=torch.int),
+            "k": torch.tensor(c.top_k(), dtype=torch.int),
             "threshold": torch.tensor(theta),
             "decoder.weight": c.W_dec.T,
             "encoder.weight": c.W_enc,
@@ -69,7 +69,7 @@ def write(c: Canonical, out: Path, info: dict[str, Any]) -> Path:
         "layer": info.get("layer"),
     }
     if c.k is not None:
-        trainer["k"] = int(c.k)
+        trainer["k"] = c.top_k()
     out.mkdir(parents=True, exist_ok=True)
     write_with(out / WEIGHTS, lambda p: torch.save(state, p))
     write_json(

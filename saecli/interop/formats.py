@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,10 @@ from saecli.interop.selfcheck import (
     save_reference,
     tolerance,
 )
+
+if TYPE_CHECKING:
+    from saecli.dictionaries.sae import SparseAutoEncoder
+
 
 FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (saelens, sparsify, dictionary_learning)}
 
@@ -89,7 +93,7 @@ def read_checked(folder: str | Path) -> tuple[Canonical, str, Path, Reference | 
     return c, name, where, ref
 
 
-def load_any(folder: str | Path, device: str | torch.device = "cpu") -> Any:
+def load_any(folder: str | Path, device: str | torch.device = "cpu") -> SparseAutoEncoder:
     """A foreign folder as a saecli Dictionary (folded, raw units); checked against its reference batch, and
     the conversion itself checked against the format's own maths on that batch (or on probe inputs)."""
     c, name, where, ref = read_checked(folder)
@@ -125,6 +129,7 @@ def export_dictionary(source: str | Path, fmt: str, out: str | Path, *, overwrit
     `fmt`, with its reference batch; the written files are read back and checked before `out` appears.
     Returns {"format", "folder" (where the weights are), "kind", "activation", "d_in", "d_sae", "metrics"}."""
     from saecli.dictionaries.registry import load_dictionary
+    from saecli.dictionaries.sae import SparseAutoEncoder
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
@@ -137,6 +142,7 @@ def export_dictionary(source: str | Path, fmt: str, out: str | Path, *, overwrit
         raise UsageError(f"{out} already exists and is not empty: choose a new folder or add --overwrite")
     d = load_dictionary(source).eval()
     c = from_dictionary(d)
+    assert isinstance(d, SparseAutoEncoder)  # from_dictionary refused the other kinds
     info = run_info(Path(source), c)
     fmt_mod = FORMATS[fmt]
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -146,7 +152,7 @@ def export_dictionary(source: str | Path, fmt: str, out: str | Path, *, overwrit
         # the reference: saecli's own reconstruction; the features as the written file defines them
         written = fmt_mod.read(where)
         scale = float(d.d_model) ** 0.5
-        if getattr(d.cfg, "norm_activation", "none") == "dataset-wise":
+        if d.cfg.norm_activation == "dataset-wise":
             scale = scale / float(d.scale(c.hook_in))
         x = reference_inputs(c.W_enc, c.b_dec if c.kind == "sae" else None, scale)
         with torch.no_grad():
@@ -154,11 +160,13 @@ def export_dictionary(source: str | Path, fmt: str, out: str | Path, *, overwrit
         f_w, _ = _run(written, x)
         ref = Reference(x, f_w, y, metrics(x, f_w, y, c.kind == "sae"))
         save_reference(where, ref)
+        back = load_reference(where)
+        assert back is not None, f"{where}: the reference just written is missing"
         got = compare(
-            load_reference(where),
+            back,
             *_run(fmt_mod.read(where), x),
             where=f"{out} ({fmt})",
-            tol=tolerance(DTYPES.get(info.get("dtype"), torch.float32)),
+            tol=tolerance(DTYPES.get(str(info.get("dtype")), torch.float32)),
             autoencoder=c.kind == "sae",
         )
         if overwrite and out.exists():

@@ -11,7 +11,7 @@ ConfigError naming the key to change.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,8 +19,13 @@ from saecli.errors import ConfigError
 from saecli.interop.canonical import Canonical, from_dictionary, load_weights, skip_matrix
 from saecli.interop.selfcheck import Reference, compare, metrics, reference_inputs, tolerance
 
+if TYPE_CHECKING:
+    from saecli.config.experiment import Experiment
+    from saecli.dictionaries.base import Dictionary
+    from saecli.dictionaries.sae import SparseAutoEncoder
 
-def start_from(d: Any, path: str | Path, key: str = "sae.pretrained") -> Canonical:
+
+def start_from(d: Dictionary, path: str | Path, key: str = "sae.pretrained") -> Canonical:
     """Load the dictionary at `path` into the freshly initialised `d` (same kind, widths and activation)."""
     from saecli.dictionaries.registry import load_dictionary
     from saecli.dictionaries.sae import SparseAutoEncoder
@@ -47,7 +52,7 @@ def start_from(d: Any, path: str | Path, key: str = "sae.pretrained") -> Canonic
     return c
 
 
-def _check(d: Any, c: Canonical, path: str | Path, key: str) -> None:
+def _check(d: SparseAutoEncoder, c: Canonical, path: str | Path, key: str) -> None:
     where = f"the pretrained dictionary ({path})"
     if c.kind != d.kind:
         raise ConfigError(f"{where} is a {c.kind}, the experiment trains a {d.kind}", key="sae.kind")
@@ -94,7 +99,7 @@ def _check(d: Any, c: Canonical, path: str | Path, key: str) -> None:
 
 
 @torch.no_grad()
-def _verify(d: Any, c: Canonical, path: str | Path) -> None:
+def _verify(d: SparseAutoEncoder, c: Canonical, path: str | Path) -> None:
     """The loaded dictionary reconstructs raw probe inputs as the pretrained folder does."""
     scale = float(d.d_model) ** 0.5 / (float(d.scale(d.in_hook)) if d.cfg.norm_activation == "dataset-wise" else 1.0)
     x = reference_inputs(c.W_enc, c.b_dec if c.kind == "sae" else None, scale)
@@ -117,7 +122,7 @@ def _verify(d: Any, c: Canonical, path: str | Path) -> None:
 __all__ = ["start_from"]
 
 
-def or_pretrained(exp: Any, folder: Path) -> Path:
+def or_pretrained(exp: Experiment, folder: Path) -> Path:
     """`folder` (a run's output folder), or the experiment's `[sae] pretrained` folder while `folder` holds
     no trained dictionary: an experiment that names a pretrained dictionary can be evaluated, analysed or
     given to DLA before (or without) training it further."""

@@ -84,7 +84,7 @@ def write(c: Canonical, out: Path, info: dict[str, Any]) -> Path:
         "metadata": metadata,
     }
     if arch == "topk":
-        cfg.update(k=int(c.k), rescale_acts_by_decoder_norm=False)
+        cfg.update(k=c.top_k(), rescale_acts_by_decoder_norm=False)
     if c.kind == "transcoder":
         cfg["d_out"] = c.d_out
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def read(folder: Path) -> Canonical:
     if cfg.get("apply_b_dec_to_input", not transcoder) and not transcoder:
         c.b_enc = c.b_enc - c.W_enc @ c.b_dec
     if c.activation == "jumprelu":  # SAELens: relu(h)·1[h > θ]; the canonical h·1[h > θ] equals it for θ ≥ 0
-        c.threshold = c.threshold.clamp_min(0)
+        c.threshold = c.theta().clamp_min(0)
     if c.activation == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
         n = c.decoder_norms().clamp_min(1e-12)
         c.W_enc, c.b_enc, c.W_dec = c.W_enc * n[:, None], c.b_enc * n, c.W_dec / n[:, None]

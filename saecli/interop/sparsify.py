@@ -57,7 +57,7 @@ def write(c: Canonical, out: Path, info: dict[str, Any]) -> Path:
         "expansion_factor": max(1, c.d_sae // c.d_in),
         "normalize_decoder": True,
         "num_latents": c.d_sae,
-        "k": int(c.k),
+        "k": c.top_k(),
         "multi_topk": False,
         "skip_connection": c.W_skip is not None,
         "transcode": transcode,

@@ -247,7 +247,7 @@ def detect_layout(model: nn.Module) -> Layout:
 
 
 def layout_of(lm: LanguageModel) -> Layout:
-    return lm.layout if getattr(lm, "layout", None) is not None else detect_layout(lm.model)
+    return lm.layout if lm.layout is not None else detect_layout(lm.model)
 
 
 def is_parallel(lm: LanguageModel) -> bool:

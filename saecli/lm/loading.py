@@ -105,19 +105,20 @@ def _no_weight_progress_bar() -> Iterator[None]:
     hf_logging.disable_progress_bar()
     import functools
 
-    gguf_utils = None
+    patched: Any = None  # transformers' module (its tqdm attribute is not in its types)
     try:  # the GGUF de-quantiser draws its own tqdm bar, outside transformers' switch
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
         original_tqdm = gguf_utils.tqdm
         gguf_utils.tqdm = functools.partial(original_tqdm, disable=True)
+        patched = gguf_utils
     except (ImportError, AttributeError):
-        gguf_utils = None
+        patched = None
     try:
         yield
     finally:
-        if gguf_utils is not None:
-            gguf_utils.tqdm = original_tqdm
+        if patched is not None:
+            patched.tqdm = original_tqdm
         if was_enabled:
             hf_logging.enable_progress_bar()
 

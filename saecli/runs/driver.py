@@ -22,7 +22,7 @@ from saecli.config.experiment import Experiment
 from saecli.config.load import write_resolved
 from saecli.data.stream import ActivationStream
 from saecli.runs.folders import CONFIG_FILE, clear_run_partial, config_changes
-from saecli.runs.members import ModelForInit, Replay, fresh_member, resumed_member
+from saecli.runs.members import ModelForInit, Replay, fresh_member, resumed_member, sae_config
 from saecli.runs.outputs import evaluate_member, finish, record_in_store, run_header
 from saecli.training.distributed import Sync
 from saecli.training.member import Member, set_rng_state
@@ -88,7 +88,7 @@ def train_pass(jobs: list[Job], stream: ActivationStream, *, sync: Sync, reporte
     `lm`: the language model, when the caller has one (for kinds initialised from it, and eval); else the
     live stream's, else loaded on first need. `given`: the stream came from the caller (the header says so).
     """
-    model = ModelForInit(lm if lm is not None else getattr(stream, "lm", None))
+    model = ModelForInit(lm if lm is not None else stream.lm)
     members: list[Member] = []
     try:
         if jobs[0].checkpoint is None:
@@ -125,7 +125,7 @@ def train_pass(jobs: list[Job], stream: ActivationStream, *, sync: Sync, reporte
             if m.status == "diverged":  # it wrote diverged.json; its last good checkpoint stays
                 results.append(RunResult(m.name, job.folder, m.summary()))
                 continue
-            summary = finish(m, fold=bool(getattr(job.exp.sae, "fold_activation_scale", False)))
+            summary = finish(m, fold=sae_config(job.exp).fold_activation_scale)
             if sync.is_main:
                 record_in_store(job.exp, job.folder, summary, reporter)
                 if evaluate:
@@ -134,7 +134,7 @@ def train_pass(jobs: list[Job], stream: ActivationStream, *, sync: Sync, reporte
     finally:
         for m in members:
             m.close()
-    dropped = int(getattr(stream, "dropped_tokens", 0))
+    dropped = stream.dropped_tokens
     if dropped and sync.is_main:
         reporter.info(f"{dropped:,} massive-activation tokens left out of training (activations.max_norm_ratio)")
     return results

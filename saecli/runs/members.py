@@ -67,7 +67,7 @@ def build(exp: Experiment, stream: ActivationStream) -> Dictionary:
     seed_everything(exp.run.seed)  # the same seed gives the same start, alone or in a sweep
     sae = sae_config(exp)
     hooks = list(stream.hook_points)
-    main_hook = getattr(sae, "hook_point", None) or hooks[0]
+    main_hook = sae.main_hook() or hooks[0]
     d_model = stream.d_model.get(main_hook, next(iter(stream.d_model.values())))
     return build_dictionary(sae, d_model, hooks).to(device=resolve_device(exp), dtype=DTYPES[sae.dtype])
 
@@ -88,7 +88,7 @@ class Replay:
         stream.load_state_dict(start)
         if not self.batches:
             raise RunError("the activation stream yielded no batch")
-        self.mean_norms = getattr(stream, "mean_norms", None)
+        self.mean_norms = stream.mean_norms
         self.hook_points = list(stream.hook_points)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -133,7 +133,7 @@ def fresh_member(exp: Experiment, folder: Path, stream: ActivationStream, replay
                  model: ModelForInit) -> Member:
     """Build, initialise on the replayed first batches (rank 0's result broadcast) and plan a new member."""
     dictionary = build(exp, stream)
-    lm = model.get(exp) if getattr(dictionary, "needs_model_init", False) else None
+    lm = model.get(exp) if dictionary.needs_model_init else None
     batch_tokens = initialize(replay, [(dictionary, exp.init)], sync=sync, lm=lm)
     try:
         plan = plan_steps(exp.trainer.total_training_tokens, batch_tokens,

@@ -28,7 +28,7 @@ def finish(member: Member, *, fold: bool) -> dict[str, Any]:
     d = to_save(member.dictionary)  # a sharded dictionary is gathered (on every rank), kept on rank 0
     if d is None or not member.sync.is_main:
         return summary
-    if fold and getattr(d.cfg, "norm_activation", "none") == "dataset-wise" and not d.folded:
+    if fold and d.cfg.norm_activation == "dataset-wise" and not d.folded:
         d.fold_activation_scale()
     d.save(member.folder)
     write_json(member.folder / SUMMARY_FILE, summary)
@@ -78,6 +78,7 @@ def evaluate_member(exp: Experiment, folder: Path, lm: LanguageModel | None, rep
 def run_header(exp: Experiment, stream: ActivationStream, member: Member, *, given: bool = False) -> list[str]:
     """What is said before a member's first step: one line (data source, hook, d_sae, steps, tokens per
     step, world size), and a second when the cache is smaller than the run, which then loops over it."""
+    from saecli.data.models import ModelsStream
     from saecli.data.reader import CacheStream
 
     d = member.dictionary
@@ -86,7 +87,7 @@ def run_header(exp: Experiment, stream: ActivationStream, member: Member, *, giv
     per_step = member.batch_tokens * member.accumulation * world
     train_tokens = member.total_steps * per_step
     cached = stream.index.total_tokens if isinstance(stream, CacheStream) else None
-    describe = str(getattr(stream, "describe", ""))
+    describe = stream.describe if isinstance(stream, ModelsStream) else ""
     if cached is not None and not given and exp.activations is not None:
         source = f"cache {exp.activations.cache_dir} ({cached:,} tokens)"
     elif exp.model is not None and not given:

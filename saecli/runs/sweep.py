@@ -185,9 +185,7 @@ def _train_unit(unit: Unit, plan: SweepPlan, *, reporter: Reporter, stream_facto
             results = train_pass(jobs, stream, sync=sync, reporter=reporter, lm=lm, evaluate=plan.sweep.eval,
                                  given=stream_factory is not None)
         finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
+            stream.close()
         if len(results) == 1 and results[0].status == "diverged":  # fit warns only when others go on
             reporter.warn(results[0].summary.get("message", f"{results[0].name} diverged"))
 

@@ -75,9 +75,7 @@ def train(exp: Experiment, *, resume: bool = False, overwrite: bool = False, rep
         [result] = train_pass([job], stream, sync=sync, reporter=reporter, given=given)
     finally:
         if not given:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
+            stream.close()
     if result.status == "diverged":
         raise RunError(result.summary.get("message", f"{result.name} diverged"))
     return result

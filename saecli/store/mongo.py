@@ -317,7 +317,9 @@ class MongoStore(Store):
         extras = {d["index"]: d for d in self._db.features.find(
             {"sae_name": sae_name, "sae_series": series, "index": {"$in": [d["index"] for d in docs]}})}
         for doc in docs:
-            yield merged(self._record(doc), doc["index"], *self._extras(extras.get(doc["index"])))
+            feature = merged(self._record(doc), doc["index"], *self._extras(extras.get(doc["index"])))
+            if feature is not None:  # `doc` is a feature record: never None
+                yield feature
 
     # DLA and interpretations (one document per feature, as in lm_saes' `features`)
 

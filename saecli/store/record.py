@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saecli.config.run import StoreConfig
 from saecli.errors import SaecliError
+
+if TYPE_CHECKING:
+    from saecli.config.experiment import Experiment
+    from saecli.store.base import Store
+
 
 _UNREACHABLE: dict[tuple, str] = {}
 
@@ -58,7 +63,7 @@ def unreachable_message(cfg: StoreConfig, reason: str, folder: Path | str) -> st
             f"record them later with `saecli record {folder}`")
 
 
-def record_run(store: Any, exp: Any, folder: Path) -> dict[str, Any]:
+def record_run(store: Store, exp: Experiment, folder: Path) -> dict[str, Any]:
     """Record what a run folder holds: the dictionary with its training summary and eval metrics, every
     analysis and the DLA. Returns what was recorded ({"dictionary": name, "analyses": [...], "dla": bool})."""
     from saecli.analysis.dla import DLAResult

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +80,7 @@ def _packed(obj: object) -> tuple[str, bytes | None]:
     return json.dumps(doc, separators=(",", ":")), blob
 
 
-def _unpacked(doc: str | None, blob: bytes | None) -> object:
+def _unpacked(doc: str | None, blob: bytes | None) -> Any:
     return None if doc is None else unpack(json.loads(doc), blob)
 
 
@@ -332,8 +333,10 @@ class SQLiteStore(Store):
     @staticmethod
     def _feature(row: tuple, index: int | None = None) -> dict | None:
         record = _unpacked(row[0], row[1])
-        return merged(record, index if record is None else record["index"],
-                      _unpacked(row[2], row[3]), _unpacked(row[4], row[5]))
+        if record is not None:
+            index = int(record["index"])
+        assert index is not None, "a row without its feature record needs the index asked for"
+        return merged(record, index, _unpacked(row[2], row[3]), _unpacked(row[4], row[5]))
 
     @_guard
     def get_feature(self, sae_name, series, index, analysis="default") -> dict | None:
@@ -365,7 +368,9 @@ class SQLiteStore(Store):
             cursor = db.execute(sql, args)
             while rows := cursor.fetchmany(64):
                 for row in rows:
-                    yield self._feature(row)
+                    feature = self._feature(row)
+                    if feature is not None:  # the SELECT joins on features: every row holds one
+                        yield feature
         finally:
             db.close()
 

@@ -119,7 +119,7 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
 def save_checkpoint(root: str | Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
                     keep: int = 2) -> Path:
     """Write checkpoint `step` of the run folder `root` atomically; keep the newest `keep`."""
-    final = step_dir(root, step)
+    final = step_dir(Path(root), step)
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     if final.exists():  # this exact step is already saved (e.g. Ctrl-C right after a scheduled checkpoint)

@@ -12,7 +12,7 @@ import json
 import math
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TextIO
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
@@ -30,7 +30,7 @@ class MetricsLog:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._fh = None
+        self._fh: TextIO | None = None
 
     def truncate(self, max_step: int) -> None:
         """Drop lines logged after `max_step` (what a resumed run will log again)."""
@@ -81,7 +81,7 @@ class WandbLogger:
     """One wandb run per member, resumed under the same id. Several may be live in one process."""
 
     def __init__(self, folder: str | Path, *, name: str, project: str, entity: str | None = None,
-                 mode: str = "offline", tags: list[str] | None = None, dir: str | None = None,
+                 mode: Literal["online", "offline", "disabled"] = "offline", tags: list[str] | None = None, dir: str | None = None,
                  config: dict | None = None):
         import wandb
 

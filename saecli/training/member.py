@@ -98,10 +98,10 @@ class Member:
         dcfg = dictionary.cfg
         # The driver's config is resolved already (config.toml records it); a bare TrainerConfig (tests,
         # benchmarks) gets the same defaults here: `cfg` is what this member trains with, every key set.
-        cfg = self.cfg = resolve_trainer(cfg, activation=getattr(dcfg, "activation", ""), d_sae=dictionary.d_sae,
+        cfg = self.cfg = resolve_trainer(cfg, activation=dcfg.activation, d_sae=dictionary.d_sae,
                                          d_model=dictionary.d_model, run_tokens=self.total_steps * tokens_per_step)
         self.sparsity_loss_type = cfg.sparsity_loss_type
-        self.schedule = Schedule.from_config(cfg, total_steps=self.total_steps, k=int(getattr(dcfg, "k", 0) or 0))
+        self.schedule = Schedule.from_config(cfg, total_steps=self.total_steps, k=int(dcfg.k or 0))
         first = next(dictionary.parameters())
         self.device, self.param_dtype = first.device, first.dtype
         self.hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
@@ -237,7 +237,7 @@ class Member:
         elif log_now:
             grads = [p.grad for p in self._all_params if p.grad is not None]
             self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
-        self._lr_used = self.scheduler.get_last_lr()[0]
+        self._lr_used = float(self.scheduler.get_last_lr()[0])
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -414,7 +414,7 @@ class Member:
     # ------------------------------------------------------------------ end
     def summary(self) -> dict[str, Any]:
         """The final metrics: the last logged record plus counters."""
-        out = {k: v for k, v in self.last_record.items() if isinstance(v, (int, float))}
+        out: dict[str, Any] = {k: v for k, v in self.last_record.items() if isinstance(v, (int, float))}
         if self.last_record.get("tokens") != self.tokens:  # steps after the last log: time them too
             elapsed = self._elapsed_before + (time.perf_counter() - self._start)
             out.update({"elapsed_s": elapsed, "tokens_per_s": tokens_per_second(self.tokens, elapsed)})

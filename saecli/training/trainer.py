@@ -20,7 +20,7 @@ import signal
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -30,6 +30,11 @@ from saecli.training.checkpoint import CheckpointTimer
 from saecli.training.distributed import LocalSync, Sync
 from saecli.training.member import Member, rng_state
 from saecli.training.stats import flat_rows
+
+if TYPE_CHECKING:
+    from saecli.config.init import InitConfig
+    from saecli.data.stream import ActivationStream, BatchSource
+    from saecli.lm.loading import LanguageModel
 
 
 class Reporter(Protocol):
@@ -102,8 +107,8 @@ def estimate_mean_norms(batches: list[Batch], hooks: Iterable[str]) -> dict[str,
 
 
 @torch.no_grad()
-def initialize(stream: Any, dictionaries: list[tuple[Dictionary, Any]], *, sync: Sync | None = None,
-               lm: Any = None) -> int:
+def initialize(stream: BatchSource, dictionaries: list[tuple[Dictionary, InitConfig]], *,
+               sync: Sync | None = None, lm: LanguageModel | None = None) -> int:
     """Data-dependent start of fresh dictionaries; returns the tokens of one batch (on this rank).
 
     `dictionaries` pairs each dictionary with its InitConfig. Draws max(init_batches) batches, sets the
@@ -111,8 +116,8 @@ def initialize(stream: Any, dictionaries: list[tuple[Dictionary, Any]], *, sync:
     them, else estimated on those batches), calls `init_from_data` with the normalised batches, then
     rewinds the stream to where it was. A kind that initialises from the model itself (a transcoder
     from its MLP, LORSA from the attention) says so with `needs_model_init` and gets
-    `init_from_model(lm, raw_batches)` (lm: the one given, else the live stream's). With several ranks,
-    rank 0's result is broadcast.
+    `init_from_model(lm, raw_batches)` with the `lm` given (the run driver passes the live stream's, or
+    loads `[model]`). With several ranks, rank 0's result is broadcast.
     """
     sync = sync or LocalSync()
     n = max(int(init.init_batches) for _, init in dictionaries)
@@ -127,12 +132,12 @@ def initialize(stream: Any, dictionaries: list[tuple[Dictionary, Any]], *, sync:
     if not batches:
         raise RuntimeError("the activation stream yielded no batch")
     stream.load_state_dict(start)
-    known = getattr(stream, "mean_norms", None) or {}
+    known = stream.mean_norms or {}
     for dictionary, init_cfg in dictionaries:
         device = next(dictionary.parameters()).device
         dtype = next(dictionary.parameters()).dtype
         hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
-        if getattr(dictionary.cfg, "norm_activation", "none") == "dataset-wise":
+        if dictionary.cfg.norm_activation == "dataset-wise":
             missing = [h for h in hooks if h not in known]
             norms = {**{h: known[h] for h in hooks if h in known}, **estimate_mean_norms(batches, missing)}
             for hook in hooks:
@@ -140,10 +145,10 @@ def initialize(stream: Any, dictionaries: list[tuple[Dictionary, Any]], *, sync:
         picked = batches[: int(init_cfg.init_batches)]
         normed = [dictionary.normalize({h: b.acts[h].to(device, dtype) for h in hooks}) for b in picked]
         dictionary.init_from_data(normed, init_cfg)
-        if getattr(dictionary, "needs_model_init", False):
+        if dictionary.needs_model_init:
             raw = [{h: b.acts[h].to(device, dtype) for h in hooks} for b in picked]
-            dictionary.init_from_model(lm if lm is not None else getattr(stream, "lm", None), raw)
-        if getattr(dictionary.cfg, "pretrained", None):  # continue from a saved dictionary (any format)
+            dictionary.init_from_model(lm, raw)
+        if dictionary.cfg.pretrained:  # continue from a saved dictionary (any format)
             from saecli.interop.pretrained import start_from
 
             start_from(dictionary, dictionary.cfg.pretrained)
@@ -178,7 +183,7 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def checkpoint_all(stream: Any, members: list[Member], sync: Sync, batches_seen: int) -> None:
+def checkpoint_all(stream: ActivationStream, members: list[Member], sync: Sync, batches_seen: int) -> None:
     """One checkpoint for each member that is still sound, sharing the stream position and RNG states."""
     for m in members:  # collective on every rank, in the same order
         if m.status in ("running", "finished"):
@@ -191,7 +196,7 @@ def checkpoint_all(stream: Any, members: list[Member], sync: Sync, batches_seen:
     sync.barrier()
 
 
-def fit(stream: Any, members: list[Member], *, reporter: Reporter | None = None, sync: Sync | None = None,
+def fit(stream: ActivationStream, members: list[Member], *, reporter: Reporter | None = None, sync: Sync | None = None,
         handle_signals: bool = True) -> list[Member]:
     """Train every member on one pass of `stream` until all are finished, diverged or the stream ends.
 
