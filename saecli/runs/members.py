@@ -26,6 +26,8 @@ from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError, RunError, UsageError
 from saecli.training.distributed import Sync
 from saecli.training.member import Member
+from saecli.training.tensor_parallel import new_member
+from saecli.training.tensor_parallel import resumed_member as restore_member
 from saecli.training.trainer import initialize, plan_steps
 
 if TYPE_CHECKING:
@@ -138,8 +140,8 @@ def fresh_member(exp: Experiment, folder: Path, stream: ActivationStream, replay
                           exp.trainer.gradient_accumulation_steps, sync.world_size)
     except ValueError as exc:
         raise ConfigError(str(exc), file=exp.source_file, key="trainer.total_training_tokens") from None
-    return Member(dictionary, exp.trainer, total_steps=plan.total_steps, batch_tokens=plan.batch_tokens,
-                  folder=folder, name=exp.run.name, sync=sync, wandb=wandb_logger(exp, folder, sync))
+    return new_member(dictionary, exp.trainer, total_steps=plan.total_steps, batch_tokens=plan.batch_tokens,
+                      folder=folder, name=exp.run.name, sync=sync, wandb=wandb_logger(exp, folder, sync))
 
 
 def resumed_member(exp: Experiment, folder: Path, checkpoint: Path, stream: ActivationStream, *,
@@ -147,8 +149,8 @@ def resumed_member(exp: Experiment, folder: Path, checkpoint: Path, stream: Acti
     """A member restored from `checkpoint`, and the checkpoint's shared state (stream positions, RNG)."""
     dictionary = build(exp, stream)
     try:
-        return Member.from_checkpoint(dictionary, exp.trainer, checkpoint, folder=folder, name=exp.run.name,
-                                      sync=sync, wandb=wandb_logger(exp, folder, sync))
+        return restore_member(dictionary, exp.trainer, checkpoint, folder=folder, name=exp.run.name,
+                              sync=sync, wandb=wandb_logger(exp, folder, sync))
     except ValueError as exc:  # a checkpoint of another shape of run (world size, step count)
         raise UsageError(f"cannot resume from {checkpoint}: {exc}") from None
 

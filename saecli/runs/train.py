@@ -20,9 +20,10 @@ from saecli.data.stream import ActivationStream
 from saecli.errors import RunError, UsageError
 from saecli.runs.driver import Job, RunResult, prepare, train_pass
 from saecli.runs.folders import SUMMARY_FILE, clear_run, run_state
-from saecli.runs.members import sae_config, seed_everything
+from saecli.runs.members import resolve_device, sae_config, seed_everything
 from saecli.training.checkpoint import latest_checkpoint
 from saecli.training.distributed import Sync, default_sync
+from saecli.training.tensor_parallel import check_run, run_sync
 from saecli.training.trainer import NullReporter, Reporter
 
 
@@ -39,6 +40,9 @@ def train(exp: Experiment, *, resume: bool = False, overwrite: bool = False, rep
     sae_config(exp)  # a ConfigError before anything is touched
     reporter = reporter or NullReporter()
     sync = sync or default_sync()
+    tp = int(exp.trainer.tensor_parallel)
+    check_run(sae_config(exp).kind, sae_config(exp).d_sae, tp)  # kind, processes, d_sae: before any work
+    sync = run_sync(tp, sync, resolve_device(exp).type)
     folder = Path(run_dir if run_dir is not None else exp.run.output_dir)
     state = run_state(folder)
     if overwrite:
