@@ -128,7 +128,7 @@ def or_pretrained(exp: Experiment, folder: Path) -> Path:
     given to DLA before (or without) training it further."""
     from saecli.dictionaries.base import WEIGHTS_NAME
 
-    pretrained = exp.dictionary.pretrained if exp.sae is not None else None
+    pretrained = exp.dictionary.pretrained if exp.dictionary is not None else None
     if pretrained and not (folder / WEIGHTS_NAME).exists():
         return Path(pretrained)
     return folder

@@ -41,16 +41,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def sae_config(exp: Experiment) -> DictionaryConfig:
-    """The experiment's [sae] table (a ConfigError naming it when there is none)."""
-    exp.require("sae")
-    assert exp.sae is not None  # require raised otherwise
-    return exp.sae
+def dictionary_config(exp: Experiment) -> DictionaryConfig:
+    """The experiment's [dictionary] table (a ConfigError naming it when there is none)."""
+    exp.require("dictionary")
+    assert exp.dictionary is not None  # require raised otherwise
+    return exp.dictionary
 
 
 def resolve_device(exp: Experiment) -> torch.device:
     """`sae.device`; 'auto' = the model's device when one is set, else cuda when present, else cpu."""
-    name = sae_config(exp).device
+    name = dictionary_config(exp).device
     if name == "auto" and exp.model is not None and exp.model.device != "auto":
         name = exp.model.device
     if name == "auto":
@@ -61,11 +61,11 @@ def resolve_device(exp: Experiment) -> torch.device:
 
 
 def build(exp: Experiment, stream: ActivationStream) -> Dictionary:
-    """`exp.sae`'s dictionary, freshly seeded with `run.seed`, sized from the stream, on its device and dtype."""
+    """The [dictionary] table's dictionary, freshly seeded with `run.seed`, sized from the stream, on its device and dtype."""
     from saecli.dictionaries.registry import build_dictionary
 
     seed_everything(exp.run.seed)  # the same seed gives the same start, alone or in a sweep
-    sae = sae_config(exp)
+    sae = dictionary_config(exp)
     hooks = list(stream.hook_points)
     main_hook = sae.main_hook() or hooks[0]
     d_model = stream.d_model.get(main_hook, next(iter(stream.d_model.values())))
