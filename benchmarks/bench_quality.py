@@ -96,9 +96,9 @@ def _generate(config: Path, overrides: list[str]) -> None:
 
 def io_hooks(exp: Any) -> tuple[str, str]:
     """(hook read, hook reconstructed): the same hook for an SAE, the MLP's input and output for a transcoder."""
-    if exp.sae.kind == "transcoder":
+    if exp.dictionary.kind == "transcoder":
         hooks = exp.activations.hook_points
-        return exp.sae.hook_point_in or hooks[0], exp.sae.hook_point_out or hooks[1]
+        return exp.dictionary.hook_point_in or hooks[0], exp.dictionary.hook_point_out or hooks[1]
     return exp.activations.hook_points[0], exp.activations.hook_points[0]
 
 
@@ -246,12 +246,12 @@ def train_saecli(exp: Any, name: str) -> Coder:
     d = load_for_eval(folder)
     # d.decode(codes, x): the skip transcoder's output needs its input
     return Coder(name, torch.no_grad()(d.encode), torch.no_grad()(d.decode),
-                 exp.trainer.total_training_tokens / seconds, needs_input=exp.sae.kind == "transcoder")
+                 exp.trainer.total_training_tokens / seconds, needs_input=exp.dictionary.kind == "transcoder")
 
 
 def train_peer(name: str, exp: Any, budget: Budget) -> Coder:
     batches = train_batches(exp)
-    if exp.sae.kind == "transcoder":
+    if exp.dictionary.kind == "transcoder":
         if name != "sparsify":
             raise PeerMissing(f"{name} has no skip transcoder here")
         return train_sparsify(batches, budget, name="sparsify skip transcoder", transcode=True)
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     n_ce = args.ce_contexts or (2 if args.quick else base.eval.ce_contexts)
     root = args.cache_root or Path(base.activations.cache_dir).parent / "quality"
     cache_overrides, first_heldout = caches(args.config, tokens, eval_tokens, root)
-    read = sorted(set(io_hooks(base))) if base.sae.kind == "transcoder" else [args.hook or io_hooks(base)[0]]
+    read = sorted(set(io_hooks(base))) if base.dictionary.kind == "transcoder" else [args.hook or io_hooks(base)[0]]
     common = cache_overrides + [f"trainer.total_training_tokens={tokens}", "store.backend='none'",
                                 "activations.hook_points=[" + ", ".join(f"'{h}'" for h in read) + "]"]
     out_root = Path(base.run.output_dir)
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         coders.append(train_saecli(exp, name))
 
     exp = load(args.config, common)
-    budget = Budget(d_model=0, d_sae=exp.sae.d_sae, k=exp.sae.k, steps=tokens // exp.activations.batch_size,
+    budget = Budget(d_model=0, d_sae=exp.dictionary.d_sae, k=exp.dictionary.k, steps=tokens // exp.activations.batch_size,
                     batch_tokens=exp.activations.batch_size)
     x, y = (t[:eval_tokens] for t in heldout_activations(exp))
     budget.d_model = int(x.shape[1])
@@ -356,8 +356,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "tokens_per_s": c.tokens_per_s, "note": c.note})
     rows += skipped
     print(f"\n{tokens:,} training tokens ({budget.steps} steps of {budget.batch_tokens}), "
-          f"{x.shape[0]:,} held-out tokens, {n_ce} CE contexts; {exp.sae.kind} {' → '.join(dict.fromkeys(io_hooks(exp)))}, "
-          f"d_sae {exp.sae.d_sae}, k {exp.sae.k}")
+          f"{x.shape[0]:,} held-out tokens, {n_ce} CE contexts; {exp.dictionary.kind} {' → '.join(dict.fromkeys(io_hooks(exp)))}, "
+          f"d_sae {exp.dictionary.d_sae}, k {exp.dictionary.k}")
     print(table(rows))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

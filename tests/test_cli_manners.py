@@ -94,11 +94,11 @@ def test_train_header_and_small_cache_note(tmp_path):
                              "activations": {"hook_points": [hook], "cache_dir": str(tmp_path / "cache"),
                                              "batch_size": 100, "shuffle_buffer_tokens": 100}})
     cache = CacheStream(tmp_path / "cache", batch_size=100, buffer_tokens=100)
-    member = Member(build_dictionary(exp.sae, 16, [hook]), exp.trainer, total_steps=25, batch_tokens=100)
+    member = Member(build_dictionary(exp.dictionary, 16, [hook]), exp.trainer, total_steps=25, batch_tokens=100)
     header, note = run_header(exp, cache, member)
     assert header == f"small: cache {tmp_path / 'cache'} (1,000 tokens) · {hook} · d_sae 64 · 25 steps × 100 tokens · 1 process"
     assert "loops over it 2.5 times" in note
-    assert len(run_header(exp, cache, Member(build_dictionary(exp.sae, 16, [hook]), exp.trainer, total_steps=10,
+    assert len(run_header(exp, cache, Member(build_dictionary(exp.dictionary, 16, [hook]), exp.trainer, total_steps=10,
                                              batch_tokens=100))) == 1  # fits: no note
 
 

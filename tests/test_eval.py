@@ -202,7 +202,7 @@ def run_folder(tmp_path_factory, tiny_llama, lm) -> Path:
     path = write_toml(root / "exp.toml", EXPERIMENT.format(out=out, model=tiny_llama, hook=RESID))
     exp = load_experiment(path)
     torch.manual_seed(0)
-    sae = build_dictionary(exp.sae, d_model=lm.d_model, hook_points=[RESID])
+    sae = build_dictionary(exp.dictionary, d_model=lm.d_model, hook_points=[RESID])
     sae.set_dataset_norm(RESID, 3.0)
     sae.fold_activation_scale()
     sae.save(out)
@@ -331,7 +331,7 @@ def test_evaluate_other_kinds_through_the_dictionary_interface(kind, hooks, extr
     text = MULTI.format(kind=kind, out=out, model=tiny_llama, hooks=json.dumps(hooks), extra=extra)
     exp = load_experiment(write_toml(tmp_path / "exp.toml", text))
     torch.manual_seed(0)
-    dictionary = build_dictionary(exp.sae, d_model=lm.d_model, hook_points=hooks)
+    dictionary = build_dictionary(exp.dictionary, d_model=lm.d_model, hook_points=hooks)
     dictionary.save(out)
     result = evaluate(exp, out, lm=lm, show=False)
     m = result["metrics"]

@@ -165,7 +165,7 @@ def test_start_from_a_dictionary_of_another_size_names_the_key(tmp_path):
     src = _dictionary("topk")
     src.save(tmp_path / "run")
     d = build_dictionary(parse(DictionaryConfig, {"d_sae": 64, "k": 6}, key="sae"), 16, ["blocks.1.ln2.hook_normalized"])
-    with pytest.raises(ConfigError, match="sae.d_sae"):
+    with pytest.raises(ConfigError, match="dictionary.d_sae"):
         start_from(d, tmp_path / "run")
 
 

@@ -364,9 +364,9 @@ def test_example_experiments_parse(path):
     from saecli.config.load import load_experiment
 
     exp = load_experiment(REPO / path)
-    assert exp.sae.kind == "lorsa" and exp.sae.d_sae % exp.sae.n_qk_heads == 0
-    assert exp.activations.hook_points == [exp.sae.hook_point_in or exp.activations.hook_points[0],
-                                          exp.sae.hook_point_out or exp.activations.hook_points[1]]
+    assert exp.dictionary.kind == "lorsa" and exp.dictionary.d_sae % exp.dictionary.n_qk_heads == 0
+    assert exp.activations.hook_points == [exp.dictionary.hook_point_in or exp.activations.hook_points[0],
+                                          exp.dictionary.hook_point_out or exp.activations.hook_points[1]]
 
 
 def test_resume_after_ctrl_c_is_exact(tmp_path):

@@ -270,7 +270,7 @@ def test_example_experiments_parse(path):
     from saecli.config.load import load_experiment
 
     exp = load_experiment(REPO / path)
-    assert exp.sae.kind == "molt" and exp.sae.d_sae == sum(c for _, c in exp.sae.ranks())
+    assert exp.dictionary.kind == "molt" and exp.dictionary.d_sae == sum(c for _, c in exp.dictionary.ranks())
 
 
 def test_resume_after_ctrl_c_is_exact(tmp_path):

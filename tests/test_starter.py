@@ -20,7 +20,7 @@ def test_every_kind_gets_a_valid_commented_starter(kind, tmp_path):
     path = tmp_path / f"{kind}.toml"
     path.write_text(text)
     exp = load_experiment(path)
-    assert exp.sae.kind == kind and exp.model.name == SMOLLM2.name
+    assert exp.dictionary.kind == kind and exp.model.name == SMOLLM2.name
     assert not list(jsonschema.Draft7Validator(json_schema()).iter_errors(tomllib.loads(text)))
     assert "# tokens to train on\ntotal_training_tokens = 10000000" in text  # each key with its help
 

@@ -89,7 +89,7 @@ def test_a_group_trains_to_the_weights_of_separate_runs(tmp_path):
     assert [r["status"] for r in rows] == ["finished"] * 3
     for m in plan.members:
         records = read_metrics(m.folder)
-        assert records[-1]["l0"] == pytest.approx(m.exp.sae.k)
+        assert records[-1]["l0"] == pytest.approx(m.exp.dictionary.k)
         ref = alone(m, tmp_path / "alone")
         assert_close_weights(ref, m.folder)
         assert_close_metrics(ref, m.folder)

@@ -114,8 +114,7 @@ def test_a_topk_step_on_triton_equals_dense_autograd(dtype):
     with kernels.forced("triton"):
         loss, grads = step(sae, x, ctx)
     assert sae.last_path == "topk-sparse" and ref.last_path == "dense"
-    # bf16: one ulp at gradients of 0.25–0.5 (the SAE's default encoder rows, norm 1/√3) is 2e-3
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=2e-2, atol=4e-3)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(loss, loss_ref.to(loss.dtype), **tol)
     for name in g_ref:
         torch.testing.assert_close(grads[name], g_ref[name], **tol, msg=name)

@@ -94,7 +94,7 @@ def train(
     run_dir = None
     if Path(experiment).is_dir():  # a run folder: its config.toml, and the folder itself as the output
         run_dir = Path(experiment)
-    exp.require("sae", "activations")  # the file's own gaps first, then the store
+    exp.require("dictionary", "activations")  # the file's own gaps first, then the store
     probe_store(exp, run_dir or exp.run.output_dir)
     reporter = UiReporter()
     try:

@@ -6,6 +6,7 @@ registering with `@register_config("kind")`. The trainer never looks past this b
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -95,6 +96,28 @@ class DictionaryConfig:
         assert self.expansion_factor is not None  # validate() requires one of the two
         return int(round(self.expansion_factor * d_model))
 
+    def named_hooks(self) -> dict[str, list[str]]:
+        """The hook points this table names, by key: every set field called `hook_point*` (a kind's own)."""
+        out: dict[str, list[str]] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name) if f.name.startswith("hook_point") else None
+            if value is not None:
+                out[f.name] = [value] if isinstance(value, str) else list(value)
+        return out
+
+    def main_hook(self) -> str | None:
+        """The hook point whose width sizes the dictionary; None: the stream's first."""
+        return None
+
+    def check_stream_hooks(self, listed: list[str]) -> None:
+        """Rules between this table and activations.hook_points (`listed`), checked at load; a kind adds its own.
+        Raises `bad(key, ...)` with the key relative to the table."""
+        for key, hooks in self.named_hooks().items():
+            for hook in hooks:
+                if hook not in listed:
+                    raise bad(key, f"`{hook}` is not among activations.hook_points ({', '.join(listed)}): add it "
+                                   "there, or set this key to one of them")
+
     def known_latents(self) -> int | None:
         """The dictionary's number of latents when the file alone decides it (else None: it waits for
         d_model). The default lr scales with it (`saecli.config.defaults.default_lr`)."""
@@ -129,6 +152,13 @@ def check_output_scaling(cfg: DictionaryConfig) -> None:
     if cfg.norm_activation in ("token-wise", "batch-wise"):
         raise bad("norm_activation", f"{cfg.norm_activation} scaling of the output needs the output's own norm, "
                                      "which a spliced dictionary does not have: use dataset-wise or none")
+
+
+def check_output_hook_listed(cfg: DictionaryConfig, hook_point_out: str | None, listed: list[str]) -> None:
+    """A kind that reads one hook and reconstructs another needs a second hook when `hook_point_out` is unset."""
+    if hook_point_out is None and len(listed) < 2:
+        raise ConfigError(f"a {cfg.kind} reads one hook point and reconstructs another: set hook_point_out in "
+                          "this table or list a second hook in activations.hook_points", key="activations.hook_points")
 
 
 def check_io_hooks(cfg: Any) -> None:

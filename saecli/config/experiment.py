@@ -42,15 +42,6 @@ class Experiment:
 
     source_file: str | None = None  # where it was read from (not a TOML key)
 
-    @property
-    def sae(self) -> DictionaryConfig | None:
-        """The [dictionary] table under its older name, for callers not yet moved to `exp.dictionary`."""
-        return self.dictionary
-
-    @sae.setter
-    def sae(self, value: DictionaryConfig | None) -> None:
-        self.dictionary = value
-
     def require(self, *sections: str) -> None:
         """Raise a ConfigError naming the first missing section a command needs."""
         for name in sections:

@@ -113,10 +113,6 @@ def experiment_from_dict(data: dict, *, file: str | None = None) -> Experiment:
     return exp
 
 
-# keys naming a hook point (or a list of them) in a [dictionary] table of any kind
-_SAE_HOOK_KEYS = ("hook_point", "hook_point_in", "hook_point_out", "hook_points", "hook_points_in", "hook_points_out")
-
-
 def check_cross_keys(exp: Experiment, *, file: str | None = None, table: str = "dictionary") -> None:
     """Rules between sections, checked when the file is loaded (not after minutes of work): each names both
     keys (the dictionary's under `table`, the name the file gives it)."""
@@ -125,23 +121,14 @@ def check_cross_keys(exp: Experiment, *, file: str | None = None, table: str = "
     check_models(exp, file=file)
     d = exp.dictionary
     if d is not None and exp.activations is not None:
-        listed = stream_hook_points(exp)
-        for key in _SAE_HOOK_KEYS:
-            value = getattr(d, key, None)
-            for hook in [value] if isinstance(value, str) else (value or []):
-                if hook not in listed:
-                    raise ConfigError(f"`{hook}` is not among activations.hook_points ({', '.join(listed)}): "
-                                      f"add it there, or set {table}.{key} to one of them", file=file,
-                                      key=f"{table}.{key}")
-        if d.kind in ("transcoder", "lorsa", "molt") and getattr(d, "hook_point_out", None) is None \
-                and len(listed) < 2:
-            raise ConfigError(f"a {d.kind} reads one hook point and reconstructs another: set "
-                              f"{table}.hook_point_out or list a second hook in activations.hook_points",
-                              file=file, key="activations.hook_points")
-        if d.kind == "clt" and getattr(d, "hook_points_in", None) is None and len(listed) % 2:
-            raise ConfigError(f"a CLT without {table}.hook_points_in/out takes the first half of "
-                              "activations.hook_points as inputs and the second as outputs: it needs an even "
-                              f"number, found {len(listed)}", file=file, key="activations.hook_points")
+        try:
+            d.check_stream_hooks(stream_hook_points(exp))
+        except ConfigError as exc:  # the kind names its keys relative to the table: name them as the file does
+            key = exc.key or ""
+            message = _message(exc)
+            message = message.replace("this table", f"[{table}]").replace("set this key", f"set {table}.{key}")
+            raise ConfigError(message, file=file,
+                              key=key if key.startswith("activations.") else f"{table}.{key}") from None
 
 
 def _message(exc: ConfigError) -> str:

@@ -99,7 +99,7 @@ def starter_toml(kind: str, model: ModelShape, hook: str | None = None, tokens: 
         "activations": {"hook_points": points, "context_size": 256, "batch_size": batch,
                         "shuffle_buffer_tokens": max(batch, min(262_144, tokens))},
         "dictionary": _dictionary_table(kind, model, hook_keys),
-        "trainer": {"total_training_tokens": tokens, "lr": 4e-4},
+        "trainer": {"total_training_tokens": tokens},  # lr: the default formula, recorded in config.toml
         "eval": {"total_eval_tokens": small},
         "analyze": {"total_analyzing_tokens": small},
         "store": {"backend": "sqlite", "path": "saecli.db"},

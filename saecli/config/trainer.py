@@ -45,6 +45,10 @@ class TrainerConfig:
     lr_end_ratio: float = opt(1 / 32)
     clip_grad_norm: float = opt(0.0, help="0 = off")
     gradient_accumulation_steps: int = opt(1)
+    tensor_parallel: int = opt(
+        1, help="split the latents over this many ranks (DTensor on a (dp, tp) mesh; dp = processes / this); "
+        "kinds sae, transcoder, crosscoder, clt; checkpoints become torch.distributed.checkpoint folders"
+    )
     # sparsity
     l1_coefficient: float | None = opt(
         None, help="sparsity penalty weight (relu / jumprelu); default by penalty: 5 for power (L1 weighted by "
@@ -103,6 +107,8 @@ class TrainerConfig:
             raise bad("multi_topk_coefficient", f"must be >= 0 (0 = off), found {self.multi_topk_coefficient}")
         if self.gradient_accumulation_steps < 1:
             raise bad("gradient_accumulation_steps", "must be >= 1")
+        if self.tensor_parallel < 1:
+            raise bad("tensor_parallel", "must be >= 1")
         if self.log_frequency < 1:
             raise bad("log_frequency", "must be >= 1")
         if self.n_checkpoints < 0:

@@ -191,6 +191,12 @@ class SparseActivation(nn.Module):
             return self.threshold
         raise AttributeError(f"activation {self.name!r} has no threshold")
 
+    def theta_parameter(self) -> torch.Tensor:
+        """JumpReLU's log-threshold parameter itself (a DTensor shard when the latents are split)."""
+        if self.name != "jumprelu":
+            raise AttributeError(f"activation {self.name!r} has no threshold parameter")
+        return self.log_threshold
+
     @torch.no_grad()
     def update_threshold(self, smallest_kept: torch.Tensor) -> None:
         """BatchTopK: fold one batch's smallest kept positive activation into the running average.

@@ -16,7 +16,7 @@ loop over pairs) and exactly the FLOPs of the sum. `pairs()` lists the (source, 
 
 The latents are numbered layer-major: latent i·d_sae + j is latent j of layer i; `feature_acts` is
 [N, L·d_sae] and `self.d_sae` is L·d_sae (the trainer's dead/density statistics count every latent);
-`d_sae_layer` is the per-layer count (`sae.d_sae` in the config).
+`d_sae_layer` is the per-layer count (`dictionary.d_sae` in the config).
 
 A latent's decoder norm (gating, penalties) is the `decoder_norm_reduction` over its target layers of
 ‖W_dec[i→t]_j‖: "norm" (default: the norm of its concatenated decoders, as in Circuit Tracing) or "sum".
@@ -38,7 +38,7 @@ estimated from data, per latent (default) or per layer — see its docstring and
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ from saecli.dictionaries.activations import SparseActivation, gated_pre, thresho
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, own_config
 from saecli.dictionaries.clt_config import CLTConfig
 from saecli.dictionaries.crosscoder import per_hook_metrics
+from saecli.dictionaries.sharding import LatentShard, local
 from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError
 
@@ -63,6 +64,9 @@ def pair_index(n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 class CrossLayerTranscoder(Dictionary):
     kind = "clt"
+    # tensor parallelism splits each layer's latents (axis 1 of [L, d_sae, ...] and [n_pairs, d_sae, d_model])
+    latent_axes: ClassVar[dict[str, int]] = {"W_enc": 1, "b_enc": 1, "W_dec": 1, "activation.log_threshold": 1}
+    latent_shard: LatentShard | None = None  # set by tensor_parallel.shard_dictionary
 
     cfg: CLTConfig
     pair_source: torch.Tensor  # buffers
@@ -79,7 +83,7 @@ class CrossLayerTranscoder(Dictionary):
         n, s = len(in_hooks), self.d_sae
         self.n_layers, self.d_sae_layer, self.d_sae = n, s, n * s
         if cfg.layer_k is not None and len(cfg.layer_k) != n:
-            raise ConfigError(f"layer_k needs one k per layer ({n}), found {len(cfg.layer_k)}", key="sae.layer_k")
+            raise ConfigError(f"layer_k needs one k per layer ({n}), found {len(cfg.layer_k)}", key="dictionary.layer_k")
         dtype = DTYPES[cfg.dtype]
         source, target = pair_index(n)
         self.register_buffer("pair_source", source, persistent=False)
@@ -117,12 +121,12 @@ class CrossLayerTranscoder(Dictionary):
             missing = [h for h in ins + outs if h not in hook_points]
             if missing:
                 raise ConfigError(f"{', '.join(missing)} not in activations.hook_points: the stream must carry "
-                                  "every hook the CLT reads or writes", key="sae.hook_points_in")
+                                  "every hook the CLT reads or writes", key="dictionary.hook_points_in")
         else:
             if len(hook_points) < 2 or len(hook_points) % 2:
                 raise ConfigError("a CLT reads one hook and writes one hook per layer: list the L inputs, then the L "
                                   f"outputs in activations.hook_points (found {len(hook_points)}), or set "
-                                  "sae.hook_points_in / sae.hook_points_out", key="sae.hook_points_in")
+                                  "dictionary.hook_points_in / sae.hook_points_out", key="dictionary.hook_points_in")
             half = len(hook_points) // 2
             ins, outs = list(hook_points[:half]), list(hook_points[half:])
         return cls(cfg, d_model, ins, outs)
@@ -149,11 +153,11 @@ class CrossLayerTranscoder(Dictionary):
     def _offset(self, t: int) -> int:
         return t * (t + 1) // 2
 
-    def _target_blocks(self) -> tuple[torch.Tensor, ...]:
+    def _target_blocks(self, w_dec: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """W_dec split into the blocks writing to each target layer ([t+1, d_sae, d_model] each). One split
         rather than L slices: its backward writes the gradient of W_dec once, where each slice's backward
         would build a zero-filled gradient the size of the whole decoder."""
-        return self.W_dec.split([t + 1 for t in range(self.n_layers)])
+        return (self.W_dec if w_dec is None else w_dec).split([t + 1 for t in range(self.n_layers)])
 
     def _diagonal(self) -> torch.Tensor:
         """Storage index of each block i→i."""
@@ -188,9 +192,10 @@ class CrossLayerTranscoder(Dictionary):
     @torch.no_grad()
     def _normalise_decoder(self, norm: float) -> None:
         """Scale each latent's decoder (all its target blocks together) to `norm` (training units)."""
-        current = self.layer_decoder_norms().detach()  # [L, s]
+        w = local(self.W_dec)  # a tensor-parallel rank scales its own latents (their rows in every block)
+        current = self.layer_decoder_norms(w).detach()  # [L, s]
         factor = (norm / current.clamp_min(1e-12))[self.pair_source]  # [P, s]
-        self.W_dec.mul_(factor.unsqueeze(-1).to(self.W_dec.dtype))
+        w.mul_(factor.unsqueeze(-1).to(w.dtype))
 
     @torch.no_grad()
     def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: InitConfig) -> None:
@@ -242,16 +247,18 @@ class CrossLayerTranscoder(Dictionary):
     def gated(self) -> bool:
         return bool(self.cfg.sparsity_include_decoder_norm) and self.cfg.activation != "relu"
 
-    def pair_norms(self) -> torch.Tensor:
-        """[n_pairs, d_sae] ‖W_dec[i→t]_j‖ in training units (float32, differentiable)."""
-        return self.W_dec.float().norm(dim=-1) * self.target_norm_weight[self.pair_target].unsqueeze(-1)
+    def pair_norms(self, w_dec: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_pairs, d_sae] ‖W_dec[i→t]_j‖ in training units (float32, differentiable); `w_dec`: these
+        decoder blocks instead (a tensor-parallel rank's [n_pairs, d_local, d_model])."""
+        w = self.W_dec if w_dec is None else w_dec
+        return w.float().norm(dim=-1) * self.target_norm_weight[self.pair_target].unsqueeze(-1)
 
-    def layer_decoder_norms(self) -> torch.Tensor:
+    def layer_decoder_norms(self, w_dec: torch.Tensor | None = None) -> torch.Tensor:
         """[L, d_sae]: each latent's decoder norm over its target layers (`decoder_norm_reduction`)."""
-        pn = self.pair_norms()
+        pn = self.pair_norms(w_dec)
         if self.cfg.decoder_norm_reduction == "sum":
-            return pn.new_zeros(self.n_layers, self.d_sae_layer).index_add(0, self.pair_source, pn)
-        sq = pn.new_zeros(self.n_layers, self.d_sae_layer).index_add(0, self.pair_source, pn.pow(2))
+            return pn.new_zeros(self.n_layers, pn.shape[1]).index_add(0, self.pair_source, pn)
+        sq = pn.new_zeros(self.n_layers, pn.shape[1]).index_add(0, self.pair_source, pn.pow(2))
         return sq.clamp_min(1e-24).sqrt()
 
     def decoder_norms(self) -> torch.Tensor:
@@ -309,13 +316,15 @@ class CrossLayerTranscoder(Dictionary):
         f = self.activate(self.pre_acts(self._stack_inputs(inputs)), ctx)
         return f.reshape(f.shape[0], -1)
 
-    def decode_layers(self, f: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    def decode_layers(self, f: torch.Tensor, bias: bool = True, w_dec: torch.Tensor | None = None) -> torch.Tensor:
         """[N, L, d_model] from f [N, L·d_sae]:
-        ŷ_t = f[:, :(t+1)·d_sae] @ W_dec[offset(t) … offset(t)+t] + b_dec[t]."""
-        f = f.to(self.W_dec.dtype)
-        s = self.d_sae_layer
+        ŷ_t = f[:, :(t+1)·d_sae] @ W_dec[offset(t) … offset(t)+t] + b_dec[t]. `w_dec`: these decoder blocks
+        instead ([n_pairs, s, d_model], f [N, L·s]: a tensor-parallel rank's partial sums)."""
+        w_all = self.W_dec if w_dec is None else w_dec
+        f = f.to(w_all.dtype)
+        s = w_all.shape[1]
         outs = []
-        for t, w in enumerate(self._target_blocks()):
+        for t, w in enumerate(self._target_blocks(w_all)):
             w_t = w.reshape((t + 1) * s, self.d_model)
             y = f[:, : (t + 1) * s] @ w_t
             outs.append(y + self.b_dec[t] if bias and self.b_dec is not None else y)
@@ -333,6 +342,10 @@ class CrossLayerTranscoder(Dictionary):
         if mask is not None:
             inputs = {h: v[mask] for h, v in inputs.items()}
             targets = {h: v[mask] for h, v in targets.items()}
+        if self.latent_shard is not None:
+            from saecli.dictionaries.clt_sharded import sharded_loss
+
+            return sharded_loss(self, inputs, targets, ctx, self.latent_shard)
         y = torch.stack([targets[h].reshape(-1, self.d_model) for h in self.out_hooks], dim=1)  # [N, L, d]
         h = self.pre_acts(self._stack_inputs(inputs))
         n_tok = h.shape[0]
@@ -415,7 +428,7 @@ class CrossLayerTranscoder(Dictionary):
         return vals.reshape(h.shape[0], -1), (idx + offsets).reshape(h.shape[0], -1)
 
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor, bias: bool = True,
-                      layer_sorted: bool = False) -> torch.Tensor:
+                      layer_sorted: bool = False, w_dec: torch.Tensor | None = None) -> torch.Tensor:
         """[N, L, d_model] from a few active latents per token: `values`, `indices` [N, K] (flat latent ids).
 
         ŷ_t sums the rows W_dec[i→t]_j of the active latents of layers i ≤ t (one embedding-bag per layer:
@@ -423,11 +436,12 @@ class CrossLayerTranscoder(Dictionary):
         with K/L per layer (as `_topk_entries` gives), so layer t's sources are a prefix; otherwise entries of
         later layers are masked out.
         """
-        s = self.d_sae_layer
-        values = values.to(self.W_dec.dtype)
+        w_all = self.W_dec if w_dec is None else w_dec  # `w_dec`: a tensor-parallel rank's blocks, local ids
+        s = w_all.shape[1]
+        values = values.to(w_all.dtype)
         per = indices.shape[1] // self.n_layers if layer_sorted else 0
         outs = []
-        for t, w in enumerate(self._target_blocks()):
+        for t, w in enumerate(self._target_blocks(w_all)):
             w_t = w.reshape((t + 1) * s, self.d_model)
             if layer_sorted:
                 idx_t, val_t = indices[:, : (t + 1) * per], values[:, : (t + 1) * per]

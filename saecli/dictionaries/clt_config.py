@@ -14,6 +14,7 @@ from saecli.config.dictionary import (
     check_output_scaling,
     register_config,
 )
+from saecli.errors import ConfigError
 
 
 @register_config("clt")
@@ -37,6 +38,13 @@ class CLTConfig(DictionaryConfig):
         """n_layers × d_sae, when the file names the layers (else the stream's hook points decide)."""
         layers = self.hook_points_in
         return None if self.d_sae is None or layers is None else len(layers) * self.d_sae
+
+    def check_stream_hooks(self, listed: list[str]) -> None:
+        super().check_stream_hooks(listed)
+        if self.hook_points_in is None and len(listed) % 2:
+            raise ConfigError("a CLT without hook_points_in/out in this table takes the first half of "
+                              "activations.hook_points as inputs and the second as outputs: it needs an even "
+                              f"number, found {len(listed)}", key="activations.hook_points")
 
     def validate(self) -> None:
         super().validate()

@@ -37,7 +37,7 @@ activation — JumpReLU and BatchTopK thresholds included — is unchanged by fo
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -85,13 +85,13 @@ class _HeadsSAE(SparseAutoEncoder):
         self.n_heads, self.d_head, self.reduction = n_heads, d_head, reduction
         self.register_buffer("head_norm_weight", torch.ones(n_heads))
 
-    def head_norms(self) -> torch.Tensor:
-        """[d_sae, n_heads] ‖W_dec[h]_i‖ in training units (float32, differentiable)."""
-        w = self.W_dec.float().view(self.d_sae, self.n_heads, self.d_head)
-        return w.norm(dim=-1) * self.head_norm_weight
+    def head_norms(self, w_dec: torch.Tensor | None = None) -> torch.Tensor:
+        """[d_sae, n_heads] ‖W_dec[h]_i‖ in training units (float32, differentiable); of `w_dec`'s rows if given."""
+        w = (self.W_dec if w_dec is None else w_dec).float()
+        return w.view(w.shape[0], self.n_heads, self.d_head).norm(dim=-1) * self.head_norm_weight
 
-    def decoder_norms(self) -> torch.Tensor:
-        norms = self.head_norms()
+    def norms_of(self, w_dec: torch.Tensor) -> torch.Tensor:
+        norms = self.head_norms(w_dec)
         return norms.sum(-1) if self.reduction == "sum" else norms.norm(dim=-1)
 
     def _choose_path(self, x: torch.Tensor, ctx: StepContext, mask: torch.Tensor | None) -> str:
@@ -102,6 +102,8 @@ class _HeadsSAE(SparseAutoEncoder):
 
 class Crosscoder(Dictionary):
     kind = "crosscoder"
+    # tensor parallelism splits the core SAE's latents (training/tensor_parallel.py)
+    latent_axes: ClassVar[dict[str, int]] = {f"core.{k}": v for k, v in SparseAutoEncoder.latent_axes.items()}
 
     cfg: CrosscoderConfig
 
@@ -119,7 +121,7 @@ class Crosscoder(Dictionary):
         missing = [h for h in heads if h not in hook_points]
         if missing:
             raise ConfigError(f"{', '.join(missing)} not in activations.hook_points ({', '.join(hook_points)}): "
-                              "the stream must carry every head", key="sae.hook_points")
+                              "the stream must carry every head", key="dictionary.hook_points")
         return cls(cfg, d_model, heads)
 
     @classmethod

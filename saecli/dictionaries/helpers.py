@@ -32,7 +32,7 @@ def io_hooks(hook_point_in: str | None, hook_point_out: str | None, hook_points:
         rest = [h for h in hook_points if h != hook_in]
         if not rest:
             raise ConfigError(f"a {kind} reads one hook point and reconstructs another: list both in "
-                              "activations.hook_points or set sae.hook_point_out", key="sae.hook_point_out")
+                              "activations.hook_points or set dictionary.hook_point_out", key="dictionary.hook_point_out")
         hook_out = rest[0]
     for key, hook in (("hook_point_in", hook_in), ("hook_point_out", hook_out)):
         if hook not in hook_points:
@@ -40,7 +40,7 @@ def io_hooks(hook_point_in: str | None, hook_point_out: str | None, hook_points:
                               f"must carry every hook the {kind} reads or writes", key=f"sae.{key}")
     if hook_in == hook_out:
         raise ConfigError(f"hook_point_in equals hook_point_out: {same or f'a {kind} reconstructs another hook point'}",
-                          key="sae.hook_point_out")
+                          key="dictionary.hook_point_out")
     return hook_in, hook_out
 
 

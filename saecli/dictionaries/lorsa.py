@@ -94,7 +94,7 @@ class LowRankSparseAttention(Dictionary):
         super().__init__(cfg, d_model, [in_hook], [out_hook])
         self.in_hook, self.out_hook = in_hook, out_hook
         if cfg.n_qk_heads is None:  # validated when the config was read; a hand-made config may lack it
-            raise ConfigError("a LORSA needs n_qk_heads", key="sae.n_qk_heads")
+            raise ConfigError("a LORSA needs n_qk_heads", key="dictionary.n_qk_heads")
         s, h = self.d_sae, cfg.n_qk_heads
         if s % h:
             raise ValueError(f"d_sae ({s}) must be a multiple of n_qk_heads ({h})")
@@ -369,12 +369,12 @@ class LowRankSparseAttention(Dictionary):
         """Copy Q/K from the model's attention (see the module docstring). `raw_batches` (RAW activations)
         give the input scale when the dictionary has no dataset-wise one (norm_activation = "none": 1)."""
         if lm is None:
-            raise UsageError("sae.initialize_lorsa_with_mhsa needs the language model: add a [model] section")
+            raise UsageError("dictionary.initialize_lorsa_with_mhsa needs the language model: add a [model] section")
         from saecli.lm.hooks import get_attention, parse_hook
 
         point = parse_hook(self.in_hook)
         if point.site != "ln1.hook_normalized":
-            raise UsageError(f"sae.initialize_lorsa_with_mhsa copies the attention's Q/K, which read "
+            raise UsageError(f"dictionary.initialize_lorsa_with_mhsa copies the attention's Q/K, which read "
                              f"blocks.L.ln1.hook_normalized; hook_point_in is {self.in_hook!r}")
         layer = self.cfg.attn_layer if self.cfg.attn_layer is not None else point.layer
         attn = get_attention(lm, layer)
@@ -390,14 +390,14 @@ class LowRankSparseAttention(Dictionary):
         n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
         head_dim = int(getattr(attn, "head_dim", None) or q_proj.out_features // n_heads)
         if head_dim != self.d_qk_head:
-            raise UsageError(f"sae.d_qk_head ({self.d_qk_head}) must equal the model's head dimension ({head_dim}) "
+            raise UsageError(f"dictionary.d_qk_head ({self.d_qk_head}) must equal the model's head dimension ({head_dim}) "
                              "to copy its Q/K")
         if self.n_qk_heads % n_heads:
-            raise UsageError(f"sae.n_qk_heads ({self.n_qk_heads}) must be a multiple of the model's "
+            raise UsageError(f"dictionary.n_qk_heads ({self.n_qk_heads}) must be a multiple of the model's "
                              f"{n_heads} attention heads to copy its Q/K")
         theta = _model_rope_theta(config)
         if not self.cfg.use_rotary:
-            raise UsageError("initialize_lorsa_with_mhsa copies a rotary attention: set sae.use_rotary = true")
+            raise UsageError("initialize_lorsa_with_mhsa copies a rotary attention: set dictionary.use_rotary = true")
         rep, groups = self.n_qk_heads // n_heads, n_heads // n_kv
 
         def per_head(proj: nn.Linear, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:

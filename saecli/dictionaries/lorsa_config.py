@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from saecli.config.base import bad, opt
-from saecli.config.dictionary import DictionaryConfig, check_io_hooks, register_config
+from saecli.config.dictionary import DictionaryConfig, check_io_hooks, check_output_hook_listed, register_config
 
 
 @register_config("lorsa")
@@ -29,6 +29,10 @@ class LorsaConfig(DictionaryConfig):
     initialize_lorsa_with_mhsa: bool = opt(
         False, help="copy W_Q/W_K from the model's attention layer (needs [model]; GQA handled)")
     attn_layer: int | None = opt(None, help="layer whose attention initialises Q/K (default: hook_point_in's layer)")
+
+    def check_stream_hooks(self, listed: list[str]) -> None:
+        super().check_stream_hooks(listed)
+        check_output_hook_listed(self, self.hook_point_out, listed)
 
     def validate(self) -> None:
         super().validate()

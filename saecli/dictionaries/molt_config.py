@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from saecli.config.base import bad, opt
-from saecli.config.dictionary import DictionaryConfig, check_io_hooks, register_config
+from saecli.config.dictionary import DictionaryConfig, check_io_hooks, check_output_hook_listed, register_config
 
 
 @register_config("molt")
@@ -31,6 +31,10 @@ class MOLTConfig(DictionaryConfig):
 
     def resolved_d_sae(self, d_model: int) -> int:
         return sum(c for _, c in self.ranks())
+
+    def check_stream_hooks(self, listed: list[str]) -> None:
+        super().check_stream_hooks(listed)
+        check_output_hook_listed(self, self.hook_point_out, listed)
 
     def validate(self) -> None:
         if not self.rank_counts:

@@ -30,7 +30,7 @@ measurements with benchmarks/bench_train_step.py (benchmarks/gpu_check.sh repeat
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -42,6 +42,7 @@ from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, own_config
 from saecli.dictionaries.sae_config import SAEConfig
+from saecli.dictionaries.sharding import LatentShard, local
 from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError
 
@@ -54,6 +55,9 @@ MULTI_TOPK_FACTOR = 4  # Multi-TopK reconstructs from the top 4k latents too (Ga
 
 class SparseAutoEncoder(Dictionary):
     kind = "sae"
+    # parameters with a latent dimension, and its axis (what tensor parallelism splits over ranks)
+    latent_axes: ClassVar[dict[str, int]] = {"W_enc": 0, "b_enc": 0, "W_dec": 0, "activation.log_threshold": 0}
+    latent_shard: LatentShard | None = None  # set by tensor_parallel.shard_dictionary
 
     b_dec: nn.Parameter | None  # None when cfg.use_decoder_bias is off
     activation: SparseActivation
@@ -104,7 +108,11 @@ class SparseAutoEncoder(Dictionary):
 
     def decoder_norms(self) -> torch.Tensor:
         """[d_sae] ‖W_dec,i‖ in float32 (differentiable)."""
-        return self.W_dec.float().norm(dim=1)
+        return self.norms_of(self.W_dec)
+
+    def norms_of(self, w_dec: torch.Tensor) -> torch.Tensor:
+        """The decoder norm of each row of `w_dec` (all latents, or a tensor-parallel rank's rows)."""
+        return w_dec.float().norm(dim=1)
 
     def decoder_directions(self, hook: str | None = None) -> torch.Tensor:
         return self.W_dec
@@ -145,6 +153,10 @@ class SparseAutoEncoder(Dictionary):
              mask: torch.Tensor | None = None) -> LossOutput:
         x, y = inputs[self.in_hook], targets[self.out_hook]
         self._ensure_grad_hook()
+        if self.latent_shard is not None:
+            from saecli.dictionaries.sae_sharded import sharded_loss
+
+            return sharded_loss(self, x, y, ctx, self.latent_shard)
         path = self._choose_path(x, ctx, mask)
         if path == "topk-sparse":
             return self._loss_topk_sparse(x, y, ctx)
@@ -450,7 +462,8 @@ class SparseAutoEncoder(Dictionary):
     @torch.no_grad()
     def post_step(self) -> None:
         if self.cfg.decoder_unit_norm:
-            self.W_dec.copy_(self._unit_rows(self.W_dec.float()).to(self.W_dec.dtype))
+            w = local(self.W_dec)  # a tensor-parallel rank normalises its own rows
+            w.copy_(self._unit_rows(w.float()).to(w.dtype))
 
     @torch.no_grad()
     def init_from_data(self, batches: list[dict[str, torch.Tensor]], init_cfg: InitConfig) -> None:
@@ -504,6 +517,7 @@ def _remove_parallel_grad(w: torch.Tensor) -> None:
     the row's norm, undone by the projection after the step) — as sparsify and saev do."""
     if w.grad is None:
         return
-    u = SparseAutoEncoder._unit_rows(w.detach().float())
-    g = w.grad.float()
-    w.grad.copy_((g - (g * u).sum(1, keepdim=True) * u).to(w.grad.dtype))
+    u = SparseAutoEncoder._unit_rows(local(w.detach()).float())
+    grad = local(w.grad)
+    g = grad.float()
+    grad.copy_((g - (g * u).sum(1, keepdim=True) * u).to(grad.dtype))

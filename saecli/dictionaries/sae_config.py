@@ -32,3 +32,6 @@ class SAEConfig(DictionaryConfig):
             raise bad("matryoshka_prefixes", f"prefix {prefixes[-1]} exceeds d_sae ({self.d_sae})")
         if self.activation not in ("topk", "batchtopk"):
             raise bad("matryoshka_prefixes", f"needs activation = 'topk' or 'batchtopk', found {self.activation!r}")
+
+    def main_hook(self) -> str | None:
+        return self.hook_point

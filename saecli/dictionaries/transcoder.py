@@ -30,6 +30,7 @@ from saecli.config.dictionary import DictionaryConfig
 from saecli.dictionaries.base import LossOutput, StepContext, own_config
 from saecli.dictionaries.helpers import io_hooks
 from saecli.dictionaries.sae import SparseAutoEncoder
+from saecli.dictionaries.sharding import local
 from saecli.dictionaries.transcoder_config import TranscoderConfig
 from saecli.dtypes import DTYPES
 from saecli.errors import UsageError
@@ -64,7 +65,8 @@ class Transcoder(SparseAutoEncoder):
         """x W_skip for normalised inputs, or None without a skip connection."""
         if self.W_skip is None:
             return None
-        return x.to(self.W_skip.dtype) @ self.W_skip
+        w = local(self.W_skip)  # replicated over tensor-parallel ranks
+        return x.to(w.dtype) @ w
 
     def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
              mask: torch.Tensor | None = None) -> LossOutput:

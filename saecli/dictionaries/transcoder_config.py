@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from saecli.config.base import bad, opt
-from saecli.config.dictionary import DictionaryConfig, check_output_scaling, register_config
+from saecli.config.dictionary import DictionaryConfig, check_output_hook_listed, check_output_scaling, register_config
 
 
 @register_config("transcoder")
@@ -26,6 +26,10 @@ class TranscoderConfig(DictionaryConfig):
     sparsity_include_decoder_norm: bool = opt(
         False, help="rank/weight latents by decoder row norms; off for transcoders, whose decoder starts at zero "
         "(init.decoder_init_norm; SmolLM2 layer-12 MLP: dead 16 % gated vs 14 % ungated, same EV)")
+
+    def check_stream_hooks(self, listed: list[str]) -> None:
+        super().check_stream_hooks(listed)
+        check_output_hook_listed(self, self.hook_point_out, listed)
 
     def validate(self) -> None:
         super().validate()

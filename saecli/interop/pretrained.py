@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from saecli.dictionaries.sae import SparseAutoEncoder
 
 
-def start_from(d: Dictionary, path: str | Path, key: str = "sae.pretrained") -> Canonical:
+def start_from(d: Dictionary, path: str | Path, key: str = "dictionary.pretrained") -> Canonical:
     """Load the dictionary at `path` into the freshly initialised `d` (same kind, widths and activation)."""
     from saecli.dictionaries.registry import load_dictionary
     from saecli.dictionaries.sae import SparseAutoEncoder
@@ -44,7 +44,7 @@ def start_from(d: Dictionary, path: str | Path, key: str = "sae.pretrained") -> 
             c = c.unit_decoder(target=s_in / s_out)
         except ValueError as exc:
             raise ConfigError(
-                f"{path}: {exc}; set sae.decoder_unit_norm = false to continue training it", key=key
+                f"{path}: {exc}; set dictionary.decoder_unit_norm = false to continue training it", key=key
             ) from None
     load_weights(d, c, s_in, s_out)
     d.folded = False
@@ -55,14 +55,14 @@ def start_from(d: Dictionary, path: str | Path, key: str = "sae.pretrained") -> 
 def _check(d: SparseAutoEncoder, c: Canonical, path: str | Path, key: str) -> None:
     where = f"the pretrained dictionary ({path})"
     if c.kind != d.kind:
-        raise ConfigError(f"{where} is a {c.kind}, the experiment trains a {d.kind}", key="sae.kind")
+        raise ConfigError(f"{where} is a {c.kind}, the experiment trains a {d.kind}", key="dictionary.kind")
     if c.d_in != d.d_model:
         raise ConfigError(
             f"{where} reads width {c.d_in}, the hook point has d_model {d.d_model}", key="activations.hook_points"
         )
     if c.d_sae != d.d_sae:
         raise ConfigError(
-            f"{where} has {c.d_sae} latents, the experiment {d.d_sae}: set sae.d_sae = {c.d_sae}", key="sae.d_sae"
+            f"{where} has {c.d_sae} latents, the experiment {d.d_sae}: set dictionary.d_sae = {c.d_sae}", key="dictionary.d_sae"
         )
     act = d.cfg.activation
     # BatchTopK at inference is a JumpReLU with one threshold (SAELens saves it so): either way round
@@ -71,30 +71,30 @@ def _check(d: SparseAutoEncoder, c: Canonical, path: str | Path, key: str) -> No
     if not ok:
         theirs = "batchtopk" if c.batchtopk else c.activation
         raise ConfigError(
-            f'{where} uses {theirs}, the experiment {act}: set sae.activation = "{theirs}"', key="sae.activation"
+            f'{where} uses {theirs}, the experiment {act}: set dictionary.activation = "{theirs}"', key="dictionary.activation"
         )
     for mine, theirs in ((d.in_hook, c.hook_in), (d.out_hook, c.hook_out)):
         if mine.startswith("blocks.") and theirs.startswith("blocks.") and mine != theirs:
             raise ConfigError(
                 f"{where} was trained on {theirs}, the experiment reads {mine}",
-                key="sae.hook_point" if d.kind == "sae" else "sae.hook_point_in",
+                key="dictionary.hook_point" if d.kind == "sae" else "dictionary.hook_point_in",
             )
     want = "token-wise" if c.norm == "token-wise" else ("none", "dataset-wise")
     if d.cfg.norm_activation not in want:
         raise ConfigError(
-            f"{where} scales its inputs {c.norm}, the experiment {d.cfg.norm_activation}", key="sae.norm_activation"
+            f"{where} scales its inputs {c.norm}, the experiment {d.cfg.norm_activation}", key="dictionary.norm_activation"
         )
     if c.W_skip is not None and skip_matrix(d) is None:
-        raise ConfigError(f"{where} has a skip connection: set sae.skip_connection = true", key="sae.skip_connection")
+        raise ConfigError(f"{where} has a skip connection: set dictionary.skip_connection = true", key="dictionary.skip_connection")
     if d.b_dec is None and bool(c.b_dec.abs().max() > 0):
-        raise ConfigError(f"{where} has a decoder bias: set sae.use_decoder_bias = true", key="sae.use_decoder_bias")
+        raise ConfigError(f"{where} has a decoder bias: set dictionary.use_decoder_bias = true", key="dictionary.use_decoder_bias")
     if d.gated and c.activation == "topk":
         n = c.decoder_norms()
         if not torch.allclose(n, n.mean().expand_as(n), rtol=1e-3):
             raise ConfigError(
                 f"{where} ranks its latents by h, this experiment by h·‖W_dec‖ (and its decoder rows "
-                "differ in norm): set sae.sparsity_include_decoder_norm = false",
-                key="sae.sparsity_include_decoder_norm",
+                "differ in norm): set dictionary.sparsity_include_decoder_norm = false",
+                key="dictionary.sparsity_include_decoder_norm",
             )
 
 
@@ -128,7 +128,7 @@ def or_pretrained(exp: Experiment, folder: Path) -> Path:
     given to DLA before (or without) training it further."""
     from saecli.dictionaries.base import WEIGHTS_NAME
 
-    pretrained = exp.sae.pretrained if exp.sae is not None else None
+    pretrained = exp.dictionary.pretrained if exp.dictionary is not None else None
     if pretrained and not (folder / WEIGHTS_NAME).exists():
         return Path(pretrained)
     return folder

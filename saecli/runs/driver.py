@@ -22,7 +22,7 @@ from saecli.config.experiment import Experiment
 from saecli.config.load import write_resolved
 from saecli.data.stream import ActivationStream
 from saecli.runs.folders import CONFIG_FILE, clear_run_partial, config_changes
-from saecli.runs.members import ModelForInit, Replay, fresh_member, resumed_member, sae_config
+from saecli.runs.members import ModelForInit, Replay, dictionary_config, fresh_member, resumed_member
 from saecli.runs.outputs import evaluate_member, finish, record_in_store, run_header
 from saecli.training.distributed import Sync
 from saecli.training.member import Member, set_rng_state
@@ -125,7 +125,7 @@ def train_pass(jobs: list[Job], stream: ActivationStream, *, sync: Sync, reporte
             if m.status == "diverged":  # it wrote diverged.json; its last good checkpoint stays
                 results.append(RunResult(m.name, job.folder, m.summary()))
                 continue
-            summary = finish(m, fold=sae_config(job.exp).fold_activation_scale)
+            summary = finish(m, fold=dictionary_config(job.exp).fold_activation_scale)
             if sync.is_main:
                 record_in_store(job.exp, job.folder, summary, reporter)
                 if evaluate:

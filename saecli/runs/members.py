@@ -26,6 +26,8 @@ from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError, RunError, UsageError
 from saecli.training.distributed import Sync
 from saecli.training.member import Member
+from saecli.training.tensor_parallel import new_member
+from saecli.training.tensor_parallel import resumed_member as restore_member
 from saecli.training.trainer import initialize, plan_steps
 
 if TYPE_CHECKING:
@@ -39,16 +41,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def sae_config(exp: Experiment) -> DictionaryConfig:
-    """The experiment's [sae] table (a ConfigError naming it when there is none)."""
-    exp.require("sae")
-    assert exp.sae is not None  # require raised otherwise
-    return exp.sae
+def dictionary_config(exp: Experiment) -> DictionaryConfig:
+    """The experiment's [dictionary] table (a ConfigError naming it when there is none)."""
+    exp.require("dictionary")
+    assert exp.dictionary is not None  # require raised otherwise
+    return exp.dictionary
 
 
 def resolve_device(exp: Experiment) -> torch.device:
     """`sae.device`; 'auto' = the model's device when one is set, else cuda when present, else cpu."""
-    name = sae_config(exp).device
+    name = dictionary_config(exp).device
     if name == "auto" and exp.model is not None and exp.model.device != "auto":
         name = exp.model.device
     if name == "auto":
@@ -59,13 +61,13 @@ def resolve_device(exp: Experiment) -> torch.device:
 
 
 def build(exp: Experiment, stream: ActivationStream) -> Dictionary:
-    """`exp.sae`'s dictionary, freshly seeded with `run.seed`, sized from the stream, on its device and dtype."""
+    """The [dictionary] table's dictionary, freshly seeded with `run.seed`, sized from the stream, on its device and dtype."""
     from saecli.dictionaries.registry import build_dictionary
 
     seed_everything(exp.run.seed)  # the same seed gives the same start, alone or in a sweep
-    sae = sae_config(exp)
+    sae = dictionary_config(exp)
     hooks = list(stream.hook_points)
-    main_hook = getattr(sae, "hook_point", None) or hooks[0]
+    main_hook = sae.main_hook() or hooks[0]
     d_model = stream.d_model.get(main_hook, next(iter(stream.d_model.values())))
     return build_dictionary(sae, d_model, hooks).to(device=resolve_device(exp), dtype=DTYPES[sae.dtype])
 
@@ -138,8 +140,8 @@ def fresh_member(exp: Experiment, folder: Path, stream: ActivationStream, replay
                           exp.trainer.gradient_accumulation_steps, sync.world_size)
     except ValueError as exc:
         raise ConfigError(str(exc), file=exp.source_file, key="trainer.total_training_tokens") from None
-    return Member(dictionary, exp.trainer, total_steps=plan.total_steps, batch_tokens=plan.batch_tokens,
-                  folder=folder, name=exp.run.name, sync=sync, wandb=wandb_logger(exp, folder, sync))
+    return new_member(dictionary, exp.trainer, total_steps=plan.total_steps, batch_tokens=plan.batch_tokens,
+                      folder=folder, name=exp.run.name, sync=sync, wandb=wandb_logger(exp, folder, sync))
 
 
 def resumed_member(exp: Experiment, folder: Path, checkpoint: Path, stream: ActivationStream, *,
@@ -147,8 +149,8 @@ def resumed_member(exp: Experiment, folder: Path, checkpoint: Path, stream: Acti
     """A member restored from `checkpoint`, and the checkpoint's shared state (stream positions, RNG)."""
     dictionary = build(exp, stream)
     try:
-        return Member.from_checkpoint(dictionary, exp.trainer, checkpoint, folder=folder, name=exp.run.name,
-                                      sync=sync, wandb=wandb_logger(exp, folder, sync))
+        return restore_member(dictionary, exp.trainer, checkpoint, folder=folder, name=exp.run.name,
+                              sync=sync, wandb=wandb_logger(exp, folder, sync))
     except ValueError as exc:  # a checkpoint of another shape of run (world size, step count)
         raise UsageError(f"cannot resume from {checkpoint}: {exc}") from None
 

@@ -20,11 +20,14 @@ def finish(member: Member, *, fold: bool) -> dict[str, Any]:
     """Save the trained dictionary (scale folded when asked) and summary.json (last: the finished mark).
     Returns the summary (on every rank; only the writing rank writes)."""
     from saecli.fsio import write_json
+    from saecli.training.tensor_parallel import to_save
 
     summary = member.summary()
-    if member.folder is None or not member.sync.is_main:
+    if member.folder is None:
         return summary
-    d = member.dictionary
+    d = to_save(member.dictionary)  # a sharded dictionary is gathered (on every rank), kept on rank 0
+    if d is None or not member.sync.is_main:
+        return summary
     if fold and d.cfg.norm_activation == "dataset-wise" and not d.folded:
         d.fold_activation_scale()
     d.save(member.folder)
@@ -75,14 +78,16 @@ def evaluate_member(exp: Experiment, folder: Path, lm: LanguageModel | None, rep
 def run_header(exp: Experiment, stream: ActivationStream, member: Member, *, given: bool = False) -> list[str]:
     """What is said before a member's first step: one line (data source, hook, d_sae, steps, tokens per
     step, world size), and a second when the cache is smaller than the run, which then loops over it."""
+    from saecli.data.models import ModelsStream
     from saecli.data.reader import CacheStream
 
     d = member.dictionary
-    world = member.sync.world_size
+    world = member.sync.world_size  # data-parallel ranks (each tensor-parallel group reads one batch)
+    procs = world * getattr(member.sync, "tp", 1)
     per_step = member.batch_tokens * member.accumulation * world
     train_tokens = member.total_steps * per_step
     cached = stream.index.total_tokens if isinstance(stream, CacheStream) else None
-    describe = str(getattr(stream, "describe", ""))
+    describe = stream.describe if isinstance(stream, ModelsStream) else ""
     if cached is not None and not given and exp.activations is not None:
         source = f"cache {exp.activations.cache_dir} ({cached:,} tokens)"
     elif exp.model is not None and not given:
@@ -94,11 +99,13 @@ def run_header(exp: Experiment, stream: ActivationStream, member: Member, *, giv
     ins, outs = list(d.in_hooks), list(d.out_hooks)
     hook = ", ".join(ins) + ("" if outs == ins else " → " + ", ".join(outs))
     lines = [f"{exp.run.name}: {source} · {hook} · d_sae {d.d_sae:,} · {member.total_steps:,} steps × "
-             f"{per_step:,} tokens · {world} process{'es' if world > 1 else ''}"]
-    if world > 1:  # multi-process: world size (machines × processes), mesh, per-rank batch
+             f"{per_step:,} tokens · {procs} process{'es' if procs > 1 else ''}"]
+    tp = getattr(member.sync, "tp", 1)
+    if procs > 1:  # multi-process: world size (machines × processes), mesh, per-rank batch
         from saecli.training.topology import topology_line
 
-        lines.append(topology_line(world, member.batch_tokens, member.accumulation))
+        mesh = {"dp": world, "tp": tp} if tp > 1 else None
+        lines.append(topology_line(procs, member.batch_tokens, member.accumulation, mesh=mesh))
     if cached is not None and 0 < cached < train_tokens:
         lines.append(f"the cache holds {cached:,} tokens, fewer than the {train_tokens:,} to train on: training "
                      f"loops over it {train_tokens / cached:.1f} times, in a new order each pass (generate a "

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from saecli.config.experiment import Experiment
 from saecli.data.stream import ActivationStream
-from saecli.errors import RunError, UsageError
+from saecli.errors import ConfigError, RunError, UsageError
 from saecli.runs.driver import Job, prepare, train_pass
 from saecli.runs.folders import clear_run, member_status
 from saecli.runs.members import seed_everything
@@ -56,6 +56,11 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, overwrite: bool = False,
     from saecli.sweep.summary import collect_rows, write_summary
 
     reporter = reporter or NullReporter()
+    sharded = [m.name for m in plan.members if int(m.exp.trainer.tensor_parallel) > 1]
+    if sharded:  # a sweep spreads whole members over the ranks; a sharded member needs all of its tp ranks
+        raise ConfigError(f"trainer.tensor_parallel > 1 is for `saecli train`; a sweep trains each member on one "
+                          f"process (members {', '.join(sharded[:3])}{'...' if len(sharded) > 3 else ''})",
+                          key="trainer.tensor_parallel")
     sync = sync or default_sync()
     groups = group_members(plan.members)
     _check_folders(plan, resume=resume, overwrite=overwrite, sync=sync)

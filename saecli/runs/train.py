@@ -20,9 +20,10 @@ from saecli.data.stream import ActivationStream
 from saecli.errors import RunError, UsageError
 from saecli.runs.driver import Job, RunResult, prepare, train_pass
 from saecli.runs.folders import SUMMARY_FILE, clear_run, run_state
-from saecli.runs.members import sae_config, seed_everything
+from saecli.runs.members import dictionary_config, resolve_device, seed_everything
 from saecli.training.checkpoint import latest_checkpoint
 from saecli.training.distributed import Sync, default_sync
+from saecli.training.tensor_parallel import check_run, run_sync
 from saecli.training.trainer import NullReporter, Reporter
 
 
@@ -36,9 +37,12 @@ def train(exp: Experiment, *, resume: bool = False, overwrite: bool = False, rep
     stream `open_stream(exp)` would build (e.g. `saecli.data.synthetic.SyntheticStream`). A member whose
     loss turns NaN/inf raises RunError (its last good checkpoint stays).
     """
-    sae_config(exp)  # a ConfigError before anything is touched
+    dictionary_config(exp)  # a ConfigError before anything is touched
     reporter = reporter or NullReporter()
     sync = sync or default_sync()
+    tp = int(exp.trainer.tensor_parallel)
+    check_run(dictionary_config(exp).kind, dictionary_config(exp).d_sae, tp)  # kind, processes, d_sae: before any work
+    sync = run_sync(tp, sync, resolve_device(exp).type)
     folder = Path(run_dir if run_dir is not None else exp.run.output_dir)
     state = run_state(folder)
     if overwrite:
@@ -66,7 +70,7 @@ def train(exp: Experiment, *, resume: bool = False, overwrite: bool = False, rep
         job.exp.require("activations")
         seed_everything(job.exp.run.seed)  # a model that draws random numbers while loading loads the same
         stream = open_stream(job.exp, purpose="train", rank=sync.rank, world_size=sync.world_size,
-                             contexts=bool(dictionary_class(sae_config(job.exp).kind).needs_context))
+                             contexts=bool(dictionary_class(dictionary_config(job.exp).kind).needs_context))
     try:
         [result] = train_pass([job], stream, sync=sync, reporter=reporter, given=given)
     finally:

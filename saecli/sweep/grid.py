@@ -13,6 +13,7 @@ key). A member's `run.output_dir` is `<base run.output_dir>/<member name>` and i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -73,10 +74,15 @@ def format_value(value: Any) -> str:
 
 def key_value(obj: Any, key: str) -> Any:
     """The value at a key path of a parsed experiment (None where a section is absent)."""
+    from saecli.config.base import aliases
+
     for part in key.split("."):
         if obj is None:
             return None
-        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+        if isinstance(obj, dict):
+            obj = obj.get(part)
+        else:  # a field, or its older name (`sae.k` reads `dictionary.k`)
+            obj = getattr(obj, aliases(type(obj)).get(part, part), None) if dataclasses.is_dataclass(obj) else None
     return obj
 
 

@@ -33,6 +33,7 @@ from saecli.errors import RunError
 CHECKPOINTS_DIR = "checkpoints"
 WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "trainer.pt"
+DCP_DIR = "dcp"  # a tensor-parallel run's sharded weights + optimizer (training/dcp.py), instead of WEIGHTS_FILE
 _NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -75,7 +76,7 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     out = []
     for p in folder.iterdir():
         m = _NAME.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).exists() and (p / WEIGHTS_FILE).exists():
+        if m and p.is_dir() and (p / STATE_FILE).exists() and ((p / WEIGHTS_FILE).exists() or (p / DCP_DIR).is_dir()):
             out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -96,6 +97,13 @@ def _fsync(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then the folders themselves (before the commit rename)."""
+    for p in sorted(folder.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+        _fsync(p)
+    _fsync(folder)
 
 
 def _write_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -170,11 +178,12 @@ def prune(root: str | Path, keep: int = 2) -> None:
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """(weights, trainer state) of a checkpoint folder."""
+    """(weights, trainer state) of a checkpoint folder; weights are {} for a sharded (DCP) checkpoint,
+    which `dcp.load_sharded` reads into the model and optimizer."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    weights = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    weights = {} if (path / DCP_DIR).is_dir() else load_file(str(path / WEIGHTS_FILE), device=str(device))
     # our own file, holding RNG states and the stream's state (arbitrary picklable values)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     return weights, state

@@ -23,6 +23,8 @@ class Sync(Protocol):
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
+    def any_rank(self, flags: torch.Tensor) -> torch.Tensor: ...
+
     def gather_objects(self, obj: Any) -> list[Any]: ...
 
     def broadcast_object(self, obj: Any) -> Any: ...
@@ -45,6 +47,9 @@ class LocalSync:
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def any_rank(self, flags: torch.Tensor) -> torch.Tensor:
+        return flags
 
     def gather_objects(self, obj: Any) -> list[Any]:
         return [obj]
@@ -89,6 +94,10 @@ class TorchSync:
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         self._dist.all_reduce(tensor)
         return tensor
+
+    def any_rank(self, flags: torch.Tensor) -> torch.Tensor:
+        """Summed over every process (decisions all ranks must take together)."""
+        return self.all_reduce_sum_(flags)
 
     def gather_objects(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size

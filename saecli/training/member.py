@@ -98,10 +98,10 @@ class Member:
         dcfg = dictionary.cfg
         # The driver's config is resolved already (config.toml records it); a bare TrainerConfig (tests,
         # benchmarks) gets the same defaults here: `cfg` is what this member trains with, every key set.
-        cfg = self.cfg = resolve_trainer(cfg, activation=getattr(dcfg, "activation", ""), d_sae=dictionary.d_sae,
+        cfg = self.cfg = resolve_trainer(cfg, activation=dcfg.activation, d_sae=dictionary.d_sae,
                                          d_model=dictionary.d_model, run_tokens=self.total_steps * tokens_per_step)
         self.sparsity_loss_type = cfg.sparsity_loss_type
-        self.schedule = Schedule.from_config(cfg, total_steps=self.total_steps, k=int(getattr(dcfg, "k", 0) or 0))
+        self.schedule = Schedule.from_config(cfg, total_steps=self.total_steps, k=int(dcfg.k or 0))
         first = next(dictionary.parameters())
         self.device, self.param_dtype = first.device, first.dtype
         self.hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
@@ -188,7 +188,7 @@ class Member:
 
     @torch.no_grad()
     def _record(self, out, mask: torch.Tensor | None, n_tokens: int) -> None:
-        counts = firing_counts(out.feature_acts, mask)
+        counts = self.latent_counts(out.feature_acts, mask)
         if self.sync.world_size > 1:  # every rank keeps the same statistics (same AuxK mask)
             both = self.sync.all_reduce_sum_(torch.cat([counts.to(torch.int64), counts.new_tensor([n_tokens])]))
             counts, n_tokens = both[:-1], int(both[-1])
@@ -209,6 +209,10 @@ class Member:
                 w.add(f"elements/{hook}", float(x.numel()))
         self._last_extra = out.extra
         self.tokens += n_tokens
+
+    def latent_counts(self, feature_acts: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """[d_sae] firing counts of one batch on this rank (a tensor-parallel member gathers its shards)."""
+        return firing_counts(feature_acts, mask)
 
     def _samples_reconstruction(self) -> bool:
         """Reconstruction error is summed on every `stride`-th step (≈ 8 per logging window) and on the
@@ -355,7 +359,8 @@ class Member:
         if state["total_steps"] != self.total_steps:
             raise ValueError(f"checkpoint is for a run of {state['total_steps']} steps, not {self.total_steps}")
         self.step, self.micro, self.tokens = state["step"], state["micro"], state["tokens"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # else in the checkpoint's DCP folder (tensor parallel)
+            self.load_optimizer(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -370,6 +375,13 @@ class Member:
         self._log_clock = time.perf_counter()
         self.status = "finished" if self.step >= self.total_steps else "running"
 
+    def load_optimizer(self, saved: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(saved)
+
+    @staticmethod
+    def load_weights(dictionary: Dictionary, weights: dict[str, torch.Tensor]) -> None:
+        dictionary.load_state_dict(weights)
+
     def save_checkpoint(self, shared: dict[str, Any]) -> Path | None:
         """Write this member's checkpoint (weights + state + the loop's `shared` state). Rank 0 only."""
         if self.folder is None or not self.sync.is_main:
@@ -382,7 +394,8 @@ class Member:
         """A member restored from a checkpoint folder, and the checkpoint's shared state (stream, RNG)."""
         device = next(dictionary.parameters()).device
         weights, state = load_checkpoint(path, device=device)
-        dictionary.load_state_dict(weights)
+        if weights:  # else a sharded checkpoint: read below, resharded to this member's layout
+            cls.load_weights(dictionary, weights)
         ms = state["member"]
         member = cls(dictionary, cfg, total_steps=ms["total_steps"], batch_tokens=ms["batch_tokens"],
                      name=kwargs.pop("name", ms["name"]), **kwargs)
@@ -390,6 +403,10 @@ class Member:
             raise ValueError(f"checkpoint {path} was written by {ms.get('world_size', 1)} processes; "
                              f"resume it with the same number (now {member.sync.world_size})")
         member.load_state_dict(ms)
+        if not weights:
+            from saecli.training.dcp import load_sharded
+
+            load_sharded(member.dictionary, member.optimizer, path)
         if member.log is not None:
             member.log.truncate(member.step)
         shared = {k: v for k, v in state.items() if k != "member"}

@@ -190,10 +190,9 @@ def checkpoint_all(stream: ActivationStream, members: list[Member], sync: Sync, 
             m.check_finite()
     sound = [m for m in members if m.status in ("running", "finished")]
     states = sync.gather_objects(stream.state_dict())
-    if sync.is_main:
-        shared = {"stream": states, "rng": rng_state(), "batches_seen": batches_seen}
-        for m in sound:
-            m.save_checkpoint(shared)
+    shared = {"stream": states, "rng": rng_state(), "batches_seen": batches_seen}
+    for m in sound:  # on every rank: rank 0 writes, except a sharded member's collective save
+        m.save_checkpoint(shared)
     sync.barrier()
 
 
@@ -227,9 +226,8 @@ def fit(stream: ActivationStream, members: list[Member], *, reporter: Reporter |
             if not alive:
                 break
             stop_now, time_due = stop.signum is not None, timer.due()
-            if sync.world_size > 1:  # every rank takes the same decision
-                flags = sync.all_reduce_sum_(torch.tensor([int(stop_now), int(time_due)]))
-                stop_now, time_due = bool(flags[0] > 0), bool(flags[1] > 0)
+            flags = sync.any_rank(torch.tensor([int(stop_now), int(time_due)]))  # every rank decides alike
+            stop_now, time_due = bool(flags[0] > 0), bool(flags[1] > 0)
             pending = pending or time_due
             if (pending or stop_now) and all(m.at_boundary for m in alive):
                 checkpoint_all(stream, members, sync, batches_seen)
