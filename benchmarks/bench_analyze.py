@@ -46,8 +46,11 @@ def load(args):
         return load_model(ModelConfig(name=str(folder), device=args.device, dtype=args.dtype))
     gguf = Path(args.model_dir) / GGUF
     if not args.random_init and gguf.exists():
-        return load_model(ModelConfig(name=args.model_dir, gguf_file=GGUF, device=args.device, dtype=args.dtype,
-                                      bos_token="<|im_start|>"))
+        return load_model(
+            ModelConfig(
+                name=args.model_dir, gguf_file=GGUF, device=args.device, dtype=args.dtype, bos_token="<|im_start|>"
+            )
+        )
     return smollm2_random(getattr(torch, args.dtype), args.device)
 
 
@@ -103,14 +106,24 @@ def main() -> None:
     device = lm.device
     hook = f"blocks.{min(args.layer, lm.n_layers - 1)}.hook_resid_post"
     d_sae = args.d_sae or 8 * lm.d_model
-    cfg = parse(DictionaryConfig, {"kind": "sae", "d_sae": d_sae, "activation": "topk", "k": args.k,
-                                   "norm_activation": "none", "device": str(device)}, key="sae")
+    cfg = parse(
+        DictionaryConfig,
+        {
+            "kind": "sae",
+            "d_sae": d_sae,
+            "activation": "topk",
+            "k": args.k,
+            "norm_activation": "none",
+            "device": str(device),
+        },
+        key="sae",
+    )
     torch.manual_seed(0)
     sae = build_dictionary(cfg, lm.d_model, [hook]).to(device).eval()
     acfg = AnalyzeConfig()
     # distinct text for every block (warm-up + reps), the same block for every variant within a rep
     all_batches = context_batches(lm, args.batches * (args.reps + 1), args.batch, args.ctx)
-    blocks = [all_batches[i * args.batches:(i + 1) * args.batches] for i in range(args.reps + 1)]
+    blocks = [all_batches[i * args.batches : (i + 1) * args.batches] for i in range(args.reps + 1)]
     n_tokens = args.batches * args.batch * args.ctx
 
     @torch.no_grad()
@@ -147,17 +160,25 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     times["book"] = [t - c for t, c in zip(times["book"], clone_times(feats, blocks[1:], device))]
 
-    print(f"model {lm.name} ({lm.family}, {lm.d_model}d) on {device}, {args.dtype}, threads {args.threads}; "
-          f"hook {hook}; SAE d_sae {d_sae} topk k={args.k}")
-    print(f"{args.batches} batches × {args.batch} contexts × {args.ctx} tokens = {n_tokens:,} tokens per block; "
-          f"kept contexts per feature: {sum(s.spec.n for s in analyzer.book.sets)} "
-          f"({analyzer.book.memory_bytes() / 2**20:.0f} MiB)")
+    print(
+        f"model {lm.name} ({lm.family}, {lm.d_model}d) on {device}, {args.dtype}, threads {args.threads}; "
+        f"hook {hook}; SAE d_sae {d_sae} topk k={args.k}"
+    )
+    print(
+        f"{args.batches} batches × {args.batch} contexts × {args.ctx} tokens = {n_tokens:,} tokens per block; "
+        f"kept contexts per feature: {sum(s.spec.n for s in analyzer.book.sets)} "
+        f"({analyzer.book.memory_bytes() / 2**20:.0f} MiB)"
+    )
     med = {k: statistics.median(v) for k, v in times.items()}
     for name, ts in times.items():
-        print(f"  {name:10s} {n_tokens / med[name]:>10,.0f} tokens/s   median {med[name] * 1e3:8.1f} ms   "
-              f"spread {min(ts) * 1e3:.1f}–{max(ts) * 1e3:.1f} ms")
-    print(f"analyze / reference = {med['reference'] / med['analyze']:.3f}×  (target ≥ 0.8); "
-          f"bookkeeping alone = {med['book'] / med['reference']:.1%} of the reference time")
+        print(
+            f"  {name:10s} {n_tokens / med[name]:>10,.0f} tokens/s   median {med[name] * 1e3:8.1f} ms   "
+            f"spread {min(ts) * 1e3:.1f}–{max(ts) * 1e3:.1f} ms"
+        )
+    print(
+        f"analyze / reference = {med['reference'] / med['analyze']:.3f}×  (target ≥ 0.8); "
+        f"bookkeeping alone = {med['book'] / med['reference']:.1%} of the reference time"
+    )
 
 
 if __name__ == "__main__":

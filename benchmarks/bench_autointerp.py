@@ -88,8 +88,10 @@ def replay(url: str, groups: list[list[list[dict]]], workers: int) -> float:
             if group is None:
                 return
             for messages in group:
-                r = client.post("/chat/completions", json={"model": "fake-model", "messages": messages,
-                                                            "max_tokens": 200, "temperature": 0.0})
+                r = client.post(
+                    "/chat/completions",
+                    json={"model": "fake-model", "messages": messages, "max_tokens": 200, "temperature": 0.0},
+                )
                 r.raise_for_status()
                 json.loads(r.json()["choices"][0]["message"]["content"])
 
@@ -115,9 +117,10 @@ def main() -> None:
     summary = tmp / "sae" / "analysis" / "default" / "autointerp" / "default" / "summary.json"
     with RecordingChat(args.latency) as server:
         exp = tmp / "exp.toml"
-        exp.write_text(textwrap.dedent(f"""
+        exp.write_text(
+            textwrap.dedent(f"""
             [run]
-            output_dir = "{tmp / 'sae'}"
+            output_dir = "{tmp / "sae"}"
             [store]
             backend = "none"
             [autointerp]
@@ -126,7 +129,8 @@ def main() -> None:
             [autointerp.explainer]
             model = "fake-model"
             base_url = "{server.url}"
-        """))
+        """)
+        )
         run_saecli(exp, summary, 4)  # warm-up (imports, first connections)
         for _ in range(args.reps):
             for w in args.workers:
@@ -137,17 +141,23 @@ def main() -> None:
                 groups = list(server.groups.values())
                 results[w]["server"].append(replay(server.url, groups, w))
     n_requests = sum(len(g) for g in groups)
-    print(f"{args.features} features, {n_requests} requests per run ({n_requests / args.features:.1f} per feature), "
-          f"server latency {1000 * args.latency:.0f} ms/request, {args.reps} interleaved reps (median [min–max])")
+    print(
+        f"{args.features} features, {n_requests} requests per run ({n_requests / args.features:.1f} per feature), "
+        f"server latency {1000 * args.latency:.0f} ms/request, {args.reps} interleaved reps (median [min–max])"
+    )
     fpm = lambda t: 60 * args.features / t  # noqa: E731
     span = lambda xs: f"{fpm(statistics.median(xs)):.0f} [{fpm(max(xs)):.0f}–{fpm(min(xs)):.0f}]"  # noqa: E731
-    print(f"{'workers':>7} | {'saecli command':>16} | {'saecli loop':>16} | {'server alone':>16} | "
-          f"overhead command / loop   (features/min)")
+    print(
+        f"{'workers':>7} | {'saecli command':>16} | {'saecli loop':>16} | {'server alone':>16} | "
+        f"overhead command / loop   (features/min)"
+    )
     for w in args.workers:
         s, lp, r = results[w]["saecli"], results[w]["loop"], results[w]["server"]
         mr = statistics.median(r)
-        print(f"{w:>7} | {span(s):>16} | {span(lp):>16} | {span(r):>16} | "
-              f"{100 * (statistics.median(s) / mr - 1):5.1f} % / {100 * (statistics.median(lp) / mr - 1):5.1f} %")
+        print(
+            f"{w:>7} | {span(s):>16} | {span(lp):>16} | {span(r):>16} | "
+            f"{100 * (statistics.median(s) / mr - 1):5.1f} % / {100 * (statistics.median(lp) / mr - 1):5.1f} %"
+        )
 
 
 if __name__ == "__main__":

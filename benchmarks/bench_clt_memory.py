@@ -29,8 +29,12 @@ def predicted_bytes(n_layers: int, d: int, s: int, n_tok: int, bytes_per: int = 
     pairs = n_layers * (n_layers + 1) // 2
     params = n_layers * s * d + pairs * s * d + n_layers * s + n_layers * d
     acts = 2 * n_layers * n_tok * d + 6 * n_tok * n_layers * s  # in/out activations + ~6 [N, L, s] tensors
-    return {"params": params, "param_bytes": params * bytes_per, "train_state_bytes": 4 * params * bytes_per,
-            "activation_bytes": acts * bytes_per}
+    return {
+        "params": params,
+        "param_bytes": params * bytes_per,
+        "train_state_bytes": 4 * params * bytes_per,
+        "activation_bytes": acts * bytes_per,
+    }
 
 
 def matmul_rate(device: torch.device, n: int, d: int, s: int, reps: int = 10) -> float:
@@ -64,8 +68,11 @@ def main() -> None:
     n_layers, d, s, n = args.layers, args.d_model, args.d_sae, args.tokens
     ins = [f"blocks.{i}.ln2.hook_normalized" for i in range(n_layers)]
     outs = [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]
-    cfg = parse(DictionaryConfig, {"kind": "clt", "d_sae": s, "k": args.k, "norm_activation": "none",
-                                   "sparse_kernels": not args.dense}, key="sae")
+    cfg = parse(
+        DictionaryConfig,
+        {"kind": "clt", "d_sae": s, "k": args.k, "norm_activation": "none", "sparse_kernels": not args.dense},
+        key="sae",
+    )
     pred = predicted_bytes(n_layers, d, s, n)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -108,14 +115,20 @@ def main() -> None:
     roof = matmul_rate(dev, n, d, s)
     gib = 2.0**30
     print(f"CLT L={n_layers} d_model={d} d_sae/layer={s} tokens={n} k={args.k} on {dev}, path {clt.last_path}")
-    print(f"parameters {pred['params'] / 1e6:.1f} M: predicted {pred['param_bytes'] / gib:.2f} GiB, "
-          f"measured {after_init / gib:.2f} GiB")
-    print(f"train state (params+grads+Adam) predicted {pred['train_state_bytes'] / gib:.2f} GiB; "
-          f"+ activations predicted {pred['activation_bytes'] / gib:.2f} GiB → "
-          f"{(pred['train_state_bytes'] + pred['activation_bytes']) / gib:.2f} GiB; measured peak {peak / gib:.2f} GiB")
-    print(f"step {step_t * 1e3:.1f} ms (median of {len(times)}, spread {min(times) * 1e3:.1f}–{max(times) * 1e3:.1f}), "
-          f"{n / step_t:.0f} tokens/s, dense-equivalent {flops / step_t / 1e12:.2f} TFLOP/s, matmul roof "
-          f"{roof / 1e12:.2f} TFLOP/s, ×roof {flops / step_t / roof:.2f}")
+    print(
+        f"parameters {pred['params'] / 1e6:.1f} M: predicted {pred['param_bytes'] / gib:.2f} GiB, "
+        f"measured {after_init / gib:.2f} GiB"
+    )
+    print(
+        f"train state (params+grads+Adam) predicted {pred['train_state_bytes'] / gib:.2f} GiB; "
+        f"+ activations predicted {pred['activation_bytes'] / gib:.2f} GiB → "
+        f"{(pred['train_state_bytes'] + pred['activation_bytes']) / gib:.2f} GiB; measured peak {peak / gib:.2f} GiB"
+    )
+    print(
+        f"step {step_t * 1e3:.1f} ms (median of {len(times)}, spread {min(times) * 1e3:.1f}–{max(times) * 1e3:.1f}), "
+        f"{n / step_t:.0f} tokens/s, dense-equivalent {flops / step_t / 1e12:.2f} TFLOP/s, matmul roof "
+        f"{roof / 1e12:.2f} TFLOP/s, ×roof {flops / step_t / roof:.2f}"
+    )
 
 
 if __name__ == "__main__":

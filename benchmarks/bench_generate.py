@@ -50,11 +50,23 @@ def main() -> None:
 
     folder = Path(args.model_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
-    exp = experiment_from_dict({
-        "model": {"name": str(folder), "device": args.device, "dtype": args.dtype, **({"gguf_file": args.gguf} if args.gguf else {})},
-        "activations": {"hook_points": [args.hook], "context_size": args.context, "model_batch_size": args.model_batch,
-                        "chunk_tokens": args.chunk_tokens, "cache_dir": str(work / "cache")},
-    })
+    exp = experiment_from_dict(
+        {
+            "model": {
+                "name": str(folder),
+                "device": args.device,
+                "dtype": args.dtype,
+                **({"gguf_file": args.gguf} if args.gguf else {}),
+            },
+            "activations": {
+                "hook_points": [args.hook],
+                "context_size": args.context,
+                "model_batch_size": args.model_batch,
+                "chunk_tokens": args.chunk_tokens,
+                "cache_dir": str(work / "cache"),
+            },
+        }
+    )
     lm = load_model(exp.model)
     packer = packer_for(lm, exp.activations, exp.model)
     batches = []
@@ -102,13 +114,17 @@ def main() -> None:
         return f"{statistics.median(rates):10.0f} tokens/s (spread {min(rates):.0f}–{max(rates):.0f})"
 
     ratios = [g / b for g, b in zip(gen, bare)]
-    print(f"model {folder.name}/{args.gguf} on {torch.cuda.get_device_name() if lm.device.type == 'cuda' else 'cpu'} ({args.dtype}, {torch.get_num_threads()} threads), hook {args.hook}, "
-          f"{args.batches} batches of {args.model_batch}×{args.context} ({kept} kept tokens), {args.reps} reps")
+    print(
+        f"model {folder.name}/{args.gguf} on {torch.cuda.get_device_name() if lm.device.type == 'cuda' else 'cpu'} ({args.dtype}, {torch.get_num_threads()} threads), hook {args.hook}, "
+        f"{args.batches} batches of {args.model_batch}×{args.context} ({kept} kept tokens), {args.reps} reps"
+    )
     print(f"bare truncated forward  {fmt(bare)}")
     print(f"generate                {fmt(gen)}")
     print(f"generate, no-op model   {fmt(ceiling)}  (text, packing, selection and writes alone)")
-    print(f"generate / bare         {statistics.median(ratios):.3f}×  (per rep: {', '.join(f'{r:.3f}' for r in ratios)}; "
-          f"target ≥ 0.85×)")
+    print(
+        f"generate / bare         {statistics.median(ratios):.3f}×  (per rep: {', '.join(f'{r:.3f}' for r in ratios)}; "
+        f"target ≥ 0.85×)"
+    )
 
 
 if __name__ == "__main__":

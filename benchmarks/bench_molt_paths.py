@@ -52,8 +52,9 @@ def main() -> None:
     ys = [torch.randn(args.batch, args.d) for _ in range(3)]
     print(f"d {args.d}, batch {args.batch}, rank_counts {counts}")
     for k in args.ks:
-        cfg = parse(DictionaryConfig, {"kind": "molt", "rank_counts": counts, "k": k, "norm_activation": "none"},
-                    key="sae")
+        cfg = parse(
+            DictionaryConfig, {"kind": "molt", "rank_counts": counts, "k": k, "norm_activation": "none"}, key="sae"
+        )
         torch.manual_seed(0)
         m = build_dictionary(cfg, args.d, [IN, OUT])
         opt = torch.optim.Adam(m.parameters(), lr=1e-4, fused=True)
@@ -77,9 +78,11 @@ def main() -> None:
                 roofs.append(roofline(args.d, args.batch, m.total_rank))
         roof_tokens = statistics.median(roofs) * 1e9 / (6 * args.d * m.total_rank)
         dense, sparse = statistics.median(times["dense"]), statistics.median(times["sparse"])
-        print(f"k {k:4d}  active rows {density:6.1%}  dense {dense:8.0f} tok/s ({dense / roof_tokens:.2f} ×roof)  "
-              f"sparse {sparse:8.0f} tok/s ({sparse / roof_tokens:.2f} ×roof)  sparse/dense {sparse / dense:.2f}  "
-              f"[roofline {statistics.median(roofs):.0f} GFLOP/s]")
+        print(
+            f"k {k:4d}  active rows {density:6.1%}  dense {dense:8.0f} tok/s ({dense / roof_tokens:.2f} ×roof)  "
+            f"sparse {sparse:8.0f} tok/s ({sparse / roof_tokens:.2f} ×roof)  sparse/dense {sparse / dense:.2f}  "
+            f"[roofline {statistics.median(roofs):.0f} GFLOP/s]"
+        )
 
 
 if __name__ == "__main__":

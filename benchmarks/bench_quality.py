@@ -79,8 +79,11 @@ def caches(config: Path, tokens: int, eval_tokens: int, root: Path) -> tuple[lis
     if not cache_exists(train_dir):
         _generate(config, train)
     first_heldout = int(open_cache(train_dir).documents_consumed)
-    held = [f"activations.cache_dir='{eval_dir}'", f"activations.total_tokens={eval_tokens}",
-            f"dataset.skip_documents={first_heldout}"]
+    held = [
+        f"activations.cache_dir='{eval_dir}'",
+        f"activations.total_tokens={eval_tokens}",
+        f"dataset.skip_documents={first_heldout}",
+    ]
     if not cache_exists(eval_dir):
         _generate(config, held)
     return train + [f"eval.cache_dir='{eval_dir}'"], first_heldout
@@ -119,8 +122,9 @@ def heldout_activations(exp: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
     hook_in, hook_out = io_hooks(exp)
     hooks = sorted({hook_in, hook_out})
-    stream = CacheStream(exp.eval.cache_dir, hook_points=hooks, batch_size=exp.activations.batch_size,
-                         shuffle=False, epochs=1)
+    stream = CacheStream(
+        exp.eval.cache_dir, hook_points=hooks, batch_size=exp.activations.batch_size, shuffle=False, epochs=1
+    )
     batches = [(b.acts[hook_in].float(), b.acts[hook_out].float()) for b in stream]
     x = torch.cat([b[0] for b in batches])
     return x, (x if hook_in == hook_out else torch.cat([b[1] for b in batches]))
@@ -133,8 +137,9 @@ def ce_contexts(exp: Any, lm: Any, first_document: int, n: int) -> list[tuple[to
 
     dataset = dataclasses.replace(exp.dataset, skip_documents=first_document)
     out, left = [], n
-    for ctx in packer_for(lm, exp.activations, exp.model).contexts(iter_documents(dataset),
-                                                                     exp.activations.model_batch_size):
+    for ctx in packer_for(lm, exp.activations, exp.model).contexts(
+        iter_documents(dataset), exp.activations.model_batch_size
+    ):
         if left <= 0:
             break
         out.append((ctx.tokens[:left], ctx.mask[:left]))
@@ -143,8 +148,9 @@ def ce_contexts(exp: Any, lm: Any, first_document: int, n: int) -> list[tuple[to
 
 
 # ----------------------------------------------------------------------------------------------- scoring
-def reconstruction_scores(coder: Coder, x: torch.Tensor, y: torch.Tensor, typical: torch.Tensor,
-                          chunk: int = 4096) -> dict:
+def reconstruction_scores(
+    coder: Coder, x: torch.Tensor, y: torch.Tensor, typical: torch.Tensor, chunk: int = 4096
+) -> dict:
     """EV (all / typical tokens) of reconstructing `y` from `x` (the same tensor for an SAE), L0 and dead %
     of one coder on held-out activations [M, d]."""
     from saecli.evaluation.metrics import ReconstructionStats
@@ -153,7 +159,7 @@ def reconstruction_scores(coder: Coder, x: torch.Tensor, y: torch.Tensor, typica
     fired: torch.Tensor | None = None
     nonzero = 0
     for start in range(0, x.shape[0], chunk):
-        xs, ys, keep = x[start:start + chunk], y[start:start + chunk], typical[start:start + chunk]
+        xs, ys, keep = x[start : start + chunk], y[start : start + chunk], typical[start : start + chunk]
         codes = coder.encode(xs)
         y_hat = coder.reconstruct(codes, xs)
         every.update(ys, y_hat)
@@ -162,8 +168,12 @@ def reconstruction_scores(coder: Coder, x: torch.Tensor, y: torch.Tensor, typica
         nonzero += int(active.sum())
         fired = active.any(0) if fired is None else fired | active.any(0)
     assert fired is not None
-    return {"ev": every.result()["explained_variance"], "ev_typical": usual.result()["explained_variance"],
-            "l0": nonzero / x.shape[0], "dead_pct": 100.0 * float((~fired).float().mean())}
+    return {
+        "ev": every.result()["explained_variance"],
+        "ev_typical": usual.result()["explained_variance"],
+        "l0": nonzero / x.shape[0],
+        "dead_pct": 100.0 * float((~fired).float().mean()),
+    }
 
 
 def typical_mask(x: torch.Tensor, quantile: float = TYPICAL_QUANTILE) -> torch.Tensor:
@@ -173,8 +183,13 @@ def typical_mask(x: torch.Tensor, quantile: float = TYPICAL_QUANTILE) -> torch.T
 
 
 @torch.no_grad()
-def ce_scores(lm: Any, hooks: tuple[str, str], contexts: list[tuple[torch.Tensor, torch.Tensor]],
-              coders: list[Coder], mean: torch.Tensor) -> dict[str, dict[str, float]]:
+def ce_scores(
+    lm: Any,
+    hooks: tuple[str, str],
+    contexts: list[tuple[torch.Tensor, torch.Tensor]],
+    coders: list[Coder],
+    mean: torch.Tensor,
+) -> dict[str, dict[str, float]]:
     """CE recovered by every coder against zero- and mean-ablation, sharing the clean/ablated forwards.
 
     `hooks` (read, replaced): a transcoder's output replaces the MLP's from the MLP's input of the same
@@ -212,9 +227,11 @@ def ce_scores(lm: Any, hooks: tuple[str, str], contexts: list[tuple[torch.Tensor
 
             return fn
 
-        parts = {"clean": nll(None),
-                 "zero": nll(splice(torch.zeros_like)),
-                 "mean": nll(splice(lambda a: mean.expand_as(a)))}
+        parts = {
+            "clean": nll(None),
+            "zero": nll(splice(torch.zeros_like)),
+            "mean": nll(splice(lambda a: mean.expand_as(a))),
+        }
         for c in coders:
             parts[c.name] = nll(splice(lambda a, c=c: c.reconstruct(c.encode(a), a)))
         for key, value in parts.items():
@@ -222,9 +239,12 @@ def ce_scores(lm: Any, hooks: tuple[str, str], contexts: list[tuple[torch.Tensor
     ce = {key: value / max(n_pred, 1) for key, value in sums.items()}
     out = {}
     for c in coders:
-        out[c.name] = {"ce": ce[c.name], "ce_clean": ce["clean"],
-                       "ce_recovered_zero": recovered(ce["clean"], ce[c.name], ce["zero"]),
-                       "ce_recovered_mean": recovered(ce["clean"], ce[c.name], ce["mean"])}
+        out[c.name] = {
+            "ce": ce[c.name],
+            "ce_clean": ce["clean"],
+            "ce_recovered_zero": recovered(ce["clean"], ce[c.name], ce["zero"]),
+            "ce_recovered_mean": recovered(ce["clean"], ce[c.name], ce["mean"]),
+        }
     return out
 
 
@@ -245,8 +265,13 @@ def train_saecli(exp: Any, name: str) -> Coder:
     seconds = time.perf_counter() - start
     d = load_for_eval(folder)
     # d.decode(codes, x): the skip transcoder's output needs its input
-    return Coder(name, torch.no_grad()(d.encode), torch.no_grad()(d.decode),
-                 exp.trainer.total_training_tokens / seconds, needs_input=exp.dictionary.kind == "transcoder")
+    return Coder(
+        name,
+        torch.no_grad()(d.encode),
+        torch.no_grad()(d.decode),
+        exp.trainer.total_training_tokens / seconds,
+        needs_input=exp.dictionary.kind == "transcoder",
+    )
 
 
 def train_peer(name: str, exp: Any, budget: Budget) -> Coder:
@@ -262,16 +287,27 @@ def train_peer(name: str, exp: Any, budget: Budget) -> Coder:
     if name == "dictionary_learning":
         return train_dictionary_learning(batches, budget, name=name)
     if name == "dictionary_learning-cut":
-        return train_dictionary_learning(batches, budget, warmup_steps=cut_steps(1000, budget),
-                                         dead_tokens=cut_tokens(10_000_000, budget),
-                                         threshold_start_step=cut_steps(1000, budget), name=name)
+        return train_dictionary_learning(
+            batches,
+            budget,
+            warmup_steps=cut_steps(1000, budget),
+            dead_tokens=cut_tokens(10_000_000, budget),
+            threshold_start_step=cut_steps(1000, budget),
+            name=name,
+        )
     raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
 
 
 # -------------------------------------------------------------------------------------------------- table
-COLUMNS = (("EV", "ev", "{:.3f}"), ("EV typ", "ev_typical", "{:.3f}"), ("L0", "l0", "{:.1f}"),
-           ("dead %", "dead_pct", "{:.1f}"), ("CE rec 0", "ce_recovered_zero", "{:.3f}"),
-           ("CE rec mean", "ce_recovered_mean", "{:.3f}"), ("tok/s", "tokens_per_s", "{:,.0f}"))
+COLUMNS = (
+    ("EV", "ev", "{:.3f}"),
+    ("EV typ", "ev_typical", "{:.3f}"),
+    ("L0", "l0", "{:.1f}"),
+    ("dead %", "dead_pct", "{:.1f}"),
+    ("CE rec 0", "ce_recovered_zero", "{:.3f}"),
+    ("CE rec mean", "ce_recovered_mean", "{:.3f}"),
+    ("tok/s", "tokens_per_s", "{:,.0f}"),
+)
 
 
 def table(rows: list[dict]) -> str:
@@ -279,30 +315,50 @@ def table(rows: list[dict]) -> str:
     head = "| library | " + " | ".join(c[0] for c in COLUMNS) + " | note |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for r in rows:
-        cells = [fmt.format(r[key]) if isinstance(r.get(key), (int, float)) and not math.isnan(r[key]) else "–"
-                 for _, key, fmt in COLUMNS]
+        cells = [
+            fmt.format(r[key]) if isinstance(r.get(key), (int, float)) and not math.isnan(r[key]) else "–"
+            for _, key, fmt in COLUMNS
+        ]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r.get('note', '')} |")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n  python benchmarks/bench_quality.py --quick\n"
-                                       "  python benchmarks/bench_quality.py --tokens 1000000 --peers sparsify")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python benchmarks/bench_quality.py --quick\n"
+        "  python benchmarks/bench_quality.py --tokens 1000000 --peers sparsify",
+    )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="experiment file (model, hook, d_sae, k)")
     p.add_argument("--tokens", type=int, default=None, help="training tokens (default: the file's budget)")
-    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens scored (default: eval.total_eval_tokens)")
+    p.add_argument(
+        "--eval-tokens", type=int, default=None, help="held-out tokens scored (default: eval.total_eval_tokens)"
+    )
     p.add_argument("--ce-contexts", type=int, default=None, help="held-out contexts for CE (default: eval.ce_contexts)")
     p.add_argument("--quick", action="store_true", help="smoke run: 40,960 tokens, 8,192 scored, 2 CE contexts")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)} ('' = none)")
-    p.add_argument("--saecli-row", action="append", default=[], metavar="K=V;K=V",
-                   help="an extra saecli row: overrides separated by ';' (repeatable, one row each)")
+    p.add_argument(
+        "--saecli-row",
+        action="append",
+        default=[],
+        metavar="K=V;K=V",
+        help="an extra saecli row: overrides separated by ';' (repeatable, one row each)",
+    )
     p.add_argument("--no-defaults", action="store_true", help="leave out the 'saecli defaults' row (tuning runs)")
-    p.add_argument("--cache-root", type=Path, default=None,
-                   help="where the caches go (default runs/cache/quality); an existing cache is reused")
-    p.add_argument("--hook", default=None, help="the hook point the SAE rows read (default: the file's first; "
-                   "any hook of the cache, e.g. blocks.6.hook_resid_post for a second layer)")
+    p.add_argument(
+        "--cache-root",
+        type=Path,
+        default=None,
+        help="where the caches go (default runs/cache/quality); an existing cache is reused",
+    )
+    p.add_argument(
+        "--hook",
+        default=None,
+        help="the hook point the SAE rows read (default: the file's first; "
+        "any hook of the cache, e.g. blocks.6.hook_resid_post for a second layer)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     return p.parse_args(argv)
 
@@ -317,8 +373,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     root = args.cache_root or Path(base.activations.cache_dir).parent / "quality"
     cache_overrides, first_heldout = caches(args.config, tokens, eval_tokens, root)
     read = sorted(set(io_hooks(base))) if base.dictionary.kind == "transcoder" else [args.hook or io_hooks(base)[0]]
-    common = cache_overrides + [f"trainer.total_training_tokens={tokens}", "store.backend='none'",
-                                "activations.hook_points=[" + ", ".join(f"'{h}'" for h in read) + "]"]
+    common = cache_overrides + [
+        f"trainer.total_training_tokens={tokens}",
+        "store.backend='none'",
+        "activations.hook_points=[" + ", ".join(f"'{h}'" for h in read) + "]",
+    ]
     out_root = Path(base.run.output_dir)
 
     coders: list[Coder] = []
@@ -332,8 +391,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         coders.append(train_saecli(exp, name))
 
     exp = load(args.config, common)
-    budget = Budget(d_model=0, d_sae=exp.dictionary.d_sae, k=exp.dictionary.k, steps=tokens // exp.activations.batch_size,
-                    batch_tokens=exp.activations.batch_size)
+    budget = Budget(
+        d_model=0,
+        d_sae=exp.dictionary.d_sae,
+        k=exp.dictionary.k,
+        steps=tokens // exp.activations.batch_size,
+        batch_tokens=exp.activations.batch_size,
+    )
     x, y = (t[:eval_tokens] for t in heldout_activations(exp))
     budget.d_model = int(x.shape[1])
     skipped: list[dict] = []
@@ -352,12 +416,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ce = ce_scores(lm, io_hooks(exp), ce_contexts(exp, lm, first_heldout, n_ce), coders, y.mean(0))
     rows = []
     for c in coders:
-        rows.append({"name": c.name, **reconstruction_scores(c, x, y, typical), **ce[c.name],
-                     "tokens_per_s": c.tokens_per_s, "note": c.note})
+        rows.append(
+            {
+                "name": c.name,
+                **reconstruction_scores(c, x, y, typical),
+                **ce[c.name],
+                "tokens_per_s": c.tokens_per_s,
+                "note": c.note,
+            }
+        )
     rows += skipped
-    print(f"\n{tokens:,} training tokens ({budget.steps} steps of {budget.batch_tokens}), "
-          f"{x.shape[0]:,} held-out tokens, {n_ce} CE contexts; {exp.dictionary.kind} {' → '.join(dict.fromkeys(io_hooks(exp)))}, "
-          f"d_sae {exp.dictionary.d_sae}, k {exp.dictionary.k}")
+    print(
+        f"\n{tokens:,} training tokens ({budget.steps} steps of {budget.batch_tokens}), "
+        f"{x.shape[0]:,} held-out tokens, {n_ce} CE contexts; {exp.dictionary.kind} {' → '.join(dict.fromkeys(io_hooks(exp)))}, "
+        f"d_sae {exp.dictionary.d_sae}, k {exp.dictionary.k}"
+    )
     print(table(rows))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

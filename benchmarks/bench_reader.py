@@ -70,8 +70,12 @@ def main() -> None:
         gen = torch.Generator().manual_seed(0)
         for c in range(args.chunks):
             ids = torch.arange(c * n, (c + 1) * n)
-            yield {f"acts.{hook}": torch.randn(n, args.d_model, generator=gen), "tokens": ids % 49152,
-                   "doc": ids // 1000, "pos": ids % 1000}
+            yield {
+                f"acts.{hook}": torch.randn(n, args.d_model, generator=gen),
+                "tokens": ids % 49152,
+                "doc": ids // 1000,
+                "pos": ids % 1000,
+            }
 
     try:
         write_cache(work / "cache", chunks(), hook_points=[hook], chunk_tokens=n)
@@ -79,8 +83,14 @@ def main() -> None:
         reader, shuffled_off, trainer = [], [], []
         for rep in range(args.reps):
             for shuffle, out in ((True, reader), (False, shuffled_off)):
-                stream = CacheStream(work / "cache", batch_size=args.batch, buffer_tokens=args.buffer_tokens,
-                                     shuffle=shuffle, seed=rep, epochs=1)
+                stream = CacheStream(
+                    work / "cache",
+                    batch_size=args.batch,
+                    buffer_tokens=args.buffer_tokens,
+                    shuffle=shuffle,
+                    seed=rep,
+                    epochs=1,
+                )
                 t = time.perf_counter()
                 got = sum(b.acts[hook].shape[0] for b in stream)
                 out.append(got / (time.perf_counter() - t))
@@ -94,8 +104,10 @@ def main() -> None:
         return f"{statistics.median(rates):12.0f} tokens/s (spread {min(rates):.0f}–{max(rates):.0f})"
 
     size = total * args.d_model * 4 / 2**20
-    print(f"cache {args.chunks} chunks × {n} tokens × d {args.d_model} float32 ({size:.0f} MiB), "
-          f"window {args.buffer_tokens} tokens, batch {args.batch}, {torch.get_num_threads()} threads, {args.reps} reps")
+    print(
+        f"cache {args.chunks} chunks × {n} tokens × d {args.d_model} float32 ({size:.0f} MiB), "
+        f"window {args.buffer_tokens} tokens, batch {args.batch}, {torch.get_num_threads()} threads, {args.reps} reps"
+    )
     print(f"reader, shuffled          {fmt(reader)}")
     print(f"reader, in order          {fmt(shuffled_off)}")
     print(f"plain TopK SAE train step {fmt(trainer)}  (d_sae {8 * args.d_model}, k 32)")

@@ -50,20 +50,37 @@ HOOK = "blocks.0.hook_resid_pre"
 
 def build(args: argparse.Namespace, sparse: bool = True):
     torch.manual_seed(0)
-    cfg = parse(DictionaryConfig, {"d_sae": args.d_sae, "k": args.k, "norm_activation": "none",
-                                   "sparse_kernels": sparse}, key="sae")
+    cfg = parse(
+        DictionaryConfig,
+        {"d_sae": args.d_sae, "k": args.k, "norm_activation": "none", "sparse_kernels": sparse},
+        key="sae",
+    )
     return build_dictionary(cfg, args.d_model, [HOOK])
 
 
 def trainer(args: argparse.Namespace) -> TrainerConfig:
-    return parse(TrainerConfig, {"total_training_tokens": args.tokens * 10_000, "lr": 1e-3, "lr_warm_up_steps": 0,
-                                 "n_checkpoints": 0, "checkpoint_every_seconds": 0, "log_frequency": 10_000})
+    return parse(
+        TrainerConfig,
+        {
+            "total_training_tokens": args.tokens * 10_000,
+            "lr": 1e-3,
+            "lr_warm_up_steps": 0,
+            "n_checkpoints": 0,
+            "checkpoint_every_seconds": 0,
+            "log_frequency": 10_000,
+        },
+    )
 
 
 def batches(args: argparse.Namespace) -> list[Batch]:
     g = torch.Generator().manual_seed(1)
-    return [Batch(acts={HOOK: torch.randn(args.tokens, args.d_model, generator=g)},
-                  tokens=torch.zeros(args.tokens, dtype=torch.long)) for _ in range(4)]
+    return [
+        Batch(
+            acts={HOOK: torch.randn(args.tokens, args.d_model, generator=g)},
+            tokens=torch.zeros(args.tokens, dtype=torch.long),
+        )
+        for _ in range(4)
+    ]
 
 
 def half_dead(member: Member) -> None:
@@ -71,8 +88,7 @@ def half_dead(member: Member) -> None:
     member.stats.since_fired[::2] = 10**9
 
 
-def timed(member: Member, data: list[Batch], steps: int, comm: list[float] | None = None
-          ) -> tuple[float, float, float]:
+def timed(member: Member, data: list[Batch], steps: int, comm: list[float] | None = None) -> tuple[float, float, float]:
     """(median step seconds, median communication seconds per step, median CPU seconds per step of this
     process — the work a rank does, which a busy shared machine does not inflate as it does wall time)."""
     for b in data[:2]:  # warm-up
@@ -141,13 +157,19 @@ def main() -> None:
         mp.start_processes(worker, args=(2, os.path.join(tmp, "store"), out, args), nprocs=2, start_method="spawn")
         step, comm, cpu = map(float, Path(out).read_text().split())
     rows.append(("tp2", 2, step, comm, cpu))
-    print(f"d_model {args.d_model} · d_sae {args.d_sae} · k {args.k} · {args.tokens} tokens/step · "
-          f"{args.threads} thread(s)/process · median of {args.steps} steps")
+    print(
+        f"d_model {args.d_model} · d_sae {args.d_sae} · k {args.k} · {args.tokens} tokens/step · "
+        f"{args.threads} thread(s)/process · median of {args.steps} steps"
+    )
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall times suffer when it exceeds them)")
-    print(f"{'variant':<10} {'procs':>5} {'step ms':>8} {'tok/s':>9} {'comm ms':>8} {'comm/step':>9} {'cpu ms/rank':>11}")
+    print(
+        f"{'variant':<10} {'procs':>5} {'step ms':>8} {'tok/s':>9} {'comm ms':>8} {'comm/step':>9} {'cpu ms/rank':>11}"
+    )
     for name, procs, step, comm, cpu in rows:
-        print(f"{name:<10} {procs:>5} {step * 1e3:>8.1f} {args.tokens / step:>9.0f} {comm * 1e3:>8.1f} "
-              f"{comm / step:>9.1%} {cpu * 1e3:>11.1f}")
+        print(
+            f"{name:<10} {procs:>5} {step * 1e3:>8.1f} {args.tokens / step:>9.0f} {comm * 1e3:>8.1f} "
+            f"{comm / step:>9.1%} {cpu * 1e3:>11.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ sys.path.insert(0, str(REPO))
 SIZES = {  # d_sae, k values, batch, tokens per member, hook
     "tiny": dict(d_sae=512, ks=(16, 32), batch=1024, tokens=65_536, hook="blocks.2.hook_resid_post", context=128),
     "smollm2": dict(d_sae=4608, ks=(32, 64), batch=4096, tokens=32_768, hook="blocks.12.hook_resid_post", context=256),
-    "smollm2-shape": dict(d_sae=4608, ks=(32, 64), batch=4096, tokens=1_048_576, hook="blocks.12.hook_resid_post",
-                          context=256),
+    "smollm2-shape": dict(
+        d_sae=4608, ks=(32, 64), batch=4096, tokens=1_048_576, hook="blocks.12.hook_resid_post", context=256
+    ),
 }
 LRS = (2e-4, 4e-4, 8e-4, 1.6e-3)
 
@@ -66,15 +67,25 @@ def base_experiment(args: argparse.Namespace, model: dict, root: Path) -> dict:
         "run": {"name": "bench", "output_dir": str(root / "out"), "seed": 0},
         "model": model,
         "dataset": {"path": "builtin:python-docs"},
-        "activations": {"hook_points": [size["hook"]], "context_size": size["context"],
-                        "model_batch_size": max(1, min(16, size["batch"] // size["context"])),
-                        "batch_size": size["batch"], "total_tokens": args.tokens or size["tokens"],
-                        "shuffle_buffer_tokens": 4 * size["batch"], "chunk_tokens": 4 * size["batch"],
-                        "cache_dir": str(root / "cache")},
+        "activations": {
+            "hook_points": [size["hook"]],
+            "context_size": size["context"],
+            "model_batch_size": max(1, min(16, size["batch"] // size["context"])),
+            "batch_size": size["batch"],
+            "total_tokens": args.tokens or size["tokens"],
+            "shuffle_buffer_tokens": 4 * size["batch"],
+            "chunk_tokens": 4 * size["batch"],
+            "cache_dir": str(root / "cache"),
+        },
         "sae": {"activation": "topk", "d_sae": size["d_sae"], "k": size["ks"][0]},
         "init": {"init_batches": args.init_batches},
-        "trainer": {"total_training_tokens": args.tokens or size["tokens"], "lr": LRS[0], "log_frequency": 10,
-                    "n_checkpoints": 1, "checkpoint_every_seconds": 0},
+        "trainer": {
+            "total_training_tokens": args.tokens or size["tokens"],
+            "lr": LRS[0],
+            "log_frequency": 10,
+            "n_checkpoints": 1,
+            "checkpoint_every_seconds": 0,
+        },
         "store": {"backend": "none"},
     }
 
@@ -161,8 +172,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--sources", default="cache,live")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
-    parser.add_argument("--reload-model", action="store_true", help="every run loads the model (as separate "
-                        "`saecli train` processes would); default: loaded once")
+    parser.add_argument(
+        "--reload-model",
+        action="store_true",
+        help="every run loads the model (as separate `saecli train` processes would); default: loaded once",
+    )
     args = parser.parse_args()
     if not args.reload_model:
         reuse_loaded_models()
@@ -182,10 +196,16 @@ def main() -> None:
         # warm-up (imports, kernels, allocator): one short run of each path, not timed
         warm = {**base, "trainer": {**base["trainer"], "total_training_tokens": base["activations"]["batch_size"]}}
         for source in sources:
-            run_group(warm, {"grid": {"sae.k": list(SIZES[args.model]["ks"])}}, source, root / "warm" / source,
-                      args.device)
-            run_sequential(warm, {"grid": {"sae.k": list(SIZES[args.model]["ks"])[:1]}}, source,
-                           root / "warm-seq" / source, args.device)
+            run_group(
+                warm, {"grid": {"sae.k": list(SIZES[args.model]["ks"])}}, source, root / "warm" / source, args.device
+            )
+            run_sequential(
+                warm,
+                {"grid": {"sae.k": list(SIZES[args.model]["ks"])[:1]}},
+                source,
+                root / "warm-seq" / source,
+                args.device,
+            )
         times: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for rep in range(args.reps):  # interleaved: every variant of every source in each rep
             for source in sources:
@@ -199,13 +219,21 @@ def main() -> None:
                     shutil.rmtree(out, ignore_errors=True)
         n_members = len(LRS) * len(SIZES[args.model]["ks"])
         tokens = base["trainer"]["total_training_tokens"]
-        dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+        dev = (
+            torch.cuda.get_device_name()
+            if args.device.startswith("cuda")
+            else f"cpu ({torch.get_num_threads()} threads)"
+        )
         size = {**SIZES[args.model], **({"batch": args.batch} if args.batch else {})}
-        print(f"\nsweep benchmark: {n_members} TopK SAEs (d_sae {size['d_sae']}, k {size['ks']}, lr {LRS}) on "
-              f"{args.model} {size['hook']}, batch {size['batch']}, {tokens:,} tokens each, {dev}, "
-              f"{args.reps} rep(s), model {'loaded per run' if args.reload_model else 'loaded once'}")
-        print(f"{'source':8} {'variant':11} {'wall s':>8} {'member-tok/s':>13} {'wall ×seq':>10} {'spread':>7} "
-              f"{'cpu s':>8} {'cpu ×seq':>9}")
+        print(
+            f"\nsweep benchmark: {n_members} TopK SAEs (d_sae {size['d_sae']}, k {size['ks']}, lr {LRS}) on "
+            f"{args.model} {size['hook']}, batch {size['batch']}, {tokens:,} tokens each, {dev}, "
+            f"{args.reps} rep(s), model {'loaded per run' if args.reload_model else 'loaded once'}"
+        )
+        print(
+            f"{'source':8} {'variant':11} {'wall s':>8} {'member-tok/s':>13} {'wall ×seq':>10} {'spread':>7} "
+            f"{'cpu s':>8} {'cpu ×seq':>9}"
+        )
         for source in sources:
             ref_wall = statistics.median(w for w, _ in times[(source, "sequential")])
             ref_cpu = statistics.median(c for _, c in times[(source, "sequential")])
@@ -213,11 +241,14 @@ def main() -> None:
                 walls = [w for w, _ in times[(source, variant)]]
                 wall, cpu = statistics.median(walls), statistics.median(c for _, c in times[(source, variant)])
                 spread = (max(walls) - min(walls)) / wall if len(walls) > 1 else 0.0
-                print(f"{source:8} {variant:11} {wall:8.2f} {n_members * tokens / wall:13,.0f} {wall / ref_wall:10.3f} "
-                      f"{spread:7.1%} {cpu:8.2f} {cpu / ref_cpu:9.3f}")
+                print(
+                    f"{source:8} {variant:11} {wall:8.2f} {n_members * tokens / wall:13,.0f} {wall / ref_wall:10.3f} "
+                    f"{spread:7.1%} {cpu:8.2f} {cpu / ref_cpu:9.3f}"
+                )
         if "live" in sources:
-            ratio = (statistics.median(w for w, _ in times[("live", "loop")])
-                     / statistics.median(w for w, _ in times[("live", "sequential")]))
+            ratio = statistics.median(w for w, _ in times[("live", "loop")]) / statistics.median(
+                w for w, _ in times[("live", "sequential")]
+            )
             print(f"live loop / sequential (wall) = {ratio:.3f} (target <= 0.35)")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -65,16 +65,31 @@ def main() -> None:
     device = torch.device(args.device)
     n, d, s, k = 4096, 576, 4608, 32
     cfg = parse(DictionaryConfig, {"d_sae": s, "k": k, "activation": "topk", "norm_activation": "none"})
-    tcfg = parse(TrainerConfig, {"total_training_tokens": n * 10**6, "lr": 1e-4, "log_frequency": 10**6,
-                                 "n_checkpoints": 0, "checkpoint_every_seconds": 0, "lr_warm_up_steps": 0})
-    batches = [Batch({HOOK: torch.randn(n, d, device=device)}, torch.zeros(n, dtype=torch.long, device=device))
-               for _ in range(4)]
+    tcfg = parse(
+        TrainerConfig,
+        {
+            "total_training_tokens": n * 10**6,
+            "lr": 1e-4,
+            "log_frequency": 10**6,
+            "n_checkpoints": 0,
+            "checkpoint_every_seconds": 0,
+            "lr_warm_up_steps": 0,
+        },
+    )
+    batches = [
+        Batch({HOOK: torch.randn(n, d, device=device)}, torch.zeros(n, dtype=torch.long, device=device))
+        for _ in range(4)
+    ]
 
     torch.manual_seed(0)
     bare_sae = build_dictionary(cfg, d, [HOOK]).to(device)
     opt = make_optimizer(bare_sae, tcfg)
-    ctx = StepContext(k=k, auxk_coefficient=tcfg.auxk_coefficient, k_aux=d // 2,
-                      dead_mask=torch.zeros(s, dtype=torch.bool, device=device))
+    ctx = StepContext(
+        k=k,
+        auxk_coefficient=tcfg.auxk_coefficient,
+        k_aux=d // 2,
+        dead_mask=torch.zeros(s, dtype=torch.bool, device=device),
+    )
     state = {"i": 0}
 
     def bare_step() -> None:
@@ -128,8 +143,10 @@ def main() -> None:
     base = statistics.median(rates["bare"])
     for name, r in rates.items():
         med = statistics.median(r)
-        print(f"{name:7s} {med:10,.0f} tok/s  ×roof {med / roof_rate:.2f}  vs bare {med / base:.3f}  "
-              f"(spread {min(r) / base:.3f}–{max(r) / base:.3f})")
+        print(
+            f"{name:7s} {med:10,.0f} tok/s  ×roof {med / roof_rate:.2f}  vs bare {med / base:.3f}  "
+            f"(spread {min(r) / base:.3f}–{max(r) / base:.3f})"
+        )
 
 
 if __name__ == "__main__":

@@ -93,8 +93,10 @@ def main() -> None:
             make_cache(tmp / f"cache-{name}", n, args.d_model, args.chunk)
         for name in ("small", "big"):
             results[name] = _isolated(tmp / f"cache-{name}", tmp / f"run-{name}", args)
-        size = {n: sum(f.stat().st_size for f in (tmp / f"cache-{n}").rglob("*.safetensors")) / 2**20
-                for n in ("small", "big")}
+        size = {
+            n: sum(f.stat().st_size for f in (tmp / f"cache-{n}").rglob("*.safetensors")) / 2**20
+            for n in ("small", "big")
+        }
     for name in ("small", "big"):
         rss, wall = results[name]
         print(f"{name:5s} cache {size[name]:8.1f} MiB on disk: peak RSS {rss:7.1f} MiB, train {wall:6.1f} s")
@@ -111,8 +113,13 @@ def _isolated(cache: Path, out: Path, args) -> tuple[float, float]:
         f"a = argparse.Namespace(**{vars(args)!r});"
         f"print(json.dumps(train_peak_rss(Path({str(cache)!r}), Path({str(out)!r}), a)))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     import json
 
     return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -93,8 +93,14 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=AMP, enabled=AMP is not None)
 
 
-def step_fn_saecli(sae: SparseAutoEncoder, ctx: StepContext, batches: list[torch.Tensor], lr: float,
-                   device: torch.device, pure_torch: bool = False) -> Callable[[int], None]:
+def step_fn_saecli(
+    sae: SparseAutoEncoder,
+    ctx: StepContext,
+    batches: list[torch.Tensor],
+    lr: float,
+    device: torch.device,
+    pure_torch: bool = False,
+) -> Callable[[int], None]:
     opt = make_adam(sae.param_groups(lr), lr, device)
 
     def step(i: int) -> None:
@@ -112,7 +118,9 @@ def step_fn_saecli(sae: SparseAutoEncoder, ctx: StepContext, batches: list[torch
     return step
 
 
-def step_fn_plain(model: PlainSAE, batches: list[torch.Tensor], lr: float, device: torch.device) -> Callable[[int], None]:
+def step_fn_plain(
+    model: PlainSAE, batches: list[torch.Tensor], lr: float, device: torch.device
+) -> Callable[[int], None]:
     opt = make_adam(model.parameters(), lr, device)
 
     def step(i: int) -> None:
@@ -126,8 +134,9 @@ def step_fn_plain(model: PlainSAE, batches: list[torch.Tensor], lr: float, devic
     return step
 
 
-def step_fn_sparsify(sae: SparseAutoEncoder, k: int, batches: list[torch.Tensor], lr: float,
-                     device: torch.device) -> Callable[[int], None]:
+def step_fn_sparsify(
+    sae: SparseAutoEncoder, k: int, batches: list[torch.Tensor], lr: float, device: torch.device
+) -> Callable[[int], None]:
     """sparsify's SparseCoder with this SAE's initial weights; one step = its forward (FVU loss, its
     own autocast), backward, the gradient projection and decoder renormalisation its trainer does."""
     import os
@@ -182,15 +191,21 @@ def check_paths_once(device: torch.device, dtype_name: str, label: str) -> None:
     torch.manual_seed(0)
     n, d, s = 512, 128, 1024
     x = torch.randn(n, d, device=device)
-    cases = [("topk", {"sparsity_include_decoder_norm": True}, StepContext(k=16)),
-             ("topk", {"sparsity_include_decoder_norm": False, "apply_decoder_bias_to_pre_encoder": True},
-              StepContext(k=16, auxk_coefficient=0.03, k_aux=64, dead_mask=torch.arange(s, device=device) % 3 == 0)),
-             ("relu", {}, StepContext(l1_coefficient=1e-2, sparsity_loss_type="power")),
-             ("relu", {"bias": -2.5}, StepContext(l1_coefficient=1e-2, sparsity_loss_type="power"))]
+    cases = [
+        ("topk", {"sparsity_include_decoder_norm": True}, StepContext(k=16)),
+        (
+            "topk",
+            {"sparsity_include_decoder_norm": False, "apply_decoder_bias_to_pre_encoder": True},
+            StepContext(k=16, auxk_coefficient=0.03, k_aux=64, dead_mask=torch.arange(s, device=device) % 3 == 0),
+        ),
+        ("relu", {}, StepContext(l1_coefficient=1e-2, sparsity_loss_type="power")),
+        ("relu", {"bias": -2.5}, StepContext(l1_coefficient=1e-2, sparsity_loss_type="power")),
+    ]
     for activation, over, ctx in cases:
         bias = over.pop("bias", None)
-        cfg = parse(DictionaryConfig, {"d_sae": s, "activation": activation, "k": 16, "dtype": dtype_name, **over},
-                    key="sae")
+        cfg = parse(
+            DictionaryConfig, {"d_sae": s, "activation": activation, "k": 16, "dtype": dtype_name, **over}, key="sae"
+        )
         sae = SparseAutoEncoder(cfg, d, HOOK).to(device)
         with torch.no_grad():
             sae.W_enc.add_(0.05 * torch.randn_like(sae.W_enc))
@@ -208,8 +223,10 @@ def check_paths_once(device: torch.device, dtype_name: str, label: str) -> None:
             results.append((out.loss.detach().float(), {k: p.grad.float() for k, p in model.named_parameters()}))
         (l_fast, g_fast), (l_ref, g_ref) = results
         worst = max(float((g_fast[k] - g_ref[k]).norm() / g_ref[k].norm().clamp_min(1e-12)) for k in g_ref)
-        print(f"check {activation:5s} {str(over):70s} path {sae.last_path + '+' + label:24s} loss rel err "
-              f"{float((l_fast - l_ref).abs() / l_ref.abs()):.1e}  worst grad rel err {worst:.1e}")
+        print(
+            f"check {activation:5s} {str(over):70s} path {sae.last_path + '+' + label:24s} loss rel err "
+            f"{float((l_fast - l_ref).abs() / l_ref.abs()):.1e}  worst grad rel err {worst:.1e}"
+        )
 
 
 def main() -> None:
@@ -247,8 +264,9 @@ def main() -> None:
     batches = [torch.randn(n, d, device=device, dtype=dtype) for _ in range(4)]
 
     def sae_for(activation: str) -> SparseAutoEncoder:
-        cfg = parse(DictionaryConfig, {"d_sae": s, "activation": activation, "k": k, "dtype": str(dtype)[6:]},
-                    key="sae")
+        cfg = parse(
+            DictionaryConfig, {"d_sae": s, "activation": activation, "k": k, "dtype": str(dtype)[6:]}, key="sae"
+        )
         torch.manual_seed(0)
         return SparseAutoEncoder(cfg, d, HOOK).to(device)
 
@@ -262,9 +280,11 @@ def main() -> None:
         set_bias_for_active(sae, batches[0], 64)
         return sae
 
-    makers = {"topk": (lambda: sae_for("topk"), StepContext(k=k)),
-              "relu-fresh": (lambda: sae_for("relu"), relu_ctx),
-              "relu-trained": (trained_relu, relu_ctx)}
+    makers = {
+        "topk": (lambda: sae_for("topk"), StepContext(k=k)),
+        "relu-fresh": (lambda: sae_for("relu"), relu_ctx),
+        "relu-trained": (trained_relu, relu_ctx),
+    }
     for name in wanted:
         base = name.removesuffix("-torch")
         if base in makers:
@@ -311,19 +331,27 @@ def main() -> None:
     R = statistics.median(roofs)
     T = R * 1e9 / (6 * d * s)
     prec = f"{args.dtype}" + (" + autocast bf16" if AMP else "")
-    print(f"device {device} ({torch.get_num_threads()} threads), {prec}, batch {n}, d_model {d}, d_sae {s}, "
-          f"k {k}; {args.reps} reps × {args.steps} steps; total {time.perf_counter() - t_start:.0f} s")
-    print(f"roofline R = {R:.1f} GFLOP/s in {AMP or dtype} (samples {min(roofs):.0f}–{max(roofs):.0f}); "
-          f"roof token rate T = {T:.0f} tokens/s")
+    print(
+        f"device {device} ({torch.get_num_threads()} threads), {prec}, batch {n}, d_model {d}, d_sae {s}, "
+        f"k {k}; {args.reps} reps × {args.steps} steps; total {time.perf_counter() - t_start:.0f} s"
+    )
+    print(
+        f"roofline R = {R:.1f} GFLOP/s in {AMP or dtype} (samples {min(roofs):.0f}–{max(roofs):.0f}); "
+        f"roof token rate T = {T:.0f} tokens/s"
+    )
     T16 = None
     if roofs16:
         R16 = statistics.median(roofs16)
         T16 = R16 * 1e9 / (6 * d * s)
-        print(f"bf16 roofline = {R16:.1f} GFLOP/s (samples {min(roofs16):.0f}–{max(roofs16):.0f}); "
-              f"bf16 roof token rate = {T16:.0f} tokens/s (the ×bf16roof column)")
-    print(f"{'variant':18s} {'path':24s} {'L0':>7s} {'tokens/s':>10s} {'spread':>17s} {'×roof':>6s} "
-          f"{'×roof/blk (min–max)':>20s} {'vs plain':>8s} {'vs sparsify':>11s} {'faults/step':>11s}"
-          + (f" {'×bf16roof':>9s}" if T16 else ""))
+        print(
+            f"bf16 roofline = {R16:.1f} GFLOP/s (samples {min(roofs16):.0f}–{max(roofs16):.0f}); "
+            f"bf16 roof token rate = {T16:.0f} tokens/s (the ×bf16roof column)"
+        )
+    print(
+        f"{'variant':18s} {'path':24s} {'L0':>7s} {'tokens/s':>10s} {'spread':>17s} {'×roof':>6s} "
+        f"{'×roof/blk (min–max)':>20s} {'vs plain':>8s} {'vs sparsify':>11s} {'faults/step':>11s}"
+        + (f" {'×bf16roof':>9s}" if T16 else "")
+    )
     for name, rs in rates.items():
         med = statistics.median(rs)
         blocks = [r / (rb * 1e9 / (6 * d * s)) for r, rb in zip(rs, roof_by_block[name])]
@@ -336,11 +364,15 @@ def main() -> None:
         ref = "topk-plain" if name.startswith("topk") else "relu-plain"
         vs = f"{med / statistics.median(rates[ref]):8.2f}" if ref in rates and ref != name else "       -"
         blk = f"{statistics.median(blocks):.2f} ({min(blocks):.2f}–{max(blocks):.2f})"
-        vs_sp = (f"{med / statistics.median(rates['sparsify']):11.2f}" if "sparsify" in rates and name != "sparsify"
-                 and name.startswith("topk") else "          -")
-        print(f"{name:18s} {path:24s} {l0_txt} {med:10.0f} {min(rs):8.0f}–{max(rs):8.0f} {med / T:6.2f} "
-              f"{blk:>20s} {vs} {vs_sp} {statistics.median(faults[name]):11.0f}"
-              + (f" {med / T16:9.2f}" if T16 else ""))
+        vs_sp = (
+            f"{med / statistics.median(rates['sparsify']):11.2f}"
+            if "sparsify" in rates and name != "sparsify" and name.startswith("topk")
+            else "          -"
+        )
+        print(
+            f"{name:18s} {path:24s} {l0_txt} {med:10.0f} {min(rs):8.0f}–{max(rs):8.0f} {med / T:6.2f} "
+            f"{blk:>20s} {vs} {vs_sp} {statistics.median(faults[name]):11.0f}" + (f" {med / T16:9.2f}" if T16 else "")
+        )
     if args.profile:
         if args.profile not in steps:
             p.error(f"--profile {args.profile}: not among the variants run")
@@ -357,9 +389,14 @@ def profile_steps(name: str, fn: Callable[[int], None], device: torch.device) ->
             fn(i)
         sync(device)
     print(f"profile of {name} (5 steps):")
-    print(prof.key_averages(group_by_input_shape=True).table(
-        sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=20,
-        max_name_column_width=32, max_shapes_column_width=60))
+    print(
+        prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
+            row_limit=20,
+            max_name_column_width=32,
+            max_shapes_column_width=60,
+        )
+    )
 
 
 if __name__ == "__main__":

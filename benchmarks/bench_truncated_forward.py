@@ -28,9 +28,19 @@ def smollm2_random(dtype: torch.dtype, device: str):
     """SmolLM2-135M's architecture with random weights: same cost, no file needed (for machines without it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     return wrap_model(model, name="SmolLM2-135M (random init)", bos_token_id=1)
@@ -85,8 +95,10 @@ def main() -> None:
         ids = python_docs_batch(lm, args.batch, args.ctx)
     ids = ids.to(lm.device)
     hook = f"blocks.{args.layer}.hook_resid_post"
-    print(f"{lm.name}: {lm.n_layers} layers, d_model {lm.d_model}, {lm.device} {lm.dtype}, {torch.get_num_threads()} "
-          f"threads; batch {args.batch}×{args.ctx}; hook {hook}; loaded in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"{lm.name}: {lm.n_layers} layers, d_model {lm.d_model}, {lm.device} {lm.dtype}, {torch.get_num_threads()} "
+        f"threads; batch {args.batch}×{args.ctx}; hook {hook}; loaded in {time.perf_counter() - t0:.1f}s"
+    )
 
     decoder = lm.model.base_model
 
@@ -115,13 +127,18 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = args.batch * args.ctx
     for k, v in times.items():
-        print(f"  {k:9s} median {med[k] * 1e3:9.1f} ms  ({tokens / med[k]:,.0f} tokens/s; reps "
-              + ", ".join(f"{x * 1e3:.1f}" for x in v) + " ms)")
+        print(
+            f"  {k:9s} median {med[k] * 1e3:9.1f} ms  ({tokens / med[k]:,.0f} tokens/s; reps "
+            + ", ".join(f"{x * 1e3:.1f}" for x in v)
+            + " ms)"
+        )
     ideal = lm.n_layers / (args.layer + 1)
     print(f"speed-up truncated vs full:    {med['full'] / med['truncated']:.2f}×")
-    print(f"speed-up truncated vs decoder: {med['decoder'] / med['truncated']:.2f}×   "
-          f"(ideal n_layers/(L+1) = {lm.n_layers}/{args.layer + 1} = {ideal:.2f}×; "
-          f"ratio to ideal {med['decoder'] / med['truncated'] / ideal:.2f})")
+    print(
+        f"speed-up truncated vs decoder: {med['decoder'] / med['truncated']:.2f}×   "
+        f"(ideal n_layers/(L+1) = {lm.n_layers}/{args.layer + 1} = {ideal:.2f}×; "
+        f"ratio to ideal {med['decoder'] / med['truncated'] / ideal:.2f})"
+    )
 
 
 if __name__ == "__main__":

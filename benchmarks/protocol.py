@@ -24,8 +24,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def roofline(n: int, d: int, s: int, device: torch.device, dtype: torch.dtype = torch.float32,
-             samples: int = 3) -> float:
+def roofline(
+    n: int, d: int, s: int, device: torch.device, dtype: torch.dtype = torch.float32, samples: int = 3
+) -> float:
     """GFLOP/s of the protocol's dense matmul `torch.matmul(a, b, out=c)`, a [n, d], b [d, s], c
     preallocated: the median of `samples` timings after one untimed call."""
     a = torch.randn(n, d, device=device, dtype=dtype)

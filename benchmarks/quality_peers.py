@@ -86,10 +86,18 @@ def _need(module: str, package: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- sparsify
-def train_sparsify(batches: Iterable[Tensor] | Iterable[tuple[Tensor, Tensor]], budget: Budget, *,
-                   optimizer: str = "signum", lr_warmup_steps: int = 1000, auxk_alpha: float = 0.0,
-                   dead_tokens: int = 10_000_000, seed: int = 0, name: str = "sparsify",
-                   transcode: bool = False) -> Coder:
+def train_sparsify(
+    batches: Iterable[Tensor] | Iterable[tuple[Tensor, Tensor]],
+    budget: Budget,
+    *,
+    optimizer: str = "signum",
+    lr_warmup_steps: int = 1000,
+    auxk_alpha: float = 0.0,
+    dead_tokens: int = 10_000_000,
+    seed: int = 0,
+    name: str = "sparsify",
+    transcode: bool = False,
+) -> Coder:
     """Train sparsify's SparseCoder with its Trainer's optimiser and step (see the module docstring).
 
     `transcode`: a skip transcoder on batches of (input, target) pairs."""
@@ -100,8 +108,7 @@ def train_sparsify(batches: Iterable[Tensor] | Iterable[tuple[Tensor, Tensor]], 
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
-    coder_cfg = SparseCoderConfig(num_latents=budget.d_sae, k=budget.k, transcode=transcode,
-                                  skip_connection=transcode)
+    coder_cfg = SparseCoderConfig(num_latents=budget.d_sae, k=budget.k, transcode=transcode, skip_connection=transcode)
     sae = SparseCoder(budget.d_model, coder_cfg, "cpu", dtype=torch.float32)
     scale = math.sqrt(budget.d_sae / 2**14)
     schedulers = []
@@ -172,9 +179,16 @@ def _import_dictionary_learning() -> types.ModuleType:
     return importlib.import_module("dictionary_learning.trainers.top_k")
 
 
-def train_dictionary_learning(batches: Iterable[Tensor], budget: Budget, *, warmup_steps: int = 1000,
-                              dead_tokens: int = 10_000_000, threshold_start_step: int = 1000, seed: int = 0,
-                              name: str = "dictionary_learning") -> Coder:
+def train_dictionary_learning(
+    batches: Iterable[Tensor],
+    budget: Budget,
+    *,
+    warmup_steps: int = 1000,
+    dead_tokens: int = 10_000_000,
+    threshold_start_step: int = 1000,
+    seed: int = 0,
+    name: str = "dictionary_learning",
+) -> Coder:
     """Train dictionary_learning's TopK SAE with its TopKTrainer (see the module docstring).
 
     Its schedule asserts warm-up < steps, so a README warm-up longer than the run is clamped to steps − 1
@@ -184,9 +198,18 @@ def train_dictionary_learning(batches: Iterable[Tensor], budget: Budget, *, warm
     note = ""
     if warmup_steps >= budget.steps:
         warmup_steps, note = budget.steps - 1, f"warm-up 1000 > run: clamped to {budget.steps - 1} steps"
-    trainer = top_k.TopKTrainer(steps=budget.steps, activation_dim=budget.d_model, dict_size=budget.d_sae,
-                                k=budget.k, layer=0, lm_name="bench", warmup_steps=warmup_steps,
-                                threshold_start_step=threshold_start_step, seed=seed, device="cpu")
+    trainer = top_k.TopKTrainer(
+        steps=budget.steps,
+        activation_dim=budget.d_model,
+        dict_size=budget.d_sae,
+        k=budget.k,
+        layer=0,
+        lm_name="bench",
+        warmup_steps=warmup_steps,
+        threshold_start_step=threshold_start_step,
+        seed=seed,
+        device="cpu",
+    )
     trainer.dead_feature_threshold = dead_tokens
     seconds = _run(batches, budget, trainer.update)
     ae = trainer.ae.eval()

@@ -22,7 +22,20 @@ from saecli import __version__, ui
 from saecli.errors import SaecliError, SaecliWarning
 
 # Commands that work, in the order `--help` lists them. A module registers itself with `register(app)`.
-COMMAND_MODULES: list[str] = ["generate", "check", "hooks", "train", "eval", "analyze", "dla", "sweep", "autointerp", "record", "export", "cache"]  # each helper module appends its name when the command works
+COMMAND_MODULES: list[str] = [
+    "generate",
+    "check",
+    "hooks",
+    "train",
+    "eval",
+    "analyze",
+    "dla",
+    "sweep",
+    "autointerp",
+    "record",
+    "export",
+    "cache",
+]  # each helper module appends its name when the command works
 # Commands that take no experiment file: writing one (init, schema) and browsing the store (runs).
 TOOL_MODULES: list[str] = ["init", "schema", "runs"]
 
@@ -50,7 +63,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _global(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More logging; tracebacks on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and final results."),
 ) -> None:

@@ -70,7 +70,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     removed = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
-            if entry.name.startswith(_TMP_PREFIX) and _abandoned(entry.name[len(_TMP_PREFIX):]):
+            if entry.name.startswith(_TMP_PREFIX) and _abandoned(entry.name[len(_TMP_PREFIX) :]):
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(Path(entry.path))
     return removed
@@ -98,8 +98,10 @@ class DiskFullError(RunError):
     def __init__(self, path: Path, needed: int | None = None):
         free = free_bytes(path.parent)
         need = f", which needs about {human_bytes(needed)}" if needed else ""
-        super().__init__(f"the disk is full: writing {path}{need} failed with {human_bytes(free)} free. "
-                         "Free some space (or point the output at another disk) and run again")
+        super().__init__(
+            f"the disk is full: writing {path}{need} failed with {human_bytes(free)} free. "
+            "Free some space (or point the output at another disk) and run again"
+        )
         self.path, self.needed = path, needed
 
 
@@ -128,8 +130,10 @@ def require_space(folder: str | os.PathLike, needed: int, what: str) -> None:
     """Refuse (UsageError) before any work when the disk holding `folder` cannot take `needed` bytes."""
     free = free_bytes(folder)
     if needed > free:
-        raise UsageError(f"{what} needs about {human_bytes(needed)} in {folder}, but that disk has "
-                         f"{human_bytes(free)} free: free some space, or choose a smaller size or another folder")
+        raise UsageError(
+            f"{what} needs about {human_bytes(needed)} in {folder}, but that disk has "
+            f"{human_bytes(free)} free: free some space, or choose a smaller size or another folder"
+        )
 
 
 def require_writable(folder: str | os.PathLike, what: str = "the output folder") -> None:
@@ -141,8 +145,10 @@ def require_writable(folder: str | os.PathLike, what: str = "the output folder")
     if not probe.is_dir():
         raise UsageError(f"{what} {folder} cannot be created: {probe} is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {folder} is not writable ({probe} is read-only for this user): "
-                         "fix its permissions or choose another folder")
+        raise UsageError(
+            f"{what} {folder} is not writable ({probe} is read-only for this user): "
+            "fix its permissions or choose another folder"
+        )
 
 
 def human_bytes(n: int | float) -> str:

@@ -203,8 +203,9 @@ def _line_interval() -> float:
 
 
 @contextmanager
-def progress(description: str, total: float | None, unit: str = "tokens", completed: float = 0,
-             own_rate: bool = False) -> Iterator[ProgressHandle]:
+def progress(
+    description: str, total: float | None, unit: str = "tokens", completed: float = 0, own_rate: bool = False
+) -> Iterator[ProgressHandle]:
     """A rich progress bar with a rate in `unit`/s and live metrics; silent when quiet or not rank 0.
 
     `own_rate`: the rate shown is the one the caller passes to `update(rate=...)` ("–" until then) instead
@@ -234,7 +235,9 @@ def progress(description: str, total: float | None, unit: str = "tokens", comple
         yield ProgressHandle(prog, task)
 
 
-def table(title: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Any], columns: Sequence[str] | None = None) -> None:
+def table(
+    title: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Any], columns: Sequence[str] | None = None
+) -> None:
     """Print a table to stdout: a list of row dicts, or one dict shown as key/value rows."""
     if not is_main_process():
         return

@@ -94,7 +94,11 @@ def cli():
         full_env = dict(os.environ, COLUMNS="200", **(env or {}))
         proc = subprocess.run(
             [sys.executable, "-m", "saecli", *map(str, args)],
-            cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env,
+            cwd=cwd or REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
         )
         return CliResult(proc)
 
@@ -107,8 +111,9 @@ def write_toml(path: Path, text: str) -> Path:
     return path
 
 
-def tiny_topk_toml(path: Path, model: Path, out: Path, *, name: str, activations: str, trainer: str,
-                   extra: str = "") -> Path:
+def tiny_topk_toml(
+    path: Path, model: Path, out: Path, *, name: str, activations: str, trainer: str, extra: str = ""
+) -> Path:
     """An experiment training a TopK SAE (128 latents, k 8) on `blocks.1.hook_resid_post` of a tiny model,
     contexts of 64, no store. `activations` and `trainer` hold the rest of those tables (TOML lines),
     `extra` whole further tables."""
@@ -129,5 +134,12 @@ def tiny_topk_toml(path: Path, model: Path, out: Path, *, name: str, activations
         hook_points = ["blocks.1.hook_resid_post"]
         context_size = 64
     ''')
-    return write_toml(path, head + textwrap.dedent(activations).strip() + "\n[trainer]\n"
-                      + textwrap.dedent(trainer).strip() + "\n" + textwrap.dedent(extra))
+    return write_toml(
+        path,
+        head
+        + textwrap.dedent(activations).strip()
+        + "\n[trainer]\n"
+        + textwrap.dedent(trainer).strip()
+        + "\n"
+        + textwrap.dedent(extra),
+    )

@@ -41,10 +41,16 @@ class FakeChat:
                 if owner.delay:
                     time.sleep(owner.delay)
                 if status == 200:
-                    payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                               "choices": [{"index": 0, "finish_reason": "stop",
-                                            "message": {"role": "assistant", "content": text}}],
-                               "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}
+                    payload = {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+                        ],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
+                    }
                 else:
                     payload = {"error": {"message": f"scripted {status}", "type": "test"}}
                 data = json.dumps(payload).encode()

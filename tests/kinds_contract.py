@@ -41,17 +41,22 @@ def assert_same_weights(a: Path, b: Path) -> dict[str, torch.Tensor]:
     return wa
 
 
-def assert_resume_after_ctrl_c_is_exact(tmp_path: Path, sae: dict, trainer: dict,
-                                        stream: Callable[[], ActivationStream], *, at: int, saved: str) -> None:
+def assert_resume_after_ctrl_c_is_exact(
+    tmp_path: Path, sae: dict, trainer: dict, stream: Callable[[], ActivationStream], *, at: int, saved: str
+) -> None:
     """Trains `sae` once straight through and once stopped by Ctrl-C at step `at` then resumed: the
     weights must agree, and the kind-specific tensor `saved` (a threshold, the skip…) must be among them."""
 
     def experiment(folder: Path) -> Experiment:
-        return parse(Experiment, {
-            "run": {"output_dir": str(folder), "name": "x"},
-            "sae": sae,
-            "trainer": {"lr": 5e-3, "n_checkpoints": 2, "checkpoint_every_seconds": 0, **trainer},
-            "store": {"backend": "none"}})
+        return parse(
+            Experiment,
+            {
+                "run": {"output_dir": str(folder), "name": "x"},
+                "sae": sae,
+                "trainer": {"lr": 5e-3, "n_checkpoints": 2, "checkpoint_every_seconds": 0, **trainer},
+                "store": {"backend": "none"},
+            },
+        )
 
     ref = train(experiment(tmp_path / "ref"), stream=stream()).folder
     cut = experiment(tmp_path / "cut")
@@ -61,8 +66,9 @@ def assert_resume_after_ctrl_c_is_exact(tmp_path: Path, sae: dict, trainer: dict
     assert saved in assert_same_weights(ref, tmp_path / "cut")
 
 
-def assert_fold_keeps_raw_outputs(m: Any, in_hook: str, out_hook: str, raw: torch.Tensor, folder: Path, *,
-                                  latent_atol: float = 1e-5) -> None:
+def assert_fold_keeps_raw_outputs(
+    m: Any, in_hook: str, out_hook: str, raw: torch.Tensor, folder: Path, *, latent_atol: float = 1e-5
+) -> None:
     """Folding the dataset-wise scale into the weights keeps outputs and latents on raw inputs, some but
     not all latents fire, and the folded dictionary saves and loads as such."""
     from saecli.dictionaries.registry import load_dictionary
@@ -80,8 +86,9 @@ def assert_fold_keeps_raw_outputs(m: Any, in_hook: str, out_hook: str, raw: torc
     assert torch.allclose(back.reconstruct({in_hook: raw})[out_hook], before, rtol=1e-4, atol=1e-5)
 
 
-def train_with_auxk(student: Any, sample: Callable[[int], dict[str, torch.Tensor]], steps: int, k: int
-                    ) -> tuple[float, float, LossOutput]:
+def train_with_auxk(
+    student: Any, sample: Callable[[int], dict[str, torch.Tensor]], steps: int, k: int
+) -> tuple[float, float, LossOutput]:
     """Plain Adam on `sample(256)` batches with AuxK on latents that did not fire lately (after step 50),
     from `init_from_data` on 2048 samples: (first step's mse, eval mse on 4096 samples, that eval's output)."""
     student.init_from_data([sample(2048)], None)
@@ -90,8 +97,7 @@ def train_with_auxk(student: Any, sample: Callable[[int], dict[str, torch.Tensor
     first = None
     for step in range(steps):
         dead = fires < 1 if step > 50 else None
-        out = student(sample(256), StepContext(k=k, training=True, auxk_coefficient=1 / 32, k_aux=16,
-                                               dead_mask=dead))
+        out = student(sample(256), StepContext(k=k, training=True, auxk_coefficient=1 / 32, k_aux=16, dead_mask=dead))
         acts = out.feature_acts.to_dense() if out.feature_acts.layout != torch.strided else out.feature_acts
         fires = fires * 0.9 + (acts > 0).float().sum(0)
         opt.zero_grad()

@@ -7,8 +7,7 @@ import torch
 
 from saecli.dictionaries import activations as A
 
-H = torch.tensor([[1.0, 3.0, -2.0, 2.0],
-                  [0.5, -1.0, 4.0, 0.1]])
+H = torch.tensor([[1.0, 3.0, -2.0, 2.0], [0.5, -1.0, 4.0, 0.1]])
 
 
 def test_relu():
@@ -68,8 +67,7 @@ def test_batchtopk_gated_threshold_compares_h_times_norm():
 
 
 # ----------------------------------------------------------------------------------- JumpReLU
-X = torch.tensor([[0.9, 1.2, 2.0],
-                  [1.3, 0.95, -1.0]])
+X = torch.tensor([[0.9, 1.2, 2.0], [1.3, 0.95, -1.0]])
 THETA = torch.tensor([1.0, 1.0, 2.1])
 EPS = 0.5  # rectangle kernel nonzero where |x − θ| < 0.25: (0,0) (0,1) (0,2) (1,1)
 

@@ -172,8 +172,15 @@ class ToyDictionary(Dictionary):
 
     kind = "toy"
 
-    def __init__(self, d_model: int, d_sae: int, in_hooks: list[str], out_hooks: list[str] | None = None,
-                 norm: str = "none", seed: int = 0):
+    def __init__(
+        self,
+        d_model: int,
+        d_sae: int,
+        in_hooks: list[str],
+        out_hooks: list[str] | None = None,
+        norm: str = "none",
+        seed: int = 0,
+    ):
         super().__init__(DictionaryConfig(d_sae=d_sae, norm_activation=norm), d_model, in_hooks, out_hooks or in_hooks)
         g = torch.Generator().manual_seed(seed)
         self.W_enc = torch.nn.Parameter(torch.randn(d_sae, d_model, generator=g) / d_model**0.5)
@@ -223,8 +230,11 @@ def real_sae(d_sae: int = 96, k: int = 6):
     from saecli.dictionaries.registry import build_dictionary
 
     torch.manual_seed(0)
-    cfg = parse(DictionaryConfig, {"kind": "sae", "d_sae": d_sae, "activation": "topk", "k": k,
-                                   "norm_activation": "none"}, key="sae")
+    cfg = parse(
+        DictionaryConfig,
+        {"kind": "sae", "d_sae": d_sae, "activation": "topk", "k": k, "norm_activation": "none"},
+        key="sae",
+    )
     return build_dictionary(cfg, 64, [HOOK]).eval()
 
 
@@ -235,11 +245,18 @@ def analyze_tiny(lm, dictionary, tokens: int = 1500, **overrides):
     from saecli.config.dataset import DatasetConfig
     from saecli.lm import run_to_hooks
 
-    cfg = AnalyzeConfig(total_analyzing_tokens=tokens, top_samples=4, tier_samples=2, non_activating_samples=2,
-                        **overrides)
+    cfg = AnalyzeConfig(
+        total_analyzing_tokens=tokens, top_samples=4, tier_samples=2, non_activating_samples=2, **overrides
+    )
     analyzer = FeatureAnalyzer(dictionary, cfg, CTX)
-    batches = context_batches(lm, DatasetConfig(), ActivationsConfig(hook_points=[HOOK], context_size=CTX),
-                              [HOOK], context_size=CTX, batch_contexts=8)
+    batches = context_batches(
+        lm,
+        DatasetConfig(),
+        ActivationsConfig(hook_points=[HOOK], context_size=CTX),
+        [HOOK],
+        context_size=CTX,
+        batch_contexts=8,
+    )
     n = run_analysis(analyzer, batches, tokens)
     forward = lambda t: run_to_hooks(lm, t, [HOOK])  # noqa: E731
     return n, analyzer.result(decode=decoder_for(lm.tokenizer), forward=forward, batch_contexts=8)
@@ -279,7 +296,7 @@ def test_analysis_contexts_match_a_fresh_forward(tiny_lm):
         start = int(top["pos"][j])
         span = tokens[j, 1:].tolist()  # after the BOS
         k = min(len(span), len(ids) - start)
-        assert ids[start:start + k] == span[:k]
+        assert ids[start : start + k] == span[:k]
     # the vocabulary table covers every stored token
     assert set(np.unique(top["tokens"]).tolist()) <= set(res.vocab)
     assert res.vocab[int(tokens[0, 0])] == "<|bos|>"
@@ -425,7 +442,9 @@ def experiment(tmp_path, model, *, tokens: int = 1200, store: str = "sqlite") ->
 
     folder = tmp_path / "run"
     real_sae().save(folder)
-    return write_toml(tmp_path / "exp.toml", f"""
+    return write_toml(
+        tmp_path / "exp.toml",
+        f"""
 [run]
 name = "tiny-sae"
 output_dir = "{folder}"
@@ -447,8 +466,9 @@ non_activating_samples = 3
 
 [store]
 backend = "{store}"
-path = "{tmp_path / 'store.db'}"
-""")
+path = "{tmp_path / "store.db"}"
+""",
+    )
 
 
 def test_analyze_command_writes_file_store_site_and_shows(tmp_path, tiny_llama, cli):
@@ -495,15 +515,19 @@ def test_ctrl_c_during_analyze_keeps_the_previous_analysis(tmp_path, tiny_llama)
 
     exp = experiment(tmp_path, tiny_llama, tokens=800, store="none")
     env = dict(os.environ, COLUMNS="200")
-    first = subprocess.run([sys.executable, "-m", "saecli", "analyze", str(exp)], capture_output=True, text=True,
-                           env=env, timeout=600)
+    first = subprocess.run(
+        [sys.executable, "-m", "saecli", "analyze", str(exp)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert first.returncode == 0, first.stderr
     file = tmp_path / "run" / "analysis" / "default" / "features.safetensors"
     before = file.read_bytes()
-    proc = subprocess.Popen([sys.executable, "-m", "saecli", "analyze", str(exp), "--set",
-                             "analyze.total_analyzing_tokens=100000000"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saecli", "analyze", str(exp), "--set", "analyze.total_analyzing_tokens=100000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     seen = b""
     try:
         while b"analysing" not in seen:  # the line printed just before the stream starts

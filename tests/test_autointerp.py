@@ -40,8 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------ prompts
 def test_explainer_prompt_marks_runs_and_lists_strengths():
-    examples = [Example(("The", " cat", " sat", "\n", " mat"), np.array([0, 2.0, 1.2, 0.1, 0], np.float32), "top", True),
-                Example(("a", "b"), np.array([1.6, 0.0], np.float32), "tier@0.5", True)]
+    examples = [
+        Example(("The", " cat", " sat", "\n", " mat"), np.array([0, 2.0, 1.2, 0.1, 0], np.float32), "top", True),
+        Example(("a", "b"), np.array([1.6, 0.0], np.float32), "tier@0.5", True),
+    ]
     messages = explainer_prompt(examples, feature_max=4.0, threshold=0.3, dla_tokens=["x", " y"])
     assert messages[0] == {"role": "system", "content": EXPLAIN_SYSTEM}
     # 0.1 < 0.3 × 2.0: not marked; cat and sat form one run; strengths are 10 × act / 4.0, rounded
@@ -54,13 +56,17 @@ def test_explainer_prompt_marks_runs_and_lists_strengths():
         "Example 2: <<a>>b\n"
         'Strength: "a" 4\n'
         "\n"
-        'When it fires, the feature makes these next tokens more likely: "x", " y"')
+        'When it fires, the feature makes these next tokens more likely: "x", " y"'
+    )
 
 
 def test_scorer_prompt_numbers_the_excerpts():
     messages = scorer_prompt("fuzzing", "the word cat", ["<<cat>> sat", "a dog"])
     assert "marked <<like this>>" in messages[0]["content"]
-    assert messages[1]["content"] == "Feature explanation: the word cat\n\nExcerpts:\nExample 1: <<cat>> sat\nExample 2: a dog"
+    assert (
+        messages[1]["content"]
+        == "Feature explanation: the word cat\n\nExcerpts:\nExample 1: <<cat>> sat\nExample 2: a dog"
+    )
     assert "marked" not in scorer_prompt("detection", "x", ["a"])[0]["content"]
 
 
@@ -68,10 +74,16 @@ def record_of(acts_by_sampling: dict[str, list[list[float]]], T: int) -> dict:
     samplings = []
     for k, (name, rows) in enumerate(acts_by_sampling.items()):
         n = len(rows)
-        samplings.append({"name": name, "tokens": np.tile(np.arange(T, dtype=np.int32), (n, 1)),
-                          "acts": np.array(rows, dtype=np.float16).reshape(n, T),
-                          "max": np.array([max(r) for r in rows], np.float32),
-                          "doc": np.arange(n) + 100 * k, "pos": np.zeros(n, np.int64)})
+        samplings.append(
+            {
+                "name": name,
+                "tokens": np.tile(np.arange(T, dtype=np.int32), (n, 1)),
+                "acts": np.array(rows, dtype=np.float16).reshape(n, T),
+                "max": np.array([max(r) for r in rows], np.float32),
+                "doc": np.arange(n) + 100 * k,
+                "pos": np.zeros(n, np.int64),
+            }
+        )
     return {"samplings": samplings, "max_act": 4.0}
 
 
@@ -82,15 +94,21 @@ def test_examples_are_windows_around_the_peak_and_held_out_from_the_explainer():
     peak1 = [0.0, 3.0] + [0.0] * 8
     rec = record_of({"top": [peak7, peak1, peak7], "tier@0.5": [peak1, peak1], "non-activating": [[0.0] * T]}, T)
     ex = feature_examples(rec, vocab, explain_top=2, explain_per_tier=1, window=(2, 1), rng=np.random.default_rng(0))
-    assert [e.tokens for e in ex.shown] == [("t5", "t6", "t7", "t8"), ("t0", "t1", "t2", "t3"), ("t0", "t1", "t2", "t3")]
+    assert [e.tokens for e in ex.shown] == [
+        ("t5", "t6", "t7", "t8"),
+        ("t0", "t1", "t2", "t3"),
+        ("t0", "t1", "t2", "t3"),
+    ]
     assert [e.tier for e in ex.shown] == ["top", "top", "tier@0.5"]
     assert [(e.tier, e.activating) for e in ex.held_out] == [("top", True), ("tier@0.5", True)]
     assert len(ex.negatives) == 1 and not ex.negatives[0].activating and len(ex.negatives[0].tokens) == 4
 
 
 def test_fuzzing_marks_true_tokens_and_as_many_random_ones_on_negatives():
-    held = [Example(tuple("abcd"), np.array([0, 3.0, 0.5, 0]), "top", True),  # 2 firing, 1 marked (0.5 < 0.9)
-            Example(tuple("efgh"), np.array([1.0, 1.0, 1.0, 0]), "top", True)]  # 3 firing
+    held = [
+        Example(tuple("abcd"), np.array([0, 3.0, 0.5, 0]), "top", True),  # 2 firing, 1 marked (0.5 < 0.9)
+        Example(tuple("efgh"), np.array([1.0, 1.0, 1.0, 0]), "top", True),
+    ]  # 3 firing
     neg = [Example(tuple("ijklmn"), np.zeros(6), "non-activating", False)]
     samples = fuzzing_samples(FeatureExamples([], held, neg), threshold=0.3, rng=np.random.default_rng(0))
     assert [s.text for s in samples[:2]] == ["a<<b>>cd", "<<efg>>h"]
@@ -102,9 +120,14 @@ def test_fuzzing_marks_true_tokens_and_as_many_random_ones_on_negatives():
 
 # ------------------------------------------------------------------ scores
 def test_scores_by_hand():
-    samples = [Sample("a", True, "top"), Sample("b", True, "top"), Sample("c", True, "tier@0.5"),
-               Sample("d", False, "non-activating"), Sample("e", False, "non-activating"),
-               Sample("f", False, "non-activating")]
+    samples = [
+        Sample("a", True, "top"),
+        Sample("b", True, "top"),
+        Sample("c", True, "tier@0.5"),
+        Sample("d", False, "non-activating"),
+        Sample("e", False, "non-activating"),
+        Sample("f", False, "non-activating"),
+    ]
     s = score(samples, [True, False, True, False, True, None])  # the last answer was unusable
     # answered 5: tp 2 (a, c), fn 1 (b), tn 1 (d), fp 1 (e)
     assert (s["n"], s["failed"], s["tp"], s["fn"], s["tn"], s["fp"]) == (5, 1, 2, 1, 1, 1)
@@ -123,9 +146,24 @@ def test_scores_by_hand():
 
 
 def test_summary_mean_f1_by_density_decile():
-    recs = {i: {"index": i, "density": 10.0 ** -(i + 1), "explanation": "x",
-                "scores": {"detection": {"n": 4, "f1": (i + 0.5) / 10, "accuracy": 0.5, "precision": 0.5, "recall": 0.5,
-                                         "balanced_accuracy": 0.5}}} for i in range(10)}
+    recs = {
+        i: {
+            "index": i,
+            "density": 10.0 ** -(i + 1),
+            "explanation": "x",
+            "scores": {
+                "detection": {
+                    "n": 4,
+                    "f1": (i + 0.5) / 10,
+                    "accuracy": 0.5,
+                    "precision": 0.5,
+                    "recall": 0.5,
+                    "balanced_accuracy": 0.5,
+                }
+            },
+        }
+        for i in range(10)
+    }
     recs[10] = {"index": 10, "density": 1e-3, "explanation": None, "scores": {}}
     s = summarize(recs, ["detection", "fuzzing"])
     assert (s["features"], s["explained"], s["bad_answers"]) == (11, 10, 1)
@@ -133,7 +171,8 @@ def test_summary_mean_f1_by_density_decile():
     assert d["mean_f1"] == pytest.approx(0.5) and d["f1_histogram"]["counts"] == [1] * 10
     # one feature per decile; the rarest decile holds the feature with density 1e-10 (F1 0.95)
     assert [x["mean_f1"] for x in d["mean_f1_by_density_decile"]] == pytest.approx(
-        [0.95, 0.85, 0.75, 0.65, 0.55, 0.45, 0.35, 0.25, 0.15, 0.05])
+        [0.95, 0.85, 0.75, 0.65, 0.55, 0.45, 0.35, 0.25, 0.15, 0.05]
+    )
     assert "fuzzing" not in s["scorers"]
 
 
@@ -170,17 +209,41 @@ def toy_analysis(folder: Path, n_features: int = 8, T: int = 16) -> AnalysisResu
                 tokens[f, :, T // 2] = f + 10
                 acts[f, :, T // 2] = np.linspace(4, 1, n)
                 acts[f, :, T // 2 + 1] = 0.5
-        return {"count": np.full(F, n, np.int64) * np.r_[np.ones(F - 1), 0 if fire else 1].astype(np.int64),
-                "value": acts.max(-1).astype(np.float32), "tokens": tokens, "acts": acts,
-                "doc": np.arange(F * n).reshape(F, n) + doc0, "pos": np.zeros((F, n), np.int64)}
+        return {
+            "count": np.full(F, n, np.int64) * np.r_[np.ones(F - 1), 0 if fire else 1].astype(np.int64),
+            "value": acts.max(-1).astype(np.float32),
+            "tokens": tokens,
+            "acts": acts,
+            "doc": np.arange(F * n).reshape(F, n) + doc0,
+            "pos": np.zeros((F, n), np.int64),
+        }
 
-    samplings = {"top": sampling(6, True, 0), "tier@0.5": sampling(2, True, 1000), "non-activating": sampling(3, False, 2000)}
+    samplings = {
+        "top": sampling(6, True, 0),
+        "tier@0.5": sampling(2, True, 1000),
+        "non-activating": sampling(3, False, 2000),
+    }
     act_times = np.r_[np.arange(F - 1) + 1, 0].astype(np.int64)
-    meta = {"vocab": {str(k): v for k, v in vocab.items()}, "context_size": T,
-            "samplings": {"top": {"kind": "top"}, "tier@0.5": {"kind": "tier", "fraction": 0.5},
-                          "non-activating": {"kind": "non-activating"}}}
-    result = AnalysisResult("default", 1000, act_times, np.r_[np.full(F - 1, 4.0), 0].astype(np.float32),
-                            np.zeros((F, 4), np.int64), np.logspace(-3, 3, 5), samplings, {}, meta)
+    meta = {
+        "vocab": {str(k): v for k, v in vocab.items()},
+        "context_size": T,
+        "samplings": {
+            "top": {"kind": "top"},
+            "tier@0.5": {"kind": "tier", "fraction": 0.5},
+            "non-activating": {"kind": "non-activating"},
+        },
+    }
+    result = AnalysisResult(
+        "default",
+        1000,
+        act_times,
+        np.r_[np.full(F - 1, 4.0), 0].astype(np.float32),
+        np.zeros((F, 4), np.int64),
+        np.logspace(-3, 3, 5),
+        samplings,
+        {},
+        meta,
+    )
     result.save(analysis_dir(folder, "default"))
     return result
 
@@ -215,10 +278,11 @@ def test_features_option_picks_a_list_or_a_range(tmp_path, run_cli):
 
 def experiment(tmp_path: Path, url: str, extra: str = "", store: str = 'backend = "none"') -> Path:
     path = tmp_path / "autointerp.toml"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         [run]
         name = "toy"
-        output_dir = "{tmp_path / 'sae'}"
+        output_dir = "{tmp_path / "sae"}"
         [store]
         {store}
         [autointerp]
@@ -234,7 +298,8 @@ def experiment(tmp_path: Path, url: str, extra: str = "", store: str = 'backend 
         price_input_per_mtok = 1.0
         price_output_per_mtok = 2.0
         retry_initial_s = 0.01
-    """))
+    """)
+    )
     return path
 
 
@@ -308,8 +373,12 @@ def test_loop_records_files_store_costs_and_bad_answers(tmp_path, run_cli):
         store.put_sae("toy", "default", path=str(tmp_path / "sae"), cfg={"kind": "sae"})
     with FakeChat() as server:
         server.garbage = 1  # one unusable answer: asked again
-        path = experiment(tmp_path, server.url, "features = [0, 1]\nmax_answer_retries = 1",
-                          store=f'backend = "sqlite"\npath = "{db}"')
+        path = experiment(
+            tmp_path,
+            server.url,
+            "features = [0, 1]\nmax_answer_retries = 1",
+            store=f'backend = "sqlite"\npath = "{db}"',
+        )
         res = run_cli("autointerp", path)
         assert res.exit_code == 0, res.output
         assert "cost this run" in res.output and "mean F1 by density decile" in res.output
@@ -346,8 +415,12 @@ def test_resume_after_sigkill_pays_for_no_finished_feature_twice(tmp_path, cli):
     folder = tmp_path / "sae" / "analysis" / "default" / "autointerp" / "default" / "features"
     with FakeChat(delay=0.05) as server:
         path = experiment(tmp_path, server.url)
-        proc = subprocess.Popen([sys.executable, "-m", "saecli", "-q", "autointerp", str(path)], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "saecli", "-q", "autointerp", str(path)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 120
         while time.time() < deadline and len(list(folder.glob("*.json"))) < 3:
             time.sleep(0.02)
@@ -379,8 +452,13 @@ def test_dashboard_shows_explanations_and_sortable_filterable_scores(tmp_path):
     from saecli.dashboard.site import build_site
 
     site = tmp_path / "site"
-    build_site(synthetic_result(), site, explanations={0: "the nasty token", 1: "weak one"}, title="toy",
-               scores={0: {"detection": 0.25, "fuzzing": 0.9}, 1: {"detection": 0.75, "fuzzing": 0.5}})
+    build_site(
+        synthetic_result(),
+        site,
+        explanations={0: "the nasty token", 1: "weak one"},
+        title="toy",
+        scores={0: {"detection": 0.25, "fuzzing": 0.9}, 1: {"detection": 0.75, "fuzzing": 0.5}},
+    )
     dom = browse((site / "features" / "0.html").as_uri(), tmp_path, "--dump-dom")
     assert "the nasty token" in dom and "detection F1 0.25 · fuzzing F1 0.9" in dom
     dom = browse((site / "index.html").as_uri(), tmp_path, "--dump-dom")
@@ -404,11 +482,30 @@ def test_interpretations_land_in_every_store_backend(backend, tmp_path):  # noqa
     with FakeChat() as server, backend.open() as store:
         store.put_sae("toy", "default", path=str(tmp_path / "sae"), cfg={"kind": "sae"})
         chat = OpenAIChat(LLMConfig(model="m", base_url=server.url), Usage())
-        interpreter = Interpreter(result, AutointerpConfig(explain_top=3, explain_per_tier=1), chat, chat, None, "default/t")
-        n = run_features(interpreter, [0, 1, 2], Results(tmp_path / "out"), max_workers=2,
-                         on_done=lambda r: store.put_interpretation("toy", "default", r["index"], interpretation(r)))
+        interpreter = Interpreter(
+            result, AutointerpConfig(explain_top=3, explain_per_tier=1), chat, chat, None, "default/t"
+        )
+        n = run_features(
+            interpreter,
+            [0, 1, 2],
+            Results(tmp_path / "out"),
+            max_workers=2,
+            on_done=lambda r: store.put_interpretation("toy", "default", r["index"], interpretation(r)),
+        )
         assert n == 3
         got = store.get_feature("toy", "default", 2)["interpretation"]
-    assert got == {"explanation": "the token ' the' after a verb", "model": "m", "autointerp": "default/t",
-                   "scores": {k: {"accuracy": 4 / 7, "precision": 4 / 7, "recall": 1.0, "f1": pytest.approx(8 / 11),
-                                  "balanced_accuracy": 0.5} for k in ("detection", "fuzzing")}}
+    assert got == {
+        "explanation": "the token ' the' after a verb",
+        "model": "m",
+        "autointerp": "default/t",
+        "scores": {
+            k: {
+                "accuracy": 4 / 7,
+                "precision": 4 / 7,
+                "recall": 1.0,
+                "f1": pytest.approx(8 / 11),
+                "balanced_accuracy": 0.5,
+            }
+            for k in ("detection", "fuzzing")
+        },
+    }

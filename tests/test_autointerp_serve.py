@@ -19,8 +19,10 @@ import pytest
 from test_autointerp import experiment, toy_analysis
 
 REPO = Path(__file__).resolve().parents[1]
-TEMPLATE = ("{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +52,12 @@ def served(chat_model, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-                                 str(chat_model)], stdout=out, stderr=subprocess.STDOUT,
-                                env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.Popen(
+            [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", str(chat_model)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
@@ -110,8 +115,12 @@ def test_loop_against_transformers_serve(served, chat_model, tmp_path, run_cli):
 def test_loop_in_process(chat_model, tmp_path, run_cli, one_thread):
     toy_analysis(tmp_path / "sae")
     path = experiment(tmp_path, "unused", SMALL)
-    path.write_text(path.read_text().replace('model = "fake-model"', f'backend = "local"\nmodel = "{chat_model}"\n'
-                                             'device = "cpu"\nmax_tokens = 8\nbatch_size = 4'))
+    path.write_text(
+        path.read_text().replace(
+            'model = "fake-model"',
+            f'backend = "local"\nmodel = "{chat_model}"\ndevice = "cpu"\nmax_tokens = 8\nbatch_size = 4',
+        )
+    )
     res = run_cli("autointerp", path)
     assert res.exit_code == 0, res.output
     check_run(tmp_path, res.output)

@@ -26,8 +26,14 @@ EXAMPLES = sorted(REPO.glob("experiments/*/*.toml"))
 NAMES = [str(p.relative_to(REPO / "experiments")) for p in EXAMPLES]
 NEGATIVE_OK = {"run.seed"}  # any integer seeds the generators
 # the hook key a cross-key conflict breaks, per kind (its value: a hook no example lists)
-HOOK_KEYS = {"sae": "hook_point", "transcoder": "hook_point_in", "lorsa": "hook_point_in", "molt": "hook_point_in",
-             "crosscoder": "hook_points", "clt": "hook_points_in"}
+HOOK_KEYS = {
+    "sae": "hook_point",
+    "transcoder": "hook_point_in",
+    "lorsa": "hook_point_in",
+    "molt": "hook_point_in",
+    "crosscoder": "hook_points",
+    "clt": "hook_points_in",
+}
 ALIEN_HOOK = "blocks.99.hook_resid_post"
 
 
@@ -77,8 +83,7 @@ def _cases() -> list:
             if wrong is not None:
                 cases.append(pytest.param(path, _set(data, key, wrong), [key], id=f"{name}:type:{key}"))
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in NEGATIVE_OK:
-                cases.append(pytest.param(path, _set(data, key, -abs(value) or -1), [key],
-                                          id=f"{name}:negative:{key}"))
+                cases.append(pytest.param(path, _set(data, key, -abs(value) or -1), [key], id=f"{name}:negative:{key}"))
         for section in base:
             key = f"{section}.bogus_key"
             cases.append(pytest.param(path, _set(data, key, 1), [key], id=f"{name}:unknown:{key}"))
@@ -163,11 +168,13 @@ def _run_folder(root: Path) -> Path:
     from saecli.dictionaries.sae_config import SAEConfig
 
     folder = root / "run"
-    exp = write_toml(root / "exp.toml", textwrap.dedent(f'''
+    exp = write_toml(
+        root / "exp.toml",
+        textwrap.dedent(f'''
         [run]
         output_dir = "{folder}"
         [model]
-        name = "{root / 'no-model-needed'}"
+        name = "{root / "no-model-needed"}"
         [activations]
         hook_points = ["{HOOK}"]
         [sae]
@@ -175,7 +182,8 @@ def _run_folder(root: Path) -> Path:
         k = 4
         [store]
         backend = "none"
-    '''))
+    '''),
+    )
     build_dictionary(SAEConfig(d_sae=32, k=4), 64, [HOOK]).save(folder)
     write_resolved(load_experiment(exp), folder)
     return folder
@@ -216,7 +224,9 @@ def test_a_damaged_cache_chunk_stops_training_naming_it(tmp_path, run_cli, damag
     else:
         chunk.unlink()
     out = tmp_path / "run"
-    exp = write_toml(tmp_path / "exp.toml", textwrap.dedent(f'''
+    exp = write_toml(
+        tmp_path / "exp.toml",
+        textwrap.dedent(f'''
         [run]
         output_dir = "{out}"
         [activations]
@@ -234,7 +244,8 @@ def test_a_damaged_cache_chunk_stops_training_naming_it(tmp_path, run_cli, damag
         n_checkpoints = 0
         [store]
         backend = "none"
-    '''))
+    '''),
+    )
     before = _snapshot(cache)
     result = run_cli("train", exp)
     _assert_refused(result, str(chunk), "saecli check")

@@ -34,10 +34,11 @@ TRANSCODER = f"""
 
 def _config(tmp_path: Path, model: Path, transcoder: bool = False) -> Path:
     path = tmp_path / "quality.toml"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         [run]
         name = "tiny-quality"
-        output_dir = "{tmp_path / 'runs'}"
+        output_dir = "{tmp_path / "runs"}"
         [model]
         name = "{model}"
         dtype = "float32"
@@ -52,17 +53,18 @@ def _config(tmp_path: Path, model: Path, transcoder: bool = False) -> Path:
         chunk_tokens = 1024
         shuffle_buffer_tokens = 1024
         total_tokens = 2048
-        cache_dir = "{tmp_path / 'cache' / 'x'}"
-        {TRANSCODER if transcoder else '[sae]'}
-        {'' if transcoder else 'kind = "sae"'}
-        {'' if transcoder else 'd_sae = 64'}
-        {'' if transcoder else 'k = 4'}
+        cache_dir = "{tmp_path / "cache" / "x"}"
+        {TRANSCODER if transcoder else "[sae]"}
+        {"" if transcoder else 'kind = "sae"'}
+        {"" if transcoder else "d_sae = 64"}
+        {"" if transcoder else "k = 4"}
         [trainer]
         total_training_tokens = 2048
         [eval]
         total_eval_tokens = 512
         ce_contexts = 2
-        """))
+        """)
+    )
     return path
 
 
@@ -135,8 +137,22 @@ def test_recovered_and_cut_windows():
 
 def test_quick_run_on_the_tiny_model_prints_every_row(tmp_path, tiny_llama, capsys):
     config = _config(tmp_path, tiny_llama)
-    rows = bq.main(["--config", str(config), "--tokens", "2048", "--eval-tokens", "512", "--ce-contexts", "2",
-                    "--cache-root", str(tmp_path / "caches"), "--saecli-row", "trainer.lr=2e-3"])
+    rows = bq.main(
+        [
+            "--config",
+            str(config),
+            "--tokens",
+            "2048",
+            "--eval-tokens",
+            "512",
+            "--ce-contexts",
+            "2",
+            "--cache-root",
+            str(tmp_path / "caches"),
+            "--saecli-row",
+            "trainer.lr=2e-3",
+        ]
+    )
     names = [r["name"] for r in rows]
     assert names[:2] == ["saecli defaults", "saecli trainer.lr=2e-3"]
     assert set(names[2:]) == set(bq.PEERS)  # trained, or listed as skipped when not installed
@@ -154,8 +170,22 @@ def test_quick_transcoder_run_against_sparsify_s_skip_transcoder(tmp_path, tiny_
     if importlib.util.find_spec("sparsify") is None:  # not imported here: the peer sets its Triton switch first
         pytest.skip("sparsify is not installed")
     config = _config(tmp_path, tiny_llama, transcoder=True)
-    rows = bq.main(["--config", str(config), "--tokens", "2048", "--eval-tokens", "512", "--ce-contexts", "2",
-                    "--cache-root", str(tmp_path / "caches"), "--peers", "sparsify"])
+    rows = bq.main(
+        [
+            "--config",
+            str(config),
+            "--tokens",
+            "2048",
+            "--eval-tokens",
+            "512",
+            "--ce-contexts",
+            "2",
+            "--cache-root",
+            str(tmp_path / "caches"),
+            "--peers",
+            "sparsify",
+        ]
+    )
     assert [r["name"] for r in rows] == ["saecli defaults", "sparsify skip transcoder"]
     # (sign-SGD moves every weight by ~lr a step: on the tiny model's 0.02-norm MLP outputs sparsify's skip
     # overshoots far, so only finiteness is checked for it)

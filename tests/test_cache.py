@@ -35,8 +35,15 @@ def test_identity_mismatch_names_the_key():
 
 
 def test_write_cache_and_read_it_back(tmp_path):
-    chunks = [{f"acts.{HOOK}": torch.full((n, 4), float(i + 1)), "tokens": torch.arange(n), "doc": torch.zeros(n),
-               "pos": torch.arange(n)} for i, n in enumerate((5, 3))]
+    chunks = [
+        {
+            f"acts.{HOOK}": torch.full((n, 4), float(i + 1)),
+            "tokens": torch.arange(n),
+            "doc": torch.zeros(n),
+            "pos": torch.arange(n),
+        }
+        for i, n in enumerate((5, 3))
+    ]
     m = write_cache(tmp_path / "c", chunks, hook_points=[HOOK], dtype="bfloat16")
     assert [c["file"] for c in m["chunks"]] == ["chunk-000000.safetensors", "chunk-000001.safetensors"]
     assert m["total_tokens"] == 8 and m["complete"] and m["d_model"] == {HOOK: 4}
@@ -51,7 +58,9 @@ def test_write_cache_and_read_it_back(tmp_path):
 
 
 def test_damaged_chunk_is_found_when_a_reader_opens(tmp_path):
-    chunks = [{f"acts.{HOOK}": torch.ones(6, 4), "tokens": torch.arange(6), "doc": torch.zeros(6), "pos": torch.arange(6)}]
+    chunks = [
+        {f"acts.{HOOK}": torch.ones(6, 4), "tokens": torch.arange(6), "doc": torch.zeros(6), "pos": torch.arange(6)}
+    ]
     write_cache(tmp_path / "c", chunks, hook_points=[HOOK])
     path = tmp_path / "c" / "shard-000" / "chunk-000000.safetensors"
     path.write_bytes(path.read_bytes()[:-10])
@@ -62,7 +71,10 @@ def test_damaged_chunk_is_found_when_a_reader_opens(tmp_path):
 def _exp(tmp_path, model, extra: str = "", total: int = 1000):
     from saecli.config.load import load_experiment
 
-    return load_experiment(write_toml(tmp_path / "exp.toml", f"""
+    return load_experiment(
+        write_toml(
+            tmp_path / "exp.toml",
+            f"""
 [model]
 name = "{model}"
 device = "cpu"
@@ -73,9 +85,11 @@ context_size = 32
 model_batch_size = 4
 total_tokens = {total}
 chunk_tokens = 200
-cache_dir = "{tmp_path / 'cache'}"
+cache_dir = "{tmp_path / "cache"}"
 {extra}
-"""))
+""",
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +109,14 @@ def test_shards_split_the_documents_and_readers_see_all(tmp_path, tiny_llama, lm
         assert m["shard"] == shard and m["total_tokens"] == 500 and m["complete"]
     index = open_cache(tmp_path / "cache")
     assert len(index.manifests) == 2 and index.total_tokens == 1000
-    docs = [set(CacheStream(tmp_path / "cache", batch_size=10_000, rank=r, world_size=2, epochs=1, shuffle=False)
-                .__next__().doc.tolist()) for r in range(2)]
+    docs = [
+        set(
+            CacheStream(tmp_path / "cache", batch_size=10_000, rank=r, world_size=2, epochs=1, shuffle=False)
+            .__next__()
+            .doc.tolist()
+        )
+        for r in range(2)
+    ]
     shard_docs = [{d % 2 for d in ds} for ds in docs]
     assert shard_docs[0] | shard_docs[1] == {0, 1}  # both shards' documents are read
     everything = torch.cat([b.doc for b in CacheStream(tmp_path / "cache", batch_size=300, epochs=1)])

@@ -16,7 +16,9 @@ from saecli.data.verify import check_against, check_cache
 
 
 def _toml(folder: Path, model: Path, cache: Path, skip: int = 0) -> Path:
-    return write_toml(folder / f"exp-{cache.name}.toml", f"""
+    return write_toml(
+        folder / f"exp-{cache.name}.toml",
+        f"""
 [model]
 name = "{model}"
 device = "cpu"
@@ -32,7 +34,8 @@ total_tokens = 3000
 chunk_tokens = 1000
 shuffle_buffer_tokens = 4096
 cache_dir = "{cache}"
-""")
+""",
+    )
 
 
 def _generate(toml: Path) -> None:

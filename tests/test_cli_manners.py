@@ -24,13 +24,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def experiment(folder: Path, **store) -> Experiment:
-    return parse(Experiment, {
-        "run": {"output_dir": str(folder), "name": "syn"},
-        "sae": {"d_sae": 64, "k": 3, "activation": "topk"},
-        "trainer": {"total_training_tokens": 128 * 30, "lr": 5e-3, "log_frequency": 10, "n_checkpoints": 0,
-                    "checkpoint_every_seconds": 0},
-        "store": store or {"backend": "none"},
-    })
+    return parse(
+        Experiment,
+        {
+            "run": {"output_dir": str(folder), "name": "syn"},
+            "sae": {"d_sae": 64, "k": 3, "activation": "topk"},
+            "trainer": {
+                "total_training_tokens": 128 * 30,
+                "lr": 5e-3,
+                "log_frequency": 10,
+                "n_checkpoints": 0,
+                "checkpoint_every_seconds": 0,
+            },
+            "store": store or {"backend": "none"},
+        },
+    )
 
 
 def stream() -> SyntheticStream:
@@ -53,12 +61,25 @@ def test_sweep_help_shows_the_section_name(run_cli):
     assert "a [sweep] table" in " ".join(res.stdout.split())
 
 
-@pytest.mark.parametrize("shell,env,expected", [
-    ("bash", {"COMP_WORDS": "saecli train exp.toml --set trainer.lr_w", "COMP_CWORD": "4"}, "trainer.lr_warm_up_steps"),
-    ("zsh", {"_TYPER_COMPLETE_ARGS": "saecli train exp.toml --set sae.activation=jump"}, "sae.activation=jumprelu"),
-    ("fish", {"_TYPER_COMPLETE_ARGS": "saecli sweep exp.toml --set store.back",
-              "_TYPER_COMPLETE_FISH_ACTION": "get-args"}, "store.backend"),
-])
+@pytest.mark.parametrize(
+    "shell,env,expected",
+    [
+        (
+            "bash",
+            {"COMP_WORDS": "saecli train exp.toml --set trainer.lr_w", "COMP_CWORD": "4"},
+            "trainer.lr_warm_up_steps",
+        ),
+        ("zsh", {"_TYPER_COMPLETE_ARGS": "saecli train exp.toml --set sae.activation=jump"}, "sae.activation=jumprelu"),
+        (
+            "fish",
+            {
+                "_TYPER_COMPLETE_ARGS": "saecli sweep exp.toml --set store.back",
+                "_TYPER_COMPLETE_FISH_ACTION": "get-args",
+            },
+            "store.backend",
+        ),
+    ],
+)
 def test_set_completes_key_paths_in_every_shell(cli, shell, env, expected):
     res = cli(env={"_SAECLI_COMPLETE": f"complete_{shell}", **env})
     assert res.exit_code == 0, res
@@ -88,18 +109,42 @@ def test_train_header_and_small_cache_note(tmp_path):
 
     hook = "blocks.0.hook_resid_post"
     n = 1000
-    write_cache(tmp_path / "cache", [{f"acts.{hook}": torch.randn(n, 16), "tokens": torch.zeros(n), "doc": torch.zeros(n),
-                                      "pos": torch.arange(n)}], hook_points=[hook])
-    exp = parse(Experiment, {"run": {"name": "small"}, "sae": {"d_sae": 64, "k": 4},
-                             "activations": {"hook_points": [hook], "cache_dir": str(tmp_path / "cache"),
-                                             "batch_size": 100, "shuffle_buffer_tokens": 100}})
+    write_cache(
+        tmp_path / "cache",
+        [{f"acts.{hook}": torch.randn(n, 16), "tokens": torch.zeros(n), "doc": torch.zeros(n), "pos": torch.arange(n)}],
+        hook_points=[hook],
+    )
+    exp = parse(
+        Experiment,
+        {
+            "run": {"name": "small"},
+            "sae": {"d_sae": 64, "k": 4},
+            "activations": {
+                "hook_points": [hook],
+                "cache_dir": str(tmp_path / "cache"),
+                "batch_size": 100,
+                "shuffle_buffer_tokens": 100,
+            },
+        },
+    )
     cache = CacheStream(tmp_path / "cache", batch_size=100, buffer_tokens=100)
     member = Member(build_dictionary(exp.dictionary, 16, [hook]), exp.trainer, total_steps=25, batch_tokens=100)
     header, note = run_header(exp, cache, member)
-    assert header == f"small: cache {tmp_path / 'cache'} (1,000 tokens) · {hook} · d_sae 64 · 25 steps × 100 tokens · 1 process"
+    assert (
+        header
+        == f"small: cache {tmp_path / 'cache'} (1,000 tokens) · {hook} · d_sae 64 · 25 steps × 100 tokens · 1 process"
+    )
     assert "loops over it 2.5 times" in note
-    assert len(run_header(exp, cache, Member(build_dictionary(exp.dictionary, 16, [hook]), exp.trainer, total_steps=10,
-                                             batch_tokens=100))) == 1  # fits: no note
+    assert (
+        len(
+            run_header(
+                exp,
+                cache,
+                Member(build_dictionary(exp.dictionary, 16, [hook]), exp.trainer, total_steps=10, batch_tokens=100),
+            )
+        )
+        == 1
+    )  # fits: no note
 
 
 def test_logs_get_whole_progress_lines(monkeypatch):
@@ -125,7 +170,9 @@ def test_sweep_summary_keeps_override_types(tmp_path):
     plan = load_sweep(write_toml(tmp_path / "sweep.toml", text))
     rows = collect_rows(plan, group_members(plan.members))
     assert rows[0]["overrides"] == {"trainer.lr": 1e-3, "dictionary.k": 8}
-    assert isinstance(rows[0]["overrides"]["dictionary.k"], int) and isinstance(rows[0]["overrides"]["trainer.lr"], float)
+    assert isinstance(rows[0]["overrides"]["dictionary.k"], int) and isinstance(
+        rows[0]["overrides"]["trainer.lr"], float
+    )
 
 
 def test_store_keeps_one_cfg_shape_per_run(tmp_path):

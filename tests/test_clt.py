@@ -100,8 +100,11 @@ def test_batched_decode_and_gradients_match_the_loop_over_pairs(sparse):
     ins, outs = hooks(4)
     x = torch.randn(16, 4, 6)
     y = torch.randn(16, 4, 6)
-    out = clt.loss({h: x[:, i] for i, h in enumerate(ins)}, {h: y[:, i] for i, h in enumerate(outs)},
-                   StepContext(k=2, training=True))
+    out = clt.loss(
+        {h: x[:, i] for i, h in enumerate(ins)},
+        {h: y[:, i] for i, h in enumerate(outs)},
+        StepContext(k=2, training=True),
+    )
     assert clt.last_path == ("topk-sparse" if sparse else "dense")
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in clt.named_parameters()}
@@ -188,8 +191,12 @@ def test_training_on_teacher_data_recovers_cross_layer_decoders():
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
     fires, first = torch.zeros(student.d_sae), None
     for step in range(150):
-        out = student(sample(256), StepContext(k=2, training=True, auxk_coefficient=1 / 32, k_aux=16,
-                                               dead_mask=fires < 1 if step > 50 else None))
+        out = student(
+            sample(256),
+            StepContext(
+                k=2, training=True, auxk_coefficient=1 / 32, k_aux=16, dead_mask=fires < 1 if step > 50 else None
+            ),
+        )
         fires = fires * 0.9 + (out.feature_acts.to_dense() > 0).float().sum(0)  # sparse CSR in TopK training
         opt.zero_grad()
         out.loss.backward()
@@ -311,7 +318,10 @@ def test_hooks_default_to_halves_of_the_hook_points():
 def test_resume_after_ctrl_c_is_exact(tmp_path):
     """Killed mid-run and resumed, a CLT ends with the weights of an uninterrupted run."""
     assert_resume_after_ctrl_c_is_exact(
-        tmp_path, {"kind": "clt", "d_sae": 16, "k": 3, "activation": "batchtopk"},
+        tmp_path,
+        {"kind": "clt", "d_sae": 16, "k": 3, "activation": "batchtopk"},
         {"total_training_tokens": 128 * 24, "log_frequency": 5, "dead_threshold_tokens": 512},
         lambda: SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128, hook_points=hooks(2)[0] + hooks(2)[1]),
-        at=10, saved="batchtopk_threshold")
+        at=10,
+        saved="batchtopk_threshold",
+    )

@@ -159,7 +159,9 @@ NEW = {**{k: v for k, v in BASE.items() if k != "sae"}, "dictionary": BASE["sae"
 def test_dictionary_is_the_table_and_sae_its_older_name():
     assert experiment_from_dict(NEW) == experiment_from_dict(BASE)  # BASE spells it [sae]
     assert experiment_from_dict(BASE).dictionary is not None  # [sae] fills exp.dictionary
-    assert experiment_from_dict({**NEW, "dictionary": {"kind": "crosscoder", "d_sae": 64}}).dictionary.kind == "crosscoder"
+    assert (
+        experiment_from_dict({**NEW, "dictionary": {"kind": "crosscoder", "d_sae": 64}}).dictionary.kind == "crosscoder"
+    )
     written = read_toml_text(experiment_to_toml(experiment_from_dict(BASE)))
     assert "dictionary" in written and "sae" not in written  # config.toml names it for what it holds
     msg = error_of({**BASE, "dictionary": {"k": 8}})

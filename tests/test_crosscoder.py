@@ -88,8 +88,9 @@ def test_sparse_training_path_matches_dense(activation, reduction):
     fast, dense = make(**kw), make(sparse_kernels=False, **kw)
     dense.load_state_dict(fast.state_dict())
     x = {h: torch.randn(64, 8) for h in HEADS}
-    ctx = StepContext(k=3, training=True, sparsity_loss_type="power" if activation == "relu" else "none",
-                      l1_coefficient=0.1)
+    ctx = StepContext(
+        k=3, training=True, sparsity_loss_type="power" if activation == "relu" else "none", l1_coefficient=0.1
+    )
     outs = []
     for cc in (fast, dense):
         out = cc(x, ctx)
@@ -126,8 +127,10 @@ def test_training_on_teacher_data_recovers_decoders_and_exclusive_latents():
     assert final_mse < 0.1 * first
     for head in HEADS:
         assert final.extra[f"explained_variance/{head}"] > 0.9
-    cos, match = (torch.nn.functional.normalize(teacher.W_dec.reshape(s, -1), dim=1)
-                  @ torch.nn.functional.normalize(student.W_dec.detach().reshape(96, -1), dim=1).T).max(1)
+    cos, match = (
+        torch.nn.functional.normalize(teacher.W_dec.reshape(s, -1), dim=1)
+        @ torch.nn.functional.normalize(student.W_dec.detach().reshape(96, -1), dim=1).T
+    ).max(1)
     assert (cos > 0.9).float().mean() > 0.8, cos
     share = student.decoder_norm_ratios()
     assert (share[0, match[:8]] > 0.8).all() and (share[1, match[8:16]] > 0.8).all()
@@ -138,8 +141,15 @@ def test_training_on_teacher_data_recovers_decoders_and_exclusive_latents():
 @pytest.mark.parametrize("reduction", ["sum", "norm"])
 def test_fold_scale_keeps_raw_reconstruction(activation, reduction, tmp_path):
     torch.manual_seed(1)
-    cc = make(d_model=8, d_sae=16, k=3, activation=activation, decoder_norm_reduction=reduction,
-              norm_activation="dataset-wise", apply_decoder_bias_to_pre_encoder=True)
+    cc = make(
+        d_model=8,
+        d_sae=16,
+        k=3,
+        activation=activation,
+        decoder_norm_reduction=reduction,
+        norm_activation="dataset-wise",
+        apply_decoder_bias_to_pre_encoder=True,
+    )
     cc.scale(HEADS[0]).fill_(2.5)
     cc.scale(HEADS[1]).fill_(0.3)
     with torch.no_grad():
@@ -168,8 +178,14 @@ def test_fold_scale_keeps_raw_reconstruction(activation, reduction, tmp_path):
 def test_save_load_round_trip_and_directions(tmp_path):
     torch.manual_seed(2)
     heads = [f"blocks.{i}.hook_resid_post" for i in range(3)]
-    cc = make(d_model=8, d_sae=16, heads=heads, activation="jumprelu", norm_activation="dataset-wise",
-              decoder_norm_reduction="norm")
+    cc = make(
+        d_model=8,
+        d_sae=16,
+        heads=heads,
+        activation="jumprelu",
+        norm_activation="dataset-wise",
+        decoder_norm_reduction="norm",
+    )
     for i, h in enumerate(heads):
         cc.scale(h).fill_(1.0 + i)
     cc.save(tmp_path / "cc")
@@ -199,8 +215,12 @@ def test_heads_default_to_every_hook_point_and_must_be_streamed():
 def test_resume_after_ctrl_c_is_exact(tmp_path):
     """Killed mid-run and resumed, a crosscoder ends with the weights of an uninterrupted run."""
     assert_resume_after_ctrl_c_is_exact(
-        tmp_path, {"kind": "crosscoder", "d_sae": 32, "k": 3, "activation": "jumprelu"},
+        tmp_path,
+        {"kind": "crosscoder", "d_sae": 32, "k": 3, "activation": "jumprelu"},
         {"total_training_tokens": 128 * 24, "log_frequency": 5, "dead_threshold_tokens": 512},
-        lambda: SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128,
-                                hook_points=HEADS + ["blocks.2.hook_resid_post"]),
-        at=10, saved="core.activation.log_threshold")
+        lambda: SyntheticStream(
+            d_model=16, n_atoms=32, k=3, batch_size=128, hook_points=HEADS + ["blocks.2.hook_resid_post"]
+        ),
+        at=10,
+        saved="core.activation.log_threshold",
+    )

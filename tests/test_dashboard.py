@@ -17,8 +17,19 @@ from saecli.dashboard.site import build_site, script_json
 
 REPO = Path(__file__).resolve().parents[1]
 NASTY = "</script><b>bold</b>"
-VOCAB = {0: "<|bos|>", 1: NASTY, 2: ' "quoted" & more', 3: "\n", 4: " the", 5: "\t", 6: "plain", 7: "\u2028",
-         8: " activation", 9: " highlighted", 10: "."}
+VOCAB = {
+    0: "<|bos|>",
+    1: NASTY,
+    2: ' "quoted" & more',
+    3: "\n",
+    4: " the",
+    5: "\t",
+    6: "plain",
+    7: "\u2028",
+    8: " activation",
+    9: " highlighted",
+    10: ".",
+}
 T = 10
 
 
@@ -34,27 +45,48 @@ def synthetic_result() -> AnalysisResult:
             for j, m in enumerate(ms):
                 acts[f, j, [3, 6, 7]] = np.array([m, m / 2, m / 4], dtype=np.float16)
                 vals[f, j] = m
-        return {"count": np.array(count, dtype=np.int64), "value": vals,
-                "tokens": np.broadcast_to(tokens, (F, n, T)).copy(), "acts": acts,
-                "doc": np.array([[3, 4], [5, 6], [0, 0]], dtype=np.int64),
-                "pos": np.array([[10, 20], [30, 40], [0, 0]], dtype=np.int64)}
+        return {
+            "count": np.array(count, dtype=np.int64),
+            "value": vals,
+            "tokens": np.broadcast_to(tokens, (F, n, T)).copy(),
+            "acts": acts,
+            "doc": np.array([[3, 4], [5, 6], [0, 0]], dtype=np.int64),
+            "pos": np.array([[10, 20], [30, 40], [0, 0]], dtype=np.int64),
+        }
 
     samplings = {
         "top": sampling([2, 1, 0], [[4.0, 3.0], [0.5], []]),
         "tier@0.5": sampling([1, 0, 0], [[1.5], [], []]),
-        "non-activating": {**sampling([1, 1, 0], [[], [], []]),
-                           "doc": np.array([[9, 0], [8, 0], [0, 0]]), "pos": np.array([[0, 0], [5, 0], [0, 0]])},
+        "non-activating": {
+            **sampling([1, 1, 0], [[], [], []]),
+            "doc": np.array([[9, 0], [8, 0], [0, 0]]),
+            "pos": np.array([[0, 0], [5, 0], [0, 0]]),
+        },
     }
     edges = np.logspace(-3, 3, 13)
     hist = np.zeros((F, 12), dtype=np.int64)
     hist[0, 7:10] = [5, 9, 3]
     hist[1, 5] = 2
-    meta = {"vocab": {str(k): v for k, v in VOCAB.items()}, "context_size": T,
-            "samplings": {"top": {"kind": "top", "n": 2, "fraction": None},
-                          "tier@0.5": {"kind": "tier", "n": 2, "fraction": 0.5},
-                          "non-activating": {"kind": "non-activating", "n": 2, "fraction": None}}}
-    return AnalysisResult("default", 1000, hist.sum(1), np.array([4.0, 0.5, 0.0], dtype=np.float32), hist, edges,
-                          samplings, {"decoder_norm": np.array([1.0, 2.0, 3.0], dtype=np.float32)}, meta)
+    meta = {
+        "vocab": {str(k): v for k, v in VOCAB.items()},
+        "context_size": T,
+        "samplings": {
+            "top": {"kind": "top", "n": 2, "fraction": None},
+            "tier@0.5": {"kind": "tier", "n": 2, "fraction": 0.5},
+            "non-activating": {"kind": "non-activating", "n": 2, "fraction": None},
+        },
+    }
+    return AnalysisResult(
+        "default",
+        1000,
+        hist.sum(1),
+        np.array([4.0, 0.5, 0.0], dtype=np.float32),
+        hist,
+        edges,
+        samplings,
+        {"decoder_norm": np.array([1.0, 2.0, 3.0], dtype=np.float32)},
+        meta,
+    )
 
 
 def synthetic_dla() -> DLAResult:
@@ -64,8 +96,13 @@ def synthetic_dla() -> DLAResult:
 
 
 def test_site_layout_and_escaping(tmp_path):
-    index = build_site(synthetic_result(), tmp_path / "site", dla=synthetic_dla(),
-                       explanations={0: "fires on <script> & quotes"}, title="toy <sae>")
+    index = build_site(
+        synthetic_result(),
+        tmp_path / "site",
+        dla=synthetic_dla(),
+        explanations={0: "fires on <script> & quotes"},
+        title="toy <sae>",
+    )
     assert index == tmp_path / "site" / "index.html"
     pages = sorted(p.name for p in (tmp_path / "site" / "features").iterdir())
     assert pages == ["0.html", "1.html"]  # feature 2 never fired: no page
@@ -77,7 +114,9 @@ def test_site_layout_and_escaping(tmp_path):
         assert not re.search(r"""(src|href)=["']https?:""", text)  # self-contained: no CDN, no network
         data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1))
         assert data
-    page = json.loads(re.search(r'id="data">(.*?)</script>', (tmp_path / "site/features/0.html").read_text(), re.S).group(1))
+    page = json.loads(
+        re.search(r'id="data">(.*?)</script>', (tmp_path / "site/features/0.html").read_text(), re.S).group(1)
+    )
     assert page["explanation"] == "fires on <script> & quotes"
     assert page["dla"]["pos"][0] == [NASTY, 3.0]
     assert [s["name"] for s in page["samplings"]] == ["top", "tier@0.5", "non-activating"]
@@ -101,9 +140,20 @@ def browse(url: str, tmp_path: Path, *args: str) -> str:
     exe = chromium()
     if exe is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", *args, url]
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        *args,
+        url,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
@@ -120,7 +170,7 @@ def test_feature_page_in_headless_chromium(tmp_path):
     assert spans == ["&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt;"] * 2  # 2 top contexts
     assert "(1 more shown above)" in dom  # the tier's context is one of the top ones: shown once
     assert re.search(r'class="tok act"[^>]*data-act="2"', dom)
-    assert 'background-color: rgba(255, 122, 0, 0.9)' in dom  # the feature's max: full strength
+    assert "background-color: rgba(255, 122, 0, 0.9)" in dom  # the feature's max: full strength
     assert "<b>bold</b>" not in dom  # shown as text, never parsed as markup
     assert "↵" in dom and "⇥" in dom  # whitespace tokens are visible
     assert "Direct logit attribution" in dom and "the nasty token" in dom

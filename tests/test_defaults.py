@@ -42,16 +42,26 @@ def test_default_lr_is_4e3_at_d_sae_4608_and_falls_as_one_over_root_d_sae_above(
 def test_default_lr_falls_as_one_over_root_run_tokens_beyond_300k():
     assert default_lr(4608, 300_000) == default_lr(4608, 1000) == pytest.approx(4e-3)
     assert default_lr(4608, 1_200_000) == pytest.approx(2e-3)  # 4× the tokens: half the lr (measured: 2e-3 won)
-    assert default_lr(4 * 4608, 10_000_000) == pytest.approx(2e-3 * (0.03 ** 0.5))  # both factors multiply
-    assert resolve_trainer(parse(TrainerConfig, {"total_training_tokens": 1_200_000}), d_sae=4608).lr == \
-        pytest.approx(2e-3)
+    assert default_lr(4 * 4608, 10_000_000) == pytest.approx(2e-3 * (0.03**0.5))  # both factors multiply
+    assert resolve_trainer(parse(TrainerConfig, {"total_training_tokens": 1_200_000}), d_sae=4608).lr == pytest.approx(
+        2e-3
+    )
 
 
 def test_the_penalty_and_its_weight_default_by_activation():
-    assert [default_sparsity_loss(a) for a in ("relu", "jumprelu", "topk", "batchtopk")] == \
-        ["power", "tanh", "none", "none"]
-    assert [default_l1_coefficient(p) for p in ("power", "tanh", "tanh-quad", "l0", "none")] == \
-        [5.0, 0.5, 0.5, 0.5, 0.5]
+    assert [default_sparsity_loss(a) for a in ("relu", "jumprelu", "topk", "batchtopk")] == [
+        "power",
+        "tanh",
+        "none",
+        "none",
+    ]
+    assert [default_l1_coefficient(p) for p in ("power", "tanh", "tanh-quad", "l0", "none")] == [
+        5.0,
+        0.5,
+        0.5,
+        0.5,
+        0.5,
+    ]
 
 
 def test_k_aux_is_half_of_d_model_and_the_dead_threshold_a_tenth_of_the_run_up_to_10m():
@@ -63,16 +73,34 @@ def test_k_aux_is_half_of_d_model_and_the_dead_threshold_a_tenth_of_the_run_up_t
 
 def test_resolve_fills_what_it_is_given_and_keeps_what_is_set():
     bare = parse(TrainerConfig, {})
-    assert unresolved(bare) == ["trainer.sparsity_loss_type", "trainer.l1_coefficient", "trainer.lr",
-                                "trainer.k_aux", "trainer.dead_threshold_tokens"]
+    assert unresolved(bare) == [
+        "trainer.sparsity_loss_type",
+        "trainer.l1_coefficient",
+        "trainer.lr",
+        "trainer.k_aux",
+        "trainer.dead_threshold_tokens",
+    ]
     part = resolve_trainer(bare, activation="relu", d_sae=18432)
-    assert (part.sparsity_loss_type, part.l1_coefficient, part.lr) == ("power", 5.0, pytest.approx(default_lr(18432, 10_000_000)))
+    assert (part.sparsity_loss_type, part.l1_coefficient, part.lr) == (
+        "power",
+        5.0,
+        pytest.approx(default_lr(18432, 10_000_000)),
+    )
     assert unresolved(part) == ["trainer.k_aux", "trainer.dead_threshold_tokens"]
     full = resolve_trainer(part, activation="topk", d_sae=64, d_model=576, run_tokens=51_200)
-    assert (full.sparsity_loss_type, full.lr, full.k_aux, full.dead_threshold_tokens) == \
-        ("power", part.lr, 288, 5120)  # set values are kept; the new arguments fill only the rest
-    given = resolve_trainer(parse(TrainerConfig, {"lr": 3e-4, "k_aux": 7, "l1_coefficient": 0.25}),
-                            activation="jumprelu", d_sae=4608, d_model=64, run_tokens=10)
+    assert (full.sparsity_loss_type, full.lr, full.k_aux, full.dead_threshold_tokens) == (
+        "power",
+        part.lr,
+        288,
+        5120,
+    )  # set values are kept; the new arguments fill only the rest
+    given = resolve_trainer(
+        parse(TrainerConfig, {"lr": 3e-4, "k_aux": 7, "l1_coefficient": 0.25}),
+        activation="jumprelu",
+        d_sae=4608,
+        d_model=64,
+        run_tokens=10,
+    )
     assert (given.lr, given.k_aux, given.l1_coefficient, given.sparsity_loss_type) == (3e-4, 7, 0.25, "tanh")
     with pytest.raises(ConfigError, match="lr"):
         parse(TrainerConfig, {"lr": 0.0})
@@ -84,15 +112,21 @@ def load(sae: dict, **sections) -> object:
 
 def test_loading_a_file_writes_in_the_defaults_the_file_decides():
     exp = load({"d_sae": 4 * 4608, "activation": "relu"})
-    assert (exp.trainer.lr, exp.trainer.sparsity_loss_type, exp.trainer.l1_coefficient) == \
-        (pytest.approx(2e-3 * 0.03 ** 0.5), "power", 5.0)  # 4 × 4608 latents, 10M tokens
+    assert (exp.trainer.lr, exp.trainer.sparsity_loss_type, exp.trainer.l1_coefficient) == (
+        pytest.approx(2e-3 * 0.03**0.5),
+        "power",
+        5.0,
+    )  # 4 × 4608 latents, 10M tokens
     assert exp.trainer.k_aux is None and exp.trainer.dead_threshold_tokens is None  # they wait for the stream
     # d_sae from expansion_factor × d_model: the lr waits for d_model
     assert load({"expansion_factor": 8, "activation": "jumprelu"}).trainer.lr is None
     # a CLT's d_sae counts one layer: the lr follows all n_layers × d_sae latents
     clt = load({"kind": "clt", "d_sae": 4608, "hook_points_in": ["a", "b"], "hook_points_out": ["c", "d"]})
-    assert clt.trainer.lr == pytest.approx(default_lr(2 * 4608, 10_000_000)) == \
-        pytest.approx(4e-3 / math.sqrt(2) * math.sqrt(0.03))
+    assert (
+        clt.trainer.lr
+        == pytest.approx(default_lr(2 * 4608, 10_000_000))
+        == pytest.approx(4e-3 / math.sqrt(2) * math.sqrt(0.03))
+    )
     # a MOLT's size is Σ rank_counts
     molt = load({"kind": "molt", "rank_counts": {"4": 9000, "16": 216}, "hook_point_in": "a", "hook_point_out": "b"})
     assert molt.trainer.lr == pytest.approx(default_lr(9216, 10_000_000))
@@ -102,7 +136,9 @@ def test_a_member_trains_with_the_defaults_of_its_dictionary():
     d = build_dictionary(parse(DictionaryConfig, {"d_sae": 4 * 4608, "k": 4, "activation": "topk"}), 16, ["x"])
     cfg = parse(TrainerConfig, {"lr_scheduler": "constant", "n_checkpoints": 0, "checkpoint_every_seconds": 0})
     m = Member(d, cfg, total_steps=10, batch_tokens=8)
-    assert [g["lr"] for g in m.optimizer.param_groups] == pytest.approx([default_lr(4 * 4608, 10_000_000)] * len(m.optimizer.param_groups))
+    assert [g["lr"] for g in m.optimizer.param_groups] == pytest.approx(
+        [default_lr(4 * 4608, 10_000_000)] * len(m.optimizer.param_groups)
+    )
     assert (m.cfg.k_aux, m.k_aux, m.cfg.dead_threshold_tokens, m.schedule.dead_threshold_tokens) == (8, 8, 8, 8)
     assert unresolved(m.cfg) == []
 
@@ -113,7 +149,7 @@ def test_the_init_defaults_follow_their_rules():
     from saecli.config.init import InitConfig
     from saecli.dictionaries import init as I
 
-    assert I.TIED_ENCODER_ROW_NORM == pytest.approx(3 ** -0.5)
+    assert I.TIED_ENCODER_ROW_NORM == pytest.approx(3**-0.5)
     sae = build_dictionary(parse(DictionaryConfig, {"d_sae": 64, "k": 4}), 16, ["x"])
     tc = build_dictionary(parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 64, "k": 4}), 16, ["a", "b"])
     assert (I._tied(sae, InitConfig()), I._decoder_row_norm(sae, InitConfig())) == (True, None)
@@ -123,15 +159,27 @@ def test_the_init_defaults_follow_their_rules():
 
 
 # ------------------------------------------------------------------------------------------ run folders
-TRAINER = {"total_training_tokens": 128 * 60, "log_frequency": 7, "n_checkpoints": 3, "checkpoint_every_seconds": 0,
-           "initial_k": 12, "k_warmup_steps": 0.3, "auxk_coefficient": 0.1}
+TRAINER = {
+    "total_training_tokens": 128 * 60,
+    "log_frequency": 7,
+    "n_checkpoints": 3,
+    "checkpoint_every_seconds": 0,
+    "initial_k": 12,
+    "k_warmup_steps": 0.3,
+    "auxk_coefficient": 0.1,
+}
 RESOLVED = ("lr", "sparsity_loss_type", "l1_coefficient", "k_aux", "dead_threshold_tokens")
 
 
 def experiment(folder, **sae):
-    return experiment_from_dict({"run": {"output_dir": str(folder), "name": "syn"},
-                                 "dictionary": {"expansion_factor": 4, "k": 3, "activation": "topk", **sae},
-                                 "trainer": TRAINER, "store": {"backend": "none"}})
+    return experiment_from_dict(
+        {
+            "run": {"output_dir": str(folder), "name": "syn"},
+            "dictionary": {"expansion_factor": 4, "k": 3, "activation": "topk", **sae},
+            "trainer": TRAINER,
+            "store": {"backend": "none"},
+        }
+    )
 
 
 def stream() -> SyntheticStream:
@@ -143,7 +191,12 @@ def test_config_toml_holds_the_numbers_the_run_used_and_an_old_folder_resumes_th
     written = read_toml(ref / "config.toml")
     # 60 steps × 128 tokens; d_sae = 4 × 16 = 64 latents (lr: 4e-3 below 4608), k_aux = 16 / 2
     assert {k: written["trainer"][k] for k in RESOLVED} == {
-        "lr": 4e-3, "sparsity_loss_type": "none", "l1_coefficient": 0.5, "k_aux": 8, "dead_threshold_tokens": 768}
+        "lr": 4e-3,
+        "sparsity_loss_type": "none",
+        "l1_coefficient": 0.5,
+        "k_aux": 8,
+        "dead_threshold_tokens": 768,
+    }
     assert written["dictionary"]["d_sae"] == 64
 
     cut = tmp_path / "cut"
@@ -167,16 +220,32 @@ def test_a_sweep_member_records_the_same_numbers_as_a_train_of_it(tmp_path):
     from saecli.config.sweep import SweepConfig
     from saecli.sweep.grid import plan_from_dict
 
-    data = {"run": {"output_dir": str(tmp_path / "sweep"), "name": "syn"},
-            "dictionary": {"expansion_factor": 4, "k": 3, "activation": "topk"},
-            "trainer": {**TRAINER, "total_training_tokens": 128 * 20}, "store": {"backend": "none"}}
+    data = {
+        "run": {"output_dir": str(tmp_path / "sweep"), "name": "syn"},
+        "dictionary": {"expansion_factor": 4, "k": 3, "activation": "topk"},
+        "trainer": {**TRAINER, "total_training_tokens": 128 * 20},
+        "store": {"backend": "none"},
+    }
     plan = plan_from_dict(data, SweepConfig(grid={"dictionary.expansion_factor": [2, 4]}))
     run_sweep(plan, stream_factory=lambda exp: stream())
     for member, d_sae in zip(plan.members, (32, 64)):
         written = read_toml(member.folder / "config.toml")
         assert written["dictionary"]["d_sae"] == d_sae
         assert {k: written["trainer"][k] for k in RESOLVED} == {
-            "lr": 4e-3, "sparsity_loss_type": "none", "l1_coefficient": 0.5, "k_aux": 8, "dead_threshold_tokens": 256}
-    alone = train(experiment_from_dict({**data, "run": {"output_dir": str(tmp_path / "alone")},
-                                        "dictionary": {**data["dictionary"], "expansion_factor": 2}}), stream=stream()).folder
+            "lr": 4e-3,
+            "sparsity_loss_type": "none",
+            "l1_coefficient": 0.5,
+            "k_aux": 8,
+            "dead_threshold_tokens": 256,
+        }
+    alone = train(
+        experiment_from_dict(
+            {
+                **data,
+                "run": {"output_dir": str(tmp_path / "alone")},
+                "dictionary": {**data["dictionary"], "expansion_factor": 2},
+            }
+        ),
+        stream=stream(),
+    ).folder
     assert read_toml(alone / "config.toml")["trainer"] == read_toml(plan.members[0].folder / "config.toml")["trainer"]

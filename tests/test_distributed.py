@@ -32,32 +32,59 @@ from saecli.training.checkpoint import list_checkpoints
 from saecli.training.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread"),
-              pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
-                                 reason="accelerate is not installed")]
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(
+        shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+        reason="accelerate is not installed",
+    ),
+]
 
 
 def accelerate(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "accelerate"
-    cmd = [str(exe) if exe.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "saecli", *map(str, args)]
+    cmd = [
+        str(exe) if exe.exists() else "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "saecli",
+        *map(str, args),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def tiny_experiment(path: Path, model: Path, out: Path, extra: str = "") -> Path:
-    return tiny_topk_toml(path, model, out, name="dp", activations='''
+    return tiny_topk_toml(
+        path,
+        model,
+        out,
+        name="dp",
+        activations="""
         model_batch_size = 4
         batch_size = 256
         shuffle_buffer_tokens = 1024
-    ''', trainer='''
+    """,
+        trainer="""
         total_training_tokens = 10240     # 20 steps of 2 × 256 tokens
         lr = 4e-3
         lr_warm_up_steps = 0
         log_frequency = 5
         n_checkpoints = 2
         checkpoint_every_seconds = 0
-    ''', extra="[init]\ninit_batches = 1\n" + textwrap.dedent(extra))
+    """,
+        extra="[init]\ninit_batches = 1\n" + textwrap.dedent(extra),
+    )
 
 
 def test_accelerate_train_is_data_parallel(tiny_llama, tmp_path):
@@ -74,10 +101,12 @@ def test_accelerate_train_is_data_parallel(tiny_llama, tmp_path):
     assert (proc.stdout + proc.stderr).count("final metrics") == 1  # only rank 0 prints
     # the start header: world size (machines × processes), mesh, per-rank batch — printed once
     assert (proc.stdout + proc.stderr).count(
-        "world size 2 (1 machine × 2 processes) · mesh dp=2 · per rank 256 tokens per step") == 1
+        "world size 2 (1 machine × 2 processes) · mesh dp=2 · per rank 256 tokens per step"
+    ) == 1
     # one process, the same tokens per optimizer step (2 batches accumulated), other documents
-    single = train(load_experiment(toml, [f'run.output_dir="{tmp_path / "single"}"',
-                                          "trainer.gradient_accumulation_steps=2"])).folder
+    single = train(
+        load_experiment(toml, [f'run.output_dir="{tmp_path / "single"}"', "trainer.gradient_accumulation_steps=2"])
+    ).folder
     ref = read_metrics(single)
     assert [r["step"] for r in ref] == [5, 10, 15, 20] and ref[-1]["tokens"] == 10240
     assert records[-1]["explained_variance"] == pytest.approx(ref[-1]["explained_variance"], abs=0.1)
@@ -86,10 +115,15 @@ def test_accelerate_train_is_data_parallel(tiny_llama, tmp_path):
 
 
 def test_accelerate_sweep_spreads_members_over_ranks(tiny_llama, tmp_path):
-    toml = tiny_experiment(tmp_path / "sweep.toml", tiny_llama, tmp_path / "dp", extra='''
+    toml = tiny_experiment(
+        tmp_path / "sweep.toml",
+        tiny_llama,
+        tmp_path / "dp",
+        extra="""
         [sweep]
         grid = {"trainer.lr" = [2e-3, 8e-3], "sae.k" = [4, 8]}
-    ''')
+    """,
+    )
     proc = accelerate("sweep", toml, "--set", "trainer.total_training_tokens=2560")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     info = json.loads((tmp_path / "dp" / SWEEP_FILE).read_text())

@@ -46,7 +46,10 @@ def test_llama_by_hand(tiny_llama):
     assert torch.equal(neg_i, low.indices)
     torch.testing.assert_close(neg_v, low.values, rtol=1e-5, atol=1e-5)
     # the model's own path: logits of a residual equal to v, times the rms the norm divided by
-    real = model.lm_head(model.model.norm(v)) * (v.pow(2).mean(-1, keepdim=True) + model.model.norm.variance_epsilon).sqrt()
+    real = (
+        model.lm_head(model.model.norm(v))
+        * (v.pow(2).mean(-1, keepdim=True) + model.model.norm.variance_epsilon).sqrt()
+    )
     torch.testing.assert_close(NormAsLinear(norm, D, torch.device("cpu"))(v) @ W_U, real, rtol=1e-4, atol=1e-4)
 
 
@@ -100,9 +103,10 @@ def test_chunking_changes_nothing(tiny_llama):
 
 def test_several_out_hooks_are_summed_in_raw_units():
     """A CLT-like dictionary: directions = Σ over out hooks, each divided by its dataset-wise scale."""
-    d = ToyDictionary(D, 6, ["blocks.0.ln2.hook_normalized"], ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"],
-                      norm="dataset-wise")
-    d.set_dataset_norm("blocks.0.hook_mlp_out", 4.0)   # scale √64 / 4 = 2
+    d = ToyDictionary(
+        D, 6, ["blocks.0.ln2.hook_normalized"], ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"], norm="dataset-wise"
+    )
+    d.set_dataset_norm("blocks.0.hook_mlp_out", 4.0)  # scale √64 / 4 = 2
     d.set_dataset_norm("blocks.1.hook_mlp_out", 16.0)  # scale 0.5
     want = d.W_dec[0] / 2.0 + d.W_dec[1] / 0.5
     torch.testing.assert_close(feature_directions(d), want.detach())

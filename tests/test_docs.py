@@ -45,7 +45,9 @@ def test_config_md_lists_every_key_with_its_default():
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_example_experiment_validates_against_the_schema(validator, path):
-    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(tomllib.loads(path.read_text()))]
+    errors = [
+        f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(tomllib.loads(path.read_text()))
+    ]
     assert not errors
 
 
@@ -58,19 +60,21 @@ def test_schema_describes_types_defaults_docs_and_choices(validator):
     assert schema["properties"]["activations"]["required"] == ["hook_points"]
     # what load_experiment refuses, the schema refuses too
     bad = [
-        {"trainer": {"lr": "fast"}},                                      # wrong type
-        {"sae": {"activation": "topq"}},                                  # not a choice (under the older name)
-        {"dictionary": {"activation": "topq"}},                           # ... and the canonical one
-        {"dictionary": {"k": 8}, "sae": {"k": 16}},                       # one table under both names
-        {"trainer": {"lrr": 1e-3}},                                       # unknown key
-        {"sae": {"kind": "sae", "hook_point_in": "blocks.0.hook_resid_post"}},   # a transcoder's key on an sae
-        {"sae": {"kind": "molt", "rank_counts": {"4": "many"}}},          # nested value type
-        {"analyze": {"histogram_range": [1e-3]}},                         # a pair
+        {"trainer": {"lr": "fast"}},  # wrong type
+        {"sae": {"activation": "topq"}},  # not a choice (under the older name)
+        {"dictionary": {"activation": "topq"}},  # ... and the canonical one
+        {"dictionary": {"k": 8}, "sae": {"k": 16}},  # one table under both names
+        {"trainer": {"lrr": 1e-3}},  # unknown key
+        {"sae": {"kind": "sae", "hook_point_in": "blocks.0.hook_resid_post"}},  # a transcoder's key on an sae
+        {"sae": {"kind": "molt", "rank_counts": {"4": "many"}}},  # nested value type
+        {"analyze": {"histogram_range": [1e-3]}},  # a pair
     ]
     for doc in bad:
         assert list(validator.iter_errors(doc)), doc
-    good = {"dictionary": {"kind": "transcoder", "hook_point_in": "blocks.0.ln2.hook_normalized", "d_sae": 64},
-            "trainer": {"lr_warm_up_steps": 0.05, "total_training_tokens": 1000}}
+    good = {
+        "dictionary": {"kind": "transcoder", "hook_point_in": "blocks.0.ln2.hook_normalized", "d_sae": 64},
+        "trainer": {"lr_warm_up_steps": 0.05, "total_training_tokens": 1000},
+    }
     assert not list(validator.iter_errors(good))
     assert not list(validator.iter_errors({"sae": good["dictionary"]}))  # [sae]: the older name, still read
 
@@ -96,8 +100,14 @@ TINY = [p for p in EXPERIMENTS if p.parent.name == "tiny" and p.stem not in ("ge
 @pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
 def test_every_tiny_experiment_trains_and_evaluates_in_seconds(cli, path, tmp_path):
     out = tmp_path / "run"
-    short = ["--set", f"run.output_dir={out}", "--set", "activations.source=live",
-             "--set", "trainer.total_training_tokens=2048"]
+    short = [
+        "--set",
+        f"run.output_dir={out}",
+        "--set",
+        "activations.source=live",
+        "--set",
+        "trainer.total_training_tokens=2048",
+    ]
     res = cli("train", path.relative_to(REPO), *short, timeout=300)
     assert res.exit_code == 0, res
     res = cli("eval", out, timeout=300)

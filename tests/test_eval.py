@@ -120,7 +120,9 @@ def test_reconstruction_reads_in_hooks_and_scores_out_hooks():
     torch.manual_seed(0)
     a = torch.randn(40, 4)
     noise = 0.1 * torch.randn(40, 4)
-    batches = [Batch({"a": a[i:i + 16], "b": (a + noise)[i:i + 16]}, torch.zeros(len(a[i:i + 16]))) for i in (0, 16, 32)]
+    batches = [
+        Batch({"a": a[i : i + 16], "b": (a + noise)[i : i + 16]}, torch.zeros(len(a[i : i + 16]))) for i in (0, 16, 32)
+    ]
     transcoder = Mapped(4, "a", "b", lambda x: x)  # predicts b from a
     acc = reconstruction_metrics(transcoder, iter(batches), total_tokens=35, thresholds=Thresholds())
     r = acc.result()
@@ -224,8 +226,14 @@ def test_evaluate_writes_eval_json_density_and_latent_stats(run_folder, lm):
     assert 0 < m["l0"] <= 8 + 1e-9  # TopK k = 8
     assert m["explained_variance"] == pytest.approx(1 - m["fvu"])
     assert m["n_dead"] + (m["d_sae"] - m["n_never_fired"]) >= m["d_sae"]
-    for key in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablation", "ce_loss_mean_ablation",
-                "kl_div_spliced", "kl_div_mean_ablation"):
+    for key in (
+        "ce_loss_clean",
+        "ce_loss_spliced",
+        "ce_loss_zero_ablation",
+        "ce_loss_mean_ablation",
+        "kl_div_spliced",
+        "kl_div_mean_ablation",
+    ):
         assert isinstance(m[key], float), key
     # on a random tiny model ablating the residual stream barely moves the loss: no ratio, a reason instead
     assert m["ce_loss_zero_ablation"] - m["ce_loss_clean"] < 0.05
@@ -254,8 +262,16 @@ def test_training_documents_grow_with_the_tokens_trained(run_folder, lm):
 
 
 def test_eval_cli_on_a_run_folder_and_overlap_warning(cli, run_folder):
-    res = cli("eval", run_folder, "--set", "eval.skip_documents=0", "--set", "eval.ce_contexts=2",
-              "--set", "eval.total_eval_tokens=300")
+    res = cli(
+        "eval",
+        run_folder,
+        "--set",
+        "eval.skip_documents=0",
+        "--set",
+        "eval.ce_contexts=2",
+        "--set",
+        "eval.total_eval_tokens=300",
+    )
     assert res.exit_code == 0, res.output
     assert "overlap" in res.output
     data = json.loads((run_folder / "eval.json").read_text())
@@ -316,12 +332,28 @@ backend = "none"
 """
 
 
-@pytest.mark.parametrize("kind, hooks, extra", [
-    # several in and out hooks: per-hook metrics, all out hooks spliced at once
-    ("clt", ["blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_normalized", "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"], ""),
-    # whole contexts: masked positions only, splice on [B, T, d]
-    ("lorsa", ["blocks.1.ln1.hook_normalized", "blocks.1.hook_attn_out"], "n_qk_heads = 4\ninitialize_lorsa_with_mhsa = false"),
-])
+@pytest.mark.parametrize(
+    "kind, hooks, extra",
+    [
+        # several in and out hooks: per-hook metrics, all out hooks spliced at once
+        (
+            "clt",
+            [
+                "blocks.0.ln2.hook_normalized",
+                "blocks.1.ln2.hook_normalized",
+                "blocks.0.hook_mlp_out",
+                "blocks.1.hook_mlp_out",
+            ],
+            "",
+        ),
+        # whole contexts: masked positions only, splice on [B, T, d]
+        (
+            "lorsa",
+            ["blocks.1.ln1.hook_normalized", "blocks.1.hook_attn_out"],
+            "n_qk_heads = 4\ninitialize_lorsa_with_mhsa = false",
+        ),
+    ],
+)
 def test_evaluate_other_kinds_through_the_dictionary_interface(kind, hooks, extra, tmp_path, tiny_llama, lm):
     from saecli.config.load import load_experiment
     from saecli.dictionaries.registry import build_dictionary
@@ -354,8 +386,14 @@ def test_splice_on_smollm2_identity_and_zero_ablation():
     from saecli.lm import load_model
 
     lm = load_model(ModelConfig(name=str(SMOLLM2_DIR), gguf_file=SMOLLM2_GGUF, device="cpu"))
-    packer = Packer(lm.tokenizer, 64, prepend_bos=True, bos_id=1, sep_id=lm.tokenizer.eos_token_id,
-                    ignore_ids=default_ignore_ids(lm))
+    packer = Packer(
+        lm.tokenizer,
+        64,
+        prepend_bos=True,
+        bos_id=1,
+        sep_id=lm.tokenizer.eos_token_id,
+        ignore_ids=default_ignore_ids(lm),
+    )
     ctx = next(packer.contexts(iter_documents(DatasetConfig()), 2))
     hook = "blocks.15.hook_resid_post"
     identity = splice_batch(lm, Mapped(lm.d_model, hook, hook, lambda x: x), ctx.tokens, ctx.mask).result()

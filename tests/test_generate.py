@@ -22,9 +22,20 @@ from saecli.errors import UsageError
 HOOKS = ["blocks.0.hook_resid_post", "blocks.2.hook_mlp_out"]
 
 
-def experiment(tmp_path: Path, model: Path, *, name: str = "exp", cache: str = "cache", total: int = 6000,
-               chunk: int = 1024, extra: str = "", dataset: str = "") -> Path:
-    return write_toml(tmp_path / f"{name}.toml", f"""
+def experiment(
+    tmp_path: Path,
+    model: Path,
+    *,
+    name: str = "exp",
+    cache: str = "cache",
+    total: int = 6000,
+    chunk: int = 1024,
+    extra: str = "",
+    dataset: str = "",
+) -> Path:
+    return write_toml(
+        tmp_path / f"{name}.toml",
+        f"""
 [model]
 name = "{model}"
 device = "cpu"
@@ -42,7 +53,8 @@ chunk_tokens = {chunk}
 shuffle_buffer_tokens = 1024
 cache_dir = "{tmp_path / cache}"
 {extra}
-""")
+""",
+    )
 
 
 def test_generate_writes_the_models_activations(tmp_path, tiny_llama, cli):
@@ -74,11 +86,11 @@ def test_generate_writes_the_models_activations(tmp_path, tiny_llama, cli):
         n = len(keep)
         if row + n > chunk["tokens"].shape[0]:
             break
-        assert torch.equal(chunk["tokens"][row: row + n].long(), ctx.tokens.reshape(-1)[keep])
-        assert torch.equal(chunk["doc"][row: row + n], ctx.doc.reshape(-1)[keep])
+        assert torch.equal(chunk["tokens"][row : row + n].long(), ctx.tokens.reshape(-1)[keep])
+        assert torch.equal(chunk["doc"][row : row + n], ctx.doc.reshape(-1)[keep])
         for h in HOOKS:
             want = acts[h].reshape(-1, 64)[keep]
-            assert torch.equal(chunk[act_key(h)][row: row + n], want)
+            assert torch.equal(chunk[act_key(h)][row : row + n], want)
             norms[h] += float(want.norm(dim=1).double().sum())
         row += n
     assert row == chunk["tokens"].shape[0]  # chunks end on whole model batches
@@ -109,8 +121,13 @@ def test_killed_generate_resumes_byte_identical(tmp_path, tiny_llama, cli):
     killed = experiment(tmp_path, tiny_llama, name="killed", cache="killed", total=12000, chunk=256, extra=extra)
     manifest = tmp_path / "killed" / "shard-000" / "manifest.json"
     env = dict(os.environ, COLUMNS="200")
-    proc = subprocess.Popen([sys.executable, "-m", "saecli", "generate", str(killed)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saecli", "generate", str(killed)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     _wait_for_first_chunk(proc, manifest)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -161,8 +178,14 @@ def test_torchrun_processes_write_one_shard_each(tmp_path, tiny_llama, cli):
     """Under torchrun (RANK/WORLD_SIZE) each process writes its own shard; readers and check see both."""
     toml = experiment(tmp_path, tiny_llama, total=2000, chunk=512)
     env = dict(os.environ, COLUMNS="200", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "saecli",
-                           "generate", str(toml)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "saecli", "generate", str(toml)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     index = open_cache(tmp_path / "cache")
     assert [m["shard"] for m in index.manifests] == [0, 1] and {m["n_shards"] for m in index.manifests} == {2}

@@ -31,7 +31,9 @@ def _saved_sae(folder: Path, d_model: int = 64, hook: str = HOOK) -> Path:
 
 
 def _experiment(path: Path, *, model: str, out: str, extra: str = "") -> Path:
-    return write_toml(path, textwrap.dedent(f'''
+    return write_toml(
+        path,
+        textwrap.dedent(f'''
         [run]
         name = "hard"
         output_dir = "{out}"
@@ -51,12 +53,15 @@ def _experiment(path: Path, *, model: str, out: str, extra: str = "") -> Path:
         backend = "none"
         [analyze]
         dla_top = 3
-    ''') + textwrap.dedent(extra))
+    ''')
+        + textwrap.dedent(extra),
+    )
 
 
 # 1 ---------------------------------------------------------------- a run folder is the run
 def test_a_copied_run_folder_is_used_from_another_directory_and_touches_only_itself(
-        tmp_path, tiny_llama, run_cli, monkeypatch):
+    tmp_path, tiny_llama, run_cli, monkeypatch
+):
     from saecli.config.load import load_experiment, write_resolved
 
     monkeypatch.chdir(tmp_path)
@@ -83,9 +88,12 @@ def test_relative_paths_resolve_against_the_current_directory_for_every_key(tmp_
     from saecli.config.load import load_experiment
 
     monkeypatch.chdir(tmp_path)
-    exp = load_experiment(_experiment(tmp_path / "sub" / "exp.toml", model="org/hub-model", out="runs/x",
-                                      extra='[eval]\ncache_dir = "c"\n'),
-                          ["store.backend=sqlite", "store.path=r.db", "activations.cache_dir=cache"])
+    exp = load_experiment(
+        _experiment(
+            tmp_path / "sub" / "exp.toml", model="org/hub-model", out="runs/x", extra='[eval]\ncache_dir = "c"\n'
+        ),
+        ["store.backend=sqlite", "store.path=r.db", "activations.cache_dir=cache"],
+    )
     assert exp.run.output_dir == str(tmp_path / "runs/x")
     assert exp.store.path == str(tmp_path / "r.db")  # not beside the experiment file (sub/) any more
     assert exp.activations.cache_dir == str(tmp_path / "cache") and exp.eval.cache_dir == str(tmp_path / "c")
@@ -94,8 +102,15 @@ def test_relative_paths_resolve_against_the_current_directory_for_every_key(tmp_
 
 
 # 2 ---------------------------------------------------------------- sweeps validate their base whole
-@pytest.mark.parametrize("override, key", [('dictionary.k="lots"', "dictionary.k"), ("sae.k=-9", "dictionary.k"),
-                                           ('trainer.lr="lots"', "trainer.lr"), ("trainer.lr=-1", "trainer.lr")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ('dictionary.k="lots"', "dictionary.k"),
+        ("sae.k=-9", "dictionary.k"),
+        ('trainer.lr="lots"', "trainer.lr"),
+        ("trainer.lr=-1", "trainer.lr"),
+    ],
+)
 def test_a_sweep_refuses_a_bad_base_value_that_its_grid_overrides(run_cli, override, key):
     from conftest import REPO
 
@@ -114,12 +129,15 @@ def test_a_hook_point_missing_from_activations_is_a_config_error_before_any_work
     assert not out.exists()  # no folder holding only config.toml
 
 
-@pytest.mark.parametrize("kind, sets, key", [
-    ("transcoder", ["sae.hook_point_out=blocks.2.hook_mlp_out"], "sae.hook_point_out"),
-    ("transcoder", [], "activations.hook_points"),
-    ("crosscoder", ['sae.hook_points=["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]'], "sae.hook_points"),
-    ("clt", [], "activations.hook_points"),
-])
+@pytest.mark.parametrize(
+    "kind, sets, key",
+    [
+        ("transcoder", ["sae.hook_point_out=blocks.2.hook_mlp_out"], "sae.hook_point_out"),
+        ("transcoder", [], "activations.hook_points"),
+        ("crosscoder", ['sae.hook_points=["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]'], "sae.hook_points"),
+        ("clt", [], "activations.hook_points"),
+    ],
+)
 def test_every_kinds_hook_keys_are_checked_against_activations(tmp_path, kind, sets, key):
     from saecli.config.load import load_experiment
     from saecli.errors import ConfigError
@@ -252,8 +270,10 @@ def test_disk_full_during_a_checkpoint_names_the_file_and_the_intact_checkpoint(
     first = ck.save_checkpoint(tmp_path, 10, weights, {"step": 10})
 
     def full(path, state):  # what torch.save says when the disk fills
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
-                           "data/0: file write failed")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+            "data/0: file write failed"
+        )
 
     monkeypatch.setattr(ck, "_write_state", full)
     monkeypatch.setattr(fsio, "free_bytes", lambda folder: 4096)
@@ -284,10 +304,20 @@ def test_generate_refuses_when_the_disk_cannot_hold_the_cache(tmp_path, tiny_lla
     from saecli import fsio
 
     monkeypatch.setattr(fsio, "free_bytes", lambda folder: 10_000)
-    exp = _experiment(tmp_path / "exp.toml", model=str(tiny_llama), out=str(tmp_path / "r"),
-                      extra='[dataset]\npath = "builtin:python-docs"\n')
-    result = run_cli("generate", exp, "--set", f'activations.cache_dir="{tmp_path / "cache"}"',
-                     "--set", "activations.total_tokens=4096")
+    exp = _experiment(
+        tmp_path / "exp.toml",
+        model=str(tiny_llama),
+        out=str(tmp_path / "r"),
+        extra='[dataset]\npath = "builtin:python-docs"\n',
+    )
+    result = run_cli(
+        "generate",
+        exp,
+        "--set",
+        f'activations.cache_dir="{tmp_path / "cache"}"',
+        "--set",
+        "activations.total_tokens=4096",
+    )
     assert result.exit_code == 2, result.output
     assert "needs about" in result.output and "free" in result.output
     assert not list((tmp_path / "cache").glob("shard-*/chunk-*"))
@@ -331,8 +361,9 @@ def test_an_unreachable_store_is_said_at_once_and_record_adds_the_run_later(tmp_
     (folder / "summary.json").write_text(json.dumps({"step": 4, "l0": 3.5}))
     not_a_db = tmp_path / "a-folder.db"
     not_a_db.mkdir()
-    exp = _experiment(tmp_path / "exp.toml", model=str(tiny_llama), out=str(folder),
-                      extra='[eval]\ntotal_eval_tokens = 64\n')
+    exp = _experiment(
+        tmp_path / "exp.toml", model=str(tiny_llama), out=str(folder), extra="[eval]\ntotal_eval_tokens = 64\n"
+    )
     from saecli.config.load import load_experiment, write_resolved
 
     write_resolved(load_experiment(exp, ["store.backend=sqlite", f'store.path="{not_a_db}"']), folder)
@@ -434,8 +465,10 @@ def test_the_train_bar_ends_at_its_total_when_batches_hold_fewer_counted_tokens(
     stream = Masked(d_model=16, n_atoms=32, k=3, batch_size=128)
     d = build_dictionary(parse(DictionaryConfig, {"d_sae": 32, "k": 3}), 16, [stream.hook_points[0]])
     tokens = initialize(stream, [(d, InitConfig())])
-    cfg = parse(TrainerConfig, {"total_training_tokens": 128 * 6, "log_frequency": 100, "n_checkpoints": 0,
-                                "checkpoint_every_seconds": 0})
+    cfg = parse(
+        TrainerConfig,
+        {"total_training_tokens": 128 * 6, "log_frequency": 100, "n_checkpoints": 0, "checkpoint_every_seconds": 0},
+    )
     member = Member(d, cfg, total_steps=6, batch_tokens=tokens, name="m")
     rec = Recorder()
     fit(stream, [member], reporter=rec)
@@ -458,10 +491,12 @@ def test_generate_reports_the_chunks_it_wrote(tmp_path, tiny_llama):
     from saecli.data.cache import generate_shard
     from saecli.lm import load_model, run_to_hooks
 
-    exp = load_experiment(_experiment(tmp_path / "exp.toml", model=str(tiny_llama), out=str(tmp_path / "r")),
-                          [f'activations.cache_dir="{tmp_path / "c"}"', "activations.total_tokens=2000",
-                           "activations.chunk_tokens=384"])
+    exp = load_experiment(
+        _experiment(tmp_path / "exp.toml", model=str(tiny_llama), out=str(tmp_path / "r")),
+        [f'activations.cache_dir="{tmp_path / "c"}"', "activations.total_tokens=2000", "activations.chunk_tokens=384"],
+    )
     seen: list[int] = []
-    manifest = generate_shard(exp, load_model(exp.model), run_to_hooks, 0, 1,
-                              progress=lambda n, metrics: seen.append(metrics["chunks"]))
+    manifest = generate_shard(
+        exp, load_model(exp.model), run_to_hooks, 0, 1, progress=lambda n, metrics: seen.append(metrics["chunks"])
+    )
     assert seen[-1] == len(manifest["chunks"]) == 5  # the bar's last count is the summary's (was one behind)

@@ -135,13 +135,13 @@ def test_a_transcoder_s_encoder_is_untied_by_default_and_tied_when_asked():
     tc = Transcoder(cfg, D, "in", "out")
     I.initialize(tc, InitConfig(), seed=0)
     assert not torch.equal(tc.W_enc, tc.W_dec)
-    assert tc.W_enc.abs().max() <= D ** -0.5 and tc.W_enc.abs().max() > 0.5 * D ** -0.5
+    assert tc.W_enc.abs().max() <= D**-0.5 and tc.W_enc.abs().max() > 0.5 * D**-0.5
     I.initialize(tc, InitConfig(init_encoder_with_decoder_transpose=True, decoder_init_norm=0.5), seed=0)
     cos = torch.nn.functional.cosine_similarity(tc.W_enc, tc.W_dec, dim=1)
     assert torch.allclose(cos, torch.ones(32), atol=1e-6)
     sae = make()
     I.initialize(sae, InitConfig(), seed=0)
-    assert torch.allclose(sae.W_enc, sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True) * 3 ** -0.5)
+    assert torch.allclose(sae.W_enc, sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True) * 3**-0.5)
     assert InitConfig().tie_encoder() and not InitConfig(init_encoder_with_decoder_transpose=False).tie_encoder()
 
 
@@ -151,11 +151,13 @@ def test_a_tied_encoder_s_rows_start_at_norm_one_over_root_3_whatever_d_sae():
     for d_sae in (32, 512):
         sae = make(d_sae=d_sae)
         I.initialize(sae, InitConfig(), seed=1)
-        assert torch.allclose(sae.W_enc.norm(dim=1), torch.full((d_sae,), 3 ** -0.5), atol=1e-6)
+        assert torch.allclose(sae.W_enc.norm(dim=1), torch.full((d_sae,), 3**-0.5), atol=1e-6)
         cos = torch.nn.functional.cosine_similarity(sae.W_enc, sae.W_dec, dim=1)
         assert torch.allclose(cos, torch.ones(d_sae), atol=1e-6)
-        assert sae.W_dec.norm(dim=1).mean() < 0.9 * 3 ** -0.5  # the decoder keeps its own (small) rows
-    assert InitConfig().tie_factor() == 1.0 and InitConfig(init_encoder_with_decoder_transpose_factor=2).tie_factor() == 2
+        assert sae.W_dec.norm(dim=1).mean() < 0.9 * 3**-0.5  # the decoder keeps its own (small) rows
+    assert (
+        InitConfig().tie_factor() == 1.0 and InitConfig(init_encoder_with_decoder_transpose_factor=2).tie_factor() == 2
+    )
 
 
 def test_an_ungated_transcoder_starts_with_a_zero_decoder_and_a_gated_one_cannot():
@@ -169,8 +171,16 @@ def test_an_ungated_transcoder_starts_with_a_zero_decoder_and_a_gated_one_cannot
     tc = Transcoder(cfg, D, "in", "out")
     I.initialize(tc, InitConfig(), seed=0)
     assert torch.count_nonzero(tc.W_dec) == 0 and torch.count_nonzero(tc.W_enc) > 0
-    gated = Transcoder(parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 32, "k": 4,
-                                                "sparsity_include_decoder_norm": True}, key="sae"), D, "in", "out")
+    gated = Transcoder(
+        parse(
+            DictionaryConfig,
+            {"kind": "transcoder", "d_sae": 32, "k": 4, "sparsity_include_decoder_norm": True},
+            key="sae",
+        ),
+        D,
+        "in",
+        "out",
+    )
     I.initialize(gated, InitConfig(), seed=0)
     assert torch.count_nonzero(gated.W_dec) > 0  # the default keeps drawn rows when gated
     with pytest.raises(ConfigError, match="decoder_init_norm"):

@@ -164,7 +164,9 @@ def test_start_from_a_dictionary_of_another_size_names_the_key(tmp_path):
 
     src = _dictionary("topk")
     src.save(tmp_path / "run")
-    d = build_dictionary(parse(DictionaryConfig, {"d_sae": 64, "k": 6}, key="sae"), 16, ["blocks.1.ln2.hook_normalized"])
+    d = build_dictionary(
+        parse(DictionaryConfig, {"d_sae": 64, "k": 6}, key="sae"), 16, ["blocks.1.ln2.hook_normalized"]
+    )
     with pytest.raises(ConfigError, match="dictionary.d_sae"):
         start_from(d, tmp_path / "run")
 
@@ -188,7 +190,14 @@ def test_export_errors_are_exit_2_and_say_why(tmp_path, run_cli):
     assert res.exit_code == 2 and "missing" in res.output and "Traceback" not in res.output
     cfg = parse(DictionaryConfig, {"kind": "clt", "d_sae": 4, "k": 1}, key="sae")
     run = build_dictionary(
-        cfg, D, ["blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
+        cfg,
+        D,
+        [
+            "blocks.0.ln2.hook_normalized",
+            "blocks.0.hook_mlp_out",
+            "blocks.1.ln2.hook_normalized",
+            "blocks.1.hook_mlp_out",
+        ],
     ).save(tmp_path / "clt")
     res = run_cli("export", run, "--format", "saelens", tmp_path / "out")
     assert res.exit_code == 2 and "circuit-tracer" in " ".join(res.output.split())

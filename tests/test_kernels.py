@@ -93,7 +93,7 @@ def test_native_transpose_is_a_stable_counting_sort():
     transposed = kernels._csr(crow_t, rows_t, values[order.long()], (64, 40)).to_dense()
     assert torch.equal(transposed, dense_of(pattern, values).t())
     for c in range(64):  # rows ascending within each column
-        seg = rows_t[crow_t[c]:crow_t[c + 1]]
+        seg = rows_t[crow_t[c] : crow_t[c + 1]]
         assert torch.equal(seg, seg.sort().values)
 
 
@@ -136,21 +136,26 @@ def step_grads(sae, x, ctx):
     return out.loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("activation, bias, path", [("topk", None, "topk-sparse"), ("relu", None, "relu-dense-fused"),
-                                                    ("relu", -2.5, "relu-sparse")])
+@pytest.mark.parametrize(
+    "activation, bias, path",
+    [("topk", None, "topk-sparse"), ("relu", None, "relu-dense-fused"), ("relu", -2.5, "relu-sparse")],
+)
 def test_compiled_and_torch_steps_equal_dense_autograd(activation, bias, path):
     """d_sae = 512, k = 8: large enough that the compiled top-k takes its group-pruned path."""
     x = torch.randn(64, 16)
     dead = torch.arange(512) % 4 == 0
-    ctx = (StepContext(k=8, auxk_coefficient=0.1, k_aux=16, dead_mask=dead) if activation == "topk"
-           else StepContext(l1_coefficient=0.05, sparsity_loss_type="power"))
+    ctx = (
+        StepContext(k=8, auxk_coefficient=0.1, k_aux=16, dead_mask=dead)
+        if activation == "topk"
+        else StepContext(l1_coefficient=0.05, sparsity_loss_type="power")
+    )
     sae = make_sae(activation, bias=bias)
     ref = copy.deepcopy(sae)
     ref.cfg = copy.deepcopy(sae.cfg)
     ref.cfg.sparse_kernels = False
     loss_ref, g_ref = step_grads(ref, x, ctx)
     assert ref.last_path == "dense"
-    for compiled in ([True, False] if native.lib() is not None else [False]):
+    for compiled in [True, False] if native.lib() is not None else [False]:
         twin = copy.deepcopy(sae)
         with native.disabled() if not compiled else torch.enable_grad():
             loss, grads = step_grads(twin, x, ctx)
@@ -168,7 +173,9 @@ def test_a_failed_build_falls_back_to_torch(monkeypatch, tmp_path):
     assert native.lib() is None and "no C compiler" in native.status()
     sae = make_sae("topk")
     loss, grads = step_grads(sae, torch.randn(32, 16), StepContext(k=8))
-    assert sae.last_path == "topk-sparse" and torch.isfinite(loss) and set(grads) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    assert (
+        sae.last_path == "topk-sparse" and torch.isfinite(loss) and set(grads) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    )
 
 
 def test_the_switch_turns_the_compiled_kernels_off(monkeypatch):
@@ -285,14 +292,17 @@ def test_old_kernel_builds_are_pruned(tmp_path):
         os.utime(f, (1_000_000 + i, 1_000_000 + i))
     (tmp_path / "notes.txt").write_text("not a build")
     native.prune_builds(tmp_path, keep=4)
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["notes.txt"] + [f"sae_kernels_{i:016x}.so" for i in (3, 4, 5, 6)]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["notes.txt"] + [
+        f"sae_kernels_{i:016x}.so" for i in (3, 4, 5, 6)
+    ]
 
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_end_to_end_in_its_cpu_dry_run():
     """benchmarks/gpu_check.sh --dry-run: every step of the GPU check at toy sizes on the CPU (~2-4 min)."""
     root = Path(__file__).resolve().parents[1]
-    res = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=root, capture_output=True, text=True,
-                         timeout=900)
+    res = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=root, capture_output=True, text=True, timeout=900
+    )
     assert res.returncode == 0 and "failed steps: none" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
     assert "vs sparsify" in res.stdout and "kernel tests on cpu" in res.stdout

@@ -24,8 +24,12 @@ D_MODEL, D_SAE, K = 8, 16, 4
 B, T = 3, 5  # context kinds: B contexts of T tokens; token kinds: B·T tokens
 # two layers' (input, output) pairs: single-hook kinds take the first, in→out kinds the first two,
 # crosscoders all four heads, a CLT the first half as inputs and the second half as outputs
-HOOKS = ["blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out", "blocks.1.ln2.hook_normalized",
-         "blocks.1.hook_mlp_out"]
+HOOKS = [
+    "blocks.0.ln2.hook_normalized",
+    "blocks.0.hook_mlp_out",
+    "blocks.1.ln2.hook_normalized",
+    "blocks.1.hook_mlp_out",
+]
 REQUIRED: dict[str, dict] = {  # keys a kind's config cannot do without, and switches for its optional parts
     "lorsa": {"n_qk_heads": 2},
     "molt": {"rank_counts": {"1": 8, "2": 8}, "d_sae": None},
@@ -35,8 +39,15 @@ ACTIVATIONS = ["relu", "topk", "batchtopk", "jumprelu"]
 
 
 def make(kind: str, activation: str) -> Dictionary:
-    table = {"kind": kind, "d_sae": D_SAE, "k": K, "activation": activation, "norm_activation": "dataset-wise",
-             "jumprelu_threshold_init": 0.05, **REQUIRED.get(kind, {})}
+    table = {
+        "kind": kind,
+        "d_sae": D_SAE,
+        "k": K,
+        "activation": activation,
+        "norm_activation": "dataset-wise",
+        "jumprelu_threshold_init": 0.05,
+        **REQUIRED.get(kind, {}),
+    }
     cfg = parse(DictionaryConfig, {k: v for k, v in table.items() if v is not None}, key="sae")
     torch.manual_seed(0)
     d = build_dictionary(cfg, D_MODEL, HOOKS)
@@ -88,8 +99,13 @@ def test_encode_decode_shapes_and_loss(kind, activation):
     recon = d.decode_hooks(f, {h: normed[h] for h in d.in_hooks})
     assert list(recon) == d.out_hooks
     assert all(tuple(y.shape) == (*lead, D_MODEL) for y in recon.values())
-    out = d(raw, StepContext(k=K, l1_coefficient=1e-3, sparsity_loss_type="tanh" if activation == "relu" else "none",
-                             training=True), mask=mask)
+    out = d(
+        raw,
+        StepContext(
+            k=K, l1_coefficient=1e-3, sparsity_loss_type="tanh" if activation == "relu" else "none", training=True
+        ),
+        mask=mask,
+    )
     assert isinstance(out, LossOutput) and out.loss.dim() == 0 and torch.isfinite(out.loss)
     assert set(out.reconstruction) == set(d.out_hooks) and set(out.target) == set(d.out_hooks)
     out.loss.backward()

@@ -116,8 +116,11 @@ def test_files_saved_under_the_old_hook_mlp_in_meaning_are_refused(tmp_path):
     from saecli.data.manifest import read_manifest
     from saecli.dictionaries.registry import build_dictionary, load_dictionary
 
-    tc = build_dictionary(parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 8, "k": 2}, key="sae"), 4,
-                          ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"])
+    tc = build_dictionary(
+        parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 8, "k": 2}, key="sae"),
+        4,
+        ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"],
+    )
     tc.save(tmp_path)
     load_dictionary(tmp_path)  # saved now: the name means TransformerLens' hook_mlp_in, fine
     meta = json.loads((tmp_path / "cfg.json").read_text())
@@ -192,8 +195,12 @@ def test_gpt_neox_tiny_model_is_parallel_and_others_are_not(lms):
 
 def _count_calls(lm):
     calls = {"blocks": [], "mlp": [], "unembed": 0}
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls["blocks"].append(i)) for i, b in enumerate(get_blocks(lm))]
-    handles += [get_mlp(lm, i).register_forward_hook(lambda m, a, o, i=i: calls["mlp"].append(i)) for i in range(lm.n_layers)]
+    handles = [
+        b.register_forward_hook(lambda m, a, o, i=i: calls["blocks"].append(i)) for i, b in enumerate(get_blocks(lm))
+    ]
+    handles += [
+        get_mlp(lm, i).register_forward_hook(lambda m, a, o, i=i: calls["mlp"].append(i)) for i in range(lm.n_layers)
+    ]
 
     def unembed(m, a, o):
         calls["unembed"] += 1
@@ -272,8 +279,14 @@ def test_replacing_resid_mid_moves_the_residual_stream_too(lms, family):
     ids, last = tokens(), lm.n_layers - 1
     v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     seen = {}
-    logits = forward_with_replacements(lm, ids, {f"blocks.{last}.hook_resid_mid": lambda x: x + v,
-                                                 f"blocks.{last}.hook_mlp_out": lambda y: seen.setdefault("mlp", y)})
+    logits = forward_with_replacements(
+        lm,
+        ids,
+        {
+            f"blocks.{last}.hook_resid_mid": lambda x: x + v,
+            f"blocks.{last}.hook_mlp_out": lambda y: seen.setdefault("mlp", y),
+        },
+    )
     a = at(all_acts(lm, ids), last)
     _, ln2 = get_norms(lm, last)
     mlp_out = get_mlp(lm, last)(ln2(a["resid_mid"] + v))
@@ -304,9 +317,12 @@ def test_input_side_replacement_feeds_the_module(lms):
     def record(x):
         seen["mlp_out"] = x  # returning None keeps the activation
 
-    forward_with_replacements(lm, tokens(), {"blocks.1.ln2.hook_normalized": torch.zeros_like,
-                                             "blocks.1.hook_mlp_out": record})
-    expected = get_mlp(lm, 1)(torch.zeros(2, 10, lm.d_model, device=DEVICE))  # GPT-2's MLP of zeros: its output bias path
+    forward_with_replacements(
+        lm, tokens(), {"blocks.1.ln2.hook_normalized": torch.zeros_like, "blocks.1.hook_mlp_out": record}
+    )
+    expected = get_mlp(lm, 1)(
+        torch.zeros(2, 10, lm.d_model, device=DEVICE)
+    )  # GPT-2's MLP of zeros: its output bias path
     assert torch.equal(seen["mlp_out"], expected)
 
 
@@ -317,7 +333,9 @@ def test_forward_with_hook_fn_transcoder_and_clt(lms):
     # a "transcoder" that is exactly the MLP reproduces the model
     mlp = get_mlp(lm, 2)
     fn = lambda acts: {"blocks.2.hook_mlp_out": mlp(acts["blocks.2.ln2.hook_normalized"])}  # noqa: E731
-    assert torch.equal(forward_with_hook_fn(lm, ids, fn, ["blocks.2.ln2.hook_normalized"], ["blocks.2.hook_mlp_out"]), clean)
+    assert torch.equal(
+        forward_with_hook_fn(lm, ids, fn, ["blocks.2.ln2.hook_normalized"], ["blocks.2.hook_mlp_out"]), clean
+    )
     # a "CLT" writing every layer's mlp_out from every mlp_in seen so far
     calls = []
 
@@ -331,7 +349,9 @@ def test_forward_with_hook_fn_transcoder_and_clt(lms):
     outs = [f"blocks.{i}.hook_mlp_out" for i in range(lm.n_layers)]
     assert torch.equal(forward_with_hook_fn(lm, ids, clt, ins, outs), clean)
     assert calls == [list(range(i + 1)) for i in range(lm.n_layers)]
-    zero_writes = forward_with_hook_fn(lm, ids, lambda acts: {k: torch.zeros_like(v) for k, v in acts.items()}, [], outs)
+    zero_writes = forward_with_hook_fn(
+        lm, ids, lambda acts: {k: torch.zeros_like(v) for k, v in acts.items()}, [], outs
+    )
     zeros = {o: torch.zeros_like for o in outs}
     assert torch.equal(zero_writes, forward_with_replacements(lm, ids, zeros))
 
@@ -360,8 +380,11 @@ def test_loaded_model_facts(lms, tiny_llama):
     assert lm.special_token_ids == [0, 1, 2]
     assert lm.device.type == DEVICE.type and lm.dtype == torch.float32
     assert not any(p.requires_grad for p in lm.model.parameters()) and not lm.model.training
-    no_bos = load_model(ModelConfig(name=str(tiny_llama), prepend_bos=False, bos_token="<|endoftext|>", dtype="bfloat16",
-                                   device=str(DEVICE)))
+    no_bos = load_model(
+        ModelConfig(
+            name=str(tiny_llama), prepend_bos=False, bos_token="<|endoftext|>", dtype="bfloat16", device=str(DEVICE)
+        )
+    )
     assert no_bos.bos_token_id == 0 and not no_bos.prepend_bos and no_bos.dtype == torch.bfloat16
     out = run_to_hooks(no_bos, tokens(), ["blocks.0.hook_resid_post"])["blocks.0.hook_resid_post"]
     assert out.dtype == torch.bfloat16
@@ -383,12 +406,31 @@ def test_loading_errors_are_usage_errors(tmp_path, tiny_llama):
 
 # ---------------------------------------------------------------- more families, from random configs
 
-_SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_SMALL = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 EXTRA = {
-    "mistral": {}, "qwen3": dict(head_dim=8), "gemma2": dict(head_dim=8, final_logit_softcapping=None),
-    "gemma3_text": dict(head_dim=8), "olmo": {}, "olmo2": {}, "phi3": {}, "smollm3": {}, "phi": {},
-    "stablelm": {}, "stablelm-parallel": dict(use_parallel_residual=True), "gpt_neox-sequential": dict(use_parallel_residual=False),
+    "mistral": {},
+    "qwen3": dict(head_dim=8),
+    "gemma2": dict(head_dim=8, final_logit_softcapping=None),
+    "gemma3_text": dict(head_dim=8),
+    "olmo": {},
+    "olmo2": {},
+    "phi3": {},
+    "smollm3": {},
+    "phi": {},
+    "stablelm": {},
+    "stablelm-parallel": dict(use_parallel_residual=True),
+    "gpt_neox-sequential": dict(use_parallel_residual=False),
     "gptj": dict(n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=64),
 }
 
@@ -456,8 +498,11 @@ def test_smollm2_gguf():
     text = lm.tokenizer("def add(a, b):\n    return a + b", return_tensors="pt").input_ids
     ids = torch.cat([torch.tensor([[lm.bos_token_id]]), text], dim=1)
     hidden = lm.model(ids, output_hidden_states=True).hidden_states
-    acts = run_to_hooks(lm, ids, ["blocks.0.hook_resid_pre", "blocks.2.hook_attn_out", "blocks.2.hook_mlp_out",
-                                  "blocks.2.hook_resid_post"])
+    acts = run_to_hooks(
+        lm,
+        ids,
+        ["blocks.0.hook_resid_pre", "blocks.2.hook_attn_out", "blocks.2.hook_mlp_out", "blocks.2.hook_resid_post"],
+    )
     assert torch.equal(acts["blocks.0.hook_resid_pre"], hidden[0])
     assert torch.equal(acts["blocks.2.hook_resid_post"], hidden[3])
     torch.testing.assert_close(hidden[2] + acts["blocks.2.hook_attn_out"] + acts["blocks.2.hook_mlp_out"], hidden[3])

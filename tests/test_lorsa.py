@@ -97,8 +97,9 @@ def test_rotary_matches_the_llama_implementation():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    config = LlamaConfig(hidden_size=64, num_attention_heads=4,
-                         rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    config = LlamaConfig(
+        hidden_size=64, num_attention_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 500.0}
+    )
     q, k = torch.randn(1, 4, 9, 16), torch.randn(1, 4, 9, 16)
     cos_ref, sin_ref = LlamaRotaryEmbedding(config)(q, torch.arange(9).unsqueeze(0))
     q_ref, k_ref = apply_rotary_pos_emb(q, k, cos_ref, sin_ref)
@@ -209,12 +210,18 @@ def test_qk_from_the_models_attention_reproduce_its_patterns(tiny_llama, n_qk_he
     tokens = torch.randint(3, 500, (2, 10))
     attn_in = run_to_hooks(lm, tokens, [IN])[IN]
     probs = model(tokens, output_attentions=True).attentions[1]  # [2, 4, 10, 10]
-    m = make(d=64, d_sae=32, n_qk_heads=n_qk_heads, d_qk_head=16, initialize_lorsa_with_mhsa=True,
-             norm_activation="dataset-wise")
+    m = make(
+        d=64,
+        d_sae=32,
+        n_qk_heads=n_qk_heads,
+        d_qk_head=16,
+        initialize_lorsa_with_mhsa=True,
+        norm_activation="dataset-wise",
+    )
     m.set_dataset_norm(IN, 2.0)
     assert m.needs_model_init
     m.init_from_model(lm, [{IN: attn_in}])
-    assert m.cfg.rope_theta == 10000.0 and m.cfg.attention_scale == pytest.approx(16 ** -0.5)
+    assert m.cfg.rope_theta == 10000.0 and m.cfg.attention_scale == pytest.approx(16**-0.5)
     ours = m.attention_pattern(attn_in, head=0)  # raw inputs: normalised inside
     pats = m.patterns(m.normalize({IN: attn_in})[IN])
     assert torch.allclose(ours, pats[:, 0], atol=1e-6)
@@ -237,8 +244,11 @@ def test_qk_from_smollm2_reproduce_its_patterns():
     hooks = ["blocks.12.ln1.hook_normalized", "blocks.12.hook_attn_out"]
     acts = run_to_hooks(lm, ids, hooks)
     probs = lm.model(ids, output_attentions=True).attentions[12]
-    cfg = parse(DictionaryConfig, {"kind": "lorsa", "d_sae": 576, "n_qk_heads": 18, "d_qk_head": 64, "k": 8,
-                                   "initialize_lorsa_with_mhsa": True}, key="sae")
+    cfg = parse(
+        DictionaryConfig,
+        {"kind": "lorsa", "d_sae": 576, "n_qk_heads": 18, "d_qk_head": 64, "k": 8, "initialize_lorsa_with_mhsa": True},
+        key="sae",
+    )
     m = build_dictionary(cfg, 576, hooks)
     m.set_dataset_norm(hooks[0], float(acts[hooks[0]].norm(dim=-1).mean()))
     m.init_from_model(lm, [acts])
@@ -318,8 +328,9 @@ def test_values_copied_from_the_model_survive_a_rebuild_from_the_experiment_conf
     assert untouched.cfg.rope_theta == 500.0 and untouched.cfg.attention_scale is None
 
 
-@pytest.mark.parametrize("activation,gated", [("topk", True), ("jumprelu", True), ("jumprelu", False),
-                                              ("batchtopk", True), ("relu", False)])
+@pytest.mark.parametrize(
+    "activation,gated", [("topk", True), ("jumprelu", True), ("jumprelu", False), ("batchtopk", True), ("relu", False)]
+)
 def test_fold_activation_scale_keeps_raw_outputs(activation, gated, tmp_path):
     m = randomised(activation=activation, k=3, sparsity_include_decoder_norm=gated)
     assert_fold_keeps_raw_outputs(m, IN, OUT, torch.randn(3, 6, 8) * 5, tmp_path / "folded")
@@ -345,14 +356,17 @@ initialize_lorsa_with_mhsa = true
     assert m.W_Q.shape == (4, 64, 16) and m.W_V.shape == (256, 64) and m.W_O.shape == (256, 64)
 
 
-@pytest.mark.parametrize("table,key", [
-    ({}, "sae.n_qk_heads"),
-    ({"n_qk_heads": 3}, "sae.n_qk_heads"),
-    ({"n_qk_heads": 4, "d_qk_head": 5}, "sae.d_qk_head"),
-    ({"n_qk_heads": 4, "rope_theta": -1.0}, "sae.rope_theta"),
-    ({"n_qk_heads": 4, "norm_activation": "token-wise"}, "sae.norm_activation"),
-    ({"n_qk_heads": 4, "hook_point_in": IN, "hook_point_out": IN}, "sae.hook_point_out"),
-])
+@pytest.mark.parametrize(
+    "table,key",
+    [
+        ({}, "sae.n_qk_heads"),
+        ({"n_qk_heads": 3}, "sae.n_qk_heads"),
+        ({"n_qk_heads": 4, "d_qk_head": 5}, "sae.d_qk_head"),
+        ({"n_qk_heads": 4, "rope_theta": -1.0}, "sae.rope_theta"),
+        ({"n_qk_heads": 4, "norm_activation": "token-wise"}, "sae.norm_activation"),
+        ({"n_qk_heads": 4, "hook_point_in": IN, "hook_point_out": IN}, "sae.hook_point_out"),
+    ],
+)
 def test_bad_configs_name_the_key(table, key):
     with pytest.raises(ConfigError) as exc:
         parse(DictionaryConfig, {"kind": "lorsa", "d_sae": 16, "k": 2, **table}, key="sae")
@@ -365,16 +379,26 @@ def test_example_experiments_parse(path):
 
     exp = load_experiment(REPO / path)
     assert exp.dictionary.kind == "lorsa" and exp.dictionary.d_sae % exp.dictionary.n_qk_heads == 0
-    assert exp.activations.hook_points == [exp.dictionary.hook_point_in or exp.activations.hook_points[0],
-                                          exp.dictionary.hook_point_out or exp.activations.hook_points[1]]
+    assert exp.activations.hook_points == [
+        exp.dictionary.hook_point_in or exp.activations.hook_points[0],
+        exp.dictionary.hook_point_out or exp.activations.hook_points[1],
+    ]
 
 
 def test_resume_after_ctrl_c_is_exact(tmp_path):
     """Trained on whole contexts, killed mid-run and resumed: the weights of an uninterrupted run."""
     assert_resume_after_ctrl_c_is_exact(
-        tmp_path, {"kind": "lorsa", "d_sae": 16, "n_qk_heads": 2, "k": 3, "activation": "batchtopk"},
-        {"total_training_tokens": 8 * 7 * 20, "log_frequency": 4, "auxk_coefficient": 0.1,
-         "dead_threshold_tokens": 100},
-        lambda: SyntheticStream(d_model=8, n_atoms=16, k=3, batch_size=8, contexts=True, context_size=8,
-                                hook_points=[IN, OUT]),
-        at=8, saved="activation.threshold")
+        tmp_path,
+        {"kind": "lorsa", "d_sae": 16, "n_qk_heads": 2, "k": 3, "activation": "batchtopk"},
+        {
+            "total_training_tokens": 8 * 7 * 20,
+            "log_frequency": 4,
+            "auxk_coefficient": 0.1,
+            "dead_threshold_tokens": 100,
+        },
+        lambda: SyntheticStream(
+            d_model=8, n_atoms=16, k=3, batch_size=8, contexts=True, context_size=8, hook_points=[IN, OUT]
+        ),
+        at=8,
+        saved="activation.threshold",
+    )

@@ -7,8 +7,7 @@ import torch
 
 from saecli.dictionaries import losses as L
 
-F = torch.tensor([[1.0, 0.0, 2.0],
-                  [0.0, 3.0, 0.5]])
+F = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.5]])
 N = torch.tensor([1.0, 2.0, 0.5])  # decoder norms; F·N = [[1, 0, 1], [0, 6, 0.25]]
 
 
@@ -52,7 +51,8 @@ def test_tanh_quad_penalty():
 def test_penalties_without_decoder_norms():
     assert L.power_penalty(F, None).item() == pytest.approx((3 + 3.5) / 2)
     assert L.sparsity_penalty("tanh", F, None, c=1.0).item() == pytest.approx(
-        (math.tanh(1) + math.tanh(2) + math.tanh(3) + math.tanh(0.5)) / 2, rel=1e-6)
+        (math.tanh(1) + math.tanh(2) + math.tanh(3) + math.tanh(0.5)) / 2, rel=1e-6
+    )
     with pytest.raises(ValueError):
         L.sparsity_penalty("l3", F, None)
 
@@ -63,8 +63,7 @@ def test_penalty_over_two_latent_dims_like_a_clt():
     assert L.power_penalty(f, n, latent_dims=2).item() == pytest.approx(3 * (2 + 6.25) / 2)
 
 
-H = torch.tensor([[-1.0, 0.5, 2.0],
-                  [0.2, 3.0, -0.4]])
+H = torch.tensor([[-1.0, 0.5, 2.0], [0.2, 3.0, -0.4]])
 THETA = torch.tensor([0.5, 1.0, 1.0])
 
 
@@ -88,8 +87,7 @@ def test_jumprelu_l0_counts_and_trains_only_thresholds():
 
 
 # ----------------------------------------------------------------------------------------- AuxK
-PRE = torch.tensor([[5.0, 9.0, 1.0, 3.0, 8.0],
-                    [-1.0, 7.0, 2.0, -3.0, 6.0]])
+PRE = torch.tensor([[5.0, 9.0, 1.0, 3.0, 8.0], [-1.0, 7.0, 2.0, -3.0, 6.0]])
 DEAD = torch.tensor([True, False, True, True, False])
 
 
@@ -100,8 +98,7 @@ def test_auxk_picks_the_top_dead_latents_only():
 
 def test_auxk_loss_value_and_gradients_reach_only_the_chosen_dead_latents():
     pre = PRE.clone().requires_grad_()
-    e = torch.tensor([[5.0, 0.0, 1.0, 3.0, 0.0],
-                      [0.0, 0.0, 2.0, 0.0, 1.0]])
+    e = torch.tensor([[5.0, 0.0, 1.0, 3.0, 0.0], [0.0, 0.0, 2.0, 0.0, 1.0]])
     # ê = [[5,0,0,3,0], [0,0,2,0,0]] with W_dec = I: ‖e − ê‖² = 2; ‖e − mean(e)‖² = 18
     loss = L.auxk_loss(pre, DEAD, 2, e, L.gather_decode(torch.eye(5)))
     assert loss.item() == pytest.approx(2 / 18)

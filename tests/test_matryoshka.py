@@ -88,8 +88,10 @@ def test_batchtopk_prefixes():
     x = torch.randn(6, D)
     ctx = StepContext(k=3)
     f = sae.activation(sae.pre_acts(x), sae._gate(), k=3, training=True, update=False).detach()
-    want = sum(float(((f[:, :p] @ sae.W_dec[:p].detach() + sae.b_dec.detach() - x) ** 2).sum(1).mean())
-               for p in (4, 8)) / 2
+    want = (
+        sum(float(((f[:, :p] @ sae.W_dec[:p].detach() + sae.b_dec.detach() - x) ** 2).sum(1).mean()) for p in (4, 8))
+        / 2
+    )
     assert sae.loss({"x": x}, {"x": x}, ctx).terms["mse"].item() == pytest.approx(want, rel=1e-5)
 
 
@@ -134,13 +136,16 @@ def test_the_first_prefix_alone_reconstructs_better_than_a_plain_sae_s_first_lat
 BASE = {"model": {"name": "some/model"}, "activations": {"hook_points": ["blocks.3.hook_resid_post"]}}
 
 
-@pytest.mark.parametrize("prefixes, activation, message", [
-    ([64, 32], "topk", "increase strictly"),
-    ([0, 32], "topk", "positive"),
-    ([], "topk", "non-empty"),
-    ([512], "topk", "exceeds d_sae"),
-    ([64], "relu", "needs activation"),
-])
+@pytest.mark.parametrize(
+    "prefixes, activation, message",
+    [
+        ([64, 32], "topk", "increase strictly"),
+        ([0, 32], "topk", "positive"),
+        ([], "topk", "non-empty"),
+        ([512], "topk", "exceeds d_sae"),
+        ([64], "relu", "needs activation"),
+    ],
+)
 def test_bad_prefixes_are_a_config_error_naming_the_key(prefixes, activation, message):
     data = {**BASE, "sae": {"d_sae": 256, "k": 16, "activation": activation, "matryoshka_prefixes": prefixes}}
     with pytest.raises(ConfigError) as info:
@@ -157,23 +162,29 @@ def test_a_prefix_beyond_an_expansion_factor_s_d_sae_is_a_config_error():
 # ------------------------------------------------------------------------------- train, save, eval
 def test_train_save_load_eval(cli, tiny_llama, tmp_path):
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    toml = tiny_topk_toml(tmp_path / "m.toml", tiny_llama, tmp_path / "run", name="matryoshka", activations='''
+    toml = tiny_topk_toml(
+        tmp_path / "m.toml",
+        tiny_llama,
+        tmp_path / "run",
+        name="matryoshka",
+        activations="""
         model_batch_size = 8
         batch_size = 256
         total_tokens = 8_000
-    ''', trainer='''
+    """,
+        trainer="""
         total_training_tokens = 10_240
         lr = 3e-3
         log_frequency = 10
-    ''')
+    """,
+    )
     res = cli("train", toml, "--set", "sae.matryoshka_prefixes=[16, 64]", env=env)
     assert res.exit_code == 0, res.output
     sae = load_dictionary(tmp_path / "run")
     assert sae.prefixes == (16, 64, 128) and sae.cfg.matryoshka_prefixes == [16, 64]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["explained_variance"] > 0.3
-    res = cli("eval", tmp_path / "run", "--set", "eval.ce_contexts=2", "--set", "eval.total_eval_tokens=300",
-              env=env)
+    res = cli("eval", tmp_path / "run", "--set", "eval.ce_contexts=2", "--set", "eval.total_eval_tokens=300", env=env)
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "run" / "eval.json").read_text())["metrics"]
     assert metrics["explained_variance"] > 0.3

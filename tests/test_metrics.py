@@ -64,12 +64,14 @@ def test_explained_variance_uses_the_eval_set_mean_even_with_a_huge_offset():
 
 
 def test_latent_counts_by_hand():
-    f = torch.tensor([
-        [0.0, 2.0, 0.0, 1.0],
-        [0.0, 4.0, 0.0, 0.0],
-        [0.0, 3.0, 0.5, 0.0],
-        [0.0, 3.0, 0.0, 0.0],
-    ])
+    f = torch.tensor(
+        [
+            [0.0, 2.0, 0.0, 1.0],
+            [0.0, 4.0, 0.0, 0.0],
+            [0.0, 3.0, 0.5, 0.0],
+            [0.0, 3.0, 0.0, 0.0],
+        ]
+    )
     s = LatentStats()
     s.update(f)
     per = s.per_latent()
@@ -112,11 +114,24 @@ def test_streaming_over_batches_equals_one_shot():
         many.update({h: x[h][idx] for h in hooks}, {h: y[h][idx] for h in hooks}, f[idx])
 
     a, b = one.result(), many.result()
-    for key in ("explained_variance", "mse", "mse_per_token", "cosine_similarity", "l2_ratio",
-                "relative_reconstruction_bias", "l0", "l1", "n_dead", "n_almost_dead", "n_dense"):
+    for key in (
+        "explained_variance",
+        "mse",
+        "mse_per_token",
+        "cosine_similarity",
+        "l2_ratio",
+        "relative_reconstruction_bias",
+        "l0",
+        "l1",
+        "n_dead",
+        "n_almost_dead",
+        "n_dense",
+    ):
         assert b[key] == pytest.approx(a[key], rel=1e-10), key
     for h in hooks:
-        assert b["per_hook"][h]["explained_variance"] == pytest.approx(a["per_hook"][h]["explained_variance"], rel=1e-10)
+        assert b["per_hook"][h]["explained_variance"] == pytest.approx(
+            a["per_hook"][h]["explained_variance"], rel=1e-10
+        )
     for key, value in one.per_latent().items():
         assert torch.allclose(value, many.per_latent()[key])
     # the totals are over the concatenated hooks: EV pools errors and variances of both

@@ -29,8 +29,16 @@ def diff_config(base: Path, chat: Path, tmp_path: Path, **acts) -> dict:
         "run": {"name": "diff", "output_dir": str(tmp_path / "run"), "seed": 0},
         "models": {"base": {"name": str(base), "device": "cpu"}, "chat": {"name": str(chat), "device": "cpu"}},
         "dataset": {"path": "builtin:python-docs"},
-        "activations": {"hook_points": [HOOK], "context_size": 32, "model_batch_size": 4, "batch_size": 64,
-                        "shuffle_buffer_tokens": 256, "source": "live", "max_norm_ratio": 0, **acts},
+        "activations": {
+            "hook_points": [HOOK],
+            "context_size": 32,
+            "model_batch_size": 4,
+            "batch_size": 64,
+            "shuffle_buffer_tokens": 256,
+            "source": "live",
+            "max_norm_ratio": 0,
+            **acts,
+        },
         "sae": {"kind": "crosscoder", "d_sae": 32, "k": 4},
         "trainer": {"total_training_tokens": 640, "lr": 1e-3, "log_frequency": 5, "n_checkpoints": 0},
         "eval": {"total_eval_tokens": 256, "ce_contexts": 2},
@@ -81,8 +89,10 @@ def test_live_stream_gives_both_models_on_the_same_tokens_in_order(tmp_path, tin
     stream = open_stream(exp)
     assert stream.hook_points == [f"base/{HOOK}", f"chat/{HOOK}"]
     assert stream.d_model == {f"base/{HOOK}": 64, f"chat/{HOOK}": 64}
-    singles = {label: LiveStream(load_model(cfg), exp.dataset, exp.activations, hook_points=[HOOK])
-               for label, cfg in exp.models.items()}
+    singles = {
+        label: LiveStream(load_model(cfg), exp.dataset, exp.activations, hook_points=[HOOK])
+        for label, cfg in exp.models.items()
+    }
     for _ in range(6):  # past one shuffle window (4 contexts)
         b = next(stream)
         for label, single in singles.items():
@@ -142,8 +152,15 @@ def test_cached_pair_is_checked_and_zipped(tmp_path, tiny_llama, chat_model, run
     from saecli.data.open import open_stream
     from saecli.errors import UsageError
 
-    cfg = diff_config(tiny_llama, chat_model, tmp_path, source="auto", cache_dir=str(tmp_path / "cache"),
-                      total_tokens=512, chunk_tokens=128)
+    cfg = diff_config(
+        tiny_llama,
+        chat_model,
+        tmp_path,
+        source="auto",
+        cache_dir=str(tmp_path / "cache"),
+        total_tokens=512,
+        chunk_tokens=128,
+    )
     path = tmp_path / "exp.toml"
     path.write_text(tomli_w.dumps(cfg))
     result = run_cli("generate", path)
@@ -152,8 +169,9 @@ def test_cached_pair_is_checked_and_zipped(tmp_path, tiny_llama, chat_model, run
     exp = experiment_from_dict(cfg)
     stream = open_stream(exp, purpose="eval")
     assert isinstance(stream, ModelsStream) and type(stream.children["base"]).__name__ == "CacheStream"
-    live = open_stream(experiment_from_dict({**cfg, "activations": {**cfg["activations"], "source": "live"}}),
-                       purpose="eval")
+    live = open_stream(
+        experiment_from_dict({**cfg, "activations": {**cfg["activations"], "source": "live"}}), purpose="eval"
+    )
     b, want = next(stream), next(live)  # unshuffled eval streams: the same tokens from the caches as live
     assert torch.equal(b.tokens, want.tokens)
     for h in want.acts:
@@ -162,8 +180,12 @@ def test_cached_pair_is_checked_and_zipped(tmp_path, tiny_llama, chat_model, run
     import shutil
 
     shutil.rmtree(tmp_path / "cache" / "chat")
-    other = {**cfg, "model": cfg["models"]["chat"], "dataset": {"path": "builtin:python-docs", "skip_documents": 3},
-             "activations": {**cfg["activations"], "cache_dir": str(tmp_path / "cache" / "chat")}}
+    other = {
+        **cfg,
+        "model": cfg["models"]["chat"],
+        "dataset": {"path": "builtin:python-docs", "skip_documents": 3},
+        "activations": {**cfg["activations"], "cache_dir": str(tmp_path / "cache" / "chat")},
+    }
     other.pop("models")
     path.write_text(tomli_w.dumps(other))
     assert run_cli("generate", path).exit_code == 0
@@ -191,9 +213,7 @@ def crafted_crosscoder(k: int = 1):
     cfg = CrosscoderConfig(kind="crosscoder", d_sae=3, k=k, norm_activation="none")
     cc = Crosscoder(cfg, 2, ["a/h", "b/h"])
     with torch.no_grad():
-        cc.W_dec.copy_(torch.tensor([[[3.0, 4.0], [0.0, 0.0]],
-                                     [[1.0, 0.0], [0.0, 1.0]],
-                                     [[0.0, 1.0], [0.0, 19.0]]]))
+        cc.W_dec.copy_(torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 19.0]]]))
     return cc
 
 
@@ -293,10 +313,15 @@ def test_crosscoder_finds_latents_of_one_model_on_a_synthetic_pair(tmp_path):
     base.true_dictionary, chat.true_dictionary = atoms.clone(), atoms.clone()
     base.true_dictionary[8:16] = 0
     chat.true_dictionary[0:8] = 0
-    exp = parse(Experiment, {
-        "run": {"name": "syn", "output_dir": str(tmp_path / "run")}, "store": {"backend": "none"},
-        "sae": {"kind": "crosscoder", "d_sae": 48, "activation": "topk", "k": 3, "norm_activation": "none"},
-        "trainer": {"total_training_tokens": 256 * 800, "lr": 3e-3, "n_checkpoints": 0, "log_frequency": 200}})
+    exp = parse(
+        Experiment,
+        {
+            "run": {"name": "syn", "output_dir": str(tmp_path / "run")},
+            "store": {"backend": "none"},
+            "sae": {"kind": "crosscoder", "d_sae": 48, "activation": "topk", "k": 3, "norm_activation": "none"},
+            "trainer": {"total_training_tokens": 256 * 800, "lr": 3e-3, "n_checkpoints": 0, "log_frequency": 200},
+        },
+    )
     cc = load_dictionary(train(exp, stream=ModelsStream({"base": base, "chat": chat})).folder)
     assert cc.heads == ["base/h", "chat/h"]
     target = torch.nn.functional.normalize(torch.cat([base.true_dictionary, chat.true_dictionary], 1), dim=-1)
@@ -330,8 +355,11 @@ def test_dashboard_shows_which_model_each_feature_belongs_to(tmp_path):
     index = data(site / "index.html")
     assert index["model_diff"]["models"] == ["base", "chat"] and "<svg" in index["model_diff"]["svg"]
     col = index["model_diff"]["col"]
-    assert [(r[col], r[col + 1]) for r in index["features"]] == [(0.02, "base-only"), (0.5, "shared"),
-                                                                  (0.97, "chat-only")]
+    assert [(r[col], r[col + 1]) for r in index["features"]] == [
+        (0.02, "base-only"),
+        (0.5, "shared"),
+        (0.97, "chat-only"),
+    ]
     feature = data(site / "features" / "0.html")
     assert feature["model"] == {"ratio": 0.02, "label": "base-only", "models": ["base", "chat"]}
     # a one-model dictionary: no model column

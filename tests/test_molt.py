@@ -97,12 +97,20 @@ def test_decode_needs_the_input_the_gates_came_from():
 
 
 # ---------------------------------------------------------------------------------- sparse = dense
-@pytest.mark.parametrize("activation,penalty", [("topk", "none"), ("relu", "power"), ("relu", "tanh"),
-                                                ("batchtopk", "none")])
+@pytest.mark.parametrize(
+    "activation,penalty", [("topk", "none"), ("relu", "power"), ("relu", "tanh"), ("batchtopk", "none")]
+)
 def test_sparse_path_equals_dense_path(activation, penalty, monkeypatch):
     d, counts = 12, {"1": 30, "2": 20, "4": 10}
-    ctx = StepContext(k=3, sparsity_loss_type=penalty, l1_coefficient=0.1, auxk_coefficient=0.1, k_aux=4,
-                      dead_mask=torch.arange(60) % 3 == 0, lp_coefficient=0.01)
+    ctx = StepContext(
+        k=3,
+        sparsity_loss_type=penalty,
+        l1_coefficient=0.1,
+        auxk_coefficient=0.1,
+        k_aux=4,
+        dead_mask=torch.arange(60) % 3 == 0,
+        lp_coefficient=0.01,
+    )
     x, y = torch.randn(40, d), torch.randn(40, d)
     results = {}
     for path, density in (("dense", -1.0), ("sparse", 2.0)):
@@ -148,7 +156,7 @@ def transform_matrices(m: MixtureOfLinearTransforms) -> torch.Tensor:
     mats = []
     for i in range(m.d_sae):
         s, r = int(m.row_start[i]), int(m.rank_of[i])
-        mats.append((m.U[s:s + r].T @ m.V[s:s + r]).reshape(-1))
+        mats.append((m.U[s : s + r].T @ m.V[s : s + r]).reshape(-1))
     return torch.nn.functional.normalize(torch.stack(mats).detach(), dim=1)
 
 
@@ -164,7 +172,7 @@ def test_training_on_a_teacher_recovers_its_transforms():
     with torch.no_grad():
         teacher.W_E.copy_(torch.linalg.qr(torch.randn(d, d))[0][:6] * 3)  # well separated gates
         teacher.U.normal_()
-        teacher.V.normal_(0, d ** -0.5)
+        teacher.V.normal_(0, d**-0.5)
         teacher.set_transform_norms(3.0)
     student = make({"2": 12}, d=d, k=k, seed=2)
     steps = 1500
@@ -222,8 +230,9 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(m.reconstruct({IN: x})[OUT], back.reconstruct({IN: x})[OUT])
 
 
-@pytest.mark.parametrize("activation,gated", [("topk", True), ("jumprelu", True), ("jumprelu", False),
-                                              ("batchtopk", True), ("relu", False)])
+@pytest.mark.parametrize(
+    "activation,gated", [("topk", True), ("jumprelu", True), ("jumprelu", False), ("batchtopk", True), ("relu", False)]
+)
 def test_fold_activation_scale_keeps_raw_outputs(activation, gated, tmp_path):
     m = randomised(activation=activation, k=2, sparsity_include_decoder_norm=gated)
     assert_fold_keeps_raw_outputs(m, IN, OUT, torch.randn(64, 6) * 3, tmp_path / "folded", latent_atol=1e-6)
@@ -241,16 +250,19 @@ def test_rank_counts_parse_from_toml_with_string_keys():
     assert m.V.shape == (384, 32) and m.U.shape == (384, 32) and m.W_E.shape == (72, 32)
 
 
-@pytest.mark.parametrize("table,key", [
-    ({}, "sae.rank_counts"),
-    ({"rank_counts": {"four": 3}}, "sae.rank_counts.four"),
-    ({"rank_counts": {"0": 3}}, "sae.rank_counts.0"),
-    ({"rank_counts": {"4": 0}}, "sae.rank_counts.4"),
-    ({"rank_counts": {"4": 8}, "d_sae": 10}, "sae.d_sae"),
-    ({"rank_counts": {"4": 8}, "expansion_factor": 2.0}, "sae.expansion_factor"),
-    ({"rank_counts": {"4": 8}, "norm_activation": "token-wise"}, "sae.norm_activation"),
-    ({"rank_counts": {"4": 8}, "k": 9}, "sae.k"),
-])
+@pytest.mark.parametrize(
+    "table,key",
+    [
+        ({}, "sae.rank_counts"),
+        ({"rank_counts": {"four": 3}}, "sae.rank_counts.four"),
+        ({"rank_counts": {"0": 3}}, "sae.rank_counts.0"),
+        ({"rank_counts": {"4": 0}}, "sae.rank_counts.4"),
+        ({"rank_counts": {"4": 8}, "d_sae": 10}, "sae.d_sae"),
+        ({"rank_counts": {"4": 8}, "expansion_factor": 2.0}, "sae.expansion_factor"),
+        ({"rank_counts": {"4": 8}, "norm_activation": "token-wise"}, "sae.norm_activation"),
+        ({"rank_counts": {"4": 8}, "k": 9}, "sae.k"),
+    ],
+)
 def test_bad_configs_name_the_key(table, key):
     with pytest.raises(ConfigError) as exc:
         parse(DictionaryConfig, {"kind": "molt", "k": 2, **table}, key="sae")
@@ -276,7 +288,10 @@ def test_example_experiments_parse(path):
 def test_resume_after_ctrl_c_is_exact(tmp_path):
     """Killed mid-run and resumed, a MOLT (JumpReLU gate, tanh penalty) ends as an uninterrupted run."""
     assert_resume_after_ctrl_c_is_exact(
-        tmp_path, {"kind": "molt", "rank_counts": {"1": 8, "2": 4}, "activation": "jumprelu"},
+        tmp_path,
+        {"kind": "molt", "rank_counts": {"1": 8, "2": 4}, "activation": "jumprelu"},
         {"total_training_tokens": 64 * 20, "log_frequency": 4},
         lambda: SyntheticStream(d_model=8, n_atoms=16, k=3, batch_size=64, hook_points=[IN, OUT]),
-        at=8, saved="activation.log_threshold")
+        at=8,
+        saved="activation.log_threshold",
+    )

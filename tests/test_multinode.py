@@ -17,9 +17,12 @@ from conftest import tiny_topk_toml
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
-pytestmark = [pytest.mark.distributed,
-              pytest.mark.skipif(shutil.which("accelerate") is None and not ACCELERATE.exists(),
-                                 reason="accelerate is not installed")]
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(
+        shutil.which("accelerate") is None and not ACCELERATE.exists(), reason="accelerate is not installed"
+    ),
+]
 
 
 def free_port() -> int:
@@ -34,21 +37,44 @@ def test_two_machine_launch_from_the_example_config(tiny_llama, tmp_path):
     cfg.update(main_process_ip="127.0.0.1", main_process_port=free_port(), num_processes=2)
     config = tmp_path / "accelerate.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    toml = tiny_topk_toml(tmp_path / "exp.toml", tiny_llama, tmp_path / "run", name="mn", activations='''
+    toml = tiny_topk_toml(
+        tmp_path / "exp.toml",
+        tiny_llama,
+        tmp_path / "run",
+        name="mn",
+        activations="""
         model_batch_size = 4
         batch_size = 128
         shuffle_buffer_tokens = 512
-    ''', trainer='''
+    """,
+        trainer="""
         total_training_tokens = 2560
         n_checkpoints = 0
-    ''')
+    """,
+    )
     exe = str(ACCELERATE) if ACCELERATE.exists() else "accelerate"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
     def launch(rank: int) -> subprocess.Popen:
-        return subprocess.Popen([exe, "launch", "--config_file", str(config), "--machine_rank", str(rank),
-                                 "-m", "saecli", "train", str(toml)], cwd=REPO, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [
+                exe,
+                "launch",
+                "--config_file",
+                str(config),
+                "--machine_rank",
+                str(rank),
+                "-m",
+                "saecli",
+                "train",
+                str(toml),
+            ],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
 
     procs = [launch(1), launch(0)]
     outs = [p.communicate(timeout=300)[0] for p in procs]

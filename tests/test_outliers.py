@@ -23,8 +23,12 @@ def rows_with_norms(*norms: float, d: int = 4) -> torch.Tensor:
 
 def test_a_token_many_times_the_median_norm_is_dropped_with_its_metadata():
     acts = rows_with_norms(1.0, 1.2, 0.9, 2.0, 30.0)  # median 1.2: the limit at ratio 10 is 12
-    batch = Batch({"h": acts}, tokens=torch.tensor([10, 11, 12, 13, 14]), doc=torch.zeros(5, dtype=torch.long),
-                  pos=torch.arange(5))
+    batch = Batch(
+        {"h": acts},
+        tokens=torch.tensor([10, 11, 12, 13, 14]),
+        doc=torch.zeros(5, dtype=torch.long),
+        pos=torch.arange(5),
+    )
     kept, dropped = drop_outliers(batch, 10.0)
     assert dropped == 1
     assert kept.tokens.tolist() == [10, 11, 12, 13] and kept.pos.tolist() == [0, 1, 2, 3]
@@ -59,8 +63,12 @@ def test_the_cache_stream_drops_outliers_and_stays_exactly_resumable(tmp_path):
     ids = torch.arange(n)
     acts = 1.0 + torch.rand(n, d, generator=torch.Generator().manual_seed(0))
     acts[[7, 123, 350]] *= 200.0  # three massive activations
-    write_cache(tmp_path / "c", iter([{"acts.h": acts, "tokens": ids, "doc": ids // 50, "pos": ids % 50}]),
-                hook_points=["h"], chunk_tokens=n)
+    write_cache(
+        tmp_path / "c",
+        iter([{"acts.h": acts, "tokens": ids, "doc": ids // 50, "pos": ids % 50}]),
+        hook_points=["h"],
+        chunk_tokens=n,
+    )
 
     def stream(ratio: float) -> CacheStream:
         return CacheStream(tmp_path / "c", batch_size=64, buffer_tokens=128, seed=3, epochs=1, max_norm_ratio=ratio)

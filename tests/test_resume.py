@@ -56,14 +56,27 @@ def wait_for_checkpoint(proc: subprocess.Popen, folder: Path, timeout: float = 1
 
 # ------------------------------------------------------------------------------------------ in process
 def experiment(folder: Path, **trainer) -> Experiment:
-    return parse(Experiment, {
-        "run": {"output_dir": str(folder), "name": "syn"},
-        "sae": {"d_sae": 64, "k": 3, "activation": "topk"},
-        "trainer": {"total_training_tokens": 128 * 60, "lr": 5e-3, "log_frequency": 7, "n_checkpoints": 3,
-                    "checkpoint_every_seconds": 0, "initial_k": 12, "k_warmup_steps": 0.3, "auxk_coefficient": 0.1,
-                    "dead_threshold_tokens": 512, "feature_sampling_window": 9, **trainer},
-        "store": {"backend": "none"},
-    })
+    return parse(
+        Experiment,
+        {
+            "run": {"output_dir": str(folder), "name": "syn"},
+            "sae": {"d_sae": 64, "k": 3, "activation": "topk"},
+            "trainer": {
+                "total_training_tokens": 128 * 60,
+                "lr": 5e-3,
+                "log_frequency": 7,
+                "n_checkpoints": 3,
+                "checkpoint_every_seconds": 0,
+                "initial_k": 12,
+                "k_warmup_steps": 0.3,
+                "auxk_coefficient": 0.1,
+                "dead_threshold_tokens": 512,
+                "feature_sampling_window": 9,
+                **trainer,
+            },
+            "store": {"backend": "none"},
+        },
+    )
 
 
 def stream() -> SyntheticStream:
@@ -82,7 +95,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     assert_same_metrics(ref, tmp_path / "cut")
 
 
-
 def test_a_run_killed_while_saving_its_outputs_finishes_on_resume(tmp_path):
     ref = train(experiment(tmp_path / "ref"), stream=stream()).folder
     expected = (ref / "sae_weights.safetensors").read_bytes()
@@ -91,6 +103,7 @@ def test_a_run_killed_while_saving_its_outputs_finishes_on_resume(tmp_path):
     train(experiment(tmp_path / "ref"), stream=stream(), resume=True)  # from the final step's checkpoint
     assert (ref / "sae_weights.safetensors").read_bytes() == expected
     assert (ref / "summary.json").exists()
+
 
 def test_wandb_offline_resumes_the_same_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
@@ -154,8 +167,15 @@ def script(tmp_path_factory) -> Path:
 
 
 def run_script(script: Path, out: Path, mode: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(script), str(out), mode], cwd=REPO, env={**os.environ, **ENV},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out), mode],
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -198,22 +218,35 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(script, synt
 
 # ------------------------------------------------------------------------------------------ the CLI
 def tiny_toml(path: Path, model: Path, out: Path) -> Path:
-    return tiny_topk_toml(path, model, out, name="tiny", activations='''
+    return tiny_topk_toml(
+        path,
+        model,
+        out,
+        name="tiny",
+        activations="""
         model_batch_size = 8
         batch_size = 256
         shuffle_buffer_tokens = 4096
-    ''', trainer='''
+    """,
+        trainer="""
         total_training_tokens = 51_200   # 200 steps
         lr = 2e-3
         log_frequency = 10
         n_checkpoints = 8
         checkpoint_every_seconds = 0
-    ''')
+    """,
+    )
 
 
 def cli_popen(*args: str | Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "saecli", *map(str, args)], cwd=REPO, env={**os.environ, **ENV},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "saecli", *map(str, args)],
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -20,21 +20,49 @@ def experiment_cfg(kind: str, hooks: list[str], **sae) -> dict:
 
 
 def fill(store) -> None:
-    store.put_sae("topk-a", path="/runs/a", cfg=experiment_cfg("sae", ["blocks.6.hook_resid_post"], d_sae=4096),
-                  model_name="HuggingFaceTB/SmolLM2-135M", dataset_name="builtin:python-docs",
-                  metrics={"tokens": 1_000_000, "l0": 32.0, "explained_variance": 0.81, "dead": 12})
-    store.put_sae("tc-b", path="/runs/b", cfg=experiment_cfg("transcoder", ["blocks.3.ln2.hook_normalized",
-                                                                            "blocks.3.hook_mlp_out"], expansion_factor=8.0),
-                  model_name="/work/models/tiny-llama", metrics={"tokens": 51_200, "l0": 8.0, "explained_variance": 0.6,
-                                                                  "eval": {"explained_variance": 0.55, "loss_recovered": 0.9}})
+    store.put_sae(
+        "topk-a",
+        path="/runs/a",
+        cfg=experiment_cfg("sae", ["blocks.6.hook_resid_post"], d_sae=4096),
+        model_name="HuggingFaceTB/SmolLM2-135M",
+        dataset_name="builtin:python-docs",
+        metrics={"tokens": 1_000_000, "l0": 32.0, "explained_variance": 0.81, "dead": 12},
+    )
+    store.put_sae(
+        "tc-b",
+        path="/runs/b",
+        cfg=experiment_cfg(
+            "transcoder", ["blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out"], expansion_factor=8.0
+        ),
+        model_name="/work/models/tiny-llama",
+        metrics={
+            "tokens": 51_200,
+            "l0": 8.0,
+            "explained_variance": 0.6,
+            "eval": {"explained_variance": 0.55, "loss_recovered": 0.9},
+        },
+    )
     # a record written before every command stored the experiment: the dictionary's own config
-    store.put_sae("old-c", path="/runs/c", cfg={"kind": "sae", "d_sae": 256, "in_hooks": ["blocks.1.hook_resid_post"],
-                                                "out_hooks": ["blocks.1.hook_resid_post"], "cfg": {"kind": "sae"}},
-                  model_name="gpt2")
+    store.put_sae(
+        "old-c",
+        path="/runs/c",
+        cfg={
+            "kind": "sae",
+            "d_sae": 256,
+            "in_hooks": ["blocks.1.hook_resid_post"],
+            "out_hooks": ["blocks.1.hook_resid_post"],
+            "cfg": {"kind": "sae"},
+        },
+        model_name="gpt2",
+    )
 
 
-@pytest.fixture(params=["sqlite", pytest.param("mongomock", marks=pytest.mark.skipif(
-    not HAVE_MONGOMOCK, reason="mongomock not installed"))])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("mongomock", marks=pytest.mark.skipif(not HAVE_MONGOMOCK, reason="mongomock not installed")),
+    ]
+)
 def store(request, tmp_path, monkeypatch):
     if request.param == "sqlite":
         s = open_store(StoreConfig(backend="sqlite", path=str(tmp_path / "runs.db")))
@@ -55,7 +83,14 @@ def test_rows_show_kind_model_hook_and_key_metrics(store):
     rows = {r["name"]: r for r in map(describe, store.list_saes())}
     a, b, c = rows["topk-a"], rows["tc-b"], rows["old-c"]
     assert (a["kind"], a["model"], a["hook"], a["d_sae"], a["l0"], a["ev"], a["dead"]) == (
-        "sae", "HuggingFaceTB/SmolLM2-135M", "blocks.6.hook_resid_post", 4096, 32.0, 0.81, 12)
+        "sae",
+        "HuggingFaceTB/SmolLM2-135M",
+        "blocks.6.hook_resid_post",
+        4096,
+        32.0,
+        0.81,
+        12,
+    )
     assert b["kind"] == "transcoder" and b["hook"] == "blocks.3.ln2.hook_normalized → blocks.3.hook_mlp_out"
     assert (b["model"], b["d_sae"], b["ev"], b["loss_rec"]) == ("tiny-llama", "8×", 0.55, 0.9)  # eval's EV wins
     assert (c["kind"], c["hook"], c["d_sae"], c["l0"]) == ("sae", "blocks.1.hook_resid_post", 256, None)

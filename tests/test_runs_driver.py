@@ -36,8 +36,15 @@ def base(out: Path) -> dict:
     return {
         "run": {"output_dir": str(out), "name": "syn", "seed": 3},
         "sae": {"d_sae": 64, "k": 4, "activation": "topk"},
-        "trainer": {"total_training_tokens": 128 * 30, "lr": 5e-3, "log_frequency": 10, "n_checkpoints": 2,
-                    "checkpoint_every_seconds": 0, "auxk_coefficient": 0.1, "dead_threshold_tokens": 256},
+        "trainer": {
+            "total_training_tokens": 128 * 30,
+            "lr": 5e-3,
+            "log_frequency": 10,
+            "n_checkpoints": 2,
+            "checkpoint_every_seconds": 0,
+            "auxk_coefficient": 0.1,
+            "dead_threshold_tokens": 256,
+        },
         "store": {"backend": "none"},
     }
 
@@ -61,9 +68,12 @@ def test_train_is_a_sweep_of_one_member_bit_for_bit(tmp_path):
     result = train(alone, stream=stream())
     assert isinstance(result, RunResult) and result.status == "finished" and row["status"] == "finished"
     assert_same_weights(result.folder, member.folder)
-    assert [without_timing(r) for r in read_metrics(result.folder)] == [without_timing(r) for r in
-                                                                       read_metrics(member.folder)]
-    assert [s for s, _ in list_checkpoints(result.folder)] == [s for s, _ in list_checkpoints(member.folder)] == [15, 30]
+    assert [without_timing(r) for r in read_metrics(result.folder)] == [
+        without_timing(r) for r in read_metrics(member.folder)
+    ]
+    assert (
+        [s for s, _ in list_checkpoints(result.folder)] == [s for s, _ in list_checkpoints(member.folder)] == [15, 30]
+    )
     # the summary comes back from the driver, equal to what it wrote
     assert result.summary == json.loads((result.folder / "summary.json").read_text())
     assert result.summary["step"] == 30 and result.summary["tokens"] == 128 * 30
@@ -72,17 +82,25 @@ def test_train_is_a_sweep_of_one_member_bit_for_bit(tmp_path):
 def test_train_and_sweep_of_one_agree_on_a_live_model(tiny_llama, tmp_path):
     """The live path: `train` opens its own stream (and model), the sweep loads the model once and
     hands it to its stream; the weights are the same bits."""
-    toml = tiny_topk_toml(tmp_path / "exp.toml", tiny_llama, tmp_path / "alone", name="live", activations='''
+    toml = tiny_topk_toml(
+        tmp_path / "exp.toml",
+        tiny_llama,
+        tmp_path / "alone",
+        name="live",
+        activations="""
         model_batch_size = 4
         batch_size = 128
         shuffle_buffer_tokens = 512
-    ''', trainer='''
+    """,
+        trainer="""
         total_training_tokens = 1280
         lr = 4e-3
         log_frequency = 5
         n_checkpoints = 1
         checkpoint_every_seconds = 0
-    ''', extra='[sweep]\ngrid = {"sae.k" = [8]}\n')
+    """,
+        extra='[sweep]\ngrid = {"sae.k" = [8]}\n',
+    )
     plan = load_sweep(toml, [f'run.output_dir="{tmp_path / "sweep"}"'])
     run_sweep(plan)
     text = toml.read_text()
@@ -93,8 +111,19 @@ def test_train_and_sweep_of_one_agree_on_a_live_model(tiny_llama, tmp_path):
     assert_same_weights(result.folder, plan.members[0].folder)
 
 
-FORBIDDEN = ("saecli.config.load", "saecli.store", "saecli.ui", "saecli.runs", "saecli.commands", "saecli.cli",
-             "rich", "tomllib", "tomli", "tomli_w", "typer")
+FORBIDDEN = (
+    "saecli.config.load",
+    "saecli.store",
+    "saecli.ui",
+    "saecli.runs",
+    "saecli.commands",
+    "saecli.cli",
+    "rich",
+    "tomllib",
+    "tomli",
+    "tomli_w",
+    "typer",
+)
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -112,8 +141,10 @@ def imported_modules(path: Path) -> set[str]:
 def test_training_knows_no_experiment_files_store_or_terminal():
     files = sorted((REPO / "saecli" / "training").glob("*.py"))
     assert len(files) > 5
-    bad = {f.name: sorted(m for m in imported_modules(f) if any(m == x or m.startswith(x + ".") for x in FORBIDDEN))
-           for f in files}
+    bad = {
+        f.name: sorted(m for m in imported_modules(f) if any(m == x or m.startswith(x + ".") for x in FORBIDDEN))
+        for f in files
+    }
     assert not {k: v for k, v in bad.items() if v}, bad
     # the checker sees what it should: the driver does import them
     assert "saecli.config.load" in imported_modules(REPO / "saecli" / "runs" / "driver.py")

@@ -57,7 +57,9 @@ def assert_same_step(sae, ctx, x, fast_path):
     assert g_fast.keys() == g_ref.keys()
     for name in g_ref:
         assert torch.allclose(g_fast[name], g_ref[name], rtol=1e-4, atol=1e-6), name
-    dense_fa = out_fast.feature_acts.to_dense() if out_fast.feature_acts.layout != torch.strided else out_fast.feature_acts
+    dense_fa = (
+        out_fast.feature_acts.to_dense() if out_fast.feature_acts.layout != torch.strided else out_fast.feature_acts
+    )
     assert torch.allclose(dense_fa, out_ref.feature_acts.detach(), atol=1e-6)
 
 
@@ -109,9 +111,15 @@ def test_relu_fused_path_without_a_penalty_matches_dense():
 @pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "jumprelu"])
 def test_every_path_trains_under_bf16_autocast(activation):
     sae = make(activation, jumprelu_threshold_init=0.05)
-    ctx = StepContext(k=4, l1_coefficient=1e-2, lp_coefficient=0.1, auxk_coefficient=0.1, k_aux=8,
-                      dead_mask=torch.arange(64) % 2 == 0,
-                      sparsity_loss_type={"relu": "power", "jumprelu": "tanh"}.get(activation, "none"))
+    ctx = StepContext(
+        k=4,
+        l1_coefficient=1e-2,
+        lp_coefficient=0.1,
+        auxk_coefficient=0.1,
+        k_aux=8,
+        dead_mask=torch.arange(64) % 2 == 0,
+        sparsity_loss_type={"relu": "power", "jumprelu": "tanh"}.get(activation, "none"),
+    )
     x = torch.randn(32, D)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = sae.loss({sae.in_hook: x}, {sae.in_hook: x}, ctx)
@@ -180,8 +188,12 @@ def _scaled(sae, s_in, s_out=None):
 @pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "jumprelu"])
 @pytest.mark.parametrize("gated", [True, False])
 def test_fold_activation_scale_keeps_raw_outputs(activation, gated):
-    sae = make(activation, sparsity_include_decoder_norm=gated, jumprelu_threshold_init=0.3,
-               apply_decoder_bias_to_pre_encoder=True)
+    sae = make(
+        activation,
+        sparsity_include_decoder_norm=gated,
+        jumprelu_threshold_init=0.3,
+        apply_decoder_bias_to_pre_encoder=True,
+    )
     _scaled(sae, 0.25)
     raw = {sae.in_hook: 4.0 * torch.randn(64, D)}
     if activation == "batchtopk":
@@ -199,8 +211,9 @@ def test_fold_activation_scale_keeps_raw_outputs(activation, gated):
 
 @pytest.mark.parametrize("activation", ["relu", "topk", "jumprelu", "batchtopk"])
 def test_fold_with_different_input_and_output_scales(activation):
-    cfg = parse(DictionaryConfig, {"d_sae": 64, "activation": activation, "k": 4,
-                                   "jumprelu_threshold_init": 0.3}, key="sae")
+    cfg = parse(
+        DictionaryConfig, {"d_sae": 64, "activation": activation, "k": 4, "jumprelu_threshold_init": 0.3}, key="sae"
+    )
     torch.manual_seed(1)
     tc = SparseAutoEncoder(cfg, D, "mlp_in", "mlp_out")  # a transcoder's shape
     with torch.no_grad():

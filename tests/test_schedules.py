@@ -100,8 +100,16 @@ def test_constant_and_unknown():
 
 
 def test_lambdalr_applies_the_factor_to_the_optimizer():
-    cfg = parse(TrainerConfig, {"lr": 0.01, "lr_scheduler": "constantwithwarmup", "lr_warm_up_steps": 4,
-                                "lr_cool_down_steps": 0.5, "lr_end_ratio": 0.5})
+    cfg = parse(
+        TrainerConfig,
+        {
+            "lr": 0.01,
+            "lr_scheduler": "constantwithwarmup",
+            "lr_warm_up_steps": 4,
+            "lr_cool_down_steps": 0.5,
+            "lr_end_ratio": 0.5,
+        },
+    )
     s = schedule(cfg, total_steps=8, tokens_per_step=100, k=4)
     assert (s.lr_warmup_steps, s.lr_cooldown_steps) == (4, 4)
     p = torch.nn.Parameter(torch.zeros(1))

@@ -30,9 +30,15 @@ def test_default_hooks_follow_the_kind():
     assert hooks("sae") == ["blocks.15.hook_resid_post"]
     # as SAELens transcoders: what the MLP reads (after its norm) → what it adds to the residual
     assert hooks("transcoder") == ["blocks.15.ln2.hook_normalized", "blocks.15.hook_mlp_out"]
-    assert hooks("molt", hook="blocks.3.ln2.hook_normalized") == ["blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out"]
+    assert hooks("molt", hook="blocks.3.ln2.hook_normalized") == [
+        "blocks.3.ln2.hook_normalized",
+        "blocks.3.hook_mlp_out",
+    ]
     assert hooks("lorsa") == ["blocks.15.ln1.hook_normalized", "blocks.15.hook_attn_out"]
-    assert hooks("crosscoder", hook="blocks.29.hook_resid_post") == ["blocks.28.hook_resid_post", "blocks.29.hook_resid_post"]
+    assert hooks("crosscoder", hook="blocks.29.hook_resid_post") == [
+        "blocks.28.hook_resid_post",
+        "blocks.29.hook_resid_post",
+    ]
     assert len(hooks("clt")) == 2 * 30
     with pytest.raises(UsageError, match="hook_resid_post"):
         starter_toml("sae", SMOLLM2, hook="blocks.3.resid")

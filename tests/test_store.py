@@ -40,11 +40,13 @@ class Backend:
         return self.opener()
 
 
-@pytest.fixture(params=[
-    "sqlite",
-    pytest.param("mongomock", marks=pytest.mark.skipif(not HAVE_MONGOMOCK, reason="mongomock not installed")),
-    pytest.param("mongodb", marks=pytest.mark.skipif(not MONGO_URI, reason="SAECLI_TEST_MONGO_URI not set")),
-])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("mongomock", marks=pytest.mark.skipif(not HAVE_MONGOMOCK, reason="mongomock not installed")),
+        pytest.param("mongodb", marks=pytest.mark.skipif(not MONGO_URI, reason="SAECLI_TEST_MONGO_URI not set")),
+    ]
+)
 def backend(request, tmp_path, monkeypatch):
     # small write batches, so that a few dozen features already span several transactions
     monkeypatch.setattr("saecli.store.sqlite.BATCH_ROWS", 16)
@@ -78,8 +80,7 @@ def backend(request, tmp_path, monkeypatch):
 @pytest.fixture
 def store(backend):
     with backend.open() as s:
-        s.put_sae("sae-a", "s1", path="/runs/a", cfg={"kind": "sae", "d_sae": 8}, model_name="m",
-                  dataset_name="d")
+        s.put_sae("sae-a", "s1", path="/runs/a", cfg={"kind": "sae", "d_sae": 8}, model_name="m", dataset_name="d")
         yield s
 
 
@@ -87,11 +88,20 @@ def feature(i: int, act_times: int, max_act: float, rng: np.random.Generator | N
     """A feature record shaped like the analysis helper's."""
     rng = rng or np.random.default_rng(i)
     return {
-        "index": i, "act_times": act_times, "n_analyzed_tokens": 1000, "max_act": max_act,
+        "index": i,
+        "act_times": act_times,
+        "n_analyzed_tokens": 1000,
+        "max_act": max_act,
         "histogram": {"edges": [0.0, 0.5, 1.0], "counts": [act_times, 1]},
-        "samplings": [{"name": "top", "tokens": rng.integers(0, 50, (3, 5), dtype=np.int32),
-                       "acts": rng.random((3, 5), dtype=np.float32).astype(np.float16),
-                       "doc": np.arange(3, dtype=np.int64), "pos": np.zeros(3, dtype=np.int64)}],
+        "samplings": [
+            {
+                "name": "top",
+                "tokens": rng.integers(0, 50, (3, 5), dtype=np.int32),
+                "acts": rng.random((3, 5), dtype=np.float32).astype(np.float16),
+                "doc": np.arange(3, dtype=np.int64),
+                "pos": np.zeros(3, dtype=np.int64),
+            }
+        ],
     }
 
 
@@ -113,8 +123,7 @@ def test_upserts_of_models_datasets_and_dictionaries(store):
     store.update_sae_metrics("sae-a", "s1", {"mse": 0.5, "l0": np.float32(12.0)})
     store.update_sae_metrics("sae-a", "s1", {"mse": 0.25})
     # put again without metrics: a new path and cfg, the eval metrics kept
-    store.put_sae("sae-a", "s1", path="/runs/a2", cfg={"kind": "sae", "d_sae": 16}, model_name="m",
-                  dataset_name=None)
+    store.put_sae("sae-a", "s1", path="/runs/a2", cfg={"kind": "sae", "d_sae": 16}, model_name="m", dataset_name=None)
     got = store.get_sae("sae-a", "s1")
     assert (got["path"], got["cfg"], got["dataset_name"]) == ("/runs/a2", {"kind": "sae", "d_sae": 16}, None)
     assert got["metrics"] == {"mse": 0.25, "l0": 12.0}
@@ -140,8 +149,13 @@ def test_configs_must_be_plain_json(store):
 
 def test_arrays_come_back_with_their_dtype_and_shape(store):
     f = feature(3, act_times=7, max_act=np.float32(2.5))
-    f["extras"] = {"mask": np.array([True, False]), "scalar": np.array(4.0), "empty": np.zeros((0, 4), np.float32),
-                   "count": np.int64(9), "pair": (1, 2)}
+    f["extras"] = {
+        "mask": np.array([True, False]),
+        "scalar": np.array(4.0),
+        "empty": np.zeros((0, 4), np.float32),
+        "count": np.int64(9),
+        "pair": (1, 2),
+    }
     meta = {"total_analyzing_tokens": 1000, "hist_edges": np.linspace(0, 1, 5, dtype=np.float64)}
     assert store.replace_analysis("sae-a", "s1", "default", [f], meta) == 1
 
@@ -208,7 +222,9 @@ def test_logits_and_interpretation_are_merged_into_features(store):
 
     listed = list(store.iter_features("sae-a", "s1", order_by="act_times", descending=True))
     assert indices(listed) == [2, 1, 0]
-    assert listed[0]["interpretation"]["explanation"] == "commas" and listed[1]["logits"]["top_positive"]["token"] == ["z"]
+    assert listed[0]["interpretation"]["explanation"] == "commas" and listed[1]["logits"]["top_positive"]["token"] == [
+        "z"
+    ]
     # a new analysis keeps the DLA and interpretations (they belong to the dictionary)
     store.replace_analysis("sae-a", "s1", "default", [feature(2, 1, 1.0)], {})
     assert store.get_feature("sae-a", "s1", 2)["interpretation"]["score"] == 0.8
@@ -298,8 +314,9 @@ def test_a_killed_writer_leaves_the_previous_analysis_intact(backend, store):
     if backend.cfg is None:
         pytest.skip("needs a store another process can open")
     store.replace_analysis("sae-a", "s1", "default", [feature(i, 1, 1.0) for i in range(3)], {"run": 1})
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, json.dumps(asdict(backend.cfg))],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, json.dumps(asdict(backend.cfg))], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "half way"
     finally:
@@ -359,19 +376,27 @@ def test_sqlite_file_has_the_schema_wal_and_sort_indexes(tmp_path):
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"models", "datasets", "saes", "analyses", "features", "logits", "interpretations"} <= tables
-        plan = " ".join(r[-1] for r in db.execute(
-            "EXPLAIN QUERY PLAN SELECT idx FROM features WHERE analysis_id = 1 ORDER BY act_times DESC LIMIT 3"))
+        plan = " ".join(
+            r[-1]
+            for r in db.execute(
+                "EXPLAIN QUERY PLAN SELECT idx FROM features WHERE analysis_id = 1 ORDER BY act_times DESC LIMIT 3"
+            )
+        )
         assert "features_act_times" in plan and "TEMP B-TREE" not in plan
 
 
 def test_sqlite_store_is_shared_by_processes(tmp_path):
     path = tmp_path / "shared.db"
-    code = ("import sys\nfrom saecli.config.run import StoreConfig\nfrom saecli.store import open_store\n"
-            "s = open_store(StoreConfig(path=sys.argv[1]))\n"
-            "for i in range(60):\n"
-            "    s.put_sae(f'{sys.argv[2]}-{i}', 'p', path='/x', cfg={}, model_name=None, dataset_name=None)\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), tag], stderr=subprocess.PIPE, text=True)
-             for tag in ("a", "b")]
+    code = (
+        "import sys\nfrom saecli.config.run import StoreConfig\nfrom saecli.store import open_store\n"
+        "s = open_store(StoreConfig(path=sys.argv[1]))\n"
+        "for i in range(60):\n"
+        "    s.put_sae(f'{sys.argv[2]}-{i}', 'p', path='/x', cfg={}, model_name=None, dataset_name=None)\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path), tag], stderr=subprocess.PIPE, text=True)
+        for tag in ("a", "b")
+    ]
     errors = [p.communicate(timeout=60)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     with open_store(StoreConfig(path=str(path))) as s:
@@ -398,7 +423,9 @@ def test_sqlite_array_frames_are_npy_files(tmp_path):
 
     with open_store(StoreConfig(path=str(tmp_path / "s.db"))) as s:
         s.put_sae("x", "default", path="/x", cfg={}, model_name=None, dataset_name=None)
-        s.replace_analysis("x", "default", "default", [{"index": 0, "a": np.arange(6, dtype=np.int16).reshape(2, 3)}], {})
+        s.replace_analysis(
+            "x", "default", "default", [{"index": 0, "a": np.arange(6, dtype=np.int16).reshape(2, 3)}], {}
+        )
     with sqlite3.connect(tmp_path / "s.db") as db:
         doc, blob = db.execute("SELECT doc, arrays FROM features").fetchone()
     assert json.loads(doc)["a"] == {"__ndarray__": 0}

@@ -11,8 +11,9 @@ from saecli.data.batch import Batch
 from saecli.data.stream import ActivationStream, BatchSource
 from saecli.lm.loading import LanguageModel
 
-MEMBERS = sorted({n for proto in (ActivationStream, BatchSource) for n in vars(proto) if not n.startswith("_")}
-                 | {"__iter__"})
+MEMBERS = sorted(
+    {n for proto in (ActivationStream, BatchSource) for n in vars(proto) if not n.startswith("_")} | {"__iter__"}
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,9 @@ def _synthetic(tmp_path, model):
 def _cache(tmp_path, model):
     from saecli.data.reader import CacheStream
 
-    return CacheStream(synthetic_cache(tmp_path / "cache", 3, 100), batch_size=32, buffer_tokens=100,
-                       max_norm_ratio=10.0)
+    return CacheStream(
+        synthetic_cache(tmp_path / "cache", 3, 100), batch_size=32, buffer_tokens=100, max_norm_ratio=10.0
+    )
 
 
 def _live(tmp_path, model):

@@ -20,12 +20,18 @@ HOOK = "blocks.0.hook_resid_post"
 
 def synthetic_cache(root: Path, n_chunks: int, chunk_tokens: int, d: int = 8, sizes: list[int] | None = None) -> Path:
     """Token i of the cache has id i and activation row [i, i, ...]: easy to follow through a shuffle."""
+
     def chunks():
         start = 0
         for c in range(n_chunks):
             n = sizes[c] if sizes else chunk_tokens
             ids = torch.arange(start, start + n)
-            yield {f"acts.{HOOK}": ids.float()[:, None].expand(n, d), "tokens": ids, "doc": ids // 100, "pos": ids % 100}
+            yield {
+                f"acts.{HOOK}": ids.float()[:, None].expand(n, d),
+                "tokens": ids,
+                "doc": ids // 100,
+                "pos": ids % 100,
+            }
             start += n
 
     write_cache(root, chunks(), hook_points=[HOOK], chunk_tokens=chunk_tokens)
@@ -58,7 +64,7 @@ def test_every_token_once_per_epoch_in_shuffled_order(tmp_path):
     # without shuffling: the cache's own order
     plain = torch.cat([b.tokens for b in CacheStream(cache, batch_size=64, shuffle=False, epochs=1)])
     assert torch.equal(plain, torch.arange(total))
-    assert stream.mean_norms[HOOK] == pytest.approx(float((torch.arange(total).float() * 8 ** 0.5).mean()), rel=1e-6)
+    assert stream.mean_norms[HOOK] == pytest.approx(float((torch.arange(total).float() * 8**0.5).mean()), rel=1e-6)
 
 
 @pytest.mark.parametrize("skip", [0, 3, 11, 25])  # 25 batches: past the end of the first epoch
@@ -78,8 +84,12 @@ def test_state_dict_resume_gives_the_same_remaining_batches(tmp_path, skip):
 
 def test_ranks_read_disjoint_parts(tmp_path):
     cache = synthetic_cache(tmp_path / "c", 7, 50)
-    parts = [torch.cat([b.tokens for b in CacheStream(cache, batch_size=32, buffer_tokens=100, rank=r, world_size=2,
-                                                       epochs=1)]) for r in range(2)]
+    parts = [
+        torch.cat(
+            [b.tokens for b in CacheStream(cache, batch_size=32, buffer_tokens=100, rank=r, world_size=2, epochs=1)]
+        )
+        for r in range(2)
+    ]
     assert len(set(parts[0].tolist()) & set(parts[1].tolist())) == 0
     assert torch.equal(torch.cat(parts).sort().values, torch.arange(350))
     with pytest.raises(UsageError, match="fewer than the 8"):
@@ -100,8 +110,9 @@ def test_reader_memory_does_not_grow_with_the_cache(tmp_path):
     peaks = {}
     for n_chunks in (8, 80):  # 8 MiB and 80 MiB of activations (4 MiB each), one 16 MiB shuffle window
         cache = synthetic_cache(tmp_path / f"c{n_chunks}", n_chunks, 8192, d=128)
-        out = subprocess.run([sys.executable, "-c", _PEAK, str(cache)], capture_output=True, text=True, check=True,
-                             cwd=REPO).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK, str(cache)], capture_output=True, text=True, check=True, cwd=REPO
+        ).stdout.split()
         assert int(out[0]) == n_chunks * 8192
         peaks[n_chunks] = int(out[1]) / 1024  # MiB
     assert peaks[80] <= 1.10 * peaks[8], peaks
@@ -113,7 +124,9 @@ def test_reader_memory_does_not_grow_with_the_cache(tmp_path):
 def _exp(tmp_path: Path, model: Path, extra: str = "", source: str = "auto"):
     from saecli.config.load import load_experiment
 
-    toml = write_toml(tmp_path / "exp.toml", f"""
+    toml = write_toml(
+        tmp_path / "exp.toml",
+        f"""
 [model]
 name = "{model}"
 device = "cpu"
@@ -126,10 +139,11 @@ batch_size = 100
 total_tokens = 1500
 chunk_tokens = 400
 shuffle_buffer_tokens = 256
-cache_dir = "{tmp_path / 'cache'}"
+cache_dir = "{tmp_path / "cache"}"
 source = "{source}"
 {extra}
-""")
+""",
+    )
     return load_experiment(toml)
 
 

@@ -40,9 +40,17 @@ def base(out: Path, steps: int = 30, **trainer) -> dict:
     return {
         "run": {"output_dir": str(out), "name": "syn"},
         "sae": {"d_sae": 64, "k": 4, "activation": "topk"},
-        "trainer": {"total_training_tokens": 128 * steps, "lr": 5e-3, "log_frequency": 10, "n_checkpoints": 3,
-                    "checkpoint_every_seconds": 0, "auxk_coefficient": 0.1, "dead_threshold_tokens": 256,
-                    "l1_coefficient": 1e-2, **trainer},
+        "trainer": {
+            "total_training_tokens": 128 * steps,
+            "lr": 5e-3,
+            "log_frequency": 10,
+            "n_checkpoints": 3,
+            "checkpoint_every_seconds": 0,
+            "auxk_coefficient": 0.1,
+            "dead_threshold_tokens": 256,
+            "l1_coefficient": 1e-2,
+            **trainer,
+        },
         "store": {"backend": "none"},
     }
 
@@ -82,9 +90,21 @@ def assert_close_metrics(a: Path, b: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ members
 def test_a_group_trains_to_the_weights_of_separate_runs(tmp_path):
-    plan = make_plan(tmp_path / "sweep", {"variants": [
-        {"trainer.lr": 2e-3, "sae.k": 3}, {"trainer.lr": 1e-2, "sae.k": 6, "run.seed": 1},
-        {"trainer.lr": 5e-3, "sae.k": 4, "trainer.auxk_coefficient": 0.0, "trainer.lr_scheduler": "cosineannealing"}]})
+    plan = make_plan(
+        tmp_path / "sweep",
+        {
+            "variants": [
+                {"trainer.lr": 2e-3, "sae.k": 3},
+                {"trainer.lr": 1e-2, "sae.k": 6, "run.seed": 1},
+                {
+                    "trainer.lr": 5e-3,
+                    "sae.k": 4,
+                    "trainer.auxk_coefficient": 0.0,
+                    "trainer.lr_scheduler": "cosineannealing",
+                },
+            ]
+        },
+    )
     rows = run_sweep(plan, stream_factory=stream)
     assert [r["status"] for r in rows] == ["finished"] * 3
     for m in plan.members:
@@ -100,11 +120,18 @@ def test_a_group_trains_to_the_weights_of_separate_runs(tmp_path):
 
 
 def test_relu_jumprelu_and_other_shapes_train_side_by_side_on_the_same_batches(tmp_path):
-    plan = make_plan(tmp_path / "sweep", {"variants": [
-        {"sae.activation": "relu", "trainer.l1_coefficient": 1e-3},
-        {"sae.activation": "relu", "trainer.l1_coefficient": 3e-2, "trainer.lr": 1e-2},
-        {"sae.activation": "jumprelu", "trainer.l1_coefficient": 1e-3},
-        {"sae.d_sae": 32}]}, steps=20)
+    plan = make_plan(
+        tmp_path / "sweep",
+        {
+            "variants": [
+                {"sae.activation": "relu", "trainer.l1_coefficient": 1e-3},
+                {"sae.activation": "relu", "trainer.l1_coefficient": 3e-2, "trainer.lr": 1e-2},
+                {"sae.activation": "jumprelu", "trainer.l1_coefficient": 1e-3},
+                {"sae.d_sae": 32},
+            ]
+        },
+        steps=20,
+    )
     rows = run_sweep(plan, stream_factory=stream)
     assert [r["status"] for r in rows] == ["finished"] * 4
     for m in plan.members:
@@ -199,9 +226,10 @@ def test_summary_table_and_frontier_plot(tmp_path):
 def test_wandb_offline_one_run_per_member(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    plan = plan_from_dict({**base(tmp_path / "sweep", 10), "wandb": {"enabled": True, "mode": "offline",
-                                                                     "project": "saecli-test"}},
-                          parse(SweepConfig, {"grid": {"trainer.lr": [1e-3, 4e-3]}}, key="sweep"))
+    plan = plan_from_dict(
+        {**base(tmp_path / "sweep", 10), "wandb": {"enabled": True, "mode": "offline", "project": "saecli-test"}},
+        parse(SweepConfig, {"grid": {"trainer.lr": [1e-3, 4e-3]}}, key="sweep"),
+    )
     run_sweep(plan, stream_factory=stream)
     ids = [(m.folder / "wandb_run_id.txt").read_text().strip() for m in plan.members]
     assert len(set(ids)) == 2
@@ -236,9 +264,15 @@ SCRIPT = textwrap.dedent('''
 
 def two_groups(out: Path) -> tuple[dict, dict]:
     """A short group (one member) then a long one (three members, one of another shape)."""
-    sweep = {"name": "variant{index}",
-             "variants": [{"trainer.total_training_tokens": 128 * 20, "sae.k": 3}, {"trainer.lr": 2e-3},
-                          {"trainer.lr": 8e-3, "sae.k": 6}, {"sae.d_sae": 48}]}
+    sweep = {
+        "name": "variant{index}",
+        "variants": [
+            {"trainer.total_training_tokens": 128 * 20, "sae.k": 3},
+            {"trainer.lr": 2e-3},
+            {"trainer.lr": 8e-3, "sae.k": 6},
+            {"sae.d_sae": 48},
+        ],
+    }
     return base(out, steps=100, n_checkpoints=5, dead_threshold_tokens=512), sweep
 
 
@@ -251,8 +285,14 @@ def test_sigkill_then_resume_equals_the_uninterrupted_sweep(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def start(mode: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(script), str(spec), mode], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            [sys.executable, str(script), str(spec), mode],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     proc = start("fresh")
     short, long_ = cut / "variant0", [cut / n for n in ("variant1", "variant2", "variant3")]
@@ -283,10 +323,11 @@ def test_sigkill_then_resume_equals_the_uninterrupted_sweep(tmp_path):
 def test_cli_sweep_on_a_live_model_with_eval(run_cli, tiny_llama, tmp_path):
     """`saecli sweep` end to end: one model for the group, per-member folders, eval's loss recovered in the table."""
     toml = tmp_path / "sweep.toml"
-    toml.write_text(textwrap.dedent(f'''
+    toml.write_text(
+        textwrap.dedent(f'''
         [run]
         name = "cli"
-        output_dir = "{tmp_path / 'runs'}"
+        output_dir = "{tmp_path / "runs"}"
         [model]
         name = "{tiny_llama}"
         device = "cpu"
@@ -312,7 +353,8 @@ def test_cli_sweep_on_a_live_model_with_eval(run_cli, tiny_llama, tmp_path):
         [sweep]
         grid = {{"sae.k" = [2, 6]}}
         eval = true
-    '''))
+    ''')
+    )
     result = run_cli("sweep", toml)
     assert result.exit_code == 0, result.output
     assert "sweep: 2 members" in result.output and "loss rec." in result.output

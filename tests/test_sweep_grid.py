@@ -15,7 +15,7 @@ from saecli.errors import ConfigError
 from saecli.sweep.grid import format_value, load_sweep
 from saecli.sweep.grouping import differing_stream_keys, group_members, spread, stream_key_paths
 
-BASE = '''
+BASE = """
 [run]
 name = "sw"
 output_dir = "{out}"
@@ -30,7 +30,7 @@ k = 16
 [trainer]
 total_training_tokens = 100_000
 lr = 4e-4
-'''
+"""
 
 
 def sweep_file(tmp_path: Path, sweep: str, base: str = BASE) -> Path:
@@ -45,10 +45,15 @@ def names(plan) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ expansion
 def test_grid_is_a_cartesian_product_with_readable_names_and_own_folders(tmp_path):
-    plan = load_sweep(sweep_file(tmp_path, '''
+    plan = load_sweep(
+        sweep_file(
+            tmp_path,
+            """
         [sweep]
         grid = {"trainer.lr" = [1e-4, 3e-4], "sae.k" = [16, 32]}
-    '''))
+    """,
+        )
+    )
     assert names(plan) == ["lr=1e-4,k=16", "lr=1e-4,k=32", "lr=3e-4,k=16", "lr=3e-4,k=32"]
     m = plan.members[3]
     assert m.exp.trainer.lr == 3e-4 and m.exp.dictionary.k == 32
@@ -60,7 +65,10 @@ def test_grid_is_a_cartesian_product_with_readable_names_and_own_folders(tmp_pat
 
 
 def test_nested_tables_variants_and_a_name_template(tmp_path):
-    plan = load_sweep(sweep_file(tmp_path, '''
+    plan = load_sweep(
+        sweep_file(
+            tmp_path,
+            """
         [sweep]
         name = "{sae.activation}-lr{trainer.lr}-{index}"
         [sweep.grid.trainer]
@@ -70,54 +78,91 @@ def test_nested_tables_variants_and_a_name_template(tmp_path):
         [[sweep.variants]]
         sae = {activation = "relu"}
         trainer.l1_coefficient = 5e-4
-    '''))
+    """,
+        )
+    )
     assert names(plan) == ["topk-lr0.001-0", "relu-lr0.001-1", "topk-lr0.002-2", "relu-lr0.002-3"]
     relu = plan.members[1]
-    assert relu.exp.dictionary.activation == "relu" and relu.exp.trainer.l1_coefficient == 5e-4 and relu.exp.trainer.lr == 1e-3
+    assert (
+        relu.exp.dictionary.activation == "relu"
+        and relu.exp.trainer.l1_coefficient == 5e-4
+        and relu.exp.trainer.lr == 1e-3
+    )
     assert plan.members[0].exp.trainer.l1_coefficient == 0.5  # topk's default (resolved) where a variant is silent
 
 
 def test_value_formatting():
-    assert [format_value(v) for v in (3e-4, 1e-3, 0.5, 2.0, 12345.0, 0.0, 32, True, "relu", [8, 16])] == \
-        ["3e-4", "0.001", "0.5", "2", "1.2345e4", "0", "32", "true", "relu", "8+16"]
+    assert [format_value(v) for v in (3e-4, 1e-3, 0.5, 2.0, 12345.0, 0.0, 32, True, "relu", [8, 16])] == [
+        "3e-4",
+        "0.001",
+        "0.5",
+        "2",
+        "1.2345e4",
+        "0",
+        "32",
+        "true",
+        "relu",
+        "8+16",
+    ]
 
 
 def test_same_names_are_refused_with_a_hint(tmp_path):
     with pytest.raises(ConfigError, match="both get the name") as info:
-        load_sweep(sweep_file(tmp_path, '''
+        load_sweep(
+            sweep_file(
+                tmp_path,
+                """
             [sweep]
             grid = {"trainer.lr" = [1e-4, 3e-4]}
             name = "same"
-        '''))
+        """,
+            )
+        )
     assert info.value.key == "sweep.name"
 
 
 # ------------------------------------------------------------------------------------------ errors
 def test_a_bad_value_names_the_member_and_the_key(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_sweep(sweep_file(tmp_path, '''
+        load_sweep(
+            sweep_file(
+                tmp_path,
+                """
             [sweep]
             grid = {"sae.k" = [16, 0]}
-        '''))
+        """,
+            )
+        )
     assert info.value.key == "sae.k"
     assert "k=0" in str(info.value) and "must be > 0" in str(info.value)
 
 
 def test_an_unknown_key_gets_a_suggestion(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer\.lrr.*did you mean `lr`"):
-        load_sweep(sweep_file(tmp_path, '''
+        load_sweep(
+            sweep_file(
+                tmp_path,
+                """
             [sweep]
             grid = {"trainer.lrr" = [1e-4]}
-        '''))
+        """,
+            )
+        )
 
 
-@pytest.mark.parametrize("sweep, key, message", [
-    ('[sweep]\ngrid = {"trainer.lr" = 1e-4}\n', "sweep.grid.trainer.lr", "list of values"),
-    ('[sweep]\ngrid = {"trainer.lr" = []}\n', "sweep.grid.trainer.lr", "at least one value"),
-    ('[sweep]\ngrid = {"trainer.lr" = [1e-4]}\nvariants = [{"trainer.lr" = 1e-3}]\n', "sweep.variants[0].trainer.lr",
-     "also in sweep.grid"),
-    ('[sweep]\neval = true\n', "sweep.grid", "give sweep.grid"),
-])
+@pytest.mark.parametrize(
+    "sweep, key, message",
+    [
+        ('[sweep]\ngrid = {"trainer.lr" = 1e-4}\n', "sweep.grid.trainer.lr", "list of values"),
+        ('[sweep]\ngrid = {"trainer.lr" = []}\n', "sweep.grid.trainer.lr", "at least one value"),
+        (
+            '[sweep]\ngrid = {"trainer.lr" = [1e-4]}\nvariants = [{"trainer.lr" = 1e-3}]\n',
+            "sweep.variants[0].trainer.lr",
+            "also in sweep.grid",
+        ),
+        ("[sweep]\neval = true\n", "sweep.grid", "give sweep.grid"),
+    ],
+)
 def test_sweep_section_errors(tmp_path, sweep, key, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_sweep(sweep_file(tmp_path, sweep))
@@ -133,23 +178,40 @@ def test_a_file_without_sweep_section_is_refused(tmp_path):
 def test_grouping_is_derived_from_the_schema():
     keys = stream_key_paths()
     assert set(keys) == stream_keys(Experiment)
-    for key in ("model.name", "dataset.path", "activations.hook_points", "activations.context_size",
-                "activations.batch_size", "trainer.total_training_tokens"):
+    for key in (
+        "model.name",
+        "dataset.path",
+        "activations.hook_points",
+        "activations.context_size",
+        "activations.batch_size",
+        "trainer.total_training_tokens",
+    ):
         assert key in keys
-    for key in ("trainer.lr", "sae.k", "sae.d_sae", "sae.activation", "trainer.l1_coefficient", "run.seed",
-                "init.bias_init_method", "trainer.lr_scheduler"):
+    for key in (
+        "trainer.lr",
+        "sae.k",
+        "sae.d_sae",
+        "sae.activation",
+        "trainer.l1_coefficient",
+        "run.seed",
+        "init.bias_init_method",
+        "trainer.lr_scheduler",
+    ):
         assert key not in keys
 
 
-@pytest.mark.parametrize("grid, n_groups", [
-    ('{"trainer.lr" = [1e-4, 3e-4], "sae.k" = [16, 32]}', 1),
-    ('{"sae.d_sae" = [128, 256], "sae.activation" = ["topk", "relu"], "run.seed" = [0, 1]}', 1),
-    ('{"trainer.l1_coefficient" = [1e-4, 1e-3], "init.bias_init_method" = ["zero", "mean"]}', 1),
-    ('{"trainer.total_training_tokens" = [50_000, 100_000], "trainer.lr" = [1e-4, 3e-4]}', 2),
-    ('{"activations.context_size" = [64, 128], "activations.batch_size" = [512, 1024]}', 4),
-    ('{"model.name" = ["a/model", "b/model"], "sae.k" = [8, 16]}', 2),
-    ('{"sae.hook_point" = ["blocks.3.hook_resid_post", "blocks.4.hook_resid_post"]}', 1),  # both in the stream
-])
+@pytest.mark.parametrize(
+    "grid, n_groups",
+    [
+        ('{"trainer.lr" = [1e-4, 3e-4], "sae.k" = [16, 32]}', 1),
+        ('{"sae.d_sae" = [128, 256], "sae.activation" = ["topk", "relu"], "run.seed" = [0, 1]}', 1),
+        ('{"trainer.l1_coefficient" = [1e-4, 1e-3], "init.bias_init_method" = ["zero", "mean"]}', 1),
+        ('{"trainer.total_training_tokens" = [50_000, 100_000], "trainer.lr" = [1e-4, 3e-4]}', 2),
+        ('{"activations.context_size" = [64, 128], "activations.batch_size" = [512, 1024]}', 4),
+        ('{"model.name" = ["a/model", "b/model"], "sae.k" = [8, 16]}', 2),
+        ('{"sae.hook_point" = ["blocks.3.hook_resid_post", "blocks.4.hook_resid_post"]}', 1),  # both in the stream
+    ],
+)
 def test_grouping_on_sweep_files(tmp_path, grid, n_groups):
     plan = load_sweep(sweep_file(tmp_path, f"[sweep]\ngrid = {grid}\n"))
     groups = group_members(plan.members)
@@ -160,20 +222,33 @@ def test_grouping_on_sweep_files(tmp_path, grid, n_groups):
 
 
 def test_different_kinds_that_read_whole_contexts_go_to_another_group(tmp_path):
-    plan = load_sweep(sweep_file(tmp_path, '''
+    plan = load_sweep(
+        sweep_file(
+            tmp_path,
+            """
         [sweep]
         variants = [{"sae.kind" = "sae"}, {"sae.kind" = "lorsa", "sae.n_qk_heads" = 4}]
-    ''', base=BASE.replace('hook_points = ["blocks.3.hook_resid_post", "blocks.4.hook_resid_post"]',
-                           'hook_points = ["blocks.3.ln1.hook_normalized", "blocks.3.hook_attn_out"]')))
+    """,
+            base=BASE.replace(
+                'hook_points = ["blocks.3.hook_resid_post", "blocks.4.hook_resid_post"]',
+                'hook_points = ["blocks.3.ln1.hook_normalized", "blocks.3.hook_attn_out"]',
+            ),
+        )
+    )
     groups = group_members(plan.members)
     assert len(groups) == 2 and differing_stream_keys(groups) == ["(whole contexts)"]
 
 
 def test_spreading_groups_over_ranks(tmp_path):
-    plan = load_sweep(sweep_file(tmp_path, '''
+    plan = load_sweep(
+        sweep_file(
+            tmp_path,
+            """
         [sweep]
         grid = {"trainer.total_training_tokens" = [50_000, 100_000], "trainer.lr" = [1e-4, 3e-4, 1e-3]}
-    '''))
+    """,
+        )
+    )
     groups = group_members(plan.members)
     by_rank = spread(groups, 2)
     assert sorted(len(u.members) for units in by_rank for u in units) == [3, 3]
@@ -190,10 +265,13 @@ def test_spreading_groups_over_ranks(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the CLI
 def test_dry_run_prints_members_and_groups(run_cli, tmp_path):
-    path = sweep_file(tmp_path, '''
+    path = sweep_file(
+        tmp_path,
+        """
         [sweep]
         grid = {"trainer.lr" = [1e-4, 3e-4], "activations.context_size" = [64, 128]}
-    ''')
+    """,
+    )
     result = run_cli("sweep", path, "--dry-run")
     assert result.exit_code == 0, result.output
     for name in ("lr=1e-4,context_size=64", "lr=3e-4,context_size=128"):

@@ -45,8 +45,9 @@ def raw(n: int = 32) -> torch.Tensor:
 SINGLE_OUTPUT = [
     pytest.param({"kind": "sae", "activation": "topk"}, [RESID], id="sae-topk"),
     pytest.param({"kind": "sae", "activation": "relu"}, [RESID], id="sae-relu"),
-    pytest.param({"kind": "sae", "activation": "jumprelu", "jumprelu_threshold_init": 0.05}, [RESID],
-                 id="sae-jumprelu"),
+    pytest.param(
+        {"kind": "sae", "activation": "jumprelu", "jumprelu_threshold_init": 0.05}, [RESID], id="sae-jumprelu"
+    ),
     pytest.param({"kind": "transcoder", "activation": "topk"}, [MLP_IN, MLP_OUT], id="transcoder"),
 ]
 
@@ -66,8 +67,9 @@ def test_decode_of_encode_is_the_reconstruction_in_raw_units(tmp_path, table, ho
 
 def test_decode_of_edited_latents_is_what_they_write():
     """decode(f) is linear in f (plus the bias): steering by adding a latent adds its raw decoder row."""
-    d = build_dictionary(parse(DictionaryConfig, {"kind": "sae", "d_sae": S, "activation": "relu"}, key="sae"),
-                         D, [RESID])
+    d = build_dictionary(
+        parse(DictionaryConfig, {"kind": "sae", "d_sae": S, "activation": "relu"}, key="sae"), D, [RESID]
+    )
     d.set_dataset_norm(RESID, 3.0 * D**0.5)  # trained in units 3× smaller than the raw ones
     with torch.no_grad():
         f = d.encode(raw(4))
@@ -101,7 +103,11 @@ def test_token_wise_scaling_needs_the_input_to_scale_back(tmp_path):
 def test_a_molt_decodes_with_its_input(tmp_path):
     x = raw()
     with torch.no_grad():
-        d = saved(tmp_path, {"kind": "molt", "activation": "topk", "rank_counts": {"2": 4, "1": 8}, "d_sae": 12}, [MLP_IN, MLP_OUT])
+        d = saved(
+            tmp_path,
+            {"kind": "molt", "activation": "topk", "rank_counts": {"2": 4, "1": 8}, "d_sae": 12},
+            [MLP_IN, MLP_OUT],
+        )
         f = d.encode(x)
         with pytest.raises(UsageError, match="transforms U_i V_i apply to the input"):
             d.decode(f)
@@ -111,8 +117,11 @@ def test_a_molt_decodes_with_its_input(tmp_path):
 def test_a_lorsa_decodes_one_context(tmp_path):
     x = raw(6)  # one context [T, d]
     with torch.no_grad():
-        d = saved(tmp_path, {"kind": "lorsa", "activation": "topk", "k": 2, "n_qk_heads": 2},
-                  ["blocks.1.ln1.hook_normalized", "blocks.1.hook_attn_out"])
+        d = saved(
+            tmp_path,
+            {"kind": "lorsa", "activation": "topk", "k": 2, "n_qk_heads": 2},
+            ["blocks.1.ln1.hook_normalized", "blocks.1.hook_attn_out"],
+        )
         torch.testing.assert_close(d.decode(d.encode(x)), d(x))
 
 

@@ -87,7 +87,9 @@ def test_resume_across_tensor_parallel_sizes(tmp_path):
     """1 → 2: an unsharded checkpoint at step 25 resumed on tp = 2; 2 → 1: a tp = 2 DCP checkpoint at step
     25 resumed in one process without a process group. Both end where the uninterrupted run ends."""
     case = "topk"
-    m = Member(W.dictionary(case), W.trainer_cfg(), total_steps=W.STEPS, batch_tokens=W.N_TOK, folder=tmp_path / "plain")
+    m = Member(
+        W.dictionary(case), W.trainer_cfg(), total_steps=W.STEPS, batch_tokens=W.N_TOK, folder=tmp_path / "plain"
+    )
     W.train(m, case, 0, W.STEPS // 2)
     m.save_checkpoint({"stream": [None], "rng": None, "batches_seen": W.STEPS // 2})
     W.spawn(W.resume_runs, 2, tmp_path, 2)
@@ -117,9 +119,12 @@ def test_covered_kinds_are_the_ones_declaring_latent_axes():
 def test_config_errors_name_the_key():
     from saecli.training.tensor_parallel import check_run
 
-    for args, words in [(("molt", {}, 64, 2, 2), "kind 'molt' cannot be split"),
-                        (("sae", {"W_enc": 0}, 64, 3, 4), "divide the 4"),
-                        (("sae", {"W_enc": 0}, 64, 3, 3), "d_sae = 64"), (("sae", {"W_enc": 0}, 64, 0, 2), ">= 1")]:
+    for args, words in [
+        (("molt", {}, 64, 2, 2), "kind 'molt' cannot be split"),
+        (("sae", {"W_enc": 0}, 64, 3, 4), "divide the 4"),
+        (("sae", {"W_enc": 0}, 64, 3, 3), "d_sae = 64"),
+        (("sae", {"W_enc": 0}, 64, 0, 2), ">= 1"),
+    ]:
         with pytest.raises(ConfigError, match=words) as err:
             check_tensor_parallel(*args)
         assert err.value.key == "trainer.tensor_parallel"
@@ -166,7 +171,6 @@ def test_accelerate_train_with_tensor_parallel_then_resume_in_one_process(tiny_l
         assert torch.allclose(single[key], sharded[key], rtol=0, atol=1e-5), key
 
 
-
 def test_sweep_with_tensor_parallel_is_a_config_error(tiny_llama, tmp_path):
     """A sweep spreads whole members over the ranks (one stream per group, shared by its members); a member
     split over tp ranks would need all of them: refused before any work, naming the key."""
@@ -175,10 +179,15 @@ def test_sweep_with_tensor_parallel_is_a_config_error(tiny_llama, tmp_path):
     from saecli.runs.sweep import run_sweep
     from saecli.sweep.grid import load_sweep
 
-    toml = tiny_experiment(tmp_path / "sweep.toml", tiny_llama, tmp_path / "sw", extra='''
+    toml = tiny_experiment(
+        tmp_path / "sweep.toml",
+        tiny_llama,
+        tmp_path / "sw",
+        extra="""
         [sweep]
         grid = {"trainer.lr" = [2e-3, 8e-3]}
-    ''')
+    """,
+    )
     plan = load_sweep(toml, ["trainer.tensor_parallel=2"])
     with pytest.raises(ConfigError, match="a sweep trains each member on one process") as err:
         run_sweep(plan)

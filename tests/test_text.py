@@ -32,8 +32,13 @@ def test_builtin_text_is_deterministic_across_processes():
         "for i, t in iter_documents(DatasetConfig(max_documents=120)): h.update(f'{i}\\0{t}\\0'.encode())\n"
         "print(h.hexdigest())"
     )
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.strip()
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+    ).stdout.strip()
     assert here == other
 
 
@@ -81,7 +86,10 @@ def test_local_files(tmp_path):
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert list(iter_documents(DatasetConfig(path=str(jsonl), skip_documents=2, max_documents=3))) == [
-        (2, "document number 2"), (3, "document number 3"), (4, "document number 4")]
+        (2, "document number 2"),
+        (3, "document number 3"),
+        (4, "document number 4"),
+    ]
 
     import pandas as pd
 
@@ -137,8 +145,9 @@ def test_packing_alignment_on_real_tokenizer(tiny_llama):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     cfg = DatasetConfig(max_documents=40)
     docs = dict(iter_documents(cfg))
-    packer = Packer(tok, 64, prepend_bos=True, bos_id=tok.bos_token_id, sep_id=tok.eos_token_id,
-                    ignore_ids=tok.all_special_ids)
+    packer = Packer(
+        tok, 64, prepend_bos=True, bos_id=tok.bos_token_id, sep_id=tok.eos_token_id, ignore_ids=tok.all_special_ids
+    )
     ids = {i: tok(t, add_special_tokens=False)["input_ids"] for i, t in docs.items()}
     n_windows = 0
     for ctx in packer.contexts(iter_documents(cfg), 8):

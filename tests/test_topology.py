@@ -11,5 +11,8 @@ def test_machines_from_the_launcher_environment():
 
 def test_topology_line():
     line = topology_line(8, 4096, 2, env={"LOCAL_WORLD_SIZE": "4"})
-    assert line == "world size 8 (2 machines × 4 processes) · mesh dp=8 · per rank 4,096 tokens × 2 accumulation steps per step"
+    assert (
+        line
+        == "world size 8 (2 machines × 4 processes) · mesh dp=8 · per rank 4,096 tokens × 2 accumulation steps per step"
+    )
     assert "mesh dp=2 × tp=4" in topology_line(8, 512, mesh={"dp": 2, "tp": 4}, env={"LOCAL_WORLD_SIZE": "8"})

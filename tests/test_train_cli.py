@@ -17,19 +17,26 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 def tiny_toml(path: Path, model: Path, out: Path, *, steps: int = 60, cache: Path | None = None) -> Path:
     cache_line = f'cache_dir = "{cache}"' if cache else ""
-    return tiny_topk_toml(path, model, out, name="tiny-cli", activations=f'''
+    return tiny_topk_toml(
+        path,
+        model,
+        out,
+        name="tiny-cli",
+        activations=f"""
         model_batch_size = 8
         batch_size = 256
         total_tokens = 12_000
         chunk_tokens = 2048
         shuffle_buffer_tokens = 4096
         {cache_line}
-    ''', trainer=f'''
+    """,
+        trainer=f"""
         total_training_tokens = {256 * steps}
         lr = 3e-3
         log_frequency = 10
         n_checkpoints = 2
-    ''')
+    """,
+    )
 
 
 def raw_explained_variance(exp, folder: Path) -> float:

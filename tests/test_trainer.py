@@ -36,16 +36,32 @@ def sae(d_model: int = 16, **kw) -> Dictionary:
 
 
 def trainer_cfg(**kw) -> TrainerConfig:
-    return parse(TrainerConfig, {"total_training_tokens": 128 * 100, "lr": 5e-3, "log_frequency": 20,
-                                 "n_checkpoints": 0, "checkpoint_every_seconds": 0, **kw})
+    return parse(
+        TrainerConfig,
+        {
+            "total_training_tokens": 128 * 100,
+            "lr": 5e-3,
+            "log_frequency": 20,
+            "n_checkpoints": 0,
+            "checkpoint_every_seconds": 0,
+            **kw,
+        },
+    )
 
 
 def experiment(tmp_path, **sections) -> Experiment:
-    data = {"run": {"output_dir": str(tmp_path / "run"), "name": "syn"},
-            "sae": {"d_sae": 64, "k": 3, "activation": "topk"},
-            "trainer": {"total_training_tokens": 128 * 100, "lr": 5e-3, "log_frequency": 20, "n_checkpoints": 4,
-                        "checkpoint_every_seconds": 0},
-            "store": {"backend": "none"}}
+    data = {
+        "run": {"output_dir": str(tmp_path / "run"), "name": "syn"},
+        "sae": {"d_sae": 64, "k": 3, "activation": "topk"},
+        "trainer": {
+            "total_training_tokens": 128 * 100,
+            "lr": 5e-3,
+            "log_frequency": 20,
+            "n_checkpoints": 4,
+            "checkpoint_every_seconds": 0,
+        },
+        "store": {"backend": "none"},
+    }
     for name, table in sections.items():
         data[name] = {**data.get(name, {}), **table}
     return parse(Experiment, data)
@@ -62,8 +78,9 @@ def test_topk_sae_recovers_the_true_dictionary():
     d = sae()
     before = (s.true_dictionary @ (d.W_dec / d.W_dec.norm(dim=1, keepdim=True)).T).max(dim=1).values
     tokens = initialize(s, [(d, InitConfig())])
-    m = Member(d, trainer_cfg(total_training_tokens=256 * 300, lr=1e-2, log_frequency=50), total_steps=300,
-               batch_tokens=tokens)
+    m = Member(
+        d, trainer_cfg(total_training_tokens=256 * 300, lr=1e-2, log_frequency=50), total_steps=300, batch_tokens=tokens
+    )
     fit(s, [m])
     assert m.status == "finished" and m.step == 300 and m.tokens == 300 * 256
     w = d.W_dec.detach() / d.W_dec.detach().norm(dim=1, keepdim=True)
@@ -80,8 +97,22 @@ def test_loss_goes_down_and_metrics_are_logged(tmp_path):
     assert [r["step"] for r in records] == [20, 40, 60, 80, 100]
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
     assert records[-1]["explained_variance"] > records[0]["explained_variance"]
-    for key in ("loss", "loss/mse", "l0", "explained_variance", "mse", "dead", "almost_dead", "dense", "lr", "k",
-                "l1_coefficient", "grad_norm", "tokens_per_s", "tokens"):
+    for key in (
+        "loss",
+        "loss/mse",
+        "l0",
+        "explained_variance",
+        "mse",
+        "dead",
+        "almost_dead",
+        "dense",
+        "lr",
+        "k",
+        "l1_coefficient",
+        "grad_norm",
+        "tokens_per_s",
+        "tokens",
+    ):
         assert key in records[-1], key
     assert records[-1]["l0"] == pytest.approx(3.0)  # TopK with k = 3
     assert records[-1]["tokens"] == 100 * 128
@@ -156,7 +187,11 @@ def test_dead_statistics():
     assert stats.dead_mask().tolist() == [False, False, True]  # latent 2: 300 tokens without firing
     assert stats.since_fired.tolist() == [200, 100, 300]
     assert stats.summary(dead_threshold=0.01, dense_threshold=0.02) == {
-        "dead": 1, "almost_dead": 2, "dense": 1, "auxk_dead": 1}  # freq [0.025, 0.005, 0]
+        "dead": 1,
+        "almost_dead": 2,
+        "dense": 1,
+        "auxk_dead": 1,
+    }  # freq [0.025, 0.005, 0]
     again = FeatureStats(3, window=2, dead_threshold_tokens=250)
     again.load_state_dict(stats.state_dict())
     assert torch.equal(again.since_fired, stats.since_fired) and again.summary(0.01, 0.02) == stats.summary(0.01, 0.02)
@@ -184,8 +219,15 @@ def _members(n_steps: int, lrs: list[float], seed: int = 0) -> tuple[SyntheticSt
         torch.manual_seed(seed)
         d = sae()
         tokens = initialize(s, [(d, InitConfig())])
-        members.append(Member(d, trainer_cfg(lr=lr, total_training_tokens=128 * n_steps), total_steps=n_steps,
-                              batch_tokens=tokens, name=f"lr{lr}"))
+        members.append(
+            Member(
+                d,
+                trainer_cfg(lr=lr, total_training_tokens=128 * n_steps),
+                total_steps=n_steps,
+                batch_tokens=tokens,
+                name=f"lr{lr}",
+            )
+        )
     return s, members
 
 
@@ -224,8 +266,15 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
 
 # ------------------------------------------------------------------------------------------ accumulation
 def test_gradient_accumulation_steps_every_n_batches(tmp_path):
-    exp = experiment(tmp_path, trainer={"gradient_accumulation_steps": 2, "total_training_tokens": 128 * 40,
-                                        "log_frequency": 5, "n_checkpoints": 2})
+    exp = experiment(
+        tmp_path,
+        trainer={
+            "gradient_accumulation_steps": 2,
+            "total_training_tokens": 128 * 40,
+            "log_frequency": 5,
+            "n_checkpoints": 2,
+        },
+    )
     s = stream()
     folder = train(exp, stream=s).folder
     records = read_metrics(folder)
@@ -239,8 +288,19 @@ def test_grad_clipping_bounds_the_update():
     torch.manual_seed(0)
     s = stream()
     d = Scaled(16, 0.0)
-    m = Member(d, trainer_cfg(lr=1.0, lr_scheduler="constant", clip_grad_norm=1e-3, optimizer_foreach=False,
-                              log_frequency=1, total_training_tokens=128), total_steps=1, batch_tokens=128)
+    m = Member(
+        d,
+        trainer_cfg(
+            lr=1.0,
+            lr_scheduler="constant",
+            clip_grad_norm=1e-3,
+            optimizer_foreach=False,
+            log_frequency=1,
+            total_training_tokens=128,
+        ),
+        total_steps=1,
+        batch_tokens=128,
+    )
     fit(s, [m])
     assert m.last_record["grad_norm"] > 1  # logged before clipping
     assert abs(float(d.w.detach())) == pytest.approx(1.0, rel=1e-3)  # Adam's first step is ±lr whatever the scale
@@ -262,8 +322,11 @@ def test_an_existing_run_needs_resume_or_overwrite(tmp_path):
 def test_a_finished_run_is_recorded_in_the_store(tmp_path):
     from saecli.store import open_store
 
-    exp = experiment(tmp_path, store={"backend": "sqlite", "path": str(tmp_path / "results.db")},
-                     trainer={"total_training_tokens": 128 * 10})
+    exp = experiment(
+        tmp_path,
+        store={"backend": "sqlite", "path": str(tmp_path / "results.db")},
+        trainer={"total_training_tokens": 128 * 10},
+    )
     folder = train(exp, stream=stream()).folder
     store = open_store(exp.store)
     try:
@@ -275,13 +338,15 @@ def test_a_finished_run_is_recorded_in_the_store(tmp_path):
 
 
 def test_bfloat16_autocast_trains(tmp_path):
-    exp = experiment(tmp_path, trainer={"amp_dtype": "bfloat16", "total_training_tokens": 128 * 40,
-                                        "log_frequency": 10})
+    exp = experiment(
+        tmp_path, trainer={"amp_dtype": "bfloat16", "total_training_tokens": 128 * 40, "log_frequency": 10}
+    )
     records = read_metrics(train(exp, stream=stream()).folder)
     assert records[-1]["loss"] < records[0]["loss"]
 
+
 # ------------------------------------------------------------------------------------------ data parallel
-DP_SCRIPT = '''
+DP_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
 from saecli.config.base import parse
@@ -307,7 +372,7 @@ fit(s, [m], sync=sync)
 m.close()
 torch.save({"world_size": sync.world_size, "state": d.state_dict()}, f"{out}/rank{sync.rank}.pt")
 shutdown()  # every rank leaves the process group together (else a peer may abort at exit)
-'''
+"""
 
 
 def test_two_processes_train_one_dictionary_on_disjoint_batches(tmp_path):
@@ -318,9 +383,13 @@ def test_two_processes_train_one_dictionary_on_disjoint_batches(tmp_path):
     script = tmp_path / "dp.py"
     script.write_text(DP_SCRIPT)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(out)], capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]  # really two processes
@@ -332,12 +401,15 @@ def test_two_processes_train_one_dictionary_on_disjoint_batches(tmp_path):
     assert [s["rank"] for s in state["stream"]] == [0, 1] and all(s["position"] == 20 for s in state["stream"])
 
 
-@pytest.mark.parametrize("activation, penalty, expected", [
-    ("relu", None, 5.0),            # L1 × decoder norm: Anthropic's April update (λ ≈ 5 with E‖x‖ = √d)
-    ("jumprelu", None, 0.5),        # tanh
-    ("jumprelu", "l0", 0.5),
-    ("relu", "tanh-quad", 0.5),
-])
+@pytest.mark.parametrize(
+    "activation, penalty, expected",
+    [
+        ("relu", None, 5.0),  # L1 × decoder norm: Anthropic's April update (λ ≈ 5 with E‖x‖ = √d)
+        ("jumprelu", None, 0.5),  # tanh
+        ("jumprelu", "l0", 0.5),
+        ("relu", "tanh-quad", 0.5),
+    ],
+)
 def test_the_sparsity_weight_defaults_by_penalty(activation, penalty, expected):
     """A small weight such as 8e-5 is no penalty at all in these units (SmolLM2 layer 12: L0 ≈ 860 of 4608)."""
     d = build_dictionary(parse(DictionaryConfig, {"d_sae": 32, "activation": activation}), 16, ["synthetic.0"])

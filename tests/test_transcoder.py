@@ -59,8 +59,15 @@ def test_forward_math_on_hand_set_weights():
 def test_skip_is_trained_through_every_path(sparse):
     """The SAE's training paths see the target y − xW_skip; loss and gradients equal the explicit formula."""
     torch.manual_seed(0)
-    tc = make(d_model=8, d_sae=16, activation="topk", k=2, skip_connection=True, sparse_kernels=sparse,
-              sparsity_include_decoder_norm=False)
+    tc = make(
+        d_model=8,
+        d_sae=16,
+        activation="topk",
+        k=2,
+        skip_connection=True,
+        sparse_kernels=sparse,
+        sparsity_include_decoder_norm=False,
+    )
     with torch.no_grad():
         tc.W_skip.normal_()
     x, y = torch.randn(32, 8), torch.randn(32, 8)
@@ -113,8 +120,14 @@ def test_training_on_teacher_data_recovers_its_decoder():
     student = make(d_model=32, d_sae=96, activation="topk", k=3)
     first, final, _ = train_with_auxk(student, sample, steps=200, k=3)
     assert final < 0.1 * first
-    cos = (torch.nn.functional.normalize(teacher.W_dec, dim=1)
-           @ torch.nn.functional.normalize(student.W_dec.detach(), dim=1).T).max(1).values
+    cos = (
+        (
+            torch.nn.functional.normalize(teacher.W_dec, dim=1)
+            @ torch.nn.functional.normalize(student.W_dec.detach(), dim=1).T
+        )
+        .max(1)
+        .values
+    )
     assert (cos > 0.9).float().mean() > 0.8, cos
 
 
@@ -138,8 +151,11 @@ def _scaled(tc: Transcoder, s_in: float, s_out: float) -> Transcoder:
 @pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "jumprelu"])
 def test_fold_scale_keeps_raw_reconstruction(activation, tmp_path):
     torch.manual_seed(3)
-    tc = _scaled(make(d_model=8, d_sae=16, activation=activation, k=3, skip_connection=True,
-                      norm_activation="dataset-wise"), s_in=2.5, s_out=0.4)
+    tc = _scaled(
+        make(d_model=8, d_sae=16, activation=activation, k=3, skip_connection=True, norm_activation="dataset-wise"),
+        s_in=2.5,
+        s_out=0.4,
+    )
     with torch.no_grad():
         for p in (tc.W_enc, tc.W_dec, tc.b_enc, tc.b_dec, tc.W_skip):
             p.normal_()
@@ -151,7 +167,7 @@ def test_fold_scale_keeps_raw_reconstruction(activation, tmp_path):
     if activation == "batchtopk":
         tc.activation.threshold.fill_(theta)
     before = tc.reconstruct(raw)[OUT]
-    fires_before = (tc.encode(tc.normalize(raw)) > 0)
+    fires_before = tc.encode(tc.normalize(raw)) > 0
     tc.fold_activation_scale()
     assert tc.folded
     after = tc.reconstruct(raw)[OUT]
@@ -164,8 +180,11 @@ def test_fold_scale_keeps_raw_reconstruction(activation, tmp_path):
 
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(4)
-    tc = _scaled(make(d_model=8, d_sae=16, activation="jumprelu", skip_connection=True, norm_activation="dataset-wise"),
-                 s_in=2.0, s_out=3.0)
+    tc = _scaled(
+        make(d_model=8, d_sae=16, activation="jumprelu", skip_connection=True, norm_activation="dataset-wise"),
+        s_in=2.0,
+        s_out=3.0,
+    )
     with torch.no_grad():
         tc.W_skip.normal_()
         tc.activation.log_threshold.data.uniform_(-3, -1)
@@ -185,13 +204,19 @@ def test_hooks_default_to_the_first_two_hook_points_and_must_be_streamed():
     assert (tc.in_hook, tc.out_hook) == ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
     with pytest.raises(ConfigError, match="hook_point_out"):
         build_dictionary(cfg, 4, ["blocks.1.ln2.hook_normalized"])
-    cfg = parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 8, "k": 2, "hook_point_out": "blocks.3.hook_mlp_out"},
-                key="sae")
+    cfg = parse(
+        DictionaryConfig,
+        {"kind": "transcoder", "d_sae": 8, "k": 2, "hook_point_out": "blocks.3.hook_mlp_out"},
+        key="sae",
+    )
     with pytest.raises(ConfigError, match="not in activations.hook_points"):
         build_dictionary(cfg, 4, ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"])
     with pytest.raises(ConfigError, match="output space"):
-        parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 8, "k": 2, "apply_decoder_bias_to_pre_encoder": True},
-              key="sae")
+        parse(
+            DictionaryConfig,
+            {"kind": "transcoder", "d_sae": 8, "k": 2, "apply_decoder_bias_to_pre_encoder": True},
+            key="sae",
+        )
 
 
 def test_init_from_mlp_sets_decoder_rows_to_the_mlp_response(tiny_llama):
@@ -203,8 +228,9 @@ def test_init_from_mlp_sets_decoder_rows_to_the_mlp_response(tiny_llama):
     tokens = torch.randint(3, lm.vocab_size, (2, 16))
     acts = run_to_hooks(lm, tokens, hooks)
     raw = {h: v.reshape(-1, lm.d_model) for h, v in acts.items()}
-    cfg = parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 32, "k": 4, "initialize_tc_with_mlp": True},
-                key="sae")
+    cfg = parse(
+        DictionaryConfig, {"kind": "transcoder", "d_sae": 32, "k": 4, "initialize_tc_with_mlp": True}, key="sae"
+    )
     tc = build_dictionary(cfg, lm.d_model, hooks)
     assert tc.needs_model_init
     norms = tc.W_dec.norm(dim=1).clone()
@@ -220,8 +246,11 @@ def test_init_from_mlp_sets_decoder_rows_to_the_mlp_response(tiny_llama):
     assert cos.item() == pytest.approx(1.0, abs=1e-5)
     kept = torch.where(norms > 0, norms, torch.ones_like(norms))  # the init's row norms; unit from a zero decoder
     assert torch.allclose(tc.W_dec.norm(dim=1), kept, atol=1e-6)
-    bad = build_dictionary(parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 8, "k": 2}, key="sae"), lm.d_model,
-                           ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"])
+    bad = build_dictionary(
+        parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 8, "k": 2}, key="sae"),
+        lm.d_model,
+        ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"],
+    )
     with pytest.raises(UsageError, match="ln2.hook_normalized"):
         bad.init_from_model(lm, [{"blocks.1.hook_resid_post": x}])
 
@@ -229,7 +258,10 @@ def test_init_from_mlp_sets_decoder_rows_to_the_mlp_response(tiny_llama):
 def test_resume_after_ctrl_c_is_exact(tmp_path):
     """Killed mid-run and resumed, a transcoder ends with the weights of an uninterrupted run."""
     assert_resume_after_ctrl_c_is_exact(
-        tmp_path, {"kind": "transcoder", "d_sae": 32, "k": 3, "skip_connection": True},
+        tmp_path,
+        {"kind": "transcoder", "d_sae": 32, "k": 3, "skip_connection": True},
         {"total_training_tokens": 128 * 24, "log_frequency": 5, "dead_threshold_tokens": 512},
         lambda: SyntheticStream(d_model=16, n_atoms=32, k=3, batch_size=128, hook_points=[IN, OUT]),
-        at=10, saved="W_skip")
+        at=10,
+        saved="W_skip",
+    )

@@ -28,14 +28,33 @@ CASES: dict[str, dict[str, Any]] = {
     "topk-dense": {"kind": "sae", "activation": "topk", "k": 4, "sparse_kernels": False},  # the dense reference
     "relu": {"kind": "sae", "activation": "relu"},
     "jumprelu": {"kind": "sae", "activation": "jumprelu", "jumprelu_threshold_init": 0.05},
-    "transcoder": {"kind": "transcoder", "activation": "topk", "k": 4, "skip_connection": True,
-                   "hook_point_in": HIN, "hook_point_out": HOUT},
+    "transcoder": {
+        "kind": "transcoder",
+        "activation": "topk",
+        "k": 4,
+        "skip_connection": True,
+        "hook_point_in": HIN,
+        "hook_point_out": HOUT,
+    },
     "crosscoder": {"kind": "crosscoder", "activation": "batchtopk", "k": 4, "hook_points": [HIN, HOUT]},
     # d_sae is per layer: 32 latents × 2 layers; layers keep different k (one all-gather for both)
-    "clt": {"kind": "clt", "activation": "topk", "k": 4, "layer_k": [4, 2], "d_sae": 32,
-            "hook_points_in": [HIN, HIN1], "hook_points_out": [HOUT, HOUT1]},
-    "clt-batchtopk": {"kind": "clt", "activation": "batchtopk", "k": 3, "d_sae": 32,
-                      "hook_points_in": [HIN, HIN1], "hook_points_out": [HOUT, HOUT1]},
+    "clt": {
+        "kind": "clt",
+        "activation": "topk",
+        "k": 4,
+        "layer_k": [4, 2],
+        "d_sae": 32,
+        "hook_points_in": [HIN, HIN1],
+        "hook_points_out": [HOUT, HOUT1],
+    },
+    "clt-batchtopk": {
+        "kind": "clt",
+        "activation": "batchtopk",
+        "k": 3,
+        "d_sae": 32,
+        "hook_points_in": [HIN, HIN1],
+        "hook_points_out": [HOUT, HOUT1],
+    },
 }
 
 
@@ -46,9 +65,20 @@ def hooks(case: str) -> list[str]:
 
 def trainer_cfg(**kw: Any) -> TrainerConfig:
     # a short dead window so AuxK has dead latents to work on; clipping exercises the norm over shards
-    return parse(TrainerConfig, {"total_training_tokens": N_TOK * STEPS, "lr": 5e-3, "lr_warm_up_steps": 0,
-                                 "log_frequency": 10, "n_checkpoints": 0, "checkpoint_every_seconds": 0,
-                                 "dead_threshold_tokens": N_TOK * 3, "clip_grad_norm": 1.0, **kw})
+    return parse(
+        TrainerConfig,
+        {
+            "total_training_tokens": N_TOK * STEPS,
+            "lr": 5e-3,
+            "lr_warm_up_steps": 0,
+            "log_frequency": 10,
+            "n_checkpoints": 0,
+            "checkpoint_every_seconds": 0,
+            "dead_threshold_tokens": N_TOK * 3,
+            "clip_grad_norm": 1.0,
+            **kw,
+        },
+    )
 
 
 def dictionary(case: str) -> Any:
@@ -68,7 +98,9 @@ def batch(case: str, step: int) -> Batch:
         acts[HOUT] = torch.tanh(x) @ torch.randn(D_MODEL, D_MODEL, generator=torch.Generator().manual_seed(8)) * 0.3
     if CASES[case]["kind"] == "clt":
         acts[HIN1] = x + acts[HOUT]
-        acts[HOUT1] = torch.tanh(acts[HIN1]) @ torch.randn(D_MODEL, D_MODEL, generator=torch.Generator().manual_seed(9)) * 0.3
+        acts[HOUT1] = (
+            torch.tanh(acts[HIN1]) @ torch.randn(D_MODEL, D_MODEL, generator=torch.Generator().manual_seed(9)) * 0.3
+        )
     return Batch(acts=acts, tokens=torch.zeros(N_TOK, dtype=torch.long))
 
 
@@ -141,8 +173,17 @@ def sharded_runs(rank: int, world: int, store: str, out: str, tp: int) -> None:
         train(m, case, 0, STEPS)
         state = full_state(d)
         if rank == 0:
-            torch.save({"state": state, "fired": m.fired, "bytes": state_bytes(d, m.optimizer), "aux": m.aux,
-                        "world": dist.get_world_size(), "mesh": tuple(mesh.shape)}, Path(out) / f"{case}.pt")
+            torch.save(
+                {
+                    "state": state,
+                    "fired": m.fired,
+                    "bytes": state_bytes(d, m.optimizer),
+                    "aux": m.aux,
+                    "world": dist.get_world_size(),
+                    "mesh": tuple(mesh.shape),
+                },
+                Path(out) / f"{case}.pt",
+            )
     data_parallel_runs(rank, world, out)
     dist.destroy_process_group()
 

@@ -64,8 +64,15 @@ class FeatureAnalyzer:
         p = _param(dictionary)
         self.device, self.dtype = p.device, p.dtype
         specs = default_specs(cfg.top_samples, list(cfg.tiers), cfg.tier_samples, cfg.non_activating_samples)
-        self.book = FeatureBook(dictionary.d_sae, context_size, specs, bins=cfg.histogram_bins,
-                                hist_range=(float(cfg.histogram_range[0]), float(cfg.histogram_range[1])), seed=cfg.seed, device=self.device)
+        self.book = FeatureBook(
+            dictionary.d_sae,
+            context_size,
+            specs,
+            bins=cfg.histogram_bins,
+            hist_range=(float(cfg.histogram_range[0]), float(cfg.histogram_range[1])),
+            seed=cfg.seed,
+            device=self.device,
+        )
         self.started = time.perf_counter()
 
     @torch.no_grad()
@@ -90,13 +97,25 @@ class FeatureAnalyzer:
         dev = feats.device
         mask = batch.mask.to(dev) if batch.mask is not None else None
         before = self.book.n_tokens
-        self.book.update(feats, batch.tokens.to(dev), None if batch.doc is None else batch.doc.to(dev),
-                         None if batch.pos is None else batch.pos.to(dev), mask)
+        self.book.update(
+            feats,
+            batch.tokens.to(dev),
+            None if batch.doc is None else batch.doc.to(dev),
+            None if batch.pos is None else batch.pos.to(dev),
+            mask,
+        )
         return self.book.n_tokens - before
 
     @torch.no_grad()
-    def result(self, *, name: str | None = None, decode: Callable[[list[int]], list[str]] | None = None,
-               forward: Forward | None = None, batch_contexts: int = 8, meta: dict | None = None) -> AnalysisResult:
+    def result(
+        self,
+        *,
+        name: str | None = None,
+        decode: Callable[[list[int]], list[str]] | None = None,
+        forward: Forward | None = None,
+        batch_contexts: int = 8,
+        meta: dict | None = None,
+    ) -> AnalysisResult:
         """Collect everything into an `AnalysisResult` (CPU numpy arrays)."""
         book = self.book
         samplings = {}
@@ -118,8 +137,9 @@ class FeatureAnalyzer:
             "n_contexts": int(book.n_contexts),
             "in_hooks": list(self.dictionary.in_hooks),
             "out_hooks": list(self.dictionary.out_hooks),
-            "samplings": {cs.spec.name: {"kind": cs.spec.kind, "n": cs.spec.n, "fraction": cs.spec.fraction}
-                          for cs in book.sets},
+            "samplings": {
+                cs.spec.name: {"kind": cs.spec.kind, "n": cs.spec.n, "fraction": cs.spec.fraction} for cs in book.sets
+            },
             "histogram": {"bins": int(book.hist.shape[1]), "range": list(self.cfg.histogram_range), "scale": "log"},
             "seconds": round(elapsed, 3),
             "tokens_per_second": round(book.n_tokens / elapsed, 1) if elapsed > 0 else None,
@@ -139,13 +159,15 @@ class FeatureAnalyzer:
             meta=info,
         )
 
-    def _context_extras(self, top: dict[str, np.ndarray], forward: Forward, batch_contexts: int) -> dict[str, np.ndarray]:
+    def _context_extras(
+        self, top: dict[str, np.ndarray], forward: Forward, batch_contexts: int
+    ) -> dict[str, np.ndarray]:
         """Re-run each feature's top context and ask the dictionary for its context-dependent extras."""
         d = self.dictionary
         fired = np.nonzero(top["count"] > 0)[0]
         out: dict[str, np.ndarray] = {}
         for start in range(0, len(fired), batch_contexts):
-            ids = fired[start:start + batch_contexts]
+            ids = fired[start : start + batch_contexts]
             tokens = torch.from_numpy(top["tokens"][ids, 0].astype(np.int64))
             peaks = torch.from_numpy(top["acts"][ids, 0].astype(np.float32).argmax(-1))
             acts = forward(tokens)
@@ -183,8 +205,15 @@ def static_extras(dictionary: Dictionary) -> tuple[dict[str, np.ndarray], dict]:
 # ---------------------------------------------------------------------------------------------- live data
 
 
-def context_batches(lm: LanguageModel, dataset_cfg: DatasetConfig, acts_cfg: ActivationsConfig, hooks: list[str], *, context_size: int,
-                    batch_contexts: int) -> Iterator[Batch]:
+def context_batches(
+    lm: LanguageModel,
+    dataset_cfg: DatasetConfig,
+    acts_cfg: ActivationsConfig,
+    hooks: list[str],
+    *,
+    context_size: int,
+    batch_contexts: int,
+) -> Iterator[Batch]:
     """Whole packed contexts from the dataset with the model's activations at `hooks` ([B, T, d]).
 
     Massive-activation tokens (see `saecli.data.outliers`) are masked out, as training dropped them.
@@ -208,8 +237,12 @@ def context_batches(lm: LanguageModel, dataset_cfg: DatasetConfig, acts_cfg: Act
         contexts.close()
 
 
-def run_analysis(analyzer: FeatureAnalyzer, batches: Iterable[Batch], total_tokens: int,
-                 progress: Callable[[int], None] | None = None) -> int:
+def run_analysis(
+    analyzer: FeatureAnalyzer,
+    batches: Iterable[Batch],
+    total_tokens: int,
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Feed batches until `total_tokens` counted tokens were analysed (whole batches); returns the count."""
     done = 0
     for batch in batches:
@@ -224,7 +257,9 @@ def run_analysis(analyzer: FeatureAnalyzer, batches: Iterable[Batch], total_toke
 
 def _byte_decoder() -> dict[str, int]:
     """The inverse of byte-level BPE's byte → printable character table (GPT-2 style tokenizers)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -258,8 +293,14 @@ def decoder_for(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], lis
     return decode
 
 
-def publish(result: AnalysisResult, sae_folder: str | Path, store: Store | None = None, *, sae_name: str = "",
-            series: str = "default") -> Path:
+def publish(
+    result: AnalysisResult,
+    sae_folder: str | Path,
+    store: Store | None = None,
+    *,
+    sae_name: str = "",
+    series: str = "default",
+) -> Path:
     """Write the analysis file (atomic) and then replace the analysis in the store (atomic)."""
     folder = analysis_dir(sae_folder, result.name)
     path = result.save(folder)

@@ -113,12 +113,17 @@ class DLAResult:
 
     def feature(self, index: int) -> dict:
         """{"top_positive": [{token, id, logit}], "top_negative": [...]} (most negative first)."""
-        def items(ids: np.ndarray, logits: np.ndarray) -> list[dict]:
-            return [{"token": self.vocab.get(int(t), str(int(t))), "id": int(t), "logit": float(v)}
-                    for t, v in zip(ids[index], logits[index])]
 
-        return {"top_positive": items(self.pos_ids, self.pos_logits),
-                "top_negative": items(self.neg_ids, self.neg_logits)}
+        def items(ids: np.ndarray, logits: np.ndarray) -> list[dict]:
+            return [
+                {"token": self.vocab.get(int(t), str(int(t))), "id": int(t), "logit": float(v)}
+                for t, v in zip(ids[index], logits[index])
+            ]
+
+        return {
+            "top_positive": items(self.pos_ids, self.pos_logits),
+            "top_negative": items(self.neg_ids, self.neg_logits),
+        }
 
     def items(self) -> Iterator[tuple[int, dict]]:
         for i in range(self.d_sae):
@@ -126,12 +131,16 @@ class DLAResult:
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / DLA_FILE
-        write_json(path, {
-            **self.meta,
-            "vocab": {str(k): v for k, v in sorted(self.vocab.items())},
-            "positive": {"ids": self.pos_ids.tolist(), "logits": np.round(self.pos_logits, 5).tolist()},
-            "negative": {"ids": self.neg_ids.tolist(), "logits": np.round(self.neg_logits, 5).tolist()},
-        }, indent=None)
+        write_json(
+            path,
+            {
+                **self.meta,
+                "vocab": {str(k): v for k, v in sorted(self.vocab.items())},
+                "positive": {"ids": self.pos_ids.tolist(), "logits": np.round(self.pos_logits, 5).tolist()},
+                "negative": {"ids": self.neg_ids.tolist(), "logits": np.round(self.neg_logits, 5).tolist()},
+            },
+            indent=None,
+        )
         return path
 
     @classmethod
@@ -144,15 +153,26 @@ class DLAResult:
         data = json.loads(path.read_text())
         arr = lambda key, part, dt: np.asarray(data[key][part], dtype=dt).reshape(len(data[key][part]), -1)  # noqa: E731
         meta = {k: v for k, v in data.items() if k not in ("vocab", "positive", "negative")}
-        return cls(arr("positive", "ids", np.int64), arr("positive", "logits", np.float32),
-                   arr("negative", "ids", np.int64), arr("negative", "logits", np.float32),
-                   {int(k): v for k, v in data["vocab"].items()}, meta)
+        return cls(
+            arr("positive", "ids", np.int64),
+            arr("positive", "logits", np.float32),
+            arr("negative", "ids", np.int64),
+            arr("negative", "logits", np.float32),
+            {int(k): v for k, v in data["vocab"].items()},
+            meta,
+        )
 
 
 @torch.no_grad()
-def direct_logit_attribution(directions: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor] | NormAsLinear,
-                             W_U: torch.Tensor, top: int = 10, *, chunk_elements: int = 1 << 24,
-                             progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, ...]:
+def direct_logit_attribution(
+    directions: torch.Tensor,
+    norm: Callable[[torch.Tensor], torch.Tensor] | NormAsLinear,
+    W_U: torch.Tensor,
+    top: int = 10,
+    *,
+    chunk_elements: int = 1 << 24,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, ...]:
     """(pos_logits, pos_ids, neg_logits, neg_ids), each [d_sae, top]; neg sorted most negative first.
 
     `directions` [d_sae, d_model] raw units; `norm` the model's final norm module; `W_U` [d_model, vocab].
@@ -165,8 +185,10 @@ def direct_logit_attribution(directions: torch.Tensor, norm: Callable[[torch.Ten
     lin = norm if isinstance(norm, NormAsLinear) else NormAsLinear(norm, d_model, device)
     W = W_U.to(torch.float32)
     rows = max(1, chunk_elements // vocab)
-    out = [torch.empty(d_sae, top, device=device, dtype=dt)
-           for dt in (torch.float32, torch.int64, torch.float32, torch.int64)]
+    out = [
+        torch.empty(d_sae, top, device=device, dtype=dt)
+        for dt in (torch.float32, torch.int64, torch.float32, torch.int64)
+    ]
     for start in range(0, d_sae, rows):
         stop = min(start + rows, d_sae)
         logits = lin(directions[start:stop].to(device)) @ W
@@ -179,7 +201,9 @@ def direct_logit_attribution(directions: torch.Tensor, norm: Callable[[torch.Ten
     return tuple(out)
 
 
-def dla_result(dictionary: Dictionary, lm: LanguageModel, top: int = 10, progress: Callable[[int], None] | None = None) -> DLAResult:
+def dla_result(
+    dictionary: Dictionary, lm: LanguageModel, top: int = 10, progress: Callable[[int], None] | None = None
+) -> DLAResult:
     """DLA of every feature of `dictionary` through `lm`'s final norm and unembedding."""
     from saecli.analysis.analyzer import decoder_for
     from saecli.lm import final_norm_and_unembed
@@ -189,12 +213,19 @@ def dla_result(dictionary: Dictionary, lm: LanguageModel, top: int = 10, progres
 
     dirs = residual_directions(lm, list(dictionary.out_hooks), feature_directions(dictionary))  # attn.hook_z: × W_O
     if dirs.shape[1] != W_U.shape[0]:
-        raise UsageError(f"the dictionary's directions have {dirs.shape[1]} dimensions but {lm.name}'s "
-                         f"residual stream has {W_U.shape[0]}: is it the dictionary of another model?")
+        raise UsageError(
+            f"the dictionary's directions have {dirs.shape[1]} dimensions but {lm.name}'s "
+            f"residual stream has {W_U.shape[0]}: is it the dictionary of another model?"
+        )
     lin = NormAsLinear(norm, W_U.shape[0], W_U.device)
     pos_v, pos_i, neg_v, neg_i = direct_logit_attribution(dirs, lin, W_U, top, progress=progress)
     ids = torch.unique(torch.cat([pos_i.reshape(-1), neg_i.reshape(-1)])).tolist()
     vocab = dict(zip(ids, decoder_for(lm.tokenizer)(ids))) if lm.tokenizer is not None else {}
-    meta = {"model": lm.name, "top": int(pos_i.shape[1]), "norm": lin.kind,
-            "out_hooks": list(dictionary.out_hooks), "biases": "ignored (final-norm bias, unembedding bias)"}
+    meta = {
+        "model": lm.name,
+        "top": int(pos_i.shape[1]),
+        "norm": lin.kind,
+        "out_hooks": list(dictionary.out_hooks),
+        "biases": "ignored (final-norm bias, unembedding bias)",
+    }
     return DLAResult(pos_i.cpu().numpy(), pos_v.cpu().numpy(), neg_i.cpu().numpy(), neg_v.cpu().numpy(), vocab, meta)

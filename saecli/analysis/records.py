@@ -66,18 +66,22 @@ class AnalysisResult:
         """The record of one feature (only filled sampling slots, best first)."""
         i = int(index)
         if not 0 <= i < self.d_sae:
-            raise UsageError(f"feature {index} does not exist: the dictionary has {self.d_sae} features (0–{self.d_sae - 1})")
+            raise UsageError(
+                f"feature {index} does not exist: the dictionary has {self.d_sae} features (0–{self.d_sae - 1})"
+            )
         samplings = []
         for name, s in self.samplings.items():
             k = int(s["count"][i])
-            samplings.append({
-                "name": name,
-                "tokens": s["tokens"][i, :k].astype(np.int32),
-                "acts": s["acts"][i, :k].astype(np.float16),
-                "max": s["value"][i, :k].astype(np.float32),
-                "doc": s["doc"][i, :k].astype(np.int64),
-                "pos": s["pos"][i, :k].astype(np.int64),
-            })
+            samplings.append(
+                {
+                    "name": name,
+                    "tokens": s["tokens"][i, :k].astype(np.int32),
+                    "acts": s["acts"][i, :k].astype(np.float16),
+                    "max": s["value"][i, :k].astype(np.float32),
+                    "doc": s["doc"][i, :k].astype(np.int64),
+                    "pos": s["pos"][i, :k].astype(np.int64),
+                }
+            )
         record = {
             "index": i,
             "act_times": int(self.act_times[i]),
@@ -99,8 +103,11 @@ class AnalysisResult:
     def store_meta(self) -> dict:
         """Metadata for the store (the vocab table stays in the file)."""
         meta = {k: v for k, v in self.meta.items() if k != "vocab"}
-        meta.update(n_analyzed_tokens=int(self.n_analyzed_tokens), n_features=self.d_sae,
-                    n_fired=int((self.act_times > 0).sum()))
+        meta.update(
+            n_analyzed_tokens=int(self.n_analyzed_tokens),
+            n_features=self.d_sae,
+            n_fired=int((self.act_times > 0).sum()),
+        )
         return meta
 
     # ------------------------------------------------------------------ file
@@ -152,12 +159,18 @@ class AnalysisResult:
         extras: dict[str, np.ndarray] = {}
         for key, arr in arrays.items():
             if key.startswith("sampling."):
-                name, fld = key[len("sampling."):].rsplit(".", 1)
+                name, fld = key[len("sampling.") :].rsplit(".", 1)
                 samplings[name][fld] = arr
             elif key.startswith("extra."):
-                extras[key[len("extra."):]] = arr
+                extras[key[len("extra.") :]] = arr
         return cls(
-            name=header["name"], n_analyzed_tokens=int(header["n_analyzed_tokens"]),
-            act_times=arrays["act_times"], max_act=arrays["max_act"], hist_counts=arrays["hist_counts"],
-            hist_edges=arrays["hist_edges"], samplings=samplings, extras=extras, meta=header.get("meta", {}),
+            name=header["name"],
+            n_analyzed_tokens=int(header["n_analyzed_tokens"]),
+            act_times=arrays["act_times"],
+            max_act=arrays["max_act"],
+            hist_counts=arrays["hist_counts"],
+            hist_edges=arrays["hist_edges"],
+            samplings=samplings,
+            extras=extras,
+            meta=header.get("meta", {}),
         )

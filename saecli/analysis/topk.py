@@ -131,16 +131,23 @@ class BatchView:
 class FeatureBook:
     """All per-feature statistics and sampled contexts of one analysis (see the module docstring)."""
 
-    def __init__(self, n_features: int, context_size: int, specs: list[SamplingSpec], *, bins: int = 60,
-                 hist_range: tuple[float, float] = (1e-3, 1e3), seed: int = 0,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        n_features: int,
+        context_size: int,
+        specs: list[SamplingSpec],
+        *,
+        bins: int = 60,
+        hist_range: tuple[float, float] = (1e-3, 1e3),
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ):
         self.device = dev = torch.device(device)
         self.n_features = F = n_features
         self.context_size = T = context_size
         self.seed = seed
         self.specs = [s for s in specs if s.n > 0]
-        self.edges = torch.logspace(math.log10(hist_range[0]), math.log10(hist_range[1]), bins + 1,
-                                    dtype=torch.float64)
+        self.edges = torch.logspace(math.log10(hist_range[0]), math.log10(hist_range[1]), bins + 1, dtype=torch.float64)
         self._inner = self.edges[1:-1].to(device=dev, dtype=torch.float32)
         self.hist = torch.zeros(F, bins, dtype=torch.int64, device=dev)
         self.max_act = torch.zeros(F, dtype=torch.float32, device=dev)
@@ -163,8 +170,9 @@ class FeatureBook:
         self._column = torch.tensor(self.offsets, device=dev, dtype=torch.int64)
         kinds = [s.kind for s in self.specs]
         self._tier_rows = [i for i, k in enumerate(kinds) if k == "tier"]
-        self._fractions = torch.tensor([self.specs[i].fraction for i in self._tier_rows], dtype=torch.float64,
-                                       device=dev)
+        self._fractions = torch.tensor(
+            [self.specs[i].fraction for i in self._tier_rows], dtype=torch.float64, device=dev
+        )
         self.sets = [ContextSet(self, i) for i in range(S)]
 
     def memory_bytes(self) -> int:
@@ -172,8 +180,14 @@ class FeatureBook:
         return self.n_features * n * (self.context_size * 6 + 36) + self.hist.numel() * 8
 
     @torch.no_grad()
-    def update(self, acts: torch.Tensor, tokens: torch.Tensor, doc: torch.Tensor | None = None,
-               pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> None:
+    def update(
+        self,
+        acts: torch.Tensor,
+        tokens: torch.Tensor,
+        doc: torch.Tensor | None = None,
+        pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> None:
         """One batch of contexts: acts [B, T, F], tokens/doc/pos/mask [B, T] (doc/pos may be None).
 
         Positions where `mask` is False are zeroed in `acts` in place before anything is counted.
@@ -220,8 +234,9 @@ class FeatureBook:
             cand[self._tier_rows] = torch.where(fires & (s <= limit), s, neg_inf)
         return cand
 
-    def _merge(self, cand: torch.Tensor, ctx_max: torch.Tensor, batch: BatchView, doc: torch.Tensor,
-               pos: torch.Tensor) -> None:
+    def _merge(
+        self, cand: torch.Tensor, ctx_max: torch.Tensor, batch: BatchView, doc: torch.Tensor, pos: torch.Tensor
+    ) -> None:
         n = self.n_max
         both = torch.cat([self.score, cand], dim=2)  # [S, F, n_max + B]
         chosen = both.topk(n, dim=2, sorted=False).indices

@@ -45,8 +45,9 @@ class Usage:
             self.requests += 1
             self.prompt_tokens += reply.prompt_tokens
             self.completion_tokens += reply.completion_tokens
-            self.cost += (reply.prompt_tokens * cfg.price_input_per_mtok
-                          + reply.completion_tokens * cfg.price_output_per_mtok) / 1e6
+            self.cost += (
+                reply.prompt_tokens * cfg.price_input_per_mtok + reply.completion_tokens * cfg.price_output_per_mtok
+            ) / 1e6
 
     def retried(self) -> None:
         with self._lock:
@@ -54,8 +55,13 @@ class Usage:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {"requests": self.requests, "retries": self.retries, "prompt_tokens": self.prompt_tokens,
-                    "completion_tokens": self.completion_tokens, "cost": round(self.cost, 6)}
+            return {
+                "requests": self.requests,
+                "retries": self.retries,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "cost": round(self.cost, 6),
+            }
 
 
 class ChatBackend(Protocol):
@@ -72,8 +78,10 @@ def api_key(cfg: LLMConfig) -> str:
         return "none"
     value = os.environ.get(cfg.api_key_env)
     if not value:
-        raise UsageError(f"autointerp: the API key variable {cfg.api_key_env} (api_key_env) is not set or empty; "
-                         f"export {cfg.api_key_env}=... before running")
+        raise UsageError(
+            f"autointerp: the API key variable {cfg.api_key_env} (api_key_env) is not set or empty; "
+            f"export {cfg.api_key_env}=... before running"
+        )
     return value
 
 
@@ -93,20 +101,31 @@ class OpenAIChat:
         import httpx
 
         self.cfg, self.usage = cfg, usage
-        self._client = httpx.Client(base_url=cfg.base_url.rstrip("/") + "/", timeout=cfg.timeout_s,
-                                    headers={"Authorization": f"Bearer {api_key(cfg)}"},
-                                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        self._client = httpx.Client(
+            base_url=cfg.base_url.rstrip("/") + "/",
+            timeout=cfg.timeout_s,
+            headers={"Authorization": f"Bearer {api_key(cfg)}"},
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
         self._transient = (RetryableStatus, httpx.TransportError)  # connection errors and timeouts included
 
     def _post(self, messages: Messages) -> dict:
-        r = self._client.post("chat/completions", json={"model": self.cfg.model, "messages": messages,
-                                                        "max_tokens": self.cfg.max_tokens,
-                                                        "temperature": self.cfg.temperature})
+        r = self._client.post(
+            "chat/completions",
+            json={
+                "model": self.cfg.model,
+                "messages": messages,
+                "max_tokens": self.cfg.max_tokens,
+                "temperature": self.cfg.temperature,
+            },
+        )
         if r.status_code in (408, 409, 429) or r.status_code >= 500:
             raise RetryableStatus(r.status_code)
         if r.status_code in (401, 403, 404):
-            raise RunError(f"the chat endpoint {self.cfg.base_url} refused model {self.cfg.model!r}: "
-                           f"HTTP {r.status_code} ({r.text[:200]})")
+            raise RunError(
+                f"the chat endpoint {self.cfg.base_url} refused model {self.cfg.model!r}: "
+                f"HTTP {r.status_code} ({r.text[:200]})"
+            )
         if r.status_code >= 400:  # 400/422: this request is bad (too long...), not the run
             return {"choices": [{"message": {"content": f"<request rejected: HTTP {r.status_code}>"}}]}
         try:
@@ -127,8 +146,10 @@ class OpenAIChat:
         try:
             body = retrying(self._post, messages)
         except self._transient as exc:
-            raise RunError(f"the chat endpoint {self.cfg.base_url} failed {self.cfg.max_retries + 1} times in a row "
-                           f"({type(exc).__name__}: {exc}); finished features are saved, run again to resume") from None
+            raise RunError(
+                f"the chat endpoint {self.cfg.base_url} failed {self.cfg.max_retries + 1} times in a row "
+                f"({type(exc).__name__}: {exc}); finished features are saved, run again to resume"
+            ) from None
         choices = body.get("choices") or [{}]
         text = (choices[0].get("message") or {}).get("content") or ""
         usage = body.get("usage") or {}
@@ -202,18 +223,32 @@ class LocalChat:
 
     def generate(self, conversations: list[Messages]) -> list[Reply]:
         tok, torch = self.tokenizer, self._torch
-        texts = [tok.apply_chat_template(m, chat_template=self._template, tokenize=False, add_generation_prompt=True)
-                 for m in conversations]
+        texts = [
+            tok.apply_chat_template(m, chat_template=self._template, tokenize=False, add_generation_prompt=True)
+            for m in conversations
+        ]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         sample = self.cfg.temperature > 0
         with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=self.cfg.max_tokens, do_sample=sample,
-                                      temperature=self.cfg.temperature if sample else None, top_p=None, top_k=None,
-                                      pad_token_id=tok.pad_token_id)
-        new = out[:, enc["input_ids"].shape[1]:]
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=self.cfg.max_tokens,
+                do_sample=sample,
+                temperature=self.cfg.temperature if sample else None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tok.pad_token_id,
+            )
+        new = out[:, enc["input_ids"].shape[1] :]
         stop = self.model.generation_config.eos_token_id
-        stop = torch.tensor([*(stop if isinstance(stop, list) else [stop] if stop is not None else []),
-                             tok.eos_token_id, tok.pad_token_id], device=new.device)
+        stop = torch.tensor(
+            [
+                *(stop if isinstance(stop, list) else [stop] if stop is not None else []),
+                tok.eos_token_id,
+                tok.pad_token_id,
+            ],
+            device=new.device,
+        )
         replies = []
         for row, mask in zip(new, enc["attention_mask"]):
             ends = torch.isin(row, stop).nonzero()

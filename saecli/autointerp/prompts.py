@@ -89,12 +89,16 @@ def strengths(example: Example, feature_max: float, threshold: float) -> str:
     """`"tok" 10, "tok2" 4` for the first marked tokens, strength = round(10 × act / feature max), at least 1."""
     marks = np.nonzero(above(example.acts, threshold))[0][:MAX_STRENGTHS]
     scale = 10.0 / feature_max if feature_max > 0 else 0.0
-    return ", ".join(f"{json.dumps(show_token(example.tokens[i]), ensure_ascii=False)} "
-                     f"{max(1, min(10, round(float(example.acts[i]) * scale)))}" for i in marks)
+    return ", ".join(
+        f"{json.dumps(show_token(example.tokens[i]), ensure_ascii=False)} "
+        f"{max(1, min(10, round(float(example.acts[i]) * scale)))}"
+        for i in marks
+    )
 
 
-def explainer_prompt(examples: Sequence[Example], feature_max: float, threshold: float,
-                     dla_tokens: Sequence[str] = ()) -> Messages:
+def explainer_prompt(
+    examples: Sequence[Example], feature_max: float, threshold: float, dla_tokens: Sequence[str] = ()
+) -> Messages:
     lines = ["Excerpts, strongest first:", ""]
     for n, ex in enumerate(examples, 1):
         lines.append(f"Example {n}: {highlight(ex.tokens, above(ex.acts, threshold))}")
@@ -110,8 +114,10 @@ def explainer_prompt(examples: Sequence[Example], feature_max: float, threshold:
 def scorer_prompt(kind: str, explanation: str, texts: Sequence[str]) -> Messages:
     system = DETECTION_SYSTEM if kind == "detection" else FUZZING_SYSTEM
     body = "\n".join(f"Example {n}: {t}" for n, t in enumerate(texts, 1))
-    return [{"role": "system", "content": system},
-            {"role": "user", "content": f"Feature explanation: {explanation}\n\nExcerpts:\n{body}"}]
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"Feature explanation: {explanation}\n\nExcerpts:\n{body}"},
+    ]
 
 
 # ---------------------------------------------------------------- answers

@@ -60,8 +60,10 @@ def summarize(records: dict[int, dict], scorers: list[str]) -> dict:
         "features": len(recs),
         "explained": sum(r.get("explanation") is not None for r in recs),
         "bad_answers": sum(r.get("explanation") is None for r in recs),
-        "usage": {k: sum(r.get("usage", {}).get(k, 0) for r in recs)
-                  for k in ("requests", "prompt_tokens", "completion_tokens", "cost")},
+        "usage": {
+            k: sum(r.get("usage", {}).get(k, 0) for r in recs)
+            for k in ("requests", "prompt_tokens", "completion_tokens", "cost")
+        },
         "scorers": {},
     }
     for kind in scorers:
@@ -77,9 +79,15 @@ def summarize(records: dict[int, dict], scorers: list[str]) -> dict:
         for d in range(10):
             sel = which == d
             if sel.any():
-                deciles.append({"decile": d + 1, "density_min": float(density[sel].min()),
-                                "density_max": float(density[sel].max()), "n": int(sel.sum()),
-                                "mean_f1": float(f1[sel].mean())})
+                deciles.append(
+                    {
+                        "decile": d + 1,
+                        "density_min": float(density[sel].min()),
+                        "density_max": float(density[sel].max()),
+                        "n": int(sel.sum()),
+                        "mean_f1": float(f1[sel].mean()),
+                    }
+                )
         out["scorers"][kind] = {
             "n": len(scored),
             **{f"mean_{k}": float(np.mean([r["scores"][kind][k] for r in scored])) for k in SCORE_KEYS},
@@ -92,9 +100,12 @@ def summarize(records: dict[int, dict], scorers: list[str]) -> dict:
 
 def interpretation(record: dict) -> dict:
     """What the store and the dashboard keep of a finished feature."""
-    return {"explanation": record.get("explanation"), "model": record.get("explainer", {}).get("model"),
-            "scores": {k: {m: v[m] for m in SCORE_KEYS} for k, v in record.get("scores", {}).items() if v["n"] > 0},
-            "autointerp": record.get("run")}
+    return {
+        "explanation": record.get("explanation"),
+        "model": record.get("explainer", {}).get("model"),
+        "scores": {k: {m: v[m] for m in SCORE_KEYS} for k, v in record.get("scores", {}).items() if v["n"] > 0},
+        "autointerp": record.get("run"),
+    }
 
 
 def load_interpretations(analysis_folder: str | Path, name: str) -> dict[int, dict]:

@@ -33,8 +33,9 @@ def select_features(result: AnalysisResult, cfg: AutointerpConfig) -> list[int]:
     if cfg.features is not None:
         wrong = [i for i in cfg.features if i >= n]
         if wrong:
-            raise ConfigError(f"features {wrong} do not exist: the dictionary has {n} (0–{n - 1})",
-                              key="autointerp.features")
+            raise ConfigError(
+                f"features {wrong} do not exist: the dictionary has {n} (0–{n - 1})", key="autointerp.features"
+            )
         chosen = sorted(set(cfg.features))
     elif cfg.feature_range is not None:
         start, stop = cfg.feature_range
@@ -60,8 +61,9 @@ class Asked:
     completion_tokens: int
 
 
-def ask(backend: ChatBackend, messages: Messages, parse: Callable[[str], object | None], retries: int,
-        what: str) -> Asked:
+def ask(
+    backend: ChatBackend, messages: Messages, parse: Callable[[str], object | None], retries: int, what: str
+) -> Asked:
     """Ask, parse; on an unusable answer ask again (showing the model its answer) up to `retries` times."""
     pt = ct = 0
     reply = Reply("", 0, 0)
@@ -72,49 +74,80 @@ def ask(backend: ChatBackend, messages: Messages, parse: Callable[[str], object 
         value = parse(reply.text)
         if value is not None:
             return Asked(value, attempt, reply.text, pt, ct)
-        convo = [*messages, {"role": "assistant", "content": reply.text},
-                 {"role": "user", "content": RETRY_NOTE.format(what=what)}]
+        convo = [
+            *messages,
+            {"role": "assistant", "content": reply.text},
+            {"role": "user", "content": RETRY_NOTE.format(what=what)},
+        ]
     return Asked(None, retries + 1, reply.text, pt, ct)
 
 
 def _cost(cfg: LLMConfig, asked: Sequence[Asked]) -> float:
-    return sum(a.prompt_tokens * cfg.price_input_per_mtok + a.completion_tokens * cfg.price_output_per_mtok
-               for a in asked) / 1e6
+    return (
+        sum(a.prompt_tokens * cfg.price_input_per_mtok + a.completion_tokens * cfg.price_output_per_mtok for a in asked)
+        / 1e6
+    )
 
 
 class Interpreter:
     """Explains and scores one feature at a time (thread-safe: no shared mutable state)."""
 
-    def __init__(self, result: AnalysisResult, cfg: AutointerpConfig, explainer: ChatBackend, scorer: ChatBackend,
-                 dla: DLAResult | None, run: str):
-        self.result, self.cfg, self.explainer, self.scorer, self.dla, self.run = result, cfg, explainer, scorer, dla, run
+    def __init__(
+        self,
+        result: AnalysisResult,
+        cfg: AutointerpConfig,
+        explainer: ChatBackend,
+        scorer: ChatBackend,
+        dla: DLAResult | None,
+        run: str,
+    ):
+        self.result, self.cfg, self.explainer, self.scorer, self.dla, self.run = (
+            result,
+            cfg,
+            explainer,
+            scorer,
+            dla,
+            run,
+        )
         self.vocab = result.vocab
 
     def dla_tokens(self, index: int) -> list[str]:
         if self.dla is None or self.cfg.dla_tokens == 0 or index >= self.dla.d_sae:
             return []
-        return [self.dla.vocab.get(int(t), str(int(t))) for t in self.dla.pos_ids[index, :self.cfg.dla_tokens]]
+        return [self.dla.vocab.get(int(t), str(int(t))) for t in self.dla.pos_ids[index, : self.cfg.dla_tokens]]
 
     def prompt(self, index: int) -> tuple[Messages, tuple[FeatureExamples, np.random.Generator, dict]]:
         """The explainer's messages for a feature, and the feature's examples (for scoring)."""
         cfg = self.cfg
         rec = self.result.feature(index)
         rng = np.random.default_rng([cfg.seed, index])
-        ex = feature_examples(rec, self.vocab, explain_top=cfg.explain_top, explain_per_tier=cfg.explain_per_tier,
-                              window=(cfg.window_before, cfg.window_after), rng=rng)
+        ex = feature_examples(
+            rec,
+            self.vocab,
+            explain_top=cfg.explain_top,
+            explain_per_tier=cfg.explain_per_tier,
+            window=(cfg.window_before, cfg.window_after),
+            rng=rng,
+        )
         return explainer_prompt(ex.shown, rec["max_act"], cfg.threshold, self.dla_tokens(index)), (ex, rng, rec)
 
     def __call__(self, index: int) -> dict:
         cfg = self.cfg
         started = time.time()
         messages, (ex, rng, rec) = self.prompt(index)
-        explained = ask(self.explainer, messages, parse_explanation, cfg.max_answer_retries, 'JSON object')
+        explained = ask(self.explainer, messages, parse_explanation, cfg.max_answer_retries, "JSON object")
         record: dict = {
-            "index": index, "run": self.run, "density": rec["density"], "max_act": rec["max_act"],
+            "index": index,
+            "run": self.run,
+            "density": rec["density"],
+            "max_act": rec["max_act"],
             "explanation": explained.value,
-            "explainer": {"model": self.explainer.cfg.model, "attempts": explained.attempts,
-                          "answer": explained.answer[:2000],  # what the model said (to judge the parser)
-                          **({} if explained.value is not None else {"bad_answer": explained.answer[:2000]})},
+            "explainer": {
+                "model": self.explainer.cfg.model,
+                "attempts": explained.attempts,
+                "answer": explained.answer[:2000],  # what the model said (to judge the parser)
+                **({} if explained.value is not None else {"bad_answer": explained.answer[:2000]}),
+            },
             "scores": {},
         }
         spent_e, spent_s = [explained], []
@@ -125,25 +158,41 @@ class Interpreter:
                 bad = 0
                 for batch in batches(samples, cfg.examples_per_prompt):
                     msgs = scorer_prompt(kind, str(explained.value), [s.text for s in batch])
-                    got = ask(self.scorer, msgs, functools.partial(parse_labels, n=len(batch)), cfg.max_answer_retries,
-                              "JSON list")
+                    got = ask(
+                        self.scorer,
+                        msgs,
+                        functools.partial(parse_labels, n=len(batch)),
+                        cfg.max_answer_retries,
+                        "JSON list",
+                    )
                     spent_s.append(got)
                     bad += got.value is None
                     predicted += list(got.value) if got.value is not None else [None] * len(batch)  # type: ignore[call-overload]
                 if samples:
-                    record["scores"][kind] = {**score(samples, predicted), "bad_answers": bad,
-                                              "model": self.scorer.cfg.model}
+                    record["scores"][kind] = {
+                        **score(samples, predicted),
+                        "bad_answers": bad,
+                        "model": self.scorer.cfg.model,
+                    }
         spent = spent_e + spent_s
-        record["usage"] = {"requests": sum(a.attempts for a in spent),
-                           "prompt_tokens": sum(a.prompt_tokens for a in spent),
-                           "completion_tokens": sum(a.completion_tokens for a in spent),
-                           "cost": _cost(self.explainer.cfg, spent_e) + _cost(self.scorer.cfg, spent_s)}
+        record["usage"] = {
+            "requests": sum(a.attempts for a in spent),
+            "prompt_tokens": sum(a.prompt_tokens for a in spent),
+            "completion_tokens": sum(a.completion_tokens for a in spent),
+            "cost": _cost(self.explainer.cfg, spent_e) + _cost(self.scorer.cfg, spent_s),
+        }
         record["seconds"] = round(time.time() - started, 3)
         return record
 
 
-def run_features(interpreter: Interpreter, indices: Sequence[int], results: Results, *, max_workers: int,
-                 on_done: Callable[[dict], None]) -> int:
+def run_features(
+    interpreter: Interpreter,
+    indices: Sequence[int],
+    results: Results,
+    *,
+    max_workers: int,
+    on_done: Callable[[dict], None],
+) -> int:
     """Run every feature, `max_workers` at once; each is written by its worker as it finishes (the fsyncs
     overlap), then handed to `on_done` on this thread (the store needs no locking).
 

@@ -42,8 +42,15 @@ class FeatureExamples:
     negatives: list[Example]  # non-activating, for scoring
 
 
-def feature_examples(record: dict, vocab: dict[int, str], *, explain_top: int, explain_per_tier: int,
-                     window: tuple[int, int], rng: np.random.Generator) -> FeatureExamples:
+def feature_examples(
+    record: dict,
+    vocab: dict[int, str],
+    *,
+    explain_top: int,
+    explain_per_tier: int,
+    window: tuple[int, int],
+    rng: np.random.Generator,
+) -> FeatureExamples:
     """Cut every context of a feature record (`AnalysisResult.feature`) to a window and split it.
 
     A context that appears in several samplings (a rare feature's tiers overlap its top) is used once."""
@@ -97,7 +104,7 @@ def samples_for(kind: str, ex: FeatureExamples, threshold: float, rng: np.random
 
 
 def batches(samples: Sequence[Sample], size: int) -> list[list[Sample]]:
-    return [list(samples[i:i + size]) for i in range(0, len(samples), size)]
+    return [list(samples[i : i + size]) for i in range(0, len(samples), size)]
 
 
 def classification(truth: Sequence[bool], predicted: Sequence[bool | None]) -> dict:
@@ -112,7 +119,12 @@ def classification(truth: Sequence[bool], predicted: Sequence[bool | None]) -> d
     recall = tp / pos if pos else 0.0
     specificity = tn / neg if neg else 0.0
     return {
-        "n": n, "failed": len(truth) - n, "tp": tp, "tn": tn, "fp": fp, "fn": fn,
+        "n": n,
+        "failed": len(truth) - n,
+        "tp": tp,
+        "tn": tn,
+        "fp": fp,
+        "fn": fn,
         "accuracy": (tp + tn) / n if n else 0.0,
         "precision": precision,
         "recall": recall,

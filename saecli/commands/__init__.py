@@ -8,9 +8,13 @@ from typing import Annotated, List, Optional
 import typer
 
 ExperimentArg = Annotated[
-    Path, typer.Argument(help="experiment TOML file (or a run folder holding config.toml: the command then reads "
-                              "and writes that folder only). Relative paths inside are taken from the current "
-                              "directory; a run's config.toml holds them absolute", show_default=False)
+    Path,
+    typer.Argument(
+        help="experiment TOML file (or a run folder holding config.toml: the command then reads "
+        "and writes that folder only). Relative paths inside are taken from the current "
+        "directory; a run's config.toml holds them absolute",
+        show_default=False,
+    ),
 ]
 
 
@@ -22,7 +26,7 @@ def complete_set(incomplete: str) -> list[tuple[str, str]]:
     head, dot, rest = incomplete.partition(".")
     section = as_spelled({}, [head])[0] if dot else head
     if section != head:  # `sae.` (the older name of `dictionary.`): completed under the name typed
-        return [(head + path[len(section):], text) for path, text in complete_set(section + dot + rest)]
+        return [(head + path[len(section) :], text) for path, text in complete_set(section + dot + rest)]
     if "=" in incomplete:
         path, _ = incomplete.split("=", 1)
         for key in keys():
@@ -35,8 +39,12 @@ def complete_set(incomplete: str) -> list[tuple[str, str]]:
 
 SetOption = Annotated[
     Optional[List[str]],
-    typer.Option("--set", "-s", help="override a key, typed as in TOML: --set trainer.lr=1e-3 (repeatable)",
-                 autocompletion=complete_set),
+    typer.Option(
+        "--set",
+        "-s",
+        help="override a key, typed as in TOML: --set trainer.lr=1e-3 (repeatable)",
+        autocompletion=complete_set,
+    ),
 ]
 
 
@@ -65,5 +73,9 @@ def completion_scripts() -> dict[str, str]:
     options and `--set` key paths (see `complete_set`). scripts/make_completions.sh writes them."""
     from typer._completion_shared import get_completion_script
 
-    return {f"completions/saecli.{shell}": get_completion_script(prog_name="saecli", complete_var="_SAECLI_COMPLETE",
-                                                                 shell=shell) for shell in SHELLS}
+    return {
+        f"completions/saecli.{shell}": get_completion_script(
+            prog_name="saecli", complete_var="_SAECLI_COMPLETE", shell=shell
+        )
+        for shell in SHELLS
+    }

@@ -11,8 +11,12 @@ import typer
 from saecli.commands import ExperimentArg, SetOption, load, probe_store
 
 SaeOption = Annotated[
-    Optional[Path], typer.Option("--sae", help="dictionary folder, saecli's or SAELens/sparsify/dictionary_learning "
-                                "(default: analyze.sae_path, else run.output_dir, else sae.pretrained)")
+    Optional[Path],
+    typer.Option(
+        "--sae",
+        help="dictionary folder, saecli's or SAELens/sparsify/dictionary_learning "
+        "(default: analyze.sae_path, else run.output_dir, else sae.pretrained)",
+    ),
 ]
 
 
@@ -47,8 +51,14 @@ def ensure_registered(store: Any, exp: Any, dictionary: Any, folder: Path) -> tu
     if store is not None and store.get_sae(name, series) is None:
         from saecli.config.load import experiment_dict
 
-        store.put_sae(name, series, path=str(folder.resolve()), cfg=experiment_dict(exp),  # one cfg shape per run
-                      model_name=exp.model.name if exp.model else None, dataset_name=exp.dataset.path)
+        store.put_sae(
+            name,
+            series,
+            path=str(folder.resolve()),
+            cfg=experiment_dict(exp),  # one cfg shape per run
+            model_name=exp.model.name if exp.model else None,
+            dataset_name=exp.dataset.path,
+        )
     return name, series
 
 
@@ -57,7 +67,9 @@ def analyze(
     sae: SaeOption = None,
     html: Annotated[bool, typer.Option("--html", help="also write the static HTML dashboard")] = False,
     show: Annotated[Optional[int], typer.Option("--show", help="print this feature's contexts in the terminal")] = None,
-    reuse: Annotated[bool, typer.Option("--reuse", help="use the analysis already on disk (for --html/--show)")] = False,
+    reuse: Annotated[
+        bool, typer.Option("--reuse", help="use the analysis already on disk (for --html/--show)")
+    ] = False,
     overrides: SetOption = None,
 ) -> None:
     """Stream text through the model and the dictionary and record, for every feature: how often it fires,
@@ -102,7 +114,9 @@ def analyze(
 
                 ui.info(f"recorded {n:,} features of {name} in {describe(exp.store)}")
         if html or exp.dashboard.enabled:
-            index = _dashboard(exp, folder, result, None if exp.models else lm, dictionary, store)  # no DLA across models
+            index = _dashboard(
+                exp, folder, result, None if exp.models else lm, dictionary, store
+            )  # no DLA across models
             ui.result(f"dashboard: {index}")
     finally:
         if store is not None:
@@ -139,33 +153,56 @@ def _run(exp: Any, lm: Any, dictionary: Any, folder: Path):
     acts = acts or ActivationsConfig(hook_points=list(dictionary.in_hooks))
     context_size = cfg.context_size or acts.context_size
     batch_contexts = cfg.batch_contexts or acts.model_batch_size
-    dataset = exp.dataset if cfg.skip_documents is None else dataclasses.replace(exp.dataset, skip_documents=cfg.skip_documents)
+    dataset = (
+        exp.dataset
+        if cfg.skip_documents is None
+        else dataclasses.replace(exp.dataset, skip_documents=cfg.skip_documents)
+    )
     analyzer = FeatureAnalyzer(dictionary, cfg, context_size)
     mib = analyzer.book.memory_bytes() / 2**20
-    ui.info(f"analysing {dictionary.d_sae:,} features of {folder} on {cfg.total_analyzing_tokens:,} tokens "
-            f"of {dataset.path} ({context_size}-token contexts, {mib:,.0f} MiB of kept contexts)")
+    ui.info(
+        f"analysing {dictionary.d_sae:,} features of {folder} on {cfg.total_analyzing_tokens:,} tokens "
+        f"of {dataset.path} ({context_size}-token contexts, {mib:,.0f} MiB of kept contexts)"
+    )
     if isinstance(lm, dict):  # several models: their zipped stream of whole contexts, heads '<label>/<hook>'
         from saecli.data.open import open_stream
 
-        diff_exp = dataclasses.replace(exp, dataset=dataset, activations=dataclasses.replace(
-            acts, context_size=context_size, batch_size=context_size * batch_contexts,
-            shuffle_buffer_tokens=max(acts.shuffle_buffer_tokens, context_size * batch_contexts)))
-        batches = iter(open_stream(diff_exp, purpose="eval", contexts=True, hook_points=list(dictionary.in_hooks),
-                                   lm=lm))
+        diff_exp = dataclasses.replace(
+            exp,
+            dataset=dataset,
+            activations=dataclasses.replace(
+                acts,
+                context_size=context_size,
+                batch_size=context_size * batch_contexts,
+                shuffle_buffer_tokens=max(acts.shuffle_buffer_tokens, context_size * batch_contexts),
+            ),
+        )
+        batches = iter(
+            open_stream(diff_exp, purpose="eval", contexts=True, hook_points=list(dictionary.in_hooks), lm=lm)
+        )
         models, lm = " vs ".join(f"{k}={v.name}" for k, v in exp.models.items()), next(iter(lm.values()))
     else:
-        batches = context_batches(lm, dataset, acts, list(dictionary.in_hooks), context_size=context_size,
-                                  batch_contexts=batch_contexts)
+        batches = context_batches(
+            lm, dataset, acts, list(dictionary.in_hooks), context_size=context_size, batch_contexts=batch_contexts
+        )
         models = exp.model.name
     with ui.progress("analyze", total=cfg.total_analyzing_tokens, unit="tokens") as bar:
         done = run_analysis(analyzer, batches, cfg.total_analyzing_tokens, progress=bar.advance)
         bar.finish(done)
     if done < cfg.total_analyzing_tokens:
         ui.warn(f"the text ran out after {done:,} of {cfg.total_analyzing_tokens:,} tokens")
-    forward = None if exp.models else (  # context extras re-run one model; no kind needs them across models
-        lambda tokens: run_to_hooks(lm, tokens.to(lm.device), list(dictionary.in_hooks)))
-    result = analyzer.result(decode=decoder_for(lm.tokenizer), forward=forward, batch_contexts=batch_contexts,
-                             meta={"model": models, "dataset": dataset.path, "sae_path": str(folder)})
+    forward = (
+        None
+        if exp.models
+        # context extras re-run one model; no kind needs them across models
+        else (lambda tokens: run_to_hooks(lm, tokens.to(lm.device), list(dictionary.in_hooks)))
+    )
+    result = analyzer.result(
+        decode=decoder_for(lm.tokenizer),
+        forward=forward,
+        batch_contexts=batch_contexts,
+        meta={"model": models, "dataset": dataset.path, "sae_path": str(folder)},
+    )
     path = result.save(analysis_dir(folder, cfg.name))
     ui.info(f"wrote {path}")
     return result
@@ -191,9 +228,17 @@ def _dashboard(exp: Any, folder: Path, result: Any, lm: Any, dictionary: Any, st
     pages = min(alive, dash.max_features) if dash.max_features else alive
     title = f"{exp.analyze.sae_name or exp.run.name} · {result.name}"
     with ui.progress("dashboard", total=pages, unit="pages") as bar:
-        return build_site(result, out, dla=dla, explanations=explanations, title=title,
-                          window=(dash.window_before, dash.window_after), max_features=dash.max_features,
-                          progress=bar.advance, scores={i: v for i, v in scores.items() if v})
+        return build_site(
+            result,
+            out,
+            dla=dla,
+            explanations=explanations,
+            title=title,
+            window=(dash.window_before, dash.window_after),
+            max_features=dash.max_features,
+            progress=bar.advance,
+            scores={i: v for i, v in scores.items() if v},
+        )
 
 
 def _store_or_none(exp: Any, folder: Path):
@@ -239,18 +284,26 @@ def _summary(result: Any) -> None:
 
     density = result.density()
     alive = density[density > 0]
-    ui.table(f"analysis {result.name}", {
-        "tokens analysed": result.n_analyzed_tokens,
-        "features": result.d_sae,
-        "fired": int(len(alive)),
-        "never fired": int(result.d_sae - len(alive)),
-        "median density (fired)": float(np.median(alive)) if len(alive) else 0.0,
-        "tokens/s": result.meta.get("tokens_per_second") or "–",
-    })
+    ui.table(
+        f"analysis {result.name}",
+        {
+            "tokens analysed": result.n_analyzed_tokens,
+            "features": result.d_sae,
+            "fired": int(len(alive)),
+            "never fired": int(result.d_sae - len(alive)),
+            "median density (fired)": float(np.median(alive)) if len(alive) else 0.0,
+            "tokens/s": result.meta.get("tokens_per_second") or "–",
+        },
+    )
 
 
-def show_feature(result: Any, index: int, per_sampling: int = 6, window: tuple[int, int] = (20, 6),
-                 interpretation: dict | None = None) -> None:
+def show_feature(
+    result: Any,
+    index: int,
+    per_sampling: int = 6,
+    window: tuple[int, int] = (20, 6),
+    interpretation: dict | None = None,
+) -> None:
     """Print one feature's stats, its autointerp explanation and scores, and its contexts (each cut to a
     window around its peak token)."""
     import numpy as np

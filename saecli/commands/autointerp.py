@@ -18,8 +18,11 @@ if TYPE_CHECKING:
 
 
 FeaturesOption = Annotated[
-    Optional[str], typer.Option("--features", help="features to explain: '3,17,42' or a range '100:200' "
-                                                    "(default: autointerp.features / feature_range / all)")
+    Optional[str],
+    typer.Option(
+        "--features",
+        help="features to explain: '3,17,42' or a range '100:200' (default: autointerp.features / feature_range / all)",
+    ),
 ]
 
 
@@ -80,8 +83,11 @@ def autointerp(
         cfg.validate()
     for key, llm in (("explainer", cfg.explainer), ("scorer", cfg.scorer)):
         if llm is not None and not llm.model:
-            raise ConfigError("must name the chat model (the endpoint's model name, or a local model folder)",
-                              file=exp.source_file, key=f"autointerp.{key}.model")
+            raise ConfigError(
+                "must name the chat model (the endpoint's model name, or a local model folder)",
+                file=exp.source_file,
+                key=f"autointerp.{key}.model",
+            )
     folder = sae_folder(exp, sae)
     where = analysis_dir(folder, exp.analyze.name)
     result = AnalysisResult.load(where)
@@ -90,9 +96,11 @@ def autointerp(
     results = Results(results_dir(where, cfg.name))
     finished_before = results.done()
     todo = chosen if force else [i for i in chosen if i not in finished_before]
-    ui.info(f"autointerp {cfg.name}: {len(chosen):,} features selected of {result.d_sae:,}, "
-            f"{len(chosen) - len(todo):,} already finished, {len(todo):,} to do "
-            f"(explainer {cfg.explainer.model} via {cfg.explainer.backend})")
+    ui.info(
+        f"autointerp {cfg.name}: {len(chosen):,} features selected of {result.d_sae:,}, "
+        f"{len(chosen) - len(todo):,} already finished, {len(todo):,} to do "
+        f"(explainer {cfg.explainer.model} via {cfg.explainer.backend})"
+    )
     store = open_results_store(exp, folder)
     usage = Usage()
     explainer = scorer = None
@@ -105,12 +113,17 @@ def autointerp(
         interpreter = Interpreter(result, cfg, explainer, scorer, dla, run)
         started = time.time()
         with ui.progress("autointerp", total=len(todo), unit="features") as bar:
+
             def done(record: dict) -> None:
                 if store is not None:
                     store.put_interpretation(name, series, int(record["index"]), interpretation(record))
                 u = usage.snapshot()
-                bar.advance(1, tokens=u["prompt_tokens"] + u["completion_tokens"], cost=f"${u['cost']:.4f}",
-                            retries=u["retries"])
+                bar.advance(
+                    1,
+                    tokens=u["prompt_tokens"] + u["completion_tokens"],
+                    cost=f"${u['cost']:.4f}",
+                    retries=u["retries"],
+                )
 
             run_features(interpreter, todo, results, max_workers=cfg.max_workers, on_done=done)
         elapsed = time.time() - started
@@ -120,8 +133,11 @@ def autointerp(
         if store is not None:
             store.close()
     summary = summarize({i: r for i, r in results.load().items() if i in set(chosen)}, cfg.scorers)
-    summary.update(run=run, analysis=exp.analyze.name, this_run={**usage.snapshot(), "features": len(todo),
-                                                                  "seconds": round(elapsed, 2)})
+    summary.update(
+        run=run,
+        analysis=exp.analyze.name,
+        this_run={**usage.snapshot(), "features": len(todo), "seconds": round(elapsed, 2)},
+    )
     path = results.write_summary(summary)
     _report(summary, len(todo), elapsed, path)
 
@@ -141,26 +157,45 @@ def _report(summary: dict, n_run: int, elapsed: float, path: Path) -> None:
     from saecli import ui
 
     u = summary["this_run"]
-    ui.table("autointerp", {
-        "features this run": n_run,
-        "features/min": round(60 * n_run / elapsed, 1) if elapsed > 0 else "–",
-        "requests": u["requests"],
-        "retries": u["retries"],
-        "tokens in / out": f"{u['prompt_tokens']:,} / {u['completion_tokens']:,}",
-        "cost this run": f"${u['cost']:.4f}",
-        "explained (all runs)": summary["explained"],
-        "bad answers (all runs)": summary["bad_answers"],
-    })
-    rows = [{"scorer": kind, "features": s["n"], "mean F1": round(s["mean_f1"], 3),
-             "median F1": round(s["median_f1"], 3), "mean accuracy": round(s["mean_accuracy"], 3),
-             "mean balanced acc.": round(s["mean_balanced_accuracy"], 3)}
-            for kind, s in summary["scorers"].items()]
+    ui.table(
+        "autointerp",
+        {
+            "features this run": n_run,
+            "features/min": round(60 * n_run / elapsed, 1) if elapsed > 0 else "–",
+            "requests": u["requests"],
+            "retries": u["retries"],
+            "tokens in / out": f"{u['prompt_tokens']:,} / {u['completion_tokens']:,}",
+            "cost this run": f"${u['cost']:.4f}",
+            "explained (all runs)": summary["explained"],
+            "bad answers (all runs)": summary["bad_answers"],
+        },
+    )
+    rows = [
+        {
+            "scorer": kind,
+            "features": s["n"],
+            "mean F1": round(s["mean_f1"], 3),
+            "median F1": round(s["median_f1"], 3),
+            "mean accuracy": round(s["mean_accuracy"], 3),
+            "mean balanced acc.": round(s["mean_balanced_accuracy"], 3),
+        }
+        for kind, s in summary["scorers"].items()
+    ]
     if rows:
         ui.table("scores", rows)
         for kind, s in summary["scorers"].items():
-            ui.table(f"{kind}: mean F1 by density decile",
-                     [{"decile": d["decile"], "density": f"{d['density_min']:.2e}–{d['density_max']:.2e}",
-                       "features": d["n"], "mean F1": round(d["mean_f1"], 3)} for d in s["mean_f1_by_density_decile"]])
+            ui.table(
+                f"{kind}: mean F1 by density decile",
+                [
+                    {
+                        "decile": d["decile"],
+                        "density": f"{d['density_min']:.2e}–{d['density_max']:.2e}",
+                        "features": d["n"],
+                        "mean F1": round(d["mean_f1"], 3),
+                    }
+                    for d in s["mean_f1_by_density_decile"]
+                ],
+            )
     ui.result(f"autointerp summary: {path}")
 
 

@@ -10,11 +10,14 @@ import typer
 from saecli.commands import SetOption
 
 CacheArg = Annotated[
-    Path, typer.Argument(help="cache folder, or an experiment TOML whose activations.cache_dir to check", show_default=False)
+    Path,
+    typer.Argument(help="cache folder, or an experiment TOML whose activations.cache_dir to check", show_default=False),
 ]
 AgainstOption = Annotated[
     Optional[Path],
-    typer.Option("--against", help="another cache of the same text: its token ids must match this one's", show_default=False),
+    typer.Option(
+        "--against", help="another cache of the same text: its token ids must match this one's", show_default=False
+    ),
 ]
 
 
@@ -57,6 +60,7 @@ def check(cache: CacheArg, against: AgainstOption = None, overrides: SetOption =
     if against is not None and not against.is_dir():
         raise UsageError(f"--against: no such cache folder: {against}")
     from saecli.data.verify import check_against, check_cache, count_chunks  # torch: after the cheap checks
+
     with ui.progress("check", total=count_chunks(root), unit="chunks") as handle:
         problems = check_cache(root, on_chunk=lambda: handle.advance(1))
     if against is not None:
@@ -69,8 +73,10 @@ def check(cache: CacheArg, against: AgainstOption = None, overrides: SetOption =
     index = open_cache(root)
     norms = ", ".join(f"{h} {v:.4g}" for h, v in index.mean_norms.items())
     extra = f"; token ids match {against}" if against is not None else ""
-    ui.result(f"{root}: sound — {index.total_tokens:,} tokens in {len(index.chunks)} chunks over "
-              f"{len(index.manifests)} shard(s) (mean ‖x‖: {norms}){extra}")
+    ui.result(
+        f"{root}: sound — {index.total_tokens:,} tokens in {len(index.chunks)} chunks over "
+        f"{len(index.manifests)} shard(s) (mean ‖x‖: {norms}){extra}"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from saecli.store.base import Store
 
 
-
 def compute_dla(exp: Experiment, lm: LanguageModel, dictionary: Dictionary, folder: Path, store: Store, top: int):
     """DLA of every feature → <dictionary>/dla.json and the store; returns the DLAResult."""
     from saecli import ui
@@ -46,7 +45,9 @@ def dla(
     experiment: ExperimentArg,
     sae: SaeOption = None,
     top: Annotated[Optional[int], typer.Option("--top", help="tokens kept per side (default: analyze.dla_top)")] = None,
-    features: Annotated[Optional[list[int]], typer.Option("--feature", "-f", help="print this feature (repeatable)")] = None,
+    features: Annotated[
+        Optional[list[int]], typer.Option("--feature", "-f", help="print this feature (repeatable)")
+    ] = None,
     overrides: SetOption = None,
 ) -> None:
     """Direct logit attribution: push each feature's decoder direction through the model's final norm

@@ -26,8 +26,12 @@ def _default_sae(experiment: Path, exp) -> Path:
 
 def eval_command(
     experiment: ExperimentArg,
-    sae: Annotated[Optional[Path], typer.Option("--sae", help="dictionary folder: saecli, SAELens, sparsify or dictionary_learning",
-                                                show_default=False)] = None,
+    sae: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--sae", help="dictionary folder: saecli, SAELens, sparsify or dictionary_learning", show_default=False
+        ),
+    ] = None,
     overrides: SetOption = None,
 ) -> None:
     """Evaluate a trained dictionary on held-out activations (documents training never read).
@@ -56,8 +60,11 @@ def eval_command(
     probe_store(exp, folder)
     result = evaluate(exp, folder)
     m = result["metrics"]
-    parts = [f"explained variance {_fmt(m.get('explained_variance'))}", f"L0 {_fmt(m.get('l0'))}",
-             f"dead {m.get('n_dead')}/{result['d_sae']}"]
+    parts = [
+        f"explained variance {_fmt(m.get('explained_variance'))}",
+        f"L0 {_fmt(m.get('l0'))}",
+        f"dead {m.get('n_dead')}/{result['d_sae']}",
+    ]
     if m.get("loss_recovered") is not None or "ce_loss_spliced" in m:
         parts.append(f"loss recovered {_fmt(m.get('loss_recovered'))}")
         parts.append(f"KL {_fmt(m.get('kl_div_spliced'))}")

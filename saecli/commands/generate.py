@@ -43,8 +43,11 @@ def _generate_models(exp) -> None:
 
     exp.require("activations")
     if not exp.activations.cache_dir:
-        raise ConfigError("generate needs activations.cache_dir (one cache per model is written in <cache_dir>/<label>)",
-                          file=exp.source_file, key="activations.cache_dir")
+        raise ConfigError(
+            "generate needs activations.cache_dir (one cache per model is written in <cache_dir>/<label>)",
+            file=exp.source_file,
+            key="activations.cache_dir",
+        )
     check_tokenizers({label: load_model(cfg) for label, cfg in exp.models.items()}, exp.dataset)
     for label, cfg in exp.models.items():
         acts = dataclasses.replace(exp.activations, cache_dir=str(Path(exp.activations.cache_dir) / label))
@@ -60,8 +63,11 @@ def _generate_one(exp) -> None:
     exp.require("model", "activations")
     acts = exp.activations
     if not acts.cache_dir:
-        raise ConfigError("generate needs activations.cache_dir (the folder to write the cache to)", file=exp.source_file,
-                          key="activations.cache_dir")
+        raise ConfigError(
+            "generate needs activations.cache_dir (the folder to write the cache to)",
+            file=exp.source_file,
+            key="activations.cache_dir",
+        )
     shard, n_shards = shard_plan(acts.n_shards, acts.start_shard)
     check_dataset(exp.dataset)
     from saecli.fsio import require_writable
@@ -77,21 +83,26 @@ def _generate_one(exp) -> None:
     from saecli.data.cache import check_space
 
     check_space(exp, {h: int(lm.d_model) for h in acts.hook_points}, shard, n_shards)  # before any work
-    ui.info(f"generating {acts.total_tokens:,} tokens of {', '.join(acts.hook_points)} from {lm.name} "
-            f"into {acts.cache_dir} (shard {shard} of {n_shards})")
+    ui.info(
+        f"generating {acts.total_tokens:,} tokens of {', '.join(acts.hook_points)} from {lm.name} "
+        f"into {acts.cache_dir} (shard {shard} of {n_shards})"
+    )
 
     target = shard_target(acts.total_tokens, shard, n_shards)
     done = min(tokens_written(acts.cache_dir, shard), target)
     if done:
         ui.info(f"resuming after {done:,} tokens already in the cache")
     with ui.progress("generate", total=target, unit="tokens", completed=done) as handle:
-        manifest = generate_shard(exp, lm, run_to_hooks, shard, n_shards,
-                                  progress=lambda n, metrics: handle.advance(n, **metrics))
+        manifest = generate_shard(
+            exp, lm, run_to_hooks, shard, n_shards, progress=lambda n, metrics: handle.advance(n, **metrics)
+        )
     total, target = manifest["total_tokens"], manifest["target_tokens"]
     if total < target:
         ui.warn(f"the text ran out after {total:,} of {target:,} tokens")
     norms = ", ".join(f"{h} {v:.4g}" for h, v in manifest["mean_norms"].items())
-    ui.result(f"shard {shard}: {total:,} tokens in {len(manifest['chunks'])} chunks at {acts.cache_dir} (mean ‖x‖: {norms})")
+    ui.result(
+        f"shard {shard}: {total:,} tokens in {len(manifest['chunks'])} chunks at {acts.cache_dir} (mean ‖x‖: {norms})"
+    )
 
 
 def _pick_local_gpu() -> None:

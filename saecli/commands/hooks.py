@@ -33,15 +33,19 @@ def hooks(experiment: ExperimentArg, overrides: SetOption = None) -> None:
     lm = load_model(exp.model)
     names = hook_names(lm)
     bos = "none" if lm.bos_token_id is None else str(lm.bos_token_id)
-    summary = (f"{len(names)} hook points, d_model {lm.d_model}, vocab {lm.vocab_size}, "
-               f"BOS id {bos} (prepended: {'yes' if lm.prepend_bos else 'no'})")
+    summary = (
+        f"{len(names)} hook points, d_model {lm.d_model}, vocab {lm.vocab_size}, "
+        f"BOS id {bos} (prepended: {'yes' if lm.prepend_bos else 'no'})"
+    )
     if not ui.stdout_is_terminal():
         ui.plain_lines(names)
         ui.info(summary)
         return
     sites = list(dict.fromkeys(parse_hook(n).site for n in names))
-    rows = [{"hook point": f"blocks.{{L}}.{site}", "width": hook_width(lm, f"blocks.0.{site}"),
-             "holds": SITE_HELP[site]} for site in sites]
+    rows = [
+        {"hook point": f"blocks.{{L}}.{site}", "width": hook_width(lm, f"blocks.0.{site}"), "holds": SITE_HELP[site]}
+        for site in sites
+    ]
     parallel = ", parallel attention/MLP" if is_parallel(lm) else ""
     ui.table(f"hook points of {lm.name} ({lm.family}{parallel}), L = 0 to {lm.n_layers - 1}", rows)
     ui.result(summary)

@@ -19,15 +19,25 @@ def model_shape(name: str) -> ModelShape:
     except Exception:  # not on this machine yet: the starter guesses a layer and says so
         return ModelShape(name)
     pick = lambda *names: next((int(getattr(cfg, n)) for n in names if getattr(cfg, n, None)), None)  # noqa: E731
-    return ModelShape(name, pick("num_hidden_layers", "n_layer"), pick("hidden_size", "n_embd", "d_model"),
-                      pick("num_attention_heads", "n_head"))
+    return ModelShape(
+        name,
+        pick("num_hidden_layers", "n_layer"),
+        pick("hidden_size", "n_embd", "d_model"),
+        pick("num_attention_heads", "n_head"),
+    )
 
 
 def init(
     kind: Annotated[str, typer.Argument(help=f"dictionary kind: {', '.join(KINDS)}", show_default=False)],
-    model: Annotated[str, typer.Option("--model", "-m", help="hub name or local folder of the language model")] = DEFAULT_MODEL,
-    hook: Annotated[Optional[str], typer.Option("--hook", help="hook point the dictionary reads (default: a middle "
-                                                               "layer's usual one for the kind)")] = None,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="hub name or local folder of the language model")
+    ] = DEFAULT_MODEL,
+    hook: Annotated[
+        Optional[str],
+        typer.Option(
+            "--hook", help="hook point the dictionary reads (default: a middle layer's usual one for the kind)"
+        ),
+    ] = None,
     tokens: Annotated[int, typer.Option("--tokens", help="training tokens")] = 10_000_000,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="file to write (default: KIND.toml)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing file")] = False,

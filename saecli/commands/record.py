@@ -34,17 +34,26 @@ def record(experiment: ExperimentArg, overrides: SetOption = None) -> None:
     if not folder.is_dir():
         raise UsageError(f"{folder} is a file: give a run folder (the one holding config.toml and {CONFIG_NAME})")
     if exp.store.backend == "none":
-        raise UsageError(f"store.backend is \"none\" in {folder / 'config.toml'}: name a store with --set "
-                         "store.backend=sqlite (and store.path) or store.backend=mongodb (and store.uri)")
+        raise UsageError(
+            f'store.backend is "none" in {folder / "config.toml"}: name a store with --set '
+            "store.backend=sqlite (and store.path) or store.backend=mongodb (and store.uri)"
+        )
     if not (folder / "summary.json").exists() and not (folder / "eval.json").exists():
-        raise UsageError(f"{folder} holds no finished run (no summary.json or eval.json): finish it first "
-                         f"(`saecli train {folder} --resume`)")
+        raise UsageError(
+            f"{folder} holds no finished run (no summary.json or eval.json): finish it first "
+            f"(`saecli train {folder} --resume`)"
+        )
     with open_store(exp.store) as store:
         done = record_run(store, exp, folder)
-    ui.table(f"recorded in {describe(exp.store)}", {
-        "dictionary": done["dictionary"], "latents": done["d_sae"],
-        "analyses": ", ".join(done["analyses"]) or "–", "dla": "yes" if done["dla"] else "–",
-    })
+    ui.table(
+        f"recorded in {describe(exp.store)}",
+        {
+            "dictionary": done["dictionary"],
+            "latents": done["d_sae"],
+            "analyses": ", ".join(done["analyses"]) or "–",
+            "dla": "yes" if done["dla"] else "–",
+        },
+    )
     ui.result(f"{folder} recorded in {describe(exp.store)}")
 
 

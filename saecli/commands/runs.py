@@ -1,8 +1,8 @@
 """`saecli runs`: browse the results store from the shell (SQLite file or MongoDB).
 
-    saecli runs                                  every run in ./saecli.db with its key metrics
-    saecli runs --kind transcoder --sort l0      filtered and sorted
-    saecli runs show tiny-topk                   one run: where it is, its settings and every metric
+saecli runs                                  every run in ./saecli.db with its key metrics
+saecli runs --kind transcoder --sort l0      filtered and sorted
+saecli runs show tiny-topk                   one run: where it is, its settings and every metric
 """
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ from saecli.commands import SetOption
 # the columns of the list, in order; --sort takes any of them
 COLUMNS = ("name", "series", "kind", "model", "hook", "d_sae", "tokens", "l0", "ev", "dead", "loss_rec", "updated")
 
-StoreOption = Annotated[str, typer.Option(
-    "--store", help="a SQLite file, a mongodb:// URI, or an experiment file / run folder whose \\[store] table to read")]
+StoreOption = Annotated[
+    str,
+    typer.Option(
+        "--store",
+        help="a SQLite file, a mongodb:// URI, or an experiment file / run folder whose \\[store] table to read",
+    ),
+]
 
 
 def describe(record: dict) -> dict[str, Any]:
@@ -45,10 +50,17 @@ def describe(record: dict) -> dict[str, Any]:
         d_sae = f"{sae['expansion_factor']:g}×"
     updated = record.get("updated_at")
     return {
-        "name": record.get("name"), "series": record.get("series"), "kind": kind,
-        "model": _model_label(record.get("model_name")), "hook": hook, "hooks": ins + [h for h in outs if h not in ins],
-        "d_sae": d_sae, "tokens": metrics.get("tokens"), "l0": metrics.get("l0"),
-        "ev": ev.get("explained_variance", metrics.get("explained_variance")), "dead": metrics.get("dead"),
+        "name": record.get("name"),
+        "series": record.get("series"),
+        "kind": kind,
+        "model": _model_label(record.get("model_name")),
+        "hook": hook,
+        "hooks": ins + [h for h in outs if h not in ins],
+        "d_sae": d_sae,
+        "tokens": metrics.get("tokens"),
+        "l0": metrics.get("l0"),
+        "ev": ev.get("explained_variance", metrics.get("explained_variance")),
+        "dead": metrics.get("dead"),
         "loss_rec": ev.get("loss_recovered"),
         "updated": datetime.datetime.fromtimestamp(updated).strftime("%Y-%m-%d %H:%M") if updated else "",
     }
@@ -66,7 +78,7 @@ def _hooks(cfg: dict, sae: dict) -> tuple[list[str], list[str]]:
     if "in_hooks" in cfg:
         return list(cfg["in_hooks"]), list(cfg.get("out_hooks") or cfg["in_hooks"])
     listed = list((cfg.get("activations") or {}).get("hook_points") or [])
-    one = lambda key, i: [sae[key]] if sae.get(key) else listed[i:i + 1]  # noqa: E731
+    one = lambda key, i: [sae[key]] if sae.get(key) else listed[i : i + 1]  # noqa: E731
     if sae.get("hook_points_in") or sae.get("kind") == "clt":
         half = len(listed) // 2
         return list(sae.get("hook_points_in") or listed[:half]), list(sae.get("hook_points_out") or listed[half:])
@@ -78,8 +90,15 @@ def _hooks(cfg: dict, sae: dict) -> tuple[list[str], list[str]]:
     return one("hook_point_in", 0), one("hook_point_out", 1)
 
 
-def select(rows: list[dict], *, model: str | None = None, hook: str | None = None, kind: str | None = None,
-           sort: str = "updated", reverse: bool = False) -> list[dict]:
+def select(
+    rows: list[dict],
+    *,
+    model: str | None = None,
+    hook: str | None = None,
+    kind: str | None = None,
+    sort: str = "updated",
+    reverse: bool = False,
+) -> list[dict]:
     """Rows whose model / any hook contain the given text (case-insensitive) and whose kind is `kind`,
     sorted by `sort` (unknown values last)."""
     if sort not in COLUMNS:
@@ -88,11 +107,19 @@ def select(rows: list[dict], *, model: str | None = None, hook: str | None = Non
         close = difflib.get_close_matches(sort, COLUMNS, n=1)
         from saecli.errors import UsageError
 
-        raise UsageError(f"--sort {sort!r} is not a column" + (f"; did you mean {close[0]!r}?" if close else "")
-                         + f" (columns: {', '.join(COLUMNS)})")
+        raise UsageError(
+            f"--sort {sort!r} is not a column"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" (columns: {', '.join(COLUMNS)})"
+        )
     has = lambda text, values: text.lower() in " ".join(map(str, values)).lower()  # noqa: E731
-    picked = [r for r in rows if (model is None or has(model, [r["model"]]))
-              and (hook is None or has(hook, r["hooks"])) and (kind is None or r["kind"] == kind)]
+    picked = [
+        r
+        for r in rows
+        if (model is None or has(model, [r["model"]]))
+        and (hook is None or has(hook, r["hooks"]))
+        and (kind is None or r["kind"] == kind)
+    ]
     known = [r for r in picked if r[sort] is not None and r[sort] != ""]
     unknown = [r for r in picked if r not in known]
     try:
@@ -117,13 +144,16 @@ def open_source(source: str, overrides: list[str] | None = None):
 
         exp = load_experiment(path, overrides or [])
         if exp.store.backend == "none":
-            raise UsageError(f"{source} records nothing (store.backend = \"none\"): give --store a SQLite file or "
-                             "a mongodb:// URI")
+            raise UsageError(
+                f'{source} records nothing (store.backend = "none"): give --store a SQLite file or a mongodb:// URI'
+            )
         base = Path(exp.source_file).resolve().parent if exp.source_file else None
         return open_store(exp.store, base=base)
     if not path.exists():
-        raise UsageError(f"no store at {source}: give --store a SQLite file (saecli.db where you trained), a "
-                         "mongodb:// URI, or an experiment file")
+        raise UsageError(
+            f"no store at {source}: give --store a SQLite file (saecli.db where you trained), a "
+            "mongodb:// URI, or an experiment file"
+        )
     return open_store(StoreConfig(backend="sqlite", path=str(path)))
 
 
@@ -131,8 +161,12 @@ def list_runs(
     ctx: typer.Context,
     store: StoreOption = "saecli.db",
     model: Annotated[Optional[str], typer.Option("--model", help="only runs whose model name contains this")] = None,
-    hook: Annotated[Optional[str], typer.Option("--hook", help="only runs reading or writing a hook containing this")] = None,
-    kind: Annotated[Optional[str], typer.Option("--kind", help="only dictionaries of this kind (sae, transcoder, ...)")] = None,
+    hook: Annotated[
+        Optional[str], typer.Option("--hook", help="only runs reading or writing a hook containing this")
+    ] = None,
+    kind: Annotated[
+        Optional[str], typer.Option("--kind", help="only dictionaries of this kind (sae, transcoder, ...)")
+    ] = None,
     series: Annotated[Optional[str], typer.Option("--series", help="only this series")] = None,
     sort: Annotated[str, typer.Option("--sort", help=f"column to sort by: {', '.join(COLUMNS)}")] = "updated",
     reverse: Annotated[bool, typer.Option("--reverse", "-r", help="largest first")] = False,
@@ -196,12 +230,22 @@ def show(
         names = [r["name"] for r in db.list_saes(series)] if record is None else []
     if record is None:
         close = difflib.get_close_matches(name, names, n=3)
-        raise UsageError(f"no run {name!r} (series {series!r}) in {store}"
-                         + (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""))
+        raise UsageError(
+            f"no run {name!r} (series {series!r}) in {store}"
+            + (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "")
+        )
     row = describe(record)
-    head = {"name": row["name"], "series": row["series"], "folder": record.get("path"), "kind": row["kind"],
-            "model": row["model"], "dataset": record.get("dataset_name"), "hooks": ", ".join(row["hooks"]),
-            "d_sae": row["d_sae"], "updated": row["updated"]}
+    head = {
+        "name": row["name"],
+        "series": row["series"],
+        "folder": record.get("path"),
+        "kind": row["kind"],
+        "model": row["model"],
+        "dataset": record.get("dataset_name"),
+        "hooks": ", ".join(row["hooks"]),
+        "d_sae": row["d_sae"],
+        "updated": row["updated"],
+    }
     ui.table(f"run {name}", {k: v for k, v in head.items() if v not in (None, "")})
     cfg = record.get("cfg") or {}
     from saecli.config.load import dictionary_table
@@ -230,8 +274,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(
-                        context_settings={"help_option_names": ["-h", "--help"]})
+    group = typer.Typer(context_settings={"help_option_names": ["-h", "--help"]})
     group.callback(invoke_without_command=True)(list_runs)
     group.command("show")(show)
     app.add_typer(group, name="runs")

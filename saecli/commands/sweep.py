@@ -31,8 +31,9 @@ class SweepReporter(UiReporter):
 
     def log(self, member: str, record: dict[str, Any]) -> None:
         if self._handle is not None:
-            self._handle.update(rate=record.get("tokens_per_s"), member=member.rsplit("/", 1)[-1],
-                                **self.metrics(record))
+            self._handle.update(
+                rate=record.get("tokens_per_s"), member=member.rsplit("/", 1)[-1], **self.metrics(record)
+            )
 
 
 def show_plan(plan: Any, groups: list) -> None:
@@ -54,8 +55,7 @@ def show_plan(plan: Any, groups: list) -> None:
     grows = []
     for g in groups:
         exp = g.members[0].exp
-        grow = {"group": g.index, "members": len(g.members),
-                "tokens": exp.trainer.total_training_tokens}
+        grow = {"group": g.index, "members": len(g.members), "tokens": exp.trainer.total_training_tokens}
         for key in differ:
             if not key.startswith("("):
                 grow[key] = format_value(key_value(exp, key))
@@ -67,8 +67,12 @@ def sweep(
     experiment: ExperimentArg,
     overrides: SetOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the members and groups, train nothing")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="continue: finished members are skipped, the others "
-                                                          "resume from their checkpoints")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="continue: finished members are skipped, the others resume from their checkpoints"
+        ),
+    ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard the members' previous runs")] = False,
 ) -> None:
     """Train every member of a sweep file: a base experiment plus a \\[sweep] table of a grid and/or variants.
@@ -118,8 +122,10 @@ def sweep(
     ui.table(f"sweep: {len(rows)} members", table_rows(rows))
     diverged = [r["member"] for r in rows if r["status"] == "diverged"]
     if diverged:
-        ui.warn(f"{len(diverged)} member(s) diverged (NaN/inf loss) and stopped: {', '.join(diverged)} "
-                "(see diverged.json in their folders)")
+        ui.warn(
+            f"{len(diverged)} member(s) diverged (NaN/inf loss) and stopped: {', '.join(diverged)} "
+            "(see diverged.json in their folders)"
+        )
     extra = f" and {FRONTIER_PNG}" if (plan.output_dir / FRONTIER_PNG).exists() else ""
     ui.result(f"sweep results in {plan.output_dir} ({SUMMARY_JSON}{extra})")
 

@@ -12,8 +12,20 @@ from saecli.commands import ExperimentArg, SetOption, load, probe_store
 
 # the metrics shown next to the progress bar (the rest go to metrics.jsonl and wandb)
 _SHOWN = ("loss", "l0", "explained_variance", "dead", "lr", "k")
-_SUMMARY = ("step", "tokens", "loss", "explained_variance", "mse", "l0", "dead", "almost_dead", "dense",
-            "elapsed_s", "tokens_per_s", "status")
+_SUMMARY = (
+    "step",
+    "tokens",
+    "loss",
+    "explained_variance",
+    "mse",
+    "l0",
+    "dead",
+    "almost_dead",
+    "dense",
+    "elapsed_s",
+    "tokens_per_s",
+    "status",
+)
 
 
 class UiReporter:
@@ -31,8 +43,9 @@ class UiReporter:
     def start(self, total_tokens: int, done_tokens: int) -> None:
         from saecli import ui
 
-        self._handle = self._stack.enter_context(ui.progress(self.title(), total=total_tokens, unit="tokens",
-                                                             completed=done_tokens, own_rate=True))
+        self._handle = self._stack.enter_context(
+            ui.progress(self.title(), total=total_tokens, unit="tokens", completed=done_tokens, own_rate=True)
+        )
 
     def advance(self, n_tokens: int) -> None:
         if self._handle is not None:
@@ -89,8 +102,10 @@ def train(
         raise UsageError("--resume and --overwrite contradict each other: choose one")
     exp = load(experiment, overrides)
     if exp.sweep is not None:
-        raise UsageError(f"{experiment} has a [sweep] section: train its members with `saecli sweep {experiment}` "
-                         "(or remove the section to train the base experiment alone)")
+        raise UsageError(
+            f"{experiment} has a [sweep] section: train its members with `saecli sweep {experiment}` "
+            "(or remove the section to train the base experiment alone)"
+        )
     run_dir = None
     if Path(experiment).is_dir():  # a run folder: its config.toml, and the folder itself as the output
         run_dir = Path(experiment)

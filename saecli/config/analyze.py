@@ -35,9 +35,18 @@ class AnalyzeConfig:
     def validate(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise bad("name", f"must be a plain folder name, found {self.name!r}")
-        check_signs(self, positive=("total_analyzing_tokens", "top_samples", "histogram_bins", "dla_top",
-                                    "context_size", "batch_contexts"),
-                    non_negative=("tier_samples", "non_activating_samples"))
+        check_signs(
+            self,
+            positive=(
+                "total_analyzing_tokens",
+                "top_samples",
+                "histogram_bins",
+                "dla_top",
+                "context_size",
+                "batch_contexts",
+            ),
+            non_negative=("tier_samples", "non_activating_samples"),
+        )
         if any(not 0 < p < 1 for p in self.tiers):
             raise bad("tiers", f"each tier is a fraction in (0, 1), found {self.tiers}")
         lo, hi = self.histogram_range

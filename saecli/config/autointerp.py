@@ -18,7 +18,8 @@ Scorer = Literal["detection", "fuzzing"]
 @dataclass
 class LLMConfig:
     backend: Literal["openai", "local"] = opt(
-        "openai", help="'openai': any OpenAI-compatible chat endpoint; 'local': a transformers chat model in process")
+        "openai", help="'openai': any OpenAI-compatible chat endpoint; 'local': a transformers chat model in process"
+    )
     model: str = opt("", help="model name sent to the endpoint, or the local model folder / hub name")
     base_url: str = opt("http://127.0.0.1:8000/v1", help="OpenAI-compatible endpoint (backend 'openai')")
     api_key_env: str | None = opt(None, help="NAME of the environment variable holding the API key (none: no key)")
@@ -38,14 +39,23 @@ class LLMConfig:
 
     def validate(self) -> None:
         if self.api_key is not None:
-            raise bad("api_key", "an API key must not be written in a config file (it would be copied into run "
-                      "folders and logs); put it in an environment variable and name that variable with "
-                      "api_key_env = \"OPENAI_API_KEY\"")
+            raise bad(
+                "api_key",
+                "an API key must not be written in a config file (it would be copied into run "
+                "folders and logs); put it in an environment variable and name that variable with "
+                'api_key_env = "OPENAI_API_KEY"',
+            )
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
-            raise bad("api_key_env", "must be the NAME of an environment variable (letters, digits, _), not a key: "
-                      "if you pasted a key here, revoke it and export it instead")
-        check_signs(self, positive=("batch_size", "max_tokens", "timeout_s", "retry_initial_s", "retry_max_s"),
-                    non_negative=("max_retries", "temperature", "price_input_per_mtok", "price_output_per_mtok"))
+            raise bad(
+                "api_key_env",
+                "must be the NAME of an environment variable (letters, digits, _), not a key: "
+                "if you pasted a key here, revoke it and export it instead",
+            )
+        check_signs(
+            self,
+            positive=("batch_size", "max_tokens", "timeout_s", "retry_initial_s", "retry_max_s"),
+            non_negative=("max_retries", "temperature", "price_input_per_mtok", "price_output_per_mtok"),
+        )
 
 
 @dataclass
@@ -74,7 +84,9 @@ class AutointerpConfig:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise bad("name", f"must be a plain folder name, found {self.name!r}")
         if self.feature_range is not None and not 0 <= self.feature_range[0] < self.feature_range[1]:
-            raise bad("feature_range", f"expected [start, stop) with 0 <= start < stop, found {list(self.feature_range)}")
+            raise bad(
+                "feature_range", f"expected [start, stop) with 0 <= start < stop, found {list(self.feature_range)}"
+            )
         if self.features is not None and any(i < 0 for i in self.features):
             raise bad("features", "feature indices are >= 0")
         if self.sample is not None and self.sample <= 0:
@@ -82,11 +94,14 @@ class AutointerpConfig:
         if not 0 < self.max_density <= 1:
             raise bad("max_density", f"must be in (0, 1], found {self.max_density}")
         if not 0 <= self.min_density < self.max_density:
-            raise bad("min_density", f"expected 0 <= min_density < max_density ({self.max_density}), "
-                      f"found {self.min_density}")
-        check_signs(self, positive=("explain_top", "examples_per_prompt", "max_workers"),
-                    non_negative=("explain_per_tier", "window_before", "window_after", "dla_tokens",
-                                  "max_answer_retries"))
+            raise bad(
+                "min_density", f"expected 0 <= min_density < max_density ({self.max_density}), found {self.min_density}"
+            )
+        check_signs(
+            self,
+            positive=("explain_top", "examples_per_prompt", "max_workers"),
+            non_negative=("explain_per_tier", "window_before", "window_after", "dla_tokens", "max_answer_retries"),
+        )
         if not 0 < self.threshold < 1:
             raise bad("threshold", f"must be in (0, 1), found {self.threshold}")
 

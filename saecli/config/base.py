@@ -20,8 +20,14 @@ from saecli.errors import ConfigError
 _MISSING = dataclasses.MISSING
 
 
-def opt(default: Any = _MISSING, *, help: str = "", stream: bool = False, factory: Any = _MISSING,
-        aliases: tuple[str, ...] = ()):
+def opt(
+    default: Any = _MISSING,
+    *,
+    help: str = "",
+    stream: bool = False,
+    factory: Any = _MISSING,
+    aliases: tuple[str, ...] = (),
+):
     """A dataclass field with help text, the `stream` flag (True: changes the data stream) and `aliases`:
     older names a file may still use for this key (giving two names of one key is an error)."""
     meta = {"help": help, "stream": stream, "aliases": aliases}
@@ -181,8 +187,7 @@ def parse(cls: type, table: Any, *, key: str = "") -> Any:
             raise ConfigError(f"unknown key `{sub}`{hint}", key=None)
         if written != name and name in table:
             both = f"{key}.{name}` and `{sub}" if key else f"[{name}]` and `[{written}]"
-            raise ConfigError(f"`{both}` are the same table ({written} is its older name): give one of them",
-                              key=None)
+            raise ConfigError(f"`{both}` are the same table ({written} is its older name): give one of them", key=None)
         kwargs[name] = convert(value, hints[name], sub)
     for name, f in fields.items():
         if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:

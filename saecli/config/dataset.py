@@ -19,7 +19,9 @@ class DatasetConfig:
     split: str = opt("train", help="split to read", stream=True)
     text_column: str = opt("text", help="column holding the text", stream=True)
     data_files: list[str] | None = opt(None, help="explicit data files (passed to datasets.load_dataset)", stream=True)
-    streaming: bool | None = opt(None, help="stream instead of downloading (default: streaming for hub datasets)", stream=True)
+    streaming: bool | None = opt(
+        None, help="stream instead of downloading (default: streaming for hub datasets)", stream=True
+    )
     skip_documents: int = opt(0, help="skip this many documents first (e.g. to hold out text for eval)", stream=True)
     max_documents: int | None = opt(None, help="stop after this many documents", stream=True)
 

@@ -74,8 +74,14 @@ def default_dead_threshold_tokens(run_tokens: int) -> int:
     return max(1, min(DEFAULT_DEAD_TOKENS, int(run_tokens * DEFAULT_DEAD_FRACTION)))
 
 
-def resolve_trainer(cfg: TrainerConfig, *, activation: str | None = None, d_sae: int | None = None,
-                    d_model: int | None = None, run_tokens: int | None = None) -> TrainerConfig:
+def resolve_trainer(
+    cfg: TrainerConfig,
+    *,
+    activation: str | None = None,
+    d_sae: int | None = None,
+    d_model: int | None = None,
+    run_tokens: int | None = None,
+) -> TrainerConfig:
     """`cfg` with each unset default filled from the arguments given (a value already set is kept).
 
     `activation`: the dictionary's (dictionary.activation); `d_sae`, `d_model`: the dictionary's sizes;
@@ -93,8 +99,9 @@ def resolve_trainer(cfg: TrainerConfig, *, activation: str | None = None, d_sae:
         k_aux = default_k_aux(d_model)
     if dead is None and run_tokens is not None:
         dead = default_dead_threshold_tokens(run_tokens)
-    return dataclasses.replace(cfg, sparsity_loss_type=penalty, l1_coefficient=l1, lr=lr, k_aux=k_aux,
-                               dead_threshold_tokens=dead)
+    return dataclasses.replace(
+        cfg, sparsity_loss_type=penalty, l1_coefficient=l1, lr=lr, k_aux=k_aux, dead_threshold_tokens=dead
+    )
 
 
 def unresolved(cfg: TrainerConfig) -> list[str]:
@@ -109,8 +116,7 @@ def resolve(exp: Experiment) -> Experiment:
     the stream; `resolved_for_run` records those."""
     if exp.dictionary is None:
         return exp
-    trainer = resolve_trainer(exp.trainer, activation=exp.dictionary.activation,
-                              d_sae=exp.dictionary.known_latents())
+    trainer = resolve_trainer(exp.trainer, activation=exp.dictionary.activation, d_sae=exp.dictionary.known_latents())
     return dataclasses.replace(exp, trainer=trainer)
 
 

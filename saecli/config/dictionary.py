@@ -50,12 +50,15 @@ class DictionaryConfig:
     device: str = opt("auto", help="'auto' = the model's device (or cuda if present)")
     fold_activation_scale: bool = opt(True, help="fold the dataset-wise scale into the saved weights")
     batchtopk_threshold_decay: float = opt(
-        0.999, help="BatchTopK inference threshold: decay of the running average of each batch's smallest kept activation"
+        0.999,
+        help="BatchTopK inference threshold: decay of the running average of each batch's smallest kept activation",
     )
     sparse_kernels: bool = opt(True, help="use the sparse TopK/ReLU train-step kernels when they apply")
     pretrained: str | None = opt(
-        None, help="start from this dictionary folder (saecli run, SAELens, sparsify or dictionary_learning; "
-        "format detected from its files) and continue training it")
+        None,
+        help="start from this dictionary folder (saecli run, SAELens, sparsify or dictionary_learning; "
+        "format detected from its files) and continue training it",
+    )
 
     kind_name = "sae"
 
@@ -115,8 +118,11 @@ class DictionaryConfig:
         for key, hooks in self.named_hooks().items():
             for hook in hooks:
                 if hook not in listed:
-                    raise bad(key, f"`{hook}` is not among activations.hook_points ({', '.join(listed)}): add it "
-                                   "there, or set this key to one of them")
+                    raise bad(
+                        key,
+                        f"`{hook}` is not among activations.hook_points ({', '.join(listed)}): add it "
+                        "there, or set this key to one of them",
+                    )
 
     def known_latents(self) -> int | None:
         """The dictionary's number of latents when the file alone decides it (else None: it waits for
@@ -150,15 +156,21 @@ def check_output_scaling(cfg: DictionaryConfig) -> None:
     """Kinds whose outputs are other hooks than their inputs cannot scale outputs per token or per batch:
     mapping a reconstruction back needs the output's own norm, which a spliced dictionary does not have."""
     if cfg.norm_activation in ("token-wise", "batch-wise"):
-        raise bad("norm_activation", f"{cfg.norm_activation} scaling of the output needs the output's own norm, "
-                                     "which a spliced dictionary does not have: use dataset-wise or none")
+        raise bad(
+            "norm_activation",
+            f"{cfg.norm_activation} scaling of the output needs the output's own norm, "
+            "which a spliced dictionary does not have: use dataset-wise or none",
+        )
 
 
 def check_output_hook_listed(cfg: DictionaryConfig, hook_point_out: str | None, listed: list[str]) -> None:
     """A kind that reads one hook and reconstructs another needs a second hook when `hook_point_out` is unset."""
     if hook_point_out is None and len(listed) < 2:
-        raise ConfigError(f"a {cfg.kind} reads one hook point and reconstructs another: set hook_point_out in "
-                          "this table or list a second hook in activations.hook_points", key="activations.hook_points")
+        raise ConfigError(
+            f"a {cfg.kind} reads one hook point and reconstructs another: set hook_point_out in "
+            "this table or list a second hook in activations.hook_points",
+            key="activations.hook_points",
+        )
 
 
 def check_io_hooks(cfg: Any) -> None:
@@ -166,8 +178,10 @@ def check_io_hooks(cfg: Any) -> None:
     if cfg.hook_point_in is not None and cfg.hook_point_in == cfg.hook_point_out:
         raise bad("hook_point_out", "equals hook_point_in: these kinds reconstruct another hook point")
     if cfg.apply_decoder_bias_to_pre_encoder:
-        raise bad("apply_decoder_bias_to_pre_encoder",
-                  "the decoder bias lives in the output space; it cannot be subtracted from the input")
+        raise bad(
+            "apply_decoder_bias_to_pre_encoder",
+            "the decoder bias lives in the output space; it cannot be subtracted from the input",
+        )
     check_output_scaling(cfg)
 
 

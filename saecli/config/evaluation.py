@@ -20,13 +20,16 @@ class EvalConfig:
     )
     sae_path: str | None = opt(None, help="dictionary folder to evaluate (default: run.output_dir)")
     cache_dir: str | None = opt(
-        None, help="activation cache of held-out text (from `generate` on other documents); default: the live "
-        "model on the documents after those training used"
+        None,
+        help="activation cache of held-out text (from `generate` on other documents); default: the live "
+        "model on the documents after those training used",
     )
     bins_per_decade: int = opt(4, help="bins per power of ten in the log-density histogram")
     loss_recovered_min_gap: float = opt(
-        0.05, help="nats: when zero- (or mean-) ablating the hooks moves the CE loss less than this, loss_recovered "
-        "(or loss_recovered_mean_ablation) is reported undefined instead of a ratio of noise")
+        0.05,
+        help="nats: when zero- (or mean-) ablating the hooks moves the CE loss less than this, loss_recovered "
+        "(or loss_recovered_mean_ablation) is reported undefined instead of a ratio of noise",
+    )
 
     def validate(self) -> None:
         if self.total_eval_tokens <= 0:

@@ -24,12 +24,16 @@ class Experiment:
     run: RunConfig = opt(factory=RunConfig)
     model: ModelConfig | None = opt(None, help="the language model (needed for live activations and generate)")
     models: dict[str, ModelConfig] | None = opt(
-        None, help="model diffing: [models.<label>] tables (instead of [model]), each with [model]'s keys; the "
-        "first model's tokenizer packs the text for all; heads are named '<label>/<hook point>'", stream=True)
+        None,
+        help="model diffing: [models.<label>] tables (instead of [model]), each with [model]'s keys; the "
+        "first model's tokenizer packs the text for all; heads are named '<label>/<hook point>'",
+        stream=True,
+    )
     dataset: DatasetConfig = opt(factory=DatasetConfig)
     activations: ActivationsConfig | None = opt(None)
-    dictionary: DictionaryConfig | None = opt(None, help="the dictionary to train; `kind` picks which",
-                                              aliases=("sae",))
+    dictionary: DictionaryConfig | None = opt(
+        None, help="the dictionary to train; `kind` picks which", aliases=("sae",)
+    )
     init: InitConfig = opt(factory=InitConfig)
     trainer: TrainerConfig = opt(factory=TrainerConfig)
     eval: EvalConfig = opt(factory=EvalConfig)

@@ -14,23 +14,29 @@ class InitConfig:
         None, help="W_dec ~ U(±bound) before row normalisation (default 1/√d_sae)"
     )
     decoder_init_norm: float | None = opt(
-        None, help="rescale each decoder row to this norm at init, 0 = a zero decoder (default: 0 for an ungated "
+        None,
+        help="rescale each decoder row to this norm at init, 0 = a zero decoder (default: 0 for an ungated "
         "transcoder: dead latents 13.9 % → 2.1 % on SmolLM2's layer-12 MLP; else the uniform draw's norms; 1 with "
-        "decoder_unit_norm)"
+        "decoder_unit_norm)",
     )
     init_encoder_with_decoder_transpose: bool | None = opt(
-        None, help="start the encoder as the decoder's transpose; default: yes, except for a transcoder, whose encoder "
-        "reads another space (SmolLM2 layer-12 MLP, 300k tokens: 50 % of its latents dead tied, 16 % untied)")
+        None,
+        help="start the encoder as the decoder's transpose; default: yes, except for a transcoder, whose encoder "
+        "reads another space (SmolLM2 layer-12 MLP, 300k tokens: 50 % of its latents dead tied, 16 % untied)",
+    )
     init_encoder_with_decoder_transpose_factor: float | None = opt(
-        None, help="tied encoder = decoder × this; default: SAE/transcoder encoder rows at norm 1/√3 (an nn.Linear "
+        None,
+        help="tied encoder = decoder × this; default: SAE/transcoder encoder rows at norm 1/√3 (an nn.Linear "
         "row's, sparsify's encoder; SmolLM2 layer 12, 300k tokens: dead 3.3 % → 1.3 %, EV 0.791 → 0.803), "
-        "other kinds (crosscoder, CLT, Lorsa) × 1")
+        "other kinds (crosscoder, CLT, Lorsa) × 1",
+    )
     bias_init_method: Literal["zero", "geometric_median", "mean"] = opt(
         "geometric_median", help="b_dec at init: zero, the mean, or the geometric median of a sample"
     )
     init_encoder_bias_with_mean_hidden_pre: bool = opt(
-        True, help="b_enc = −mean pre-activation on a batch, so the encoder starts on centred inputs (off: "
-        "with uncentred activations a third to a half of TopK latents never fire)"
+        True,
+        help="b_enc = −mean pre-activation on a batch, so the encoder starts on centred inputs (off: "
+        "with uncentred activations a third to a half of TopK latents never fire)",
     )
     grid_search_init_norm: bool = opt(False, help="pick the decoder norm with the lowest initial loss on a batch")
     init_batches: int = opt(4, help="batches drawn for data-dependent init and the dataset-wise norm")

@@ -38,8 +38,9 @@ def read_toml(path: str | Path) -> dict:
     except OSError as exc:
         raise UsageError(f"cannot read experiment file {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"not a text (UTF-8) file: byte {exc.start} cannot be decoded; is this the experiment "
-                          "file?", file=str(path)) from None
+        raise ConfigError(
+            f"not a text (UTF-8) file: byte {exc.start} cannot be decoded; is this the experiment file?", file=str(path)
+        ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -127,22 +128,25 @@ def check_cross_keys(exp: Experiment, *, file: str | None = None, table: str = "
             key = exc.key or ""
             message = _message(exc)
             message = message.replace("this table", f"[{table}]").replace("set this key", f"set {table}.{key}")
-            raise ConfigError(message, file=file,
-                              key=key if key.startswith("activations.") else f"{table}.{key}") from None
+            raise ConfigError(
+                message, file=file, key=key if key.startswith("activations.") else f"{table}.{key}"
+            ) from None
 
 
 def _message(exc: ConfigError) -> str:
     text = str(exc)
     if exc.key and text.startswith(f"key `{exc.key}`: "):
-        return text[len(f"key `{exc.key}`: "):]
+        return text[len(f"key `{exc.key}`: ") :]
     return text
 
 
-PATHS_RULE = ("Relative paths in an experiment file or a run's config.toml (model.name when it is a local folder, "
-              "activations.cache_dir, store.path, run.output_dir, ...) are taken from the current directory; "
-              "a run's config.toml is written with absolute paths, and a run folder given on the command line is "
-              "the run (its outputs go there whatever run.output_dir says), so it works from any directory and "
-              "after being copied.")
+PATHS_RULE = (
+    "Relative paths in an experiment file or a run's config.toml (model.name when it is a local folder, "
+    "activations.cache_dir, store.path, run.output_dir, ...) are taken from the current directory; "
+    "a run's config.toml is written with absolute paths, and a run folder given on the command line is "
+    "the run (its outputs go there whatever run.output_dir says), so it works from any directory and "
+    "after being copied."
+)
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
@@ -194,15 +198,17 @@ def absolute_paths(exp: Experiment) -> Experiment:
     if exp.model is not None:
         exp.model = dataclasses.replace(exp.model, name=_absolute(exp.model.name, only_existing=True))
     if exp.models is not None:
-        exp.models = {label: dataclasses.replace(m, name=_absolute(m.name, only_existing=True))
-                      for label, m in exp.models.items()}
+        exp.models = {
+            label: dataclasses.replace(m, name=_absolute(m.name, only_existing=True)) for label, m in exp.models.items()
+        }
     exp.dataset = dataclasses.replace(exp.dataset, path=_absolute(exp.dataset.path, only_existing=True))
     if exp.activations is not None:
         exp.activations = dataclasses.replace(exp.activations, cache_dir=_absolute(exp.activations.cache_dir))
     if exp.store.backend == "sqlite":
         exp.store = dataclasses.replace(exp.store, path=_absolute(exp.store.path))
-    exp.eval = dataclasses.replace(exp.eval, sae_path=_absolute(exp.eval.sae_path),
-                                   cache_dir=_absolute(exp.eval.cache_dir))
+    exp.eval = dataclasses.replace(
+        exp.eval, sae_path=_absolute(exp.eval.sae_path), cache_dir=_absolute(exp.eval.cache_dir)
+    )
     exp.analyze = dataclasses.replace(exp.analyze, sae_path=_absolute(exp.analyze.sae_path))
     exp.dashboard = dataclasses.replace(exp.dashboard, output_dir=_absolute(exp.dashboard.output_dir))
     exp.wandb = dataclasses.replace(exp.wandb, dir=_absolute(exp.wandb.dir))

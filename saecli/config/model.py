@@ -21,10 +21,14 @@ class ModelConfig:
     prepend_bos: bool | None = opt(
         None, help="prepend the BOS token to every context (default: when the tokenizer does not add one)", stream=True
     )
-    bos_token: str | None = opt(None, help="BOS token text to use when the tokenizer defines none (e.g. '<|im_start|>')", stream=True)
+    bos_token: str | None = opt(
+        None, help="BOS token text to use when the tokenizer defines none (e.g. '<|im_start|>')", stream=True
+    )
 
     def validate(self) -> None:
         if not self.name:
             raise bad("name", "must name a hub model or a local directory")
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
+        if not (
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"
+        ):
             raise bad("device", f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', found {self.device!r}")

@@ -39,15 +39,25 @@ def check_models(exp: Any, *, file: str | None = None) -> None:
     if models is None:
         return
     if exp.model is not None:
-        raise ConfigError("give either one [model] or several [models.<label>] tables (model diffing), not both",
-                          file=file, key="models")
+        raise ConfigError(
+            "give either one [model] or several [models.<label>] tables (model diffing), not both",
+            file=file,
+            key="models",
+        )
     if len(models) < 2:
-        raise ConfigError(f"model diffing needs at least two [models.<label>] tables, found {len(models)} "
-                          "(one model: use [model])", file=file, key="models")
+        raise ConfigError(
+            f"model diffing needs at least two [models.<label>] tables, found {len(models)} (one model: use [model])",
+            file=file,
+            key="models",
+        )
     for label in models:
         if not _LABEL.match(label):
-            raise ConfigError(f"a label names the model in head names ('{label}/blocks.0.hook_resid_post'): use "
-                              f"letters, digits, '_', '-' or '.', found {label!r}", file=file, key=f"models.{label}")
+            raise ConfigError(
+                f"a label names the model in head names ('{label}/blocks.0.hook_resid_post'): use "
+                f"letters, digits, '_', '-' or '.', found {label!r}",
+                file=file,
+                key=f"models.{label}",
+            )
 
 
 def stream_hook_points(exp: Any) -> list[str]:

@@ -80,8 +80,11 @@ def starter_toml(kind: str, model: ModelShape, hook: str | None = None, tokens: 
         import difflib
 
         close = difflib.get_close_matches(kind, KINDS, n=1)
-        raise UsageError(f"unknown dictionary kind {kind!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                         + f" (kinds: {', '.join(KINDS)})")
+        raise UsageError(
+            f"unknown dictionary kind {kind!r}"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" (kinds: {', '.join(KINDS)})"
+        )
     if tokens <= 0:
         raise UsageError(f"--tokens must be > 0, found {tokens}")
     if hook is not None:
@@ -96,8 +99,12 @@ def starter_toml(kind: str, model: ModelShape, hook: str | None = None, tokens: 
         "run": {"name": name, "output_dir": f"runs/{name}"},
         "model": {"name": model.name, "device": "auto"},
         "dataset": {"path": "builtin:python-docs"},
-        "activations": {"hook_points": points, "context_size": 256, "batch_size": batch,
-                        "shuffle_buffer_tokens": max(batch, min(262_144, tokens))},
+        "activations": {
+            "hook_points": points,
+            "context_size": 256,
+            "batch_size": batch,
+            "shuffle_buffer_tokens": max(batch, min(262_144, tokens)),
+        },
         "dictionary": _dictionary_table(kind, model, hook_keys),
         "trainer": {"total_training_tokens": tokens},  # lr: the default formula, recorded in config.toml
         "eval": {"total_eval_tokens": small},
@@ -116,22 +123,29 @@ def _render(kind: str, model: ModelShape, sections: dict[str, dict[str, Any]]) -
 
     known_kinds()  # registers every kind's config class
     helps = {k.path: k.help for k in keys()}
-    helps.update({f"dictionary.{f.name}": f.metadata.get("help", "") for f in dataclasses.fields(DICTIONARY_CONFIGS[kind])})
+    helps.update(
+        {f"dictionary.{f.name}": f.metadata.get("help", "") for f in dataclasses.fields(DICTIONARY_CONFIGS[kind])}
+    )
     known = model.n_layers is not None
-    lines = [f"# A {kind} on {model.name}, written by `saecli init {kind}`: it runs as written.",
-             "#", "#     saecli train {this file}      then  saecli eval / saecli analyze {run folder}",
-             "#",
-             "# Every key is listed with its default in docs/config.md (`saecli schema` for editors); "
-             "`--set section.key=value`",
-             "# overrides any of them. `saecli hooks {this file}` lists the model's hook points."
-             + ("" if known else " (The layer below is a guess: the model's depth was not readable offline.)"),
-             ""]
+    lines = [
+        f"# A {kind} on {model.name}, written by `saecli init {kind}`: it runs as written.",
+        "#",
+        "#     saecli train {this file}      then  saecli eval / saecli analyze {run folder}",
+        "#",
+        "# Every key is listed with its default in docs/config.md (`saecli schema` for editors); "
+        "`--set section.key=value`",
+        "# overrides any of them. `saecli hooks {this file}` lists the model's hook points."
+        + ("" if known else " (The layer below is a guess: the model's depth was not readable offline.)"),
+        "",
+    ]
     for section, table in sections.items():
         lines.append(f"[{section}]")
         for key, value in table.items():
             help_text = helps.get(f"{section}.{key}", "")
             if section == "dataset" and key == "path":
-                help_text = "offline text to start with; a hub dataset name (e.g. 'HuggingFaceFW/fineweb') for real runs"
+                help_text = (
+                    "offline text to start with; a hub dataset name (e.g. 'HuggingFaceFW/fineweb') for real runs"
+                )
             if help_text:
                 lines.append(f"# {help_text}")
             lines.append(f"{key} = {toml_value(value)}")

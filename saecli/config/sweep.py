@@ -36,10 +36,17 @@ def flatten_keys(table: dict, prefix: str = "", *, leaf_lists: bool = False) -> 
 
 @dataclass
 class SweepConfig:
-    grid: dict[str, Any] = opt({}, help='values per key path, e.g. {"trainer.lr" = [1e-4, 3e-4], "dictionary.k" = [16, 32]}')
-    variants: list[dict[str, Any]] = opt([], help="explicit tables of overrides, e.g. [{\"dictionary.k\" = 16}, {\"dictionary.k\" = 64}]")
-    name: str | None = opt(None, help="member name template, e.g. 'lr{trainer.lr}-k{dictionary.k}' (default: the "
-                                      "keys that vary, as lr=3e-4,k=32)")
+    grid: dict[str, Any] = opt(
+        {}, help='values per key path, e.g. {"trainer.lr" = [1e-4, 3e-4], "dictionary.k" = [16, 32]}'
+    )
+    variants: list[dict[str, Any]] = opt(
+        [], help='explicit tables of overrides, e.g. [{"dictionary.k" = 16}, {"dictionary.k" = 64}]'
+    )
+    name: str | None = opt(
+        None,
+        help="member name template, e.g. 'lr{trainer.lr}-k{dictionary.k}' (default: the "
+        "keys that vary, as lr=3e-4,k=32)",
+    )
     eval: bool = opt(False, help="evaluate each member after training (eval.json; loss recovered in the summary)")
 
     def validate(self) -> None:

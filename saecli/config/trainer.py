@@ -31,10 +31,11 @@ LrScheduler = Literal[
 class TrainerConfig:
     total_training_tokens: int = opt(10_000_000, help="tokens to train on", stream=True)
     lr: float | None = opt(
-        None, help="default 4e-3 × min(1, √(4608 / d_sae)) × min(1, √(300k / total_training_tokens)): at d_sae 4608 "
+        None,
+        help="default 4e-3 × min(1, √(4608 / d_sae)) × min(1, √(300k / total_training_tokens)): at d_sae 4608 "
         "on SmolLM2 layer 12, 300k tokens, 4e-3 beat 2e-3 (SAE EV 0.55 → 0.79, CE recovered 0.963 → 0.981; skip "
         "transcoder EV 0.66 → 0.70); at 1.2M tokens 2e-3 beat 4e-3 (EV 0.899 → 0.907, dead 1.3 → 0.2 %); larger "
-        "dictionaries ∝ 1/√d_sae, as Gao et al. 2024"
+        "dictionaries ∝ 1/√d_sae, as Gao et al. 2024",
     )
     betas: tuple[float, float] = opt((0.9, 0.999))
     eps: float = opt(1e-8)
@@ -46,13 +47,15 @@ class TrainerConfig:
     clip_grad_norm: float = opt(0.0, help="0 = off")
     gradient_accumulation_steps: int = opt(1)
     tensor_parallel: int = opt(
-        1, help="split the latents over this many ranks (DTensor on a (dp, tp) mesh; dp = processes / this); "
-        "kinds sae, transcoder, crosscoder, clt; checkpoints become torch.distributed.checkpoint folders"
+        1,
+        help="split the latents over this many ranks (DTensor on a (dp, tp) mesh; dp = processes / this); "
+        "kinds sae, transcoder, crosscoder, clt; checkpoints become torch.distributed.checkpoint folders",
     )
     # sparsity
     l1_coefficient: float | None = opt(
-        None, help="sparsity penalty weight (relu / jumprelu); default by penalty: 5 for power (L1 weighted by "
-        "decoder norms, as Anthropic's April 2024 update with E‖x‖ = √d_model), 0.5 for tanh, tanh-quad and l0"
+        None,
+        help="sparsity penalty weight (relu / jumprelu); default by penalty: 5 for power (L1 weighted by "
+        "decoder norms, as Anthropic's April 2024 update with E‖x‖ = √d_model), 0.5 for tanh, tanh-quad and l0",
     )
     l1_coefficient_warmup_steps: Steps = opt(0.05)
     sparsity_loss_type: SparsityLoss | None = opt(
@@ -65,11 +68,14 @@ class TrainerConfig:
     auxk_coefficient: float = opt(1 / 32, help="AuxK loss weight (topk/batchtopk); 0 = off")
     k_aux: int | None = opt(None, help="latents in AuxK (default d_model / 2, written into the run's config.toml)")
     multi_topk_coefficient: float = opt(
-        0.0, help="Multi-TopK (Gao et al. 2024, sparsify's 1/8): also reconstruct from the top 4k latents with this "
-        "weight, so 4× as many latents get a gradient each step (topk/batchtopk; 0 = off)")
+        0.0,
+        help="Multi-TopK (Gao et al. 2024, sparsify's 1/8): also reconstruct from the top 4k latents with this "
+        "weight, so 4× as many latents get a gradient each step (topk/batchtopk; 0 = off)",
+    )
     dead_threshold_tokens: int | None = opt(
-        None, help="a latent is dead after this many tokens without firing (default: 10 % of the run's tokens, "
-        "at most 10M, written into the run's config.toml)"
+        None,
+        help="a latent is dead after this many tokens without firing (default: 10 % of the run's tokens, "
+        "at most 10M, written into the run's config.toml)",
     )
     # k schedule
     initial_k: int | None = opt(None, help="k at the start, annealed to dictionary.k")
@@ -98,8 +104,14 @@ class TrainerConfig:
         for b in self.betas:
             if not 0 <= b < 1:
                 raise bad("betas", f"each must be in [0, 1), found {self.betas}")
-        for name in ("lr_warm_up_steps", "lr_cool_down_steps", "l1_coefficient_warmup_steps", "k_warmup_steps",
-                     "k_cold_booting_steps", "feature_sampling_window"):
+        for name in (
+            "lr_warm_up_steps",
+            "lr_cool_down_steps",
+            "l1_coefficient_warmup_steps",
+            "k_warmup_steps",
+            "k_cold_booting_steps",
+            "feature_sampling_window",
+        ):
             v = getattr(self, name)
             if v < 0 or (isinstance(v, float) and v > 1):
                 raise bad(name, f"a step count (int >= 0) or a fraction of the run in [0, 1], found {v}")

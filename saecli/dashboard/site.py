@@ -53,13 +53,15 @@ def script_json(obj: Any) -> str:
 
 
 def page(title: str, data: Any, script: str) -> str:
-    return (_asset("page.html")
-            .replace("@@TITLE@@", html.escape(title))
-            .replace("@@STYLE@@", _asset("style.css"))
-            .replace("@@BODY@@", "<p>Loading… (this page needs JavaScript)</p>")
-            .replace("@@COMMON@@", _asset("common.js"))
-            .replace("@@SCRIPT@@", _asset(script))
-            .replace("@@DATA@@", script_json(data)))
+    return (
+        _asset("page.html")
+        .replace("@@TITLE@@", html.escape(title))
+        .replace("@@STYLE@@", _asset("style.css"))
+        .replace("@@BODY@@", "<p>Loading… (this page needs JavaScript)</p>")
+        .replace("@@COMMON@@", _asset("common.js"))
+        .replace("@@SCRIPT@@", _asset(script))
+        .replace("@@DATA@@", script_json(data))
+    )
 
 
 def _num(x: float, digits: int = 4) -> float:
@@ -73,28 +75,38 @@ def _label(x: float) -> str:
     return f"{x:.3g}" if 1e-2 <= abs(x) < 1e4 else f"{x:.0e}"
 
 
-def histogram_svg(counts: np.ndarray, edges: np.ndarray, *, width: int = 268, height: int = 120,
-                  caption: str = "activation (log scale)") -> str:
+def histogram_svg(
+    counts: np.ndarray,
+    edges: np.ndarray,
+    *,
+    width: int = 268,
+    height: int = 120,
+    caption: str = "activation (log scale)",
+) -> str:
     """Bars of the non-empty range of a histogram with log-spaced edges; one <title> per bar."""
     nz = np.nonzero(counts)[0]
     if len(nz) == 0:
         return ""
     lo, hi = max(int(nz[0]) - 1, 0), min(int(nz[-1]) + 2, len(counts))
-    counts, edges = counts[lo:hi], edges[lo:hi + 1]
+    counts, edges = counts[lo:hi], edges[lo : hi + 1]
     peak = max(int(counts.max()), 1)
     top, bottom, left = 8, 22, 4
     plot_h = height - top - bottom
     bw = (width - 2 * left) / len(counts)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="{html.escape(caption)}">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="{html.escape(caption)}">'
+    ]
     for i, c in enumerate(counts):
         if c <= 0:
             continue
         h = max(1.0, plot_h * float(c) / peak)
         x, y = left + i * bw, top + plot_h - h
         tip = f"[{_label(edges[i])}, {_label(edges[i + 1])}): {int(c):,}"
-        parts.append(f'<rect class="bar" x="{x:.2f}" y="{y:.2f}" width="{max(bw - 1, 0.8):.2f}" height="{h:.2f}">'
-                     f'<title>{html.escape(tip)}</title></rect>')
+        parts.append(
+            f'<rect class="bar" x="{x:.2f}" y="{y:.2f}" width="{max(bw - 1, 0.8):.2f}" height="{h:.2f}">'
+            f"<title>{html.escape(tip)}</title></rect>"
+        )
     base = top + plot_h
     parts.append(f'<line class="axis" x1="{left}" y1="{base}" x2="{width - left}" y2="{base}"/>')
     parts.append(f'<text x="{left}" y="{height - 6}">{html.escape(_label(edges[0]))}</text>')
@@ -113,8 +125,7 @@ def density_svg(density: np.ndarray) -> str:
     edges = 10.0 ** np.arange(-8.0, 0.01, 0.25)
     counts, _ = np.histogram(np.clip(alive, edges[0], 1.0), bins=edges)
     dead = int((density <= 0).sum())
-    return histogram_svg(counts, edges, width=560, height=130,
-                         caption=f"density (log scale) · {dead:,} never fired")
+    return histogram_svg(counts, edges, width=560, height=130, caption=f"density (log scale) · {dead:,} never fired")
 
 
 def _sampling_label(name: str, kind: str, fraction: float | None) -> tuple[str, str]:
@@ -149,8 +160,9 @@ def peak_window(n: int, peak: int, before: int, after: int) -> tuple[int, int]:
     return lo, min(n, lo + span)
 
 
-def _context(tokens: np.ndarray, acts: np.ndarray, value: float, doc: int, pos: int, window: tuple[int, int],
-             vocab: _Vocab) -> dict:
+def _context(
+    tokens: np.ndarray, acts: np.ndarray, value: float, doc: int, pos: int, window: tuple[int, int], vocab: _Vocab
+) -> dict:
     a = acts.astype(np.float32)
     peak = int(a.argmax()) if value > 0 and a.max() > 0 else -1
     lo, hi = peak_window(len(tokens), peak, *(w * STORED_WINDOW_FACTOR for w in window))
@@ -167,8 +179,17 @@ def _context(tokens: np.ndarray, acts: np.ndarray, value: float, doc: int, pos: 
     }
 
 
-def feature_page_data(result: AnalysisResult, index: int, *, dla: DLAResult | None, explanation: str | None,
-                      title: str, window: tuple[int, int], prev: int | None, next_: int | None) -> dict:
+def feature_page_data(
+    result: AnalysisResult,
+    index: int,
+    *,
+    dla: DLAResult | None,
+    explanation: str | None,
+    title: str,
+    window: tuple[int, int],
+    prev: int | None,
+    next_: int | None,
+) -> dict:
     rec = result.feature(index)
     texts = result.vocab
     vocab = _Vocab(texts)
@@ -201,10 +222,24 @@ def feature_page_data(result: AnalysisResult, index: int, *, dla: DLAResult | No
         elif arr.ndim == 1 and arr.shape[0] == T and samplings and samplings[0]["contexts"]:
             # a per-token pattern over the top context (e.g. an attention pattern row)
             top = rec["samplings"][0]
-            ctx = _context(top["tokens"][0], arr.astype(np.float32), float(arr.max()), int(top["doc"][0]),
-                           int(top["pos"][0]), window, vocab)
-            samplings.append({"name": name, "label": name.replace("_", " "), "hint": "over the top context",
-                              "contexts": [ctx], "scale": _num(arr.max())})
+            ctx = _context(
+                top["tokens"][0],
+                arr.astype(np.float32),
+                float(arr.max()),
+                int(top["doc"][0]),
+                int(top["pos"][0]),
+                window,
+                vocab,
+            )
+            samplings.append(
+                {
+                    "name": name,
+                    "label": name.replace("_", " "),
+                    "hint": "over the top context",
+                    "contexts": [ctx],
+                    "scale": _num(arr.max()),
+                }
+            )
         elif arr.ndim == 1 and arr.shape[0] <= 256:
             vectors.append({"name": name, "values": [_num(v) for v in arr], "labels": columns.get(name)})
     data = {
@@ -226,8 +261,10 @@ def feature_page_data(result: AnalysisResult, index: int, *, dla: DLAResult | No
     }
     if dla is not None and index < dla.d_sae:
         d = dla.feature(index)
-        data["dla"] = {"pos": [[t["token"], _num(t["logit"])] for t in d["top_positive"]],
-                       "neg": [[t["token"], _num(t["logit"])] for t in d["top_negative"]]}
+        data["dla"] = {
+            "pos": [[t["token"], _num(t["logit"])] for t in d["top_positive"]],
+            "neg": [[t["token"], _num(t["logit"])] for t in d["top_negative"]],
+        }
     data["vocab"] = vocab.strings
     return data
 
@@ -269,10 +306,18 @@ def model_of_feature(result: AnalysisResult, index: int, models: tuple[str, str]
     return {"ratio": _num(r, 3), "label": diff_label(r, *models), "models": list(models)}
 
 
-def build_site(result: AnalysisResult, out_dir: str | Path, *, dla: DLAResult | None = None,
-               explanations: dict[int, str] | None = None, title: str = "", window: tuple[int, int] = (24, 8),
-               max_features: int | None = None, progress: Callable[[int], None] | None = None,
-               scores: dict[int, dict[str, float]] | None = None) -> Path:
+def build_site(
+    result: AnalysisResult,
+    out_dir: str | Path,
+    *,
+    dla: DLAResult | None = None,
+    explanations: dict[int, str] | None = None,
+    title: str = "",
+    window: tuple[int, int] = (24, 8),
+    max_features: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    scores: dict[int, dict[str, float]] | None = None,
+) -> Path:
     """Write index.html and one page per feature that fired (the most active first when limited).
 
     `scores` maps a feature to its autointerp F1 per scorer ({"detection": 0.8, "fuzzing": 0.7}); they
@@ -287,8 +332,17 @@ def build_site(result: AnalysisResult, out_dir: str | Path, *, dla: DLAResult | 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write_site(result, staging, dla=dla, explanations=explanations or {}, title=title, window=window,
-                    max_features=max_features, progress=progress, scores=scores or {})
+        _write_site(
+            result,
+            staging,
+            dla=dla,
+            explanations=explanations or {},
+            title=title,
+            window=window,
+            max_features=max_features,
+            progress=progress,
+            scores=scores or {},
+        )
         staging.chmod(0o755)
         _swap(staging, out)
     except BaseException:
@@ -307,9 +361,18 @@ def _swap(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_site(result: AnalysisResult, out: Path, *, dla: DLAResult | None, explanations: dict[int, str],
-                title: str, window: tuple[int, int], max_features: int | None,
-                progress: Callable[[int], None] | None, scores: dict[int, dict[str, float]]) -> None:
+def _write_site(
+    result: AnalysisResult,
+    out: Path,
+    *,
+    dla: DLAResult | None,
+    explanations: dict[int, str],
+    title: str,
+    window: tuple[int, int],
+    max_features: int | None,
+    progress: Callable[[int], None] | None,
+    scores: dict[int, dict[str, float]],
+) -> None:
     title = title or f"analysis {result.name}"
     (out / "features").mkdir(parents=True, exist_ok=True)
     density = result.density()
@@ -319,8 +382,16 @@ def _write_site(result: AnalysisResult, out: Path, *, dla: DLAResult | None, exp
     pages = [int(i) for i in alive]
     models = diff_models(result)
     for j, i in enumerate(pages):
-        data = feature_page_data(result, i, dla=dla, explanation=explanations.get(i), title=title, window=window,
-                                 prev=pages[j - 1] if j > 0 else None, next_=pages[j + 1] if j + 1 < len(pages) else None)
+        data = feature_page_data(
+            result,
+            i,
+            dla=dla,
+            explanation=explanations.get(i),
+            title=title,
+            window=window,
+            prev=pages[j - 1] if j > 0 else None,
+            next_=pages[j + 1] if j + 1 < len(pages) else None,
+        )
         data["scores"] = {k: _num(v, 3) for k, v in scores.get(i, {}).items()}
         if models is not None:
             data["model"] = model_of_feature(result, i, models)
@@ -329,10 +400,19 @@ def _write_site(result: AnalysisResult, out: Path, *, dla: DLAResult | None, exp
             progress(1)
     has_page = set(pages)
     scorers = sorted({k for v in scores.values() for k in v})
-    rows = [[i, int(result.act_times[i]), float(density[i]), _num(result.max_act[i]), top_tokens(result, i, dla),
-             explanations.get(i, ""), i in has_page,
-             *(_num(scores[i][k], 3) if k in scores.get(i, {}) else None for k in scorers)]
-            for i in range(result.d_sae)]
+    rows = [
+        [
+            i,
+            int(result.act_times[i]),
+            float(density[i]),
+            _num(result.max_act[i]),
+            top_tokens(result, i, dla),
+            explanations.get(i, ""),
+            i in has_page,
+            *(_num(scores[i][k], 3) if k in scores.get(i, {}) else None for k in scorers),
+        ]
+        for i in range(result.d_sae)
+    ]
     diff = None
     if models is not None:  # two more columns per row: r and its label
         for i, row in enumerate(rows):
@@ -343,13 +423,25 @@ def _write_site(result: AnalysisResult, out: Path, *, dla: DLAResult | None, exp
         r = np.asarray(result.extras["relative_decoder_norm"], dtype=np.float64)
         edges = np.linspace(0.0, 1.0, 21)
         counts, _ = np.histogram(np.clip(r, 0.0, 1.0), bins=edges)
-        diff = {"models": list(models), "col": 7 + len(scorers), "exclusive_ratio": EXCLUSIVE_RATIO,
-                "svg": histogram_svg(counts, edges, width=560, height=130,
-                                     caption=f"‖d_{models[1]}‖ / (‖d_{models[0]}‖ + ‖d_{models[1]}‖)")}
+        diff = {
+            "models": list(models),
+            "col": 7 + len(scorers),
+            "exclusive_ratio": EXCLUSIVE_RATIO,
+            "svg": histogram_svg(
+                counts, edges, width=560, height=130, caption=f"‖d_{models[1]}‖ / (‖d_{models[0]}‖ + ‖d_{models[1]}‖)"
+            ),
+        }
     n_alive = int((result.act_times > 0).sum())
-    subtitle = (f"{result.d_sae:,} features · {n_alive:,} fired · {result.n_analyzed_tokens:,} tokens analysed"
-                + (f" · {len(pages):,} pages" if len(pages) < n_alive else ""))
-    index = {"title": title, "subtitle": subtitle, "features": rows, "density_svg": density_svg(density),
-             "tokens_label": "promotes (DLA)" if dla is not None else "peak tokens", "scorers": scorers,
-             "model_diff": diff}
+    subtitle = f"{result.d_sae:,} features · {n_alive:,} fired · {result.n_analyzed_tokens:,} tokens analysed" + (
+        f" · {len(pages):,} pages" if len(pages) < n_alive else ""
+    )
+    index = {
+        "title": title,
+        "subtitle": subtitle,
+        "features": rows,
+        "density_svg": density_svg(density),
+        "tokens_label": "promotes (DLA)" if dla is not None else "peak tokens",
+        "scorers": scorers,
+        "model_diff": diff,
+    }
     write_text(out / "index.html", page(title, index, "index.js"))

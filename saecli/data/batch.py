@@ -35,6 +35,7 @@ class Batch:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         acts = {k: v.to(device=device, dtype=dtype or v.dtype, non_blocking=True) for k, v in self.acts.items()}
+
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 

@@ -58,7 +58,9 @@ def tokens_written(cache_dir: str | Path, shard: int) -> int:
     return int(read_manifest(path)["total_tokens"])
 
 
-def new_manifest(exp: Experiment, lm: LanguageModel, packer: Packer, shard: int, n_shards: int, d_model: dict[str, int]) -> dict:
+def new_manifest(
+    exp: Experiment, lm: LanguageModel, packer: Packer, shard: int, n_shards: int, d_model: dict[str, int]
+) -> dict:
     acts, model = need_activations(exp), need_model(exp)
     return {
         "format": FORMAT,
@@ -67,8 +69,13 @@ def new_manifest(exp: Experiment, lm: LanguageModel, packer: Packer, shard: int,
         "shard": shard,
         "n_shards": n_shards,
         "model": {
-            "name": model.name, "gguf_file": model.gguf_file, "revision": model.revision,
-            "dtype": model.dtype, "family": lm.family, "d_model": int(lm.d_model), "n_layers": int(lm.n_layers),
+            "name": model.name,
+            "gguf_file": model.gguf_file,
+            "revision": model.revision,
+            "dtype": model.dtype,
+            "family": lm.family,
+            "d_model": int(lm.d_model),
+            "n_layers": int(lm.n_layers),
         },
         "dataset": to_dict(exp.dataset),
         "hook_points": list(acts.hook_points),
@@ -110,15 +117,23 @@ def _resume_state(folder: Path, wanted: dict) -> dict | None:
     for name, c in listed.items():
         f = folder / name
         if not f.exists() or f.stat().st_size != c["bytes"]:
-            raise RunError(f"{f} is missing or has the wrong size; the cache is damaged (run `saecli check {folder.parent}`)")
+            raise RunError(
+                f"{f} is missing or has the wrong size; the cache is damaged (run `saecli check {folder.parent}`)"
+            )
     for f in folder.iterdir():
         if (_CHUNK_RE.match(f.name) and f.name not in listed) or (f.name.startswith(".") and f.name.endswith(".tmp")):
             f.unlink()
     return stored
 
 
-def generate_shard(exp: Experiment, lm: LanguageModel, run_to_hooks: Callable, shard: int, n_shards: int,
-                   progress: Callable[[int, dict], None] | None = None) -> dict:
+def generate_shard(
+    exp: Experiment,
+    lm: LanguageModel,
+    run_to_hooks: Callable,
+    shard: int,
+    n_shards: int,
+    progress: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Fill `cache_dir/shard-{shard}` up to this shard's token target; returns its final manifest.
 
     `progress(n_new_tokens, metrics)` is called after each model batch.
@@ -142,8 +157,15 @@ def generate_shard(exp: Experiment, lm: LanguageModel, run_to_hooks: Callable, s
         return manifest
     check_space(exp, manifest["d_model"], shard, n_shards)
 
-    contexts = context_batches(packer, exp.dataset, shard, n_shards, acts.model_batch_size,
-                               skip=int(manifest["contexts_consumed"]), process=use_process(lm.device))
+    contexts = context_batches(
+        packer,
+        exp.dataset,
+        shard,
+        n_shards,
+        acts.model_batch_size,
+        skip=int(manifest["contexts_consumed"]),
+        process=use_process(lm.device),
+    )
     writer = ChunkWriter(folder, manifest, workers=writer_threads())
     pending: list[dict[str, torch.Tensor]] = []
     n_pending = 0
@@ -195,12 +217,14 @@ def check_space(exp: Experiment, d_model: dict[str, int], shard: int, n_shards: 
     """Refuse (UsageError) when the disk holding the cache cannot take this shard's remaining tokens."""
     acts, model = need_activations(exp), need_model(exp)
     root = cache_root(acts)
-    todo = shard_target(acts.total_tokens, shard, n_shards) - min(tokens_written(root, shard),
-                                                                   shard_target(acts.total_tokens, shard, n_shards))
+    todo = shard_target(acts.total_tokens, shard, n_shards) - min(
+        tokens_written(root, shard), shard_target(acts.total_tokens, shard, n_shards)
+    )
     if todo > 0:
         dtype = DTYPES[acts.override_dtype or model.dtype]
-        fsio.require_space(shard_dir(root, shard), estimated_bytes(d_model, dtype, todo),
-                           f"the cache's remaining {todo:,} tokens")
+        fsio.require_space(
+            shard_dir(root, shard), estimated_bytes(d_model, dtype, todo), f"the cache's remaining {todo:,} tokens"
+        )
 
 
 def estimated_bytes(d_model: dict[str, int], dtype: torch.dtype, n_tokens: int) -> int:
@@ -214,8 +238,9 @@ def writer_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 4)) if torch.cuda.is_available() else 1
 
 
-def _forward(lm: LanguageModel, run_to_hooks: Callable, ctx: Contexts, hooks: list[str], dtype: torch.dtype,
-             limit: int) -> dict[str, torch.Tensor]:
+def _forward(
+    lm: LanguageModel, run_to_hooks: Callable, ctx: Contexts, hooks: list[str], dtype: torch.dtype, limit: int
+) -> dict[str, torch.Tensor]:
     """The kept tokens of one model batch (at most `limit`): activations and norm sums stay on the device."""
     keep = ctx.kept()[: max(limit, 0)]
     out = run_to_hooks(lm, ctx.tokens.to(lm.device), hooks)
@@ -243,7 +268,9 @@ def _job(pieces: list[dict[str, torch.Tensor]], consumed: int, documents: int, c
     if any(t.is_cuda for t in tensors.values()):
         host = {}
         for k, t in {**tensors, "norm_sums": sums}.items():
-            host[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda else t
+            host[k] = (
+                torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda else t
+            )
         ready = torch.cuda.Event()
         ready.record()
         sums = host.pop("norm_sums")
@@ -252,8 +279,17 @@ def _job(pieces: list[dict[str, torch.Tensor]], consumed: int, documents: int, c
     return Job(tensors, consumed, documents, complete, norm_sums=sums, ready=ready)
 
 
-def write_cache(cache_dir: str | Path, chunks: Iterable[dict[str, torch.Tensor]], *, hook_points: list[str], dtype: str = "float32",
-                chunk_tokens: int | None = None, shard: int = 0, n_shards: int = 1, info: dict | None = None) -> dict:
+def write_cache(
+    cache_dir: str | Path,
+    chunks: Iterable[dict[str, torch.Tensor]],
+    *,
+    hook_points: list[str],
+    dtype: str = "float32",
+    chunk_tokens: int | None = None,
+    shard: int = 0,
+    n_shards: int = 1,
+    info: dict | None = None,
+) -> dict:
     """Write activations you already have as a cache that every reader accepts.
 
     `chunks` yields dicts with `acts.<hook>` [n, d] per hook point and `tokens`/`doc`/`pos` [n]
@@ -275,17 +311,30 @@ def write_cache(cache_dir: str | Path, chunks: Iterable[dict[str, torch.Tensor]]
             tensors["pos"] = chunk["pos"].to(torch.int32).contiguous()
             if writer is None:
                 manifest = {
-                    "format": FORMAT, "version": VERSION, "hook_names": HOOK_NAMES, "shard": shard, "n_shards": n_shards,
-                    "model": info.get("model", {"name": "unknown"}), "dataset": info.get("dataset", {}),
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "hook_names": HOOK_NAMES,
+                    "shard": shard,
+                    "n_shards": n_shards,
+                    "model": info.get("model", {"name": "unknown"}),
+                    "dataset": info.get("dataset", {}),
                     "hook_points": list(hook_points),
-                    "d_model": {h: int(tensors[act_key(h)].shape[1]) for h in hook_points}, "dtype": dtype,
-                    "context_size": info.get("context_size", 0), "model_batch_size": info.get("model_batch_size", 0),
+                    "d_model": {h: int(tensors[act_key(h)].shape[1]) for h in hook_points},
+                    "dtype": dtype,
+                    "context_size": info.get("context_size", 0),
+                    "model_batch_size": info.get("model_batch_size", 0),
                     "chunk_tokens": chunk_tokens or int(tensors["tokens"].shape[0]),
-                    "prepend_bos": info.get("prepend_bos", False), "bos_token_id": info.get("bos_token_id"),
+                    "prepend_bos": info.get("prepend_bos", False),
+                    "bos_token_id": info.get("bos_token_id"),
                     "separator_token_id": info.get("separator_token_id"),
-                    "ignore_token_ids": info.get("ignore_token_ids", []), "target_tokens": 0, "total_tokens": 0,
-                    "contexts_consumed": 0, "documents_consumed": 0, "complete": False,
-                    "mean_norms": {h: 0.0 for h in hook_points}, "chunks": [],
+                    "ignore_token_ids": info.get("ignore_token_ids", []),
+                    "target_tokens": 0,
+                    "total_tokens": 0,
+                    "contexts_consumed": 0,
+                    "documents_consumed": 0,
+                    "complete": False,
+                    "mean_norms": {h: 0.0 for h in hook_points},
+                    "chunks": [],
                 }
                 writer = ChunkWriter(folder, manifest)
             consumed += 1

@@ -37,9 +37,21 @@ if TYPE_CHECKING:
 class LiveStream(WindowStream):
     """Activation batches computed from a loaded model; implements saecli.data.stream.ActivationStream."""
 
-    def __init__(self, lm: LanguageModel, dataset: DatasetConfig, acts: ActivationsConfig, *, hook_points: list[str] | None = None,
-                 contexts: bool = False, rank: int = 0, world_size: int = 1, epochs: int | None = None,
-                 run_to_hooks: Callable | None = None, packer: Packer | None = None, model_cfg: ModelConfig | None = None):
+    def __init__(
+        self,
+        lm: LanguageModel,
+        dataset: DatasetConfig,
+        acts: ActivationsConfig,
+        *,
+        hook_points: list[str] | None = None,
+        contexts: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        epochs: int | None = None,
+        run_to_hooks: Callable | None = None,
+        packer: Packer | None = None,
+        model_cfg: ModelConfig | None = None,
+    ):
         if run_to_hooks is None:
             from saecli.lm import run_to_hooks as model_forward
 
@@ -68,7 +80,9 @@ class LiveStream(WindowStream):
         from saecli.lm.hooks import hook_width
 
         # d_model wide, except attn.hook_z (n_heads · d_head)
-        self.d_model = {h: hook_width(lm, h) if h.endswith(".attn.hook_z") else int(lm.d_model) for h in self.hook_points}
+        self.d_model = {
+            h: hook_width(lm, h) if h.endswith(".attn.hook_z") else int(lm.d_model) for h in self.hook_points
+        }
         self._norms: dict[str, float] | None = None
         self._docs_seen = dataset.skip_documents
         self._source: tuple[tuple[int, int], Any] | None = None  # ((epoch, next window), contexts iterator)
@@ -147,9 +161,17 @@ class LiveStream(WindowStream):
 
     # -- exact position
     def _identity(self) -> dict:
-        return {"kind": "live", "seed": self.seed, "shuffle": self.shuffle, "batch_rows": self.batch_rows,
-                "contexts": self.contexts, "rank": self.rank, "world_size": self.world_size,
-                "window_contexts": self.window_contexts, "skip_documents": self.dataset.skip_documents}
+        return {
+            "kind": "live",
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "batch_rows": self.batch_rows,
+            "contexts": self.contexts,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "window_contexts": self.window_contexts,
+            "skip_documents": self.dataset.skip_documents,
+        }
 
     def state_dict(self) -> dict:
         return {**self._identity(), **self.cursor_state()}

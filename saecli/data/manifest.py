@@ -27,8 +27,19 @@ MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-[0-9][0-9][0-9]"
 # keys that define what a cache holds: a resumed generate must match all of them
 IDENTITY_KEYS = (
-    "shard", "n_shards", "model", "dataset", "hook_points", "dtype", "context_size", "model_batch_size",
-    "chunk_tokens", "prepend_bos", "bos_token_id", "separator_token_id", "ignore_token_ids",
+    "shard",
+    "n_shards",
+    "model",
+    "dataset",
+    "hook_points",
+    "dtype",
+    "context_size",
+    "model_batch_size",
+    "chunk_tokens",
+    "prepend_bos",
+    "bos_token_id",
+    "separator_token_id",
+    "ignore_token_ids",
 )
 
 
@@ -177,7 +188,9 @@ def open_cache(cache_dir: str | Path) -> CacheIndex:
     """Read every shard manifest under `cache_dir`; raise UsageError when there is no cache there."""
     root = Path(cache_dir)
     if not root.is_dir():
-        raise UsageError(f"activation cache not found: {root} (run `saecli generate` first, or check activations.cache_dir)")
+        raise UsageError(
+            f"activation cache not found: {root} (run `saecli generate` first, or check activations.cache_dir)"
+        )
     folders = sorted(p for p in root.glob(SHARD_GLOB) if (p / MANIFEST).exists())
     if not folders:
         raise UsageError(f"{root} holds no activation cache (no shard-NNN/{MANIFEST})")
@@ -186,10 +199,18 @@ def open_cache(cache_dir: str | Path) -> CacheIndex:
     for folder, m in zip(folders[1:], manifests[1:]):
         for key in ("hook_points", "d_model", "dtype", "context_size", "model", "dataset", "n_shards"):
             if m.get(key) != ref.get(key):
-                raise RunError(f"{folder / MANIFEST}: `{key}` differs from {folders[0] / MANIFEST}; the shards are of different caches")
+                raise RunError(
+                    f"{folder / MANIFEST}: `{key}` differs from {folders[0] / MANIFEST}; the shards are of different caches"
+                )
     chunks = [
-        ChunkRef(folder / c["file"], int(c["n_tokens"]), c["sha256"], int(m["shard"]), i,
-                 int(c["bytes"]) if c.get("bytes") is not None else None)
+        ChunkRef(
+            folder / c["file"],
+            int(c["n_tokens"]),
+            c["sha256"],
+            int(m["shard"]),
+            i,
+            int(c["bytes"]) if c.get("bytes") is not None else None,
+        )
         for folder, m in zip(folders, manifests)
         for i, c in enumerate(m["chunks"])
     ]

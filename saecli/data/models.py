@@ -44,8 +44,7 @@ TOKENIZER_SAMPLE_DOCUMENTS = 64  # documents tokenised by every model's tokenize
 class ModelsStream:
     """Zip of per-model streams; implements saecli.data.stream.ActivationStream."""
 
-    def __init__(self, children: Mapping[str, ActivationStream], *, max_norm_ratio: float = 0.0,
-                 describe: str = ""):
+    def __init__(self, children: Mapping[str, ActivationStream], *, max_norm_ratio: float = 0.0, describe: str = ""):
         if len(children) < 2:
             raise UsageError(f"a models stream zips at least two streams, found {len(children)}")
         self.children = dict(children)
@@ -101,19 +100,25 @@ class ModelsStream:
             for what in ("tokens", "doc", "pos"):
                 x, y = getattr(ref, what), getattr(b, what)
                 if (x is None) != (y is None) or (x is not None and (x.shape != y.shape or not torch.equal(x, y))):
-                    raise UsageError(f"the batches of models {ref_label!r} and {label!r} hold different {what}: "
-                                     "their streams are not aligned (same text, seed, shuffle and window sizes?)")
+                    raise UsageError(
+                        f"the batches of models {ref_label!r} and {label!r} hold different {what}: "
+                        "their streams are not aligned (same text, seed, shuffle and window sizes?)"
+                    )
         acts = {head_name(label, h): a for label, b in parts.items() for h, a in b.acts.items()}
         return Batch(acts, ref.tokens, ref.doc, ref.pos, ref.mask, dict(ref.meta))
 
     def state_dict(self) -> dict:
-        return {"kind": "models", "labels": self.labels,
-                "streams": {label: s.state_dict() for label, s in self.children.items()}}
+        return {
+            "kind": "models",
+            "labels": self.labels,
+            "streams": {label: s.state_dict() for label, s in self.children.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "models" or state.get("labels") != self.labels:
-            raise UsageError(f"cannot resume this models stream: its models were {state.get('labels')!r}, "
-                             f"now {self.labels!r}")
+            raise UsageError(
+                f"cannot resume this models stream: its models were {state.get('labels')!r}, now {self.labels!r}"
+            )
         for label, s in self.children.items():
             s.load_state_dict(state["streams"][label])
         self._iters = None
@@ -146,12 +151,20 @@ def check_tokenizers(lms: dict[str, Any], dataset: Any, *, documents: int = TOKE
     for label in labels[1:]:
         lm = lms[label]
         key = f"models.{label}.name"
-        for what, a, b in (("BOS token id", ref.bos_token_id, lm.bos_token_id),
-                           ("separator token id", separator_id(ref.tokenizer, ref.bos_token_id),
-                            separator_id(lm.tokenizer, lm.bos_token_id))):
+        for what, a, b in (
+            ("BOS token id", ref.bos_token_id, lm.bos_token_id),
+            (
+                "separator token id",
+                separator_id(ref.tokenizer, ref.bos_token_id),
+                separator_id(lm.tokenizer, lm.bos_token_id),
+            ),
+        ):
             if a != b:
-                raise ConfigError(f"{label!r} and {labels[0]!r} tokenise differently: {what} {b} vs {a} "
-                                  f"(models.{labels[0]}.name): the models must share one tokenizer", key=key)
+                raise ConfigError(
+                    f"{label!r} and {labels[0]!r} tokenise differently: {what} {b} vs {a} "
+                    f"(models.{labels[0]}.name): the models must share one tokenizer",
+                    key=key,
+                )
         ids = encoder_for(lm.tokenizer)(docs)
         for i, (x, y) in enumerate(zip(ref_ids, ids)):
             x, y = list(x), list(y)
@@ -159,13 +172,24 @@ def check_tokenizers(lms: dict[str, Any], dataset: Any, *, documents: int = TOKE
                 at = next((j for j, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
                 raise ConfigError(
                     f"{label!r} and {labels[0]!r} tokenise document {i} differently from token {at} on "
-                    f"({y[at:at + 4]} vs {x[at:at + 4]} in models.{labels[0]}.name): the models must share one "
-                    "tokenizer", key=key)
+                    f"({y[at : at + 4]} vs {x[at : at + 4]} in models.{labels[0]}.name): the models must share one "
+                    "tokenizer",
+                    key=key,
+                )
 
 
-def open_models_stream(exp: Any, *, purpose: str, rank: int, world_size: int, contexts: bool,
-                       hook_points: list[str] | None, skip_documents: int | None, lms: dict[str, Any] | None,
-                       use_cache: bool) -> ModelsStream:
+def open_models_stream(
+    exp: Any,
+    *,
+    purpose: str,
+    rank: int,
+    world_size: int,
+    contexts: bool,
+    hook_points: list[str] | None,
+    skip_documents: int | None,
+    lms: dict[str, Any] | None,
+    use_cache: bool,
+) -> ModelsStream:
     """The zipped stream of every [models.<label>] (see the module docstring); `hook_points` are head names
     ('<label>/<hook>', default: every model × activations.hook_points)."""
     from saecli.config.models import split_head
@@ -176,8 +200,9 @@ def open_models_stream(exp: Any, *, purpose: str, rank: int, world_size: int, co
     for name in wanted:
         label, hook = split_head(name)
         if label not in per_model:
-            raise UsageError(f"{name!r} names no model of [models] ({', '.join(per_model)}): heads are "
-                             "'<label>/<hook point>'")
+            raise UsageError(
+                f"{name!r} names no model of [models] ({', '.join(per_model)}): heads are '<label>/<hook point>'"
+            )
         per_model[label].append(hook)
     if any(not hooks for hooks in per_model.values()):  # every model is read: the zip needs one batch of each
         per_model = {label: hooks or [acts.hook_points[0]] for label, hooks in per_model.items()}
@@ -199,15 +224,25 @@ def open_models_stream(exp: Any, *, purpose: str, rank: int, world_size: int, co
             if label not in lms:
                 lms[label] = load_model(cfg)
             validate_hooks(lms[label], per_model[label])
-        dataset = exp.dataset if skip_documents is None else dataclasses.replace(exp.dataset,
-                                                                                 skip_documents=skip_documents)
+        dataset = (
+            exp.dataset if skip_documents is None else dataclasses.replace(exp.dataset, skip_documents=skip_documents)
+        )
         check_tokenizers(lms, dataset)
         first = next(iter(exp.models))
         packer = packer_for(lms[first], quiet, exp.models[first])  # one tokenizer packs the text for every model
         for label in exp.models:
-            children[label] = LiveStream(lms[label], dataset, quiet, hook_points=per_model[label], contexts=contexts,
-                                         rank=rank, world_size=world_size, epochs=epochs, packer=packer,
-                                         model_cfg=exp.models[label])
+            children[label] = LiveStream(
+                lms[label],
+                dataset,
+                quiet,
+                hook_points=per_model[label],
+                contexts=contexts,
+                rank=rank,
+                world_size=world_size,
+                epochs=epochs,
+                packer=packer,
+                model_cfg=exp.models[label],
+            )
         describe = "live " + " vs ".join(f"{label}={cfg.name}" for label, cfg in exp.models.items())
     stream = ModelsStream(children, max_norm_ratio=acts.max_norm_ratio, describe=f"{describe} on {exp.dataset.path}")
     if hook_points is not None:  # keep the caller's order and only the heads asked for
@@ -215,38 +250,58 @@ def open_models_stream(exp: Any, *, purpose: str, rank: int, world_size: int, co
     return stream
 
 
-def _cache_children(exp: Any, acts: Any, per_model: dict[str, list[str]], contexts: bool, rank: int,
-                    world_size: int, epochs: int | None) -> dict[str, CacheStream]:
+def _cache_children(
+    exp: Any, acts: Any, per_model: dict[str, list[str]], contexts: bool, rank: int, world_size: int, epochs: int | None
+) -> dict[str, CacheStream]:
     from saecli.data.open import cache_exists
     from saecli.data.reader import CacheStream
     from saecli.data.verify import check_against
 
     if contexts:
-        raise UsageError("this dictionary needs whole contexts, which token caches cannot give: set "
-                         "activations.source = 'live'")
+        raise UsageError(
+            "this dictionary needs whole contexts, which token caches cannot give: set activations.source = 'live'"
+        )
     dirs = model_cache_dirs(exp)
     missing = [f"{d} ({label})" for label, d in dirs.items() if not cache_exists(d)]
     if missing:
-        raise UsageError(f"no activation cache in {', '.join(missing)}: with [models], activations.cache_dir holds "
-                         "one cache per model label (`saecli generate` writes them)")
+        raise UsageError(
+            f"no activation cache in {', '.join(missing)}: with [models], activations.cache_dir holds "
+            "one cache per model label (`saecli generate` writes them)"
+        )
     labels = list(dirs)
     dtype = DTYPES[acts.override_dtype] if acts.override_dtype else None
-    children = {label: CacheStream(dirs[label], hook_points=per_model[label], batch_size=acts.batch_size,
-                                   shuffle=acts.shuffle, buffer_tokens=acts.shuffle_buffer_tokens, seed=acts.seed,
-                                   rank=rank, world_size=world_size, epochs=epochs, dtype=dtype,
-                                   max_norm_ratio=0.0, verify=acts.verify_chunks)
-                for label in labels}
+    children = {
+        label: CacheStream(
+            dirs[label],
+            hook_points=per_model[label],
+            batch_size=acts.batch_size,
+            shuffle=acts.shuffle,
+            buffer_tokens=acts.shuffle_buffer_tokens,
+            seed=acts.seed,
+            rank=rank,
+            world_size=world_size,
+            epochs=epochs,
+            dtype=dtype,
+            max_norm_ratio=0.0,
+            verify=acts.verify_chunks,
+        )
+        for label in labels
+    }
     # cheap first: equal chunks ⇒ equal windows and permutations ⇒ aligned batches (each batch is still checked)
     layout = {label: [c.n_tokens for c in s.index.chunks] for label, s in children.items()}
     for label in labels[1:]:
         if layout[label] != layout[labels[0]]:
-            raise UsageError(f"the caches of {labels[0]!r} and {label!r} are cut into different chunks "
-                             f"({len(layout[labels[0]])} vs {len(layout[label])} chunks, "
-                             f"{sum(layout[labels[0]]):,} vs {sum(layout[label]):,} tokens): generate them with "
-                             "the same activations.total_tokens and chunk_tokens (`saecli generate` with [models])")
+            raise UsageError(
+                f"the caches of {labels[0]!r} and {label!r} are cut into different chunks "
+                f"({len(layout[labels[0]])} vs {len(layout[label])} chunks, "
+                f"{sum(layout[labels[0]]):,} vs {sum(layout[label]):,} tokens): generate them with "
+                "the same activations.total_tokens and chunk_tokens (`saecli generate` with [models])"
+            )
     for label in labels[1:]:  # then every token id, document and position (`saecli check --against`)
         problems = check_against(dirs[labels[0]], dirs[label])
         if problems:
             p = problems[0]
-            raise UsageError(f"the caches of {labels[0]!r} and {label!r} are not of the same text: {p.file}: {p.detail}")
+            raise UsageError(
+                f"the caches of {labels[0]!r} and {label!r} are not of the same text: {p.file}: {p.detail}"
+            )
     return children

@@ -57,9 +57,17 @@ def uses_cache(exp: Experiment) -> bool:
     return acts.source == "cache" or (acts.source == "auto" and cache_exists(root))
 
 
-def open_stream(exp: Experiment, *, purpose: Literal["train", "eval"] = "train", rank: int = 0, world_size: int = 1,
-                contexts: bool = False, hook_points: list[str] | None = None, skip_documents: int | None = None,
-                lm: LanguageModel | dict[str, LanguageModel] | None = None) -> ActivationStream:
+def open_stream(
+    exp: Experiment,
+    *,
+    purpose: Literal["train", "eval"] = "train",
+    rank: int = 0,
+    world_size: int = 1,
+    contexts: bool = False,
+    hook_points: list[str] | None = None,
+    skip_documents: int | None = None,
+    lm: LanguageModel | dict[str, LanguageModel] | None = None,
+) -> ActivationStream:
     """The activation stream an experiment describes (see the module docstring). `lm`: the loaded model to
     reuse, or {label: model} for a [models] experiment."""
     if purpose not in ("train", "eval"):
@@ -69,9 +77,17 @@ def open_stream(exp: Experiment, *, purpose: Literal["train", "eval"] = "train",
         from saecli.data.models import open_models_stream
 
         lms = lm if isinstance(lm, dict) else None
-        return open_models_stream(exp, purpose=purpose, rank=rank, world_size=world_size, contexts=contexts,
-                                  hook_points=hook_points, skip_documents=skip_documents, lms=lms,
-                                  use_cache=uses_cache(exp))
+        return open_models_stream(
+            exp,
+            purpose=purpose,
+            rank=rank,
+            world_size=world_size,
+            contexts=contexts,
+            hook_points=hook_points,
+            skip_documents=skip_documents,
+            lms=lms,
+            use_cache=uses_cache(exp),
+        )
     if isinstance(lm, dict):
         raise UsageError("a model per label serves a [models] experiment; this one has a single [model]")
     hooks = list(hook_points or acts.hook_points)
@@ -86,9 +102,18 @@ def open_stream(exp: Experiment, *, purpose: Literal["train", "eval"] = "train",
             )
         dtype = DTYPES[acts.override_dtype] if acts.override_dtype else None
         return CacheStream(
-            str(acts.cache_dir), hook_points=hooks, batch_size=acts.batch_size, shuffle=acts.shuffle,
-            buffer_tokens=acts.shuffle_buffer_tokens, seed=acts.seed, rank=rank, world_size=world_size,
-            epochs=epochs, dtype=dtype, max_norm_ratio=acts.max_norm_ratio, verify=acts.verify_chunks,
+            str(acts.cache_dir),
+            hook_points=hooks,
+            batch_size=acts.batch_size,
+            shuffle=acts.shuffle,
+            buffer_tokens=acts.shuffle_buffer_tokens,
+            seed=acts.seed,
+            rank=rank,
+            world_size=world_size,
+            epochs=epochs,
+            dtype=dtype,
+            max_norm_ratio=acts.max_norm_ratio,
+            verify=acts.verify_chunks,
         )
     from saecli.data.live import LiveStream
 
@@ -105,5 +130,14 @@ def open_stream(exp: Experiment, *, purpose: Literal["train", "eval"] = "train",
         acts = dataclasses.replace(acts, shuffle=False)
     if skip_documents is not None:
         dataset = dataclasses.replace(dataset, skip_documents=skip_documents)
-    return LiveStream(lm, dataset, acts, hook_points=hooks, contexts=contexts, rank=rank, world_size=world_size,
-                      epochs=epochs, model_cfg=model_cfg)
+    return LiveStream(
+        lm,
+        dataset,
+        acts,
+        hook_points=hooks,
+        contexts=contexts,
+        rank=rank,
+        world_size=world_size,
+        epochs=epochs,
+        model_cfg=model_cfg,
+    )

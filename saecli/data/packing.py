@@ -48,8 +48,16 @@ def encoder_for(tokenizer: PreTrainedTokenizerBase) -> Encode:
 class WindowPacker:
     """Documents → windows of `context_size` tokens (BOS first when `prepend_bos`), with (doc, pos)."""
 
-    def __init__(self, encode: Encode, context_size: int, *, prepend_bos: bool, bos_id: int | None,
-                 sep_id: int | None, doc_batch: int = 64):
+    def __init__(
+        self,
+        encode: Encode,
+        context_size: int,
+        *,
+        prepend_bos: bool,
+        bos_id: int | None,
+        sep_id: int | None,
+        doc_batch: int = 64,
+    ):
         self.encode = encode
         self.context_size = context_size
         self.prepend_bos = prepend_bos
@@ -94,8 +102,9 @@ class WindowPacker:
                     pos = np.concatenate((np.array([-1], dtype=np.int32), pos))
                 yield tokens, doc, pos
 
-    def batches(self, documents: Iterable[tuple[int, str]], batch_size: int, skip: int = 0
-                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    def batches(
+        self, documents: Iterable[tuple[int, str]], batch_size: int, skip: int = 0
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
         """(tokens [B, T], doc [B, T], pos [B, T], index of the first window) after skipping `skip` windows."""
         buf: list[Windows] = []
         first = skip
@@ -112,8 +121,12 @@ class WindowPacker:
 
 
 def _stack(windows: list[Windows], first: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    return (np.stack([w[0] for w in windows]), np.stack([w[1] for w in windows]), np.stack([w[2] for w in windows]),
-            first)
+    return (
+        np.stack([w[0] for w in windows]),
+        np.stack([w[1] for w in windows]),
+        np.stack([w[2] for w in windows]),
+        first,
+    )
 
 
 def _take(parts: list[Windows], n: int) -> Windows:

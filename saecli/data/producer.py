@@ -38,8 +38,17 @@ def use_process(device: torch.device | str) -> bool:
     return str(device).startswith("cuda")  # str(torch.device("cuda", 0)) == "cuda:0"
 
 
-def context_batches(packer: Packer, dataset: DatasetConfig, shard: int, n_shards: int, batch_size: int, *,
-                    skip: int = 0, process: bool = False, ahead: int = 8):
+def context_batches(
+    packer: Packer,
+    dataset: DatasetConfig,
+    shard: int,
+    n_shards: int,
+    batch_size: int,
+    *,
+    skip: int = 0,
+    process: bool = False,
+    ahead: int = 8,
+):
     """An iterator of `Contexts` (with `close()`) over shard `shard` of the text, after `skip` windows."""
     from saecli.data.prefetch import Prefetch
 
@@ -58,8 +67,9 @@ class _ProcessBatches(Iterator[Any]):
         self.packer = packer
         root = str(Path(__file__).resolve().parents[2])  # the folder holding the saecli package
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-        self._proc = subprocess.Popen([sys.executable, "-m", "saecli.data.producer"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, env=env)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "saecli.data.producer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._proc.stdin.write(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
         self._proc.stdin.close()

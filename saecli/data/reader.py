@@ -34,8 +34,14 @@ if TYPE_CHECKING:
     from saecli.lm.loading import LanguageModel
 
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32}
+_ST_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
 _INDEX_DTYPES = {"tokens": torch.int32, "doc": torch.int64, "pos": torch.int32}
 
 
@@ -45,10 +51,23 @@ class CacheStream(WindowStream):
     contexts = False
     lm: LanguageModel | None = None  # a cache has no model behind it
 
-    def __init__(self, cache: CacheIndex | str | Path, *, hook_points: list[str] | None = None, batch_size: int = 4096,
-                 shuffle: bool = True, buffer_tokens: int = 262144, seed: int = 42, rank: int = 0,
-                 world_size: int = 1, epochs: int | None = None, dtype: torch.dtype | None = None,
-                 prefetch: bool = True, max_norm_ratio: float = 0.0, verify: str = "fail"):
+    def __init__(
+        self,
+        cache: CacheIndex | str | Path,
+        *,
+        hook_points: list[str] | None = None,
+        batch_size: int = 4096,
+        shuffle: bool = True,
+        buffer_tokens: int = 262144,
+        seed: int = 42,
+        rank: int = 0,
+        world_size: int = 1,
+        epochs: int | None = None,
+        dtype: torch.dtype | None = None,
+        prefetch: bool = True,
+        max_norm_ratio: float = 0.0,
+        verify: str = "fail",
+    ):
         self.index = cache if isinstance(cache, CacheIndex) else open_cache(cache)
         if verify not in ("fail", "skip", "off"):
             raise ValueError(f"verify must be 'fail', 'skip' or 'off', found {verify!r}")
@@ -99,11 +118,14 @@ class CacheStream(WindowStream):
             try:
                 size = chunk.path.stat().st_size
             except OSError:
-                raise UsageError(f"cache chunk {chunk.path} is missing: the cache is damaged "
-                                 f"(run `saecli check {self.index.root}`)") from None
+                raise UsageError(
+                    f"cache chunk {chunk.path} is missing: the cache is damaged (run `saecli check {self.index.root}`)"
+                ) from None
             if chunk.bytes is not None and size != chunk.bytes:
-                raise UsageError(f"cache chunk {chunk.path} has {size:,} bytes, its manifest says {chunk.bytes:,} "
-                                 f"(truncated?): the cache is damaged (run `saecli check {self.index.root}`)")
+                raise UsageError(
+                    f"cache chunk {chunk.path} has {size:,} bytes, its manifest says {chunk.bytes:,} "
+                    f"(truncated?): the cache is damaged (run `saecli check {self.index.root}`)"
+                )
 
     def _intact(self, chunk: ChunkRef) -> bool:
         """Whether the chunk's bytes hash to the manifest's sha256 (checked once per chunk; in the loading thread)."""
@@ -116,16 +138,21 @@ class CacheStream(WindowStream):
         if digest.hexdigest() == chunk.sha256:
             self._verified.add(chunk.path)
             return True
-        message = (f"cache chunk {chunk.path} does not match its manifest (sha256 differs): the cache is damaged "
-                   f"(run `saecli check {self.index.root}`)")
+        message = (
+            f"cache chunk {chunk.path} does not match its manifest (sha256 differs): the cache is damaged "
+            f"(run `saecli check {self.index.root}`)"
+        )
         if self.verify == "fail":
             raise UsageError(message + "; activations.verify_chunks = 'skip' trains on without it")
         if chunk.path not in self.skipped_chunks:
             self.skipped_chunks.append(chunk.path)
             if len(self.skipped_chunks) == len(self.index.chunks):
                 raise UsageError(message + "; every chunk of the cache is damaged, nothing is left to read")
-            warnings.warn(message + f"; skipped ({chunk.n_tokens:,} tokens, activations.verify_chunks = 'skip')",
-                          SaecliWarning, stacklevel=2)
+            warnings.warn(
+                message + f"; skipped ({chunk.n_tokens:,} tokens, activations.verify_chunks = 'skip')",
+                SaecliWarning,
+                stacklevel=2,
+            )
         return False
 
     # -- the plan of an epoch: this rank's windows of chunks (cheap: a permutation of the chunk list)
@@ -185,32 +212,52 @@ class CacheStream(WindowStream):
                 for key, buf in bufs.items():
                     meta = header.get(key)
                     dest = buf[start : start + n]
-                    if meta is None or _ST_DTYPES.get(meta["dtype"]) != dest.dtype or tuple(meta["shape"]) != tuple(dest.shape):
+                    if (
+                        meta is None
+                        or _ST_DTYPES.get(meta["dtype"]) != dest.dtype
+                        or tuple(meta["shape"]) != tuple(dest.shape)
+                    ):
                         found = "missing" if meta is None else f"{meta['dtype']} {meta['shape']}"
-                        raise RunError(f"cache chunk {chunk.path}: `{key}` is {found}, expected {dest.dtype} {tuple(dest.shape)}")
+                        raise RunError(
+                            f"cache chunk {chunk.path}: `{key}` is {found}, expected {dest.dtype} {tuple(dest.shape)}"
+                        )
                     begin, end = meta["data_offsets"]
                     f.seek(base + begin)
                     _read_exactly(f, dest, end - begin)
         except RunError:
             raise
         except (OSError, ValueError, KeyError, struct.error) as exc:
-            raise UsageError(f"cannot read cache chunk {chunk.path}: {exc} (run `saecli check {self.index.root}`)") from None
+            raise UsageError(
+                f"cannot read cache chunk {chunk.path}: {exc} (run `saecli check {self.index.root}`)"
+            ) from None
 
     def _to_batch(self, rows: Rows) -> Batch:
-        acts = {h: rows[act_key(h)] if self.dtype is None else rows[act_key(h)].to(self.dtype) for h in self.hook_points}
+        acts = {
+            h: rows[act_key(h)] if self.dtype is None else rows[act_key(h)].to(self.dtype) for h in self.hook_points
+        }
         return Batch(acts, rows["tokens"].long(), rows["doc"], rows["pos"].long(), None)
 
     # -- exact position
     def state_dict(self) -> dict:
-        return {"kind": "cache", "seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_rows,
-                "rank": self.rank, "world_size": self.world_size, "n_chunks": len(self.index.chunks),
-                "window_chunks": self.window_chunks, **self.cursor_state()}
+        return {
+            "kind": "cache",
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "batch_size": self.batch_rows,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "n_chunks": len(self.index.chunks),
+            "window_chunks": self.window_chunks,
+            **self.cursor_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
         for key in ("kind", "seed", "shuffle", "batch_size", "rank", "world_size", "n_chunks", "window_chunks"):
             if state.get(key) != mine[key]:
-                raise UsageError(f"cannot resume this cache stream: its {key} was {state.get(key)!r}, now {mine[key]!r}")
+                raise UsageError(
+                    f"cannot resume this cache stream: its {key} was {state.get(key)!r}, now {mine[key]!r}"
+                )
         self.load_cursor(state)
 
 

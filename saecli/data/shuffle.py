@@ -128,7 +128,9 @@ class WindowStream:
             if win is not None:
                 return win
             if self._window == 0:
-                raise UsageError("an epoch of this activation stream holds no tokens (is the text shorter than one context?)")
+                raise UsageError(
+                    "an epoch of this activation stream holds no tokens (is the text shorter than one context?)"
+                )
             self._epoch, self._window, self._offset = self._epoch + 1, 0, 0
         return None
 

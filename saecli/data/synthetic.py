@@ -33,11 +33,27 @@ class SyntheticStream:
     lm: LanguageModel | None = None  # no model behind synthetic data
     dropped_tokens: int = 0  # nothing is dropped
 
-    def __init__(self, *, d_model: int = 32, n_atoms: int = 64, k: int = 4, batch_size: int = 256,
-                 n_batches: int | None = None, hook_points: Sequence[str] = ("synthetic.0",), seed: int = 0,
-                 scale: float = 1.0, offset: float = 0.0, noise: float = 0.0,
-                 mean_norms: dict[str, float] | None = None, contexts: bool = False, context_size: int = 16,
-                 nan_batches: Sequence[int] = (), rank: int = 0, world_size: int = 1, vocab_size: int = 512):
+    def __init__(
+        self,
+        *,
+        d_model: int = 32,
+        n_atoms: int = 64,
+        k: int = 4,
+        batch_size: int = 256,
+        n_batches: int | None = None,
+        hook_points: Sequence[str] = ("synthetic.0",),
+        seed: int = 0,
+        scale: float = 1.0,
+        offset: float = 0.0,
+        noise: float = 0.0,
+        mean_norms: dict[str, float] | None = None,
+        contexts: bool = False,
+        context_size: int = 16,
+        nan_batches: Sequence[int] = (),
+        rank: int = 0,
+        world_size: int = 1,
+        vocab_size: int = 512,
+    ):
         if k > n_atoms:
             raise ValueError(f"k ({k}) must be <= n_atoms ({n_atoms})")
         self.hook_points = list(hook_points)
@@ -91,8 +107,9 @@ class SyntheticStream:
             mask = pos > 0
             return Batch(acts=acts, tokens=tokens, doc=doc, pos=pos, mask=mask)
         start = index * self.batch_size
-        return Batch(acts=acts, tokens=tokens, doc=torch.arange(start, start + n) // 64,
-                     pos=torch.arange(start, start + n) % 64)
+        return Batch(
+            acts=acts, tokens=tokens, doc=torch.arange(start, start + n) // 64, pos=torch.arange(start, start + n) % 64
+        )
 
     # ------------------------------------------------------------------ ActivationStream
     def __iter__(self) -> Iterator[Batch]:

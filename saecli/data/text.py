@@ -34,8 +34,21 @@ BUILTIN_SOURCES = (BUILTIN,)
 # Parts of the standard library that distributions ship separately or that hold tests, generated or
 # machine-specific files: leaving them out keeps the built-in text the same on every machine.
 _SKIP_DIRS = {
-    "test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "venv",
-    "distutils", "site-packages", "dist-packages", "lib-dynload", "__pycache__", "__phello__",
+    "test",
+    "tests",
+    "idle_test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "ensurepip",
+    "venv",
+    "distutils",
+    "site-packages",
+    "dist-packages",
+    "lib-dynload",
+    "__pycache__",
+    "__phello__",
 }
 _SKIP_FILES = {"turtle.py", "sitecustomize.py", "usercustomize.py", "__phello__.foo.py"}
 _LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
@@ -55,12 +68,16 @@ def iter_documents(cfg: DatasetConfig, shard_index: int = 0, n_shards: int = 1) 
 def check_dataset(cfg: DatasetConfig) -> None:
     """Fail fast (before a model loads) on a missing local file or an unknown built-in text."""
     if cfg.path.startswith("imported:"):  # see saecli.interop.activations
-        raise UsageError(f"dataset.path is {cfg.path!r}: the run trained on imported activations and there is no "
-                         "text to read; evaluate on an activation cache of held-out tokens (eval.cache_dir), or "
-                         "set dataset.path to the text the activations came from")
+        raise UsageError(
+            f"dataset.path is {cfg.path!r}: the run trained on imported activations and there is no "
+            "text to read; evaluate on an activation cache of held-out tokens (eval.cache_dir), or "
+            "set dataset.path to the text the activations came from"
+        )
     if cfg.path.startswith("builtin:"):
         if cfg.path != BUILTIN:
-            raise UsageError(f"unknown built-in text {cfg.path!r} (key `dataset.path`); choose from {', '.join(BUILTIN_SOURCES)}")
+            raise UsageError(
+                f"unknown built-in text {cfg.path!r} (key `dataset.path`); choose from {', '.join(BUILTIN_SOURCES)}"
+            )
         return
     path = Path(cfg.path).expanduser()
     looks_local = cfg.path.startswith((".", "/", "~")) or path.suffix.lower() in _LOCAL_SUFFIXES
@@ -199,7 +216,7 @@ def load_text_dataset(cfg: DatasetConfig) -> Dataset | IterableDataset:
         args: tuple = (builder,)
         data_files = [str(path)]
     elif local:
-        args = (str(path),) if data_files is None else (_builder_of(data_files, cfg), )
+        args = (str(path),) if data_files is None else (_builder_of(data_files, cfg),)
         if data_files is not None:
             data_files = [str(path / f) if not Path(f).is_absolute() else f for f in data_files]
     else:

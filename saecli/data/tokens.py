@@ -50,8 +50,17 @@ class Contexts:
 class Packer:
     """Tokenise and pack documents (packing.py does the numpy part) and mark the tokens that count."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, context_size: int, *, prepend_bos: bool, bos_id: int | None,
-                 sep_id: int | None, ignore_ids: Sequence[int], doc_batch: int = 64):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        context_size: int,
+        *,
+        prepend_bos: bool,
+        bos_id: int | None,
+        sep_id: int | None,
+        ignore_ids: Sequence[int],
+        doc_batch: int = 64,
+    ):
         if prepend_bos and bos_id is None:
             raise UsageError("prepend_bos needs a BOS token: set model.bos_token (e.g. '<|im_start|>')")
         if context_size < 2:
@@ -62,8 +71,14 @@ class Packer:
         self.bos_id = bos_id
         self.sep_id = sep_id
         self.ignore_ids = sorted({int(i) for i in ignore_ids})
-        self.windows_of = WindowPacker(encoder_for(tokenizer), context_size, prepend_bos=prepend_bos, bos_id=bos_id,
-                                       sep_id=sep_id, doc_batch=doc_batch)
+        self.windows_of = WindowPacker(
+            encoder_for(tokenizer),
+            context_size,
+            prepend_bos=prepend_bos,
+            bos_id=bos_id,
+            sep_id=sep_id,
+            doc_batch=doc_batch,
+        )
         self._ignore = torch.tensor(self.ignore_ids, dtype=torch.int64)
 
     def windows(self, documents: Iterable[tuple[int, str]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -107,8 +122,12 @@ def packer_for(lm: LanguageModel, acts_cfg: ActivationsConfig, model_cfg: ModelC
     if lm.tokenizer is None:
         raise UsageError(f"the model {lm.name} has no tokenizer: it cannot read text (give [model] one that has)")
     return Packer(
-        lm.tokenizer, acts_cfg.context_size, prepend_bos=prepend, bos_id=lm.bos_token_id,
-        sep_id=separator_id(lm.tokenizer, lm.bos_token_id), ignore_ids=ignore,
+        lm.tokenizer,
+        acts_cfg.context_size,
+        prepend_bos=prepend,
+        bos_id=lm.bos_token_id,
+        sep_id=separator_id(lm.tokenizer, lm.bos_token_id),
+        ignore_ids=ignore,
     )
 
 

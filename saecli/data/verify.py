@@ -128,7 +128,9 @@ def _check_chunk(root: Path, path: Path, c: dict, m: dict) -> list[Problem]:
         out.append(Problem(name, "size", f"{len(data)} bytes, the manifest says {c['bytes']}"))
     digest = hashlib.sha256(data).hexdigest()
     if digest != c.get("sha256"):
-        out.append(Problem(name, "sha256", f"hash {digest[:12]}… does not match the manifest's {str(c.get('sha256'))[:12]}…"))
+        out.append(
+            Problem(name, "sha256", f"hash {digest[:12]}… does not match the manifest's {str(c.get('sha256'))[:12]}…")
+        )
     try:
         tensors = st_load(data)
     except Exception as exc:  # a corrupt header: nothing more to look at
@@ -150,13 +152,17 @@ def _check_chunk(root: Path, path: Path, c: dict, m: dict) -> list[Problem]:
             continue
         d = int(m["d_model"][h])
         if t.dtype != want_dtype or tuple(t.shape) != (n, d):
-            out.append(Problem(name, "shape", f"`{key}` is {t.dtype} {tuple(t.shape)}, expected {want_dtype} ({n}, {d})"))
+            out.append(
+                Problem(name, "shape", f"`{key}` is {t.dtype} {tuple(t.shape)}, expected {want_dtype} ({n}, {d})")
+            )
             continue
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
             n_nan = int(torch.isnan(t).sum())
             rows = bad.any(dim=1).nonzero().flatten()[:3].tolist()
-            out.append(Problem(name, "finite", f"{h}: {n_nan} NaN and {int(bad.sum()) - n_nan} inf values (rows {rows}…)"))
+            out.append(
+                Problem(name, "finite", f"{h}: {n_nan} NaN and {int(bad.sum()) - n_nan} inf values (rows {rows}…)")
+            )
             continue
         s = float(torch.linalg.vector_norm(t.float(), dim=1).double().sum())
         stated = c.get("norm_sums", {}).get(h)
@@ -226,8 +232,14 @@ def _compare(a: Iterator, b: Iterator, other_name: str) -> list[Problem]:
             diff = (x[:n] != y[:n]).nonzero()
             if len(diff):
                 i = int(diff[0])
-                return [Problem(name_a, "against", f"{label} at token {seen + i:,} is {int(x[i])} here but "
-                                f"{int(y[i])} in {other_name}/{name_b}: the caches are not of the same text")]
+                return [
+                    Problem(
+                        name_a,
+                        "against",
+                        f"{label} at token {seen + i:,} is {int(x[i])} here but "
+                        f"{int(y[i])} in {other_name}/{name_b}: the caches are not of the same text",
+                    )
+                ]
         seen += n
         buf_a = [name_a, *(t[n:] for t in ta)] if len(ta[0]) > n else []
         buf_b = [name_b, *(t[n:] for t in tb)] if len(tb[0]) > n else []

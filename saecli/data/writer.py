@@ -23,13 +23,23 @@ from saecli import fsio
 from saecli.data.manifest import MANIFEST, act_key, chunk_name, mean_norms
 from saecli.errors import RunError
 
-_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
+_ST_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-                      ) -> tuple[int, str]:
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> tuple[int, str]:
     """Write a safetensors file straight from the tensors' memory; return (bytes, sha256 of the file).
 
     The same bytes as a careful serialiser (tensors ordered by descending item size then name, so every
@@ -84,8 +94,10 @@ class ChunkWriter:
         self._submitted = 0
         self._committed = 0
         self._next_index = len(manifest["chunks"])
-        self._threads = [threading.Thread(target=self._run, name=f"saecli-chunk-writer-{i}", daemon=True)
-                         for i in range(max(1, workers))]
+        self._threads = [
+            threading.Thread(target=self._run, name=f"saecli-chunk-writer-{i}", daemon=True)
+            for i in range(max(1, workers))
+        ]
         for t in self._threads:
             t.start()
 
@@ -159,8 +171,14 @@ class ChunkWriter:
         name = chunk_name(job.index)
         with fsio.atomic_path(self.folder / name) as tmp:
             size, digest = write_safetensors(tmp, tensors)
-        return {"file": name, "n_tokens": int(tensors["tokens"].shape[0]), "bytes": size, "sha256": digest,
-                "norm_sums": dict(zip(hooks, sums)), "contexts_end": job.contexts_consumed}
+        return {
+            "file": name,
+            "n_tokens": int(tensors["tokens"].shape[0]),
+            "bytes": size,
+            "sha256": digest,
+            "norm_sums": dict(zip(hooks, sums)),
+            "contexts_end": job.contexts_consumed,
+        }
 
     def _commit(self, job: Job, entry: dict | None) -> None:
         m = self.manifest

@@ -59,8 +59,7 @@ def topk(h: torch.Tensor, k: int, decoder_norm: torch.Tensor | None = None) -> t
 
 
 # ------------------------------------------------------------------------------------------ BatchTopK
-def batch_topk(h: torch.Tensor, k: int, decoder_norm: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_topk(h: torch.Tensor, k: int, decoder_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the k·N largest (gated, ReLU'd) activations over the whole batch (N = tokens).
 
     Returns (feature_acts, smallest kept positive gated activation) — the latter (a 0-dim tensor,
@@ -135,8 +134,9 @@ def step(x: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor
     return _StepFn.apply(x, theta.to(x.dtype), float(bandwidth))
 
 
-def jumprelu_gated(h: torch.Tensor, theta: torch.Tensor, bandwidth: float,
-                   decoder_norm: torch.Tensor | None = None) -> torch.Tensor:
+def jumprelu_gated(
+    h: torch.Tensor, theta: torch.Tensor, bandwidth: float, decoder_norm: torch.Tensor | None = None
+) -> torch.Tensor:
     """JumpReLU with optional decoder-norm gating: `JumpReLU(h·n)/n` (= h·1[h·n > θ])."""
     if decoder_norm is None:
         return jumprelu(h, theta, bandwidth)
@@ -161,9 +161,16 @@ class SparseActivation(nn.Module):
     threshold: torch.Tensor  # batchtopk only (buffers)
     threshold_weight: torch.Tensor
 
-    def __init__(self, name: str, shape: int | tuple[int, ...], *, jumprelu_threshold_init: float = 0.1,
-                 bandwidth: float = 2.0, batchtopk_threshold_decay: float = 0.999,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        name: str,
+        shape: int | tuple[int, ...],
+        *,
+        jumprelu_threshold_init: float = 0.1,
+        bandwidth: float = 2.0,
+        batchtopk_threshold_decay: float = 0.999,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         if name not in ACTIVATIONS:
             raise ValueError(f"unknown activation {name!r} (known: {', '.join(ACTIVATIONS)})")
@@ -210,8 +217,14 @@ class SparseActivation(nn.Module):
         self.threshold.add_((smallest_kept.float() - self.threshold) / w)
         self.threshold_weight.copy_(w)
 
-    def forward(self, h: torch.Tensor, decoder_norm: torch.Tensor | None = None, k: int | None = None,
-                training: bool = True, update: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        decoder_norm: torch.Tensor | None = None,
+        k: int | None = None,
+        training: bool = True,
+        update: bool = True,
+    ) -> torch.Tensor:
         """Pre-activations [..., *shape] → latent activations (same shape).
 
         `k` is the current k (topk/batchtopk, after the trainer's schedule). BatchTopK uses the batch

@@ -80,8 +80,10 @@ class Dictionary(nn.Module, abc.ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "decode" in cls.__dict__:  # decode is the public raw-tensor API below, built on decode_hooks
-            raise TypeError(f"{cls.__name__} defines decode(): a kind implements decode_hooks(feature_acts, "
-                            "inputs=None) (normalised reconstruction per hook); Dictionary.decode gives raw tensors")
+            raise TypeError(
+                f"{cls.__name__} defines decode(): a kind implements decode_hooks(feature_acts, "
+                "inputs=None) (normalised reconstruction per hook); Dictionary.decode gives raw tensors"
+            )
         if "encode" in cls.__dict__:  # every kind's encode also takes a plain tensor (see _tensor_encode)
             cls.encode = _tensor_encode(cls.__dict__["encode"])  # type: ignore[method-assign]
 
@@ -141,8 +143,9 @@ class Dictionary(nn.Module, abc.ABC):
         """Normalised inputs → latent activations [N, d_sae] (or [B, T, d_sae])."""
 
     @abc.abstractmethod
-    def decode_hooks(self, feature_acts: torch.Tensor,
-                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def decode_hooks(
+        self, feature_acts: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Latent activations → normalised reconstruction per out hook (what training and splicing use).
 
         `inputs`: the normalised inputs the latents came from, for kinds whose output depends on the input
@@ -155,7 +158,7 @@ class Dictionary(nn.Module, abc.ABC):
         if self.folded or mode not in ("token-wise", "batch-wise"):
             return ""
         what = "its own input's norm" if mode == "token-wise" else "the mean norm of its batch's inputs"
-        return f"with norm_activation = \"{mode}\" each reconstruction is scaled back by {what}, which f does not carry"
+        return f'with norm_activation = "{mode}" each reconstruction is scaled back by {what}, which f does not carry'
 
     def decode(self, feature_acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Latents → the raw reconstruction tensor of the one output hook, so that `d.decode(d.encode(x))`
@@ -170,23 +173,35 @@ class Dictionary(nn.Module, abc.ABC):
             raise UsageError(
                 f"a {self.kind} reconstructs {len(self.out_hooks)} hook points ({', '.join(self.out_hooks)}): "
                 "decode(f) returns one raw tensor for single-output kinds only; use decode_hooks(f) for the "
-                "normalised reconstruction per hook, or reconstruct({hook: activations}) for raw units")
+                "normalised reconstruction per hook, or reconstruct({hook: activations}) for raw units"
+            )
         out = self.out_hooks[0]
         inputs = None
         if x is not None:
             inputs = self.normalize({_single(self.in_hooks, "input"): x})
         elif why := self.decode_needs_input():
-            raise UsageError(f"decode(f) cannot rebuild this {self.kind}'s output from the latents alone: {why}. "
-                             "Pass decode(f, x) with the raw input f was encoded from (or call d(x), which does both)")
+            raise UsageError(
+                f"decode(f) cannot rebuild this {self.kind}'s output from the latents alone: {why}. "
+                "Pass decode(f, x) with the raw input f was encoded from (or call d(x), which does both)"
+            )
         return self.denormalize(out, self.decode_hooks(feature_acts, inputs)[out], x)
 
     @abc.abstractmethod
-    def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
-             mask: torch.Tensor | None = None) -> LossOutput:
+    def loss(
+        self,
+        inputs: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        ctx: StepContext,
+        mask: torch.Tensor | None = None,
+    ) -> LossOutput:
         """Normalised inputs/targets → loss and terms. `mask` (context kinds) marks counted positions."""
 
-    def forward(self, raw: dict[str, torch.Tensor] | torch.Tensor, ctx: StepContext | None = None,
-                mask: torch.Tensor | None = None) -> LossOutput | torch.Tensor:
+    def forward(
+        self,
+        raw: dict[str, torch.Tensor] | torch.Tensor,
+        ctx: StepContext | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> LossOutput | torch.Tensor:
         """Raw activations (every hook the kind reads or writes) → LossOutput in normalised units.
 
         A plain tensor (single-hook kinds): raw input → raw reconstruction tensor, `sae(x)` as in SAELens."""
@@ -212,8 +227,13 @@ class Dictionary(nn.Module, abc.ABC):
         `...log_threshold`), if any, in a group "jumprelu" at lr × jumprelu_lr_factor (and not clipped)."""
         thresholds = [p for n, p in self.named_parameters() if n.endswith("log_threshold")]
         ids = {id(p) for p in thresholds}
-        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in ids],
-                   "lr": lr, "name": "default"}]
+        groups = [
+            {
+                "params": [p for p in self.parameters() if p.requires_grad and id(p) not in ids],
+                "lr": lr,
+                "name": "default",
+            }
+        ]
         if thresholds:
             groups.append({"params": thresholds, "lr": lr * jumprelu_lr_factor, "name": "jumprelu"})
         return groups
@@ -239,8 +259,9 @@ class Dictionary(nn.Module, abc.ABC):
         MOLT's rank per transform. Default: none."""
         return {}
 
-    def context_extras(self, inputs: dict[str, torch.Tensor], features: torch.Tensor,
-                       positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    def context_extras(
+        self, inputs: dict[str, torch.Tensor], features: torch.Tensor, positions: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Per-context extras of each feature's top context (normalised in-hook activations [B, T, d], the
         feature index [B] and its peak position [B]) → {name: [B, ...]}; e.g. LORSA's attention row.
         Default: none (and the analysis does not re-run contexts: see `has_context_extras`)."""
@@ -310,8 +331,9 @@ class Dictionary(nn.Module, abc.ABC):
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         size = sum(v.numel() * v.element_size() for v in state.values())
-        write_with(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"kind": self.kind}),
-                   size_hint=size)
+        write_with(
+            folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"kind": self.kind}), size_hint=size
+        )
         write_json(folder / CONFIG_NAME, self.config_dict())
         return folder
 
@@ -320,8 +342,10 @@ def _single(hooks: list[str], what: str) -> str:
     if len(hooks) != 1:
         from saecli.errors import UsageError
 
-        raise UsageError(f"this dictionary has {len(hooks)} {what} hook points ({', '.join(hooks)}): pass a dict "
-                         "{hook: tensor} instead of a single tensor")
+        raise UsageError(
+            f"this dictionary has {len(hooks)} {what} hook points ({', '.join(hooks)}): pass a dict "
+            "{hook: tensor} instead of a single tensor"
+        )
     return hooks[0]
 
 
@@ -331,7 +355,9 @@ def _tensor_encode(encode: Callable[..., torch.Tensor]) -> Callable[..., torch.T
     import functools
 
     @functools.wraps(encode)
-    def wrapper(self: Dictionary, inputs: dict[str, torch.Tensor] | torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def wrapper(
+        self: Dictionary, inputs: dict[str, torch.Tensor] | torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         if isinstance(inputs, torch.Tensor):
             hook = _single(self.in_hooks, "input")
             inputs = self.normalize({hook: inputs})

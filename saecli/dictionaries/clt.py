@@ -83,7 +83,9 @@ class CrossLayerTranscoder(Dictionary):
         n, s = len(in_hooks), self.d_sae
         self.n_layers, self.d_sae_layer, self.d_sae = n, s, n * s
         if cfg.layer_k is not None and len(cfg.layer_k) != n:
-            raise ConfigError(f"layer_k needs one k per layer ({n}), found {len(cfg.layer_k)}", key="dictionary.layer_k")
+            raise ConfigError(
+                f"layer_k needs one k per layer ({n}), found {len(cfg.layer_k)}", key="dictionary.layer_k"
+            )
         dtype = DTYPES[cfg.dtype]
         source, target = pair_index(n)
         self.register_buffer("pair_source", source, persistent=False)
@@ -105,9 +107,12 @@ class CrossLayerTranscoder(Dictionary):
         name = self.cfg.activation
         self.activation = None
         if name == "jumprelu":
-            self.activation = SparseActivation("jumprelu", (self.n_layers, self.d_sae_layer),
-                                               jumprelu_threshold_init=self.cfg.jumprelu_threshold_init,
-                                               bandwidth=self.cfg.jumprelu_bandwidth)
+            self.activation = SparseActivation(
+                "jumprelu",
+                (self.n_layers, self.d_sae_layer),
+                jumprelu_threshold_init=self.cfg.jumprelu_threshold_init,
+                bandwidth=self.cfg.jumprelu_bandwidth,
+            )
         if name == "batchtopk":
             self.register_buffer("batchtopk_threshold", torch.zeros(self.n_layers))
             self.register_buffer("batchtopk_weight", torch.zeros(self.n_layers))
@@ -120,13 +125,19 @@ class CrossLayerTranscoder(Dictionary):
             ins, outs = list(cfg.hook_points_in), list(cfg.hook_points_out)
             missing = [h for h in ins + outs if h not in hook_points]
             if missing:
-                raise ConfigError(f"{', '.join(missing)} not in activations.hook_points: the stream must carry "
-                                  "every hook the CLT reads or writes", key="dictionary.hook_points_in")
+                raise ConfigError(
+                    f"{', '.join(missing)} not in activations.hook_points: the stream must carry "
+                    "every hook the CLT reads or writes",
+                    key="dictionary.hook_points_in",
+                )
         else:
             if len(hook_points) < 2 or len(hook_points) % 2:
-                raise ConfigError("a CLT reads one hook and writes one hook per layer: list the L inputs, then the L "
-                                  f"outputs in activations.hook_points (found {len(hook_points)}), or set "
-                                  "dictionary.hook_points_in / sae.hook_points_out", key="dictionary.hook_points_in")
+                raise ConfigError(
+                    "a CLT reads one hook and writes one hook per layer: list the L inputs, then the L "
+                    f"outputs in activations.hook_points (found {len(hook_points)}), or set "
+                    "dictionary.hook_points_in / sae.hook_points_out",
+                    key="dictionary.hook_points_in",
+                )
             half = len(hook_points) // 2
             ins, outs = list(hook_points[:half]), list(hook_points[half:])
         return cls(cfg, d_model, ins, outs)
@@ -173,7 +184,7 @@ class CrossLayerTranscoder(Dictionary):
 
         icfg = init_cfg or InitConfig()
         s = self.d_sae_layer
-        bound = icfg.decoder_uniform_bound if icfg.decoder_uniform_bound is not None else s ** -0.5
+        bound = icfg.decoder_uniform_bound if icfg.decoder_uniform_bound is not None else s**-0.5
         per_pair = bound / (self.pair_target.float() + 1).sqrt()
         w = (torch.rand(self.W_dec.shape) * 2 - 1) * per_pair.view(-1, 1, 1)
         self.W_dec.copy_(w.to(self.W_dec.dtype))
@@ -184,7 +195,7 @@ class CrossLayerTranscoder(Dictionary):
         if icfg.tie_encoder():
             self.W_enc.copy_(self.W_dec[self._diagonal()] * icfg.tie_factor())
         else:
-            self.W_enc.copy_(((torch.rand(self.W_enc.shape) * 2 - 1) * self.d_model ** -0.5).to(self.W_enc.dtype))
+            self.W_enc.copy_(((torch.rand(self.W_enc.shape) * 2 - 1) * self.d_model**-0.5).to(self.W_enc.dtype))
         self.b_enc.zero_()
         if self.b_dec is not None:
             self.b_dec.zero_()
@@ -207,8 +218,10 @@ class CrossLayerTranscoder(Dictionary):
         icfg = init_cfg or InitConfig()
         self.reset_parameters(icfg)
         dev = self.W_dec.device
-        stack = {h: torch.cat([b[h].reshape(-1, self.d_model) for b in batches]).to(dev) for h in
-                 dict.fromkeys(self.in_hooks + self.out_hooks)}
+        stack = {
+            h: torch.cat([b[h].reshape(-1, self.d_model) for b in batches]).to(dev)
+            for h in dict.fromkeys(self.in_hooks + self.out_hooks)
+        }
         if self.b_dec is not None and icfg.bias_init_method != "zero":
             for t, hook in enumerate(self.out_hooks):
                 y = stack[hook].float()
@@ -232,8 +245,11 @@ class CrossLayerTranscoder(Dictionary):
                 if tied:
                     self.W_enc.copy_(self.W_dec[diag] * icfg.tie_factor())
                 set_bias()
-                out = self.loss({h: first[h] for h in self.in_hooks}, {h: first[h] for h in self.out_hooks},
-                                StepContext(training=False))
+                out = self.loss(
+                    {h: first[h] for h in self.in_hooks},
+                    {h: first[h] for h in self.out_hooks},
+                    StepContext(training=False),
+                )
                 return float(out.terms["mse"])
 
             best, _ = grid_search(loss_at, torch.linspace(0.1, 5.0, 50).tolist())
@@ -330,15 +346,21 @@ class CrossLayerTranscoder(Dictionary):
             outs.append(y + self.b_dec[t] if bias and self.b_dec is not None else y)
         return torch.stack(outs, dim=1)
 
-    def decode_hooks(self, feature_acts: torch.Tensor,
-                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def decode_hooks(
+        self, feature_acts: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         if feature_acts.layout != torch.strided:
             feature_acts = feature_acts.to_dense()
         y = self.decode_layers(feature_acts)
         return {hook: y[:, t] for t, hook in enumerate(self.out_hooks)}
 
-    def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
-             mask: torch.Tensor | None = None) -> LossOutput:
+    def loss(
+        self,
+        inputs: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        ctx: StepContext,
+        mask: torch.Tensor | None = None,
+    ) -> LossOutput:
         if mask is not None:
             inputs = {h: v[mask] for h, v in inputs.items()}
             targets = {h: v[mask] for h, v in targets.items()}
@@ -377,8 +399,15 @@ class CrossLayerTranscoder(Dictionary):
             pen = L.jumprelu_l0(h, self._jumprelu().theta(), self._jumprelu().bandwidth, gate, latent_dims=2)
         elif kind != "none":
             assert f3 is not None, "the sparse path runs without a sparsity penalty (_sparse_path)"
-            pen = L.sparsity_penalty(kind, f3, norms, p=ctx.p, c=ctx.tanh_stretch_coefficient,
-                                     frequency_scale=ctx.frequency_scale, latent_dims=2)
+            pen = L.sparsity_penalty(
+                kind,
+                f3,
+                norms,
+                p=ctx.p,
+                c=ctx.tanh_stretch_coefficient,
+                frequency_scale=ctx.frequency_scale,
+                latent_dims=2,
+            )
         if pen is not None:
             terms["sparsity"] = ctx.l1_coefficient * pen
             extra["raw/sparsity"] = pen.detach()
@@ -403,17 +432,29 @@ class CrossLayerTranscoder(Dictionary):
         recon_d = {hook: recon[:, t] for t, hook in enumerate(self.out_hooks)}
         target_d = {hook: y[:, t] for t, hook in enumerate(self.out_hooks)}
         extra.update(per_hook_metrics(recon_d, target_d))
-        return LossOutput(loss=loss, terms={k: v.detach() for k, v in terms.items()}, feature_acts=feature_acts,
-                          reconstruction=recon_d, target=target_d, extra=extra)
+        return LossOutput(
+            loss=loss,
+            terms={k: v.detach() for k, v in terms.items()},
+            feature_acts=feature_acts,
+            reconstruction=recon_d,
+            target=target_d,
+            extra=extra,
+        )
 
     # ------------------------------------------------------------------ sparse TopK path
     def _sparse_path(self, ctx: StepContext) -> bool:
         """TopK training without a sparsity penalty: decode only the k active latents of each layer."""
-        return (self.cfg.activation == "topk" and self.cfg.sparse_kernels and bool(ctx.training)
-                and torch.is_grad_enabled() and (ctx.sparsity_loss_type or "none") == "none")
+        return (
+            self.cfg.activation == "topk"
+            and self.cfg.sparse_kernels
+            and bool(ctx.training)
+            and torch.is_grad_enabled()
+            and (ctx.sparsity_loss_type or "none") == "none"
+        )
 
-    def _topk_entries(self, h: torch.Tensor, ctx: StepContext, gate: torch.Tensor | None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _topk_entries(
+        self, h: torch.Tensor, ctx: StepContext, gate: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each layer's top-k (gated) latents: values relu(h) [N, L·kmax] (0 past a layer's own k) and flat
         latent ids [N, L·kmax], grouped by layer in layer order (what `decode_sparse(layer_sorted=True)` needs)."""
         ks = self.layer_ks(ctx)
@@ -427,8 +468,14 @@ class CrossLayerTranscoder(Dictionary):
         offsets = torch.arange(self.n_layers, device=h.device).view(1, -1, 1) * self.d_sae_layer
         return vals.reshape(h.shape[0], -1), (idx + offsets).reshape(h.shape[0], -1)
 
-    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor, bias: bool = True,
-                      layer_sorted: bool = False, w_dec: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_sparse(
+        self,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        bias: bool = True,
+        layer_sorted: bool = False,
+        w_dec: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """[N, L, d_model] from a few active latents per token: `values`, `indices` [N, K] (flat latent ids).
 
         ŷ_t sums the rows W_dec[i→t]_j of the active latents of layers i ≤ t (one embedding-bag per layer:
@@ -452,8 +499,9 @@ class CrossLayerTranscoder(Dictionary):
             outs.append(y + self.b_dec[t] if bias and self.b_dec is not None else y)
         return torch.stack(outs, dim=1)
 
-    def _auxk(self, h: torch.Tensor, ctx: StepContext, residual: torch.Tensor, gate: torch.Tensor | None
-              ) -> torch.Tensor:
+    def _auxk(
+        self, h: torch.Tensor, ctx: StepContext, residual: torch.Tensor, gate: torch.Tensor | None
+    ) -> torch.Tensor:
         """AuxK over all layers: each token's top-k_aux dead latents (any layer) reconstruct the residual of
         every layer (the concatenation [N, L·d_model]), decoded through the cross-layer decoder."""
         n_tok = h.shape[0]
@@ -464,8 +512,9 @@ class CrossLayerTranscoder(Dictionary):
         k_aux = int(ctx.k_aux or self.d_model // 2)
         assert ctx.dead_mask is not None, "AuxK runs only when the trainer passes the dead latents"
         flat_gate = gate.reshape(-1) if gate is not None else None
-        return L.auxk_loss(h.reshape(n_tok, -1), ctx.dead_mask.to(h.device).reshape(-1), k_aux, residual, decode,
-                           flat_gate)
+        return L.auxk_loss(
+            h.reshape(n_tok, -1), ctx.dead_mask.to(h.device).reshape(-1), k_aux, residual, decode, flat_gate
+        )
 
     # ------------------------------------------------------------------ directions (DLA, analysis)
     def decoder_directions(self, hook: str | None = None) -> torch.Tensor:
@@ -478,7 +527,7 @@ class CrossLayerTranscoder(Dictionary):
             return out.reshape(-1, self.d_model)
         t = self.out_hooks.index(hook)
         out = w.new_zeros(self.n_layers, s, self.d_model)
-        out[: t + 1] = w[self._offset(t): self._offset(t) + t + 1]
+        out[: t + 1] = w[self._offset(t) : self._offset(t) + t + 1]
         return out.reshape(-1, self.d_model)
 
     # ------------------------------------------------------------------ training hooks
@@ -520,8 +569,9 @@ class CrossLayerTranscoder(Dictionary):
         to fire a few times; with few tokens, use "layer".
         """
         if self.cfg.activation not in ("topk", "batchtopk"):
-            raise ValueError("convert_topk_to_jumprelu needs a topk or batchtopk CLT, "
-                             f"this one is {self.cfg.activation!r}")
+            raise ValueError(
+                f"convert_topk_to_jumprelu needs a topk or batchtopk CLT, this one is {self.cfg.activation!r}"
+            )
         if per not in ("latent", "layer"):
             raise ValueError(f"per must be 'latent' or 'layer', found {per!r}")
         dev = self.W_enc.device
@@ -575,8 +625,9 @@ def layer_topk(h: torch.Tensor, ks: list[int], gate: torch.Tensor | None = None)
     return torch.zeros_like(h).scatter(-1, idx, vals)
 
 
-def layer_batch_topk(h: torch.Tensor, ks: list[int], gate: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_batch_topk(
+    h: torch.Tensor, ks: list[int], gate: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per layer, keep the k_l·N largest positive (gated) activations of the batch; h [N, L, s].
 
     Returns (f, smallest kept gated activation per layer [L], NaN where none was kept)."""

@@ -26,13 +26,17 @@ class CLTConfig(DictionaryConfig):
     """
 
     hook_points_in: list[str] | None = opt(
-        None, help="the input of each layer, in layer order (default: the first half of activations.hook_points)")
+        None, help="the input of each layer, in layer order (default: the first half of activations.hook_points)"
+    )
     hook_points_out: list[str] | None = opt(
-        None, help="the output of each layer, same order (default: the second half of activations.hook_points)")
+        None, help="the output of each layer, same order (default: the second half of activations.hook_points)"
+    )
     layer_k: list[int] | None = opt(
-        None, help="k of each layer (topk/batchtopk; default dictionary.k everywhere); the k schedule scales them all")
+        None, help="k of each layer (topk/batchtopk; default dictionary.k everywhere); the k schedule scales them all"
+    )
     decoder_norm_reduction: DecoderNormReduction = opt(
-        "norm", help="a latent's decoder norm over its target layers: L2 norm of the concatenation, or sum")
+        "norm", help="a latent's decoder norm over its target layers: L2 norm of the concatenation, or sum"
+    )
 
     def known_latents(self) -> int | None:
         """n_layers × d_sae, when the file names the layers (else the stream's hook points decide)."""
@@ -42,24 +46,36 @@ class CLTConfig(DictionaryConfig):
     def check_stream_hooks(self, listed: list[str]) -> None:
         super().check_stream_hooks(listed)
         if self.hook_points_in is None and len(listed) % 2:
-            raise ConfigError("a CLT without hook_points_in/out in this table takes the first half of "
-                              "activations.hook_points as inputs and the second as outputs: it needs an even "
-                              f"number, found {len(listed)}", key="activations.hook_points")
+            raise ConfigError(
+                "a CLT without hook_points_in/out in this table takes the first half of "
+                "activations.hook_points as inputs and the second as outputs: it needs an even "
+                f"number, found {len(listed)}",
+                key="activations.hook_points",
+            )
 
     def validate(self) -> None:
         super().validate()
         check_hooks("hook_points_in", self.hook_points_in)
         check_hooks("hook_points_out", self.hook_points_out)
         if (self.hook_points_in is None) != (self.hook_points_out is None):
-            raise bad("hook_points_out" if self.hook_points_out is None else "hook_points_in",
-                      "give both hook_points_in and hook_points_out, or neither")
-        if self.hook_points_in is not None and self.hook_points_out is not None \
-                and len(self.hook_points_in) != len(self.hook_points_out):
-            raise bad("hook_points_out", f"needs one hook per layer: {len(self.hook_points_in)} in, "
-                                         f"{len(self.hook_points_out)} out")
+            raise bad(
+                "hook_points_out" if self.hook_points_out is None else "hook_points_in",
+                "give both hook_points_in and hook_points_out, or neither",
+            )
+        if (
+            self.hook_points_in is not None
+            and self.hook_points_out is not None
+            and len(self.hook_points_in) != len(self.hook_points_out)
+        ):
+            raise bad(
+                "hook_points_out",
+                f"needs one hook per layer: {len(self.hook_points_in)} in, {len(self.hook_points_out)} out",
+            )
         if self.apply_decoder_bias_to_pre_encoder:
-            raise bad("apply_decoder_bias_to_pre_encoder",
-                      "a CLT's decoder biases live in the output spaces; they cannot be subtracted from the inputs")
+            raise bad(
+                "apply_decoder_bias_to_pre_encoder",
+                "a CLT's decoder biases live in the output spaces; they cannot be subtracted from the inputs",
+            )
         check_output_scaling(self)
         if self.layer_k is not None:
             if any(k <= 0 for k in self.layer_k):

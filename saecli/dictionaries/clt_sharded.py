@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from saecli.dictionaries.clt import CrossLayerTranscoder
 
 
-def _activate(clt: CrossLayerTranscoder, h: torch.Tensor, gate: torch.Tensor | None, ctx: StepContext,
-              shard: LatentShard) -> torch.Tensor:
+def _activate(
+    clt: CrossLayerTranscoder, h: torch.Tensor, gate: torch.Tensor | None, ctx: StepContext, shard: LatentShard
+) -> torch.Tensor:
     """`clt.activate` on this rank's columns h [N, L, d_local], with the global selections."""
     name = clt.cfg.activation
     if name == "relu":
@@ -46,14 +47,18 @@ def _activate(clt: CrossLayerTranscoder, h: torch.Tensor, gate: torch.Tensor | N
     if not bool(ctx.training):
         theta = clt.batchtopk_threshold.to(h.dtype).unsqueeze(-1)  # type: ignore[operator]  # no_grad hides its type
         return torch.where(keys > theta, h, zero)
-    masks, smallest = zip(*(rows.batch_topk_mask(keys[:, layer], ks[layer]) for layer in range(n_layers)),
-                          strict=True)
+    masks, smallest = zip(*(rows.batch_topk_mask(keys[:, layer], ks[layer]) for layer in range(n_layers)), strict=True)
     clt._update_batchtopk_threshold(torch.stack(smallest))
     return torch.where(torch.stack(masks, dim=1), torch.relu(h), zero)
 
 
-def sharded_loss(clt: CrossLayerTranscoder, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
-                 ctx: StepContext, shard: LatentShard) -> LossOutput:
+def sharded_loss(
+    clt: CrossLayerTranscoder,
+    inputs: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    ctx: StepContext,
+    shard: LatentShard,
+) -> LossOutput:
     """LossOutput of one step; `feature_acts` are this rank's latents [N, L·d_local] (layer-major, dense)."""
     w_enc, b_enc, w_dec, b_dec = local(clt.W_enc), local(clt.b_enc), local(clt.W_dec), local(clt.b_dec)
     x = clt._stack_inputs(inputs)
@@ -84,26 +89,60 @@ def sharded_loss(clt: CrossLayerTranscoder, inputs: dict[str, torch.Tensor], tar
     if kind == "l0":
         if theta is None or clt.activation is None:
             raise ValueError("sparsity_loss_type 'l0' needs activation = 'jumprelu'")
-        add("sparsity", ctx.l1_coefficient,
-            shard.reduce(L.jumprelu_l0(h, theta, clt.activation.bandwidth, gate, latent_dims=2)))
+        add(
+            "sparsity",
+            ctx.l1_coefficient,
+            shard.reduce(L.jumprelu_l0(h, theta, clt.activation.bandwidth, gate, latent_dims=2)),
+        )
     elif kind != "none":
-        add("sparsity", ctx.l1_coefficient, shard.reduce(L.sparsity_penalty(
-            kind, f3, pen_norms, p=ctx.p, c=ctx.tanh_stretch_coefficient, frequency_scale=ctx.frequency_scale,
-            latent_dims=2)))
+        add(
+            "sparsity",
+            ctx.l1_coefficient,
+            shard.reduce(
+                L.sparsity_penalty(
+                    kind,
+                    f3,
+                    pen_norms,
+                    p=ctx.p,
+                    c=ctx.tanh_stretch_coefficient,
+                    frequency_scale=ctx.frequency_scale,
+                    latent_dims=2,
+                )
+            ),
+        )
     if act in ("topk", "batchtopk") and ctx.auxk_coefficient > 0 and ctx.dead_mask is not None:
+
         def decode(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
             return clt.decode_sparse(values, indices, bias=False, w_dec=w_dec).reshape(n_tok, -1)
 
-        add("aux", ctx.auxk_coefficient, shard.auxk(
-            h.reshape(n_tok, -1), ctx.dead_mask.reshape(-1), int(ctx.k_aux or clt.d_model // 2),
-            (y - recon).detach().reshape(n_tok, -1), decode, gate.reshape(-1) if gate is not None else None))
+        add(
+            "aux",
+            ctx.auxk_coefficient,
+            shard.auxk(
+                h.reshape(n_tok, -1),
+                ctx.dead_mask.reshape(-1),
+                int(ctx.k_aux or clt.d_model // 2),
+                (y - recon).detach().reshape(n_tok, -1),
+                decode,
+                gate.reshape(-1) if gate is not None else None,
+            ),
+        )
     if theta is not None and ctx.lp_coefficient > 0:
-        add("lp", ctx.lp_coefficient,
-            shard.reduce(L.jumprelu_preact_loss(h, theta, pen_norms, gated=clt.gated, latent_dims=2)))
+        add(
+            "lp",
+            ctx.lp_coefficient,
+            shard.reduce(L.jumprelu_preact_loss(h, theta, pen_norms, gated=clt.gated, latent_dims=2)),
+        )
     clt.last_path = "tensor-parallel"
     extra["path"] = clt.last_path
     recon_d = {hook: recon[:, t] for t, hook in enumerate(clt.out_hooks)}
     target_d = {hook: y[:, t] for t, hook in enumerate(clt.out_hooks)}
     extra.update(per_hook_metrics(recon_d, target_d))
-    return LossOutput(loss=loss, terms={k: v.detach() for k, v in terms.items()}, feature_acts=feature_acts,
-                      reconstruction=recon_d, target=target_d, extra=extra)
+    return LossOutput(
+        loss=loss,
+        terms={k: v.detach() for k, v in terms.items()},
+        feature_acts=feature_acts,
+        reconstruction=recon_d,
+        target=target_d,
+        extra=extra,
+    )

@@ -120,8 +120,11 @@ class Crosscoder(Dictionary):
         heads = list(cfg.hook_points or hook_points)
         missing = [h for h in heads if h not in hook_points]
         if missing:
-            raise ConfigError(f"{', '.join(missing)} not in activations.hook_points ({', '.join(hook_points)}): "
-                              "the stream must carry every head", key="dictionary.hook_points")
+            raise ConfigError(
+                f"{', '.join(missing)} not in activations.hook_points ({', '.join(hook_points)}): "
+                "the stream must carry every head",
+                key="dictionary.hook_points",
+            )
         return cls(cfg, d_model, heads)
 
     @classmethod
@@ -166,19 +169,31 @@ class Crosscoder(Dictionary):
     def encode(self, inputs: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
         return self.core.encode({_CONCAT: self._cat(inputs)}, ctx)
 
-    def decode_hooks(self, feature_acts: torch.Tensor,
-                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def decode_hooks(
+        self, feature_acts: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         return self._split(self.core.decode_hooks(feature_acts)[_CONCAT])
 
-    def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
-             mask: torch.Tensor | None = None) -> LossOutput:
+    def loss(
+        self,
+        inputs: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        ctx: StepContext,
+        mask: torch.Tensor | None = None,
+    ) -> LossOutput:
         x, y = self._cat(inputs), self._cat(targets)
         out = self.core.loss({_CONCAT: x}, {_CONCAT: y}, ctx, mask)
         recon, target = self._split(out.reconstruction[_CONCAT]), self._split(out.target[_CONCAT])
         extra = dict(out.extra)
         extra.update(per_hook_metrics(recon, target, mask))
-        return LossOutput(loss=out.loss, terms=out.terms, feature_acts=out.feature_acts,
-                          reconstruction=recon, target=target, extra=extra)
+        return LossOutput(
+            loss=out.loss,
+            terms=out.terms,
+            feature_acts=out.feature_acts,
+            reconstruction=recon,
+            target=target,
+            extra=extra,
+        )
 
     # ------------------------------------------------------------------ decoder norms
     def head_decoder_norms(self) -> torch.Tensor:
@@ -261,8 +276,9 @@ class Crosscoder(Dictionary):
         self.folded = True
 
 
-def per_hook_metrics(recon: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
-                     mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def per_hook_metrics(
+    recon: dict[str, torch.Tensor], target: dict[str, torch.Tensor], mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Batch explained variance and mse (Σ_d, mean over tokens) per out hook, for LossOutput.extra."""
     out: dict[str, torch.Tensor] = {}
     for hook, y in target.items():

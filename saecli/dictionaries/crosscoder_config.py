@@ -16,9 +16,11 @@ class CrosscoderConfig(DictionaryConfig):
     """Shared latents over several heads (layers of one model, or one layer of several models)."""
 
     hook_points: list[str] | None = opt(
-        None, help="one head per hook point (default: every activations.hook_points entry)")
+        None, help="one head per hook point (default: every activations.hook_points entry)"
+    )
     decoder_norm_reduction: DecoderNormReduction = opt(
-        "sum", help="a latent's decoder norm: sum of its per-head norms (Anthropic's crosscoders) or their L2 norm")
+        "sum", help="a latent's decoder norm: sum of its per-head norms (Anthropic's crosscoders) or their L2 norm"
+    )
 
     def validate(self) -> None:
         super().validate()

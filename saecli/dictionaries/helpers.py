@@ -20,8 +20,9 @@ from saecli.dictionaries.base import StepContext
 from saecli.errors import ConfigError
 
 
-def io_hooks(hook_point_in: str | None, hook_point_out: str | None, hook_points: list[str], kind: str,
-             same: str = "") -> tuple[str, str]:
+def io_hooks(
+    hook_point_in: str | None, hook_point_out: str | None, hook_points: list[str], kind: str, same: str = ""
+) -> tuple[str, str]:
     """(hook read, hook reconstructed) for a kind with `hook_point_in` / `hook_point_out` config keys (the
     transcoder, LORSA, MOLT); unset, the first listed hook and the next other one. `same`: the advice when
     both are the same hook."""
@@ -31,16 +32,24 @@ def io_hooks(hook_point_in: str | None, hook_point_out: str | None, hook_points:
     else:
         rest = [h for h in hook_points if h != hook_in]
         if not rest:
-            raise ConfigError(f"a {kind} reads one hook point and reconstructs another: list both in "
-                              "activations.hook_points or set dictionary.hook_point_out", key="dictionary.hook_point_out")
+            raise ConfigError(
+                f"a {kind} reads one hook point and reconstructs another: list both in "
+                "activations.hook_points or set dictionary.hook_point_out",
+                key="dictionary.hook_point_out",
+            )
         hook_out = rest[0]
     for key, hook in (("hook_point_in", hook_in), ("hook_point_out", hook_out)):
         if hook not in hook_points:
-            raise ConfigError(f"{hook!r} is not in activations.hook_points ({', '.join(hook_points)}): the stream "
-                              f"must carry every hook the {kind} reads or writes", key=f"sae.{key}")
+            raise ConfigError(
+                f"{hook!r} is not in activations.hook_points ({', '.join(hook_points)}): the stream "
+                f"must carry every hook the {kind} reads or writes",
+                key=f"sae.{key}",
+            )
     if hook_in == hook_out:
-        raise ConfigError(f"hook_point_in equals hook_point_out: {same or f'a {kind} reconstructs another hook point'}",
-                          key="dictionary.hook_point_out")
+        raise ConfigError(
+            f"hook_point_in equals hook_point_out: {same or f'a {kind} reconstructs another hook point'}",
+            key="dictionary.hook_point_out",
+        )
     return hook_in, hook_out
 
 
@@ -50,10 +59,19 @@ def masked_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return rows if mask is None else rows[mask.reshape(-1).to(torch.bool)]
 
 
-def latent_terms(h: torch.Tensor, f: torch.Tensor, ctx: StepContext, activation: SparseActivation, *,
-                 gate: torch.Tensor | None, norms: torch.Tensor | None, gated: bool,
-                 residual: torch.Tensor, decode_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 k_aux_default: int) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], dict[str, Any]]:
+def latent_terms(
+    h: torch.Tensor,
+    f: torch.Tensor,
+    ctx: StepContext,
+    activation: SparseActivation,
+    *,
+    gate: torch.Tensor | None,
+    norms: torch.Tensor | None,
+    gated: bool,
+    residual: torch.Tensor,
+    decode_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    k_aux_default: int,
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], dict[str, Any]]:
     """The non-reconstruction loss terms on counted rows of pre-activations `h` and activations `f` [n, s].
 
     `gate`: detached decoder norms the activation was gated by (None: ungated); `norms`: the norms that
@@ -77,11 +95,17 @@ def latent_terms(h: torch.Tensor, f: torch.Tensor, ctx: StepContext, activation:
             raise ValueError("sparsity_loss_type 'l0' needs activation = 'jumprelu'")
         add("sparsity", ctx.l1_coefficient, L.jumprelu_l0(h, activation.theta(), activation.bandwidth, gate))
     elif kind != "none":
-        add("sparsity", ctx.l1_coefficient, L.sparsity_penalty(kind, f, norms, p=ctx.p, c=ctx.tanh_stretch_coefficient,
-                                                               frequency_scale=ctx.frequency_scale))
+        add(
+            "sparsity",
+            ctx.l1_coefficient,
+            L.sparsity_penalty(
+                kind, f, norms, p=ctx.p, c=ctx.tanh_stretch_coefficient, frequency_scale=ctx.frequency_scale
+            ),
+        )
     if act in ("topk", "batchtopk") and ctx.auxk_coefficient > 0 and ctx.dead_mask is not None:
-        aux = L.auxk_loss(h, ctx.dead_mask.to(h.device), int(ctx.k_aux or k_aux_default), residual.detach(),
-                          decode_rows, gate)
+        aux = L.auxk_loss(
+            h, ctx.dead_mask.to(h.device), int(ctx.k_aux or k_aux_default), residual.detach(), decode_rows, gate
+        )
         add("aux", ctx.auxk_coefficient, aux)
     if act == "jumprelu" and ctx.lp_coefficient > 0:
         add("lp", ctx.lp_coefficient, L.jumprelu_preact_loss(h, activation.theta(), norms, gated=gated))

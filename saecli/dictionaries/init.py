@@ -37,7 +37,7 @@ def _tied(model: SparseAutoEncoder, cfg: InitConfig) -> bool:
 # U(±1/√d) (sparsify's encoder; the untied draw's too): pre-activations of std ≈ 0.58 for E‖x‖ = √d. The
 # decoder's own rows (norm √(d/(3·d_sae)) ≈ 0.2 at 8×) tied as they are gave 3.3 % dead latents, this 1.3 %
 # (bench_quality.py, SmolLM2 layer 12, 300k tokens, lr 4e-3)
-TIED_ENCODER_ROW_NORM = 3 ** -0.5
+TIED_ENCODER_ROW_NORM = 3**-0.5
 
 
 def _tied_encoder(model: SparseAutoEncoder, w_dec: torch.Tensor, cfg: InitConfig) -> torch.Tensor:
@@ -63,8 +63,10 @@ def _decoder_row_norm(model: SparseAutoEncoder, cfg: InitConfig) -> float | None
     if norm == 0.0 and model.gated:
         from saecli.errors import ConfigError
 
-        raise ConfigError("a zero decoder cannot rank latents by h·‖W_dec‖: set dictionary.sparsity_include_decoder_norm "
-                          "= false", key="init.decoder_init_norm")
+        raise ConfigError(
+            "a zero decoder cannot rank latents by h·‖W_dec‖: set dictionary.sparsity_include_decoder_norm = false",
+            key="init.decoder_init_norm",
+        )
     return norm
 
 
@@ -99,8 +101,7 @@ def initialize(model: SparseAutoEncoder, init_cfg: InitConfig | None = None, see
 
 
 @torch.no_grad()
-def geometric_median(points: torch.Tensor, max_iter: int = 200, tol: float = 1e-7, eps: float = 1e-10
-                     ) -> torch.Tensor:
+def geometric_median(points: torch.Tensor, max_iter: int = 200, tol: float = 1e-7, eps: float = 1e-10) -> torch.Tensor:
     """argmin_y Σ_i ‖x_i − y‖ of points [n, d] by Weiszfeld's iterations (float64, from the mean).
 
     y ← Σ w_i x_i / Σ w_i with w_i = 1/‖x_i − y‖; distances are floored at `eps` so an iterate landing
@@ -119,8 +120,9 @@ def geometric_median(points: torch.Tensor, max_iter: int = 200, tol: float = 1e-
     return y.to(points.dtype)
 
 
-def grid_search(loss_at: Callable[[float], float], coarse: Sequence[float], fine_radius: float = 0.1,
-                fine_points: int = 20) -> tuple[float, float]:
+def grid_search(
+    loss_at: Callable[[float], float], coarse: Sequence[float], fine_radius: float = 0.1, fine_points: int = 20
+) -> tuple[float, float]:
     """Lowest `loss_at(v)` over `coarse`, then over linspace(best ± fine_radius, fine_points): (v, loss)."""
     best = min((loss_at(float(v)), float(v)) for v in coarse)
     lo = max(best[1] - fine_radius, 1e-6)
@@ -153,8 +155,12 @@ def _set_encoder_bias_to_mean_pre(model: SparseAutoEncoder, x: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def init_sae_from_data(model: SparseAutoEncoder, batches: list[dict[str, torch.Tensor]], init_cfg: InitConfig | None,
-                       median_rows: int = 16384) -> None:
+def init_sae_from_data(
+    model: SparseAutoEncoder,
+    batches: list[dict[str, torch.Tensor]],
+    init_cfg: InitConfig | None,
+    median_rows: int = 16384,
+) -> None:
     """Full initialisation of an SAE-like model from a few batches of NORMALISED activations."""
     cfg = init_cfg or InitConfig()
     initialize(model, cfg)

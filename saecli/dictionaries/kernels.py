@@ -64,6 +64,7 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tupl
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
+
 def _autocast_off(fn):
     """Run a custom Function's forward/backward with autocast disabled on the tensors' device."""
 
@@ -108,16 +109,18 @@ def two_level_topk(x: torch.Tensor, k: int, group: int = 8) -> tuple[torch.Tenso
     return vals, torch.gather(cand, 1, pos)
 
 
-def topk_pre(h: torch.Tensor, k: int, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_pre(
+    h: torch.Tensor, k: int, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact per-row top-k of the keys (h + bias)·gate, for h = x W_encᵀ without its bias (a plain
     matmul): (h + bias at the kept latents [N, k] float32, their indices int32 [N, k]), unsorted.
 
     One pass per row in the compiled kernel (see native.py); the keys are never written to h.
     Needs the native backend (`backend_for(h.device).fused_topk`) and a float32 CPU matrix."""
     f32 = torch.float32
-    return native.topk(h, k, None if bias is None else bias.detach().to(f32),
-                       None if gate is None else gate.detach().to(f32))
+    return native.topk(
+        h, k, None if bias is None else bias.detach().to(f32), None if gate is None else gate.detach().to(f32)
+    )
 
 
 # --------------------------------------------------------------------------------------- backends
@@ -143,9 +146,16 @@ class TorchBackend:
             return t
         return t.to(_compute_dtype(t))
 
-    def spmm(self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, B: torch.Tensor,
-             perm: torch.Tensor | None = None, bias: torch.Tensor | None = None, rowsum: bool = False
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def spmm(
+        self,
+        crow: torch.Tensor,
+        col: torch.Tensor,
+        values: torch.Tensor,
+        B: torch.Tensor,
+        perm: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        rowsum: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(bias + CSR(values[perm]) @ B, row sums of the values if asked)."""
         v = values if perm is None else values[perm.long()]
         out = _bag_sum(col, crow, v, B)
@@ -153,8 +163,9 @@ class TorchBackend:
             out.add_(bias)
         sums = None
         if rowsum:
-            rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=col.device),
-                                           torch.diff(crow.long()), output_size=col.numel())
+            rows = torch.repeat_interleave(
+                torch.arange(crow.numel() - 1, device=col.device), torch.diff(crow.long()), output_size=col.numel()
+            )
             sums = torch.zeros(crow.numel() - 1, dtype=v.dtype, device=v.device).index_add_(0, rows, v)
         return out, sums
 
@@ -163,15 +174,17 @@ class TorchBackend:
         size = (crow.numel() - 1, B.shape[0])
         return torch.sparse.sampled_addmm(_csr(crow, col, like, size), A, B.t(), beta=0.0).values()
 
-    def transpose(self, crow: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def transpose(
+        self, crow: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(order, crow_t, rows_t): the CSR of the transpose; order[q] = original position of entry q."""
         order = torch.argsort(col, stable=True)  # int32 ids: the int64 stable sort is far slower on CPU
         counts = torch.bincount(col, minlength=n_cols)
         crow_t = torch.zeros(n_cols + 1, dtype=crow.dtype, device=col.device)
         torch.cumsum(counts, 0, out=crow_t[1:])
-        row_of = torch.repeat_interleave(torch.arange(n_rows, device=col.device, dtype=crow.dtype),
-                                         torch.diff(crow.long()), output_size=col.numel())
+        row_of = torch.repeat_interleave(
+            torch.arange(n_rows, device=col.device, dtype=crow.dtype), torch.diff(crow.long()), output_size=col.numel()
+        )
         return order, crow_t, row_of[order]
 
 
@@ -205,8 +218,7 @@ class TritonBackend(TorchBackend):
         self.mod = module
 
     def usable(self, *tensors: torch.Tensor) -> bool:
-        return all(t.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)
-                   for t in tensors)
+        return all(t.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64) for t in tensors)
 
     def spmm(self, crow, col, values, B, perm=None, bias=None, rowsum=False):
         return self.mod.spmm(crow, col, values, B, perm=perm, bias=bias, rowsum=rowsum)
@@ -301,8 +313,9 @@ class SparsePattern:
         return cls(crow, indices.reshape(-1).to(itype), n, n_cols)
 
     @classmethod
-    def from_dense(cls, dense: torch.Tensor, row_counts: torch.Tensor | None = None
-                   ) -> tuple[SparsePattern, torch.Tensor]:
+    def from_dense(
+        cls, dense: torch.Tensor, row_counts: torch.Tensor | None = None
+    ) -> tuple[SparsePattern, torch.Tensor]:
         """Pattern of the non-zeros of a 2-D tensor, and their values [nnz]. With `row_counts` (non-zeros
         per row, int32, as `relu_bias_` returns them) the compiled kernel extracts them in one pass."""
         n, d = dense.shape
@@ -353,8 +366,9 @@ class SparsePattern:
         extra = () if bias is None else (bias,)
         return self._for(values, B, *extra).spmm(self.crow, self.col, values, B, bias=bias)[0]
 
-    def matmul_t(self, values: torch.Tensor, B: torch.Tensor, col_sums: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def matmul_t(
+        self, values: torch.Tensor, B: torch.Tensor, col_sums: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(CSRᵀ(values) @ B → [n_cols, d] (the weight gradients), Σ values per column if asked)."""
         order, crow_t, rows_t = self._transpose()
         return self._for(values, B, order).spmm(crow_t, rows_t, values, B, perm=order, rowsum=col_sums)
@@ -364,13 +378,13 @@ class SparsePattern:
         return self._for(A, B).sddmm(self.crow, self.col, A, B)
 
 
-def _bag_sum(indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, table: torch.Tensor
-             ) -> torch.Tensor:
+def _bag_sum(indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Σ per bag of weights·table[indices], bags delimited by `offsets` (CSR row pointers): a CSR product
     as embedding_bag, which on the CPU runs 2-3× faster than torch's CSR @ dense (no zero-fill + copy
     around the product, measured at 4096×4608, k = 32)."""
-    return torch.nn.functional.embedding_bag(indices, table, offsets.to(indices.dtype), mode="sum",
-                                             per_sample_weights=weights, include_last_offset=True)
+    return torch.nn.functional.embedding_bag(
+        indices, table, offsets.to(indices.dtype), mode="sum", per_sample_weights=weights, include_last_offset=True
+    )
 
 
 # ----------------------------------------------------------------------------- autograd functions
@@ -379,8 +393,14 @@ class _GatherPre(torch.autograd.Function):
 
     @staticmethod
     @_autocast_off
-    def forward(ctx: Any, x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor | None,
-                values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        w_enc: torch.Tensor,
+        b_enc: torch.Tensor | None,
+        values: torch.Tensor,
+        pattern: SparsePattern,
+    ) -> torch.Tensor:
         ctx.pattern = pattern
         ctx.has_bias = b_enc is not None
         ctx.save_for_backward(x, w_enc)
@@ -408,8 +428,9 @@ class _SparseDecode(torch.autograd.Function):
 
     @staticmethod
     @_autocast_off
-    def forward(ctx: Any, values: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor | None,
-                pattern: SparsePattern) -> torch.Tensor:
+    def forward(
+        ctx: Any, values: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor | None, pattern: SparsePattern
+    ) -> torch.Tensor:
         v = values.to(_compute_dtype(w_dec)).contiguous()
         ctx.pattern = pattern
         ctx.has_bias = b_dec is not None
@@ -433,14 +454,16 @@ class _SparseDecode(torch.autograd.Function):
         return dv, dw, db, None
 
 
-def gather_pre(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor | None, values: torch.Tensor,
-               pattern: SparsePattern) -> torch.Tensor:
+def gather_pre(
+    x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor | None, values: torch.Tensor, pattern: SparsePattern
+) -> torch.Tensor:
     """Differentiable active pre-activations [nnz] (values computed by the caller's dense matmul)."""
     return _GatherPre.apply(x, w_enc, b_enc, values, pattern)
 
 
-def sparse_decode(values: torch.Tensor, pattern: SparsePattern, w_dec: torch.Tensor,
-                  b_dec: torch.Tensor | None = None) -> torch.Tensor:
+def sparse_decode(
+    values: torch.Tensor, pattern: SparsePattern, w_dec: torch.Tensor, b_dec: torch.Tensor | None = None
+) -> torch.Tensor:
     """Σ_active values·W_dec rows per token (+ b_dec) → [N, d] float32."""
     return _SparseDecode.apply(values, w_dec, b_dec, pattern)
 
@@ -452,9 +475,17 @@ class _DenseReluL1(torch.autograd.Function):
 
     @staticmethod
     @_autocast_off
-    def forward(ctx: Any, x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: torch.Tensor,
-                b_dec: torch.Tensor | None, f: torch.Tensor, work: dict, colsum: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        w_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        w_dec: torch.Tensor,
+        b_dec: torch.Tensor | None,
+        f: torch.Tensor,
+        work: dict,
+        colsum: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n_tok = f.shape[0]
         norms = w_dec.norm(dim=1)
         y = torch.addmm(b_dec, f, w_dec) if b_dec is not None else f @ w_dec
@@ -493,9 +524,16 @@ class _DenseReluL1(torch.autograd.Function):
         return dx, dw_enc, db_enc, dw_dec, db_dec, None, None, None
 
 
-def dense_relu_l1(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: torch.Tensor,
-                  b_dec: torch.Tensor | None, f: torch.Tensor, work: dict, colsum: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_relu_l1(
+    x: torch.Tensor,
+    w_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    w_dec: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    f: torch.Tensor,
+    work: dict,
+    colsum: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ŷ, decoder-weighted L1 penalty) for f = relu(x W_encᵀ + b_enc), computed by the caller into `f`
     (a reused buffer; `work` holds the backward's reused buffers; `colsum` = f.sum(0) if already known)."""
     return _DenseReluL1.apply(x, w_enc, b_enc, w_dec, b_dec, f, work, colsum)

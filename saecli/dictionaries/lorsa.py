@@ -67,8 +67,9 @@ DEFAULT_ROPE_THETA = 10000.0
 
 
 # ------------------------------------------------------------------------------------------- rotary
-def rotary_tables(n_pos: int, dim: int, theta: float, device: torch.device | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    n_pos: int, dim: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) [n_pos, dim] in float32 for positions 0..n_pos-1 (frequencies repeated over both halves)."""
     inv_freq = 1.0 / (float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
     angles = torch.arange(n_pos, dtype=torch.float32, device=device).unsqueeze(1) * inv_freq
@@ -115,8 +116,12 @@ class LowRankSparseAttention(Dictionary):
         else:
             self.register_parameter("b_O", None)
         self.activation = SparseActivation(
-            cfg.activation, s, jumprelu_threshold_init=cfg.jumprelu_threshold_init, bandwidth=cfg.jumprelu_bandwidth,
-            batchtopk_threshold_decay=cfg.batchtopk_threshold_decay)
+            cfg.activation,
+            s,
+            jumprelu_threshold_init=cfg.jumprelu_threshold_init,
+            bandwidth=cfg.jumprelu_bandwidth,
+            batchtopk_threshold_decay=cfg.batchtopk_threshold_decay,
+        )
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction
@@ -183,7 +188,7 @@ class LowRankSparseAttention(Dictionary):
 
     @property
     def attention_scale(self) -> float:
-        return float(self.cfg.attention_scale) if self.cfg.attention_scale is not None else self.d_qk_head ** -0.5
+        return float(self.cfg.attention_scale) if self.cfg.attention_scale is not None else self.d_qk_head**-0.5
 
     def queries_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised x [B, T, d] → rotated q, k [B, n_qk_heads, T, d_qk_head]."""
@@ -210,8 +215,9 @@ class LowRankSparseAttention(Dictionary):
         if key_mask is None:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.attention_scale)
         else:
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_key_mask(key_mask, t),
-                                               scale=self.attention_scale)
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=_causal_key_mask(key_mask, t), scale=self.attention_scale
+            )
         return z.transpose(1, 2).reshape(b, t, self.d_sae)
 
     def patterns(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,8 +246,9 @@ class LowRankSparseAttention(Dictionary):
         return pat * v.unsqueeze(0)
 
     @torch.no_grad()
-    def context_extras(self, inputs: dict[str, torch.Tensor], features: torch.Tensor, positions: torch.Tensor
-                       ) -> dict[str, torch.Tensor]:
+    def context_extras(
+        self, inputs: dict[str, torch.Tensor], features: torch.Tensor, positions: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """For the analyzer: per context b (normalised inputs [B, T, d]), head `features[b]`'s attention row
         at query `positions[b]` and the contributions of each source to its z there, both [B, T]."""
         x = inputs[self.in_hook]
@@ -281,15 +288,21 @@ class LowRankSparseAttention(Dictionary):
             return self._activate(self.attention_z(x.unsqueeze(0)), ctx)[0]
         return self._activate(self.attention_z(x), ctx)
 
-    def decode_hooks(self, feature_acts: torch.Tensor,
-                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def decode_hooks(
+        self, feature_acts: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         if feature_acts.layout != torch.strided:
             feature_acts = feature_acts.to_dense()
         y = feature_acts.to(self.W_O.dtype) @ self.W_O
         return {self.out_hook: y + self.b_O if self.b_O is not None else y}
 
-    def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
-             mask: torch.Tensor | None = None) -> LossOutput:
+    def loss(
+        self,
+        inputs: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        ctx: StepContext,
+        mask: torch.Tensor | None = None,
+    ) -> LossOutput:
         x, y = inputs[self.in_hook], targets[self.out_hook]
         if x.dim() == 2:  # one context
             x, y = x.unsqueeze(0), y.unsqueeze(0)
@@ -300,14 +313,27 @@ class LowRankSparseAttention(Dictionary):
         mse = L.mse(recon, y, mask)
         norms = self.decoder_norms() if self.cfg.sparsity_include_decoder_norm else None
         extra_loss, terms, extra = latent_terms(
-            masked_rows(z, mask), masked_rows(f, mask), ctx, self.activation, gate=self._gate(), norms=norms,
-            gated=self.gated, residual=masked_rows(y - recon, mask), decode_rows=L.gather_decode(self.W_O),
-            k_aux_default=self.d_model // 2)
+            masked_rows(z, mask),
+            masked_rows(f, mask),
+            ctx,
+            self.activation,
+            gate=self._gate(),
+            norms=norms,
+            gated=self.gated,
+            residual=masked_rows(y - recon, mask),
+            decode_rows=L.gather_decode(self.W_O),
+            k_aux_default=self.d_model // 2,
+        )
         loss = mse if extra_loss is None else mse + extra_loss
         extra["mse_per_element"] = L.mse_per_element(masked_rows(recon.detach(), mask), masked_rows(y, mask))
-        return LossOutput(loss=loss, terms={"mse": mse.detach(), **{k: v.detach() for k, v in terms.items()}},
-                          feature_acts=f, reconstruction={self.out_hook: recon}, target={self.out_hook: y},
-                          extra=extra)
+        return LossOutput(
+            loss=loss,
+            terms={"mse": mse.detach(), **{k: v.detach() for k, v in terms.items()}},
+            feature_acts=f,
+            reconstruction={self.out_hook: recon},
+            target={self.out_hook: y},
+            extra=extra,
+        )
 
     # ------------------------------------------------------------------ training hooks
     @torch.no_grad()
@@ -365,7 +391,9 @@ class LowRankSparseAttention(Dictionary):
         return self.cfg.initialize_lorsa_with_mhsa
 
     @torch.no_grad()
-    def init_from_model(self, lm: LanguageModel | None, raw_batches: list[dict[str, torch.Tensor]] | None = None) -> None:
+    def init_from_model(
+        self, lm: LanguageModel | None, raw_batches: list[dict[str, torch.Tensor]] | None = None
+    ) -> None:
         """Copy Q/K from the model's attention (see the module docstring). `raw_batches` (RAW activations)
         give the input scale when the dictionary has no dataset-wise one (norm_activation = "none": 1)."""
         if lm is None:
@@ -374,14 +402,18 @@ class LowRankSparseAttention(Dictionary):
 
         point = parse_hook(self.in_hook)
         if point.site != "ln1.hook_normalized":
-            raise UsageError(f"dictionary.initialize_lorsa_with_mhsa copies the attention's Q/K, which read "
-                             f"blocks.L.ln1.hook_normalized; hook_point_in is {self.in_hook!r}")
+            raise UsageError(
+                f"dictionary.initialize_lorsa_with_mhsa copies the attention's Q/K, which read "
+                f"blocks.L.ln1.hook_normalized; hook_point_in is {self.in_hook!r}"
+            )
         layer = self.cfg.attn_layer if self.cfg.attn_layer is not None else point.layer
         attn = get_attention(lm, layer)
         q_proj, k_proj = getattr(attn, "q_proj", None), getattr(attn, "k_proj", None)
         if not isinstance(q_proj, nn.Linear) or not isinstance(k_proj, nn.Linear):
-            raise UsageError(f"{lm.name}: initialize_lorsa_with_mhsa needs an attention with separate q_proj/k_proj "
-                             "(llama, mistral, qwen2, gemma, ...)")
+            raise UsageError(
+                f"{lm.name}: initialize_lorsa_with_mhsa needs an attention with separate q_proj/k_proj "
+                "(llama, mistral, qwen2, gemma, ...)"
+            )
         if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
             raise UsageError(f"{lm.name} normalises queries/keys (QK-norm), which LORSA does not model")
         config = lm.model.config
@@ -390,11 +422,15 @@ class LowRankSparseAttention(Dictionary):
         n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
         head_dim = int(getattr(attn, "head_dim", None) or q_proj.out_features // n_heads)
         if head_dim != self.d_qk_head:
-            raise UsageError(f"dictionary.d_qk_head ({self.d_qk_head}) must equal the model's head dimension ({head_dim}) "
-                             "to copy its Q/K")
+            raise UsageError(
+                f"dictionary.d_qk_head ({self.d_qk_head}) must equal the model's head dimension ({head_dim}) "
+                "to copy its Q/K"
+            )
         if self.n_qk_heads % n_heads:
-            raise UsageError(f"dictionary.n_qk_heads ({self.n_qk_heads}) must be a multiple of the model's "
-                             f"{n_heads} attention heads to copy its Q/K")
+            raise UsageError(
+                f"dictionary.n_qk_heads ({self.n_qk_heads}) must be a multiple of the model's "
+                f"{n_heads} attention heads to copy its Q/K"
+            )
         theta = _model_rope_theta(config)
         if not self.cfg.use_rotary:
             raise UsageError("initialize_lorsa_with_mhsa copies a rotary attention: set dictionary.use_rotary = true")
@@ -433,7 +469,7 @@ class LowRankSparseAttention(Dictionary):
         if not raw_batches:
             raise UsageError(f"init from the model with norm_activation = {mode!r} needs a few raw batches")
         x = torch.cat([b[self.in_hook].reshape(-1, self.d_model).float() for b in raw_batches])
-        return self.d_model ** 0.5 / float(x.norm(dim=-1).mean().clamp_min(1e-12))
+        return self.d_model**0.5 / float(x.norm(dim=-1).mean().clamp_min(1e-12))
 
     @torch.no_grad()
     def fold_activation_scale(self) -> None:
@@ -461,7 +497,7 @@ def _causal_key_mask(key_mask: torch.Tensor, t: int) -> torch.Tensor:
     """[B, 1, T, T] bool: s ≤ t and key s allowed; the diagonal always allowed (no all-masked row → no NaN)."""
     causal = torch.ones(t, t, dtype=torch.bool, device=key_mask.device).tril()
     eye = torch.eye(t, dtype=torch.bool, device=key_mask.device)
-    return ((causal & key_mask.to(torch.bool)[:, None, None, :]) | eye)
+    return (causal & key_mask.to(torch.bool)[:, None, None, :]) | eye
 
 
 def _model_rope_theta(config: PretrainedConfig) -> float:

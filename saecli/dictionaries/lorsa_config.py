@@ -16,18 +16,24 @@ class LorsaConfig(DictionaryConfig):
     """Low-rank sparse attention: d_sae rank-1 OV heads sharing n_qk_heads rotary QK heads (whole contexts)."""
 
     hook_point_in: str | None = opt(
-        None, help="hook point read (default: the first of activations.hook_points), e.g. blocks.3.ln1.hook_normalized")
+        None, help="hook point read (default: the first of activations.hook_points), e.g. blocks.3.ln1.hook_normalized"
+    )
     hook_point_out: str | None = opt(
-        None, help="hook point reconstructed (default: the second of activations.hook_points), e.g. blocks.3.hook_attn_out")
+        None,
+        help="hook point reconstructed (default: the second of activations.hook_points), e.g. blocks.3.hook_attn_out",
+    )
     n_qk_heads: int | None = opt(None, help="number of QK heads; d_sae (the OV heads) must be a multiple of it")
     d_qk_head: int | None = opt(None, help="dimension of each QK head (default: d_model / n_qk_heads)")
     use_rotary: bool = opt(True, help="rotary position embeddings on queries and keys (llama-style, half rotation)")
     rope_theta: float | None = opt(
-        None, help="rotary base (default: the model's when initialize_lorsa_with_mhsa, else 10000)")
+        None, help="rotary base (default: the model's when initialize_lorsa_with_mhsa, else 10000)"
+    )
     attention_scale: float | None = opt(
-        None, help="softmax scale of q·k (default: 1/√d_qk_head; the model's with initialize_lorsa_with_mhsa)")
+        None, help="softmax scale of q·k (default: 1/√d_qk_head; the model's with initialize_lorsa_with_mhsa)"
+    )
     initialize_lorsa_with_mhsa: bool = opt(
-        False, help="copy W_Q/W_K from the model's attention layer (needs [model]; GQA handled)")
+        False, help="copy W_Q/W_K from the model's attention layer (needs [model]; GQA handled)"
+    )
     attn_layer: int | None = opt(None, help="layer whose attention initialises Q/K (default: hook_point_in's layer)")
 
     def check_stream_hooks(self, listed: list[str]) -> None:
@@ -42,12 +48,17 @@ class LorsaConfig(DictionaryConfig):
         if self.n_qk_heads <= 0:
             raise bad("n_qk_heads", f"must be > 0, found {self.n_qk_heads}")
         if self.d_sae is not None and self.d_sae % self.n_qk_heads:
-            raise bad("n_qk_heads", f"must divide d_sae ({self.d_sae}): each QK head serves d_sae / n_qk_heads "
-                                    f"OV heads, found {self.n_qk_heads}")
+            raise bad(
+                "n_qk_heads",
+                f"must divide d_sae ({self.d_sae}): each QK head serves d_sae / n_qk_heads "
+                f"OV heads, found {self.n_qk_heads}",
+            )
         if self.d_qk_head is not None and self.d_qk_head <= 0:
             raise bad("d_qk_head", f"must be > 0, found {self.d_qk_head}")
         if self.use_rotary and self.d_qk_head is not None and self.d_qk_head % 2:
-            raise bad("d_qk_head", f"rotary embeddings rotate pairs of dimensions: must be even, found {self.d_qk_head}")
+            raise bad(
+                "d_qk_head", f"rotary embeddings rotate pairs of dimensions: must be even, found {self.d_qk_head}"
+            )
         if self.rope_theta is not None and self.rope_theta <= 0:
             raise bad("rope_theta", f"must be > 0, found {self.rope_theta}")
         if self.attention_scale is not None and self.attention_scale <= 0:

@@ -35,6 +35,7 @@ from saecli.dictionaries.activations import gated_pre, step
 
 class Active(NamedTuple):
     """`f` holds only the active values [nnz]: `latents` [nnz] (int64) is each value's latent."""
+
     latents: torch.Tensor
     n_tokens: int
     d_sae: int
@@ -90,8 +91,13 @@ def mse(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor |
     return _SquaredError.apply(reconstruction, target, n_tokens)
 
 
-def prefix_mse(decode_prefix: Callable[[int], torch.Tensor], prefixes: Sequence[int], target: torch.Tensor,
-               mask: torch.Tensor | None = None, full_mse: torch.Tensor | None = None) -> torch.Tensor:
+def prefix_mse(
+    decode_prefix: Callable[[int], torch.Tensor],
+    prefixes: Sequence[int],
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    full_mse: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Matryoshka reconstruction loss: the mean over prefixes p of `mse(decode_prefix(p), target)`, where
     `decode_prefix(p)` reconstructs from latents [0, p) only (decoder bias included).
 
@@ -99,8 +105,10 @@ def prefix_mse(decode_prefix: Callable[[int], torch.Tensor], prefixes: Sequence[
     of a plain MSE, so the learning rate and the AuxK coefficient mean the same with or without prefixes.
     `full_mse`: the caller's MSE of the last prefix when it already has it (not recomputed).
     """
-    losses = [full_mse if full_mse is not None and i == len(prefixes) - 1 else mse(decode_prefix(p), target, mask)
-              for i, p in enumerate(prefixes)]
+    losses = [
+        full_mse if full_mse is not None and i == len(prefixes) - 1 else mse(decode_prefix(p), target, mask)
+        for i, p in enumerate(prefixes)
+    ]
     return torch.stack(losses).mean()
 
 
@@ -117,22 +125,37 @@ def weighted(f: torch.Tensor, decoder_norm: torch.Tensor | None, active: Active 
     return f * (decoder_norm[active.latents] if active is not None else decoder_norm)
 
 
-def power_penalty(f: torch.Tensor, decoder_norm: torch.Tensor | None, p: float = 1.0,
-                  latent_dims: int = 1, active: Active | None = None) -> torch.Tensor:
+def power_penalty(
+    f: torch.Tensor,
+    decoder_norm: torch.Tensor | None,
+    p: float = 1.0,
+    latent_dims: int = 1,
+    active: Active | None = None,
+) -> torch.Tensor:
     """mean_tokens Σ_i (|f_i|·‖W_d,i‖)^p  (p = 1: the decoder-weighted L1 of Anthropic's April update)."""
     w = weighted(f.abs(), decoder_norm, active)
     return _sum_per_token(w if p == 1.0 else w.pow(p), latent_dims, active)
 
 
-def tanh_penalty(f: torch.Tensor, decoder_norm: torch.Tensor | None, c: float = 4.0,
-                 latent_dims: int = 1, active: Active | None = None) -> torch.Tensor:
+def tanh_penalty(
+    f: torch.Tensor,
+    decoder_norm: torch.Tensor | None,
+    c: float = 4.0,
+    latent_dims: int = 1,
+    active: Active | None = None,
+) -> torch.Tensor:
     """mean_tokens Σ_i tanh(c·f_i·‖W_d,i‖)  (a smooth, saturating L0 proxy)."""
     return _sum_per_token(torch.tanh(c * weighted(f, decoder_norm, active)), latent_dims, active)
 
 
-def tanh_quad_penalty(f: torch.Tensor, decoder_norm: torch.Tensor | None, c: float = 4.0,
-                      frequency_scale: float = 0.01, latent_dims: int = 1, active: Active | None = None
-                      ) -> torch.Tensor:
+def tanh_quad_penalty(
+    f: torch.Tensor,
+    decoder_norm: torch.Tensor | None,
+    c: float = 4.0,
+    frequency_scale: float = 0.01,
+    latent_dims: int = 1,
+    active: Active | None = None,
+) -> torch.Tensor:
     """Σ_i p̂_i·(1 + p̂_i / frequency_scale), p̂_i = mean_tokens tanh(c·f_i·‖W_d,i‖).
 
     p̂_i estimates latent i's firing frequency; the quadratic part punishes latents that fire on more
@@ -144,14 +167,22 @@ def tanh_quad_penalty(f: torch.Tensor, decoder_norm: torch.Tensor | None, c: flo
         p_hat = torch.zeros(active.d_sae, dtype=t.dtype, device=t.device).index_add(0, active.latents, t)
         p_hat = p_hat / active.n_tokens
     else:
-        lat = t.shape[t.dim() - latent_dims:]
+        lat = t.shape[t.dim() - latent_dims :]
         p_hat = t.reshape(-1, *lat).mean(0)
     return (p_hat * (1.0 + p_hat / frequency_scale)).sum()
 
 
-def sparsity_penalty(kind: str, f: torch.Tensor, decoder_norm: torch.Tensor | None, *, p: float = 1.0,
-                     c: float = 4.0, frequency_scale: float = 0.01, latent_dims: int = 1,
-                     active: Active | None = None) -> torch.Tensor:
+def sparsity_penalty(
+    kind: str,
+    f: torch.Tensor,
+    decoder_norm: torch.Tensor | None,
+    *,
+    p: float = 1.0,
+    c: float = 4.0,
+    frequency_scale: float = 0.01,
+    latent_dims: int = 1,
+    active: Active | None = None,
+) -> torch.Tensor:
     """Dispatch on `sparsity_loss_type` ("power" | "tanh" | "tanh-quad")."""
     if kind == "power":
         return power_penalty(f, decoder_norm, p, latent_dims, active)
@@ -163,14 +194,24 @@ def sparsity_penalty(kind: str, f: torch.Tensor, decoder_norm: torch.Tensor | No
 
 
 # ---------------------------------------------------------------------------------------- JumpReLU
-def jumprelu_l0(h: torch.Tensor, theta: torch.Tensor, bandwidth: float,
-                decoder_norm: torch.Tensor | None = None, latent_dims: int = 1) -> torch.Tensor:
+def jumprelu_l0(
+    h: torch.Tensor,
+    theta: torch.Tensor,
+    bandwidth: float,
+    decoder_norm: torch.Tensor | None = None,
+    latent_dims: int = 1,
+) -> torch.Tensor:
     """mean_tokens Σ_i H(x_i − θ_i), x = gated pre-activation; ∂θ through the step STE, none to x."""
     return _token_mean(_per_token(step(gated_pre(h, decoder_norm), theta, bandwidth), latent_dims))
 
 
-def jumprelu_preact_loss(h: torch.Tensor, theta: torch.Tensor, decoder_norm: torch.Tensor | None = None,
-                         gated: bool = False, latent_dims: int = 1) -> torch.Tensor:
+def jumprelu_preact_loss(
+    h: torch.Tensor,
+    theta: torch.Tensor,
+    decoder_norm: torch.Tensor | None = None,
+    gated: bool = False,
+    latent_dims: int = 1,
+) -> torch.Tensor:
     """Pre-activation loss (Anthropic, Jan 2025): mean_tokens Σ_i ReLU(θ_i − h_i)·‖W_d,i‖.
 
     Pulls latents that sit below their threshold up towards it (revives dead JumpReLU latents).
@@ -186,8 +227,13 @@ def jumprelu_preact_loss(h: torch.Tensor, theta: torch.Tensor, decoder_norm: tor
 
 
 # -------------------------------------------------------------------------------------------- AuxK
-def auxk_top_dead(pre: torch.Tensor, dead_mask: torch.Tensor, k_aux: int, decoder_norm: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def auxk_top_dead(
+    pre: torch.Tensor,
+    dead_mask: torch.Tensor,
+    k_aux: int,
+    decoder_norm: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per token the top min(k_aux, #dead) DEAD latents by (gated) pre-activation: (their ungated
     pre-activations [..., k], their latent indices [..., k]), detached; None when no latent is dead.
 
@@ -206,8 +252,9 @@ def auxk_top_dead(pre: torch.Tensor, dead_mask: torch.Tensor, k_aux: int, decode
     return sub.gather(-1, j), dead_idx[j]
 
 
-def auxk_select(pre: torch.Tensor, dead_mask: torch.Tensor, k_aux: int,
-                decoder_norm: torch.Tensor | None = None) -> torch.Tensor | None:
+def auxk_select(
+    pre: torch.Tensor, dead_mask: torch.Tensor, k_aux: int, decoder_norm: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """Per token, the indices [..., min(k_aux, #dead)] of the top DEAD latents by (gated) pre-activation
     (None when no latent is dead). Selection is not differentiable (indices only)."""
     top = auxk_top_dead(pre, dead_mask, k_aux, decoder_norm)
@@ -226,10 +273,17 @@ def normalized_residual_loss(e_hat: torch.Tensor, e: torch.Tensor) -> torch.Tens
     return (e_hat.float().reshape_as(e2) - e2).pow(2).sum() / var.clamp_min(1e-12)
 
 
-def auxk_loss(pre: torch.Tensor, dead_mask: torch.Tensor | None, k_aux: int, residual: torch.Tensor,
-              decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-              decoder_norm: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
-              gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def auxk_loss(
+    pre: torch.Tensor,
+    dead_mask: torch.Tensor | None,
+    k_aux: int,
+    residual: torch.Tensor,
+    decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    decoder_norm: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """AuxK (Gao et al. 2024): the top-k_aux dead latents' ReLU'd pre-activations reconstruct the
     residual e = y − ŷ (detached; no decoder bias in ê); loss = normalised ‖e − ê‖². Zero if none dead.
 

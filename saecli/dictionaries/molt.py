@@ -90,8 +90,12 @@ class MixtureOfLinearTransforms(Dictionary):
         else:
             self.register_parameter("b_D", None)
         self.activation = SparseActivation(
-            cfg.activation, n, jumprelu_threshold_init=cfg.jumprelu_threshold_init, bandwidth=cfg.jumprelu_bandwidth,
-            batchtopk_threshold_decay=cfg.batchtopk_threshold_decay)
+            cfg.activation,
+            n,
+            jumprelu_threshold_init=cfg.jumprelu_threshold_init,
+            bandwidth=cfg.jumprelu_bandwidth,
+            batchtopk_threshold_decay=cfg.batchtopk_threshold_decay,
+        )
         self.last_path = ""
         self.reset_parameters()
 
@@ -114,7 +118,7 @@ class MixtureOfLinearTransforms(Dictionary):
         """Per distinct rank r: (r, view [count, r, d]) of a stacked factor matrix (V or U)."""
         out, start = [], 0
         for r, c in self.groups:
-            out.append((r, w[start:start + r * c].view(c, r, w.shape[-1])))
+            out.append((r, w[start : start + r * c].view(c, r, w.shape[-1])))
             start += r * c
         return out
 
@@ -208,8 +212,12 @@ class MixtureOfLinearTransforms(Dictionary):
             torch.cumsum(counts, 0, out=crow[1:])
             pattern = kernels.SparsePattern(crow, col.to(itype), n_tok, self.total_rank)
             cd = kernels._compute_dtype(self.V)
-            vals = torch.sparse.sampled_addmm(pattern.csr(torch.zeros(nnz, dtype=cd, device=x.device)),
-                                              x.detach().to(cd), self.V.detach().to(cd).t(), beta=0.0).values()
+            vals = torch.sparse.sampled_addmm(
+                pattern.csr(torch.zeros(nnz, dtype=cd, device=x.device)),
+                x.detach().to(cd),
+                self.V.detach().to(cd).t(),
+                beta=0.0,
+            ).values()
         vx = kernels.gather_pre(x, self.V, None, vals, pattern)  # x·V_j at the active rows, sparse backward
         w = vx * f[rows, cols].to(vx.dtype)[pair]
         return kernels.sparse_decode(w, pattern, self.U).to(self.U.dtype)
@@ -221,16 +229,19 @@ class MixtureOfLinearTransforms(Dictionary):
         training = bool(ctx.training) if ctx is not None else False
         return self.activation(self.pre_acts(x), self._gate(), k=self._k(ctx), training=training)
 
-    def decode_hooks(self, feature_acts: torch.Tensor,
-                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def decode_hooks(
+        self, feature_acts: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Gates f [..., n] + the normalised inputs {in_hook: x [..., d]} f came from → ŷ."""
         if feature_acts.layout != torch.strided:
             feature_acts = feature_acts.to_dense()
         x = None if inputs is None else inputs[self.in_hook]
         if x is None or x.shape[:-1] != feature_acts.shape[:-1]:
-            raise UsageError("a MOLT's output depends on its input as well as on the gates f: pass decode(f, x) with "
-                             "the raw input f was encoded from, or decode_hooks(f, inputs) with the normalised one "
-                             f"(gates {tuple(feature_acts.shape)}, input {None if x is None else tuple(x.shape)})")
+            raise UsageError(
+                "a MOLT's output depends on its input as well as on the gates f: pass decode(f, x) with "
+                "the raw input f was encoded from, or decode_hooks(f, inputs) with the normalised one "
+                f"(gates {tuple(feature_acts.shape)}, input {None if x is None else tuple(x.shape)})"
+            )
         lead = feature_acts.shape[:-1]
         y = self.apply_transforms(feature_acts.reshape(-1, self.d_sae), x.reshape(-1, self.d_model))
         if self.b_D is not None:
@@ -240,8 +251,13 @@ class MixtureOfLinearTransforms(Dictionary):
     def decode_needs_input(self) -> str:
         return "its transforms U_i V_i apply to the input x, weighted by f"
 
-    def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
-             mask: torch.Tensor | None = None) -> LossOutput:
+    def loss(
+        self,
+        inputs: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        ctx: StepContext,
+        mask: torch.Tensor | None = None,
+    ) -> LossOutput:
         """Inputs/targets [N, d] (or [B, T, d] with a [B, T] mask of the positions that count)."""
         lead = inputs[self.in_hook].shape[:-1]
         x = inputs[self.in_hook].reshape(-1, self.d_model)
@@ -263,19 +279,32 @@ class MixtureOfLinearTransforms(Dictionary):
             dense = torch.zeros(values.shape[0], self.d_sae, dtype=h.dtype, device=h.device)
             return self.apply_transforms(dense.scatter(1, indices, values.to(h.dtype)), x_kept)
 
-        extra_loss, terms, extra = latent_terms(rows(h), rows(f), ctx, self.activation, gate=gate, norms=norms,
-                                                gated=self.gated, residual=rows(y - recon), decode_rows=decode_rows,
-                                                k_aux_default=self.d_model // 2)
+        extra_loss, terms, extra = latent_terms(
+            rows(h),
+            rows(f),
+            ctx,
+            self.activation,
+            gate=gate,
+            norms=norms,
+            gated=self.gated,
+            residual=rows(y - recon),
+            decode_rows=decode_rows,
+            k_aux_default=self.d_model // 2,
+        )
         loss = mse if extra_loss is None else mse + extra_loss
         self.last_path = path
         fired = (rows(f).detach() != 0).to(torch.float32)
         extra["path"] = path
         extra["mse_per_element"] = L.mse_per_element(rows(recon).detach(), rows(y))
         extra["active_rank"] = (fired @ self.rank_of.to(torch.float32)).mean() if fired.shape[0] else torch.zeros(())
-        return LossOutput(loss=loss, terms={"mse": mse.detach(), **{k: v.detach() for k, v in terms.items()}},
-                          feature_acts=f.reshape(*lead, self.d_sae),
-                          reconstruction={self.out_hook: recon.reshape(*lead, self.d_model)},
-                          target={self.out_hook: y.reshape(*lead, self.d_model)}, extra=extra)
+        return LossOutput(
+            loss=loss,
+            terms={"mse": mse.detach(), **{k: v.detach() for k, v in terms.items()}},
+            feature_acts=f.reshape(*lead, self.d_sae),
+            reconstruction={self.out_hook: recon.reshape(*lead, self.d_model)},
+            target={self.out_hook: y.reshape(*lead, self.d_model)},
+            extra=extra,
+        )
 
     # ------------------------------------------------------------------ directions (DLA, analysis)
     @torch.no_grad()
@@ -322,6 +351,7 @@ class MixtureOfLinearTransforms(Dictionary):
             self.b_E.zero_()
             self.b_E.sub_(self.pre_acts(x1).float().mean(0).to(self.b_E.dtype))
         if cfg.grid_search_init_norm and not self.cfg.decoder_unit_norm:
+
             def loss_at(norm: float) -> float:
                 self.set_transform_norms(norm)
                 f = self.activation(self.pre_acts(x1), self._gate(), k=int(self.cfg.k), training=True, update=False)

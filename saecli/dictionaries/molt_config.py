@@ -19,11 +19,15 @@ class MOLTConfig(DictionaryConfig):
     """
 
     hook_point_in: str | None = opt(
-        None, help="hook point read (default: the first of activations.hook_points), e.g. blocks.3.ln2.hook_normalized")
+        None, help="hook point read (default: the first of activations.hook_points), e.g. blocks.3.ln2.hook_normalized"
+    )
     hook_point_out: str | None = opt(
-        None, help="hook point reconstructed (default: the second of activations.hook_points), e.g. blocks.3.hook_mlp_out")
+        None,
+        help="hook point reconstructed (default: the second of activations.hook_points), e.g. blocks.3.hook_mlp_out",
+    )
     rank_counts: dict[str, int] | None = opt(
-        None, help='how many transforms of each rank, e.g. {"4" = 64, "16" = 16} (TOML keys are strings)')
+        None, help='how many transforms of each rank, e.g. {"4" = 64, "16" = 16} (TOML keys are strings)'
+    )
 
     def ranks(self) -> list[tuple[int, int]]:
         """[(rank, count)] sorted by rank, keys parsed to int."""
@@ -50,11 +54,13 @@ class MOLTConfig(DictionaryConfig):
                 raise bad(f"rank_counts.{r}", f"a count must be > 0, found {c}")
         total = sum(c for _, c in self.ranks())
         if len({int(r) for r in self.rank_counts}) != len(self.rank_counts):
-            raise bad("rank_counts", "lists a rank twice (e.g. \"4\" and \"04\")")
+            raise bad("rank_counts", 'lists a rank twice (e.g. "4" and "04")')
         if self.expansion_factor is not None:
             raise bad("expansion_factor", "a MOLT's size is Σ rank_counts; leave expansion_factor out")
         if self.d_sae is not None and self.d_sae != total:
-            raise bad("d_sae", f"is the number of transforms, Σ rank_counts = {total}; found {self.d_sae} (leave it out)")
+            raise bad(
+                "d_sae", f"is the number of transforms, Σ rank_counts = {total}; found {self.d_sae} (leave it out)"
+            )
         self.d_sae = total
         super().validate()
         check_io_hooks(self)

@@ -66,8 +66,12 @@ _SIGNATURES = {
 }
 # tried in order: the first that compiles wins (-march=native needs a compiler that knows this CPU; a
 # compiler without OpenMP still gets single-threaded kernels, whose pragmas it then ignores)
-_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"],
-              ["-O3", "-march=native", "-fopenmp-simd", "-Wno-unknown-pragmas"], ["-O3", "-Wno-unknown-pragmas"])
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3", "-march=native", "-fopenmp-simd", "-Wno-unknown-pragmas"],
+    ["-O3", "-Wno-unknown-pragmas"],
+)
 WARNINGS = ["-Wall", "-Wextra"]  # the source compiles without a warning under every flag set (tests/test_kernels.py)
 
 _lock = threading.Lock()
@@ -84,7 +88,8 @@ def enabled_by_env() -> bool:
 
 def cache_dir() -> Path:
     root = os.environ.get("SAECLI_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "saecli")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "saecli"
+    )
     return Path(root) / "kernels"
 
 
@@ -279,8 +284,9 @@ def _traced(fn):
 
 
 @_traced
-def topk(h: torch.Tensor, k: int, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+def topk(
+    h: torch.Tensor, k: int, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row the k largest keys (h + bias)·gate: (h + bias at them [N, k] float32, their columns int32)."""
     h = _rows(h)
     n, s = h.shape
@@ -288,15 +294,22 @@ def topk(h: torch.Tensor, k: int, bias: torch.Tensor | None = None, gate: torch.
     idx = torch.empty(n, k, dtype=torch.int32)
     bias = None if bias is None else bias.contiguous()
     gate = None if gate is None else gate.contiguous()
-    _loaded().sae_topk(n, s, h.data_ptr(), h.stride(0), _p(bias), _p(gate), k, vals.data_ptr(), idx.data_ptr(),
-                   torch.get_num_threads())
+    _loaded().sae_topk(
+        n, s, h.data_ptr(), h.stride(0), _p(bias), _p(gate), k, vals.data_ptr(), idx.data_ptr(), torch.get_num_threads()
+    )
     return vals, idx
 
 
 @_traced
-def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, B: torch.Tensor,
-         perm: torch.Tensor | None = None, bias: torch.Tensor | None = None, rowsum: bool = False
-         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def spmm(
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    B: torch.Tensor,
+    perm: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    rowsum: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(bias + CSR(values[perm]) @ B  [n_rows, d], the per-row sums of the values or None)."""
     B = _rows(B)
     n_rows, d = crow.numel() - 1, B.shape[1]
@@ -304,8 +317,21 @@ def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, B: torch.T
     sums = torch.empty(n_rows, dtype=torch.float32) if rowsum else None
     values = values.contiguous()
     bias = None if bias is None else bias.contiguous()
-    _loaded().sae_spmm(n_rows, crow.data_ptr(), col.data_ptr(), values.data_ptr(), _p(perm), B.data_ptr(),
-                   B.stride(0), d, _p(bias), out.data_ptr(), d, _p(sums), torch.get_num_threads())
+    _loaded().sae_spmm(
+        n_rows,
+        crow.data_ptr(),
+        col.data_ptr(),
+        values.data_ptr(),
+        _p(perm),
+        B.data_ptr(),
+        B.stride(0),
+        d,
+        _p(bias),
+        out.data_ptr(),
+        d,
+        _p(sums),
+        torch.get_num_threads(),
+    )
     return out, sums
 
 
@@ -314,8 +340,18 @@ def sddmm(crow: torch.Tensor, col: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     """[nnz]: A[row]·B[col] at every stored (row, col)."""
     A, B = _rows(A), _rows(B)
     out = torch.empty(col.numel(), dtype=torch.float32)
-    _loaded().sae_sddmm(crow.numel() - 1, crow.data_ptr(), col.data_ptr(), A.data_ptr(), A.stride(0), B.data_ptr(),
-                    B.stride(0), A.shape[1], out.data_ptr(), torch.get_num_threads())
+    _loaded().sae_sddmm(
+        crow.numel() - 1,
+        crow.data_ptr(),
+        col.data_ptr(),
+        A.data_ptr(),
+        A.stride(0),
+        B.data_ptr(),
+        B.stride(0),
+        A.shape[1],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out
 
 
@@ -326,22 +362,25 @@ def transpose(crow: torch.Tensor, col: torch.Tensor, n_cols: int) -> tuple[torch
     crow_t = torch.empty(n_cols + 1, dtype=torch.int32)
     rows_t = torch.empty(nnz, dtype=torch.int32)
     perm = torch.empty(nnz, dtype=torch.int32)
-    _loaded().sae_transpose(crow.numel() - 1, n_cols, crow.data_ptr(), col.data_ptr(), crow_t.data_ptr(),
-                        rows_t.data_ptr(), perm.data_ptr())
+    _loaded().sae_transpose(
+        crow.numel() - 1, n_cols, crow.data_ptr(), col.data_ptr(), crow_t.data_ptr(), rows_t.data_ptr(), perm.data_ptr()
+    )
     return perm, crow_t, rows_t
 
 
 @_traced
-def relu_bias_(h: torch.Tensor, bias: torch.Tensor | None, colsum: bool = True
-               ) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+def relu_bias_(
+    h: torch.Tensor, bias: torch.Tensor | None, colsum: bool = True
+) -> tuple[int, torch.Tensor, torch.Tensor | None]:
     """h ← relu(h + bias) in place: (non-zeros, per-row counts int32 [N], column sums [d_sae] or None)."""
     assert h.stride(-1) == 1
     n, s = h.shape
     counts = torch.empty(n, dtype=torch.int32)
     sums = torch.empty(s, dtype=torch.float32) if colsum else None
     bias = None if bias is None else bias.contiguous()
-    nnz = _loaded().sae_relu_bias(n, s, h.data_ptr(), h.stride(0), _p(bias), counts.data_ptr(), _p(sums),
-                              torch.get_num_threads())
+    nnz = _loaded().sae_relu_bias(
+        n, s, h.data_ptr(), h.stride(0), _p(bias), counts.data_ptr(), _p(sums), torch.get_num_threads()
+    )
     return int(nnz), counts, sums
 
 
@@ -352,8 +391,17 @@ def relu_backward_(df: torch.Tensor, f: torch.Tensor, colterm: torch.Tensor | No
     n, s = df.shape
     sums = torch.empty(s, dtype=torch.float32)
     colterm = None if colterm is None else colterm.contiguous()
-    _loaded().sae_relu_backward(n, s, df.data_ptr(), df.stride(0), f.data_ptr(), f.stride(0), _p(colterm),
-                            sums.data_ptr(), torch.get_num_threads())
+    _loaded().sae_relu_backward(
+        n,
+        s,
+        df.data_ptr(),
+        df.stride(0),
+        f.data_ptr(),
+        f.stride(0),
+        _p(colterm),
+        sums.data_ptr(),
+        torch.get_num_threads(),
+    )
     return sums
 
 
@@ -367,6 +415,7 @@ def dense_to_csr(h: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, t
     nnz = int(crow[-1])
     col = torch.empty(nnz, dtype=torch.int32)
     val = torch.empty(nnz, dtype=torch.float32)
-    _loaded().sae_dense_to_csr(n, s, h.data_ptr(), h.stride(0), crow.data_ptr(), col.data_ptr(), val.data_ptr(),
-                           torch.get_num_threads())
+    _loaded().sae_dense_to_csr(
+        n, s, h.data_ptr(), h.stride(0), crow.data_ptr(), col.data_ptr(), val.data_ptr(), torch.get_num_threads()
+    )
     return crow, col, val

@@ -60,8 +60,10 @@ def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> D
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise UsageError(f"{weights} does not match {CONFIG_NAME} (another dictionary's weights?): "
-                         f"{str(exc).splitlines()[0]} {_mismatch(exc)}") from None
+        raise UsageError(
+            f"{weights} does not match {CONFIG_NAME} (another dictionary's weights?): "
+            f"{str(exc).splitlines()[0]} {_mismatch(exc)}"
+        ) from None
     model.folded = bool(meta.get("folded", False))
     return model.to(device)
 
@@ -92,12 +94,15 @@ def _check_native(folder: Path) -> tuple[dict[str, Any], DictionaryConfig, type[
         raise UsageError(f"{folder} holds no saved dictionary: {_foreign(folder) or 'it lacks them'} ({expected})")
     meta = _read_json(folder / CONFIG_NAME)
     if not isinstance(meta, dict) or "cfg" not in meta or "kind" not in meta:
-        raise UsageError(f"{folder / CONFIG_NAME} is not a saecli dictionary config: "
-                         f"{_foreign(folder) or 'it has no `kind` and `cfg` keys'} ({expected})")
+        raise UsageError(
+            f"{folder / CONFIG_NAME} is not a saecli dictionary config: "
+            f"{_foreign(folder) or 'it has no `kind` and `cfg` keys'} ({expected})"
+        )
     from saecli.lm.hooks import check_saved_hook_names
 
-    check_saved_hook_names([*meta.get("in_hooks", []), *meta.get("out_hooks", [])], meta.get("hook_names"),
-                           str(folder / CONFIG_NAME))
+    check_saved_hook_names(
+        [*meta.get("in_hooks", []), *meta.get("out_hooks", [])], meta.get("hook_names"), str(folder / CONFIG_NAME)
+    )
     try:
         # saved configs hold None for unset optional fields; leaving them out restores the same defaults
         cfg = parse(DictionaryConfig, {k: v for k, v in meta["cfg"].items() if v is not None}, key="sae")
@@ -118,8 +123,10 @@ def _build(folder: Path, cls: type[Dictionary], cfg: DictionaryConfig, meta: dic
     try:
         return cls.from_saved(cfg, meta)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise UsageError(f"{folder / CONFIG_NAME} lacks what a {meta['kind']} needs ({type(exc).__name__}: {exc}); "
-                         "was it edited by hand?") from None
+        raise UsageError(
+            f"{folder / CONFIG_NAME} lacks what a {meta['kind']} needs ({type(exc).__name__}: {exc}); "
+            "was it edited by hand?"
+        ) from None
 
 
 def _safetensors(path: Path, read: Callable[[], T]) -> T:
@@ -130,8 +137,10 @@ def _safetensors(path: Path, read: Callable[[], T]) -> T:
         return read()
     except (SafetensorError, OSError, ValueError) as exc:
         size = path.stat().st_size
-        raise UsageError(f"{path} is damaged ({size:,} bytes; {exc}): it cannot be read as safetensors, "
-                         "e.g. a copy cut short. Train the dictionary again or copy the file again") from None
+        raise UsageError(
+            f"{path} is damaged ({size:,} bytes; {exc}): it cannot be read as safetensors, "
+            "e.g. a copy cut short. Train the dictionary again or copy the file again"
+        ) from None
 
 
 def _read_json(path: Path) -> Any:

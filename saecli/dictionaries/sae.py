@@ -77,9 +77,12 @@ class SparseAutoEncoder(Dictionary):
         else:
             self.register_parameter("b_dec", None)
         self.activation = SparseActivation(
-            cfg.activation, s, jumprelu_threshold_init=cfg.jumprelu_threshold_init,
+            cfg.activation,
+            s,
+            jumprelu_threshold_init=cfg.jumprelu_threshold_init,
             bandwidth=cfg.jumprelu_bandwidth,
-            batchtopk_threshold_decay=cfg.batchtopk_threshold_decay)
+            batchtopk_threshold_decay=cfg.batchtopk_threshold_decay,
+        )
         self.prefixes = matryoshka_prefixes(cfg, s)
         self.last_path = ""
         self._work: dict[str, Any] = {}
@@ -142,15 +145,21 @@ class SparseAutoEncoder(Dictionary):
         training = bool(ctx.training) if ctx is not None else False
         return self.activation(h, self._gate(), k=self._k(ctx), training=training)
 
-    def decode_hooks(self, feature_acts: torch.Tensor,
-                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def decode_hooks(
+        self, feature_acts: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         y = feature_acts.to(self.W_dec.dtype) @ self.W_dec  # dense or sparse CSR
         if self.b_dec is not None:
             y = y + self.b_dec
         return {self.out_hook: y}
 
-    def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
-             mask: torch.Tensor | None = None) -> LossOutput:
+    def loss(
+        self,
+        inputs: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        ctx: StepContext,
+        mask: torch.Tensor | None = None,
+    ) -> LossOutput:
         x, y = inputs[self.in_hook], targets[self.out_hook]
         self._ensure_grad_hook()
         if self.latent_shard is not None:
@@ -168,8 +177,14 @@ class SparseAutoEncoder(Dictionary):
 
     # ------------------------------------------------------------------ path choice
     def _choose_path(self, x: torch.Tensor, ctx: StepContext, mask: torch.Tensor | None) -> str:
-        ok = (self.cfg.sparse_kernels and ctx.training and torch.is_grad_enabled()
-              and x.dim() == 2 and mask is None and x.shape[0] > 0)
+        ok = (
+            self.cfg.sparse_kernels
+            and ctx.training
+            and torch.is_grad_enabled()
+            and x.dim() == 2
+            and mask is None
+            and x.shape[0] > 0
+        )
         if not ok:
             return "dense"
         cuda = x.is_cuda
@@ -186,16 +201,23 @@ class SparseAutoEncoder(Dictionary):
             # dense regime without a fused step: skip the probe (it would cost an extra encoder matmul),
             # but look again every RELU_REPROBE_STEPS steps in case training made the codes sparse
             self._relu_calls += 1
-            if (not self._relu_fusable(x, ctx) and self._relu_density > SPARSE_RELU_MAX_DENSITY
-                    and self._relu_calls % RELU_REPROBE_STEPS):
+            if (
+                not self._relu_fusable(x, ctx)
+                and self._relu_density > SPARSE_RELU_MAX_DENSITY
+                and self._relu_calls % RELU_REPROBE_STEPS
+            ):
                 return "dense"
             return "relu"
         return "dense"
 
     def _relu_fusable(self, x: torch.Tensor, ctx: StepContext) -> bool:
         kind = ctx.sparsity_loss_type or "none"
-        return (kind == "none" or (kind == "power" and ctx.p == 1.0)) and bool(self.cfg.sparsity_include_decoder_norm) \
-            and x.dtype == self.W_enc.dtype and not torch.is_autocast_enabled(x.device.type)
+        return (
+            (kind == "none" or (kind == "power" and ctx.p == 1.0))
+            and bool(self.cfg.sparsity_include_decoder_norm)
+            and x.dtype == self.W_enc.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A work buffer reused across steps (no page faults from fresh [N, d_sae] allocations)."""
@@ -272,8 +294,9 @@ class SparseAutoEncoder(Dictionary):
         if k_wide > k:
             wide_pattern = kernels.SparsePattern.from_topk(wide[1], s)
             f_wide = torch.relu(kernels.gather_pre(x_enc, self.W_enc, self.b_enc, wide[0].reshape(-1), wide_pattern))
-            loss = self._add_multi_topk(loss, kernels.sparse_decode(f_wide, wide_pattern, self.W_dec, self.b_dec),
-                                        y, None, ctx, terms, extra)
+            loss = self._add_multi_topk(
+                loss, kernels.sparse_decode(f_wide, wide_pattern, self.W_dec, self.b_dec), y, None, ctx, terms, extra
+            )
         aux = self._auxk_sparse(buf, x_enc, y, recon, gate, ctx, raw)
         if aux is not None:
             terms["aux"] = ctx.auxk_coefficient * aux
@@ -285,8 +308,16 @@ class SparseAutoEncoder(Dictionary):
         feature_acts = pattern.csr(f.detach())
         return self._output(loss, terms, feature_acts, recon, y, extra)
 
-    def _auxk_sparse(self, buf: torch.Tensor, x_enc: torch.Tensor, y: torch.Tensor, recon: torch.Tensor,
-                     gate: torch.Tensor | None, ctx: StepContext, raw: bool = False) -> torch.Tensor | None:
+    def _auxk_sparse(
+        self,
+        buf: torch.Tensor,
+        x_enc: torch.Tensor,
+        y: torch.Tensor,
+        recon: torch.Tensor,
+        gate: torch.Tensor | None,
+        ctx: StepContext,
+        raw: bool = False,
+    ) -> torch.Tensor | None:
         """AuxK (losses.auxk_loss) on the sparse path: selected from the encoder buffer (`raw`: x W_encᵀ
         without bias, ranked by the gated value; else the gated pre-activations), gathered and decoded
         with the sparse products."""
@@ -305,18 +336,33 @@ class SparseAutoEncoder(Dictionary):
         def decode(acts: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return kernels.sparse_decode(acts, patterns[-1], self.W_dec)
 
-        return L.auxk_loss(buf, dead, int(ctx.k_aux or self.d_model // 2), (y - recon).detach(), decode,
-                           gate if raw else None, bias=self.b_enc if raw else None, gather=gather)
+        return L.auxk_loss(
+            buf,
+            dead,
+            int(ctx.k_aux or self.d_model // 2),
+            (y - recon).detach(),
+            decode,
+            gate if raw else None,
+            bias=self.b_enc if raw else None,
+            gather=gather,
+        )
 
-    def _sparse_penalty(self, f: torch.Tensor, pattern: kernels.SparsePattern, ctx: StepContext,
-                        n_tok: int) -> torch.Tensor | None:
+    def _sparse_penalty(
+        self, f: torch.Tensor, pattern: kernels.SparsePattern, ctx: StepContext, n_tok: int
+    ) -> torch.Tensor | None:
         """The sparsity penalty (losses.sparsity_penalty) on the active values only."""
         kind = ctx.sparsity_loss_type or "none"
         if kind in ("none", "l0"):
             return None
-        return L.sparsity_penalty(kind, f, self._penalty_norms(), p=ctx.p, c=ctx.tanh_stretch_coefficient,
-                                  frequency_scale=ctx.frequency_scale,
-                                  active=L.Active(pattern.col.long(), n_tok, self.d_sae))
+        return L.sparsity_penalty(
+            kind,
+            f,
+            self._penalty_norms(),
+            p=ctx.p,
+            c=ctx.tanh_stretch_coefficient,
+            frequency_scale=ctx.frequency_scale,
+            active=L.Active(pattern.col.long(), n_tok, self.d_sae),
+        )
 
     # ------------------------------------------------------------------ fast ReLU
     def _loss_relu_fast(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> LossOutput | None:
@@ -345,8 +391,9 @@ class SparseAutoEncoder(Dictionary):
             if not self._relu_fusable(x_enc, ctx):  # other penalties, AMP: the dense path (recomputes h)
                 return None
             b_dec = self.b_dec if self.b_dec is not None else None
-            recon, pen_fused = kernels.dense_relu_l1(x_enc, self.W_enc, self.b_enc, self.W_dec, b_dec, buf,
-                                                     self._work, colsum)
+            recon, pen_fused = kernels.dense_relu_l1(
+                x_enc, self.W_enc, self.b_enc, self.W_dec, b_dec, buf, self._work, colsum
+            )
             pen = pen_fused if kind == "power" else None  # unused: backward gets a zero gradient for it
             self.last_path = "relu-dense-fused"
             feature_acts = buf
@@ -362,8 +409,7 @@ class SparseAutoEncoder(Dictionary):
         return self._output(loss, terms, feature_acts, recon, y, extra)
 
     # ------------------------------------------------------------------ dense reference path
-    def _loss_dense(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext,
-                    mask: torch.Tensor | None) -> LossOutput:
+    def _loss_dense(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, mask: torch.Tensor | None) -> LossOutput:
         h = self.pre_acts(x)
         gate = self._gate()
         f = self.activation(h, gate, k=self._k(ctx), training=bool(ctx.training))
@@ -384,8 +430,9 @@ class SparseAutoEncoder(Dictionary):
                 raise ValueError("sparsity_loss_type 'l0' needs activation = 'jumprelu'")
             pen = L.jumprelu_l0(h, self.activation.theta(), self.activation.bandwidth, gate)
         elif kind != "none":
-            pen = L.sparsity_penalty(kind, f, norms, p=ctx.p, c=ctx.tanh_stretch_coefficient,
-                                     frequency_scale=ctx.frequency_scale)
+            pen = L.sparsity_penalty(
+                kind, f, norms, p=ctx.p, c=ctx.tanh_stretch_coefficient, frequency_scale=ctx.frequency_scale
+            )
         if pen is not None:
             terms["sparsity"] = ctx.l1_coefficient * pen
             extra["raw/sparsity"] = pen.detach()
@@ -395,14 +442,21 @@ class SparseAutoEncoder(Dictionary):
             f_wide = self.activation(h, gate, k=k_wide, training=True, update=False)
             loss = self._add_multi_topk(loss, self.decode_hooks(f_wide)[self.out_hook], y, mask, ctx, terms, extra)
         if act in ("topk", "batchtopk") and ctx.auxk_coefficient > 0 and ctx.dead_mask is not None:
-            aux = L.auxk_loss(h, ctx.dead_mask.to(h.device), int(ctx.k_aux or self.d_model // 2),
-                              (y - recon).detach(), L.gather_decode(self.W_dec), gate)
+            aux = L.auxk_loss(
+                h,
+                ctx.dead_mask.to(h.device),
+                int(ctx.k_aux or self.d_model // 2),
+                (y - recon).detach(),
+                L.gather_decode(self.W_dec),
+                gate,
+            )
             terms["aux"] = ctx.auxk_coefficient * aux
             extra["raw/aux"] = aux.detach()
             loss = loss + terms["aux"]
         if act == "jumprelu" and ctx.lp_coefficient > 0:
-            lp = L.jumprelu_preact_loss(h, self.activation.theta(), norms if norms is not None else None,
-                                        gated=self.gated)
+            lp = L.jumprelu_preact_loss(
+                h, self.activation.theta(), norms if norms is not None else None, gated=self.gated
+            )
             terms["lp"] = ctx.lp_coefficient * lp
             extra["raw/lp"] = lp.detach()
             loss = loss + terms["lp"]
@@ -417,9 +471,13 @@ class SparseAutoEncoder(Dictionary):
         return self._output(loss, terms, f, recon, y, extra)
 
     # ------------------------------------------------------------------ shared
-    def _common_terms(self, recon: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None,
-                      prefix_recon: Callable[[int], torch.Tensor] | None = None
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _common_terms(
+        self,
+        recon: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        prefix_recon: Callable[[int], torch.Tensor] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The reconstruction term: the MSE, or with Matryoshka prefixes the mean of the prefixes' MSEs
         (`prefix_recon(p)`: the reconstruction from latents [0, p) only; the full one is `recon`)."""
         mse = L.mse(recon, y, mask)
@@ -434,18 +492,38 @@ class SparseAutoEncoder(Dictionary):
         return {"mse": L.prefix_mse(decode, self.prefixes, y, mask, full_mse=mse)}, extra
 
     @staticmethod
-    def _add_multi_topk(loss: torch.Tensor, recon_wide: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
-                        ctx: StepContext, terms: dict, extra: dict) -> torch.Tensor:
+    def _add_multi_topk(
+        loss: torch.Tensor,
+        recon_wide: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None,
+        ctx: StepContext,
+        terms: dict,
+        extra: dict,
+    ) -> torch.Tensor:
         """loss + coefficient × the MSE of the top-4k reconstruction (the Multi-TopK term)."""
         wide = L.mse(recon_wide, y, mask)
         terms["multi_topk"] = ctx.multi_topk_coefficient * wide
         extra["raw/multi_topk"] = wide.detach()
         return loss + terms["multi_topk"]
 
-    def _output(self, loss: torch.Tensor, terms: dict, feature_acts: torch.Tensor, recon: torch.Tensor,
-                y: torch.Tensor, extra: dict) -> LossOutput:
-        return LossOutput(loss=loss, terms={k: v.detach() for k, v in terms.items()}, feature_acts=feature_acts,
-                          reconstruction={self.out_hook: recon}, target={self.out_hook: y}, extra=extra)
+    def _output(
+        self,
+        loss: torch.Tensor,
+        terms: dict,
+        feature_acts: torch.Tensor,
+        recon: torch.Tensor,
+        y: torch.Tensor,
+        extra: dict,
+    ) -> LossOutput:
+        return LossOutput(
+            loss=loss,
+            terms={k: v.detach() for k, v in terms.items()},
+            feature_acts=feature_acts,
+            reconstruction={self.out_hook: recon},
+            target={self.out_hook: y},
+            extra=extra,
+        )
 
     # ------------------------------------------------------------------ training hooks
     @staticmethod

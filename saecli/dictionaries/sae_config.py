@@ -14,10 +14,14 @@ from saecli.config.dictionary import DictionaryConfig, register_config
 @register_config("sae")
 @dataclass
 class SAEConfig(DictionaryConfig):
-    hook_point: str | None = opt(None, help="hook point read and reconstructed (default: the first of activations.hook_points)")
+    hook_point: str | None = opt(
+        None, help="hook point read and reconstructed (default: the first of activations.hook_points)"
+    )
     matryoshka_prefixes: list[int] | None = opt(
-        None, help="Matryoshka SAE (Bussmann et al. 2025): nested dictionary sizes, e.g. [256, 1024]; the loss is the "
-        "mean of the reconstruction losses of latents [0, p) for each p and d_sae (topk/batchtopk)")
+        None,
+        help="Matryoshka SAE (Bussmann et al. 2025): nested dictionary sizes, e.g. [256, 1024]; the loss is the "
+        "mean of the reconstruction losses of latents [0, p) for each p and d_sae (topk/batchtopk)",
+    )
 
     def validate(self) -> None:
         super().validate()

@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from saecli.dictionaries.sae import SparseAutoEncoder
 
 
-def sharded_loss(sae: SparseAutoEncoder, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, shard: LatentShard) -> LossOutput:
+def sharded_loss(
+    sae: SparseAutoEncoder, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, shard: LatentShard
+) -> LossOutput:
     """LossOutput of one step; `feature_acts` are this rank's columns [N, d_local] (dense, or sparse CSR
     on the sparse path)."""
     if _sparse_ok(sae, x, ctx):
@@ -62,12 +64,21 @@ def sharded_loss(sae: SparseAutoEncoder, x: torch.Tensor, y: torch.Tensor, ctx: 
             raise ValueError("sparsity_loss_type 'l0' needs activation = 'jumprelu'")
         add("sparsity", ctx.l1_coefficient, shard.reduce(L.jumprelu_l0(h, theta, sae.activation.bandwidth, gate)))
     elif kind != "none":
-        add("sparsity", ctx.l1_coefficient, shard.reduce(L.sparsity_penalty(
-            kind, f, pen_norms, p=ctx.p, c=ctx.tanh_stretch_coefficient, frequency_scale=ctx.frequency_scale)))
+        add(
+            "sparsity",
+            ctx.l1_coefficient,
+            shard.reduce(
+                L.sparsity_penalty(
+                    kind, f, pen_norms, p=ctx.p, c=ctx.tanh_stretch_coefficient, frequency_scale=ctx.frequency_scale
+                )
+            ),
+        )
     if act in ("topk", "batchtopk") and ctx.auxk_coefficient > 0 and ctx.dead_mask is not None:
-        add("aux", ctx.auxk_coefficient,
-            shard.auxk(h, ctx.dead_mask, int(ctx.k_aux or sae.d_model // 2), y - recon,
-                       L.gather_decode(w_dec), gate))
+        add(
+            "aux",
+            ctx.auxk_coefficient,
+            shard.auxk(h, ctx.dead_mask, int(ctx.k_aux or sae.d_model // 2), y - recon, L.gather_decode(w_dec), gate),
+        )
     if act == "jumprelu" and ctx.lp_coefficient > 0:
         add("lp", ctx.lp_coefficient, shard.reduce(L.jumprelu_preact_loss(h, theta, pen_norms, gated=sae.gated)))
     if act == "batchtopk":
@@ -79,13 +90,21 @@ def sharded_loss(sae: SparseAutoEncoder, x: torch.Tensor, y: torch.Tensor, ctx: 
 
 def _sparse_ok(sae: SparseAutoEncoder, x: torch.Tensor, ctx: StepContext) -> bool:
     """TopK/BatchTopK training steps take the sparse path (as the unsharded SAE's "topk-sparse")."""
-    return (sae.cfg.activation in ("topk", "batchtopk") and bool(getattr(sae.cfg, "sparse_kernels", True))
-            and bool(ctx.training) and torch.is_grad_enabled() and x.dim() == 2 and x.shape[0] > 0
-            and (ctx.sparsity_loss_type or "none") != "l0" and not torch.is_autocast_enabled(x.device.type))
+    return (
+        sae.cfg.activation in ("topk", "batchtopk")
+        and bool(getattr(sae.cfg, "sparse_kernels", True))
+        and bool(ctx.training)
+        and torch.is_grad_enabled()
+        and x.dim() == 2
+        and x.shape[0] > 0
+        and (ctx.sparsity_loss_type or "none") != "l0"
+        and not torch.is_autocast_enabled(x.device.type)
+    )
 
 
-def _sparse_loss(sae: SparseAutoEncoder, x: torch.Tensor, y: torch.Tensor, ctx: StepContext,
-                 shard: LatentShard) -> LossOutput:
+def _sparse_loss(
+    sae: SparseAutoEncoder, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, shard: LatentShard
+) -> LossOutput:
     """The TopK/BatchTopK step on the sparse kernels: the encoder product without gradient (for the global
     selection), then only the selected (and AuxK's) pre-activations, differentiably, through
     `kernels.gather_pre`, and the decoder's partial sums through `kernels.sparse_decode` — per rank the
@@ -120,9 +139,17 @@ def _sparse_loss(sae: SparseAutoEncoder, x: torch.Tensor, y: torch.Tensor, ctx: 
     kind = ctx.sparsity_loss_type or "none"
     if kind != "none":
         pen_norms = norms if sae.cfg.sparsity_include_decoder_norm else None
-        pen = shard.reduce(L.sparsity_penalty(kind, f, pen_norms, p=ctx.p, c=ctx.tanh_stretch_coefficient,
-                                              frequency_scale=ctx.frequency_scale,
-                                              active=L.Active(pattern.col.long(), n_tok, d_local)))
+        pen = shard.reduce(
+            L.sparsity_penalty(
+                kind,
+                f,
+                pen_norms,
+                p=ctx.p,
+                c=ctx.tanh_stretch_coefficient,
+                frequency_scale=ctx.frequency_scale,
+                active=L.Active(pattern.col.long(), n_tok, d_local),
+            )
+        )
         terms["sparsity"] = ctx.l1_coefficient * pen
         extra["raw/sparsity"] = pen.detach()
         loss = loss + terms["sparsity"]
@@ -131,8 +158,9 @@ def _sparse_loss(sae: SparseAutoEncoder, x: torch.Tensor, y: torch.Tensor, ctx: 
         chosen = shard.auxk_select(h0, ctx.dead_mask, int(ctx.k_aux or sae.d_model // 2), gate)
     if chosen is not None:
         aux_pattern, acts = active(shard.scatter_mask(*chosen, d_local), h0)
-        aux = L.normalized_residual_loss(shard.reduce(kernels.sparse_decode(acts, aux_pattern, w_dec)),
-                                         (y - recon).detach())
+        aux = L.normalized_residual_loss(
+            shard.reduce(kernels.sparse_decode(acts, aux_pattern, w_dec)), (y - recon).detach()
+        )
         terms["aux"] = ctx.auxk_coefficient * aux
         extra["raw/aux"] = aux.detach()
         loss = loss + terms["aux"]

@@ -133,7 +133,7 @@ class LatentShard:
     def own(self, t: torch.Tensor) -> torch.Tensor:
         """The local slice [..., blocks·d_local] of a global per-latent tensor [..., blocks·d_sae]."""
         lead = t.shape[:-1]
-        blocked = t.reshape(*lead, self.blocks, self.d_sae)[..., self.offset: self.offset + self.d_local]
+        blocked = t.reshape(*lead, self.blocks, self.d_sae)[..., self.offset : self.offset + self.d_local]
         return blocked.reshape(*lead, self.blocks * self.d_local)
 
     def to_global(self, local_idx: torch.Tensor) -> torch.Tensor:
@@ -191,8 +191,9 @@ class LatentShard:
         return keep.view(n, d_local), smallest
 
     # ------------------------------------------------------------------ the activation
-    def select(self, activation: SparseActivation, h: torch.Tensor, gate: torch.Tensor | None,
-               k: int | None, training: bool) -> torch.Tensor:
+    def select(
+        self, activation: SparseActivation, h: torch.Tensor, gate: torch.Tensor | None, k: int | None, training: bool
+    ) -> torch.Tensor:
         """`activation(h, gate, k, training)` on this rank's columns h [N, d_local] with the global
         selection; `gate` [d_local] (detached decoder norms) or None. Same values as the unsharded
         activation at this rank's latents."""
@@ -215,8 +216,9 @@ class LatentShard:
         return torch.where(keep, torch.relu(h), torch.zeros((), dtype=h.dtype, device=h.device))
 
     # ------------------------------------------------------------------ AuxK
-    def auxk_select(self, h: torch.Tensor, dead_mask: torch.Tensor, k_aux: int, gate: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def auxk_select(
+        self, h: torch.Tensor, dead_mask: torch.Tensor, k_aux: int, gate: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per row the global top-min(k_aux, #dead) DEAD latents by (gated) pre-activation `h` [N,
         blocks·d_local] (this rank's columns), as (is this rank's, local index) [N, k]; None when none is
         dead. `dead_mask` is the GLOBAL [blocks·d_sae] mask; ranks hold different numbers of dead latents,
@@ -236,8 +238,15 @@ class LatentShard:
         _, g = self.topk_rows_from(v, gidx, k)
         return self.mine(g)
 
-    def auxk(self, h: torch.Tensor, dead_mask: torch.Tensor, k_aux: int, residual: torch.Tensor,
-             decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], gate: torch.Tensor | None) -> torch.Tensor:
+    def auxk(
+        self,
+        h: torch.Tensor,
+        dead_mask: torch.Tensor,
+        k_aux: int,
+        residual: torch.Tensor,
+        decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        gate: torch.Tensor | None,
+    ) -> torch.Tensor:
         """`losses.auxk_loss` with the dead latents spread over ranks: `auxk_select` on `h` (with grad),
         the chosen latents' ReLU'd pre-activations decoded by `decode(values, local ids)` [N, k] → [N, d]
         (this rank's part of the decoder, no bias; e.g. `losses.gather_decode(w_dec_local)`), summed over
@@ -254,8 +263,9 @@ class LatentShard:
         hits = torch.zeros(ok.shape[0], n_cols, dtype=torch.int32, device=ok.device)
         return hits.scatter_add_(-1, lidx, ok.to(torch.int32)) > 0
 
-    def topk_rows_from(self, values: torch.Tensor, gidx: torch.Tensor, k: int, ordered: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk_rows_from(
+        self, values: torch.Tensor, gidx: torch.Tensor, k: int, ordered: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The global top-k of candidates already chosen per rank: (values, global indices) [N, k]."""
         v_all, i_all = self._gather_candidates(values, gidx)
         top_v, j = torch.topk(v_all, min(k, v_all.shape[-1]), dim=-1, sorted=ordered)

@@ -68,8 +68,13 @@ class Transcoder(SparseAutoEncoder):
         w = local(self.W_skip)  # replicated over tensor-parallel ranks
         return x.to(w.dtype) @ w
 
-    def loss(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ctx: StepContext,
-             mask: torch.Tensor | None = None) -> LossOutput:
+    def loss(
+        self,
+        inputs: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        ctx: StepContext,
+        mask: torch.Tensor | None = None,
+    ) -> LossOutput:
         s = self.skip(inputs[self.in_hook])
         if s is None:
             return super().loss(inputs, targets, ctx, mask)
@@ -79,8 +84,9 @@ class Transcoder(SparseAutoEncoder):
         out.target = {self.out_hook: y}
         return out
 
-    def decode_hooks(self, feature_acts: torch.Tensor,
-                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def decode_hooks(
+        self, feature_acts: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """f W_dec + b_dec, plus the skip x W_skip when the normalised `inputs` are given."""
         y = super().decode_hooks(feature_acts)[self.out_hook]
         s = None if inputs is None else self.skip(inputs[self.in_hook])
@@ -107,7 +113,9 @@ class Transcoder(SparseAutoEncoder):
         return self.cfg.initialize_tc_with_mlp
 
     @torch.no_grad()
-    def init_from_model(self, lm: LanguageModel | None, raw_batches: list[dict[str, torch.Tensor]], chunk: int = 1024) -> None:
+    def init_from_model(
+        self, lm: LanguageModel | None, raw_batches: list[dict[str, torch.Tensor]], chunk: int = 1024
+    ) -> None:
         """Set decoder rows from the MLP this transcoder replaces (see the module docstring).
 
         `raw_batches`: a few batches of RAW activations (as the stream yields them); only the input
@@ -119,9 +127,11 @@ class Transcoder(SparseAutoEncoder):
 
         point = parse_hook(self.in_hook)
         if point.site != "ln2.hook_normalized":
-            raise UsageError(f"sae.initialize_tc_with_mlp probes the MLP with the transcoder's input, so "
-                             f"hook_point_in must be what the MLP reads, blocks.L.ln2.hook_normalized; "
-                             f"found {self.in_hook!r}")
+            raise UsageError(
+                f"sae.initialize_tc_with_mlp probes the MLP with the transcoder's input, so "
+                f"hook_point_in must be what the MLP reads, blocks.L.ln2.hook_normalized; "
+                f"found {self.in_hook!r}"
+            )
         layer = self.cfg.mlp_layer if self.cfg.mlp_layer is not None else point.layer
         mlp = get_mlp(lm, layer)
         post, _ = site_module(lm, HookPoint(layer, "hook_mlp_out"))  # a post-MLP norm where the family has one

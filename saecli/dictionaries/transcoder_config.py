@@ -16,16 +16,22 @@ class TranscoderConfig(DictionaryConfig):
     """Reads one hook point, reconstructs another (an MLP's input → its output)."""
 
     hook_point_in: str | None = opt(
-        None, help="hook point read (default: the first of activations.hook_points), e.g. blocks.3.ln2.hook_normalized")
+        None, help="hook point read (default: the first of activations.hook_points), e.g. blocks.3.ln2.hook_normalized"
+    )
     hook_point_out: str | None = opt(
-        None, help="hook point reconstructed (default: the second of activations.hook_points), e.g. blocks.3.hook_mlp_out")
+        None,
+        help="hook point reconstructed (default: the second of activations.hook_points), e.g. blocks.3.hook_mlp_out",
+    )
     skip_connection: bool = opt(False, help="add a learned linear skip x·W_skip (zero-initialised): a skip transcoder")
     initialize_tc_with_mlp: bool = opt(
-        False, help="set decoder rows from the model's MLP probed along each encoder direction (needs [model])")
+        False, help="set decoder rows from the model's MLP probed along each encoder direction (needs [model])"
+    )
     mlp_layer: int | None = opt(None, help="layer whose MLP initialises the decoder (default: hook_point_in's layer)")
     sparsity_include_decoder_norm: bool = opt(
-        False, help="rank/weight latents by decoder row norms; off for transcoders, whose decoder starts at zero "
-        "(init.decoder_init_norm; SmolLM2 layer-12 MLP: dead 16 % gated vs 14 % ungated, same EV)")
+        False,
+        help="rank/weight latents by decoder row norms; off for transcoders, whose decoder starts at zero "
+        "(init.decoder_init_norm; SmolLM2 layer-12 MLP: dead 16 % gated vs 14 % ungated, same EV)",
+    )
 
     def check_stream_hooks(self, listed: list[str]) -> None:
         super().check_stream_hooks(listed)
@@ -34,10 +40,12 @@ class TranscoderConfig(DictionaryConfig):
     def validate(self) -> None:
         super().validate()
         if self.apply_decoder_bias_to_pre_encoder:
-            raise bad("apply_decoder_bias_to_pre_encoder",
-                      "a transcoder's decoder bias lives in the output space; it cannot be subtracted from the input")
+            raise bad(
+                "apply_decoder_bias_to_pre_encoder",
+                "a transcoder's decoder bias lives in the output space; it cannot be subtracted from the input",
+            )
         if self.hook_point_in is not None and self.hook_point_in == self.hook_point_out:
-            raise bad("hook_point_out", "equals hook_point_in: use kind = \"sae\" to reconstruct the input")
+            raise bad("hook_point_out", 'equals hook_point_in: use kind = "sae" to reconstruct the input')
         check_output_scaling(self)
         if self.mlp_layer is not None and self.mlp_layer < 0:
             raise bad("mlp_layer", f"must be >= 0, found {self.mlp_layer}")

@@ -28,9 +28,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _spmm_kernel(crow_ptr, col_ptr, val_ptr, perm_ptr, b_ptr, ldb, bias_ptr, out_ptr, ldo, rowsum_ptr, d,
-                 HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROWSUM: tl.constexpr,
-                 BLOCK_NNZ: tl.constexpr, BLOCK_D: tl.constexpr):
+def _spmm_kernel(
+    crow_ptr,
+    col_ptr,
+    val_ptr,
+    perm_ptr,
+    b_ptr,
+    ldb,
+    bias_ptr,
+    out_ptr,
+    ldo,
+    rowsum_ptr,
+    d,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ROWSUM: tl.constexpr,
+    BLOCK_NNZ: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     dblk = tl.program_id(1)
     offs_d = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -48,8 +63,9 @@ def _spmm_kernel(crow_ptr, col_ptr, val_ptr, perm_ptr, b_ptr, ldb, bias_ptr, out
         else:
             src = p
         v = tl.load(val_ptr + src, mask=pmask, other=0.0).to(tl.float32)
-        tile = tl.load(b_ptr + cols[:, None] * ldb + offs_d[None, :], mask=pmask[:, None] & dmask[None, :],
-                       other=0.0).to(tl.float32)
+        tile = tl.load(
+            b_ptr + cols[:, None] * ldb + offs_d[None, :], mask=pmask[:, None] & dmask[None, :], other=0.0
+        ).to(tl.float32)
         acc += tl.sum(tile * v[:, None], axis=0)
         rs += v
     if HAS_BIAS:
@@ -61,8 +77,9 @@ def _spmm_kernel(crow_ptr, col_ptr, val_ptr, perm_ptr, b_ptr, ldb, bias_ptr, out
 
 
 @triton.jit
-def _sddmm_kernel(crow_ptr, col_ptr, a_ptr, lda, b_ptr, ldb, out_ptr, d,
-                  BLOCK_NNZ: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sddmm_kernel(
+    crow_ptr, col_ptr, a_ptr, lda, b_ptr, ldb, out_ptr, d, BLOCK_NNZ: tl.constexpr, BLOCK_D: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     start = tl.load(crow_ptr + row).to(tl.int64)
     end = tl.load(crow_ptr + row + 1).to(tl.int64)
@@ -75,8 +92,9 @@ def _sddmm_kernel(crow_ptr, col_ptr, a_ptr, lda, b_ptr, ldb, out_ptr, d,
             offs_d = d0 + tl.arange(0, BLOCK_D)
             dmask = offs_d < d
             a = tl.load(a_ptr + row * lda + offs_d, mask=dmask, other=0.0).to(tl.float32)
-            tile = tl.load(b_ptr + cols[:, None] * ldb + offs_d[None, :], mask=pmask[:, None] & dmask[None, :],
-                           other=0.0).to(tl.float32)
+            tile = tl.load(
+                b_ptr + cols[:, None] * ldb + offs_d[None, :], mask=pmask[:, None] & dmask[None, :], other=0.0
+            ).to(tl.float32)
             acc += tl.sum(tile * a[None, :], axis=1)
         tl.store(out_ptr + p, acc, mask=pmask)
 
@@ -93,9 +111,15 @@ def _block_d(d: int) -> int:
 BLOCK_NNZ = 16
 
 
-def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, B: torch.Tensor,
-         perm: torch.Tensor | None = None, bias: torch.Tensor | None = None, rowsum: bool = False
-         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def spmm(
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    B: torch.Tensor,
+    perm: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    rowsum: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(bias + CSR(values[perm]) @ B  [n_rows, d] float32, the per-row sums of the values or None).
     B (and bias) may be bf16/fp16/fp32; values any float dtype; accumulation in float32."""
     B = _rows(B)
@@ -110,10 +134,23 @@ def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, B: torch.T
     bd = _block_d(d)
     dummy = out  # pointer placeholder for the absent optional operands (never read)
     _spmm_kernel[(n_rows, triton.cdiv(d, bd))](
-        crow, col, values, dummy if perm is None else perm, B, B.stride(0),
-        dummy if bias is None else bias.contiguous(), out, out.stride(0), dummy if sums is None else sums, d,
-        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, HAS_ROWSUM=rowsum,
-        BLOCK_NNZ=BLOCK_NNZ, BLOCK_D=bd)
+        crow,
+        col,
+        values,
+        dummy if perm is None else perm,
+        B,
+        B.stride(0),
+        dummy if bias is None else bias.contiguous(),
+        out,
+        out.stride(0),
+        dummy if sums is None else sums,
+        d,
+        HAS_PERM=perm is not None,
+        HAS_BIAS=bias is not None,
+        HAS_ROWSUM=rowsum,
+        BLOCK_NNZ=BLOCK_NNZ,
+        BLOCK_D=bd,
+    )
     return out, sums
 
 
@@ -124,6 +161,7 @@ def sddmm(crow: torch.Tensor, col: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     n_rows = crow.numel() - 1
     if n_rows == 0 or col.numel() == 0:
         return out.zero_()
-    _sddmm_kernel[(n_rows,)](crow, col, A, A.stride(0), B, B.stride(0), out, A.shape[1],
-                             BLOCK_NNZ=BLOCK_NNZ, BLOCK_D=_block_d(A.shape[1]))
+    _sddmm_kernel[(n_rows,)](
+        crow, col, A, A.stride(0), B, B.stride(0), out, A.shape[1], BLOCK_NNZ=BLOCK_NNZ, BLOCK_D=_block_d(A.shape[1])
+    )
     return out

@@ -52,10 +52,25 @@ LATENTS_FILE = "eval_latents.safetensors"
 
 # the rows of the terminal table, in order (present ones only)
 _TABLE = (
-    "n_tokens", "explained_variance", "fvu", "mse", "cosine_similarity", "relative_reconstruction_bias",
-    "l0", "l1", "n_dead", "n_almost_dead", "n_dense", "ce_loss_clean", "ce_loss_spliced",
-    "ce_loss_zero_ablation", "ce_loss_mean_ablation", "loss_recovered", "loss_recovered_mean_ablation",
-    "kl_div_spliced", "kl_div_score",
+    "n_tokens",
+    "explained_variance",
+    "fvu",
+    "mse",
+    "cosine_similarity",
+    "relative_reconstruction_bias",
+    "l0",
+    "l1",
+    "n_dead",
+    "n_almost_dead",
+    "n_dense",
+    "ce_loss_clean",
+    "ce_loss_spliced",
+    "ce_loss_zero_ablation",
+    "ce_loss_mean_ablation",
+    "loss_recovered",
+    "loss_recovered_mean_ablation",
+    "kl_div_spliced",
+    "kl_div_score",
 )
 
 
@@ -83,8 +98,9 @@ def _dtype(dictionary: Dictionary) -> torch.dtype:
 
 
 @torch.no_grad()
-def reconstruction_metrics(dictionary: Dictionary, batches: Iterator[Any], total_tokens: int,
-                           thresholds: Thresholds) -> EvalAccumulator:
+def reconstruction_metrics(
+    dictionary: Dictionary, batches: Iterator[Any], total_tokens: int, thresholds: Thresholds
+) -> EvalAccumulator:
     """Stream batches through the dictionary until `total_tokens` counted tokens; return the sums.
 
     Token batches are cut at exactly `total_tokens`; context batches (kinds that need whole contexts)
@@ -120,9 +136,11 @@ def reconstruction_metrics(dictionary: Dictionary, batches: Iterator[Any], total
             acc.update(targets, recons, f)
             bar.advance(acc.n_tokens - before)
     if acc.n_tokens == 0:
-        raise UsageError("the held-out activation stream gave no tokens to evaluate on: did training read every "
-                         "document? Hold text out (dataset.max_documents for training), or set eval.skip_documents "
-                         "or eval.cache_dir")
+        raise UsageError(
+            "the held-out activation stream gave no tokens to evaluate on: did training read every "
+            "document? Hold text out (dataset.max_documents for training), or set eval.skip_documents "
+            "or eval.cache_dir"
+        )
     return acc
 
 
@@ -150,8 +168,13 @@ def _splice(exp: Experiment, lm: LanguageModel, dictionary: Dictionary, held: He
         return None
     total = sum(int(t.shape[0]) for t, _ in batches)
     with ui.progress("splice (CE/KL)", total=total, unit="contexts") as bar:
-        result = splice_eval(lm, dictionary, batches, on_batch=lambda part: bar.advance(part.n_contexts),
-                             min_gap=exp.eval.loss_recovered_min_gap)
+        result = splice_eval(
+            lm,
+            dictionary,
+            batches,
+            on_batch=lambda part: bar.advance(part.n_contexts),
+            min_gap=exp.eval.loss_recovered_min_gap,
+        )
     for key in ("loss_recovered_undefined", "loss_recovered_mean_ablation_undefined"):
         if key in result:
             ui.warn(f"{key.removesuffix('_undefined')} is undefined: {result[key]}")
@@ -173,9 +196,14 @@ def _store_update(exp: Experiment, sae_path: Path, metrics: dict) -> None:
         try:
             name = exp.run.name
             if store.get_sae(name) is None:
-                store.put_sae(name, path=str(sae_path.resolve()), cfg=experiment_dict(exp),
-                              model_name=exp.model.name if exp.model is not None else None,
-                              dataset_name=exp.dataset.path, metrics={"eval": metrics})
+                store.put_sae(
+                    name,
+                    path=str(sae_path.resolve()),
+                    cfg=experiment_dict(exp),
+                    model_name=exp.model.name if exp.model is not None else None,
+                    dataset_name=exp.dataset.path,
+                    metrics={"eval": metrics},
+                )
             else:
                 store.update_sae_metrics(name, "default", {"eval": metrics})
         finally:
@@ -184,8 +212,10 @@ def _store_update(exp: Experiment, sae_path: Path, metrics: dict) -> None:
 
         ui.info(f"recorded the eval of {name} in {describe(exp.store)}")
     except Exception as exc:  # the store is a convenience: eval.json already holds everything
-        ui.warn(f"could not record the eval of {exp.run.name} in the {exp.store.backend} store ({exc}); "
-                f"the results are in {sae_path / EVAL_FILE} (record them later with `saecli record {sae_path}`)")
+        ui.warn(
+            f"could not record the eval of {exp.run.name} in the {exp.store.backend} store ({exc}); "
+            f"the results are in {sae_path / EVAL_FILE} (record them later with `saecli record {sae_path}`)"
+        )
 
 
 def _write_latents(path: Path, per_latent: dict[str, torch.Tensor]) -> None:
@@ -197,8 +227,14 @@ def _write_latents(path: Path, per_latent: dict[str, torch.Tensor]) -> None:
     write_with(path, lambda p: save_file(tensors, str(p), metadata={"format": "saecli-eval-latents"}))
 
 
-def evaluate(exp: Experiment, sae_path: str | Path | None = None, *, run_folder: str | Path | None = None,
-             show: bool = True, lm: LanguageModel | None = None) -> dict:
+def evaluate(
+    exp: Experiment,
+    sae_path: str | Path | None = None,
+    *,
+    run_folder: str | Path | None = None,
+    show: bool = True,
+    lm: LanguageModel | None = None,
+) -> dict:
     """Evaluate the dictionary at `sae_path` (default: eval.sae_path, else run.output_dir) on held-out data.
 
     `run_folder` is where the training run's summary.json/checkpoints are (default: the dictionary's
@@ -240,8 +276,14 @@ def evaluate(exp: Experiment, sae_path: str | Path | None = None, *, run_folder:
     ui.info(f"evaluating {folder} ({dictionary.kind}, {dictionary.d_sae} latents) on {where}")
 
     hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
-    stream = open_stream(held.exp, purpose="eval", contexts=dictionary.needs_context, hook_points=hooks,
-                         skip_documents=held.skip_documents if held.source == "live" else None, lm=lms or lm)
+    stream = open_stream(
+        held.exp,
+        purpose="eval",
+        contexts=dictionary.needs_context,
+        hook_points=hooks,
+        skip_documents=held.skip_documents if held.source == "live" else None,
+        lm=lms or lm,
+    )
     ev = exp.eval
     thresholds = Thresholds(ev.dead_threshold, ev.almost_dead_threshold, ev.dense_threshold)
     try:
@@ -251,17 +293,23 @@ def evaluate(exp: Experiment, sae_path: str | Path | None = None, *, run_folder:
     recon = acc.result()
     outliers = stream.dropped_tokens
     if outliers:
-        ui.info(f"{outliers:,} massive-activation tokens left out (activations.max_norm_ratio = "
-                f"{need_activations(held.exp).max_norm_ratio:g}; 0 keeps them)")
+        ui.info(
+            f"{outliers:,} massive-activation tokens left out (activations.max_norm_ratio = "
+            f"{need_activations(held.exp).max_norm_ratio:g}; 0 keeps them)"
+        )
     if acc.n_tokens < ev.total_eval_tokens:
-        ui.warn(f"the held-out data ran out after {acc.n_tokens:,} of eval.total_eval_tokens = {ev.total_eval_tokens:,} tokens")
+        ui.warn(
+            f"the held-out data ran out after {acc.n_tokens:,} of eval.total_eval_tokens = {ev.total_eval_tokens:,} tokens"
+        )
 
     splice = None
     if ev.ce_loss and lm is not None:
         splice = _splice(exp, lm, dictionary, held)
     elif ev.ce_loss and exp.models:
-        ui.info("several models: the CE/KL splice is skipped (a reconstruction of one model's hook reads every "
-                "model's activations); see the per-model numbers (model_diff)")
+        ui.info(
+            "several models: the CE/KL splice is skipped (a reconstruction of one model's hook reads every "
+            "model's activations); see the per-model numbers (model_diff)"
+        )
     elif ev.ce_loss:
         ui.info("no model configured: the CE/KL splice evaluation is skipped")
 
@@ -298,8 +346,13 @@ def evaluate(exp: Experiment, sae_path: str | Path | None = None, *, run_folder:
         show_density(hist)
         ui.table(f"eval of {folder}", {k: metrics[k] for k in _TABLE if k in metrics})
         if result["per_hook"]:
-            ui.table("per out hook", [{"hook": h, **{k: m[k] for k in ("explained_variance", "mse", "cosine_similarity")}}
-                                      for h, m in result["per_hook"].items()])
+            ui.table(
+                "per out hook",
+                [
+                    {"hook": h, **{k: m[k] for k in ("explained_variance", "mse", "cosine_similarity")}}
+                    for h, m in result["per_hook"].items()
+                ],
+            )
         if diff:
             show_model_diff(diff)
     return result

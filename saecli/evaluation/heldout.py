@@ -101,8 +101,9 @@ def live_documents_consumed(exp: Experiment, lm: LanguageModel, tokens: int, wor
         model_cfg = exp.model
         if model_cfg is None and exp.models:  # several models: the first one packs the text
             model_cfg = next(iter(exp.models.values()))
-        stream = LiveStream(lm, exp.dataset, need_activations(exp), rank=rank, world_size=world_size,
-                            model_cfg=model_cfg)
+        stream = LiveStream(
+            lm, exp.dataset, need_activations(exp), rank=rank, world_size=world_size, model_cfg=model_cfg
+        )
         seen = 0
         docs = iter_documents(exp.dataset, rank, world_size)
         for ctx in stream.packer.contexts(docs, stream.window_contexts):
@@ -157,8 +158,10 @@ def plan_heldout(exp: Experiment, run_folder: Path | None, lm: LanguageModel | N
             end, exhausted = live_documents_consumed(exp, lm, tokens, _training_world_size(run_folder))
             training, how = (start, end), f"re-packing the text for {what}"
             if exhausted:
-                notes.append("training read every document of the dataset (it looped over the text): "
-                             "no held-out text remains in it")
+                notes.append(
+                    "training read every document of the dataset (it looped over the text): "
+                    "no held-out text remains in it"
+                )
 
     if ev.cache_dir:
         eval_text, e_start, e_end = _cache_range(ev.cache_dir)
@@ -166,8 +169,10 @@ def plan_heldout(exp: Experiment, run_folder: Path | None, lm: LanguageModel | N
         if Path(ev.cache_dir).resolve() == Path(acts.cache_dir or "\0").resolve():
             overlap = f"eval.cache_dir is the training cache ({ev.cache_dir})"
         elif training and _same_text(eval_text, train_text) and e_start < training[1] and training[0] < e_end:
-            overlap = (f"the eval cache holds documents [{e_start}, {e_end}) and training read "
-                       f"[{training[0]}, {training[1]}) of the same text")
+            overlap = (
+                f"the eval cache holds documents [{e_start}, {e_end}) and training read "
+                f"[{training[0]}, {training[1]}) of the same text"
+            )
         use = _with_activations(exp, cache_dir=ev.cache_dir, source="cache")
         skip = ev.skip_documents if ev.skip_documents is not None else (training[1] if training else None)
         return HeldOut(use, "cache", skip, training, how, overlap, notes)
@@ -176,16 +181,19 @@ def plan_heldout(exp: Experiment, run_folder: Path | None, lm: LanguageModel | N
         skip = ev.skip_documents if ev.skip_documents is not None else (training[1] if training else None)
         overlap = None
         if training and skip is not None and skip < training[1] and _same_text(to_dict(exp.dataset), train_text):
-            overlap = (f"the eval text starts at document {skip} but training read documents "
-                       f"[{training[0]}, {training[1]})")
+            overlap = (
+                f"the eval text starts at document {skip} but training read documents [{training[0]}, {training[1]})"
+            )
         elif skip is None:
             overlap = "the documents training read are unknown (set eval.skip_documents)"
         if notes and overlap is None:
             overlap = notes[0]
         return HeldOut(_with_activations(exp, source="live"), "live", skip, training, how, overlap, notes)
 
-    overlap = (f"no [model] to compute held-out activations and no eval.cache_dir: evaluating on the training "
-               f"cache {acts.cache_dir}")
+    overlap = (
+        f"no [model] to compute held-out activations and no eval.cache_dir: evaluating on the training "
+        f"cache {acts.cache_dir}"
+    )
     return HeldOut(exp, "cache", None, training, how, overlap, notes)
 
 

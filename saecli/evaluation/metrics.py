@@ -217,8 +217,12 @@ class EvalAccumulator:
         self.latents = LatentStats()
 
     @torch.no_grad()
-    def update(self, targets: Mapping[str, torch.Tensor], reconstructions: Mapping[str, torch.Tensor],
-               feature_acts: torch.Tensor) -> None:
+    def update(
+        self,
+        targets: Mapping[str, torch.Tensor],
+        reconstructions: Mapping[str, torch.Tensor],
+        feature_acts: torch.Tensor,
+    ) -> None:
         xs = [targets[h] for h in self.out_hooks]
         ys = [reconstructions[h] for h in self.out_hooks]
         for h, x, y in zip(self.out_hooks, xs, ys):

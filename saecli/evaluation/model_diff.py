@@ -44,8 +44,11 @@ def model_diff_report(dictionary: Dictionary, per_hook: dict[str, dict[str, Any]
     heads = {label: [dictionary.heads[i] for i in idx] for label, idx in groups.items()}
     ev: dict[str, float | None] = {}
     for label, names in heads.items():
-        values = [per_hook[h]["explained_variance"] for h in names
-                  if h in per_hook and per_hook[h].get("explained_variance") is not None]
+        values = [
+            per_hook[h]["explained_variance"]
+            for h in names
+            if h in per_hook and per_hook[h].get("explained_variance") is not None
+        ]
         ev[label] = sum(values) / len(values) if values else None
     report: dict[str, Any] = {
         "models": labels,
@@ -61,9 +64,11 @@ def model_diff_report(dictionary: Dictionary, per_hook: dict[str, dict[str, Any]
         tally = dict.fromkeys(names, 0)
         for x in r.tolist():
             tally[diff_label(x, labels[0], labels[1])] += 1
-        report.update(relative_decoder_norm={"edges": [round(float(e), 6) for e in edges],
-                                             "counts": [int(c) for c in counts]},
-                      labels=tally, exclusive_ratio=EXCLUSIVE_RATIO)
+        report.update(
+            relative_decoder_norm={"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]},
+            labels=tally,
+            exclusive_ratio=EXCLUSIVE_RATIO,
+        )
     return report
 
 
@@ -71,16 +76,24 @@ def show_model_diff(report: dict[str, Any]) -> None:
     """The per-model table, and for two models the relative-decoder-norm histogram, on the terminal."""
     from saecli import ui
 
-    rows = [{"model": label, "explained_variance": report["explained_variance"][label],
-             "mean decoder-norm share": report["norm_share_mean"][label]} for label in report["models"]]
+    rows = [
+        {
+            "model": label,
+            "explained_variance": report["explained_variance"][label],
+            "mean decoder-norm share": report["norm_share_mean"][label],
+        }
+        for label in report["models"]
+    ]
     ui.table("per model", rows)
     hist = report.get("relative_decoder_norm")
     if hist is None:
         return
     a, b = report["models"]
     peak = max(max(hist["counts"]), 1)
-    lines = [f"relative decoder norm ‖d_{b}‖/(‖d_{a}‖+‖d_{b}‖) of {sum(hist['counts']):,} latents "
-             f"(≤ {report['exclusive_ratio']:g}: {a}-only, ≥ {1 - report['exclusive_ratio']:g}: {b}-only)"]
+    lines = [
+        f"relative decoder norm ‖d_{b}‖/(‖d_{a}‖+‖d_{b}‖) of {sum(hist['counts']):,} latents "
+        f"(≤ {report['exclusive_ratio']:g}: {a}-only, ≥ {1 - report['exclusive_ratio']:g}: {b}-only)"
+    ]
     for lo, hi, c in zip(hist["edges"][:-1], hist["edges"][1:], hist["counts"]):
         lines.append(f"  [{lo:.2f}, {hi:.2f})  {c:6d}  {'█' * round(40 * c / peak)}")
     lines.append("  " + " · ".join(f"{k} {v:,}" for k, v in report["labels"].items()))

@@ -97,17 +97,25 @@ class SpliceSums:
         return out
 
 
-def recovered(clean: float, spliced: float, ablated: float, min_gap: float, what: str) -> tuple[float | None, str | None]:
+def recovered(
+    clean: float, spliced: float, ablated: float, min_gap: float, what: str
+) -> tuple[float | None, str | None]:
     """(CE_ablated − CE_spliced) / (CE_ablated − CE_clean), or (None, why) when the ablation barely moves the loss."""
     gap = ablated - clean
     if not (gap > 0 and gap >= min_gap):  # NaN too
-        return None, (f"{what}-ablating the hooks moves the CE loss by {gap:+.4g} nats (< {min_gap:g}, "
-                      "eval.loss_recovered_min_gap): the ratio would divide noise by noise")
+        return None, (
+            f"{what}-ablating the hooks moves the CE loss by {gap:+.4g} nats (< {min_gap:g}, "
+            "eval.loss_recovered_min_gap): the ratio would divide noise by noise"
+        )
     return (ablated - spliced) / gap, None
 
 
-def _forward(lm: LanguageModel, tokens: torch.Tensor, replacements: dict[str, Callable[[torch.Tensor], torch.Tensor]],
-             attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _forward(
+    lm: LanguageModel,
+    tokens: torch.Tensor,
+    replacements: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
     from saecli.lm import forward_with_replacements
 
     return forward_with_replacements(lm, tokens, replacements, attention_mask=attention_mask)
@@ -127,8 +135,9 @@ def counted_predictions(mask: torch.Tensor, attention_mask: torch.Tensor | None 
 
 
 @torch.no_grad()
-def reconstruct_hooks(dictionary: Dictionary, acts: dict[str, torch.Tensor],
-                      mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def reconstruct_hooks(
+    dictionary: Dictionary, acts: dict[str, torch.Tensor], mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Raw [B, T, d] activations → raw [B, T, d] reconstructions of the out hooks, for any kind.
 
     Token dictionaries see only the counted positions (`mask`; zeros elsewhere), so that BOS never
@@ -143,7 +152,9 @@ def reconstruct_hooks(dictionary: Dictionary, acts: dict[str, torch.Tensor],
     b, t = first.shape[:2]
     keep = (mask.reshape(-1) if mask is not None else torch.ones(b * t, dtype=torch.bool)).to(first.device)
     idx = keep.nonzero().squeeze(1)
-    flat = {h: a.reshape(b * t, a.shape[-1]).index_select(0, idx).to(device=device, dtype=dtype) for h, a in acts.items()}
+    flat = {
+        h: a.reshape(b * t, a.shape[-1]).index_select(0, idx).to(device=device, dtype=dtype) for h, a in acts.items()
+    }
     recon = dictionary.reconstruct(flat)
     out = {}
     for h, y in recon.items():
@@ -154,8 +165,13 @@ def reconstruct_hooks(dictionary: Dictionary, acts: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def splice_batch(lm: LanguageModel, dictionary: Dictionary, tokens: torch.Tensor, mask: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None) -> SpliceSums:
+def splice_batch(
+    lm: LanguageModel,
+    dictionary: Dictionary,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> SpliceSums:
     """The three forwards on one [B, T] batch of contexts; `mask` [B, T] marks counted positions."""
     hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
     captured: dict[str, torch.Tensor] = {}
@@ -214,9 +230,13 @@ def _masked_kl(logp_ref: torch.Tensor, logp: torch.Tensor, counted: torch.Tensor
     return float(kl.sum(dtype=torch.float64))
 
 
-def splice_eval(lm: LanguageModel, dictionary: Dictionary, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                on_batch: Callable[[SpliceSums], None] | None = None,
-                min_gap: float = MIN_ABLATION_GAP) -> dict[str, Any]:
+def splice_eval(
+    lm: LanguageModel,
+    dictionary: Dictionary,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    on_batch: Callable[[SpliceSums], None] | None = None,
+    min_gap: float = MIN_ABLATION_GAP,
+) -> dict[str, Any]:
     """Run `splice_batch` over (tokens [B, T], mask [B, T]) batches and return the averaged metrics."""
     total = SpliceSums()
     for tokens, mask in batches:

@@ -62,7 +62,8 @@ def _check(d: SparseAutoEncoder, c: Canonical, path: str | Path, key: str) -> No
         )
     if c.d_sae != d.d_sae:
         raise ConfigError(
-            f"{where} has {c.d_sae} latents, the experiment {d.d_sae}: set dictionary.d_sae = {c.d_sae}", key="dictionary.d_sae"
+            f"{where} has {c.d_sae} latents, the experiment {d.d_sae}: set dictionary.d_sae = {c.d_sae}",
+            key="dictionary.d_sae",
         )
     act = d.cfg.activation
     # BatchTopK at inference is a JumpReLU with one threshold (SAELens saves it so): either way round
@@ -71,7 +72,8 @@ def _check(d: SparseAutoEncoder, c: Canonical, path: str | Path, key: str) -> No
     if not ok:
         theirs = "batchtopk" if c.batchtopk else c.activation
         raise ConfigError(
-            f'{where} uses {theirs}, the experiment {act}: set dictionary.activation = "{theirs}"', key="dictionary.activation"
+            f'{where} uses {theirs}, the experiment {act}: set dictionary.activation = "{theirs}"',
+            key="dictionary.activation",
         )
     for mine, theirs in ((d.in_hook, c.hook_in), (d.out_hook, c.hook_out)):
         if mine.startswith("blocks.") and theirs.startswith("blocks.") and mine != theirs:
@@ -82,12 +84,17 @@ def _check(d: SparseAutoEncoder, c: Canonical, path: str | Path, key: str) -> No
     want = "token-wise" if c.norm == "token-wise" else ("none", "dataset-wise")
     if d.cfg.norm_activation not in want:
         raise ConfigError(
-            f"{where} scales its inputs {c.norm}, the experiment {d.cfg.norm_activation}", key="dictionary.norm_activation"
+            f"{where} scales its inputs {c.norm}, the experiment {d.cfg.norm_activation}",
+            key="dictionary.norm_activation",
         )
     if c.W_skip is not None and skip_matrix(d) is None:
-        raise ConfigError(f"{where} has a skip connection: set dictionary.skip_connection = true", key="dictionary.skip_connection")
+        raise ConfigError(
+            f"{where} has a skip connection: set dictionary.skip_connection = true", key="dictionary.skip_connection"
+        )
     if d.b_dec is None and bool(c.b_dec.abs().max() > 0):
-        raise ConfigError(f"{where} has a decoder bias: set dictionary.use_decoder_bias = true", key="dictionary.use_decoder_bias")
+        raise ConfigError(
+            f"{where} has a decoder bias: set dictionary.use_decoder_bias = true", key="dictionary.use_decoder_bias"
+        )
     if d.gated and c.activation == "topk":
         n = c.decoder_norms()
         if not torch.allclose(n, n.mean().expand_as(n), rtol=1e-3):

@@ -24,8 +24,9 @@ def _inputs(lm: LanguageModel, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 @torch.no_grad()
-def run_to_hooks(lm: LanguageModel, input_ids: torch.Tensor, hook_points: list[str],
-                 attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def run_to_hooks(
+    lm: LanguageModel, input_ids: torch.Tensor, hook_points: list[str], attention_mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """{hook: activation [B, T, d_model]} (model dtype and device, detached, contiguous, owned copies).
 
     No autograd graph is built (plain no_grad, not inference_mode, so a trainer may use the tensors as

@@ -41,8 +41,17 @@ if TYPE_CHECKING:
     from saecli.lm.loading import LanguageModel
 
 # Sites in forward order; a hook name is `blocks.{L}.{site}`.
-SITES: tuple[str, ...] = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_z", "hook_attn_out", "hook_resid_mid",
-                          "hook_mlp_in", "ln2.hook_normalized", "hook_mlp_out", "hook_resid_post")
+SITES: tuple[str, ...] = (
+    "hook_resid_pre",
+    "ln1.hook_normalized",
+    "attn.hook_z",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_in",
+    "ln2.hook_normalized",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
 # what each site holds, in a few words (`saecli hooks`, docs)
 SITE_HELP: dict[str, str] = {
     "hook_resid_pre": "block input (the residual stream)",
@@ -56,30 +65,31 @@ SITE_HELP: dict[str, str] = {
     "hook_resid_post": "block output",
 }
 # read as a module's input (forward pre-hook) rather than its output
-INPUT_SITES = frozenset({"hook_resid_pre", "ln1.hook_normalized", "attn.hook_z", "hook_resid_mid", "hook_mlp_in",
-                         "ln2.hook_normalized"})
+INPUT_SITES = frozenset(
+    {"hook_resid_pre", "ln1.hook_normalized", "attn.hook_z", "hook_resid_mid", "hook_mlp_in", "ln2.hook_normalized"}
+)
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.([a-z0-9_.]+)$")
 _FORMS = "\n".join(f"  blocks.{{L}}.{s}" for s in SITES)
 # TransformerLens names saecli does not serve → what to use instead ({L} is the layer)
 _NOT_SERVED = {
     "hook_attn_in": "TransformerLens' hook_attn_in is the block input copied once per head, before the norm; use "
-                    "blocks.{L}.hook_resid_pre (the same values, once) or blocks.{L}.ln1.hook_normalized (after the "
-                    "norm: what attention reads, and what saecli called hook_attn_in before)",
+    "blocks.{L}.hook_resid_pre (the same values, once) or blocks.{L}.ln1.hook_normalized (after the "
+    "norm: what attention reads, and what saecli called hook_attn_in before)",
     "hook_q_input": "per-head inputs are not served; use blocks.{L}.ln1.hook_normalized",
     "hook_k_input": "per-head inputs are not served; use blocks.{L}.ln1.hook_normalized",
     "hook_v_input": "per-head inputs are not served; use blocks.{L}.ln1.hook_normalized",
     "attn.hook_q": "per-head queries are not served; use blocks.{L}.attn.hook_z (each head's output) or "
-                   "blocks.{L}.ln1.hook_normalized (what attention reads)",
+    "blocks.{L}.ln1.hook_normalized (what attention reads)",
     "attn.hook_k": "per-head keys are not served; use blocks.{L}.attn.hook_z or blocks.{L}.ln1.hook_normalized",
     "attn.hook_v": "per-head values are not served; use blocks.{L}.attn.hook_z or blocks.{L}.ln1.hook_normalized",
     "attn.hook_pattern": "attention patterns are not served; use blocks.{L}.attn.hook_z",
     "attn.hook_attn_scores": "attention scores are not served; use blocks.{L}.attn.hook_z",
     "attn.hook_result": "per-head results are not served; use blocks.{L}.attn.hook_z (before W_O) or "
-                        "blocks.{L}.hook_attn_out (summed after W_O)",
+    "blocks.{L}.hook_attn_out (summed after W_O)",
     "mlp.hook_pre": "the MLP's hidden layer (d_mlp wide) is not served; use blocks.{L}.ln2.hook_normalized (its "
-                    "input) or blocks.{L}.hook_mlp_out (its output)",
+    "input) or blocks.{L}.hook_mlp_out (its output)",
     "mlp.hook_post": "the MLP's hidden layer (d_mlp wide) is not served; use blocks.{L}.ln2.hook_normalized (its "
-                     "input) or blocks.{L}.hook_mlp_out (its output)",
+    "input) or blocks.{L}.hook_mlp_out (its output)",
     "ln1.hook_scale": "norm scales are not served; use blocks.{L}.ln1.hook_normalized",
     "ln2.hook_scale": "norm scales are not served; use blocks.{L}.ln2.hook_normalized",
 }
@@ -96,10 +106,12 @@ def check_saved_hook_names(hooks: list[str], marker: str | None, where: str) -> 
     old = [h for h in hooks if h.endswith(".hook_mlp_in")]
     if marker != HOOK_NAMES and old:
         new = old[0][: -len("hook_mlp_in")] + "ln2.hook_normalized"
-        raise UsageError(f"{where} was saved when saecli's `hook_mlp_in` meant the MLP input after its norm, "
-                         f"which TransformerLens (and saecli now) call `ln2.hook_normalized`: regenerate it, or "
-                         f"rename {old[0]} to {new} in it (and in the run's config.toml) and add "
-                         f'"hook_names": "{HOOK_NAMES}"')
+        raise UsageError(
+            f"{where} was saved when saecli's `hook_mlp_in` meant the MLP input after its norm, "
+            f"which TransformerLens (and saecli now) call `ln2.hook_normalized`: regenerate it, or "
+            f"rename {old[0]} to {new} in it (and in the run's config.toml) and add "
+            f'"hook_names": "{HOOK_NAMES}"'
+        )
 
 
 @dataclass(frozen=True)
@@ -133,15 +145,18 @@ def parse_hook(name: str) -> HookPoint:
     """`"blocks.6.hook_resid_post"` → HookPoint(6, "hook_resid_post"); UsageError saying what to use instead."""
     m = _HOOK_RE.match(name.strip()) if isinstance(name, str) else None
     if m is not None and m.group(2) in _NOT_SERVED:
-        raise UsageError(f"`{name}` is not served by saecli: " + _NOT_SERVED[m.group(2)].replace("{L}", m.group(1)) + ".")
+        raise UsageError(
+            f"`{name}` is not served by saecli: " + _NOT_SERVED[m.group(2)].replace("{L}", m.group(1)) + "."
+        )
     if m is None or m.group(2) not in SITES:
         hint = ""
         if m is not None:
             close = difflib.get_close_matches(m.group(2), SITES, n=1)
             if close:
                 hint = f" Did you mean `blocks.{m.group(1)}.{close[0]}`?"
-        raise UsageError(f"`{name}` is not a hook point name.{hint} Valid forms (TransformerLens names, "
-                         f"L = layer index):\n{_FORMS}")
+        raise UsageError(
+            f"`{name}` is not a hook point name.{hint} Valid forms (TransformerLens names, L = layer index):\n{_FORMS}"
+        )
     return HookPoint(int(m.group(1)), m.group(2))
 
 
@@ -168,28 +183,69 @@ class Layout:
     mlp_out: str | None = None
     parallel: bool | str = False
     verified: bool = True  # False for a layout guessed from module names (unknown family)
-    o_proj: str = "o_proj"  # attention's output projection (W_O), relative to the attention module: attn.hook_z is its input
+    o_proj: str = (
+        "o_proj"  # attention's output projection (W_O), relative to the attention module: attn.hook_z is its input
+    )
 
 
 _LLAMA = Layout("model.layers", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm", "model.norm")
-_GEMMA2 = Layout("model.layers", "self_attn", "mlp", "input_layernorm", "pre_feedforward_layernorm", "model.norm",
-                 attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
+_GEMMA2 = Layout(
+    "model.layers",
+    "self_attn",
+    "mlp",
+    "input_layernorm",
+    "pre_feedforward_layernorm",
+    "model.norm",
+    attn_out="post_attention_layernorm",
+    mlp_out="post_feedforward_layernorm",
+)
 
 LAYOUTS: dict[str, Layout] = {
     **{f: _LLAMA for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "phi3", "smollm3")},
     "gemma2": _GEMMA2,
     "gemma3_text": _GEMMA2,
-    "olmo2": Layout("model.layers", "self_attn", "mlp", None, None, "model.norm",
-                    attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm"),
+    "olmo2": Layout(
+        "model.layers",
+        "self_attn",
+        "mlp",
+        None,
+        None,
+        "model.norm",
+        attn_out="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+    ),
     "gpt2": Layout("transformer.h", "attn", "mlp", "ln_1", "ln_2", "transformer.ln_f", o_proj="c_proj"),
-    "gpt_neox": Layout("gpt_neox.layers", "attention", "mlp", "input_layernorm", "post_attention_layernorm",
-                       "gpt_neox.final_layer_norm", parallel="use_parallel_residual", o_proj="dense"),
+    "gpt_neox": Layout(
+        "gpt_neox.layers",
+        "attention",
+        "mlp",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "gpt_neox.final_layer_norm",
+        parallel="use_parallel_residual",
+        o_proj="dense",
+    ),
     "gptj": Layout("transformer.h", "attn", "mlp", "ln_1", None, "transformer.ln_f", parallel=True, o_proj="out_proj"),
-    "phi": Layout("model.layers", "self_attn", "mlp", "input_layernorm", None, "model.final_layernorm", parallel=True,
-                  o_proj="dense"),
+    "phi": Layout(
+        "model.layers",
+        "self_attn",
+        "mlp",
+        "input_layernorm",
+        None,
+        "model.final_layernorm",
+        parallel=True,
+        o_proj="dense",
+    ),
     "cohere": Layout("model.layers", "self_attn", "mlp", "input_layernorm", None, "model.norm", parallel=True),
-    "stablelm": Layout("model.layers", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm", "model.norm",
-                       parallel="use_parallel_residual"),
+    "stablelm": Layout(
+        "model.layers",
+        "self_attn",
+        "mlp",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "model.norm",
+        parallel="use_parallel_residual",
+    ),
 }
 
 
@@ -223,8 +279,10 @@ def detect_layout(model: nn.Module) -> Layout:
     if family in LAYOUTS:
         return LAYOUTS[family]
     if family in _UNSUPPORTED:
-        raise UsageError(f"`{family}` models are not supported: {_UNSUPPORTED[family]}, so its hook points would "
-                         f"not add up. Supported families: {', '.join(sorted(LAYOUTS))}.")
+        raise UsageError(
+            f"`{family}` models are not supported: {_UNSUPPORTED[family]}, so its hook points would "
+            f"not add up. Supported families: {', '.join(sorted(LAYOUTS))}."
+        )
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
     layers = next((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
     if layers is not None:
@@ -238,8 +296,16 @@ def detect_layout(model: nn.Module) -> Layout:
         final = pick(module_at(model, parent) if parent else model, norm_names)
         o_proj = pick(module_at(block, attn), ("o_proj", "out_proj", "c_proj", "dense")) if attn else None
         if attn and mlp and final and pick(block, post) is None:
-            return Layout(layers, attn, mlp, None, None, f"{parent}.{final}" if parent else final, verified=False,
-                          o_proj=o_proj or "o_proj")
+            return Layout(
+                layers,
+                attn,
+                mlp,
+                None,
+                None,
+                f"{parent}.{final}" if parent else final,
+                verified=False,
+                o_proj=o_proj or "o_proj",
+            )
     raise UsageError(
         f"saecli does not know where the blocks, attention and MLP live in a `{family}` model. "
         f"Supported families: {', '.join(sorted(LAYOUTS))}. Adding one is a line in saecli/lm/hooks.py (LAYOUTS)."
@@ -313,11 +379,15 @@ def unserved_reason(lm: LanguageModel, site: str) -> str | None:
     """Why `site` has no meaning in `lm` (None when it does): resid_mid with parallel attention and MLP,
     and the pre-norm MLP input of a layout guessed from module names."""
     if site == "hook_resid_mid" and is_parallel(lm):
-        return (f"{lm.name} runs attention and MLP in parallel (both read the block input), so it has no "
-                "resid_mid; use blocks.{L}.hook_mlp_in (here the block input) or blocks.{L}.hook_resid_pre")
+        return (
+            f"{lm.name} runs attention and MLP in parallel (both read the block input), so it has no "
+            "resid_mid; use blocks.{L}.hook_mlp_in (here the block input) or blocks.{L}.hook_resid_pre"
+        )
     if site in ("hook_resid_mid", "hook_mlp_in") and not layout_of(lm).verified and not is_parallel(lm):
-        return (f"saecli guessed the layout of {lm.name} from its module names and cannot tell where its MLP's "
-                "norm is; use blocks.{L}.ln2.hook_normalized (what the MLP reads) or blocks.{L}.hook_resid_pre")
+        return (
+            f"saecli guessed the layout of {lm.name} from its module names and cannot tell where its MLP's "
+            "norm is; use blocks.{L}.ln2.hook_normalized (what the MLP reads) or blocks.{L}.hook_resid_pre"
+        )
     return None
 
 
@@ -353,8 +423,10 @@ def residual_directions(lm: LanguageModel, out_hooks: list[str], directions: tor
     if not z:
         return directions
     if len(out_hooks) != 1:
-        raise UsageError(f"directions written at {', '.join(out_hooks)} mix attn.hook_z with other hooks: they "
-                         "have no single residual-stream direction")
+        raise UsageError(
+            f"directions written at {', '.join(out_hooks)} mix attn.hook_z with other hooks: they "
+            "have no single residual-stream direction"
+        )
     o = module_at(get_attention(lm, parse_hook(z[0]).layer), layout_of(lm).o_proj)
     w = o.weight.detach().to(directions.dtype)
     return directions @ (w.T if isinstance(o, nn.Linear) else w)  # Linear: [out, in]; GPT-2's Conv1D: [in, out]
@@ -390,10 +462,13 @@ def site_module(lm: LanguageModel, point: HookPoint) -> tuple[nn.Module, bool]:
             return ln2, True
         return (block if is_parallel(lm) else module_at(block, layout.mlp)), True
     path = {
-        "hook_resid_pre": None, "hook_resid_post": None,
-        "ln1.hook_normalized": layout.attn, "attn.hook_z": f"{layout.attn}.{layout.o_proj}",
+        "hook_resid_pre": None,
+        "hook_resid_post": None,
+        "ln1.hook_normalized": layout.attn,
+        "attn.hook_z": f"{layout.attn}.{layout.o_proj}",
         "hook_attn_out": layout.attn_out or layout.attn,
-        "ln2.hook_normalized": layout.mlp, "hook_mlp_out": layout.mlp_out or layout.mlp,
+        "ln2.hook_normalized": layout.mlp,
+        "hook_mlp_out": layout.mlp_out or layout.mlp,
     }[site]
     return (block if path is None else module_at(block, path)), point.is_input
 

@@ -76,7 +76,9 @@ def _source(cfg: ModelConfig) -> tuple[str, str | None]:
         path, gguf = path.parent, path.name
     if path.exists():
         if not path.is_dir():
-            raise UsageError(f"model.name = {name!r} is a file, not a model folder (for a GGUF file set model.gguf_file)")
+            raise UsageError(
+                f"model.name = {name!r} is a file, not a model folder (for a GGUF file set model.gguf_file)"
+            )
         if gguf is not None and not (path / gguf).is_file():
             found = sorted(p.name for p in path.glob("*.gguf"))
             raise UsageError(
@@ -91,8 +93,10 @@ def _source(cfg: ModelConfig) -> tuple[str, str | None]:
             )
         return str(path), gguf
     if _looks_like_path(name):
-        raise UsageError(f"model folder {name!r} does not exist (looked for {path.resolve()}; relative paths are "
-                         f"relative to the folder saecli runs in, {Path.cwd()})")
+        raise UsageError(
+            f"model folder {name!r} does not exist (looked for {path.resolve()}; relative paths are "
+            f"relative to the folder saecli runs in, {Path.cwd()})"
+        )
     return name, gguf
 
 
@@ -143,9 +147,12 @@ def _load_pretrained(cfg: ModelConfig, source: str, gguf: str | None, dtype: tor
         hint = ""
         if not local:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-            hint = (f" {source!r} is not a local folder (looked in {Path.cwd()}), so it was looked up on the "
-                    "Hugging Face hub" + (" (offline mode is on: HF_HUB_OFFLINE=1)" if offline else "")
-                    + "; check the spelling or download the model first.")
+            hint = (
+                f" {source!r} is not a local folder (looked in {Path.cwd()}), so it was looked up on the "
+                "Hugging Face hub"
+                + (" (offline mode is on: HF_HUB_OFFLINE=1)" if offline else "")
+                + "; check the spelling or download the model first."
+            )
         elif gguf is not None:
             hint = " The GGUF file may be corrupt, or its architecture unsupported by transformers."
         raise UsageError(f"could not load the model {what!r}.{hint} ({_short(exc)})") from exc
@@ -170,8 +177,15 @@ def _bos(cfg: ModelConfig, tokenizer, model) -> tuple[int | None, bool]:
     return bos, adds
 
 
-def wrap_model(model, tokenizer=None, *, name: str | None = None, prepend_bos: bool | None = None,
-               bos_token_id: int | None = None, tokenizer_adds_bos: bool = False) -> LanguageModel:
+def wrap_model(
+    model,
+    tokenizer=None,
+    *,
+    name: str | None = None,
+    prepend_bos: bool | None = None,
+    bos_token_id: int | None = None,
+    tokenizer_adds_bos: bool = False,
+) -> LanguageModel:
     """Freeze an already-built HF causal LM and describe it (used by `load_model`, handy from Python/tests)."""
     model.eval()
     model.requires_grad_(False)
@@ -222,6 +236,8 @@ def load_model(cfg: ModelConfig) -> LanguageModel:
     if lm.layout is not None and not lm.layout.verified:
         from saecli import ui
 
-        ui.warn(f"{lm.family} is not a family saecli has checked; hook points were guessed from module names "
-                "(blocks.L.hook_attn_out / hook_mlp_out may miss a post-norm)")
+        ui.warn(
+            f"{lm.family} is not a family saecli has checked; hook points were guessed from module names "
+            "(blocks.L.hook_attn_out / hook_mlp_out may miss a post-norm)"
+        )
     return lm

@@ -26,13 +26,18 @@ def _fit(name: str, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
 
 
 def _logits(lm: LanguageModel, callbacks: Mapping[str, Callback], input_ids, attention_mask, grad: bool):
-    with attached(lm, callbacks), (nullcontext() if grad else torch.no_grad()):
+    with attached(lm, callbacks), nullcontext() if grad else torch.no_grad():
         return lm.model(**_inputs(lm, input_ids, attention_mask)).logits
 
 
-def forward_with_replacements(lm: LanguageModel, input_ids: torch.Tensor,
-                              replacements: Mapping[str, Callable[[torch.Tensor], torch.Tensor | None]],
-                              attention_mask: torch.Tensor | None = None, *, grad: bool = False) -> torch.Tensor:
+def forward_with_replacements(
+    lm: LanguageModel,
+    input_ids: torch.Tensor,
+    replacements: Mapping[str, Callable[[torch.Tensor], torch.Tensor | None]],
+    attention_mask: torch.Tensor | None = None,
+    *,
+    grad: bool = False,
+) -> torch.Tensor:
     """Logits [B, T, vocab] of a full forward where each hook's activation is replaced by `fn(activation)`.
 
     Any number of hooks at once (a CLT replaces every layer's mlp_out). A callable may return None to keep
@@ -49,10 +54,16 @@ def forward_with_replacements(lm: LanguageModel, input_ids: torch.Tensor,
     return _logits(lm, {n: wrap(n, f) for n, f in replacements.items()}, input_ids, attention_mask, grad)
 
 
-def forward_with_hook_fn(lm: LanguageModel, input_ids: torch.Tensor,
-                         fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-                         reads: list[str], writes: list[str], attention_mask: torch.Tensor | None = None,
-                         *, grad: bool = False) -> torch.Tensor:
+def forward_with_hook_fn(
+    lm: LanguageModel,
+    input_ids: torch.Tensor,
+    fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    reads: list[str],
+    writes: list[str],
+    attention_mask: torch.Tensor | None = None,
+    *,
+    grad: bool = False,
+) -> torch.Tensor:
     """Logits of a forward where `fn` computes the `writes` from the `reads` seen so far.
 
     When the forward reaches a write hook W, `fn(acts)` is called with every read activation reached so

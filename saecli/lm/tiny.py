@@ -54,29 +54,57 @@ def make_config(family: str, vocab_size: int, *, d_model: int = 64, n_layers: in
     common = dict(vocab_size=vocab_size)
     if family in ("llama", "qwen2", "gemma"):
         extra = dict(
-            hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-            num_attention_heads=n_heads, num_key_value_heads=max(1, n_heads // 2), max_position_embeddings=1024,
-            bos_token_id=1, eos_token_id=0, pad_token_id=2, tie_word_embeddings=(family == "gemma"),
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=max(1, n_heads // 2),
+            max_position_embeddings=1024,
+            bos_token_id=1,
+            eos_token_id=0,
+            pad_token_id=2,
+            tie_word_embeddings=(family == "gemma"),
         )
         if family == "gemma":
             extra["head_dim"] = d_model // n_heads
         return AutoConfig.for_model(family, **common, **extra)
     if family == "gpt2":
         return AutoConfig.for_model(
-            "gpt2", **common, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=1024,
-            bos_token_id=1, eos_token_id=0,
+            "gpt2",
+            **common,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=n_heads,
+            n_positions=1024,
+            bos_token_id=1,
+            eos_token_id=0,
         )
     if family == "gpt_neox":
         return AutoConfig.for_model(
-            "gpt_neox", **common, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-            num_attention_heads=n_heads, max_position_embeddings=1024, bos_token_id=1, eos_token_id=0,
+            "gpt_neox",
+            **common,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            max_position_embeddings=1024,
+            bos_token_id=1,
+            eos_token_id=0,
             tie_word_embeddings=False,
         )
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
-def make_tiny_model(folder: str | Path, family: str = "llama", *, d_model: int = 64, n_layers: int = 4,
-                    n_heads: int = 4, vocab_size: int = 512, seed: int = 0) -> Path:
+def make_tiny_model(
+    folder: str | Path,
+    family: str = "llama",
+    *,
+    d_model: int = 64,
+    n_layers: int = 4,
+    n_heads: int = 4,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> Path:
     """Build, save (save_pretrained) and return the folder of a tiny random model + tokenizer."""
     from transformers import AutoModelForCausalLM
 
@@ -93,8 +121,9 @@ def make_tiny_model(folder: str | Path, family: str = "llama", *, d_model: int =
     return folder
 
 
-def make_tiny_variant(source: str | Path, folder: str | Path, *, layers: tuple[int, ...] = (2, 3),
-                      scale: float = 2.0, seed: int = 1) -> Path:
+def make_tiny_variant(
+    source: str | Path, folder: str | Path, *, layers: tuple[int, ...] = (2, 3), scale: float = 2.0, seed: int = 1
+) -> Path:
     """A copy of the tiny model at `source` whose MLP weights in `layers` get relative Gaussian noise of
     `scale` (same tokenizer, same earlier layers): a stand-in for a fine-tuned model in model-diffing
     examples, so that a crosscoder finds shared latents and latents of one model only."""
@@ -122,8 +151,12 @@ def main() -> None:
     parser.add_argument("--family", default="llama", choices=FAMILIES)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layers", type=int, default=4)
-    parser.add_argument("--variant-of", metavar="SOURCE", default=None,
-                        help="copy the tiny model at SOURCE with noise on its layer 2 and 3 MLPs (a 'fine-tune')")
+    parser.add_argument(
+        "--variant-of",
+        metavar="SOURCE",
+        default=None,
+        help="copy the tiny model at SOURCE with noise on its layer 2 and 3 MLPs (a 'fine-tune')",
+    )
     args = parser.parse_args()
     if args.variant_of:
         print(make_tiny_variant(args.variant_of, args.folder))

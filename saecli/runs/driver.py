@@ -71,8 +71,11 @@ def prepare(jobs: list[Job], *, sync: Sync, reporter: Reporter) -> list[Job]:
             if job.checkpoint is not None and (job.folder / CONFIG_FILE).exists():
                 changed = config_changes(job.folder / CONFIG_FILE, exp)
                 if changed:
-                    reporter.warn(f"{exp.run.name}: resuming with settings that differ from its config.toml: "
-                                  + ", ".join(changed) + " (the checkpoint's step count and schedules are kept)")
+                    reporter.warn(
+                        f"{exp.run.name}: resuming with settings that differ from its config.toml: "
+                        + ", ".join(changed)
+                        + " (the checkpoint's step count and schedules are kept)"
+                    )
             job.folder.mkdir(parents=True, exist_ok=True)
             write_resolved(exp, job.folder)
         ready.append(Job(exp, job.folder, job.checkpoint))
@@ -80,8 +83,16 @@ def prepare(jobs: list[Job], *, sync: Sync, reporter: Reporter) -> list[Job]:
     return ready
 
 
-def train_pass(jobs: list[Job], stream: ActivationStream, *, sync: Sync, reporter: Reporter,
-               lm: LanguageModel | None = None, evaluate: bool = False, given: bool = False) -> list[RunResult]:
+def train_pass(
+    jobs: list[Job],
+    stream: ActivationStream,
+    *,
+    sync: Sync,
+    reporter: Reporter,
+    lm: LanguageModel | None = None,
+    evaluate: bool = False,
+    given: bool = False,
+) -> list[RunResult]:
     """Train `jobs` (all fresh, or all resuming from checkpoints at one stream position) on one pass of
     `stream`; save, record and (when `evaluate`) evaluate each member that did not diverge.
 
@@ -107,12 +118,17 @@ def train_pass(jobs: list[Job], stream: ActivationStream, *, sync: Sync, reporte
                 shared = shared or state
             stream.load_state_dict(shared["stream"][sync.rank])
             set_rng_state(shared["rng"])
-            reporter.info("resuming " + ", ".join(f"{m.name} from step {m.step} of {m.total_steps}" for m in members)
-                          + (f" ({paths[0]})" if len(paths) == 1 else ""))
+            reporter.info(
+                "resuming "
+                + ", ".join(f"{m.name} from step {m.step} of {m.total_steps}" for m in members)
+                + (f" ({paths[0]})" if len(paths) == 1 else "")
+            )
         # every default resolved now that the stream gave d_model and the step plan: config.toml and the store
         # record what each member trains with (saecli.config.defaults)
-        jobs = [Job(resolved_for_run(job.exp, m.cfg, m.dictionary.d_model), job.folder, job.checkpoint)
-                for job, m in zip(jobs, members)]
+        jobs = [
+            Job(resolved_for_run(job.exp, m.cfg, m.dictionary.d_model), job.folder, job.checkpoint)
+            for job, m in zip(jobs, members)
+        ]
         if sync.is_main:
             for job in jobs:
                 write_resolved(job.exp, job.folder)

@@ -30,11 +30,28 @@ CONFIG_FILE = "config.toml"
 EVAL_FILES = ("eval.json", "eval_density.png", "eval_latents.safetensors")
 # what a run writes in its folder (the only files --overwrite removes); an old evaluation would
 # describe the old weights, so it goes too
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, "sae_weights.safetensors", "cfg.json", SUMMARY_FILE, WANDB_ID_FILE,
-             DIVERGED_FILE, *EVAL_FILES)
+RUN_FILES = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    "sae_weights.safetensors",
+    "cfg.json",
+    SUMMARY_FILE,
+    WANDB_ID_FILE,
+    DIVERGED_FILE,
+    *EVAL_FILES,
+)
 # keys whose change on resume cannot alter the trained weights
-_HARMLESS = ("wandb.", "store.", "eval.", "run.name", "run.output_dir", "trainer.checkpoint_every_seconds",
-             "trainer.log_frequency", "model.device", "dictionary.device")
+_HARMLESS = (
+    "wandb.",
+    "store.",
+    "eval.",
+    "run.name",
+    "run.output_dir",
+    "trainer.checkpoint_every_seconds",
+    "trainer.log_frequency",
+    "model.device",
+    "dictionary.device",
+)
 
 
 def run_state(folder: str | Path) -> str:

@@ -108,8 +108,16 @@ def wandb_logger(exp: Experiment, folder: Path, sync: Sync) -> WandbLogger | Non
     from saecli.config.load import experiment_dict
     from saecli.training.logger import WandbLogger
 
-    return WandbLogger(folder, name=exp.run.name, project=exp.wandb.project, entity=exp.wandb.entity,
-                       mode=exp.wandb.mode, tags=exp.wandb.tags, dir=exp.wandb.dir, config=experiment_dict(exp))
+    return WandbLogger(
+        folder,
+        name=exp.run.name,
+        project=exp.wandb.project,
+        entity=exp.wandb.entity,
+        mode=exp.wandb.mode,
+        tags=exp.wandb.tags,
+        dir=exp.wandb.dir,
+        config=experiment_dict(exp),
+    )
 
 
 class ModelForInit:
@@ -129,28 +137,45 @@ class ModelForInit:
         return self.lm
 
 
-def fresh_member(exp: Experiment, folder: Path, stream: ActivationStream, replay: Replay, *, sync: Sync,
-                 model: ModelForInit) -> Member:
+def fresh_member(
+    exp: Experiment, folder: Path, stream: ActivationStream, replay: Replay, *, sync: Sync, model: ModelForInit
+) -> Member:
     """Build, initialise on the replayed first batches (rank 0's result broadcast) and plan a new member."""
     dictionary = build(exp, stream)
     lm = model.get(exp) if dictionary.needs_model_init else None
     batch_tokens = initialize(replay, [(dictionary, exp.init)], sync=sync, lm=lm)
     try:
-        plan = plan_steps(exp.trainer.total_training_tokens, batch_tokens,
-                          exp.trainer.gradient_accumulation_steps, sync.world_size)
+        plan = plan_steps(
+            exp.trainer.total_training_tokens, batch_tokens, exp.trainer.gradient_accumulation_steps, sync.world_size
+        )
     except ValueError as exc:
         raise ConfigError(str(exc), file=exp.source_file, key="trainer.total_training_tokens") from None
-    return new_member(dictionary, exp.trainer, total_steps=plan.total_steps, batch_tokens=plan.batch_tokens,
-                      folder=folder, name=exp.run.name, sync=sync, wandb=wandb_logger(exp, folder, sync))
+    return new_member(
+        dictionary,
+        exp.trainer,
+        total_steps=plan.total_steps,
+        batch_tokens=plan.batch_tokens,
+        folder=folder,
+        name=exp.run.name,
+        sync=sync,
+        wandb=wandb_logger(exp, folder, sync),
+    )
 
 
-def resumed_member(exp: Experiment, folder: Path, checkpoint: Path, stream: ActivationStream, *,
-                   sync: Sync) -> tuple[Member, dict]:
+def resumed_member(
+    exp: Experiment, folder: Path, checkpoint: Path, stream: ActivationStream, *, sync: Sync
+) -> tuple[Member, dict]:
     """A member restored from `checkpoint`, and the checkpoint's shared state (stream positions, RNG)."""
     dictionary = build(exp, stream)
     try:
-        return restore_member(dictionary, exp.trainer, checkpoint, folder=folder, name=exp.run.name,
-                              sync=sync, wandb=wandb_logger(exp, folder, sync))
+        return restore_member(
+            dictionary,
+            exp.trainer,
+            checkpoint,
+            folder=folder,
+            name=exp.run.name,
+            sync=sync,
+            wandb=wandb_logger(exp, folder, sync),
+        )
     except ValueError as exc:  # a checkpoint of another shape of run (world size, step count)
         raise UsageError(f"cannot resume from {checkpoint}: {exc}") from None
-

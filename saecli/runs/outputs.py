@@ -53,16 +53,24 @@ def record_in_store(exp: Experiment, folder: Path, summary: dict[str, Any], repo
             if exp.model is not None:
                 store.put_model(exp.model.name, to_dict(exp.model))
             store.put_dataset(exp.dataset.path, to_dict(exp.dataset))
-            store.put_sae(exp.run.name, path=str(folder.resolve()), cfg=experiment_dict(exp), model_name=model_name,
-                          dataset_name=exp.dataset.path, metrics=summary)
+            store.put_sae(
+                exp.run.name,
+                path=str(folder.resolve()),
+                cfg=experiment_dict(exp),
+                model_name=model_name,
+                dataset_name=exp.dataset.path,
+                metrics=summary,
+            )
         finally:
             store.close()
         from saecli.store.record import describe
 
         reporter.info(f"recorded {exp.run.name} in {describe(exp.store)}")
     except Exception as exc:  # the store is a convenience: never lose a finished run over it
-        reporter.warn(f"could not record {exp.run.name} in the {exp.store.backend} store ({exc}); "
-                      f"the results are in {folder} (record them later with `saecli record {folder}`)")
+        reporter.warn(
+            f"could not record {exp.run.name} in the {exp.store.backend} store ({exc}); "
+            f"the results are in {folder} (record them later with `saecli record {folder}`)"
+        )
 
 
 def evaluate_member(exp: Experiment, folder: Path, lm: LanguageModel | None, reporter: Reporter) -> None:
@@ -98,8 +106,10 @@ def run_header(exp: Experiment, stream: ActivationStream, member: Member, *, giv
         source = f"{type(stream).__name__} (given)"
     ins, outs = list(d.in_hooks), list(d.out_hooks)
     hook = ", ".join(ins) + ("" if outs == ins else " → " + ", ".join(outs))
-    lines = [f"{exp.run.name}: {source} · {hook} · d_sae {d.d_sae:,} · {member.total_steps:,} steps × "
-             f"{per_step:,} tokens · {procs} process{'es' if procs > 1 else ''}"]
+    lines = [
+        f"{exp.run.name}: {source} · {hook} · d_sae {d.d_sae:,} · {member.total_steps:,} steps × "
+        f"{per_step:,} tokens · {procs} process{'es' if procs > 1 else ''}"
+    ]
     tp = getattr(member.sync, "tp", 1)
     if procs > 1:  # multi-process: world size (machines × processes), mesh, per-rank batch
         from saecli.training.topology import topology_line
@@ -107,7 +117,9 @@ def run_header(exp: Experiment, stream: ActivationStream, member: Member, *, giv
         mesh = {"dp": world, "tp": tp} if tp > 1 else None
         lines.append(topology_line(procs, member.batch_tokens, member.accumulation, mesh=mesh))
     if cached is not None and 0 < cached < train_tokens:
-        lines.append(f"the cache holds {cached:,} tokens, fewer than the {train_tokens:,} to train on: training "
-                     f"loops over it {train_tokens / cached:.1f} times, in a new order each pass (generate a "
-                     "larger cache, activations.total_tokens, for fresh data)")
+        lines.append(
+            f"the cache holds {cached:,} tokens, fewer than the {train_tokens:,} to train on: training "
+            f"loops over it {train_tokens / cached:.1f} times, in a new order each pass (generate a "
+            "larger cache, activations.total_tokens, for fresh data)"
+        )
     return lines

@@ -46,8 +46,15 @@ _DONE_DIR = ".sweep-done"
 StreamFactory = Callable[[Experiment], ActivationStream]
 
 
-def run_sweep(plan: SweepPlan, *, resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None,
-              sync: Sync | None = None, stream_factory: StreamFactory | None = None) -> list[dict]:
+def run_sweep(
+    plan: SweepPlan,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    sync: Sync | None = None,
+    stream_factory: StreamFactory | None = None,
+) -> list[dict]:
     """Train the sweep; returns the summary rows (on rank 0; [] on other ranks).
 
     `stream_factory(exp)` replaces `open_stream` (e.g. a synthetic stream in tests); it is called once
@@ -58,9 +65,11 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, overwrite: bool = False,
     reporter = reporter or NullReporter()
     sharded = [m.name for m in plan.members if int(m.exp.trainer.tensor_parallel) > 1]
     if sharded:  # a sweep spreads whole members over the ranks; a sharded member needs all of its tp ranks
-        raise ConfigError(f"trainer.tensor_parallel > 1 is for `saecli train`; a sweep trains each member on one "
-                          f"process (members {', '.join(sharded[:3])}{'...' if len(sharded) > 3 else ''})",
-                          key="trainer.tensor_parallel")
+        raise ConfigError(
+            f"trainer.tensor_parallel > 1 is for `saecli train`; a sweep trains each member on one "
+            f"process (members {', '.join(sharded[:3])}{'...' if len(sharded) > 3 else ''})",
+            key="trainer.tensor_parallel",
+        )
     sync = sync or default_sync()
     groups = group_members(plan.members)
     _check_folders(plan, resume=resume, overwrite=overwrite, sync=sync)
@@ -91,8 +100,10 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, overwrite: bool = False,
     write_summary(rows, plan.output_dir)
     diverged = [r for r in rows if r["status"] == "diverged"]
     if rows and len(diverged) == len(rows):
-        raise RunError("every member of the sweep diverged (NaN/inf loss): lower trainer.lr or enable "
-                       "trainer.clip_grad_norm; see diverged.json in each member's folder")
+        raise RunError(
+            "every member of the sweep diverged (NaN/inf loss): lower trainer.lr or enable "
+            "trainer.clip_grad_norm; see diverged.json in each member's folder"
+        )
     return rows
 
 
@@ -112,9 +123,11 @@ def _check_folders(plan: SweepPlan, *, resume: bool, overwrite: bool, sync: Sync
     if taken:
         names = ", ".join(f"{m.name} ({member_status(m.folder)})" for m in taken[:5])
         more = f" and {len(taken) - 5} more" if len(taken) > 5 else ""
-        raise UsageError(f"{plan.output_dir} already holds runs of this sweep: {names}{more}. Add --resume to "
-                         "continue (finished members are skipped), --overwrite to start again, or set "
-                         "run.output_dir to a new folder")
+        raise UsageError(
+            f"{plan.output_dir} already holds runs of this sweep: {names}{more}. Add --resume to "
+            "continue (finished members are skipped), --overwrite to start again, or set "
+            "run.output_dir to a new folder"
+        )
 
 
 def _write_plan(plan: SweepPlan, groups: list[Group], by_rank: list[list[Unit]]) -> None:
@@ -122,15 +135,26 @@ def _write_plan(plan: SweepPlan, groups: list[Group], by_rank: list[list[Unit]])
 
     rank_of = {m.name: r for r, units in enumerate(by_rank) for u in units for m in u.members}
     group_of = {m.name: g.index for g in groups for m in g.members}
-    write_json(plan.output_dir / SWEEP_FILE, {
-        "source": plan.source_file,
-        "world_size": len(by_rank),
-        "varying": plan.varying,
-        "members": [{"name": m.name, "index": m.index, "group": group_of[m.name], "rank": rank_of.get(m.name),
-                     "folder": str(m.folder), "overrides": m.overrides}
-                    for m in plan.members],
-        "groups": [{"index": g.index, "members": [m.name for m in g.members]} for g in groups],
-    })
+    write_json(
+        plan.output_dir / SWEEP_FILE,
+        {
+            "source": plan.source_file,
+            "world_size": len(by_rank),
+            "varying": plan.varying,
+            "members": [
+                {
+                    "name": m.name,
+                    "index": m.index,
+                    "group": group_of[m.name],
+                    "rank": rank_of.get(m.name),
+                    "folder": str(m.folder),
+                    "overrides": m.overrides,
+                }
+                for m in plan.members
+            ],
+            "groups": [{"index": g.index, "members": [m.name for m in g.members]} for g in groups],
+        },
+    )
 
 
 def _mark_done(folder: Path, session: str, rank: int) -> None:
@@ -182,8 +206,15 @@ def _train_unit(unit: Unit, plan: SweepPlan, *, reporter: Reporter, stream_facto
         jobs = prepare(part, sync=sync, reporter=reporter)
         stream = _open(jobs[0].exp, stream_factory, lm)
         try:
-            results = train_pass(jobs, stream, sync=sync, reporter=reporter, lm=lm, evaluate=plan.sweep.eval,
-                                 given=stream_factory is not None)
+            results = train_pass(
+                jobs,
+                stream,
+                sync=sync,
+                reporter=reporter,
+                lm=lm,
+                evaluate=plan.sweep.eval,
+                given=stream_factory is not None,
+            )
         finally:
             stream.close()
         if len(results) == 1 and results[0].status == "diverged":  # fit warns only when others go on
@@ -207,8 +238,10 @@ def _common_position(todo: list[Job], reporter: Reporter) -> tuple[list[Job], li
     fresh = [Job(t.exp, t.folder, None) for t in todo if t.folder not in names]
     for t in fresh:
         if t.folder in {x.folder for x in have}:
-            reporter.warn(f"{t.exp.run.name}: no checkpoint at the group's common position (batch {best}); "
-                          "it starts again from the beginning")
+            reporter.warn(
+                f"{t.exp.run.name}: no checkpoint at the group's common position (batch {best}); "
+                "it starts again from the beginning"
+            )
     return resumed, fresh
 
 

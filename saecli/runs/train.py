@@ -27,9 +27,16 @@ from saecli.training.tensor_parallel import check_run, run_sync
 from saecli.training.trainer import NullReporter, Reporter
 
 
-def train(exp: Experiment, *, resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None,
-          stream: ActivationStream | None = None, run_dir: str | Path | None = None,
-          sync: Sync | None = None) -> RunResult:
+def train(
+    exp: Experiment,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    stream: ActivationStream | None = None,
+    run_dir: str | Path | None = None,
+    sync: Sync | None = None,
+) -> RunResult:
     """Train `exp`'s dictionary into `run_dir` (default `run.output_dir`); returns its folder and summary.
 
     `resume` continues from the folder's latest complete checkpoint (or starts when there is none);
@@ -50,11 +57,15 @@ def train(exp: Experiment, *, resume: bool = False, overwrite: bool = False, rep
             clear_run(folder)
         state = "empty"
     elif state == "finished" and not resume:
-        raise UsageError(f"{folder} already holds a finished run: set run.output_dir to a new folder, or add "
-                         "--overwrite to train it again (--resume would find nothing left to do)")
+        raise UsageError(
+            f"{folder} already holds a finished run: set run.output_dir to a new folder, or add "
+            "--overwrite to train it again (--resume would find nothing left to do)"
+        )
     elif state == "unfinished" and not resume:
-        raise UsageError(f"{folder} holds an unfinished run: add --resume to continue it from its last checkpoint, "
-                         "--overwrite to start again, or set run.output_dir to a new folder")
+        raise UsageError(
+            f"{folder} holds an unfinished run: add --resume to continue it from its last checkpoint, "
+            "--overwrite to start again, or set run.output_dir to a new folder"
+        )
     if resume and state == "finished":
         reporter.info(f"{folder} is already finished; nothing to resume")
         return RunResult(exp.run.name, folder, json.loads((folder / SUMMARY_FILE).read_text()))
@@ -69,8 +80,13 @@ def train(exp: Experiment, *, resume: bool = False, overwrite: bool = False, rep
 
         job.exp.require("activations")
         seed_everything(job.exp.run.seed)  # a model that draws random numbers while loading loads the same
-        stream = open_stream(job.exp, purpose="train", rank=sync.rank, world_size=sync.world_size,
-                             contexts=bool(dictionary_class(dictionary_config(job.exp).kind).needs_context))
+        stream = open_stream(
+            job.exp,
+            purpose="train",
+            rank=sync.rank,
+            world_size=sync.world_size,
+            contexts=bool(dictionary_class(dictionary_config(job.exp).kind).needs_context),
+        )
     try:
         [result] = train_pass([job], stream, sync=sync, reporter=reporter, given=given)
     finally:

@@ -32,8 +32,7 @@ def open_store(cfg: StoreConfig, base: str | Path | None = None) -> Store:
         return SQLiteStore(path, timeout_s=cfg.timeout_s)
     if cfg.backend == "mongodb":
         if not cfg.uri:
-            raise ConfigError("backend 'mongodb' needs store.uri (e.g. mongodb://localhost:27017)",
-                              key="store.uri")
+            raise ConfigError("backend 'mongodb' needs store.uri (e.g. mongodb://localhost:27017)", key="store.uri")
         from saecli.store.mongo import MongoStore
 
         return MongoStore(cfg.uri, cfg.database, timeout_s=cfg.timeout_s)

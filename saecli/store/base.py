@@ -42,9 +42,17 @@ class Store(ABC):
         """The cfg recorded by put_dataset, or None."""
 
     @abstractmethod
-    def put_sae(self, name: str, series: str = DEFAULT_SERIES, *, path: str, cfg: dict,
-                model_name: str | None = None, dataset_name: str | None = None,
-                metrics: dict | None = None) -> None:
+    def put_sae(
+        self,
+        name: str,
+        series: str = DEFAULT_SERIES,
+        *,
+        path: str,
+        cfg: dict,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        metrics: dict | None = None,
+    ) -> None:
         """Insert or replace a dictionary; `metrics=None` keeps the metrics already recorded."""
 
     @abstractmethod
@@ -60,8 +68,7 @@ class Store(ABC):
         """Merge `metrics` into the dictionary's metrics (new keys win)."""
 
     @abstractmethod
-    def replace_analysis(self, sae_name: str, series: str, analysis: str, features: Iterable[dict],
-                         meta: dict) -> int:
+    def replace_analysis(self, sae_name: str, series: str, analysis: str, features: Iterable[dict], meta: dict) -> int:
         """Atomically replace analysis `analysis` of a dictionary by `features`; returns how many.
 
         Each feature is a dict with an int "index" plus JSON values and numpy arrays. If the
@@ -79,9 +86,16 @@ class Store(ABC):
         """The feature's analysis record with "logits" and "interpretation" merged in when present."""
 
     @abstractmethod
-    def iter_features(self, sae_name: str, series: str, analysis: str = "default", *,
-                      order_by: str = "index", descending: bool = False,
-                      limit: int | None = None) -> Iterator[dict]:
+    def iter_features(
+        self,
+        sae_name: str,
+        series: str,
+        analysis: str = "default",
+        *,
+        order_by: str = "index",
+        descending: bool = False,
+        limit: int | None = None,
+    ) -> Iterator[dict]:
         """Feature records (merged like get_feature) sorted by `order_by`, ties by index ascending."""
 
     @abstractmethod
@@ -110,25 +124,41 @@ class Store(ABC):
 class NullStore(Store):
     """backend = "none": accepts everything, records nothing, finds nothing."""
 
-    def put_model(self, name, cfg): pass
-    def put_dataset(self, name, cfg): pass
-    def get_model(self, name): return None
-    def get_dataset(self, name): return None
-    def put_sae(self, name, series=DEFAULT_SERIES, *, path, cfg, model_name=None, dataset_name=None,
-                metrics=None): pass
-    def get_sae(self, name, series=DEFAULT_SERIES): return None
-    def list_saes(self, series=None): return []
-    def update_sae_metrics(self, name, series, metrics): pass
+    def put_model(self, name, cfg):
+        pass
+
+    def put_dataset(self, name, cfg):
+        pass
+
+    def get_model(self, name):
+        return None
+
+    def get_dataset(self, name):
+        return None
+
+    def put_sae(self, name, series=DEFAULT_SERIES, *, path, cfg, model_name=None, dataset_name=None, metrics=None):
+        pass
+
+    def get_sae(self, name, series=DEFAULT_SERIES):
+        return None
+
+    def list_saes(self, series=None):
+        return []
+
+    def update_sae_metrics(self, name, series, metrics):
+        pass
 
     def replace_analysis(self, sae_name, series, analysis, features, meta) -> int:
         # Consume the iterator so that a generator's work (and its errors) happen as with a real store.
         return sum(1 for _ in features)
 
-    def get_analysis(self, sae_name, series, analysis): return None
-    def get_feature(self, sae_name, series, index, analysis="default"): return None
+    def get_analysis(self, sae_name, series, analysis):
+        return None
 
-    def iter_features(self, sae_name, series, analysis="default", *, order_by="index", descending=False,
-                      limit=None):
+    def get_feature(self, sae_name, series, index, analysis="default"):
+        return None
+
+    def iter_features(self, sae_name, series, analysis="default", *, order_by="index", descending=False, limit=None):
         check_order(order_by)
         return iter(())
 
@@ -136,9 +166,14 @@ class NullStore(Store):
         for _ in items:
             pass
 
-    def put_interpretation(self, sae_name, series, index, interpretation): pass
-    def remove_sae(self, name, series=DEFAULT_SERIES): pass
-    def close(self): pass
+    def put_interpretation(self, sae_name, series, index, interpretation):
+        pass
+
+    def remove_sae(self, name, series=DEFAULT_SERIES):
+        pass
+
+    def close(self):
+        pass
 
 
 def check_order(order_by: str) -> None:
@@ -171,11 +206,17 @@ def merged(record: dict | None, index: int, logits: dict | None, interpretation:
     return out
 
 
-def analysis_view(name: str, sae_name: str, series: str, meta: dict, n_features: int,
-                  created_at: float) -> dict:
+def analysis_view(name: str, sae_name: str, series: str, meta: dict, n_features: int, created_at: float) -> dict:
     """What get_analysis returns: fixed keys win over meta keys of the same name."""
-    return {**meta, "name": name, "sae_name": sae_name, "series": series, "meta": meta,
-            "n_features": n_features, "created_at": created_at}
+    return {
+        **meta,
+        "name": name,
+        "sae_name": sae_name,
+        "series": series,
+        "meta": meta,
+        "n_features": n_features,
+        "created_at": created_at,
+    }
 
 
 def guarded(errors: tuple[type[BaseException], ...], describe: Callable[[Any, BaseException], str]):
@@ -183,12 +224,14 @@ def guarded(errors: tuple[type[BaseException], ...], describe: Callable[[Any, Ba
 
     def wrap(fn):
         if inspect.isgeneratorfunction(fn):
+
             @functools.wraps(fn)
             def gen(self, *a, **k):
                 try:
                     yield from fn(self, *a, **k)
                 except errors as exc:
                     raise RunError(describe(self, exc)) from exc
+
             return gen
 
         @functools.wraps(fn)
@@ -197,6 +240,7 @@ def guarded(errors: tuple[type[BaseException], ...], describe: Callable[[Any, Ba
                 return fn(self, *a, **k)
             except errors as exc:
                 raise RunError(describe(self, exc)) from exc
+
         return call
 
     return wrap

@@ -43,8 +43,10 @@ def redact(uri: str) -> str:
 
 
 def _describe(store: MongoStore, exc: BaseException) -> str:
-    return (f"MongoDB at {redact(store.uri)} failed: {exc}. Check that the server is up and store.uri is "
-            f"right; the run's results are still in its output folder.")
+    return (
+        f"MongoDB at {redact(store.uri)} failed: {exc}. Check that the server is up and store.uri is "
+        f"right; the run's results are still in its output folder."
+    )
 
 
 _guard = guarded((PyMongoError,), _describe)
@@ -69,7 +71,7 @@ class MongoStore(Store):
                 raise RunError(
                     f"cannot reach MongoDB at {redact(uri)} within {timeout_s:g} s ({reason}). Start a "
                     f"server (e.g. `docker run -d -p 27017:27017 mongo:7`), fix store.uri, or set "
-                    f"store.backend = \"sqlite\"; the run's results are still in its output folder."
+                    f'store.backend = "sqlite"; the run\'s results are still in its output folder.'
                 ) from None
         self._client = client
         self._db = client[database]
@@ -124,13 +126,15 @@ class MongoStore(Store):
 
     @_guard
     def put_model(self, name, cfg) -> None:
-        self._db.models.replace_one({"name": name}, {"name": name, "cfg": plain(cfg, no_arrays),
-                                                     "updated_at": time.time()}, upsert=True)
+        self._db.models.replace_one(
+            {"name": name}, {"name": name, "cfg": plain(cfg, no_arrays), "updated_at": time.time()}, upsert=True
+        )
 
     @_guard
     def put_dataset(self, name, cfg) -> None:
-        self._db.datasets.replace_one({"name": name}, {"name": name, "cfg": plain(cfg, no_arrays),
-                                                       "updated_at": time.time()}, upsert=True)
+        self._db.datasets.replace_one(
+            {"name": name}, {"name": name, "cfg": plain(cfg, no_arrays), "updated_at": time.time()}, upsert=True
+        )
 
     @_guard
     def get_model(self, name) -> dict | None:
@@ -143,18 +147,25 @@ class MongoStore(Store):
         return None if doc is None else doc["cfg"]
 
     @_guard
-    def put_sae(self, name, series=DEFAULT_SERIES, *, path, cfg, model_name=None, dataset_name=None,
-                metrics=None) -> None:
+    def put_sae(
+        self, name, series=DEFAULT_SERIES, *, path, cfg, model_name=None, dataset_name=None, metrics=None
+    ) -> None:
         now = time.time()
-        fields = {"path": str(path), "cfg": plain(cfg, no_arrays), "model_name": model_name,
-                  "dataset_name": dataset_name, "updated_at": now}
+        fields = {
+            "path": str(path),
+            "cfg": plain(cfg, no_arrays),
+            "model_name": model_name,
+            "dataset_name": dataset_name,
+            "updated_at": now,
+        }
         on_insert: dict = {"created_at": now}
         if metrics is not None:
             fields["metrics"] = plain(metrics, no_arrays)
         else:
             on_insert["metrics"] = {}
-        self._db.saes.update_one({"name": name, "series": series},
-                                 {"$set": fields, "$setOnInsert": on_insert}, upsert=True)
+        self._db.saes.update_one(
+            {"name": name, "series": series}, {"$set": fields, "$setOnInsert": on_insert}, upsert=True
+        )
 
     @_guard
     def get_sae(self, name, series=DEFAULT_SERIES) -> dict | None:
@@ -168,15 +179,18 @@ class MongoStore(Store):
     @_guard
     def update_sae_metrics(self, name, series, metrics) -> None:
         update = {f"metrics.{k}": v for k, v in plain(metrics, no_arrays).items()}
-        res = self._db.saes.update_one({"name": name, "series": series},
-                                       {"$set": {**update, "updated_at": time.time()}})
+        res = self._db.saes.update_one(
+            {"name": name, "series": series}, {"$set": {**update, "updated_at": time.time()}}
+        )
         if res.matched_count == 0:
             self._need_sae(name, series)
 
     def _need_sae(self, name: str, series: str) -> None:
         if self._db.saes.find_one({"name": name, "series": series}, {"_id": 1}) is None:
-            raise RunError(f"dictionary {name!r} (series {series!r}) is not in the MongoDB store "
-                           f"{redact(self.uri)}; record it first (put_sae), e.g. by training or registering it")
+            raise RunError(
+                f"dictionary {name!r} (series {series!r}) is not in the MongoDB store "
+                f"{redact(self.uri)}; record it first (put_sae), e.g. by training or registering it"
+            )
 
     @_guard
     def remove_sae(self, name, series=DEFAULT_SERIES) -> None:
@@ -198,11 +212,22 @@ class MongoStore(Store):
         self._db.analyses.update_one(key, {"$push": {"writing": version}}, upsert=True)
         try:
             n = self._write_features(sae_name, series, analysis, version, features)
-            tag = {"sae_name": sae_name, "sae_series": series, "owner": "analysis", "analysis": analysis,
-                   "version": version}
-            flip = {"$set": {"version": version, "meta": self._encode(meta, tag), "n_features": n,
-                             "created_at": time.time()},
-                    "$pull": {"writing": {"$lte": version}}}
+            tag = {
+                "sae_name": sae_name,
+                "sae_series": series,
+                "owner": "analysis",
+                "analysis": analysis,
+                "version": version,
+            }
+            flip = {
+                "$set": {
+                    "version": version,
+                    "meta": self._encode(meta, tag),
+                    "n_features": n,
+                    "created_at": time.time(),
+                },
+                "$pull": {"writing": {"$lte": version}},
+            }
             if self._db.analyses.update_one({**key, "writing": version}, flip).matched_count == 0:
                 raise RunError(f"{sae_name}/{series}/{analysis}: {REPLACED}")
         except BaseException:
@@ -217,8 +242,13 @@ class MongoStore(Store):
 
     def _write_features(self, sae_name, series, analysis, version, features: Iterable[dict]) -> int:
         filed = {"sae_name": sae_name, "sae_series": series, "analysis": analysis, "version": version}
-        tag = {"sae_name": sae_name, "sae_series": series, "owner": "analysis", "analysis": analysis,
-               "version": version}
+        tag = {
+            "sae_name": sae_name,
+            "sae_series": series,
+            "owner": "analysis",
+            "analysis": analysis,
+            "version": version,
+        }
         batch: list[dict] = []
         n = 0
 
@@ -241,15 +271,21 @@ class MongoStore(Store):
 
     def _drop_versions(self, sae_name: str, series: str, analysis: str, version: dict) -> None:
         """Delete the feature records and GridFS files of the versions matching `version`."""
-        self._db.feature_analyses.delete_many({"sae_name": sae_name, "sae_series": series,
-                                               "analysis": analysis, "version": version})
-        self._drop_files({"metadata.sae_name": sae_name, "metadata.sae_series": series,
-                          "metadata.owner": "analysis", "metadata.analysis": analysis,
-                          "metadata.version": version})
+        self._db.feature_analyses.delete_many(
+            {"sae_name": sae_name, "sae_series": series, "analysis": analysis, "version": version}
+        )
+        self._drop_files(
+            {
+                "metadata.sae_name": sae_name,
+                "metadata.sae_series": series,
+                "metadata.owner": "analysis",
+                "metadata.analysis": analysis,
+                "metadata.version": version,
+            }
+        )
 
     def _current(self, sae_name: str, series: str, analysis: str) -> dict | None:
-        doc = self._db.analyses.find_one({"sae_name": sae_name, "sae_series": series, "name": analysis},
-                                         {"writing": 0})
+        doc = self._db.analyses.find_one({"sae_name": sae_name, "sae_series": series, "name": analysis}, {"writing": 0})
         return doc if doc is not None and doc.get("version") is not None else None
 
     @_guard
@@ -257,8 +293,9 @@ class MongoStore(Store):
         doc = self._current(sae_name, series, analysis)
         if doc is None:
             return None
-        return analysis_view(analysis, sae_name, series, self._decode(doc["meta"]), doc["n_features"],
-                             doc["created_at"])
+        return analysis_view(
+            analysis, sae_name, series, self._decode(doc["meta"]), doc["n_features"], doc["created_at"]
+        )
 
     def _record(self, doc: dict | None) -> dict | None:
         if doc is None:
@@ -268,8 +305,10 @@ class MongoStore(Store):
     def _extras(self, doc: dict | None) -> tuple[Any, Any]:
         if doc is None:
             return None, None
-        return (self._decode(doc["logits"]) if "logits" in doc else None,
-                self._decode(doc["interpretation"]) if "interpretation" in doc else None)
+        return (
+            self._decode(doc["logits"]) if "logits" in doc else None,
+            self._decode(doc["interpretation"]) if "interpretation" in doc else None,
+        )
 
     @_guard
     def get_feature(self, sae_name, series, index, analysis="default") -> dict | None:
@@ -280,15 +319,22 @@ class MongoStore(Store):
             if current is None:
                 break
             record = self._db.feature_analyses.find_one(
-                {"sae_name": sae_name, "sae_series": series, "analysis": analysis,
-                 "version": current["version"], "index": index})
+                {
+                    "sae_name": sae_name,
+                    "sae_series": series,
+                    "analysis": analysis,
+                    "version": current["version"],
+                    "index": index,
+                }
+            )
             if record is not None:
                 break
         extras = self._db.features.find_one({"sae_name": sae_name, "sae_series": series, "index": index})
         return merged(self._record(record), index, *self._extras(extras))
 
-    def iter_features(self, sae_name, series, analysis="default", *, order_by="index", descending=False,
-                      limit=None) -> Iterator[dict]:
+    def iter_features(
+        self, sae_name, series, analysis="default", *, order_by="index", descending=False, limit=None
+    ) -> Iterator[dict]:
         check_order(order_by)
         return self._iter(sae_name, series, analysis, order_by, descending, limit)
 
@@ -298,9 +344,13 @@ class MongoStore(Store):
         if current is None or limit == 0:
             return
         sort = [(order_by, -1 if descending else 1)] + ([("index", 1)] if order_by != "index" else [])
-        cursor = self._db.feature_analyses.find(
-            {"sae_name": sae_name, "sae_series": series, "analysis": analysis, "version": current["version"]}
-        ).sort(sort).batch_size(64)
+        cursor = (
+            self._db.feature_analyses.find(
+                {"sae_name": sae_name, "sae_series": series, "analysis": analysis, "version": current["version"]}
+            )
+            .sort(sort)
+            .batch_size(64)
+        )
         if limit is not None:
             cursor = cursor.limit(int(limit))
         chunk: list[dict] = []
@@ -314,8 +364,12 @@ class MongoStore(Store):
     def _merge_chunk(self, sae_name: str, series: str, docs: list[dict]) -> Iterator[dict]:
         if not docs:
             return
-        extras = {d["index"]: d for d in self._db.features.find(
-            {"sae_name": sae_name, "sae_series": series, "index": {"$in": [d["index"] for d in docs]}})}
+        extras = {
+            d["index"]: d
+            for d in self._db.features.find(
+                {"sae_name": sae_name, "sae_series": series, "index": {"$in": [d["index"] for d in docs]}}
+            )
+        }
         for doc in docs:
             feature = merged(self._record(doc), doc["index"], *self._extras(extras.get(doc["index"])))
             if feature is not None:  # `doc` is a feature record: never None
@@ -330,13 +384,24 @@ class MongoStore(Store):
         batch: list[tuple[int, Any]] = []
 
         def flush() -> None:
-            self._db.features.bulk_write([
-                UpdateOne({"sae_name": sae_name, "sae_series": series, "index": i}, {"$set": {field: doc}},
-                          upsert=True) for i, doc in batch])
+            self._db.features.bulk_write(
+                [
+                    UpdateOne(
+                        {"sae_name": sae_name, "sae_series": series, "index": i}, {"$set": {field: doc}}, upsert=True
+                    )
+                    for i, doc in batch
+                ]
+            )
             # GridFS files of the values just overwritten
-            self._drop_files({"metadata.sae_name": sae_name, "metadata.sae_series": series,
-                              "metadata.owner": field, "metadata.index": {"$in": [i for i, _ in batch]},
-                              "metadata.put": {"$ne": put}})
+            self._drop_files(
+                {
+                    "metadata.sae_name": sae_name,
+                    "metadata.sae_series": series,
+                    "metadata.owner": field,
+                    "metadata.index": {"$in": [i for i, _ in batch]},
+                    "metadata.put": {"$ne": put},
+                }
+            )
             batch.clear()
 
         for i, value in items:

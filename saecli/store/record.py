@@ -25,8 +25,11 @@ _UNREACHABLE: dict[tuple, str] = {}
 
 
 def store_key(cfg: StoreConfig) -> tuple:
-    return (cfg.backend, str(Path(cfg.path).expanduser().absolute()) if cfg.backend == "sqlite" else cfg.uri,
-            cfg.database)
+    return (
+        cfg.backend,
+        str(Path(cfg.path).expanduser().absolute()) if cfg.backend == "sqlite" else cfg.uri,
+        cfg.database,
+    )
 
 
 def describe(cfg: StoreConfig) -> str:
@@ -59,8 +62,10 @@ def probe(cfg: StoreConfig) -> str | None:
 
 
 def unreachable_message(cfg: StoreConfig, reason: str, folder: Path | str) -> str:
-    return (f"{describe(cfg)} is unreachable ({reason}). Working on files only: the results go to {folder}; "
-            f"record them later with `saecli record {folder}`")
+    return (
+        f"{describe(cfg)} is unreachable ({reason}). Working on files only: the results go to {folder}; "
+        f"record them later with `saecli record {folder}`"
+    )
 
 
 def record_run(store: Store, exp: Experiment, folder: Path) -> dict[str, Any]:
@@ -85,8 +90,15 @@ def record_run(store: Store, exp: Experiment, folder: Path) -> dict[str, Any]:
     store.put_dataset(exp.dataset.path, to_dict(exp.dataset))
     cfg = to_dict(exp)
     cfg.pop("source_file", None)
-    store.put_sae(name, series, path=str(folder.resolve()), cfg=cfg, model_name=model_name,
-                  dataset_name=exp.dataset.path, metrics=metrics)
+    store.put_sae(
+        name,
+        series,
+        path=str(folder.resolve()),
+        cfg=cfg,
+        model_name=model_name,
+        dataset_name=exp.dataset.path,
+        metrics=metrics,
+    )
     done: dict[str, Any] = {"dictionary": f"{name} ({series})", "d_sae": dictionary.d_sae, "analyses": []}
     for sub in sorted((folder / "analysis").glob("*/features.safetensors")):
         result = AnalysisResult.load(sub.parent)

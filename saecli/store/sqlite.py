@@ -85,9 +85,11 @@ def _unpacked(doc: str | None, blob: bytes | None) -> Any:
 
 
 def _describe(store: SQLiteStore, exc: BaseException) -> str:
-    return (f"the SQLite store {store.path} failed: {exc}. If another saecli process is writing to it, "
-            f"retry or raise store.timeout_s; otherwise check that the file is a saecli store on a "
-            f"writable disk with free space.")
+    return (
+        f"the SQLite store {store.path} failed: {exc}. If another saecli process is writing to it, "
+        f"retry or raise store.timeout_s; otherwise check that the file is a saecli store on a "
+        f"writable disk with free space."
+    )
 
 
 _guard = guarded((sqlite3.Error,), _describe)
@@ -161,8 +163,10 @@ class SQLiteStore(Store):
     def _sae_id(self, name: str, series: str) -> int:
         row = self._db.execute("SELECT id FROM saes WHERE name = ? AND series = ?", (name, series)).fetchone()
         if row is None:
-            raise RunError(f"dictionary {name!r} (series {series!r}) is not in the store {self.path}; "
-                           f"record it first (put_sae), e.g. by training or registering it")
+            raise RunError(
+                f"dictionary {name!r} (series {series!r}) is not in the store {self.path}; "
+                f"record it first (put_sae), e.g. by training or registering it"
+            )
         return row[0]
 
     # models, datasets, dictionaries
@@ -188,8 +192,9 @@ class SQLiteStore(Store):
         return None if row is None else json.loads(row[0])
 
     @_guard
-    def put_sae(self, name, series=DEFAULT_SERIES, *, path, cfg, model_name=None, dataset_name=None,
-                metrics=None) -> None:
+    def put_sae(
+        self, name, series=DEFAULT_SERIES, *, path, cfg, model_name=None, dataset_name=None, metrics=None
+    ) -> None:
         now, metrics_json = time.time(), None if metrics is None else _json(metrics)
         with self._tx() as db:
             db.execute(
@@ -198,8 +203,8 @@ class SQLiteStore(Store):
                 " ON CONFLICT (name, series) DO UPDATE SET path = excluded.path, cfg = excluded.cfg,"
                 " model_name = excluded.model_name, dataset_name = excluded.dataset_name,"
                 " metrics = coalesce(?, metrics), updated_at = excluded.updated_at",
-                (name, series, str(path), _json(cfg), model_name, dataset_name, metrics_json, now, now,
-                 metrics_json))
+                (name, series, str(path), _json(cfg), model_name, dataset_name, metrics_json, now, now, metrics_json),
+            )
 
     _SAE_COLUMNS = "name, series, path, cfg, model_name, dataset_name, metrics, created_at, updated_at"
 
@@ -212,8 +217,9 @@ class SQLiteStore(Store):
 
     @_guard
     def get_sae(self, name, series=DEFAULT_SERIES) -> dict | None:
-        row = self._db.execute(f"SELECT {self._SAE_COLUMNS} FROM saes WHERE name = ? AND series = ?",
-                               (name, series)).fetchone()
+        row = self._db.execute(
+            f"SELECT {self._SAE_COLUMNS} FROM saes WHERE name = ? AND series = ?", (name, series)
+        ).fetchone()
         return None if row is None else self._sae_row(row)
 
     @_guard
@@ -227,8 +233,10 @@ class SQLiteStore(Store):
         with self._tx() as db:
             sae_id = self._sae_id(name, series)
             old = json.loads(db.execute("SELECT metrics FROM saes WHERE id = ?", (sae_id,)).fetchone()[0])
-            db.execute("UPDATE saes SET metrics = ?, updated_at = ? WHERE id = ?",
-                       (_json({**old, **metrics}), time.time(), sae_id))
+            db.execute(
+                "UPDATE saes SET metrics = ?, updated_at = ? WHERE id = ?",
+                (_json({**old, **metrics}), time.time(), sae_id),
+            )
 
     @_guard
     def remove_sae(self, name, series=DEFAULT_SERIES) -> None:
@@ -251,17 +259,23 @@ class SQLiteStore(Store):
             sae_id = self._sae_id(sae_name, series)
             new_id = db.execute(
                 "INSERT INTO analyses (sae_id, name, current, meta, meta_arrays, created_at)"
-                " VALUES (?, ?, NULL, ?, ?, ?)", (sae_id, analysis, meta_doc, meta_blob, time.time())).lastrowid
+                " VALUES (?, ?, NULL, ?, ?, ?)",
+                (sae_id, analysis, meta_doc, meta_blob, time.time()),
+            ).lastrowid
         try:
             n = self._write_features(new_id, features)
             with self._tx() as db:  # the flip: short, whatever the size of the analyses
                 mine = db.execute("SELECT 1 FROM analyses WHERE id = ?", (new_id,)).fetchone()
-                newer = db.execute("SELECT 1 FROM analyses WHERE sae_id = ? AND name = ? AND current = 1"
-                                   " AND id > ?", (sae_id, analysis, new_id)).fetchone()
+                newer = db.execute(
+                    "SELECT 1 FROM analyses WHERE sae_id = ? AND name = ? AND current = 1 AND id > ?",
+                    (sae_id, analysis, new_id),
+                ).fetchone()
                 if mine is None or newer is not None:
                     raise RunError(REPLACED)
-                db.execute("UPDATE analyses SET current = NULL WHERE sae_id = ? AND name = ? AND current = 1",
-                           (sae_id, analysis))
+                db.execute(
+                    "UPDATE analyses SET current = NULL WHERE sae_id = ? AND name = ? AND current = 1",
+                    (sae_id, analysis),
+                )
                 db.execute("UPDATE analyses SET current = 1, n_features = ? WHERE id = ?", (n, new_id))
         except BaseException:
             try:  # best effort: what is left is invisible and goes with the next replace
@@ -270,8 +284,9 @@ class SQLiteStore(Store):
                 pass
             raise
         # Older versions (the previous analysis, writers that died or lost) are now garbage.
-        old = self._db.execute("SELECT id FROM analyses WHERE sae_id = ? AND name = ? AND id < ?",
-                               (sae_id, analysis, new_id)).fetchall()
+        old = self._db.execute(
+            "SELECT id FROM analyses WHERE sae_id = ? AND name = ? AND id < ?", (sae_id, analysis, new_id)
+        ).fetchall()
         for (old_id,) in old:
             self._drop(old_id)
         return n
@@ -293,8 +308,9 @@ class SQLiteStore(Store):
         for feature in features:
             index = feature_index(feature)
             doc, blob = _packed({**feature, "index": index})
-            rows.append((analysis_id, index, _number(feature.get("act_times")),
-                         _number(feature.get("max_act")), doc, blob))
+            rows.append(
+                (analysis_id, index, _number(feature.get("act_times")), _number(feature.get("max_act")), doc, blob)
+            )
             n, size = n + 1, size + len(doc) + (len(blob) if blob else 0)
             if len(rows) >= BATCH_ROWS or size >= BATCH_BYTES:
                 flush()
@@ -307,8 +323,10 @@ class SQLiteStore(Store):
         """Delete a non-current analysis in short transactions (freeing big rows takes a while)."""
         while True:
             with self._tx() as db:
-                gone = db.execute("DELETE FROM features WHERE rowid IN (SELECT rowid FROM features"
-                                  " WHERE analysis_id = ? LIMIT ?)", (analysis_id, BATCH_ROWS)).rowcount
+                gone = db.execute(
+                    "DELETE FROM features WHERE rowid IN (SELECT rowid FROM features WHERE analysis_id = ? LIMIT ?)",
+                    (analysis_id, BATCH_ROWS),
+                ).rowcount
                 if gone == 0:
                     db.execute("DELETE FROM analyses WHERE id = ? AND current IS NULL", (analysis_id,))
                     return
@@ -318,7 +336,8 @@ class SQLiteStore(Store):
         row = self._db.execute(
             "SELECT a.meta, a.meta_arrays, a.n_features, a.created_at FROM analyses a JOIN saes s"
             " ON a.sae_id = s.id WHERE s.name = ? AND s.series = ? AND a.name = ? AND a.current = 1",
-            (sae_name, series, analysis)).fetchone()
+            (sae_name, series, analysis),
+        ).fetchone()
         if row is None:
             return None
         return analysis_view(analysis, sae_name, series, _unpacked(row[0], row[1]), row[2], row[3])
@@ -328,7 +347,8 @@ class SQLiteStore(Store):
         " JOIN analyses a ON f.analysis_id = a.id JOIN saes s ON a.sae_id = s.id"
         " LEFT JOIN logits l ON l.sae_id = s.id AND l.idx = f.idx"
         " LEFT JOIN interpretations i ON i.sae_id = s.id AND i.idx = f.idx"
-        " WHERE s.name = ? AND s.series = ? AND a.name = ? AND a.current = 1")
+        " WHERE s.name = ? AND s.series = ? AND a.name = ? AND a.current = 1"
+    )
 
     @staticmethod
     def _feature(row: tuple, index: int | None = None) -> dict | None:
@@ -340,23 +360,27 @@ class SQLiteStore(Store):
 
     @_guard
     def get_feature(self, sae_name, series, index, analysis="default") -> dict | None:
-        row = self._db.execute(self._FEATURE_SELECT + " AND f.idx = ?",
-                               (sae_name, series, analysis, int(index))).fetchone()
+        row = self._db.execute(
+            self._FEATURE_SELECT + " AND f.idx = ?", (sae_name, series, analysis, int(index))
+        ).fetchone()
         if row is None:  # no analysis record: DLA or interpretation alone still make a feature
             row = self._db.execute(
                 "SELECT NULL, NULL, l.doc, l.arrays, i.doc, i.arrays FROM saes s"
                 " LEFT JOIN logits l ON l.sae_id = s.id AND l.idx = ?"
                 " LEFT JOIN interpretations i ON i.sae_id = s.id AND i.idx = ?"
-                " WHERE s.name = ? AND s.series = ?", (int(index), int(index), sae_name, series)).fetchone()
+                " WHERE s.name = ? AND s.series = ?",
+                (int(index), int(index), sae_name, series),
+            ).fetchone()
             if row is None:
                 return None
         return self._feature(row, int(index))
 
-    def iter_features(self, sae_name, series, analysis="default", *, order_by="index", descending=False,
-                      limit=None) -> Iterator[dict]:
+    def iter_features(
+        self, sae_name, series, analysis="default", *, order_by="index", descending=False, limit=None
+    ) -> Iterator[dict]:
         check_order(order_by)
         direction = "DESC" if descending else "ASC"
-        sql = (f"{self._FEATURE_SELECT} ORDER BY {_ORDER_SQL[order_by]} {direction}, f.idx ASC LIMIT ?")
+        sql = f"{self._FEATURE_SELECT} ORDER BY {_ORDER_SQL[order_by]} {direction}, f.idx ASC LIMIT ?"
         return self._iter(sql, (sae_name, series, analysis, -1 if limit is None else int(limit)))
 
     @_guard
@@ -381,15 +405,16 @@ class SQLiteStore(Store):
         packed = [(int(i), *_packed(result)) for i, result in items]
         with self._tx() as db:
             sae_id = self._sae_id(sae_name, series)
-            db.executemany("INSERT OR REPLACE INTO logits VALUES (?, ?, ?, ?)",
-                           [(sae_id, *row) for row in packed])
+            db.executemany("INSERT OR REPLACE INTO logits VALUES (?, ?, ?, ?)", [(sae_id, *row) for row in packed])
 
     @_guard
     def put_interpretation(self, sae_name, series, index, interpretation) -> None:
         with self._tx() as db:
             sae_id = self._sae_id(sae_name, series)
-            db.execute("INSERT OR REPLACE INTO interpretations VALUES (?, ?, ?, ?)",
-                       (sae_id, int(index), *_packed(interpretation)))
+            db.execute(
+                "INSERT OR REPLACE INTO interpretations VALUES (?, ?, ?, ?)",
+                (sae_id, int(index), *_packed(interpretation)),
+            )
 
     def close(self) -> None:
         self._db.close()

@@ -117,8 +117,9 @@ def _sanitize(name: str) -> str:
     return _UNSAFE.sub("_", name).strip("._") or "member"
 
 
-def member_names(overrides: list[dict[str, Any]], base: dict, template: str | None,
-                 resolved: list[Any]) -> tuple[list[str], list[str]]:
+def member_names(
+    overrides: list[dict[str, Any]], base: dict, template: str | None, resolved: list[Any]
+) -> tuple[list[str], list[str]]:
     """(names, varying keys). Default names list the keys whose values differ, as `lr=3e-4,k=32`."""
     keys = list(dict.fromkeys(k for o in overrides for k in o))
     values = [[key_value(exp, k) for exp in resolved] for k in keys]
@@ -126,6 +127,7 @@ def member_names(overrides: list[dict[str, Any]], base: dict, template: str | No
     if template is not None:
         names = []
         for i, exp in enumerate(resolved):
+
             def field_value(match: re.Match, i: int = i, exp: Any = exp) -> str:
                 key = match.group(1).strip()
                 if key == "index":
@@ -134,8 +136,10 @@ def member_names(overrides: list[dict[str, Any]], base: dict, template: str | No
                     return format_value(overrides[i][key])
                 value = key_value(exp, key)
                 if value is None and key_value(base, key) is None:
-                    raise ConfigError(f"the name template names `{key}`, which is not a key path of the experiment "
-                                      "(or is unset)", key="sweep.name")
+                    raise ConfigError(
+                        f"the name template names `{key}`, which is not a key path of the experiment (or is unset)",
+                        key="sweep.name",
+                    )
                 return format_value(value)
 
             names.append(_sanitize(_FIELD.sub(field_value, template)))
@@ -157,8 +161,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPla
     file = str(path)
     if "sweep" not in data:
         experiment_from_dict(data, file=file)  # the base's own errors first
-        raise ConfigError("this file has no [sweep] section: add one with sweep.grid and/or sweep.variants "
-                          "(or use `saecli train` for a single run)", file=file)
+        raise ConfigError(
+            "this file has no [sweep] section: add one with sweep.grid and/or sweep.variants "
+            "(or use `saecli train` for a single run)",
+            file=file,
+        )
     try:
         sweep = parse(SweepConfig, data.pop("sweep"), key="sweep")
     except ConfigError as exc:
@@ -166,8 +173,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPla
     try:  # the base whole, before the grid hides a bad value under a key it overrides (e.g. --set sae.k=-9)
         experiment_from_dict(data, file=file)
     except ConfigError as exc:
-        raise ConfigError(f"the base experiment (the file without [sweep], after --set): {_bare(exc)}",
-                          file=file, key=exc.key) from None
+        raise ConfigError(
+            f"the base experiment (the file without [sweep], after --set): {_bare(exc)}", file=file, key=exc.key
+        ) from None
     return plan_from_dict(data, sweep, file=file)
 
 
@@ -190,10 +198,13 @@ def plan_from_dict(base: dict, sweep: SweepConfig, *, file: str | None = None) -
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if name in seen:
-            raise ConfigError(f"members {seen[name]} ({_describe(all_overrides[seen[name]])}) and {i} "
-                              f"({_describe(all_overrides[i])}) both get the name {name!r}: set sweep.name to a "
-                              "template naming the keys that tell them apart, e.g. 'lr{trainer.lr}-k{dictionary.k}'",
-                              file=file, key="sweep.name")
+            raise ConfigError(
+                f"members {seen[name]} ({_describe(all_overrides[seen[name]])}) and {i} "
+                f"({_describe(all_overrides[i])}) both get the name {name!r}: set sweep.name to a "
+                "template naming the keys that tell them apart, e.g. 'lr{trainer.lr}-k{dictionary.k}'",
+                file=file,
+                key="sweep.name",
+            )
         seen[name] = i
     members = []
     for i, (name, table, over) in enumerate(zip(names, tables, all_overrides)):
@@ -222,7 +233,7 @@ def _bare(exc: ConfigError) -> str:
     if exc.key:
         prefix.append(f"key `{exc.key}`")
     head = ": ".join(prefix) + ": " if prefix else ""
-    return text[len(head):] if head and text.startswith(head) else text
+    return text[len(head) :] if head and text.startswith(head) else text
 
 
 def _describe(overrides: dict[str, Any]) -> str:

@@ -122,7 +122,9 @@ def write_frontier(rows: list[dict[str, Any]], path: str | Path) -> None:
     try:
         for g in groups:
             idx = [i for i, r in enumerate(rows) if r.get("group", 0) == g]
-            ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], s=28, label=f"group {g}" if len(groups) > 1 else None)
+            ax.scatter(
+                [xs[i] for i in idx], [ys[i] for i in idx], s=28, label=f"group {g}" if len(groups) > 1 else None
+            )
         front = pareto_front(list(zip(xs, ys)))
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color="0.4", lw=1, zorder=0, label="frontier")
         for i, r in enumerate(rows):

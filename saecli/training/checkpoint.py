@@ -116,8 +116,9 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
     torch.save(state, path)
 
 
-def save_checkpoint(root: str | Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    root: str | Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2
+) -> Path:
     """Write checkpoint `step` of the run folder `root` atomically; keep the newest `keep`."""
     final = step_dir(Path(root), step)
     parent = final.parent
@@ -143,10 +144,15 @@ def save_checkpoint(root: str | Path, step: int, weights: dict[str, torch.Tensor
         needed = checkpoint_bytes(weights, state)
         if is_disk_full(exc, parent, needed):
             last = latest_checkpoint(root)
-            kept = f"the last checkpoint, {last[1]}, is intact (resume from it with --resume)" if last else \
-                "no earlier checkpoint exists"
-            raise RunError(f"the disk is full: writing checkpoint {final} (about {human_bytes(needed)}) failed; "
-                           f"{kept}. Free some space and run again") from exc
+            kept = (
+                f"the last checkpoint, {last[1]}, is intact (resume from it with --resume)"
+                if last
+                else "no earlier checkpoint exists"
+            )
+            raise RunError(
+                f"the disk is full: writing checkpoint {final} (about {human_bytes(needed)}) failed; "
+                f"{kept}. Free some space and run again"
+            ) from exc
         raise
     prune(root, keep)
     return final
@@ -154,6 +160,7 @@ def save_checkpoint(root: str | Path, step: int, weights: dict[str, torch.Tensor
 
 def checkpoint_bytes(weights: dict[str, torch.Tensor], state: Any) -> int:
     """About how many bytes a checkpoint takes on disk: its tensors (weights, optimizer moments...)."""
+
     def walk(obj: Any) -> int:
         if isinstance(obj, torch.Tensor):
             return obj.numel() * obj.element_size()

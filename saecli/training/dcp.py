@@ -45,8 +45,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_sharded_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                            state: dict[str, Any], *, is_main: bool, keep: int = 2) -> Path:
+def save_sharded_checkpoint(
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    *,
+    is_main: bool,
+    keep: int = 2,
+) -> Path:
     """Collective: write checkpoint `step` of run folder `root` (every rank its shards); keep `keep`."""
     final = step_dir(Path(root), step)
     tmp = final.parent / f".{final.name}.tmp-dcp"
@@ -94,6 +102,8 @@ def load_full_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, save
     if len(saved_ids) != len(order):
         raise ValueError(f"the checkpoint's optimizer has {len(saved_ids)} parameters, this dictionary {len(order)}")
     fqn = dict(zip(saved_ids, order, strict=True))
-    osd: dict[str, Any] = {"state": {fqn[i]: st for i, st in saved["state"].items()},
-           "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    osd: dict[str, Any] = {
+        "state": {fqn[i]: st for i, st in saved["state"].items()},
+        "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))

@@ -88,7 +88,7 @@ class TorchSync:
         offset = 0
         for g in grads:
             n = g.numel()
-            g.copy_(flat[offset: offset + n].view_as(g))
+            g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:

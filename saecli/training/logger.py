@@ -80,9 +80,18 @@ def read_metrics(path: str | Path) -> list[dict]:
 class WandbLogger:
     """One wandb run per member, resumed under the same id. Several may be live in one process."""
 
-    def __init__(self, folder: str | Path, *, name: str, project: str, entity: str | None = None,
-                 mode: Literal["online", "offline", "disabled"] = "offline", tags: list[str] | None = None, dir: str | None = None,
-                 config: dict | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        name: str,
+        project: str,
+        entity: str | None = None,
+        mode: Literal["online", "offline", "disabled"] = "offline",
+        tags: list[str] | None = None,
+        dir: str | None = None,
+        config: dict | None = None,
+    ):
         import wandb
 
         folder = Path(folder)
@@ -97,14 +106,24 @@ class WandbLogger:
         wandb_dir = Path(dir) if dir else folder
         wandb_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=project, entity=entity, name=name, id=run_id, resume="allow", mode=mode,
-            tags=list(tags or []), dir=str(wandb_dir), config=config or {}, reinit="create_new",
+            project=project,
+            entity=entity,
+            name=name,
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            tags=list(tags or []),
+            dir=str(wandb_dir),
+            config=config or {},
+            reinit="create_new",
             settings=wandb.Settings(silent=True, console="off"),
         )
 
     def log(self, record: dict[str, Any]) -> None:
         step = int(record.get("step", 0))
-        data = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and _clean(v) is not None}
+        data = {
+            k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and _clean(v) is not None
+        }
         self.run.log(data, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:

@@ -80,9 +80,18 @@ def tokens_per_second(tokens: int, seconds: float) -> float:
 class Member:
     """One dictionary + its optimisation state. `feed(batch)` per batch; the loop does the rest."""
 
-    def __init__(self, dictionary: Dictionary, cfg: Any, *, total_steps: int, batch_tokens: int,
-                 folder: str | Path | None = None, name: str = "run", sync: Sync | None = None,
-                 wandb: Any = None):
+    def __init__(
+        self,
+        dictionary: Dictionary,
+        cfg: Any,
+        *,
+        total_steps: int,
+        batch_tokens: int,
+        folder: str | Path | None = None,
+        name: str = "run",
+        sync: Sync | None = None,
+        wandb: Any = None,
+    ):
         if total_steps < 1:
             raise ValueError(f"a run needs at least one step, got total_steps={total_steps}")
         self.dictionary = dictionary
@@ -98,8 +107,13 @@ class Member:
         dcfg = dictionary.cfg
         # The driver's config is resolved already (config.toml records it); a bare TrainerConfig (tests,
         # benchmarks) gets the same defaults here: `cfg` is what this member trains with, every key set.
-        cfg = self.cfg = resolve_trainer(cfg, activation=dcfg.activation, d_sae=dictionary.d_sae,
-                                         d_model=dictionary.d_model, run_tokens=self.total_steps * tokens_per_step)
+        cfg = self.cfg = resolve_trainer(
+            cfg,
+            activation=dcfg.activation,
+            d_sae=dictionary.d_sae,
+            d_model=dictionary.d_model,
+            run_tokens=self.total_steps * tokens_per_step,
+        )
         self.sparsity_loss_type = cfg.sparsity_loss_type
         self.schedule = Schedule.from_config(cfg, total_steps=self.total_steps, k=int(dcfg.k or 0))
         first = next(dictionary.parameters())
@@ -107,14 +121,22 @@ class Member:
         self.hooks = list(dict.fromkeys(dictionary.in_hooks + dictionary.out_hooks))
         self.optimizer = make_optimizer(dictionary, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule.lr_lambda())
-        self._clip_params = [p for g in self.optimizer.param_groups if g.get("clip", True)
-                             and not any(s in str(g.get("name", "")) for s in _NO_CLIP_GROUPS) for p in g["params"]]
+        self._clip_params = [
+            p
+            for g in self.optimizer.param_groups
+            if g.get("clip", True) and not any(s in str(g.get("name", "")) for s in _NO_CLIP_GROUPS)
+            for p in g["params"]
+        ]
         self._all_params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.amp_dtype = DTYPES[cfg.amp_dtype] if cfg.amp_dtype else None
         use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.stats = FeatureStats(dictionary.d_sae, window=self.schedule.sampling_window,
-                                  dead_threshold_tokens=self.schedule.dead_threshold_tokens, device=self.device)
+        self.stats = FeatureStats(
+            dictionary.d_sae,
+            window=self.schedule.sampling_window,
+            dead_threshold_tokens=self.schedule.dead_threshold_tokens,
+            device=self.device,
+        )
         self.window = MetricWindow(self.device)
         self.k_aux = int(cfg.k_aux)
         self.checkpoint_at = set(checkpoint_steps(self.total_steps, cfg.n_checkpoints, cfg.check_point_save_mode))
@@ -153,11 +175,17 @@ class Member:
         """The step's hyper-parameters after schedules, handed to the dictionary's loss."""
         cfg = self.cfg
         return StepContext(
-            k=self.schedule.k_at(self.step), l1_coefficient=self.schedule.l1_at(self.step),
-            lp_coefficient=cfg.lp_coefficient, auxk_coefficient=cfg.auxk_coefficient, k_aux=self.k_aux,
+            k=self.schedule.k_at(self.step),
+            l1_coefficient=self.schedule.l1_at(self.step),
+            lp_coefficient=cfg.lp_coefficient,
+            auxk_coefficient=cfg.auxk_coefficient,
+            k_aux=self.k_aux,
             multi_topk_coefficient=cfg.multi_topk_coefficient,
-            dead_mask=self.stats.dead_mask(), sparsity_loss_type=self.sparsity_loss_type, p=cfg.p,
-            tanh_stretch_coefficient=cfg.tanh_stretch_coefficient, frequency_scale=cfg.frequency_scale,
+            dead_mask=self.stats.dead_mask(),
+            sparsity_loss_type=self.sparsity_loss_type,
+            p=cfg.p,
+            tanh_stretch_coefficient=cfg.tanh_stretch_coefficient,
+            frequency_scale=cfg.frequency_scale,
             training=True,
         )
 
@@ -168,8 +196,11 @@ class Member:
         raw = {h: batch.acts[h] for h in self.hooks}
         ctx = self.context()
         self.dictionary.train()
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
-               else contextlib.nullcontext())
+        amp = (
+            torch.autocast(self.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
         with amp:
             out = self.dictionary(raw, ctx, mask=mask)
         loss = out.loss
@@ -275,16 +306,23 @@ class Member:
     def _diverge(self, bad_step: int) -> None:
         self.status = "diverged"
         found = latest_checkpoint(self.folder) if self.folder else None
-        kept = (f"the last good checkpoint (step {found[0]}) is kept in {found[1]}" if found
-                else "no checkpoint had been written yet")
-        self.message = (f"{self.name}: the loss became NaN/inf at step {bad_step + 1}; training of this dictionary "
-                        f"stopped and {kept}. Lower trainer.lr, enable trainer.clip_grad_norm, or check the "
-                        "activations for NaN/inf.")
+        kept = (
+            f"the last good checkpoint (step {found[0]}) is kept in {found[1]}"
+            if found
+            else "no checkpoint had been written yet"
+        )
+        self.message = (
+            f"{self.name}: the loss became NaN/inf at step {bad_step + 1}; training of this dictionary "
+            f"stopped and {kept}. Lower trainer.lr, enable trainer.clip_grad_norm, or check the "
+            "activations for NaN/inf."
+        )
         if self.folder and self.sync.is_main:
             from saecli.fsio import write_json
 
-            write_json(self.folder / DIVERGED_FILE, {"step": bad_step + 1, "message": self.message,
-                                                     "last_checkpoint": found[0] if found else None})
+            write_json(
+                self.folder / DIVERGED_FILE,
+                {"step": bad_step + 1, "message": self.message, "last_checkpoint": found[0] if found else None},
+            )
 
     def metrics(self) -> dict[str, Any]:
         """Means over the steps since the last log (one sync), then reset the window."""
@@ -308,7 +346,9 @@ class Member:
             rec["mse"] = sse / max(elements, 1.0)
             if len(hooks) > 1:
                 for h in hooks:
-                    rec[f"explained_variance/{h}"] = 1.0 - sums[f"sse/{h}"] / sums[f"sst/{h}"] if sums[f"sst/{h}"] > 0 else float("nan")
+                    rec[f"explained_variance/{h}"] = (
+                        1.0 - sums[f"sse/{h}"] / sums[f"sst/{h}"] if sums[f"sst/{h}"] > 0 else float("nan")
+                    )
             return rec
 
         rec = self.window.read(make)
@@ -344,14 +384,23 @@ class Member:
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights: what a resumed member needs to continue bit for bit."""
         return {
-            "name": self.name, "step": self.step, "micro": self.micro, "tokens": self.tokens,
-            "total_steps": self.total_steps, "batch_tokens": self.batch_tokens, "status": self.status,
+            "name": self.name,
+            "step": self.step,
+            "micro": self.micro,
+            "tokens": self.tokens,
+            "total_steps": self.total_steps,
+            "batch_tokens": self.batch_tokens,
+            "status": self.status,
             "world_size": self.sync.world_size,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "stats": self.stats.state_dict(), "window": self.window.state_dict(),
-            "log_tokens": self._log_tokens, "grad_norm": None if self._grad_norm is None else float(self._grad_norm),
-            "lr_used": self._lr_used, "last_record": self.last_record,
+            "stats": self.stats.state_dict(),
+            "window": self.window.state_dict(),
+            "log_tokens": self._log_tokens,
+            "grad_norm": None if self._grad_norm is None else float(self._grad_norm),
+            "lr_used": self._lr_used,
+            "last_record": self.last_record,
             "elapsed_s": self._elapsed_before + (time.perf_counter() - self._start),
         }
 
@@ -397,11 +446,19 @@ class Member:
         if weights:  # else a sharded checkpoint: read below, resharded to this member's layout
             cls.load_weights(dictionary, weights)
         ms = state["member"]
-        member = cls(dictionary, cfg, total_steps=ms["total_steps"], batch_tokens=ms["batch_tokens"],
-                     name=kwargs.pop("name", ms["name"]), **kwargs)
+        member = cls(
+            dictionary,
+            cfg,
+            total_steps=ms["total_steps"],
+            batch_tokens=ms["batch_tokens"],
+            name=kwargs.pop("name", ms["name"]),
+            **kwargs,
+        )
         if ms.get("world_size", 1) != member.sync.world_size:
-            raise ValueError(f"checkpoint {path} was written by {ms.get('world_size', 1)} processes; "
-                             f"resume it with the same number (now {member.sync.world_size})")
+            raise ValueError(
+                f"checkpoint {path} was written by {ms.get('world_size', 1)} processes; "
+                f"resume it with the same number (now {member.sync.world_size})"
+            )
         member.load_state_dict(ms)
         if not weights:
             from saecli.training.dcp import load_sharded

@@ -48,8 +48,9 @@ def progress(step: int, start: int, length: int) -> float:
     return min(1.0, max(0.0, (step - start + 1) / length))
 
 
-def lr_factor(step: int, *, name: str, total_steps: int, warmup_steps: int = 0, cooldown_steps: int = 0,
-              end_ratio: float = 1 / 32) -> float:
+def lr_factor(
+    step: int, *, name: str, total_steps: int, warmup_steps: int = 0, cooldown_steps: int = 0, end_ratio: float = 1 / 32
+) -> float:
     """The factor multiplying the base learning rate at optimizer step `step` (0-based)."""
     T, W, r = total_steps, warmup_steps, end_ratio
     if name == "constant":
@@ -76,8 +77,16 @@ def warmup(step: int, warmup_steps: int) -> float:
     return progress(step, 0, warmup_steps)
 
 
-def k_at(step: int, *, k: int, initial_k: int | None, cold_steps: int = 0, warmup_steps: int = 0,
-         kind: str = "linear", exponential_factor: float = 3.0) -> int:
+def k_at(
+    step: int,
+    *,
+    k: int,
+    initial_k: int | None,
+    cold_steps: int = 0,
+    warmup_steps: int = 0,
+    kind: str = "linear",
+    exponential_factor: float = 3.0,
+) -> int:
     """k at a step: `initial_k` held for `cold_steps`, then annealed to `k` over `warmup_steps`.
 
     linear: k0 + (k − k0)·p; exponential: k0 − (k0 − k)(1 − e^{−a p}) / (1 − e^{−a}) (fast first, then
@@ -144,14 +153,25 @@ class Schedule:
 
     def lr_lambda(self) -> Callable[[int], float]:
         """The function torch's LambdaLR calls with the step index."""
-        return partial(lr_factor, name=self.lr_scheduler, total_steps=self.total_steps,
-                       warmup_steps=self.lr_warmup_steps, cooldown_steps=self.lr_cooldown_steps,
-                       end_ratio=self.lr_end_ratio)
+        return partial(
+            lr_factor,
+            name=self.lr_scheduler,
+            total_steps=self.total_steps,
+            warmup_steps=self.lr_warmup_steps,
+            cooldown_steps=self.lr_cooldown_steps,
+            end_ratio=self.lr_end_ratio,
+        )
 
     def l1_at(self, step: int) -> float:
         return self.l1_coefficient * warmup(step, self.l1_warmup_steps)
 
     def k_at(self, step: int) -> int:
-        return k_at(step, k=self.k, initial_k=self.initial_k, cold_steps=self.k_cold_steps,
-                    warmup_steps=self.k_warmup_steps, kind=self.k_kind,
-                    exponential_factor=self.k_exponential_factor)
+        return k_at(
+            step,
+            k=self.k,
+            initial_k=self.initial_k,
+            cold_steps=self.k_cold_steps,
+            warmup_steps=self.k_warmup_steps,
+            kind=self.k_kind,
+            exponential_factor=self.k_exponential_factor,
+        )

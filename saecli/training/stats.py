@@ -94,15 +94,23 @@ class FeatureStats:
         freq = self.frequencies()
         if self.last_counts is None and self.tokens == 0:
             return {}
-        counts = torch.stack([
-            (freq == 0).sum(), (freq < dead_threshold).sum(), (freq > dense_threshold).sum(), self.dead_mask().sum(),
-        ]).tolist()
+        counts = torch.stack(
+            [
+                (freq == 0).sum(),
+                (freq < dead_threshold).sum(),
+                (freq > dense_threshold).sum(),
+                self.dead_mask().sum(),
+            ]
+        ).tolist()
         return dict(zip(("dead", "almost_dead", "dense", "auxk_dead"), map(int, counts)))
 
     def state_dict(self) -> dict:
         return {
-            "since_fired": self.since_fired.cpu(), "counts": self.counts.cpu(), "tokens": self.tokens,
-            "steps": self.steps, "last_tokens": self.last_tokens,
+            "since_fired": self.since_fired.cpu(),
+            "counts": self.counts.cpu(),
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "last_tokens": self.last_tokens,
             "last_counts": None if self.last_counts is None else self.last_counts.cpu(),
         }
 
@@ -143,8 +151,12 @@ class MetricWindow:
         return fn({**dict(zip(keys, values)), **self.host}, dict(self.counts))
 
     def state_dict(self) -> dict:
-        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "host": dict(self.host),
-                "counts": dict(self.counts), "steps": self.steps}
+        return {
+            "sums": {k: v.cpu() for k, v in self.sums.items()},
+            "host": dict(self.host),
+            "counts": dict(self.counts),
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}

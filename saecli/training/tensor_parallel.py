@@ -45,14 +45,21 @@ def check_tensor_parallel(kind: str, latent_axes: dict[str, int] | None, d_sae: 
     if tp == 1:
         return
     if not latent_axes:
-        raise ConfigError(f"{KEY} = {tp}: kind {kind!r} cannot be split over ranks (tensor parallelism covers "
-                          f"the kinds {', '.join(COVERED)}); set it to 1", key=KEY)
+        raise ConfigError(
+            f"{KEY} = {tp}: kind {kind!r} cannot be split over ranks (tensor parallelism covers "
+            f"the kinds {', '.join(COVERED)}); set it to 1",
+            key=KEY,
+        )
     if world_size % tp:
-        raise ConfigError(f"{KEY} = {tp} does not divide the {world_size} processes (data parallel × tensor "
-                          "parallel must equal the world size)", key=KEY)
+        raise ConfigError(
+            f"{KEY} = {tp} does not divide the {world_size} processes (data parallel × tensor "
+            "parallel must equal the world size)",
+            key=KEY,
+        )
     if d_sae % tp:
-        raise ConfigError(f"{KEY} = {tp} does not divide d_sae = {d_sae}: every rank holds d_sae / {tp} latents",
-                          key=KEY)
+        raise ConfigError(
+            f"{KEY} = {tp} does not divide d_sae = {d_sae}: every rank holds d_sae / {tp} latents", key=KEY
+        )
 
 
 def check_run(kind: str, d_sae: int | None, tp: int) -> None:
@@ -61,8 +68,11 @@ def check_run(kind: str, d_sae: int | None, tp: int) -> None:
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if 1 < tp and world < tp:
-        raise ConfigError(f"{KEY} = {tp} needs at least {tp} processes, this run has {world} (launch it with "
-                          f"`accelerate launch --num_processes {tp} -m saecli ...` or torchrun)", key=KEY)
+        raise ConfigError(
+            f"{KEY} = {tp} needs at least {tp} processes, this run has {world} (launch it with "
+            f"`accelerate launch --num_processes {tp} -m saecli ...` or torchrun)",
+            key=KEY,
+        )
     axes = latent_axes(dictionary_class(kind))
     check_tensor_parallel(kind, axes, d_sae if d_sae is not None else tp, tp, world)
 
@@ -80,12 +90,14 @@ def new_member(dictionary: Dictionary, cfg: Any, *, sync: Any, **kwargs: Any) ->
     return Member(dictionary, cfg, sync=sync, **kwargs)
 
 
-def resumed_member(dictionary: Dictionary, cfg: Any, checkpoint: Path, *, sync: Any, **kwargs: Any
-                   ) -> tuple[Member, dict]:
+def resumed_member(
+    dictionary: Dictionary, cfg: Any, checkpoint: Path, *, sync: Any, **kwargs: Any
+) -> tuple[Member, dict]:
     """A member restored from `checkpoint` (ordinary or DCP, resharded to this run's mesh either way)."""
     if isinstance(sync, TensorParallelSync):
-        return ShardedMember.from_checkpoint(shard_dictionary(dictionary, sync.mesh), cfg, checkpoint,
-                                             mesh=sync.mesh, sync=sync, **kwargs)
+        return ShardedMember.from_checkpoint(
+            shard_dictionary(dictionary, sync.mesh), cfg, checkpoint, mesh=sync.mesh, sync=sync, **kwargs
+        )
     return Member.from_checkpoint(dictionary, cfg, checkpoint, sync=sync, **kwargs)
 
 
@@ -185,7 +197,7 @@ class TensorParallelSync:
         flat /= self.world_size
         offset = 0
         for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -233,8 +245,9 @@ class ShardedMember(Member):
         from saecli.training.dcp import save_sharded_checkpoint
 
         state = {"member": self.state_dict(), **shared}
-        return save_sharded_checkpoint(self.folder, self.step, self.dictionary, self.optimizer, state,
-                                       is_main=self.sync.is_main)
+        return save_sharded_checkpoint(
+            self.folder, self.step, self.dictionary, self.optimizer, state, is_main=self.sync.is_main
+        )
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

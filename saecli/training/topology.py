@@ -22,12 +22,20 @@ def machines(world_size: int, env: Mapping[str, str] | None = None) -> tuple[int
     return max(1, world_size // local), local
 
 
-def topology_line(world_size: int, batch_tokens: int, accumulation: int = 1, *,
-                  mesh: Mapping[str, int] | None = None, env: Mapping[str, str] | None = None) -> str:
+def topology_line(
+    world_size: int,
+    batch_tokens: int,
+    accumulation: int = 1,
+    *,
+    mesh: Mapping[str, int] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str:
     """One line: world size (machines × processes), mesh shape, per-rank batch (see the module docstring)."""
     n_machines, local = machines(world_size, env)
     axes = dict(mesh) if mesh else {"dp": world_size}
     shape = " × ".join(f"{k}={v}" for k, v in axes.items())
     acc = f" × {accumulation} accumulation steps" if accumulation > 1 else ""
-    return (f"world size {world_size} ({n_machines} machine{'s' if n_machines > 1 else ''} × {local} "
-            f"process{'es' if local > 1 else ''}) · mesh {shape} · per rank {batch_tokens:,} tokens{acc} per step")
+    return (
+        f"world size {world_size} ({n_machines} machine{'s' if n_machines > 1 else ''} × {local} "
+        f"process{'es' if local > 1 else ''}) · mesh {shape} · per rank {batch_tokens:,} tokens{acc} per step"
+    )

@@ -85,8 +85,10 @@ def plan_steps(total_training_tokens: int, batch_tokens: int, accumulation: int 
     per_step = batch_tokens * accumulation * world_size
     steps = total_training_tokens // per_step
     if steps < 1:
-        raise ValueError(f"{total_training_tokens} tokens are less than one optimizer step ({per_step} tokens = "
-                         f"batch {batch_tokens} × accumulation {accumulation} × {world_size} process(es))")
+        raise ValueError(
+            f"{total_training_tokens} tokens are less than one optimizer step ({per_step} tokens = "
+            f"batch {batch_tokens} × accumulation {accumulation} × {world_size} process(es))"
+        )
     return Plan(total_steps=int(steps), batch_tokens=int(batch_tokens))
 
 
@@ -107,8 +109,13 @@ def estimate_mean_norms(batches: list[Batch], hooks: Iterable[str]) -> dict[str,
 
 
 @torch.no_grad()
-def initialize(stream: BatchSource, dictionaries: list[tuple[Dictionary, InitConfig]], *,
-               sync: Sync | None = None, lm: LanguageModel | None = None) -> int:
+def initialize(
+    stream: BatchSource,
+    dictionaries: list[tuple[Dictionary, InitConfig]],
+    *,
+    sync: Sync | None = None,
+    lm: LanguageModel | None = None,
+) -> int:
     """Data-dependent start of fresh dictionaries; returns the tokens of one batch (on this rank).
 
     `dictionaries` pairs each dictionary with its InitConfig. Draws max(init_batches) batches, sets the
@@ -196,8 +203,14 @@ def checkpoint_all(stream: ActivationStream, members: list[Member], sync: Sync, 
     sync.barrier()
 
 
-def fit(stream: ActivationStream, members: list[Member], *, reporter: Reporter | None = None, sync: Sync | None = None,
-        handle_signals: bool = True) -> list[Member]:
+def fit(
+    stream: ActivationStream,
+    members: list[Member],
+    *,
+    reporter: Reporter | None = None,
+    sync: Sync | None = None,
+    handle_signals: bool = True,
+) -> list[Member]:
     """Train every member on one pass of `stream` until all are finished, diverged or the stream ends.
 
     Members must already be restored (resume) or fresh, and the stream positioned accordingly.
@@ -211,8 +224,10 @@ def fit(stream: ActivationStream, members: list[Member], *, reporter: Reporter |
     batches_seen = lead.step * lead.accumulation
     for m in members:
         if m.step * m.accumulation != batches_seen:
-            raise ValueError("members of one fit must start at the same position in the stream "
-                             f"({m.name} is at batch {m.step * m.accumulation}, {lead.name} at {batches_seen})")
+            raise ValueError(
+                "members of one fit must start at the same position in the stream "
+                f"({m.name} is at batch {m.step * m.accumulation}, {lead.name} at {batches_seen})"
+            )
     every = [m.cfg.checkpoint_every_seconds for m in members if m.cfg.checkpoint_every_seconds > 0]
     timer = CheckpointTimer(min(every) if every else 0.0)
     total_tokens = max(m.total_steps * m.accumulation for m in members) * lead.batch_tokens * sync.world_size
@@ -241,9 +256,11 @@ def fit(stream: ActivationStream, members: list[Member], *, reporter: Reporter |
             except StopIteration:
                 for m in alive:
                     m.status = "stopped"
-                    m.message = (f"{m.name}: the activation stream ended after {m.step} of {m.total_steps} steps; "
-                                 "the dictionary was saved as it is (generate a larger cache or lower "
-                                 "trainer.total_training_tokens)")
+                    m.message = (
+                        f"{m.name}: the activation stream ended after {m.step} of {m.total_steps} steps; "
+                        "the dictionary was saved as it is (generate a larger cache or lower "
+                        "trainer.total_training_tokens)"
+                    )
                     reporter.warn(m.message)
                 break
             moved: dict[tuple, Batch] = {}
