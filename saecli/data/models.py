@@ -31,7 +31,6 @@ from saecli.config.models import head_name
 from saecli.data.batch import Batch
 from saecli.data.outliers import drop_outliers
 from saecli.data.stream import ActivationStream
-from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
@@ -253,8 +252,7 @@ def open_models_stream(
 def _cache_children(
     exp: Any, acts: Any, per_model: dict[str, list[str]], contexts: bool, rank: int, world_size: int, epochs: int | None
 ) -> dict[str, CacheStream]:
-    from saecli.data.open import cache_exists
-    from saecli.data.reader import CacheStream
+    from saecli.data.open import cache_exists, cache_stream
     from saecli.data.verify import check_against
 
     if contexts:
@@ -269,22 +267,8 @@ def _cache_children(
             "one cache per model label (`saecli generate` writes them)"
         )
     labels = list(dirs)
-    dtype = DTYPES[acts.override_dtype] if acts.override_dtype else None
     children = {
-        label: CacheStream(
-            dirs[label],
-            hook_points=per_model[label],
-            batch_size=acts.batch_size,
-            shuffle=acts.shuffle,
-            buffer_tokens=acts.shuffle_buffer_tokens,
-            seed=acts.seed,
-            rank=rank,
-            world_size=world_size,
-            epochs=epochs,
-            dtype=dtype,
-            max_norm_ratio=0.0,
-            verify=acts.verify_chunks,
-        )
+        label: cache_stream(dirs[label], acts, per_model[label], rank, world_size, epochs, max_norm_ratio=0.0)
         for label in labels
     }
     # cheap first: equal chunks ⇒ equal windows and permutations ⇒ aligned batches (each batch is still checked)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from saecli.config.activations import ActivationsConfig
     from saecli.config.experiment import Experiment
     from saecli.config.model import ModelConfig
+    from saecli.data.reader import CacheStream
     from saecli.lm.loading import LanguageModel
 
 
@@ -55,6 +56,35 @@ def uses_cache(exp: Experiment) -> bool:
     if exp.models and root:  # one cache per model: <cache_dir>/<label>
         root = str(Path(root) / next(iter(exp.models)))
     return acts.source == "cache" or (acts.source == "auto" and cache_exists(root))
+
+
+def cache_stream(
+    cache_dir: str | Path,
+    acts: ActivationsConfig,
+    hooks: list[str],
+    rank: int,
+    world_size: int,
+    epochs: int | None,
+    max_norm_ratio: float,
+) -> CacheStream:
+    """The cache reader with the [activations] settings (batch, shuffle buffer, seed, dtype, chunk checks),
+    for one cache dir — a single model's or one label's of a [models] run."""
+    from saecli.data.reader import CacheStream
+
+    return CacheStream(
+        cache_dir,
+        hook_points=hooks,
+        batch_size=acts.batch_size,
+        shuffle=acts.shuffle,
+        buffer_tokens=acts.shuffle_buffer_tokens,
+        seed=acts.seed,
+        rank=rank,
+        world_size=world_size,
+        epochs=epochs,
+        dtype=DTYPES[acts.override_dtype] if acts.override_dtype else None,
+        max_norm_ratio=max_norm_ratio,
+        verify=acts.verify_chunks,
+    )
 
 
 def open_stream(
@@ -93,28 +123,12 @@ def open_stream(
     hooks = list(hook_points or acts.hook_points)
     epochs = 1 if purpose == "eval" else None
     if uses_cache(exp):
-        from saecli.data.reader import CacheStream
-
         if contexts:
             raise UsageError(
                 f"this dictionary needs whole contexts (e.g. LORSA), which a token cache ({acts.cache_dir}) cannot give: "
                 "set activations.source = 'live' to compute them from [model]"
             )
-        dtype = DTYPES[acts.override_dtype] if acts.override_dtype else None
-        return CacheStream(
-            str(acts.cache_dir),
-            hook_points=hooks,
-            batch_size=acts.batch_size,
-            shuffle=acts.shuffle,
-            buffer_tokens=acts.shuffle_buffer_tokens,
-            seed=acts.seed,
-            rank=rank,
-            world_size=world_size,
-            epochs=epochs,
-            dtype=dtype,
-            max_norm_ratio=acts.max_norm_ratio,
-            verify=acts.verify_chunks,
-        )
+        return cache_stream(str(acts.cache_dir), acts, hooks, rank, world_size, epochs, acts.max_norm_ratio)
     from saecli.data.live import LiveStream
 
     model_cfg = need_model(exp)

@@ -50,7 +50,7 @@ from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import SparseActivation, gated_pre, threshold
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, own_config
 from saecli.dictionaries.clt_config import CLTConfig
-from saecli.dictionaries.crosscoder import per_hook_metrics
+from saecli.dictionaries.crosscoder import layered_output
 from saecli.dictionaries.sharding import LatentShard, local
 from saecli.dtypes import DTYPES
 from saecli.errors import ConfigError
@@ -389,39 +389,25 @@ class CrossLayerTranscoder(Dictionary):
             self.last_path = "dense"
         mse = L.mse(recon.reshape(n_tok, -1), y.reshape(n_tok, -1))  # Σ over layers and d, mean over tokens
         terms = {"mse": mse}
-        loss = mse
+        acc = L.TermSum(terms, extra, mse)
         extra["mse_per_element"] = L.mse_per_element(recon.detach(), y)
         norms = self.layer_decoder_norms() if self.cfg.sparsity_include_decoder_norm else None
-        pen = None
         if kind == "l0":
             if act != "jumprelu":
                 raise ValueError("sparsity_loss_type 'l0' needs activation = 'jumprelu'")
-            pen = L.jumprelu_l0(h, self._jumprelu().theta(), self._jumprelu().bandwidth, gate, latent_dims=2)
+            theta = self._jumprelu().theta()
+            acc.add(
+                "sparsity", ctx.l1_coefficient, L.jumprelu_l0(h, theta, self._jumprelu().bandwidth, gate, latent_dims=2)
+            )
         elif kind != "none":
             assert f3 is not None, "the sparse path runs without a sparsity penalty (_sparse_path)"
-            pen = L.sparsity_penalty(
-                kind,
-                f3,
-                norms,
-                p=ctx.p,
-                c=ctx.tanh_stretch_coefficient,
-                frequency_scale=ctx.frequency_scale,
-                latent_dims=2,
-            )
-        if pen is not None:
-            terms["sparsity"] = ctx.l1_coefficient * pen
-            extra["raw/sparsity"] = pen.detach()
-            loss = loss + terms["sparsity"]
+            acc.add("sparsity", ctx.l1_coefficient, L.step_sparsity_penalty(ctx, f3, norms, latent_dims=2))
         if act in ("topk", "batchtopk") and ctx.auxk_coefficient > 0 and ctx.dead_mask is not None:
             aux = self._auxk(h, ctx, (y - recon).detach().reshape(n_tok, -1), gate)
-            terms["aux"] = ctx.auxk_coefficient * aux
-            extra["raw/aux"] = aux.detach()
-            loss = loss + terms["aux"]
+            acc.add("aux", ctx.auxk_coefficient, aux)
         if act == "jumprelu" and ctx.lp_coefficient > 0:
             lp = L.jumprelu_preact_loss(h, self._jumprelu().theta(), norms, gated=self.gated, latent_dims=2)
-            terms["lp"] = ctx.lp_coefficient * lp
-            extra["raw/lp"] = lp.detach()
-            loss = loss + terms["lp"]
+            acc.add("lp", ctx.lp_coefficient, lp)
         if act == "jumprelu":
             extra["mean_threshold"] = self._jumprelu().theta().detach().mean()
         extra["path"] = self.last_path
@@ -429,17 +415,8 @@ class CrossLayerTranscoder(Dictionary):
         extra["l0"] = per_layer.sum()
         for i, hook in enumerate(self.in_hooks):
             extra[f"l0/{hook}"] = per_layer[i]
-        recon_d = {hook: recon[:, t] for t, hook in enumerate(self.out_hooks)}
-        target_d = {hook: y[:, t] for t, hook in enumerate(self.out_hooks)}
-        extra.update(per_hook_metrics(recon_d, target_d))
-        return LossOutput(
-            loss=loss,
-            terms={k: v.detach() for k, v in terms.items()},
-            feature_acts=feature_acts,
-            reconstruction=recon_d,
-            target=target_d,
-            extra=extra,
-        )
+        assert acc.total is not None
+        return layered_output(self.out_hooks, acc.total, terms, feature_acts, recon, y, extra)
 
     # ------------------------------------------------------------------ sparse TopK path
     def _sparse_path(self, ctx: StepContext) -> bool:

@@ -18,7 +18,7 @@ import torch
 from saecli.dictionaries import losses as L
 from saecli.dictionaries.activations import gated_pre, jumprelu_gated
 from saecli.dictionaries.base import LossOutput, StepContext
-from saecli.dictionaries.crosscoder import per_hook_metrics
+from saecli.dictionaries.crosscoder import layered_output
 from saecli.dictionaries.sharding import LatentShard, local
 
 if TYPE_CHECKING:
@@ -75,47 +75,30 @@ def sharded_loss(
     mse = L.mse(recon.reshape(n_tok, -1), y.reshape(n_tok, -1))
     terms: dict[str, torch.Tensor] = {"mse": mse}
     extra: dict[str, Any] = {"mse_per_element": L.mse_per_element(recon.detach(), y)}
-    loss = mse
+    acc = L.TermSum(terms, extra, mse)
     act, kind = clt.cfg.activation, ctx.sparsity_loss_type or "none"
     pen_norms = norms if clt.cfg.sparsity_include_decoder_norm else None
-
-    def add(name: str, coefficient: float, raw: torch.Tensor) -> None:
-        nonlocal loss
-        terms[name] = coefficient * raw
-        extra[f"raw/{name}"] = raw.detach()
-        loss = loss + terms[name]
-
     theta = local(clt.activation.theta_parameter()).exp() if act == "jumprelu" and clt.activation else None
     if kind == "l0":
         if theta is None or clt.activation is None:
             raise ValueError("sparsity_loss_type 'l0' needs activation = 'jumprelu'")
-        add(
+        acc.add(
             "sparsity",
             ctx.l1_coefficient,
             shard.reduce(L.jumprelu_l0(h, theta, clt.activation.bandwidth, gate, latent_dims=2)),
         )
     elif kind != "none":
-        add(
+        acc.add(
             "sparsity",
             ctx.l1_coefficient,
-            shard.reduce(
-                L.sparsity_penalty(
-                    kind,
-                    f3,
-                    pen_norms,
-                    p=ctx.p,
-                    c=ctx.tanh_stretch_coefficient,
-                    frequency_scale=ctx.frequency_scale,
-                    latent_dims=2,
-                )
-            ),
+            shard.reduce(L.step_sparsity_penalty(ctx, f3, pen_norms, latent_dims=2)),
         )
     if act in ("topk", "batchtopk") and ctx.auxk_coefficient > 0 and ctx.dead_mask is not None:
 
         def decode(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
             return clt.decode_sparse(values, indices, bias=False, w_dec=w_dec).reshape(n_tok, -1)
 
-        add(
+        acc.add(
             "aux",
             ctx.auxk_coefficient,
             shard.auxk(
@@ -128,21 +111,12 @@ def sharded_loss(
             ),
         )
     if theta is not None and ctx.lp_coefficient > 0:
-        add(
+        acc.add(
             "lp",
             ctx.lp_coefficient,
             shard.reduce(L.jumprelu_preact_loss(h, theta, pen_norms, gated=clt.gated, latent_dims=2)),
         )
     clt.last_path = "tensor-parallel"
     extra["path"] = clt.last_path
-    recon_d = {hook: recon[:, t] for t, hook in enumerate(clt.out_hooks)}
-    target_d = {hook: y[:, t] for t, hook in enumerate(clt.out_hooks)}
-    extra.update(per_hook_metrics(recon_d, target_d))
-    return LossOutput(
-        loss=loss,
-        terms={k: v.detach() for k, v in terms.items()},
-        feature_acts=feature_acts,
-        reconstruction=recon_d,
-        target=target_d,
-        extra=extra,
-    )
+    assert acc.total is not None
+    return layered_output(clt.out_hooks, acc.total, terms, feature_acts, recon, y, extra)

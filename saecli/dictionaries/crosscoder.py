@@ -291,3 +291,27 @@ def per_hook_metrics(
         out[f"explained_variance/{hook}"] = 1.0 - sse / sst if sst > 0 else torch.full((), float("nan"))
         out[f"mse/{hook}"] = L.mse(y_hat2, y2)
     return out
+
+
+def layered_output(
+    out_hooks: list[str],
+    loss: torch.Tensor,
+    terms: dict[str, torch.Tensor],
+    feature_acts: torch.Tensor,
+    recon: torch.Tensor,
+    target: torch.Tensor,
+    extra: dict[str, Any],
+) -> LossOutput:
+    """LossOutput of a kind that reconstructs several hooks at once, recon and target [N, T, d] with
+    slot t for out_hooks[t] (the CLT, dense or tensor-parallel); adds the per-hook metrics to `extra`."""
+    recon_d = {hook: recon[:, t] for t, hook in enumerate(out_hooks)}
+    target_d = {hook: target[:, t] for t, hook in enumerate(out_hooks)}
+    extra.update(per_hook_metrics(recon_d, target_d))
+    return LossOutput(
+        loss=loss,
+        terms={k: v.detach() for k, v in terms.items()},
+        feature_acts=feature_acts,
+        reconstruction=recon_d,
+        target=target_d,
+        extra=extra,
+    )

@@ -81,41 +81,33 @@ def latent_terms(
     """
     terms: dict[str, torch.Tensor] = {}
     extra: dict[str, Any] = {}
-    total: torch.Tensor | None = None
-
-    def add(name: str, coefficient: float, raw: torch.Tensor) -> None:
-        nonlocal total
-        terms[name] = coefficient * raw
-        extra[f"raw/{name}"] = raw.detach()
-        total = terms[name] if total is None else total + terms[name]
+    acc = L.TermSum(terms, extra)
 
     act, kind = activation.name, ctx.sparsity_loss_type or "none"
     if kind == "l0":
         if act != "jumprelu":
             raise ValueError("sparsity_loss_type 'l0' needs activation = 'jumprelu'")
-        add("sparsity", ctx.l1_coefficient, L.jumprelu_l0(h, activation.theta(), activation.bandwidth, gate))
+        acc.add("sparsity", ctx.l1_coefficient, L.jumprelu_l0(h, activation.theta(), activation.bandwidth, gate))
     elif kind != "none":
-        add(
+        acc.add(
             "sparsity",
             ctx.l1_coefficient,
-            L.sparsity_penalty(
-                kind, f, norms, p=ctx.p, c=ctx.tanh_stretch_coefficient, frequency_scale=ctx.frequency_scale
-            ),
+            L.step_sparsity_penalty(ctx, f, norms),
         )
     if act in ("topk", "batchtopk") and ctx.auxk_coefficient > 0 and ctx.dead_mask is not None:
         aux = L.auxk_loss(
             h, ctx.dead_mask.to(h.device), int(ctx.k_aux or k_aux_default), residual.detach(), decode_rows, gate
         )
-        add("aux", ctx.auxk_coefficient, aux)
+        acc.add("aux", ctx.auxk_coefficient, aux)
     if act == "jumprelu" and ctx.lp_coefficient > 0:
-        add("lp", ctx.lp_coefficient, L.jumprelu_preact_loss(h, activation.theta(), norms, gated=gated))
+        acc.add("lp", ctx.lp_coefficient, L.jumprelu_preact_loss(h, activation.theta(), norms, gated=gated))
     if act == "jumprelu":
         extra["mean_threshold"] = activation.theta().detach().mean()
     if act == "batchtopk":
         extra["threshold"] = activation.threshold.detach().clone()
     fd = f.detach()
     extra["l0"] = (fd != 0).sum(-1).float().mean() if fd.shape[0] else torch.zeros(())
-    return total, terms, extra
+    return acc.total, terms, extra
 
 
 def fold_threshold(activation: SparseActivation, factor: float) -> None:

@@ -26,11 +26,14 @@ point of the decoder-norm weighting (Anthropic, April 2024 update). For p = 1 al
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from saecli.dictionaries.activations import gated_pre, step
+
+if TYPE_CHECKING:
+    from saecli.dictionaries.base import StepContext
 
 
 class Active(NamedTuple):
@@ -191,6 +194,44 @@ def sparsity_penalty(
     if kind == "tanh-quad":
         return tanh_quad_penalty(f, decoder_norm, c, frequency_scale, latent_dims, active)
     raise ValueError(f"unknown sparsity_loss_type {kind!r}")
+
+
+def step_sparsity_penalty(
+    ctx: StepContext,
+    f: torch.Tensor,
+    decoder_norm: torch.Tensor | None,
+    *,
+    latent_dims: int = 1,
+    active: Active | None = None,
+) -> torch.Tensor:
+    """`sparsity_penalty` of this step's `sparsity_loss_type` with its coefficients from `ctx` (p, tanh
+    stretch, frequency scale), so every kind reads them the same way."""
+    return sparsity_penalty(
+        ctx.sparsity_loss_type or "none",
+        f,
+        decoder_norm,
+        p=ctx.p,
+        c=ctx.tanh_stretch_coefficient,
+        frequency_scale=ctx.frequency_scale,
+        latent_dims=latent_dims,
+        active=active,
+    )
+
+
+class TermSum:
+    """The running sum of a step's loss terms: `add` records the scaled term as terms[name] and the raw
+    value (detached) as extra["raw/<name>"], the names the trainer logs; `total` is None until a term."""
+
+    def __init__(
+        self, terms: dict[str, torch.Tensor], extra: dict[str, Any], total: torch.Tensor | None = None
+    ) -> None:
+        self.terms, self.extra, self.total = terms, extra, total
+
+    def add(self, name: str, coefficient: float, raw: torch.Tensor) -> None:
+        """total += coefficient·raw, recorded under `name`."""
+        self.terms[name] = coefficient * raw
+        self.extra[f"raw/{name}"] = raw.detach()
+        self.total = self.terms[name] if self.total is None else self.total + self.terms[name]
 
 
 # ---------------------------------------------------------------------------------------- JumpReLU

@@ -47,45 +47,35 @@ def sharded_loss(
     if b_dec is not None:
         recon = recon + b_dec
     terms, extra = sae._common_terms(recon, y)
-    loss = terms["mse"]
+    acc = L.TermSum(terms, extra, terms["mse"])
     act, kind = sae.cfg.activation, ctx.sparsity_loss_type or "none"
     pen_norms = norms if sae.cfg.sparsity_include_decoder_norm else None
-
-    def add(name: str, coefficient: float, raw: torch.Tensor) -> None:
-        nonlocal loss
-        terms[name] = coefficient * raw
-        extra[f"raw/{name}"] = raw.detach()
-        loss = loss + terms[name]
-
     if act == "jumprelu":
         theta = local(sae.activation.theta_parameter()).exp()
     if kind == "l0":
         if act != "jumprelu":
             raise ValueError("sparsity_loss_type 'l0' needs activation = 'jumprelu'")
-        add("sparsity", ctx.l1_coefficient, shard.reduce(L.jumprelu_l0(h, theta, sae.activation.bandwidth, gate)))
+        acc.add("sparsity", ctx.l1_coefficient, shard.reduce(L.jumprelu_l0(h, theta, sae.activation.bandwidth, gate)))
     elif kind != "none":
-        add(
+        acc.add(
             "sparsity",
             ctx.l1_coefficient,
-            shard.reduce(
-                L.sparsity_penalty(
-                    kind, f, pen_norms, p=ctx.p, c=ctx.tanh_stretch_coefficient, frequency_scale=ctx.frequency_scale
-                )
-            ),
+            shard.reduce(L.step_sparsity_penalty(ctx, f, pen_norms)),
         )
     if act in ("topk", "batchtopk") and ctx.auxk_coefficient > 0 and ctx.dead_mask is not None:
-        add(
+        acc.add(
             "aux",
             ctx.auxk_coefficient,
             shard.auxk(h, ctx.dead_mask, int(ctx.k_aux or sae.d_model // 2), y - recon, L.gather_decode(w_dec), gate),
         )
     if act == "jumprelu" and ctx.lp_coefficient > 0:
-        add("lp", ctx.lp_coefficient, shard.reduce(L.jumprelu_preact_loss(h, theta, pen_norms, gated=sae.gated)))
+        acc.add("lp", ctx.lp_coefficient, shard.reduce(L.jumprelu_preact_loss(h, theta, pen_norms, gated=sae.gated)))
     if act == "batchtopk":
         extra["threshold"] = sae.activation.theta().detach().clone()
     sae.last_path = "tensor-parallel"
     extra["path"] = sae.last_path
-    return sae._output(loss, terms, f, recon, y, extra)
+    assert acc.total is not None
+    return sae._output(acc.total, terms, f, recon, y, extra)
 
 
 def _sparse_ok(sae: SparseAutoEncoder, x: torch.Tensor, ctx: StepContext) -> bool:
@@ -135,24 +125,13 @@ def _sparse_loss(
     if b_dec is not None:
         recon = recon + b_dec
     terms, extra = sae._common_terms(recon, y)
-    loss = terms["mse"]
-    kind = ctx.sparsity_loss_type or "none"
-    if kind != "none":
+    acc = L.TermSum(terms, extra, terms["mse"])
+    if (ctx.sparsity_loss_type or "none") != "none":
         pen_norms = norms if sae.cfg.sparsity_include_decoder_norm else None
-        pen = shard.reduce(
-            L.sparsity_penalty(
-                kind,
-                f,
-                pen_norms,
-                p=ctx.p,
-                c=ctx.tanh_stretch_coefficient,
-                frequency_scale=ctx.frequency_scale,
-                active=L.Active(pattern.col.long(), n_tok, d_local),
-            )
+        active_cols = L.Active(pattern.col.long(), n_tok, d_local)
+        acc.add(
+            "sparsity", ctx.l1_coefficient, shard.reduce(L.step_sparsity_penalty(ctx, f, pen_norms, active=active_cols))
         )
-        terms["sparsity"] = ctx.l1_coefficient * pen
-        extra["raw/sparsity"] = pen.detach()
-        loss = loss + terms["sparsity"]
     chosen = None
     if ctx.auxk_coefficient > 0 and ctx.dead_mask is not None:
         chosen = shard.auxk_select(h0, ctx.dead_mask, int(ctx.k_aux or sae.d_model // 2), gate)
@@ -161,11 +140,10 @@ def _sparse_loss(
         aux = L.normalized_residual_loss(
             shard.reduce(kernels.sparse_decode(acts, aux_pattern, w_dec)), (y - recon).detach()
         )
-        terms["aux"] = ctx.auxk_coefficient * aux
-        extra["raw/aux"] = aux.detach()
-        loss = loss + terms["aux"]
+        acc.add("aux", ctx.auxk_coefficient, aux)
     if sae.cfg.activation == "batchtopk":
         extra["threshold"] = sae.activation.theta().detach().clone()
     sae.last_path = "tensor-parallel-sparse"
     extra["path"] = sae.last_path
-    return sae._output(loss, terms, pattern.csr(f.detach()), recon, y, extra)
+    assert acc.total is not None
+    return sae._output(acc.total, terms, pattern.csr(f.detach()), recon, y, extra)

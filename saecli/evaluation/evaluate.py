@@ -44,6 +44,7 @@ from saecli.evaluation.splice import splice_eval
 if TYPE_CHECKING:
     from saecli.config.experiment import Experiment
     from saecli.lm.loading import LanguageModel
+    from saecli.store.base import Store
 
 
 EVAL_FILE = "eval.json"
@@ -183,39 +184,32 @@ def _splice(exp: Experiment, lm: LanguageModel, dictionary: Dictionary, held: He
 
 def _store_update(exp: Experiment, sae_path: Path, metrics: dict) -> None:
     """Merge the eval metrics into the store's record of this dictionary (created when missing)."""
-    if exp.store.backend == "none":
-        return
-    try:
-        from saecli.store import open_store
-    except ImportError:
-        return
     from saecli.config.load import experiment_dict
+    from saecli.store.record import write_or_warn
 
-    try:
-        store = open_store(exp.store)
-        try:
-            name = exp.run.name
-            if store.get_sae(name) is None:
-                store.put_sae(
-                    name,
-                    path=str(sae_path.resolve()),
-                    cfg=experiment_dict(exp),
-                    model_name=exp.model.name if exp.model is not None else None,
-                    dataset_name=exp.dataset.path,
-                    metrics={"eval": metrics},
-                )
-            else:
-                store.update_sae_metrics(name, "default", {"eval": metrics})
-        finally:
-            store.close()
-        from saecli.store.record import describe
+    def write(store: Store) -> None:
+        name = exp.run.name
+        if store.get_sae(name) is None:
+            store.put_sae(
+                name,
+                path=str(sae_path.resolve()),
+                cfg=experiment_dict(exp),
+                model_name=exp.model.name if exp.model is not None else None,
+                dataset_name=exp.dataset.path,
+                metrics={"eval": metrics},
+            )
+        else:
+            store.update_sae_metrics(name, "default", {"eval": metrics})
 
-        ui.info(f"recorded the eval of {name} in {describe(exp.store)}")
-    except Exception as exc:  # the store is a convenience: eval.json already holds everything
-        ui.warn(
-            f"could not record the eval of {exp.run.name} in the {exp.store.backend} store ({exc}); "
-            f"the results are in {sae_path / EVAL_FILE} (record them later with `saecli record {sae_path}`)"
-        )
+    write_or_warn(
+        exp,
+        write,
+        what=f"the eval of {exp.run.name}",
+        results=sae_path / EVAL_FILE,
+        folder=sae_path,
+        info=ui.info,
+        warn=ui.warn,
+    )
 
 
 def _write_latents(path: Path, per_latent: dict[str, torch.Tensor]) -> None:

@@ -14,6 +14,7 @@ from saecli.training.trainer import Reporter
 
 if TYPE_CHECKING:
     from saecli.lm.loading import LanguageModel
+    from saecli.store.base import Store
 
 
 def finish(member: Member, *, fold: bool) -> dict[str, Any]:
@@ -37,40 +38,24 @@ def finish(member: Member, *, fold: bool) -> dict[str, Any]:
 
 def record_in_store(exp: Experiment, folder: Path, summary: dict[str, Any], reporter: Reporter) -> None:
     """Register the trained dictionary in the results store; a failure only warns (results stay in the folder)."""
-    if exp.store.backend == "none":
-        return
-    try:
-        from saecli.store import open_store
-    except ImportError:
-        return
     from saecli.config.base import to_dict
     from saecli.config.load import experiment_dict
+    from saecli.store.record import write_or_warn
 
-    try:
-        store = open_store(exp.store)
-        try:
-            model_name = exp.model.name if exp.model is not None else None
-            if exp.model is not None:
-                store.put_model(exp.model.name, to_dict(exp.model))
-            store.put_dataset(exp.dataset.path, to_dict(exp.dataset))
-            store.put_sae(
-                exp.run.name,
-                path=str(folder.resolve()),
-                cfg=experiment_dict(exp),
-                model_name=model_name,
-                dataset_name=exp.dataset.path,
-                metrics=summary,
-            )
-        finally:
-            store.close()
-        from saecli.store.record import describe
-
-        reporter.info(f"recorded {exp.run.name} in {describe(exp.store)}")
-    except Exception as exc:  # the store is a convenience: never lose a finished run over it
-        reporter.warn(
-            f"could not record {exp.run.name} in the {exp.store.backend} store ({exc}); "
-            f"the results are in {folder} (record them later with `saecli record {folder}`)"
+    def write(store: Store) -> None:
+        if exp.model is not None:
+            store.put_model(exp.model.name, to_dict(exp.model))
+        store.put_dataset(exp.dataset.path, to_dict(exp.dataset))
+        store.put_sae(
+            exp.run.name,
+            path=str(folder.resolve()),
+            cfg=experiment_dict(exp),
+            model_name=exp.model.name if exp.model is not None else None,
+            dataset_name=exp.dataset.path,
+            metrics=summary,
         )
+
+    write_or_warn(exp, write, what=exp.run.name, results=folder, folder=folder, info=reporter.info, warn=reporter.warn)
 
 
 def evaluate_member(exp: Experiment, folder: Path, lm: LanguageModel | None, reporter: Reporter) -> None:

@@ -37,6 +37,12 @@ BATCH_DOCS = 256
 _FILED_BY = ("_id", "sae_name", "sae_series", "analysis", "version")  # added to each feature record
 
 
+def _analysis_tag(sae_name: str, series: str, analysis: str, version: ObjectId) -> dict[str, Any]:
+    """The owner tag of one version of an analysis, on its meta and feature arrays (in GridFS or inline),
+    by which a replace or drop finds them."""
+    return {"sae_name": sae_name, "sae_series": series, "owner": "analysis", "analysis": analysis, "version": version}
+
+
 def redact(uri: str) -> str:
     """The URI without its password, fit for messages."""
     return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
@@ -212,13 +218,7 @@ class MongoStore(Store):
         self._db.analyses.update_one(key, {"$push": {"writing": version}}, upsert=True)
         try:
             n = self._write_features(sae_name, series, analysis, version, features)
-            tag = {
-                "sae_name": sae_name,
-                "sae_series": series,
-                "owner": "analysis",
-                "analysis": analysis,
-                "version": version,
-            }
+            tag = _analysis_tag(sae_name, series, analysis, version)
             flip = {
                 "$set": {
                     "version": version,
@@ -242,13 +242,7 @@ class MongoStore(Store):
 
     def _write_features(self, sae_name, series, analysis, version, features: Iterable[dict]) -> int:
         filed = {"sae_name": sae_name, "sae_series": series, "analysis": analysis, "version": version}
-        tag = {
-            "sae_name": sae_name,
-            "sae_series": series,
-            "owner": "analysis",
-            "analysis": analysis,
-            "version": version,
-        }
+        tag = _analysis_tag(sae_name, series, analysis, version)
         batch: list[dict] = []
         n = 0
 

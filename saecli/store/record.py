@@ -10,6 +10,7 @@ once instead of waiting for the server's timeout again.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,39 @@ def describe(cfg: StoreConfig) -> str:
 
         return f"the MongoDB store {redact(cfg.uri or '')} (database {cfg.database})"
     return "no store"
+
+
+def write_or_warn(
+    exp: Experiment,
+    write: Callable[[Store], None],
+    *,
+    what: str,
+    results: Path,
+    folder: Path,
+    info: Callable[[str], object],
+    warn: Callable[[str], object],
+) -> None:
+    """Open the experiment's results store, `write` to it and close it, then say `recorded <what> in <store>`.
+    The store is a convenience: any failure only warns, pointing to the `results` on disk and to
+    `saecli record <folder>`; no store configured (or the store package not importable) does nothing."""
+    if exp.store.backend == "none":
+        return
+    try:
+        from saecli.store import open_store
+    except ImportError:
+        return
+    try:
+        store = open_store(exp.store)
+        try:
+            write(store)
+        finally:
+            store.close()
+        info(f"recorded {what} in {describe(exp.store)}")
+    except Exception as exc:  # never lose finished results over the store
+        warn(
+            f"could not record {what} in the {exp.store.backend} store ({exc}); "
+            f"the results are in {results} (record them later with `saecli record {folder}`)"
+        )
 
 
 def known_unreachable(cfg: StoreConfig) -> str | None:
