@@ -272,6 +272,15 @@ class Dictionary(nn.Module, abc.ABC):
         """Whether this kind defines `context_extras`, so the analysis re-runs each feature's top context."""
         return cls.context_extras is not Dictionary.context_extras
 
+    def model_norm_shares(self) -> tuple[list[str], torch.Tensor] | None:
+        """(model labels, [n_models, d_sae] each model's share of a latent's decoder norm) for a dictionary
+        whose heads span several models (model diffing, `saecli eval`'s model_diff). Default: None."""
+        return None
+
+    def model_heads(self) -> dict[str, list[str]]:
+        """{model label: its heads}, in the order of `model_norm_shares`'s labels. Default: none."""
+        return {}
+
     def dla_directions(self) -> torch.Tensor | None:
         """[d_sae, d_model] raw-unit directions direct logit attribution reads, when a kind needs other than
         the default (each out hook's decoder in raw units, summed), e.g. a crosscoder's last head. Default:

@@ -223,6 +223,9 @@ class Crosscoder(Dictionary):
         per_model = torch.stack([norms[idx].sum(0) for idx in groups.values()])
         return list(groups), per_model / per_model.sum(0, keepdim=True).clamp_min(1e-12)
 
+    def model_heads(self) -> dict[str, list[str]]:
+        return {label: [self.heads[i] for i in idx] for label, idx in heads_by_model(self.heads).items()}
+
     def relative_decoder_norm(self) -> tuple[list[str], torch.Tensor] | None:
         """([A, B], [d_sae] ‖d_B‖/(‖d_A‖+‖d_B‖)) for a crosscoder over exactly two models, else None."""
         shares = self.model_norm_shares()

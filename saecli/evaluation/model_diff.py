@@ -30,18 +30,15 @@ HIST_BINS = 20
 
 
 def model_diff_report(dictionary: Dictionary, per_hook: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The "model_diff" block for a dictionary with heads of several models (a crosscoder), else None."""
-    from saecli.dictionaries.crosscoder import EXCLUSIVE_RATIO, Crosscoder, diff_label, heads_by_model
+    """The "model_diff" block for a dictionary whose heads span several models (it declares their shares), else None."""
+    from saecli.dictionaries.crosscoder import EXCLUSIVE_RATIO, diff_label
 
-    if not isinstance(dictionary, Crosscoder):
-        return None
     shares = dictionary.model_norm_shares()
     if shares is None:
         return None
 
     labels, share = shares
-    groups = heads_by_model(list(dictionary.heads))
-    heads = {label: [dictionary.heads[i] for i in idx] for label, idx in groups.items()}
+    heads = dictionary.model_heads()
     ev: dict[str, float | None] = {}
     for label, names in heads.items():
         values = [

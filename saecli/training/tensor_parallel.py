@@ -35,7 +35,14 @@ from saecli.training.member import Member
 from saecli.training.stats import firing_counts
 
 KEY = "trainer.tensor_parallel"
-COVERED = ("sae", "transcoder", "crosscoder", "clt")  # the kinds that declare `latent_axes` (tests check the list)
+
+
+def covered_kinds() -> list[str]:
+    """The kinds that can be split over ranks: those whose class declares `latent_axes` (the registry's order)."""
+    from saecli.dictionaries.kinds import KIND_MODULES
+    from saecli.dictionaries.registry import dictionary_class
+
+    return [k for k in KIND_MODULES if latent_axes(dictionary_class(k))]
 
 
 def check_tensor_parallel(kind: str, latent_axes: dict[str, int] | None, d_sae: int, tp: int, world_size: int) -> None:
@@ -47,7 +54,7 @@ def check_tensor_parallel(kind: str, latent_axes: dict[str, int] | None, d_sae: 
     if not latent_axes:
         raise ConfigError(
             f"{KEY} = {tp}: kind {kind!r} cannot be split over ranks (tensor parallelism covers "
-            f"the kinds {', '.join(COVERED)}); set it to 1",
+            f"the kinds {', '.join(covered_kinds())}); set it to 1",
             key=KEY,
         )
     if world_size % tp:
