@@ -500,3 +500,32 @@ def test_generate_reports_the_chunks_it_wrote(tmp_path, tiny_llama):
         exp, load_model(exp.model), run_to_hooks, 0, 1, progress=lambda n, metrics: seen.append(metrics["chunks"])
     )
     assert seen[-1] == len(manifest["chunks"]) == 5  # the bar's last count is the summary's (was one behind)
+
+
+def test_disk_full_during_a_sharded_checkpoint_names_it_and_keeps_the_last(tmp_path, monkeypatch):
+    """A tensor-parallel run writes DCP checkpoints: a full disk while DCP writes its shards is the same
+    one-paragraph error as for an ordinary checkpoint, and leaves the last one whole."""
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as dcp_files
+
+    from saecli.training import checkpoint as ck
+    from saecli.training.dcp import save_sharded_checkpoint
+
+    model = torch.nn.Linear(64, 32)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(2, 64)).sum().backward()
+    optimizer.step()
+    first = save_sharded_checkpoint(tmp_path, 10, model, optimizer, {"step": 10}, is_main=True)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp_files, "_write_item", full)
+    with pytest.raises(RunError) as info:
+        save_sharded_checkpoint(tmp_path, 20, model, optimizer, {"step": 20}, is_main=True)
+    text = str(info.value)
+    assert "disk is full" in text and "step_00000020" in text and "KiB" in text  # 3 × 2,080 floats ≈ 24 KiB
+    assert str(first) in text and "intact" in text
+    assert ck.latest_checkpoint(tmp_path) == (10, first)
+    assert not list((tmp_path / "checkpoints").glob(".step_*"))

@@ -139,26 +139,34 @@ def save_checkpoint(
         _fsync(parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        from saecli.fsio import human_bytes, is_disk_full
-
-        needed = checkpoint_bytes(weights, state)
-        if is_disk_full(exc, parent, needed):
-            last = latest_checkpoint(root)
-            kept = (
-                f"the last checkpoint, {last[1]}, is intact (resume from it with --resume)"
-                if last
-                else "no earlier checkpoint exists"
-            )
-            raise RunError(
-                f"the disk is full: writing checkpoint {final} (about {human_bytes(needed)}) failed; "
-                f"{kept}. Free some space and run again"
-            ) from exc
+        full = disk_full_error(exc, root, final, checkpoint_bytes(weights, state))
+        if full is not None:
+            raise full from exc
         raise
     prune(root, keep)
     return final
 
 
-def checkpoint_bytes(weights: dict[str, torch.Tensor], state: Any) -> int:
+def disk_full_error(exc: BaseException, root: str | Path, final: Path, needed: int) -> RunError | None:
+    """The one-paragraph error for a checkpoint write that failed because the disk filled up (None when
+    `exc` is another failure): which checkpoint, about how big, and which earlier one is intact."""
+    from saecli.fsio import human_bytes, is_disk_full
+
+    if not is_disk_full(exc, final.parent, needed):
+        return None
+    last = latest_checkpoint(root)
+    kept = (
+        f"the last checkpoint, {last[1]}, is intact (resume from it with --resume)"
+        if last
+        else "no earlier checkpoint exists"
+    )
+    return RunError(
+        f"the disk is full: writing checkpoint {final} (about {human_bytes(needed)}) failed; "
+        f"{kept}. Free some space and run again"
+    )
+
+
+def checkpoint_bytes(weights: dict[str, Any], state: Any) -> int:
     """About how many bytes a checkpoint takes on disk: its tensors (weights, optimizer moments...)."""
 
     def walk(obj: Any) -> int:

@@ -14,7 +14,8 @@ into a sharded dictionary, goes through DCP's full-state-dict loading (`set_mode
 `set_optimizer_state_dict` with `full_state_dict=True`, which scatters full tensors into the shards).
 
 The folder is written under a temporary name and renamed by rank 0 once every rank's shards are in,
-like every other checkpoint (`checkpoint.py`). DCP's file writer needs a filesystem that all ranks
+like every other checkpoint (`checkpoint.py`); a full disk on any rank is the same one-paragraph error
+(which checkpoint, about how big, which earlier one is intact) on every rank. DCP's file writer needs a filesystem that all ranks
 share (one machine, or a network filesystem across nodes).
 """
 
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -37,7 +39,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from saecli.training.checkpoint import DCP_DIR, STATE_FILE, fsync_tree, prune, step_dir
+from saecli.training.checkpoint import (
+    DCP_DIR,
+    STATE_FILE,
+    checkpoint_bytes,
+    disk_full_error,
+    fsync_tree,
+    prune,
+    step_dir,
+)
 
 
 def _barrier() -> None:
@@ -66,14 +76,32 @@ def save_sharded_checkpoint(
     if final.exists():  # this step is already saved (a signal right after a scheduled checkpoint)
         return final
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
+        if is_main:
+            torch.save(state, tmp / STATE_FILE)
+            fsync_tree(tmp)
+            tmp.rename(final)
+    except BaseException as exc:  # DCP raises the same CheckpointException on every rank
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        needed = checkpoint_bytes({"model": model_sd, "optim": optim_sd}, state)
+        for failure in _failures(exc):
+            full = disk_full_error(failure, root, final, needed)
+            if full is not None:
+                raise full from exc
+        raise
     if is_main:
-        torch.save(state, tmp / STATE_FILE)
-        fsync_tree(tmp)
-        tmp.rename(final)
         prune(root, keep)
     _barrier()
     return final
+
+
+def _failures(exc: BaseException) -> list[BaseException]:
+    """The exceptions behind a failed DCP call: each rank's for a CheckpointException, else `exc` itself."""
+    if isinstance(exc, CheckpointException):
+        return [failure for failure, _trace in exc.failures.values()]
+    return [exc]
 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
