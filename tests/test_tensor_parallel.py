@@ -15,6 +15,7 @@ import pytest
 import torch
 import tp_workers as W
 
+from saecli.dictionaries.molt import Layout
 from saecli.errors import ConfigError
 from saecli.training.checkpoint import latest_checkpoint, list_checkpoints
 from saecli.training.member import Member
@@ -46,7 +47,7 @@ def test_sharded_run_equals_unsharded(sharded, case):
     assert len(got["fired"]) == len(ref["fired"]) == W.STEPS
     for step, (a, b) in enumerate(zip(ref["fired"], got["fired"], strict=True)):
         assert torch.equal(a, b), f"step {step}: active latents differ"
-    if case not in ("relu", "jumprelu"):
+    if W.CASES[case]["activation"] in ("topk", "batchtopk"):
         assert sum(v > 0 for v in ref["aux"]) >= 10  # AuxK really ran on dead latents
         assert got["aux"] == pytest.approx(ref["aux"], rel=1e-4, abs=1e-6)
 
@@ -140,8 +141,6 @@ def test_molt_split_order_by_hand():
     """rank_counts {1: 4, 3: 2}: transforms 0-3 of rank 1 (rows 0-3), 4-5 of rank 3 (rows 4-6, 7-9). The
     split order deals gcd(4, 2) = 2 units of 2 + 1 transforms: [0, 1, 4 | 2, 3, 5], so with tp = 2 rank 0
     holds transforms 0, 1, 4 and rows 0, 1, 4, 5, 6 (5 of the 10), rank 1 the rest."""
-    from saecli.dictionaries.molt import Layout
-
     d = _molt({"1": 4, "3": 2})
     order = d.latent_order()
     assert order["W_E"].tolist() == [0, 1, 4, 2, 3, 5]
@@ -150,6 +149,20 @@ def test_molt_split_order_by_hand():
     half = Layout.of([(1, 2), (3, 1)], units=1)
     assert half.rank_of.tolist() == [1, 1, 3] and half.row_start.tolist() == [0, 1, 2]
     assert half.owner.tolist() == [0, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_molt_split_order_gives_every_tp_whole_transforms(tp):
+    """One split order for every tp (so DCP reshards 2 → 4 like the other kinds): its contiguous tp parts
+    hold count/tp transforms of each rank group, and the rows of V/U split the same way are exactly those
+    transforms' rows, in the rank's own layout (`Layout` of its units)."""
+    d = _molt({"1": 8, "2": 4, "4": 4})  # 16 transforms, R = 8 + 8 + 16 = 32 rows; 4 units of 2 + 1 + 1
+    order, rows = d.latent_order()["W_E"], d.latent_order()["V"]
+    for part, row_part in zip(order.chunk(tp), rows.chunk(tp), strict=True):
+        assert torch.bincount(d.rank_of[part], minlength=5).tolist() == [0, 8 // tp, 4 // tp, 0, 4 // tp]
+        mine = torch.cat([torch.arange(int(d.row_start[i]), int(d.row_start[i] + d.rank_of[i])) for i in part])
+        assert torch.equal(row_part, mine)
+        assert torch.equal(d.rank_of[part], Layout.of([(1, 2), (2, 1), (4, 1)], units=4 // tp).rank_of)
 
 
 def test_molt_counts_not_divisible_by_tp_is_a_config_error():

@@ -50,6 +50,15 @@ CASES: dict[str, dict[str, Any]] = {
     },
     # 64 transforms of ranks 1, 2, 4 (R = 128 factor rows); tp = 2 deals each rank group half and half
     "molt": {"kind": "molt", "activation": "topk", "k": 4, "rank_counts": MOLT_RANKS, "hook_point_in": HIN},
+    # the dense path (JumpReLU), thresholds split with the gate rows, each rank renormalising its own U_i V_i
+    "molt-jumprelu": {
+        "kind": "molt",
+        "activation": "jumprelu",
+        "jumprelu_threshold_init": 0.05,
+        "decoder_unit_norm": True,
+        "rank_counts": MOLT_RANKS,
+        "hook_point_in": HIN,
+    },
     "molt-batchtopk": {
         "kind": "molt",
         "activation": "batchtopk",
