@@ -15,6 +15,7 @@ import pytest
 import torch
 import tp_workers as W
 
+from saecli.dictionaries.molt import Layout
 from saecli.errors import ConfigError
 from saecli.training.checkpoint import latest_checkpoint, list_checkpoints
 from saecli.training.member import Member
@@ -46,14 +47,16 @@ def test_sharded_run_equals_unsharded(sharded, case):
     assert len(got["fired"]) == len(ref["fired"]) == W.STEPS
     for step, (a, b) in enumerate(zip(ref["fired"], got["fired"], strict=True)):
         assert torch.equal(a, b), f"step {step}: active latents differ"
-    if case in ("topk", "topk-dense", "batchtopk", "transcoder", "crosscoder", "clt", "clt-batchtopk"):
+    if W.CASES[case]["activation"] in ("topk", "batchtopk"):
         assert sum(v > 0 for v in ref["aux"]) >= 10  # AuxK really ran on dead latents
         assert got["aux"] == pytest.approx(ref["aux"], rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.parametrize("case", ["topk", "jumprelu", "transcoder", "crosscoder", "clt"])
+@pytest.mark.parametrize("case", ["topk", "jumprelu", "transcoder", "crosscoder", "clt", "molt"])
 def test_each_rank_holds_half_the_latent_state(sharded, case):
-    """Parameter + Adam bytes of one rank = half of the latent tensors + all of the replicated ones."""
+    """Parameter + Adam bytes of one rank = half of the latent tensors + all of the replicated ones.
+    The MOLT: W_E 64×16 + b_E 64 + V, U 128×16 each (5184 floats) split, b_D 16 replicated: 62400 bytes
+    with Adam's two moments unsharded, 62400 − 62208/2 = 31296 per rank."""
     got = torch.load(sharded / f"{case}.pt", weights_only=False)
     ref = W.reference(case, steps=1)
     d = W.dictionary(case)
@@ -63,6 +66,8 @@ def test_each_rank_holds_half_the_latent_state(sharded, case):
     assert ref["bytes"] == 3 * sum(p.numel() * p.element_size() for p in d.parameters())
     assert got["bytes"] == ref["bytes"] - latent // 2
     assert got["bytes"] / ref["bytes"] < 0.56  # 0.50 of the latent tensors; b_dec (and W_skip) replicated
+    if case == "molt":
+        assert (ref["bytes"], got["bytes"]) == (62400, 31296)
 
 
 def test_dp_mesh_equals_todays_data_parallel(sharded):
@@ -83,16 +88,17 @@ def test_2d_mesh_dp2_tp2_equals_data_parallel(sharded):
     assert max(diffs.values()) <= 1e-5, diffs
 
 
-def test_resume_across_tensor_parallel_sizes(tmp_path):
+@pytest.mark.parametrize("case", ["topk", "molt"])
+def test_resume_across_tensor_parallel_sizes(tmp_path, case):
     """1 → 2: an unsharded checkpoint at step 25 resumed on tp = 2; 2 → 1: a tp = 2 DCP checkpoint at step
-    25 resumed in one process without a process group. Both end where the uninterrupted run ends."""
-    case = "topk"
+    25 resumed in one process without a process group. Both end where the uninterrupted run ends (a MOLT's
+    checkpoint holds its transforms in the split order: reordered on the way in and out)."""
     m = Member(
         W.dictionary(case), W.trainer_cfg(), total_steps=W.STEPS, batch_tokens=W.N_TOK, folder=tmp_path / "plain"
     )
     W.train(m, case, 0, W.STEPS // 2)
     m.save_checkpoint({"stream": [None], "rng": None, "batches_seen": W.STEPS // 2})
-    W.spawn(W.resume_runs, 2, tmp_path, 2)
+    W.spawn(W.resume_runs, 2, tmp_path, 2, case)
     ref = W.reference(case)
     for name in ("one_to_two", "two_to_two"):
         got = torch.load(tmp_path / f"{name}.pt", weights_only=False)
@@ -110,14 +116,14 @@ def test_resume_across_tensor_parallel_sizes(tmp_path):
 def test_covered_kinds_are_the_ones_declaring_latent_axes():
     from saecli.training.tensor_parallel import covered_kinds
 
-    assert covered_kinds() == ["sae", "transcoder", "crosscoder", "clt"]  # molt, lorsa: not split
+    assert covered_kinds() == ["sae", "transcoder", "crosscoder", "clt", "molt"]  # lorsa: not split
 
 
 def test_config_errors_name_the_key():
     from saecli.training.tensor_parallel import check_run
 
     for args, words in [
-        (("molt", {}, 64, 2, 2), "kind 'molt' cannot be split"),
+        (("lorsa", {}, 64, 2, 2), "kind 'lorsa' cannot be split"),
         (("sae", {"W_enc": 0}, 64, 3, 4), "divide the 4"),
         (("sae", {"W_enc": 0}, 64, 3, 3), "d_sae = 64"),
         (("sae", {"W_enc": 0}, 64, 0, 2), ">= 1"),
@@ -128,7 +134,59 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="needs at least 2 processes") as err:  # a plain `saecli train`
         check_run("sae", 64, 2)
     assert err.value.key == "trainer.tensor_parallel"
-    check_run("molt", 64, 1)  # tp = 1: every kind
+    check_run("lorsa", 64, 1)  # tp = 1: every kind
+
+
+def test_molt_split_order_by_hand():
+    """rank_counts {1: 4, 3: 2}: transforms 0-3 of rank 1 (rows 0-3), 4-5 of rank 3 (rows 4-6, 7-9). The
+    split order deals gcd(4, 2) = 2 units of 2 + 1 transforms: [0, 1, 4 | 2, 3, 5], so with tp = 2 rank 0
+    holds transforms 0, 1, 4 and rows 0, 1, 4, 5, 6 (5 of the 10), rank 1 the rest."""
+    d = _molt({"1": 4, "3": 2})
+    order = d.latent_order()
+    assert order["W_E"].tolist() == [0, 1, 4, 2, 3, 5]
+    assert order["V"].tolist() == order["U"].tolist() == [0, 1, 4, 5, 6, 2, 3, 7, 8, 9]
+    # a rank's slice is one unit, its own layout: ranks [1, 1, 3], rows of transform 2 start at 2
+    half = Layout.of([(1, 2), (3, 1)], units=1)
+    assert half.rank_of.tolist() == [1, 1, 3] and half.row_start.tolist() == [0, 1, 2]
+    assert half.owner.tolist() == [0, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_molt_split_order_gives_every_tp_whole_transforms(tp):
+    """One split order for every tp (so DCP reshards 2 → 4 like the other kinds): its contiguous tp parts
+    hold count/tp transforms of each rank group, and the rows of V/U split the same way are exactly those
+    transforms' rows, in the rank's own layout (`Layout` of its units)."""
+    d = _molt({"1": 8, "2": 4, "4": 4})  # 16 transforms, R = 8 + 8 + 16 = 32 rows; 4 units of 2 + 1 + 1
+    order, rows = d.latent_order()["W_E"], d.latent_order()["V"]
+    for part, row_part in zip(order.chunk(tp), rows.chunk(tp), strict=True):
+        assert torch.bincount(d.rank_of[part], minlength=5).tolist() == [0, 8 // tp, 4 // tp, 0, 4 // tp]
+        mine = torch.cat([torch.arange(int(d.row_start[i]), int(d.row_start[i] + d.rank_of[i])) for i in part])
+        assert torch.equal(row_part, mine)
+        assert torch.equal(d.rank_of[part], Layout.of([(1, 2), (2, 1), (4, 1)], units=4 // tp).rank_of)
+
+
+def test_molt_counts_not_divisible_by_tp_is_a_config_error():
+    from saecli.dictionaries.molt import MixtureOfLinearTransforms
+    from saecli.training.tensor_parallel import check_run
+
+    d = _molt({"1": 4, "3": 2})
+    MixtureOfLinearTransforms.check_split(d.cfg, 2)  # 4 and 2 split in two
+    with pytest.raises(ConfigError, match="must divide every count of dictionary.rank_counts") as err:
+        MixtureOfLinearTransforms.check_split(d.cfg, 4)  # 2 transforms of rank 3 cannot go to 4 ranks
+    assert err.value.key == "dictionary.rank_counts"
+    with pytest.raises(ConfigError, match="needs at least 4 processes"):  # the process count comes first
+        check_run("molt", 6, 4, d.cfg)
+
+
+def _molt(rank_counts: dict[str, int]):
+    from saecli.config.base import parse
+    from saecli.config.dictionary import DictionaryConfig
+    from saecli.dictionaries.registry import build_dictionary
+
+    cfg = parse(
+        DictionaryConfig, {"kind": "molt", "k": 2, "rank_counts": rank_counts, "hook_point_in": W.HIN}, key="sae"
+    )
+    return build_dictionary(cfg, W.D_MODEL, [W.HIN, W.HOUT])
 
 
 def test_accelerate_train_with_tensor_parallel_then_resume_in_one_process(tiny_llama, tmp_path):

@@ -21,6 +21,7 @@ HIN, HOUT = "blocks.0.hook_resid_pre", "blocks.0.hook_mlp_out"
 HIN1, HOUT1 = "blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out"  # a CLT's second layer
 CLT_HOOKS = [HIN, HIN1, HOUT, HOUT1]
 D_MODEL, D_SAE, N_TOK, STEPS = 16, 64, 64, 50
+MOLT_RANKS = {"1": 32, "2": 16, "4": 16}  # a MOLT's 64 transforms
 
 CASES: dict[str, dict[str, Any]] = {
     "topk": {"kind": "sae", "activation": "topk", "k": 4},
@@ -46,6 +47,24 @@ CASES: dict[str, dict[str, Any]] = {
         "d_sae": 32,
         "hook_points_in": [HIN, HIN1],
         "hook_points_out": [HOUT, HOUT1],
+    },
+    # 64 transforms of ranks 1, 2, 4 (R = 128 factor rows); tp = 2 deals each rank group half and half
+    "molt": {"kind": "molt", "activation": "topk", "k": 4, "rank_counts": MOLT_RANKS, "hook_point_in": HIN},
+    # the dense path (JumpReLU), thresholds split with the gate rows, each rank renormalising its own U_i V_i
+    "molt-jumprelu": {
+        "kind": "molt",
+        "activation": "jumprelu",
+        "jumprelu_threshold_init": 0.05,
+        "decoder_unit_norm": True,
+        "rank_counts": MOLT_RANKS,
+        "hook_point_in": HIN,
+    },
+    "molt-batchtopk": {
+        "kind": "molt",
+        "activation": "batchtopk",
+        "k": 4,
+        "rank_counts": MOLT_RANKS,
+        "hook_point_in": HIN,
     },
     "clt-batchtopk": {
         "kind": "clt",
@@ -159,15 +178,15 @@ def _init(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
-def sharded_runs(rank: int, world: int, store: str, out: str, tp: int) -> None:
-    """Every case trained 50 steps with tp ranks; results (rank 0) to `out`/<case>.pt."""
+def sharded_runs(rank: int, world: int, store: str, out: str, tp: int, cases: list[str] | None = None) -> None:
+    """Every case (or `cases`) trained 50 steps with tp ranks; results (rank 0) to `out`/<case>.pt."""
     import torch.distributed as dist
 
     from saecli.training.tensor_parallel import ShardedMember, make_mesh, shard_dictionary, state_bytes
 
     _init(rank, world, store)
     mesh = make_mesh(tp)
-    for case in CASES:
+    for case in cases or CASES:
         d = shard_dictionary(dictionary(case), mesh)
         m = recorded(ShardedMember)(d, trainer_cfg(), mesh=mesh, total_steps=STEPS, batch_tokens=N_TOK)
         train(m, case, 0, STEPS)
@@ -184,7 +203,8 @@ def sharded_runs(rank: int, world: int, store: str, out: str, tp: int) -> None:
                 },
                 Path(out) / f"{case}.pt",
             )
-    data_parallel_runs(rank, world, out)
+    if cases is None:
+        data_parallel_runs(rank, world, out)
     dist.destroy_process_group()
 
 
@@ -231,7 +251,7 @@ def two_d_runs(rank: int, world: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def resume_runs(rank: int, world: int, store: str, out: str, tp: int) -> None:
+def resume_runs(rank: int, world: int, store: str, out: str, tp: int, case: str = "topk") -> None:
     """2 → 1: 25 steps with tp ranks, a DCP checkpoint; 1 → 2: resume the unsharded checkpoint the test
     process wrote in `out`/plain and go on to 50 steps; 2 → 2: the DCP checkpoint resumed sharded (rank 0
     writes the weights)."""
@@ -242,7 +262,6 @@ def resume_runs(rank: int, world: int, store: str, out: str, tp: int) -> None:
 
     _init(rank, world, store)
     mesh = make_mesh(tp)
-    case = "topk"
     d = shard_dictionary(dictionary(case), mesh)
     m = ShardedMember(d, trainer_cfg(), mesh=mesh, total_steps=STEPS, batch_tokens=N_TOK, folder=Path(out) / "sharded")
     train(m, case, 0, STEPS // 2)

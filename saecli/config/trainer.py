@@ -49,7 +49,8 @@ class TrainerConfig:
     tensor_parallel: int = opt(
         1,
         help="split the latents over this many ranks (DTensor on a (dp, tp) mesh; dp = processes / this); "
-        "kinds sae, transcoder, crosscoder, clt; checkpoints become torch.distributed.checkpoint folders",
+        "kinds sae, transcoder, crosscoder, clt, molt (whole transforms: it must divide every rank_counts count); "
+        "checkpoints become torch.distributed.checkpoint folders",
     )
     # sparsity
     l1_coefficient: float | None = opt(

@@ -281,6 +281,19 @@ class Dictionary(nn.Module, abc.ABC):
         """{model label: its heads}, in the order of `model_norm_shares`'s labels. Default: none."""
         return {}
 
+    def latent_order(self) -> dict[str, torch.Tensor]:
+        """Tensor parallelism (a kind with `latent_axes`): {parameter: index order along its latent axis}
+        for the parameters whose contiguous split over ranks is taken in another order than they are
+        stored (a MOLT's transforms of uneven ranks), the first one giving the latents' order. The split
+        order must not depend on the number of ranks, so that sharded checkpoints reshard. Default: none,
+        split as stored."""
+        return {}
+
+    @classmethod
+    def check_split(cls, cfg: DictionaryConfig, tp: int) -> None:
+        """A ConfigError (naming the dictionary key) when `cfg` cannot be split over `tp` ranks beyond
+        `tp` dividing d_sae. Default: nothing more to check."""
+
     def dla_directions(self) -> torch.Tensor | None:
         """[d_sae, d_model] raw-unit directions direct logit attribution reads, when a kind needs other than
         the default (each out hook's decoder in raw units, summed), e.g. a crosscoder's last head. Default:

@@ -24,6 +24,14 @@ Sparsity (as in the paper): the gate and every penalty are weighted by each tran
 ‖U_i V_i‖_F (`sparsity_include_decoder_norm`), computed without forming the d×d products:
 ‖U V‖_F² = Σ_ab (UᵀU)_ab (V Vᵀ)_ab with the r×r Gram matrices, one batched product per distinct rank.
 
+Tensor parallelism (`trainer.tensor_parallel`, `molt_sharded.py`): the transforms are split over the
+ranks whole — gate rows (W_E, b_E, JumpReLU thresholds) and exactly their rows of V and U. Each rank gets
+count/tp transforms of every rank group (so R/tp rows), which needs tp to divide every count. The split
+order (`latent_order`) deals the transforms in u = gcd(counts) units, unit j holding the j-th count/u
+transforms of every group, one group after the other: a contiguous split of that order into tp parts
+(tp divides u) gives each rank u/tp whole units, and the order is the same for every tp, so sharded
+checkpoints reshard to any tp. A rank's slice is `Layout(groups with count/u each, units u/tp)`.
+
 Decoding needs the input too (ŷ depends on x): `decode_hooks(f, inputs)` with the normalised inputs f came
 from, or the raw-tensor `decode(f, x)` (equal to `molt(x)`); without it either is a UsageError.
 
@@ -39,7 +47,9 @@ the input); it is fixed so that the largest-magnitude entry is positive, so read
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from functools import reduce
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -53,16 +63,60 @@ from saecli.dictionaries.activations import SparseActivation
 from saecli.dictionaries.base import Dictionary, LossOutput, StepContext, own_config
 from saecli.dictionaries.helpers import fold_threshold, io_hooks, latent_terms
 from saecli.dictionaries.molt_config import MOLTConfig
+from saecli.dictionaries.sharding import LatentShard, local
 from saecli.dtypes import DTYPES
-from saecli.errors import UsageError
+from saecli.errors import ConfigError, UsageError
 
 # the sparse path runs when the active transforms own at most this fraction of the R factor rows
 # (benchmarks/bench_molt_paths.py, d 576, 2 CPU threads: sparse/dense 2.1× at 2 %, 1.9× at 6 %, 0.7× at 14 %)
 SPARSE_MAX_DENSITY = 0.10
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where transforms sit in stacked factors V/U: `units` repeats of `groups` [(rank, count)], each group's
+    transforms one after the other (a whole MOLT: one unit; a tensor-parallel rank's slice: its units of
+    the split order). `rank_of` [n]: each transform's rank, `row_start` [n]: its first row, `owner` [rows]:
+    each row's transform (local indices)."""
+
+    groups: tuple[tuple[int, int], ...]
+    units: int
+    rank_of: torch.Tensor
+    row_start: torch.Tensor
+    owner: torch.Tensor
+
+    @classmethod
+    def of(cls, groups: list[tuple[int, int]], units: int = 1) -> Layout:
+        rank_of = torch.cat([torch.full((c,), r, dtype=torch.long) for r, c in groups]).repeat(units)
+        owner = torch.repeat_interleave(torch.arange(rank_of.numel()), rank_of)
+        return cls(tuple(groups), units, rank_of, torch.cumsum(rank_of, 0) - rank_of, owner)
+
+    @property
+    def total_rank(self) -> int:
+        return int(self.owner.numel())
+
+    def to(self, device: torch.device) -> Layout:
+        if self.owner.device == device:
+            return self
+        return Layout(
+            self.groups, self.units, self.rank_of.to(device), self.row_start.to(device), self.owner.to(device)
+        )
+
+    def blocks(self, w: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """Per group: (rank r, view [units, count, r, d]) of a stacked factor matrix (V or U)."""
+        per_unit = w.view(self.units, -1, w.shape[-1])
+        out, start = [], 0
+        for r, c in self.groups:
+            out.append((r, per_unit[:, start : start + r * c].unflatten(1, (c, r))))
+            start += r * c
+        return out
+
+
 class MixtureOfLinearTransforms(Dictionary):
     kind = "molt"
+    # tensor parallelism: these split over ranks along their transform (V, U: row) axis, in `latent_order`
+    latent_axes: ClassVar[dict[str, int]] = {"W_E": 0, "b_E": 0, "V": 0, "U": 0, "activation.log_threshold": 0}
+    latent_shard: LatentShard | None = None  # set by tensor_parallel.shard_dictionary
 
     cfg: MOLTConfig
     rank_of: torch.Tensor  # buffers: each transform's rank, its first row in U/V, each row's transform
@@ -73,12 +127,13 @@ class MixtureOfLinearTransforms(Dictionary):
         super().__init__(cfg, d_model, [in_hook], [out_hook])
         self.in_hook, self.out_hook = in_hook, out_hook
         self.groups: list[tuple[int, int]] = cfg.ranks()  # [(rank, count)] by rank
-        rank_of = torch.cat([torch.full((c,), r, dtype=torch.long) for r, c in self.groups])
-        self.d_sae = int(rank_of.numel())
-        self.total_rank = int(rank_of.sum())
-        self.register_buffer("rank_of", rank_of, persistent=False)
-        self.register_buffer("row_start", torch.cumsum(rank_of, 0) - rank_of, persistent=False)
-        self.register_buffer("owner", torch.repeat_interleave(torch.arange(self.d_sae), rank_of), persistent=False)
+        whole = Layout.of(self.groups)
+        self.d_sae = int(whole.rank_of.numel())
+        self.total_rank = whole.total_rank
+        self.register_buffer("rank_of", whole.rank_of, persistent=False)
+        self.register_buffer("row_start", whole.row_start, persistent=False)
+        self.register_buffer("owner", whole.owner, persistent=False)
+        self._local_layout: tuple[LatentShard, Layout] | None = None
         dtype = DTYPES[cfg.dtype]
         n, d, r = self.d_sae, d_model, self.total_rank
         self.W_E = nn.Parameter(torch.empty(n, d, dtype=dtype))
@@ -114,13 +169,44 @@ class MixtureOfLinearTransforms(Dictionary):
         out["cfg"] = to_dict(self.cfg)  # rank_counts keys as strings, as in TOML
         return out
 
-    def blocks(self, w: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """Per distinct rank r: (r, view [count, r, d]) of a stacked factor matrix (V or U)."""
-        out, start = [], 0
-        for r, c in self.groups:
-            out.append((r, w[start : start + r * c].view(c, r, w.shape[-1])))
-            start += r * c
-        return out
+    def layout(self) -> Layout:
+        """The layout of the factors this process holds: the whole MOLT, or its tensor-parallel slice."""
+        shard = self.latent_shard
+        if shard is None:
+            return Layout(tuple(self.groups), 1, self.rank_of, self.row_start, self.owner)
+        if self._local_layout is None or self._local_layout[0] is not shard:
+            units = _units(self.groups)
+            local_layout = Layout.of([(r, c // units) for r, c in self.groups], units // shard.size)
+            self._local_layout = (shard, local_layout.to(self.rank_of.device))
+        return self._local_layout[1]
+
+    # ------------------------------------------------------------------ tensor parallelism
+    def latent_order(self) -> dict[str, torch.Tensor]:
+        """The split order (module docstring): the transforms unit by unit, and their rows of V and U."""
+        units = _units(self.groups)
+        starts = torch.cumsum(torch.tensor([0] + [c for _, c in self.groups]), 0)
+        order = torch.cat(
+            [
+                torch.arange(int(g0) + j * (c // units), int(g0) + (j + 1) * (c // units))
+                for j in range(units)
+                for g0, (_, c) in zip(starts, self.groups)
+            ]
+        )
+        ranks = self.rank_of.cpu()[order]
+        first = torch.repeat_interleave(torch.cumsum(ranks, 0) - ranks, ranks)
+        rows = torch.repeat_interleave(self.row_start.cpu()[order], ranks) + torch.arange(self.total_rank) - first
+        return {"W_E": order, "b_E": order, "V": rows, "U": rows, "activation.log_threshold": order}
+
+    @classmethod
+    def check_split(cls, cfg: DictionaryConfig, tp: int) -> None:
+        counts = own_config(cfg, MOLTConfig).ranks()
+        if tp > 1 and any(c % tp for _, c in counts):
+            raise ConfigError(
+                f"trainer.tensor_parallel = {tp} must divide every count of dictionary.rank_counts "
+                f"({', '.join(f'{r}: {c}' for r, c in counts)}): each rank holds count / {tp} transforms "
+                "of every rank",
+                key="dictionary.rank_counts",
+            )
 
     @torch.no_grad()
     def reset_parameters(self, init_cfg: InitConfig | None = None) -> None:
@@ -146,18 +232,19 @@ class MixtureOfLinearTransforms(Dictionary):
     # ------------------------------------------------------------------ pieces of the math
     def transform_norms(self) -> torch.Tensor:
         """[n] ‖U_i V_i‖_F in float32 (differentiable), from r×r Gram matrices: one batched product per rank."""
-        out = []
-        for (_, u), (_, v) in zip(self.blocks(self.U.float()), self.blocks(self.V.float())):
-            gram_u = u @ u.transpose(1, 2)  # [c, r, r]: (U_iᵀU_i)_ab = u_a·u_b
-            gram_v = v @ v.transpose(1, 2)  # (V_i V_iᵀ)_ab = v_a·v_b
-            out.append((gram_u * gram_v).sum((1, 2)))
-        return torch.cat(out).clamp_min(1e-24).sqrt()
+        lay, out = self.layout(), []
+        for (_, u), (_, v) in zip(lay.blocks(local(self.U).float()), lay.blocks(local(self.V).float())):
+            gram_u = u @ u.transpose(-1, -2)  # [units, c, r, r]: (U_iᵀU_i)_ab = u_a·u_b
+            gram_v = v @ v.transpose(-1, -2)  # (V_i V_iᵀ)_ab = v_a·v_b
+            out.append((gram_u * gram_v).sum((-2, -1)))
+        return torch.cat(out, dim=1).reshape(-1).clamp_min(1e-24).sqrt()
 
     @torch.no_grad()
     def set_transform_norms(self, norm: float | torch.Tensor) -> None:
-        """Rescale each U_i so that ‖U_i V_i‖_F = norm (a number or [n])."""
-        factor = torch.as_tensor(norm, dtype=torch.float32, device=self.U.device) / self.transform_norms()
-        self.U.mul_(factor[self.owner].unsqueeze(1).to(self.U.dtype))
+        """Rescale each U_i so that ‖U_i V_i‖_F = norm (a number or [n]; a tensor-parallel rank: its own)."""
+        u = local(self.U)
+        factor = torch.as_tensor(norm, dtype=torch.float32, device=u.device) / self.transform_norms()
+        u.mul_(factor[self.layout().owner].unsqueeze(1).to(u.dtype))
 
     @property
     def gated(self) -> bool:
@@ -179,48 +266,51 @@ class MixtureOfLinearTransforms(Dictionary):
 
     def apply_transforms(self, f: torch.Tensor, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """Σ_i f_i U_i V_i x (no bias) for gates f [N, n] and inputs x [N, d]; `path` "dense" | "sparse" |
-        None (choose by the density of the active rows)."""
-        x = x.to(self.V.dtype)
-        path = path or self._choose_path(f)
+        None (choose by the density of the active rows). A tensor-parallel rank: its transforms' part."""
+        v, u, lay = local(self.V), local(self.U), self.layout()
+        x = x.to(v.dtype)
+        path = path or self._choose_path(f, lay)
         self.last_path = path
         if path == "dense":
-            vx = x @ self.V.t()  # [N, R]
-            return (vx * f.to(vx.dtype).index_select(1, self.owner)) @ self.U
-        return self._apply_sparse(f, x)
+            vx = x @ v.t()  # [N, R]
+            return (vx * f.to(vx.dtype).index_select(1, lay.owner)) @ u
+        return self._apply_sparse(f, x, v, u, lay)
 
-    def _choose_path(self, f: torch.Tensor) -> str:
+    def _choose_path(self, f: torch.Tensor, lay: Layout) -> str:
         # JumpReLU's threshold gradient needs ∂L/∂f at gates that stayed shut, which only the dense path has
         if not self.cfg.sparse_kernels or f.shape[0] == 0 or self.activation.name == "jumprelu":
             return "dense"
         with torch.no_grad():
-            active_rows = float(((f != 0).to(torch.float32) @ self.rank_of.to(torch.float32)).sum())
-        return "sparse" if active_rows <= SPARSE_MAX_DENSITY * f.shape[0] * self.total_rank else "dense"
+            active_rows = float(((f != 0).to(torch.float32) @ lay.rank_of.to(torch.float32)).sum())
+        return "sparse" if active_rows <= SPARSE_MAX_DENSITY * f.shape[0] * lay.total_rank else "dense"
 
-    def _apply_sparse(self, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _apply_sparse(
+        self, f: torch.Tensor, x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, lay: Layout
+    ) -> torch.Tensor:
         """The active-rows path: pattern over [N, R] of the rows of each token's active transforms."""
         n_tok = x.shape[0]
         with torch.no_grad():
             rows, cols = torch.nonzero(f.detach(), as_tuple=True)  # active (token, transform), row-major
-            ranks = self.rank_of[cols]
+            ranks = lay.rank_of[cols]
             nnz = int(ranks.sum())
             pair = torch.repeat_interleave(torch.arange(rows.numel(), device=x.device), ranks, output_size=nnz)
             first = torch.repeat_interleave(torch.cumsum(ranks, 0) - ranks, ranks, output_size=nnz)
-            col = self.row_start[cols][pair] + (torch.arange(nnz, device=x.device) - first)
+            col = lay.row_start[cols][pair] + (torch.arange(nnz, device=x.device) - first)
             counts = torch.bincount(rows, weights=ranks.to(torch.float64), minlength=n_tok).long()
             itype = torch.int32 if nnz < 2**31 - 1 else torch.int64
             crow = torch.zeros(n_tok + 1, dtype=itype, device=x.device)
             torch.cumsum(counts, 0, out=crow[1:])
-            pattern = kernels.SparsePattern(crow, col.to(itype), n_tok, self.total_rank)
-            cd = kernels._compute_dtype(self.V)
+            pattern = kernels.SparsePattern(crow, col.to(itype), n_tok, lay.total_rank)
+            cd = kernels._compute_dtype(v)
             vals = torch.sparse.sampled_addmm(
                 pattern.csr(torch.zeros(nnz, dtype=cd, device=x.device)),
                 x.detach().to(cd),
-                self.V.detach().to(cd).t(),
+                v.detach().to(cd).t(),
                 beta=0.0,
             ).values()
-        vx = kernels.gather_pre(x, self.V, None, vals, pattern)  # x·V_j at the active rows, sparse backward
+        vx = kernels.gather_pre(x, v, None, vals, pattern)  # x·V_j at the active rows, sparse backward
         w = vx * f[rows, cols].to(vx.dtype)[pair]
-        return kernels.sparse_decode(w, pattern, self.U).to(self.U.dtype)
+        return kernels.sparse_decode(w, pattern, u).to(u.dtype)
 
     # ------------------------------------------------------------------ interface
     def encode(self, inputs: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
@@ -263,6 +353,10 @@ class MixtureOfLinearTransforms(Dictionary):
         x = inputs[self.in_hook].reshape(-1, self.d_model)
         y = targets[self.out_hook].reshape(-1, self.d_model)
         keep = None if mask is None else mask.reshape(-1).to(torch.bool)
+        if self.latent_shard is not None:
+            from saecli.dictionaries.molt_sharded import sharded_loss
+
+            return sharded_loss(self, x, y, keep, lead, ctx, self.latent_shard)
         h = self.pre_acts(x)
         norms = self.transform_norms() if self.cfg.sparsity_include_decoder_norm else None
         gate = norms.detach() if (norms is not None and self.gated) else None
@@ -311,8 +405,9 @@ class MixtureOfLinearTransforms(Dictionary):
     def decoder_directions(self, hook: str | None = None) -> torch.Tensor:
         """[n, d] σ₁·u₁ of each U_i V_i (see the module docstring), via QR of U_i and an SVD of the r×d
         factor: U_i V_i = Q (R V_i), so its left singular vectors are Q times those of R V_i."""
-        out = []
-        for (_, u), (_, v) in zip(self.blocks(self.U.float()), self.blocks(self.V.float())):
+        out, lay = [], self.layout()
+        for (_, u4), (_, v4) in zip(lay.blocks(self.U.float()), lay.blocks(self.V.float())):
+            u, v = u4[0], v4[0]  # the whole MOLT: one unit
             q, r = torch.linalg.qr(u.transpose(1, 2))  # U_i = Q R: Q [c, d, r], R [c, r, r]
             p, s, _ = torch.linalg.svd(r @ v, full_matrices=False)  # R V_i = P S Wᵀ
             top = (q @ p[:, :, :1]).squeeze(2) * s[:, :1]  # [c, d]
@@ -377,3 +472,8 @@ class MixtureOfLinearTransforms(Dictionary):
             if self.gated:
                 fold_threshold(self.activation, s_in / s_out)
         self.folded = True
+
+
+def _units(groups: list[tuple[int, int]]) -> int:
+    """The split order's number of units: gcd of the counts (every tp dividing all counts divides it)."""
+    return reduce(math.gcd, (c for _, c in groups))

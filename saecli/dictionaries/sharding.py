@@ -31,7 +31,7 @@ torch.distributed.checkpoint the placements it needs to reshard a checkpoint int
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, cast, overload
 
 import torch
@@ -78,15 +78,42 @@ def set_shard(module: object, shard: LatentShard) -> None:
     cast(Shardable, module).latent_shard = shard
 
 
+def latent_orders(module: object) -> dict[str, torch.Tensor]:
+    """A dictionary's `latent_order()` ({} for any other module: split in its own order)."""
+    from saecli.dictionaries.base import Dictionary
+
+    return module.latent_order() if isinstance(module, Dictionary) else {}
+
+
+def to_split_layout(
+    state: dict[str, torch.Tensor], orders: dict[str, torch.Tensor], axes: dict[str, int], inverse: bool = False
+) -> dict[str, torch.Tensor]:
+    """`state` (parameters, or one kind of Adam moment, by parameter name) in the layout that is split over
+    ranks (`Dictionary.latent_order`); `inverse`: back to the dictionary's own layout. Other entries unchanged."""
+    out = dict(state)
+    for name, order in orders.items():
+        t = state.get(name)
+        if t is None or t.dim() == 0:
+            continue
+        axis, idx = axes[name], order.to(t.device)
+        out[name] = torch.empty_like(t).index_copy_(axis, idx, t) if inverse else t.index_select(axis, idx)
+    return out
+
+
 @dataclass(frozen=True)
 class LatentShard:
     """This rank's slice of the latents: `mesh` is the 1-D tp mesh, latents [offset, offset + d_local) of
     each of `blocks` blocks of `d_sae` (a CLT: one block per layer; latent b·d_sae + j is latent j of block
-    b, and a rank holds columns [offset, offset + d_local) of every block, stored block-major)."""
+    b, and a rank holds columns [offset, offset + d_local) of every block, stored block-major).
+
+    `order`: for a kind whose latents are split in another order than its own (`Dictionary.latent_order`,
+    a MOLT), the dictionary's latent at each position of the split layout; the per-latent tensors the
+    trainer sees (`gather_latents`, the dead mask given to `own`) stay in the dictionary's order."""
 
     mesh: DeviceMesh
     d_sae: int
     blocks: int = 1
+    order: torch.Tensor | None = field(default=None, compare=False)
 
     def per_block(self) -> LatentShard:
         """The same slice seen as one block (for a selection within one block's [rows, d_local])."""
@@ -128,10 +155,15 @@ class LatentShard:
             return t
         lead = t.shape[:-1]
         parts = self.all_gather(t.reshape(*lead, self.blocks, self.d_local).movedim(-1, 0))  # [d_sae, ..., blocks]
-        return parts.movedim(0, -1).reshape(*lead, self.blocks * self.d_sae)
+        split = parts.movedim(0, -1).reshape(*lead, self.blocks * self.d_sae)
+        if self.order is None:
+            return split
+        return torch.empty_like(split).index_copy_(-1, self.order.to(split.device), split)
 
     def own(self, t: torch.Tensor) -> torch.Tensor:
         """The local slice [..., blocks·d_local] of a global per-latent tensor [..., blocks·d_sae]."""
+        if self.order is not None:
+            t = t.index_select(-1, self.order.to(t.device))
         lead = t.shape[:-1]
         blocked = t.reshape(*lead, self.blocks, self.d_sae)[..., self.offset : self.offset + self.d_local]
         return blocked.reshape(*lead, self.blocks * self.d_local)

@@ -48,7 +48,8 @@ def train(
     reporter = reporter or NullReporter()
     sync = sync or default_sync()
     tp = int(exp.trainer.tensor_parallel)
-    check_run(dictionary_config(exp).kind, dictionary_config(exp).d_sae, tp)  # kind, processes, d_sae: before any work
+    dcfg = dictionary_config(exp)
+    check_run(dcfg.kind, dcfg.d_sae, tp, dcfg)  # kind, processes, d_sae, the kind's split: before any work
     sync = run_sync(tp, sync, resolve_device(exp).type)
     folder = Path(run_dir if run_dir is not None else exp.run.output_dir)
     state = run_state(folder)

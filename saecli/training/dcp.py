@@ -17,6 +17,10 @@ The folder is written under a temporary name and renamed by rank 0 once every ra
 like every other checkpoint (`checkpoint.py`); a full disk on any rank is the same one-paragraph error
 (which checkpoint, about how big, which earlier one is intact) on every rank. DCP's file writer needs a filesystem that all ranks
 share (one machine, or a network filesystem across nodes).
+
+A kind split in another order than it stores its latents (`Dictionary.latent_order`: a MOLT) has its
+sharded tensors, and so its DCP checkpoints, in the split order, which does not depend on the number of
+ranks; the full tensors of an unsharded dictionary are reordered on the way in and out (`_reordered`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from saecli.dictionaries.sharding import latent_axes, latent_orders, shard_of, to_split_layout
 from saecli.training.checkpoint import (
     DCP_DIR,
     STATE_FILE,
@@ -113,12 +118,15 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str |
         if single:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         dcp.load(sd, checkpoint_id=str(Path(path) / DCP_DIR), no_dist=single)
+    if shard_of(model) is None:  # the checkpoint's split order → this dictionary's own
+        sd = _reordered(model, sd, inverse=True)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
 def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """An unsharded state dict into a (sharded) model: each rank keeps its shards."""
-    set_model_state_dict(model, dict[str, Any](weights), options=StateDictOptions(full_state_dict=True))
+    split = _reordered(model, {"model": dict(weights)})["model"]
+    set_model_state_dict(model, split, options=StateDictOptions(full_state_dict=True))
 
 
 def load_full_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
@@ -134,4 +142,24 @@ def load_full_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, save
         "state": {fqn[i]: st for i, st in saved["state"].items()},
         "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in saved["param_groups"]],
     }
+    osd = _reordered(model, {"optim": osd})["optim"]
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+
+
+def _reordered(model: nn.Module, sd: dict[str, Any], inverse: bool = False) -> dict[str, Any]:
+    """{"model": parameters, "optim": {"state": {name: moments}, ...}} (either optional) of `model` in full
+    tensors, from its own latent order to the split one (`inverse`: back)."""
+    orders, axes = latent_orders(model), latent_axes(model)
+    if not orders:
+        return sd
+    out = dict(sd)
+    if "model" in sd:
+        out["model"] = to_split_layout(sd["model"], orders, axes, inverse)
+    if "optim" in sd:
+        states = sd["optim"]["state"]
+        kinds = {k for st in states.values() for k in st}
+        moved = {
+            k: to_split_layout({n: st[k] for n, st in states.items() if k in st}, orders, axes, inverse) for k in kinds
+        }
+        out["optim"] = {**sd["optim"], "state": {n: {k: moved[k][n] for k in st} for n, st in states.items()}}
+    return out

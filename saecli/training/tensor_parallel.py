@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -28,8 +28,17 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
+from saecli.config.dictionary import DictionaryConfig
 from saecli.dictionaries.base import Dictionary
-from saecli.dictionaries.sharding import LatentShard, latent_axes, local, set_shard, shard_of
+from saecli.dictionaries.sharding import (
+    LatentShard,
+    latent_axes,
+    latent_orders,
+    local,
+    set_shard,
+    shard_of,
+    to_split_layout,
+)
 from saecli.errors import ConfigError
 from saecli.training.member import Member
 from saecli.training.stats import firing_counts
@@ -69,8 +78,9 @@ def check_tensor_parallel(kind: str, latent_axes: dict[str, int] | None, d_sae: 
         )
 
 
-def check_run(kind: str, d_sae: int | None, tp: int) -> None:
-    """`check_tensor_parallel` at the start of a run (this process group's size; d_sae when already known)."""
+def check_run(kind: str, d_sae: int | None, tp: int, dictionary_cfg: DictionaryConfig | None = None) -> None:
+    """`check_tensor_parallel` at the start of a run (this process group's size; d_sae when already known;
+    the kind's own `check_split` of its config when given)."""
     from saecli.dictionaries.registry import dictionary_class
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -80,8 +90,11 @@ def check_run(kind: str, d_sae: int | None, tp: int) -> None:
             f"`accelerate launch --num_processes {tp} -m saecli ...` or torchrun)",
             key=KEY,
         )
-    axes = latent_axes(dictionary_class(kind))
+    cls = dictionary_class(kind)
+    axes = latent_axes(cls)
     check_tensor_parallel(kind, axes, d_sae if d_sae is not None else tp, tp, world)
+    if dictionary_cfg is not None:
+        cls.check_split(dictionary_cfg, tp)
 
 
 def run_sync(tp: int, base: Any, device_type: str = "cpu") -> Any:
@@ -123,25 +136,32 @@ def make_mesh(tp: int, device_type: str = "cpu") -> DeviceMesh:
 
 
 def shard_dictionary(dictionary: Dictionary, mesh: DeviceMesh) -> Dictionary:
-    """Turn every parameter into a DTensor on `mesh` (latent ones sharded on "tp"), in place; rank 0's
-    values are the source (distribute_tensor scatters them), and its buffers (scales, thresholds) are
-    broadcast, so ranks need not have initialised identically. Returns the dictionary."""
+    """Turn every parameter into a DTensor on `mesh` (latent ones sharded on "tp", in the kind's
+    `latent_order`), in place; rank 0's values are the source (distribute_tensor scatters them), and its
+    buffers (scales, thresholds) are broadcast, so ranks need not have initialised identically. Returns
+    the dictionary."""
     axes = latent_axes(dictionary)
     params = dict(dictionary.named_parameters())
     # latents per block: the latent axis of the first latent parameter (d_sae; a CLT's per-layer d_sae)
-    width = next((params[n].shape[a] for n, a in axes.items() if n in params), dictionary.d_sae)
+    first = next((n for n in axes if n in params), None)
+    width = params[first].shape[axes[first]] if first is not None else dictionary.d_sae
     check_tensor_parallel(dictionary.kind, axes, width, mesh["tp"].size(), mesh.size())
+    type(dictionary).check_split(dictionary.cfg, mesh["tp"].size())
+    orders = latent_orders(dictionary)
+    split = to_split_layout({n: p.detach() for n, p in params.items()}, orders, axes)
 
     # (distribute_module would turn the buffers into DTensors too; they stay plain, replicated tensors)
     for prefix, module in dictionary.named_modules():
         for name, p in list(module.named_parameters(recurse=False)):
-            axis = axes.get(f"{prefix}.{name}" if prefix else name)
+            full_name = f"{prefix}.{name}" if prefix else name
+            axis = axes.get(full_name)
             placements = [Replicate(), Shard(axis) if axis is not None else Replicate()]
-            sharded = distribute_tensor(p.detach(), mesh, placements)
+            sharded = distribute_tensor(split[full_name], mesh, placements)
             module.register_parameter(name, nn.Parameter(sharded, requires_grad=p.requires_grad))
     for buf in dictionary.buffers():
         dist.broadcast(buf, src=0)
-    shard = LatentShard(mesh["tp"], width, blocks=dictionary.d_sae // width)
+    order = orders.get(first) if first is not None else None
+    shard = LatentShard(mesh["tp"], width, blocks=dictionary.d_sae // width, order=order)
     for module in dictionary.modules():  # the dictionary, and a core it delegates to (a crosscoder's SAE)
         if latent_axes(module):
             set_shard(module, shard)
@@ -151,7 +171,8 @@ def shard_dictionary(dictionary: Dictionary, mesh: DeviceMesh) -> Dictionary:
 def unshard(dictionary: Dictionary) -> Dictionary | None:
     """The whole dictionary as an ordinary one, on rank 0 (None elsewhere). Collective: every rank calls.
 
-    The state is gathered with DCP's full-state-dict option (offloaded to CPU, kept on rank 0 only)."""
+    The state is gathered with DCP's full-state-dict option (offloaded to CPU, kept on rank 0 only), then
+    put back in the dictionary's own order (`latent_order`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from saecli.dictionaries.registry import dictionary_class
@@ -161,7 +182,8 @@ def unshard(dictionary: Dictionary) -> Dictionary | None:
         return None
     cls = dictionary_class(dictionary.kind)
     plain = cls.from_saved(dictionary.cfg, dictionary.config_dict())  # type: ignore[attr-defined]  # every kind has it
-    plain.load_state_dict(full)
+    tensors = cast(dict[str, torch.Tensor], full)  # a model's state dict: tensors only
+    plain.load_state_dict(to_split_layout(tensors, latent_orders(dictionary), latent_axes(dictionary), inverse=True))
     plain.folded = dictionary.folded
     return plain
 
