@@ -118,6 +118,8 @@ def test_loading_a_file_writes_in_the_defaults_the_file_decides():
         5.0,
     )  # 4 × 4608 latents, 10M tokens
     assert exp.trainer.k_aux is None and exp.trainer.dead_threshold_tokens is None  # they wait for the stream
+    assert exp.dictionary.sparsity_include_decoder_norm is True  # relu: the penalty × ‖W_dec‖
+    assert load({"d_sae": 64, "activation": "topk"}).dictionary.sparsity_include_decoder_norm is False
     # d_sae from expansion_factor × d_model: the lr waits for d_model
     assert load({"expansion_factor": 8, "activation": "jumprelu"}).trainer.lr is None
     # a CLT's d_sae counts one layer: the lr follows all n_layers × d_sae latents
@@ -154,8 +156,31 @@ def test_the_init_defaults_follow_their_rules():
     tc = build_dictionary(parse(DictionaryConfig, {"kind": "transcoder", "d_sae": 64, "k": 4}), 16, ["a", "b"])
     assert (I._tied(sae, InitConfig()), I._decoder_row_norm(sae, InitConfig())) == (True, None)
     assert (I._tied(tc, InitConfig()), I._decoder_row_norm(tc, InitConfig())) == (False, 0.0)
-    assert sae.gated and not tc.gated
+    assert not sae.gated and not tc.gated
     assert parse(TrainerConfig, {}).auxk_coefficient == pytest.approx(1 / 32)
+
+
+def test_a_top_k_sae_ranks_by_pre_activation_and_a_penalised_one_weights_by_decoder_norm():
+    """sparsity_include_decoder_norm, left out: off for topk/batchtopk (dead 0.9 → 0.2 % at 1M tokens),
+    on for relu/jumprelu (the penalty × ‖W_dec‖); a value the file sets is kept; other kinds keep theirs."""
+
+    def built(**table):
+        return build_dictionary(parse(DictionaryConfig, {"d_sae": 64, **table}), 16, ["x", "y"])
+
+    assert [
+        built(activation=a).cfg.sparsity_include_decoder_norm for a in ("topk", "batchtopk", "relu", "jumprelu")
+    ] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert not built(activation="topk").gated and built(activation="jumprelu").gated
+    assert built(activation="topk", sparsity_include_decoder_norm=True).gated
+    assert built(kind="crosscoder", hook_points=["x", "y"]).cfg.sparsity_include_decoder_norm is True
+    assert built(kind="transcoder").cfg.sparsity_include_decoder_norm is False
+    # the parsed table leaves it open; the dictionary built from it (and config.toml) holds the value
+    assert parse(DictionaryConfig, {"d_sae": 64}).sparsity_include_decoder_norm is None
 
 
 # ------------------------------------------------------------------------------------------ run folders

@@ -142,7 +142,8 @@ def test_export_eval_and_continue_training_from_the_export(tmp_path, run_cli, im
 def test_start_from_converts_into_this_runs_units_exactly(tmp_path, activation):
     from test_interop import _dictionary, _raw_batch
 
-    src = _dictionary(activation)
+    # gated: the exported rows have unit norm, so one BatchTopK threshold holds in this run's unit-norm units
+    src = _dictionary(activation, sparsity_include_decoder_norm=True)
     src.fold_activation_scale()
     src.save(tmp_path / "run")
     from saecli.interop import export_dictionary

@@ -117,7 +117,7 @@ def resolve(exp: Experiment) -> Experiment:
     if exp.dictionary is None:
         return exp
     trainer = resolve_trainer(exp.trainer, activation=exp.dictionary.activation, d_sae=exp.dictionary.known_latents())
-    return dataclasses.replace(exp, trainer=trainer)
+    return dataclasses.replace(exp, trainer=trainer, dictionary=exp.dictionary.resolved())
 
 
 def resolved_for_run(exp: Experiment, trainer: TrainerConfig, d_model: int) -> Experiment:

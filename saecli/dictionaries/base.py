@@ -91,7 +91,7 @@ class Dictionary(nn.Module, abc.ABC):
 
     def __init__(self, cfg: DictionaryConfig, d_model: int, in_hooks: list[str], out_hooks: list[str]):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg.resolved()  # a table built in code, not loaded from a file, gets its defaults here
         self.d_model = d_model
         self.d_sae = cfg.resolved_d_sae(d_model)
         self.in_hooks = list(in_hooks)
