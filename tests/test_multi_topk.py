@@ -18,8 +18,9 @@ from saecli.errors import ConfigError
 D, S, K = 6, 16, 2
 
 
-def make(sparse: bool = True, activation: str = "topk"):
-    cfg = parse(DictionaryConfig, {"d_sae": S, "activation": activation, "k": K, "sparse_kernels": sparse}, key="sae")
+def make(sparse: bool = True, activation: str = "topk", gated: bool = False):
+    table = {"d_sae": S, "activation": activation, "k": K, "sparse_kernels": sparse}
+    cfg = parse(DictionaryConfig, {**table, "sparsity_include_decoder_norm": gated}, key="sae")
     torch.manual_seed(1)
     sae = build_dictionary(cfg, D, ["x"])
     with torch.no_grad():
@@ -31,17 +32,19 @@ def make(sparse: bool = True, activation: str = "topk"):
 
 
 def by_hand(sae, x, k):
-    """mean_tokens Σ_d (ŷ − x)² with ŷ from the top-k (by h·‖W_d‖) ReLU'd pre-activations."""
+    """mean_tokens Σ_d (ŷ − x)² with ŷ from the top-k (by h, or h·‖W_d‖ when gated) ReLU'd pre-activations."""
     with torch.no_grad():
         h = x @ sae.W_enc.T + sae.b_enc
-        keep = torch.topk(h * sae.W_dec.norm(dim=1), k, dim=1).indices
+        keep = torch.topk(h * sae.W_dec.norm(dim=1) if sae.gated else h, k, dim=1).indices
         f = torch.zeros_like(h).scatter(1, keep, torch.relu(h.gather(1, keep)))
         return float(((f @ sae.W_dec + sae.b_dec - x) ** 2).sum(1).mean())
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("sparse", [True, False])
-def test_the_term_is_the_coefficient_times_the_top_4k_reconstruction_loss(sparse):
-    sae = make(sparse)
+def test_the_term_is_the_coefficient_times_the_top_4k_reconstruction_loss(sparse, gated):
+    sae = make(sparse, gated=gated)
+    assert sae.gated == gated
     x = torch.randn(9, D)
     out = sae.loss({"x": x}, {"x": x}, StepContext(k=K, multi_topk_coefficient=0.5))
     assert sae.last_path == ("topk-sparse" if sparse else "dense")
