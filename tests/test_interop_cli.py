@@ -160,6 +160,26 @@ def test_start_from_converts_into_this_runs_units_exactly(tmp_path, activation):
     assert torch.allclose(want, got, rtol=1e-4, atol=1e-4)
 
 
+def test_start_from_a_batchtopk_whose_rows_differ_in_norm_into_unit_rows_names_the_key(tmp_path):
+    """A BatchTopK that ranked by h (rows of any norm) cannot become one with unit rows and one threshold."""
+    from test_interop import _dictionary
+
+    from saecli.interop import export_dictionary
+
+    src = _dictionary("batchtopk")  # ungated: its decoder rows keep their norms
+    src.save(tmp_path / "run")
+    export_dictionary(tmp_path / "run", "saelens", tmp_path / "sl")
+    table = {"d_sae": 48, "activation": "batchtopk", "k": 6, "decoder_unit_norm": True}
+    d = build_dictionary(parse(DictionaryConfig, table, key="sae"), 16, ["blocks.1.ln2.hook_normalized"])
+    with pytest.raises(ConfigError, match="holds one") as info:
+        start_from(d, tmp_path / "sl")
+    assert info.value.key == "dictionary.decoder_unit_norm"
+    unit_free = build_dictionary(
+        parse(DictionaryConfig, {**table, "decoder_unit_norm": False}, key="sae"), 16, ["blocks.1.ln2.hook_normalized"]
+    )
+    start_from(unit_free, tmp_path / "sl")  # keeping the rows' norms, it loads (and passes its self-check)
+
+
 def test_start_from_a_dictionary_of_another_size_names_the_key(tmp_path):
     from test_interop import _dictionary
 

@@ -46,6 +46,14 @@ def start_from(d: Dictionary, path: str | Path, key: str = "dictionary.pretraine
             raise ConfigError(
                 f"{path}: {exc}; set dictionary.decoder_unit_norm = false to continue training it", key=key
             ) from None
+        uneven = c.threshold is not None and not torch.allclose(c.threshold, c.threshold[0].expand_as(c.threshold))
+        if d.cfg.activation == "batchtopk" and uneven:
+            raise ConfigError(
+                f"{path}: its decoder rows differ in norm, so with rows of norm 1 every latent needs its own "
+                "threshold, and a BatchTopK dictionary holds one; set dictionary.decoder_unit_norm = false to "
+                'continue training it (or dictionary.activation = "jumprelu", which holds one per latent)',
+                key="dictionary.decoder_unit_norm",
+            )
     load_weights(d, c, s_in, s_out)
     d.folded = False
     _verify(d, c, path)
