@@ -106,6 +106,11 @@ class Canonical:
             return x * (self.d_in**0.5 / x.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         return x
 
+    def one_threshold(self) -> bool:
+        """Every latent has the same threshold (what a BatchTopK holds); False without thresholds."""
+        t = self.threshold
+        return t is not None and bool(torch.allclose(t, t[0].expand_as(t)))
+
     # ------------------------------------------------------------------ decoder norms
     def decoder_norms(self) -> torch.Tensor:
         return self.W_dec.float().norm(dim=1)

@@ -46,8 +46,7 @@ def start_from(d: Dictionary, path: str | Path, key: str = "dictionary.pretraine
             raise ConfigError(
                 f"{path}: {exc}; set dictionary.decoder_unit_norm = false to continue training it", key=key
             ) from None
-        uneven = c.threshold is not None and not torch.allclose(c.threshold, c.threshold[0].expand_as(c.threshold))
-        if d.cfg.activation == "batchtopk" and uneven:
+        if d.cfg.activation == "batchtopk" and c.threshold is not None and not c.one_threshold():
             raise ConfigError(
                 f"{path}: its decoder rows differ in norm, so with rows of norm 1 every latent needs its own "
                 "threshold, and a BatchTopK dictionary holds one; set dictionary.decoder_unit_norm = false to "
@@ -75,8 +74,9 @@ def _check(d: SparseAutoEncoder, c: Canonical, path: str | Path, key: str) -> No
         )
     act = d.cfg.activation
     # BatchTopK at inference is a JumpReLU with one threshold (SAELens saves it so): either way round
-    one_threshold = c.threshold is not None and bool(torch.allclose(c.threshold, c.threshold[0].expand_as(c.threshold)))
-    ok = act == c.activation or (act == "batchtopk" and c.activation == "jumprelu" and (c.batchtopk or one_threshold))
+    ok = act == c.activation or (
+        act == "batchtopk" and c.activation == "jumprelu" and (c.batchtopk or c.one_threshold())
+    )
     if not ok:
         theirs = "batchtopk" if c.batchtopk else c.activation
         raise ConfigError(
